@@ -1,0 +1,332 @@
+//! The local-socket messages shared by `cloudd` and its clients.
+//!
+//! Each direction has its own type: clients send [`Request`]s (wrapped in a
+//! [`ClientMessage`] that carries the request id), the daemon answers with a
+//! [`Response`] or an [`ErrorBody`] and may push [`Notification`]s at any time (wrapped in a
+//! [`ServerMessage`]). The binary encoding is postcard, which identifies enum variants by
+//! position: new variants are only ever appended, and a change to an existing struct bumps
+//! [`PROTOCOL_VERSION`] (tests pin the bytes of the current version).
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the local-socket protocol this build speaks. Both sides send it in the
+/// hello; a mismatch is refused with an error naming both versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A request and the id the client chose for it; the reply echoes the id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientMessage {
+    /// Chosen by the client, echoed in the reply so replies can be matched to requests.
+    pub id: u64,
+    /// What the client asks for.
+    pub request: Request,
+}
+
+/// Everything the daemon writes to a binary connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// The answer to the request with the same id.
+    Reply {
+        /// The id of the request this answers.
+        id: u64,
+        /// The response, or why the request failed.
+        result: Result<Response, ErrorBody>,
+    },
+    /// Something the client subscribed to happened, or the daemon is closing the connection.
+    Notify(Notification),
+}
+
+/// A client's request. Each variant's answer is the [`Response`] variant of the same name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Must be the first request on a connection: exchanges protocol versions.
+    /// Answered by [`Response::Hello`], or by [`ErrorCode::VersionMismatch`] and a close.
+    Hello(Hello),
+    /// Liveness check. Answered by [`Response::Pong`].
+    Ping,
+    /// The daemon's state. Answered by [`Response::Status`].
+    Status,
+    /// Asks the daemon to drain and exit. Answered by [`Response::ShuttingDown`] before the
+    /// drain starts.
+    Shutdown,
+    /// Starts pushing notifications of the given topics on this connection. Answered by
+    /// [`Response::Subscribed`]; subscribing again replaces the topic set.
+    Subscribe(Subscribe),
+}
+
+/// The method names of the requests, shared by the JSON-RPC encoding and the logs.
+pub mod method {
+    /// [`super::Request::Hello`]
+    pub const HELLO: &str = "hello";
+    /// [`super::Request::Ping`]
+    pub const PING: &str = "ping";
+    /// [`super::Request::Status`]
+    pub const STATUS: &str = "status";
+    /// [`super::Request::Shutdown`]
+    pub const SHUTDOWN: &str = "shutdown";
+    /// [`super::Request::Subscribe`]
+    pub const SUBSCRIBE: &str = "subscribe";
+}
+
+impl Request {
+    /// The method name of this request (as in JSON-RPC), for logs and error messages.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => method::HELLO,
+            Request::Ping => method::PING,
+            Request::Status => method::STATUS,
+            Request::Shutdown => method::SHUTDOWN,
+            Request::Subscribe(_) => method::SUBSCRIBE,
+        }
+    }
+}
+
+/// The client's half of the version exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the client speaks ([`PROTOCOL_VERSION`] of its build).
+    pub protocol: u32,
+    /// The client's name, for logs (`cloudctl`, an editor extension, ...).
+    pub client: String,
+    /// The client's own version, for logs.
+    pub client_version: String,
+}
+
+impl Hello {
+    /// The hello of a client built from this crate.
+    pub fn new(client: impl Into<String>, client_version: impl Into<String>) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            client: client.into(),
+            client_version: client_version.into(),
+        }
+    }
+}
+
+/// The topics a client wants pushed to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// Every topic to receive; an empty list unsubscribes.
+    pub topics: Vec<Topic>,
+}
+
+/// A family of notifications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Topic {
+    /// Daemon lifecycle: ready, draining, configuration reloaded.
+    State,
+    /// The daemon's log records, as they are written (like `tail -f` on its log).
+    Log,
+}
+
+/// A successful answer. Each variant answers the [`Request`] variant of the same name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// The daemon's half of the version exchange.
+    Hello(HelloReply),
+    /// The daemon is alive.
+    Pong,
+    /// The daemon's state.
+    Status(Status),
+    /// The daemon accepted the shutdown request and is draining.
+    ShuttingDown,
+    /// The topics this connection now receives.
+    Subscribed(Subscribe),
+}
+
+/// The daemon's half of the version exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The protocol version the daemon speaks.
+    pub protocol: u32,
+    /// The daemon's build version (`cloudd --version`).
+    pub daemon_version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// What `cloudctl status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's process id.
+    pub pid: u32,
+    /// The daemon's build version.
+    pub version: String,
+    /// The protocol version the daemon speaks.
+    pub protocol: u32,
+    /// Where the daemon is in its lifecycle.
+    pub state: DaemonState,
+    /// Milliseconds since the daemon started.
+    pub uptime_ms: u64,
+    /// The socket clients connect to.
+    pub socket: String,
+    /// The directory holding the daemon's durable state and its log.
+    pub state_dir: String,
+    /// The configuration file (it need not exist).
+    pub config_file: String,
+    /// How many times the configuration has been loaded (1 at start, +1 per reload).
+    pub config_generation: u64,
+    /// The log filter in effect.
+    pub log_filter: String,
+    /// The log file, when the daemon runs detached.
+    pub log_file: Option<String>,
+    /// Clients connected right now, this one included.
+    pub clients: u32,
+}
+
+/// The daemon's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonState {
+    /// Serving requests.
+    Ready,
+    /// Finishing in-flight requests before exiting; new connections are refused.
+    Draining,
+}
+
+/// Something pushed by the daemon without a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Notification {
+    /// The daemon's lifecycle changed ([`Topic::State`]).
+    State(StateChange),
+    /// A log record ([`Topic::Log`]).
+    Log(LogRecord),
+    /// The daemon is closing this connection, and says why. Sent to every connection,
+    /// subscribed or not, whenever the daemon can still write to it.
+    Closing(Closing),
+}
+
+/// The notification method names of the JSON-RPC encoding.
+pub mod notification {
+    /// [`super::Notification::State`]
+    pub const STATE: &str = "state";
+    /// [`super::Notification::Log`]
+    pub const LOG: &str = "log";
+    /// [`super::Notification::Closing`]
+    pub const CLOSING: &str = "closing";
+}
+
+/// A lifecycle change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// The state after the change.
+    pub state: DaemonState,
+    /// The configuration generation after the change.
+    pub config_generation: u64,
+    /// What happened, in words (`"configuration reloaded"`, `"SIGTERM received"`, ...).
+    pub message: String,
+}
+
+/// One log record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
+    pub level: String,
+    /// The module that logged it.
+    pub target: String,
+    /// The message and its fields.
+    pub message: String,
+}
+
+/// Why the daemon closes a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Closing {
+    /// A short machine-readable reason.
+    pub code: ErrorCode,
+    /// The reason in words.
+    pub message: String,
+}
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The kind of failure.
+    pub code: ErrorCode,
+    /// What went wrong and what the user can do, in words. Never contains a secret.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error of `code` with `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The kinds of failure, with their JSON-RPC error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The bytes were not a valid message (JSON-RPC -32700).
+    ParseError,
+    /// The message was valid JSON but not a valid request (-32600).
+    InvalidRequest,
+    /// No such method (-32601).
+    MethodNotFound,
+    /// The method exists but its parameters are wrong (-32602).
+    InvalidParams,
+    /// The daemon failed to carry out a valid request (-32603).
+    Internal,
+    /// The peer speaks another protocol version (-32000).
+    VersionMismatch,
+    /// A request other than hello arrived before the hello (-32001).
+    HelloRequired,
+    /// A message exceeded [`crate::MAX_MESSAGE_LEN`] (-32002).
+    MessageTooLarge,
+    /// The daemon is draining (-32003).
+    ShuttingDown,
+    /// The peer is not allowed to talk to this daemon (-32004).
+    PermissionDenied,
+    /// The client did not keep up with its notifications (-32005).
+    SlowConsumer,
+    /// The daemon serves as many clients as it allows (-32006).
+    Busy,
+}
+
+impl ErrorCode {
+    /// The JSON-RPC 2.0 error code.
+    pub fn jsonrpc_code(self) -> i64 {
+        match self {
+            ErrorCode::ParseError => -32700,
+            ErrorCode::InvalidRequest => -32600,
+            ErrorCode::MethodNotFound => -32601,
+            ErrorCode::InvalidParams => -32602,
+            ErrorCode::Internal => -32603,
+            ErrorCode::VersionMismatch => -32000,
+            ErrorCode::HelloRequired => -32001,
+            ErrorCode::MessageTooLarge => -32002,
+            ErrorCode::ShuttingDown => -32003,
+            ErrorCode::PermissionDenied => -32004,
+            ErrorCode::SlowConsumer => -32005,
+            ErrorCode::Busy => -32006,
+        }
+    }
+}
+
+/// The error a daemon returns to a hello of another protocol version. Both sides use it so
+/// the message is the same wherever it is shown.
+pub fn version_mismatch(client_protocol: u32, daemon_protocol: u32) -> ErrorBody {
+    let fix = if client_protocol < daemon_protocol {
+        "upgrade the client to the daemon's version"
+    } else {
+        "restart the daemon with the new version: `cloudctl down && cloudctl up`"
+    };
+    ErrorBody::new(
+        ErrorCode::VersionMismatch,
+        format!(
+            "protocol version mismatch: client speaks {client_protocol}, daemon speaks {daemon_protocol}; {fix}"
+        ),
+    )
+}

@@ -1,0 +1,26 @@
+//! `cloud-protocol`: every type that crosses a cloudd process boundary, and the codecs.
+//!
+//! Architecture invariant: this crate does no IO. It turns bytes into typed messages and
+//! back, and computes where files live from environment variables, but it never opens a
+//! file or a socket. Both the daemon and every client depend on it, so the wire format has
+//! exactly one definition.
+//!
+//! - [`ipc`]: the local-socket messages (`Request`, `Response`, `Notification`) and the
+//!   protocol version.
+//! - [`frame`]: the binary framing (u32 little-endian length, then a postcard body).
+//! - [`jsonrpc`]: the newline-delimited JSON-RPC 2.0 encoding of the same messages.
+//! - [`paths`]: the one location rule for the socket, state, config and lock files.
+
+pub mod frame;
+pub mod ipc;
+pub mod jsonrpc;
+pub mod paths;
+
+/// The largest message either encoding accepts: a binary frame body or a JSON line.
+///
+/// Anything larger is refused before it is buffered, so a client cannot make the daemon
+/// allocate without bound.
+pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
+
+/// The first byte of a JSON-RPC connection. Any other first byte selects binary framing.
+pub const JSON_FIRST_BYTE: u8 = b'{';
