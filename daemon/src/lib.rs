@@ -1,1 +1,28 @@
-pub fn x(){}
+//! `cloudd`: the per-user agent that ties this machine to a cloud relay.
+//!
+//! The modules, in the order a request meets them:
+//!
+//! - [`singleton`]: the lock file that makes this the one daemon of its state directory.
+//! - [`config`]: the TOML configuration, loaded at start and on SIGHUP.
+//! - [`logging`]: tracing setup (stderr, or a log file when detached), the reloadable
+//!   filter, and the log feed that subscribers of the `log` topic receive.
+//! - [`ipc`]: the local socket: binding it safely, accepting clients, checking their uid,
+//!   telling the two encodings apart, and answering requests.
+//! - [`state`]: what the daemon knows and shares with every connection.
+//! - [`daemon`]: the core: start-up, the one loop that consumes [`daemon::CoreEvent`]s
+//!   (signals, shutdown requests), and the bounded drain.
+//! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
+//!
+//! Architecture invariant: the socket loop never waits on a slow client. Every queue is
+//! bounded, every frame has a size limit and every write a deadline.
+
+pub mod config;
+pub mod daemon;
+pub mod ipc;
+pub mod logging;
+pub mod signals;
+pub mod singleton;
+pub mod state;
+
+/// This build's version, reported in the hello and in `status`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

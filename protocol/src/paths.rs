@@ -26,6 +26,10 @@ pub struct Paths {
     pub state_dir: PathBuf,
     /// Configuration: `config.toml`, credentials.
     pub config_dir: PathBuf,
+    /// Whether `CLOUDD_SOCKET` chose the socket path. The daemon then leaves the mode of an
+    /// existing parent directory alone (it may be shared, like `/tmp`) instead of making
+    /// its own socket directory 0700.
+    pub socket_overridden: bool,
 }
 
 /// The environment gave no way to place the daemon's files.
@@ -47,6 +51,7 @@ impl Paths {
         };
         if let Some(socket) = lookup("CLOUDD_SOCKET") {
             paths.socket = PathBuf::from(socket);
+            paths.socket_overridden = true;
         }
         Ok(paths)
     }
@@ -57,6 +62,7 @@ impl Paths {
             socket: home.join("run").join(SOCKET_FILE),
             state_dir: home.join("state"),
             config_dir: home.join("config"),
+            socket_overridden: false,
         }
     }
 
@@ -89,6 +95,7 @@ impl Paths {
             socket: runtime_dir.join(SOCKET_FILE),
             state_dir,
             config_dir,
+            socket_overridden: false,
         })
     }
 

@@ -1,0 +1,178 @@
+//! The daemon's core: start-up, the one loop that consumes [`CoreEvent`]s, and the drain.
+//!
+//! Start-up order matters: the instance lock first (so two daemons never race for the
+//! socket), then the configuration and logging, then the socket. Shutdown is explicit: the
+//! shared cancellation token tells every connection to finish its current request and
+//! close, the task tracker says when all have, and the wait is bounded by
+//! [`DRAIN_TIMEOUT`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud_protocol::ipc::DaemonState;
+use cloud_protocol::paths::Paths;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::ipc::{listener, IpcError};
+use crate::logging::{Logging, LoggingError};
+use crate::signals::{self, Signal};
+use crate::singleton::{InstanceLock, LockError};
+use crate::state::{Shared, Snapshot};
+
+/// The longest the drain waits for connections to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything that moves the daemon's state, consumed in one place: [`run`]'s loop.
+#[derive(Debug)]
+pub enum CoreEvent {
+    /// A signal arrived.
+    Signal(Signal),
+    /// A client asked the daemon to shut down.
+    ShutdownRequested {
+        /// Who asked, for the log.
+        by: String,
+    },
+}
+
+/// How the daemon is started.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Log to the log file in the state directory instead of stderr.
+    pub detached: bool,
+}
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another daemon runs.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// The configuration file is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Logging could not be set up.
+    #[error(transparent)]
+    Logging(#[from] LoggingError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Ipc(#[from] IpcError),
+    /// A directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Creates a private directory (0700 on Unix).
+fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(path).map_err(|source| StartError::Dir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Runs the daemon until it is told to stop, then drains. Returns once every connection
+/// has closed or the drain timed out.
+pub async fn run(paths: Paths, options: Options) -> Result<(), StartError> {
+    create_private_dir(&paths.state_dir)?;
+    let lock = InstanceLock::acquire(&paths.lock_file())?;
+    let config = Config::load(&paths.config_file())?;
+    let log_file = options.detached.then(|| paths.log_file());
+    let mut logging = Logging::init(log_file.as_deref(), config.log.as_deref())?;
+
+    let (core_tx, mut core_rx) = mpsc::channel(64);
+    let shared = Arc::new(Shared::new(
+        paths,
+        Snapshot {
+            state: DaemonState::Ready,
+            config_generation: 1,
+            log_filter: logging.filter().to_owned(),
+            log_file: log_file.as_ref().map(|p| p.display().to_string()),
+        },
+        config.max_clients,
+        logging.feed.clone(),
+        core_tx.clone(),
+    ));
+    let signal_task = signals::spawn(core_tx).map_err(StartError::Signals)?;
+    let listener = listener::bind(&shared)?;
+    let tracker = TaskTracker::new();
+    let accept_task = tokio::spawn(listener::accept_loop(
+        listener,
+        Arc::clone(&shared),
+        tracker.clone(),
+    ));
+    tracing::info!(
+        pid = shared.pid,
+        version = crate::VERSION,
+        socket = %shared.paths.socket.display(),
+        lock = %lock.path().display(),
+        "cloudd ready"
+    );
+
+    let reason = loop {
+        let Some(event) = core_rx.recv().await else {
+            break "the core channel closed".to_owned();
+        };
+        match event {
+            CoreEvent::Signal(Signal::Hangup) => reload(&shared, &mut logging),
+            CoreEvent::Signal(signal) => break format!("{signal:?} signal received"),
+            CoreEvent::ShutdownRequested { by } => break by,
+        }
+    };
+
+    tracing::info!("draining: {reason}");
+    shared.update(format!("draining: {reason}"), |s| s.state = DaemonState::Draining);
+    shared.shutdown.cancel();
+    tracker.close();
+    let _ = accept_task.await;
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            n_connections = tracker.len(),
+            "drain timed out after {DRAIN_TIMEOUT:?}; closing the remaining connections"
+        );
+    }
+    signal_task.abort();
+    tracing::info!("cloudd stopped");
+    drop(lock);
+    Ok(())
+}
+
+/// Re-reads the configuration file and applies what can change while running. An invalid
+/// file is reported and the configuration in effect is kept.
+fn reload(shared: &Shared, logging: &mut Logging) {
+    let path = shared.paths.config_file();
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("configuration not reloaded, keeping the current one: {e}");
+            shared.update(format!("configuration not reloaded: {e}"), |_| {});
+            return;
+        }
+    };
+    let filter = match logging.reload(config.log.as_deref()) {
+        Ok(filter) => filter.to_owned(),
+        Err(e) => {
+            tracing::error!("configuration not reloaded, keeping the current one: {e}");
+            shared.update(format!("configuration not reloaded: {e}"), |_| {});
+            return;
+        }
+    };
+    shared.set_max_clients(config.max_clients);
+    shared.update("configuration reloaded", |s| {
+        s.config_generation += 1;
+        s.log_filter = filter;
+    });
+    tracing::info!(generation = shared.snapshot().config_generation, "configuration reloaded");
+}

@@ -1,0 +1,363 @@
+//! One client connection, from its uid check to its close.
+//!
+//! The first byte picks the encoding: `{` is newline-delimited JSON-RPC, anything else is
+//! binary framing. Requests are handled in order as they arrive; replies to a batch of
+//! pipelined requests go out in one write. Notifications of subscribed topics are
+//! interleaved between replies. The connection closes, after telling the client why with a
+//! `closing` notification when it still can, on: end of input, lost framing, a protocol
+//! version mismatch, a client that falls behind its notifications, a write that misses its
+//! deadline, and the daemon's drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud_protocol::frame::{self, FrameError};
+use cloud_protocol::ipc::{ClientMessage, Closing, ErrorCode, Notification, ServerMessage};
+use cloud_protocol::{jsonrpc, JSON_FIRST_BYTE};
+use interprocess::local_socket::tokio::Stream;
+use interprocess::local_socket::traits::StreamCommon as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tracing::Instrument as _;
+
+use super::handler::{self, ClientState};
+use crate::state::Shared;
+
+/// How long one write to a client may take before the client counts as stalled.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long a refused client gets to send its first byte, so the refusal can be written in
+/// its encoding.
+const REFUSAL_READ_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The read buffer grows by this much when it is nearly full.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Notifications written in one batch at most, so replies are not starved.
+const NOTIFICATION_BATCH: usize = 256;
+
+/// The encoding a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// u32 length + postcard frames.
+    Binary,
+    /// Newline-delimited JSON-RPC 2.0.
+    Json,
+}
+
+impl Encoding {
+    fn of_first_byte(byte: u8) -> Encoding {
+        if byte == JSON_FIRST_BYTE {
+            Encoding::Json
+        } else {
+            Encoding::Binary
+        }
+    }
+}
+
+/// Serves one client until the connection closes.
+pub async fn serve(stream: Stream, shared: Arc<Shared>, connection_id: u64) {
+    let (peer_uid, peer_pid) = peer_credentials(&stream);
+    let span = tracing::debug_span!("client", id = connection_id, pid = ?peer_pid);
+    serve_peer(stream, shared, peer_uid, peer_pid)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_peer(mut stream: Stream, shared: Arc<Shared>, peer_uid: Option<u32>, peer_pid: Option<u32>) {
+
+    if peer_uid != Some(shared.uid) {
+        let reason = match peer_uid {
+            Some(uid) => format!("peer uid {uid} is not the daemon's uid {}", shared.uid),
+            None => "the peer's uid cannot be determined".to_owned(),
+        };
+        tracing::warn!(peer_pid = ?peer_pid, "refused connection: {reason}");
+        refuse(&mut stream, ErrorCode::PermissionDenied, format!("permission denied: {reason}")).await;
+        return;
+    }
+    let Some(_slot) = shared.take_client_slot() else {
+        tracing::warn!("refused connection: client limit reached");
+        refuse(
+            &mut stream,
+            ErrorCode::Busy,
+            "cloudd is serving as many clients as it allows (max_clients); try again".into(),
+        )
+        .await;
+        return;
+    };
+
+    let mut buf = Vec::with_capacity(4096);
+    let mut client = ClientState {
+        pid: peer_pid,
+        ..ClientState::default()
+    };
+    let mut encoding = None;
+    let mut out = Vec::new();
+    loop {
+        if let Some(encoding) = encoding {
+            let used = process(encoding, &buf, &shared, &mut client, &mut out);
+            buf.drain(..used);
+            if !out.is_empty() && !write(&mut stream, &mut out).await {
+                return;
+            }
+            if let Some(closing) = &client.closing {
+                tracing::debug!(reason = %closing.message, "closing connection");
+                return;
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            received = recv(&mut client.state_feed) => {
+                queue_notifications(encoding, received, &mut client, Feed::State, &mut out);
+            }
+            _ = shared.shutdown.cancelled() => {
+                client.closing = Some(Closing { code: ErrorCode::ShuttingDown, message: "cloudd is shutting down".into() });
+                push_closing(encoding.unwrap_or(Encoding::Binary), &client, &mut out);
+            }
+            read = stream.read_buf(&mut buf) => match read {
+                Ok(0) => {
+                    if !buf.is_empty() {
+                        tracing::debug!(bytes = buf.len(), "client left in the middle of a message");
+                    }
+                    return;
+                }
+                Ok(_) => {
+                    if encoding.is_none() {
+                        encoding = Some(Encoding::of_first_byte(buf[0]));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "read failed");
+                    return;
+                }
+            },
+            received = recv(&mut client.log_feed) => {
+                queue_notifications(encoding, received, &mut client, Feed::Log, &mut out);
+            }
+        }
+        if encoding.is_none() && !out.is_empty() {
+            // A notification or the closing before the client's first byte: nothing to
+            // say it in yet except binary, which is what a silent client will get.
+            encoding = Some(Encoding::Binary);
+        }
+    }
+}
+
+/// Which feed a notification came from.
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    State,
+    Log,
+}
+
+/// Waits for the next notification of a feed the client may not be subscribed to.
+async fn recv(
+    feed: &mut Option<broadcast::Receiver<Arc<Notification>>>,
+) -> Result<Arc<Notification>, RecvError> {
+    match feed {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Queues a received notification and whatever else the feed already holds (up to a
+/// batch), or the closing of a client that fell behind.
+fn queue_notifications(
+    encoding: Option<Encoding>,
+    received: Result<Arc<Notification>, RecvError>,
+    client: &mut ClientState,
+    feed: Feed,
+    out: &mut Vec<u8>,
+) {
+    let encoding = encoding.unwrap_or(Encoding::Binary);
+    let mut next = Some(received);
+    let mut n_queued = 0;
+    while let Some(received) = next.take() {
+        match received {
+            Ok(notification) => {
+                push_notification(encoding, &notification, out);
+                n_queued += 1;
+            }
+            Err(RecvError::Lagged(n_missed)) => {
+                let message = format!(
+                    "disconnected: this client fell {n_missed} {feed:?} notifications behind; read notifications as they arrive"
+                );
+                tracing::warn!("slow subscriber: {message}");
+                client.closing = Some(Closing {
+                    code: ErrorCode::SlowConsumer,
+                    message,
+                });
+                push_closing(encoding, client, out);
+                return;
+            }
+            Err(RecvError::Closed) => {
+                match feed {
+                    Feed::State => client.state_feed = None,
+                    Feed::Log => client.log_feed = None,
+                }
+                return;
+            }
+        }
+        if n_queued < NOTIFICATION_BATCH {
+            let receiver = match feed {
+                Feed::State => client.state_feed.as_mut(),
+                Feed::Log => client.log_feed.as_mut(),
+            };
+            next = receiver.and_then(|r| match r.try_recv() {
+                Ok(n) => Some(Ok(n)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                Err(_) => None,
+            });
+        }
+    }
+}
+
+/// Decodes and handles every complete message at the start of `buf`, appending replies
+/// to `out`. Returns how many bytes were consumed. Stops early when the client must be
+/// closed (`client.closing` is then set and its notification queued).
+fn process(
+    encoding: Encoding,
+    buf: &[u8],
+    shared: &Shared,
+    client: &mut ClientState,
+    out: &mut Vec<u8>,
+) -> usize {
+    let mut position = 0;
+    while client.closing.is_none() {
+        let rest = &buf[position..];
+        match encoding {
+            Encoding::Binary => match frame::decode::<ClientMessage>(rest) {
+                Ok(None) => break,
+                Ok(Some((message, used))) => {
+                    position += used;
+                    let result = handler::handle(shared, client, message.request);
+                    let reply = ServerMessage::Reply {
+                        id: message.id,
+                        result,
+                    };
+                    if let Err(e) = frame::encode(&reply, out) {
+                        tracing::error!(error = %e, "cannot encode reply");
+                        client.closing = Some(Closing {
+                            code: ErrorCode::Internal,
+                            message: format!("internal error: {e}"),
+                        });
+                    }
+                }
+                Err(e) => {
+                    let code = match e {
+                        FrameError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+                        FrameError::Malformed { .. } => ErrorCode::ParseError,
+                    };
+                    tracing::warn!("closing client: {e}");
+                    client.closing = Some(Closing {
+                        code,
+                        message: e.to_string(),
+                    });
+                }
+            },
+            Encoding::Json => match jsonrpc::find_line(rest) {
+                Ok(None) => break,
+                Ok(Some(end)) => {
+                    position += end + 1;
+                    let line = rest[..end].trim_ascii();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    match jsonrpc::decode_request(line) {
+                        Ok(request) => {
+                            let result = handler::handle(shared, client, request.request);
+                            if let Some(id) = request.id {
+                                jsonrpc::encode_reply(&id, &result, out);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(error = %error.error.message, "bad JSON-RPC line");
+                            jsonrpc::encode_reply(&error.id, &Err(error.error), out);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("closing client: {e}");
+                    client.closing = Some(Closing {
+                        code: ErrorCode::MessageTooLarge,
+                        message: e.to_string(),
+                    });
+                }
+            },
+        }
+    }
+    if client.closing.is_some() {
+        push_closing(encoding, client, out);
+    }
+    position
+}
+
+fn push_notification(encoding: Encoding, notification: &Notification, out: &mut Vec<u8>) {
+    match encoding {
+        Encoding::Binary => {
+            if let Err(e) = frame::encode(&ServerMessage::Notify(notification.clone()), out) {
+                tracing::error!(error = %e, "cannot encode notification");
+            }
+        }
+        Encoding::Json => jsonrpc::encode_notification(notification, out),
+    }
+}
+
+fn push_closing(encoding: Encoding, client: &ClientState, out: &mut Vec<u8>) {
+    if let Some(closing) = &client.closing {
+        push_notification(encoding, &Notification::Closing(closing.clone()), out);
+    }
+}
+
+/// Writes and clears `out` within [`WRITE_DEADLINE`]. Returns false when the connection is
+/// unusable (write error or a stalled client).
+async fn write(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
+    let result = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(out)).await;
+    let n_bytes = out.len();
+    out.clear();
+    match result {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "write failed");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                "disconnecting stalled client: {n_bytes} bytes could not be written within {WRITE_DEADLINE:?}"
+            );
+            false
+        }
+    }
+}
+
+/// Tells a refused client why, in its encoding if it speaks within a second, then closes.
+async fn refuse(stream: &mut Stream, code: ErrorCode, message: String) {
+    let mut first = [0u8; 1];
+    let encoding = match tokio::time::timeout(REFUSAL_READ_DEADLINE, stream.read(&mut first)).await {
+        Ok(Ok(1)) => Encoding::of_first_byte(first[0]),
+        _ => Encoding::Binary,
+    };
+    let mut out = Vec::new();
+    push_notification(encoding, &Notification::Closing(Closing { code, message }), &mut out);
+    let _ = tokio::time::timeout(REFUSAL_READ_DEADLINE, stream.write_all(&out)).await;
+}
+
+/// The peer's effective uid and pid, as far as the platform reports them.
+fn peer_credentials(stream: &Stream) -> (Option<u32>, Option<u32>) {
+    match stream.peer_creds() {
+        Ok(creds) => {
+            #[cfg(unix)]
+            let uid = creds.euid();
+            #[cfg(not(unix))]
+            let uid = Some(crate::state::current_uid());
+            (uid, creds.pid().map(|p| p as u32))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read peer credentials");
+            (None, None)
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Turns one request into one response against the shared state.
+//!
+//! The handler never blocks and never does IO: it reads the shared state, changes this
+//! client's own state (greeting, subscriptions), or asks the core loop to act.
+
+use std::sync::Arc;
+
+use cloud_protocol::ipc::{
+    version_mismatch, Closing, ErrorBody, ErrorCode, HelloReply, Notification, Request,
+    Response, Subscribe, Topic, PROTOCOL_VERSION,
+};
+use tokio::sync::broadcast;
+
+use crate::state::Shared;
+
+/// What the daemon knows about one client.
+#[derive(Debug, Default)]
+pub struct ClientState {
+    /// Whether the hello succeeded. Every other request is refused until it has.
+    pub greeted: bool,
+    /// The client's name and version, from its hello, for logs.
+    pub client: Option<String>,
+    /// The client's pid, when the platform reports it, for logs.
+    pub pid: Option<u32>,
+    /// Lifecycle notifications, when subscribed.
+    pub state_feed: Option<broadcast::Receiver<Arc<Notification>>>,
+    /// Log records, when subscribed.
+    pub log_feed: Option<broadcast::Receiver<Arc<Notification>>>,
+    /// Set when the connection must close once what is queued has been written.
+    pub closing: Option<Closing>,
+}
+
+/// Answers `request` from the client whose state is `client`.
+pub fn handle(shared: &Shared, client: &mut ClientState, request: Request) -> Result<Response, ErrorBody> {
+    tracing::debug!(method = request.method(), client = client.client.as_deref().unwrap_or("?"), "request");
+    let hello = match request {
+        Request::Hello(hello) => hello,
+        _ if !client.greeted => {
+            return Err(ErrorBody::new(
+                ErrorCode::HelloRequired,
+                format!(
+                    "send hello first: {{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"hello\",\"params\":{{\"protocol\":{PROTOCOL_VERSION},\"client\":\"name\",\"client_version\":\"0\"}}}}"
+                ),
+            ))
+        }
+        Request::Ping => return Ok(Response::Pong),
+        Request::Status => return Ok(Response::Status(shared.status())),
+        Request::Shutdown => {
+            let by = format!(
+                "shutdown requested by {} (pid {})",
+                client.client.as_deref().unwrap_or("a client"),
+                client.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+            );
+            shared.request_shutdown(by);
+            return Ok(Response::ShuttingDown);
+        }
+        Request::Subscribe(subscribe) => return Ok(Response::Subscribed(self::subscribe(shared, client, subscribe))),
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let error = version_mismatch(hello.protocol, PROTOCOL_VERSION);
+        tracing::warn!(client = %hello.client, client_version = %hello.client_version, "refusing client: {}", error.message);
+        client.closing = Some(Closing {
+            code: error.code,
+            message: error.message.clone(),
+        });
+        return Err(error);
+    }
+    client.greeted = true;
+    tracing::debug!(client = %hello.client, client_version = %hello.client_version, pid = ?client.pid, "client greeted");
+    client.client = Some(format!("{} {}", hello.client, hello.client_version));
+    Ok(Response::Hello(HelloReply {
+        protocol: PROTOCOL_VERSION,
+        daemon_version: crate::VERSION.into(),
+        pid: shared.pid,
+    }))
+}
+
+/// Replaces the client's subscriptions with `subscribe.topics`.
+fn subscribe(shared: &Shared, client: &mut ClientState, subscribe: Subscribe) -> Subscribe {
+    let wants = |topic| subscribe.topics.contains(&topic);
+    client.state_feed = wants(Topic::State).then(|| shared.state_feed.subscribe());
+    client.log_feed = wants(Topic::Log).then(|| shared.log_feed.subscribe());
+    let mut topics = Vec::new();
+    for topic in [Topic::State, Topic::Log] {
+        if wants(topic) {
+            topics.push(topic);
+        }
+    }
+    Subscribe { topics }
+}
