@@ -1,1 +1,15 @@
-pub fn x(){}
+//! `cloudctl` as a library: the local-socket client and the daemon launcher.
+//!
+//! - [`client`]: connects to the daemon, exchanges hellos, sends requests and reads replies
+//!   and notifications over the binary framing.
+//! - [`launcher`]: finds the `cloudd` binary, starts it detached, waits until it answers,
+//!   and stops it.
+//!
+//! Architecture invariant: the CLI talks to the daemon only through the socket. It never
+//! opens the daemon's stores.
+
+pub mod client;
+pub mod launcher;
+
+/// This build's version, sent in the hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

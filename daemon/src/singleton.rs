@@ -22,7 +22,7 @@ pub struct InstanceLock {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another daemon holds it.
-    #[error("cloudd is already running (pid {}); stop it with `cloudctl down`", pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()))]
+    #[error("another cloudd is already running (pid {}); stop it with `cloudctl down`", pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()))]
     HeldBy {
         /// The holder's pid, when it could be read.
         pid: Option<u32>,

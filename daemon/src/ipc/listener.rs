@@ -20,7 +20,7 @@ pub fn bind(shared: &Shared) -> Result<Listener, IpcError> {
     let paths = &shared.paths;
     prepare_dir(paths.socket_dir(), !paths.socket_overridden, shared.uid)?;
     remove_stale_socket(&paths.socket)?;
-    let name = socket_name(&paths.socket).map_err(|source| IpcError::Bind {
+    let name = paths.socket_name().map_err(|source| IpcError::Bind {
         path: paths.socket.clone(),
         source,
     })?;
@@ -45,24 +45,6 @@ pub fn bind(shared: &Shared) -> Result<Listener, IpcError> {
         )?;
     }
     Ok(listener)
-}
-
-/// The socket path as an interprocess name: a file path on Unix, a pipe name on Windows.
-pub fn socket_name(path: &Path) -> std::io::Result<interprocess::local_socket::Name<'_>> {
-    #[cfg(unix)]
-    {
-        use interprocess::local_socket::{GenericFilePath, ToFsName as _};
-        path.to_fs_name::<GenericFilePath>()
-    }
-    #[cfg(windows)]
-    {
-        use interprocess::local_socket::{GenericNamespaced, ToNsName as _};
-        let file = path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "cloudd.sock".into());
-        file.to_ns_name::<GenericNamespaced>()
-    }
 }
 
 /// Creates the socket directory and, when it is ours to manage, makes it 0700 and checks

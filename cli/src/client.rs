@@ -1,0 +1,196 @@
+//! The binary-framing client of the local socket.
+//!
+//! [`Client::connect`] connects and exchanges hellos; [`Client::request`] sends one request
+//! and waits for its reply, keeping any notification that arrives meanwhile for
+//! [`Client::next_notification`].
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use cloud_protocol::frame;
+use cloud_protocol::paths::Paths;
+use cloud_protocol::ipc::{
+    ClientMessage, Closing, ErrorBody, ErrorCode, Hello, HelloReply, Notification, Request,
+    Response, ServerMessage,
+};
+use interprocess::local_socket::tokio::Stream;
+use interprocess::local_socket::traits::tokio::Stream as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A request could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("cloudd is not running (no daemon at {socket}); start it with `cloudctl up`")]
+    NotRunning {
+        /// The socket path.
+        socket: PathBuf,
+    },
+    /// Connecting failed for another reason.
+    #[error("cannot connect to cloudd at {socket}: {source}")]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The daemon speaks another protocol version.
+    #[error("{0}")]
+    VersionMismatch(String),
+    /// The daemon closed the connection and said why.
+    #[error("cloudd closed the connection: {}", .0.message)]
+    Closed(Closing),
+    /// The daemon closed the connection without a reason.
+    #[error("cloudd closed the connection unexpectedly")]
+    Disconnected,
+    /// The daemon refused the request.
+    #[error("{0}")]
+    Daemon(ErrorBody),
+    /// Reading or writing the socket failed.
+    #[error("local socket error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon sent something this client cannot read.
+    #[error("unreadable reply from cloudd ({0}); if cloudd was upgraded, restart it: `cloudctl down && cloudctl up`")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// Whether the daemon is simply absent (so it can be started).
+    pub fn is_not_running(&self) -> bool {
+        matches!(self, ClientError::NotRunning { .. })
+    }
+}
+
+/// A connection to the daemon that has completed the hello.
+#[derive(Debug)]
+pub struct Client {
+    /// The socket.
+    stream: Stream,
+    /// Bytes read but not yet decoded.
+    buf: Vec<u8>,
+    /// The id of the next request.
+    next_id: u64,
+    /// Notifications that arrived while waiting for a reply.
+    notifications: VecDeque<Notification>,
+    /// The daemon's half of the hello.
+    hello: HelloReply,
+}
+
+impl Client {
+    /// Connects to the daemon of `paths` and exchanges hellos as `client_name`.
+    pub async fn connect(paths: &Paths, client_name: &str) -> Result<Client, ClientError> {
+        let stream = connect_stream(paths).await?;
+        let mut client = Client {
+            stream,
+            buf: Vec::with_capacity(4096),
+            next_id: 1,
+            notifications: VecDeque::new(),
+            hello: HelloReply {
+                protocol: 0,
+                daemon_version: String::new(),
+                pid: 0,
+            },
+        };
+        match client
+            .request(Request::Hello(Hello::new(client_name, crate::VERSION)))
+            .await
+        {
+            Ok(Response::Hello(hello)) => {
+                client.hello = hello;
+                Ok(client)
+            }
+            Ok(other) => Err(ClientError::Protocol(format!(
+                "expected a hello reply, got {other:?}"
+            ))),
+            Err(ClientError::Daemon(error)) if error.code == ErrorCode::VersionMismatch => {
+                Err(ClientError::VersionMismatch(error.message))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The daemon's half of the hello (its pid and version).
+    pub fn daemon(&self) -> &HelloReply {
+        &self.hello
+    }
+
+    /// Sends `request` and waits for its reply.
+    pub async fn request(&mut self, request: Request) -> Result<Response, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = frame::encode_to_vec(&ClientMessage { id, request })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.stream.write_all(&bytes).await?;
+        loop {
+            match self.read_message().await? {
+                ServerMessage::Reply { id: reply_id, result } if reply_id == id => {
+                    return result.map_err(ClientError::Daemon)
+                }
+                ServerMessage::Reply { id: other, .. } => {
+                    return Err(ClientError::Protocol(format!(
+                        "reply to request {other} while waiting for {id}"
+                    )))
+                }
+                ServerMessage::Notify(Notification::Closing(closing)) => {
+                    return Err(ClientError::Closed(closing))
+                }
+                ServerMessage::Notify(notification) => self.notifications.push_back(notification),
+            }
+        }
+    }
+
+    /// The next notification; `Ok(None)` when the daemon closed the connection.
+    pub async fn next_notification(&mut self) -> Result<Option<Notification>, ClientError> {
+        if let Some(notification) = self.notifications.pop_front() {
+            return Ok(Some(notification));
+        }
+        match self.read_message().await {
+            Ok(ServerMessage::Notify(notification)) => Ok(Some(notification)),
+            Ok(ServerMessage::Reply { id, .. }) => Err(ClientError::Protocol(format!(
+                "unexpected reply to request {id}"
+            ))),
+            Err(ClientError::Disconnected) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads one message from the daemon.
+    async fn read_message(&mut self) -> Result<ServerMessage, ClientError> {
+        loop {
+            match frame::decode::<ServerMessage>(&self.buf) {
+                Ok(Some((message, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(message);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            }
+            self.buf.reserve(4096);
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ClientError::Disconnected);
+            }
+        }
+    }
+}
+
+/// Connects to the daemon's socket, telling "not running" apart from other failures.
+pub async fn connect_stream(paths: &Paths) -> Result<Stream, ClientError> {
+    let socket = &paths.socket;
+    let name = paths.socket_name().map_err(|source| ClientError::Connect {
+        socket: socket.to_owned(),
+        source,
+    })?;
+    Stream::connect(name).await.map_err(|source| {
+        use std::io::ErrorKind::{ConnectionRefused, NotFound};
+        if matches!(source.kind(), NotFound | ConnectionRefused) {
+            ClientError::NotRunning {
+                socket: socket.to_owned(),
+            }
+        } else {
+            ClientError::Connect {
+                socket: socket.to_owned(),
+                source,
+            }
+        }
+    })
+}

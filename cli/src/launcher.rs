@@ -1,0 +1,225 @@
+//! Starting and stopping the daemon from the command line.
+//!
+//! `cloudctl up` and every command that needs the daemon start it detached: a new process
+//! group (so the terminal's Ctrl-C does not reach it), no terminal on its standard streams,
+//! and its early errors (those before its log file is open) in `cloudd.stderr` in the
+//! state directory. Readiness is the daemon answering a hello on its socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloud_protocol::ipc::{ErrorCode, Request, Response};
+use cloud_protocol::paths::Paths;
+
+use crate::client::{Client, ClientError};
+
+/// The longest `up` waits for a new daemon to answer.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest `down` waits for the daemon to exit (its drain is bounded by 5 s).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The daemon could not be started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// Talking to the daemon failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The binary could not be run.
+    #[error("cannot run {binary}: {source}; set CLOUDD_BIN to the cloudd binary")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The daemon exited while starting.
+    #[error("cloudd exited while starting ({status}): {stderr}")]
+    Exited {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed.
+        stderr: String,
+    },
+    /// The daemon did not answer in time.
+    #[error("cloudd did not answer within {0:?}; see its log in the state directory")]
+    Timeout(Duration),
+    /// A file the launcher needs could not be prepared.
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The `cloudd` binary: `$CLOUDD_BIN`, else the one beside this executable, else `cloudd`
+/// on the `PATH`.
+pub fn cloudd_binary() -> PathBuf {
+    if let Some(binary) = std::env::var_os("CLOUDD_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(binary);
+    }
+    let name = format!("cloudd{}", std::env::consts::EXE_SUFFIX);
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(&name)))
+        .filter(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// What [`ensure_running`] found or did.
+#[derive(Debug)]
+pub struct Running {
+    /// A greeted connection to the daemon.
+    pub client: Client,
+    /// Whether this call started it.
+    pub started: bool,
+}
+
+/// Connects to the daemon, starting it first when it is absent.
+pub async fn ensure_running(paths: &Paths, client_name: &str) -> Result<Running, LaunchError> {
+    match Client::connect(paths, client_name).await {
+        Ok(client) => {
+            return Ok(Running {
+                client,
+                started: false,
+            })
+        }
+        Err(e) if e.is_not_running() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut child = spawn_detached(paths)?;
+    let client = wait_until_answering(paths, client_name, &mut child).await?;
+    Ok(Running {
+        client,
+        started: true,
+    })
+}
+
+/// Starts `cloudd --detached` in its own process group.
+fn spawn_detached(paths: &Paths) -> Result<Child, LaunchError> {
+    let stderr_path = stderr_file(paths);
+    create_private_dir(&paths.state_dir)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let stderr = options.open(&stderr_path).map_err(|source| LaunchError::Io {
+        path: stderr_path.clone(),
+        source,
+    })?;
+    let binary = cloudd_binary();
+    let mut command = Command::new(&binary);
+    command
+        .arg("--detached")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .spawn()
+        .map_err(|source| LaunchError::Spawn { binary, source })
+}
+
+/// Where a detached daemon's early errors go.
+fn stderr_file(paths: &Paths) -> PathBuf {
+    paths.state_dir.join("cloudd.stderr")
+}
+
+fn create_private_dir(path: &Path) -> Result<(), LaunchError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(path).map_err(|source| LaunchError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Polls the socket until the new daemon answers. If the child exits first because
+/// another daemon won the race to start, that daemon is waited for instead.
+async fn wait_until_answering(
+    paths: &Paths,
+    client_name: &str,
+    child: &mut Child,
+) -> Result<Client, LaunchError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut delay = Duration::from_millis(2);
+    let mut lost_race = false;
+    loop {
+        match Client::connect(paths, client_name).await {
+            Ok(client) => return Ok(client),
+            Err(e) if e.is_not_running() => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !lost_race {
+            if let Ok(Some(status)) = child.try_wait() {
+                let stderr = std::fs::read_to_string(stderr_file(paths)).unwrap_or_default();
+                if stderr.contains("already running") {
+                    lost_race = true;
+                } else {
+                    return Err(LaunchError::Exited {
+                        status,
+                        stderr: stderr.trim().to_owned(),
+                    });
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(LaunchError::Timeout(START_TIMEOUT));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Asks the daemon to shut down and waits until its process has exited. Returns the pid
+/// of the stopped daemon, or `None` if none was running.
+pub async fn stop(paths: &Paths, client_name: &str) -> Result<Option<u32>, LaunchError> {
+    let mut client = match Client::connect(paths, client_name).await {
+        Ok(client) => client,
+        Err(e) if e.is_not_running() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let pid = client.daemon().pid;
+    match client.request(Request::Shutdown).await {
+        Ok(Response::ShuttingDown) => {}
+        Ok(other) => {
+            return Err(ClientError::Protocol(format!("unexpected reply to shutdown: {other:?}")).into())
+        }
+        // Already draining: wait for it all the same.
+        Err(ClientError::Closed(closing)) if closing.code == ErrorCode::ShuttingDown => {}
+        Err(e) => return Err(e.into()),
+    }
+    // The daemon closes every connection when its drain starts; then its process exits.
+    while let Ok(Some(_)) = client.next_notification().await {}
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let mut delay = Duration::from_millis(2);
+    while process_exists(pid) {
+        if Instant::now() >= deadline {
+            return Err(LaunchError::Timeout(STOP_TIMEOUT));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+    Ok(Some(pid))
+}
+
+/// Whether a process with this pid exists.
+pub fn process_exists(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let result = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        result == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        false
+    }
+}
