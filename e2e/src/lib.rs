@@ -1,1 +1,298 @@
-pub fn x(){}
+//! The harness shared by the end-to-end tests and the benchmark programs: real `cloudd`
+//! and `cloudctl` binaries, each run with its own `CLOUDD_HOME` in a temp dir.
+//!
+//! Nothing here stands in for a component: the daemon is the real binary, clients are the
+//! real `cloudctl` or raw sockets. Waiting is always on a condition with a deadline.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cloud_protocol::paths::Paths;
+use serde_json::{json, Value};
+
+/// How long a test waits for anything before failing.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A built binary of this workspace (`cloudd`, `cloudctl`), found beside the running
+/// executable: `target/<profile>/` holds the binaries and `target/<profile>/deps/` the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    for _ in 0..2 {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    panic!("{name} is not built beside {}: run `cargo test --workspace` (or `cargo build --workspace`) first", exe.display());
+}
+
+/// Polls `condition` until it holds or `deadline` passes; panics with `what` on timeout.
+pub fn wait_for(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    let mut delay = Duration::from_millis(1);
+    while !condition() {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// An isolated `CLOUDD_HOME`, removed when dropped.
+#[derive(Debug)]
+pub struct Home {
+    /// The temp dir (kept alive for the test's duration).
+    pub dir: tempfile::TempDir,
+    /// The daemon's files under it.
+    pub paths: Paths,
+}
+
+impl Default for Home {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Home {
+    /// A fresh home in a new temp dir.
+    pub fn new() -> Home {
+        // Short names: a Unix socket path must fit in 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("cd")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let paths = Paths::under_home(dir.path());
+        Home { dir, paths }
+    }
+
+    /// The pid of the daemon holding this home's lock, if one runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        let mut file = std::fs::File::open(self.paths.lock_file()).ok()?;
+        if file.try_lock_shared().is_ok() {
+            return None;
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// The home directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `cloudctl` command with this home.
+    pub fn cloudctl_command(&self) -> Command {
+        let mut command = Command::new(binary("cloudctl"));
+        command
+            .env("CLOUDD_HOME", self.path())
+            .env_remove("CLOUDD_SOCKET")
+            .env_remove("CLOUDD_LOG")
+            .env("CLOUDD_BIN", binary("cloudd"));
+        command
+    }
+
+    /// Runs `cloudctl ARGS` to completion.
+    pub fn cloudctl(&self, args: &[&str]) -> Output {
+        self.cloudctl_command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cloudctl")
+    }
+
+    /// Runs `cloudctl ARGS`, asserts success, returns stdout.
+    pub fn cloudctl_ok(&self, args: &[&str]) -> String {
+        let output = self.cloudctl(args);
+        assert!(
+            output.status.success(),
+            "cloudctl {args:?} failed: {}\nstdout: {}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    /// Runs `cloudctl --json ARGS`, asserts success, parses stdout.
+    pub fn cloudctl_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let stdout = self.cloudctl_ok(&all);
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("bad JSON from cloudctl {args:?}: {e}: {stdout}"))
+    }
+
+    /// A `cloudd` command in the foreground with this home, logging to `daemon.log` in
+    /// the home.
+    pub fn cloudd_command(&self) -> Command {
+        let mut command = Command::new(binary("cloudd"));
+        command
+            .env("CLOUDD_HOME", self.path())
+            .env_remove("CLOUDD_SOCKET")
+            .env_remove("CLOUDD_LOG")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// The file a [`Home::spawn_daemon`] daemon's stderr goes to.
+    pub fn daemon_log(&self) -> PathBuf {
+        self.path().join("daemon.log")
+    }
+
+    /// Starts `cloudd` in the foreground (stderr to [`Home::daemon_log`]) and waits until
+    /// it answers.
+    pub fn spawn_daemon(&self) -> Daemon {
+        self.spawn_daemon_with(|_| {})
+    }
+
+    /// Like [`Home::spawn_daemon`], with the command adjusted by `adjust` first.
+    pub fn spawn_daemon_with(&self, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.daemon_log())
+            .expect("daemon log");
+        let mut command = self.cloudd_command();
+        command.stdout(Stdio::null()).stderr(log);
+        adjust(&mut command);
+        let child = command.spawn().expect("spawn cloudd");
+        let daemon = Daemon { child };
+        let socket = self.paths.socket.clone();
+        wait_for("cloudd to answer", DEADLINE, || {
+            JsonClient::connect(&socket).is_ok_and(|mut c| c.hello().is_ok())
+        });
+        daemon
+    }
+
+    /// What the foreground daemon has logged so far.
+    pub fn read_daemon_log(&self) -> String {
+        std::fs::read_to_string(self.daemon_log()).unwrap_or_default()
+    }
+}
+
+impl Drop for Home {
+    /// A daemon that `cloudctl` started detached in this home must not outlive the test,
+    /// even when the test fails before `cloudctl down`.
+    fn drop(&mut self) {
+        if let Some(pid) = self.daemon_pid() {
+            // SAFETY: the pid holds this home's lock, so it is a daemon this test started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A daemon process started by a test; killed when dropped if it still runs.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+}
+
+impl Daemon {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to it.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to a child we own.
+        let result = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(result, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    /// Waits for it to exit, failing after `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < end, "cloudd (pid {}) did not exit within {deadline:?}", self.pid());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A newline-delimited JSON-RPC client on a raw Unix socket, as an editor would be.
+#[derive(Debug)]
+pub struct JsonClient {
+    /// For writing.
+    stream: UnixStream,
+    /// For reading lines.
+    reader: BufReader<UnixStream>,
+    /// The next request id.
+    next_id: u64,
+}
+
+impl JsonClient {
+    /// Connects (no hello yet). Reads time out after [`DEADLINE`].
+    pub fn connect(socket: &Path) -> std::io::Result<JsonClient> {
+        let stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(DEADLINE))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(JsonClient {
+            stream,
+            reader,
+            next_id: 1,
+        })
+    }
+
+    /// Writes raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads one line as JSON; `Ok(None)` at end of stream.
+    pub fn recv(&mut self) -> std::io::Result<Option<Value>> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+    }
+
+    /// Sends a request and returns the whole reply object (skipping notifications).
+    pub fn call(&mut self, method: &str, params: Value) -> std::io::Result<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string() + "\n";
+        self.send_raw(line.as_bytes())?;
+        loop {
+            match self.recv()? {
+                Some(reply) if reply.get("id") == Some(&json!(id)) => return Ok(reply),
+                Some(_) => continue,
+                None => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+    }
+
+    /// The hello of this build's protocol; returns the result object.
+    pub fn hello(&mut self) -> std::io::Result<Value> {
+        let reply = self.call(
+            "hello",
+            json!({"protocol": cloud_protocol::ipc::PROTOCOL_VERSION, "client": "e2e", "client_version": "0"}),
+        )?;
+        reply
+            .get("result")
+            .cloned()
+            .ok_or_else(|| std::io::Error::other(format!("hello failed: {reply}")))
+    }
+}

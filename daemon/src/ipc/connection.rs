@@ -225,6 +225,7 @@ fn process(
     client: &mut ClientState,
     out: &mut Vec<u8>,
 ) -> usize {
+    let was_closing = client.closing.is_some();
     let mut position = 0;
     while client.closing.is_none() {
         let rest = &buf[position..];
@@ -289,7 +290,7 @@ fn process(
             },
         }
     }
-    if client.closing.is_some() {
+    if !was_closing {
         push_closing(encoding, client, out);
     }
     position
