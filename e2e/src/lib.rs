@@ -38,7 +38,10 @@ pub fn wait_for(what: &str, deadline: Duration, mut condition: impl FnMut() -> b
     let end = Instant::now() + deadline;
     let mut delay = Duration::from_millis(1);
     while !condition() {
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(50));
     }
@@ -125,7 +128,8 @@ impl Home {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let stdout = self.cloudctl_ok(&all);
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("bad JSON from cloudctl {args:?}: {e}: {stdout}"))
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("bad JSON from cloudctl {args:?}: {e}: {stdout}"))
     }
 
     /// A `cloudd` command in the foreground with this home, logging to `daemon.log` in
@@ -214,7 +218,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < end, "cloudd (pid {}) did not exit within {deadline:?}", self.pid());
+            assert!(
+                Instant::now() < end,
+                "cloudd (pid {}) did not exit within {deadline:?}",
+                self.pid()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -264,16 +272,18 @@ impl JsonClient {
         if self.reader.read_line(&mut line)? == 0 {
             return Ok(None);
         }
-        serde_json::from_str(&line)
-            .map(Some)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+        serde_json::from_str(&line).map(Some).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line:?}"))
+        })
     }
 
     /// Sends a request and returns the whole reply object (skipping notifications).
     pub fn call(&mut self, method: &str, params: Value) -> std::io::Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
-        let line = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string() + "\n";
+        let line = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+            .to_string()
+            + "\n";
         self.send_raw(line.as_bytes())?;
         loop {
             match self.recv()? {

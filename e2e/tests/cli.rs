@@ -17,7 +17,10 @@ fn up_status_ping_down() {
     let pid = up["pid"].as_u64().unwrap();
 
     let again = home.cloudctl_json(&["up"]);
-    assert_eq!(again["started"], false, "up must be a no-op when cloudd runs: {again}");
+    assert_eq!(
+        again["started"], false,
+        "up must be a no-op when cloudd runs: {again}"
+    );
     assert_eq!(again["pid"].as_u64(), Some(pid));
 
     let status = home.cloudctl_json(&["status"]);
@@ -25,12 +28,19 @@ fn up_status_ping_down() {
     assert_eq!(status["state"], "ready");
     assert_eq!(status["protocol"], 1);
     assert_eq!(status["socket"], home.paths.socket.display().to_string());
-    let log_file = status["log_file"].as_str().expect("a detached daemon logs to a file");
+    let log_file = status["log_file"]
+        .as_str()
+        .expect("a detached daemon logs to a file");
     assert!(std::path::Path::new(log_file).starts_with(&home.paths.state_dir));
-    assert!(std::fs::read_to_string(log_file).unwrap().contains("cloudd ready"));
+    assert!(std::fs::read_to_string(log_file)
+        .unwrap()
+        .contains("cloudd ready"));
 
     let text = home.cloudctl_ok(&["status"]);
-    assert!(text.starts_with(&format!("cloudd     running (pid {pid}")), "{text}");
+    assert!(
+        text.starts_with(&format!("cloudd     running (pid {pid}")),
+        "{text}"
+    );
 
     let ping = home.cloudctl_json(&["ping", "--count", "50"]);
     assert_eq!(ping["count"], 50);
@@ -67,7 +77,10 @@ fn commands_auto_start_the_daemon() {
 fn usage_errors_exit_2_and_failures_exit_1() {
     let home = Home::new();
     assert_eq!(home.cloudctl(&["frobnicate"]).status.code(), Some(2));
-    assert_eq!(home.cloudctl(&["ping", "--count", "0"]).status.code(), Some(2));
+    assert_eq!(
+        home.cloudctl(&["ping", "--count", "0"]).status.code(),
+        Some(2)
+    );
 
     // A config file that does not parse stops the start with the parser's words.
     std::fs::create_dir_all(&home.paths.config_dir).unwrap();
@@ -75,7 +88,10 @@ fn usage_errors_exit_2_and_failures_exit_1() {
     let output = home.cloudctl(&["status"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("invalid config file") && stderr.contains("max_clients"), "{stderr}");
+    assert!(
+        stderr.contains("invalid config file") && stderr.contains("max_clients"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -22,19 +22,35 @@ fn drains_on(signal: i32) {
         .map(|_| {
             let mut client = JsonClient::connect(&home.paths.socket).unwrap();
             client.hello().unwrap();
-            client.call("subscribe", json!({"topics": ["state"]})).unwrap();
+            client
+                .call("subscribe", json!({"topics": ["state"]}))
+                .unwrap();
             client
         })
         .collect();
 
     // A binary client with a batch of requests on the wire when the signal lands: every
     // reply it gets is whole and in order, and the stream ends with a closing.
-    let mut busy = UnixStream::connect(&home.paths.socket).unwrap();
+    let busy = UnixStream::connect(&home.paths.socket).unwrap();
     busy.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut bytes = Vec::new();
-    frame::encode(&ClientMessage { id: 0, request: Request::Hello(Hello::new("e2e", "0")) }, &mut bytes).unwrap();
+    frame::encode(
+        &ClientMessage {
+            id: 0,
+            request: Request::Hello(Hello::new("e2e", "0")),
+        },
+        &mut bytes,
+    )
+    .unwrap();
     for id in 1..=2000 {
-        frame::encode(&ClientMessage { id, request: Request::Status }, &mut bytes).unwrap();
+        frame::encode(
+            &ClientMessage {
+                id,
+                request: Request::Status,
+            },
+            &mut bytes,
+        )
+        .unwrap();
     }
     let writer = {
         let mut busy = busy.try_clone().unwrap();
@@ -57,7 +73,9 @@ fn drains_on(signal: i32) {
                     Ok(n) => received.extend_from_slice(&chunk[..n]),
                     // The daemon closed with some of our requests unread: Linux reports the
                     // reset once everything it did send has been read.
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break Ok(received),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        break Ok(received)
+                    }
                     Err(e) => break Err(e),
                 }
             }
@@ -85,7 +103,11 @@ fn drains_on(signal: i32) {
         last = Some(message);
     }
     assert!(rest.is_empty(), "a reply was cut in half");
-    assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>(), "replies in order, none skipped");
+    assert_eq!(
+        ids,
+        (0..ids.len() as u64).collect::<Vec<_>>(),
+        "replies in order, none skipped"
+    );
     assert!(
         matches!(&last, Some(ServerMessage::Notify(Notification::Closing(c))) if c.code == ErrorCode::ShuttingDown),
         "{last:?}"
@@ -96,7 +118,10 @@ fn drains_on(signal: i32) {
         while let Some(line) = subscriber.recv().unwrap() {
             lines.push(line);
         }
-        let methods: Vec<&str> = lines.iter().map(|l| l["method"].as_str().unwrap()).collect();
+        let methods: Vec<&str> = lines
+            .iter()
+            .map(|l| l["method"].as_str().unwrap())
+            .collect();
         assert_eq!(methods, ["state", "closing"], "{lines:?}");
         assert_eq!(lines[0]["params"]["state"], "draining");
         assert_eq!(lines[1]["params"]["code"], "shutting_down");
@@ -120,13 +145,19 @@ fn sighup_reloads_the_config_file() {
     let daemon = home.spawn_daemon();
     let mut client = JsonClient::connect(&home.paths.socket).unwrap();
     client.hello().unwrap();
-    client.call("subscribe", json!({"topics": ["state"]})).unwrap();
+    client
+        .call("subscribe", json!({"topics": ["state"]}))
+        .unwrap();
     let status = client.call("status", Value::Null).unwrap();
     assert_eq!(status["result"]["config_generation"], 1);
     assert_eq!(status["result"]["log_filter"], "info");
 
     std::fs::create_dir_all(&home.paths.config_dir).unwrap();
-    std::fs::write(home.paths.config_file(), "log = \"debug\"\nmax_clients = 8\n").unwrap();
+    std::fs::write(
+        home.paths.config_file(),
+        "log = \"debug\"\nmax_clients = 8\n",
+    )
+    .unwrap();
     daemon.signal(libc::SIGHUP);
     let change = client.recv().unwrap().unwrap();
     assert_eq!(change["method"], "state");
@@ -140,7 +171,10 @@ fn sighup_reloads_the_config_file() {
     daemon.signal(libc::SIGHUP);
     let change = client.recv().unwrap().unwrap();
     let message = change["params"]["message"].as_str().unwrap();
-    assert!(message.starts_with("configuration not reloaded: invalid config file"), "{message}");
+    assert!(
+        message.starts_with("configuration not reloaded: invalid config file"),
+        "{message}"
+    );
     assert_eq!(change["params"]["config_generation"], 2);
     let status = client.call("status", Value::Null).unwrap();
     assert_eq!(status["result"]["log_filter"], "debug");

@@ -34,7 +34,10 @@ fn json_rpc_by_hand() {
     let mut client = json_client(&home);
 
     let early = client.call("ping", Value::Null).unwrap();
-    assert_eq!(early["error"]["code"], -32001, "requests before hello are refused: {early}");
+    assert_eq!(
+        early["error"]["code"], -32001,
+        "requests before hello are refused: {early}"
+    );
 
     let hello = client.hello().unwrap();
     assert_eq!(hello["protocol"], 1);
@@ -45,7 +48,10 @@ fn json_rpc_by_hand() {
         .send_raw(b"{\"jsonrpc\":\"2.0\",\"method\":\"ping\"}\n{\"jsonrpc\":\"2.0\",\"id\":\"s-1\",\"method\":\"ping\"}\n")
         .unwrap();
     let reply = client.recv().unwrap().unwrap();
-    assert_eq!(reply, json!({"jsonrpc": "2.0", "id": "s-1", "result": "pong"}));
+    assert_eq!(
+        reply,
+        json!({"jsonrpc": "2.0", "id": "s-1", "result": "pong"})
+    );
 
     let status = client.call("status", Value::Null).unwrap();
     assert_eq!(status["result"]["state"], "ready");
@@ -67,25 +73,38 @@ fn bad_input_gets_clear_errors_and_other_clients_carry_on() {
     // Malformed JSON: a parse error, and the connection carries on.
     let mut client = json_client(&home);
     client.hello().unwrap();
-    client.send_raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"\n").unwrap();
+    client
+        .send_raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"\n")
+        .unwrap();
     let reply = client.recv().unwrap().unwrap();
     assert_eq!(reply["error"]["code"], -32700, "{reply}");
     assert_eq!(reply["id"], Value::Null);
     let unknown = client.call("frobnicate", json!({})).unwrap();
     assert_eq!(unknown["error"]["code"], -32601);
-    assert!(unknown["error"]["message"].as_str().unwrap().contains("frobnicate"));
-    let bad_params = client.call("subscribe", json!({"topics": ["weather"]})).unwrap();
+    assert!(unknown["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("frobnicate"));
+    let bad_params = client
+        .call("subscribe", json!({"topics": ["weather"]}))
+        .unwrap();
     assert_eq!(bad_params["error"]["code"], -32602, "{bad_params}");
     assert_eq!(client.call("ping", Value::Null).unwrap()["result"], "pong");
 
     // A hello of another protocol version: an error naming both versions, then a close.
     let mut old = json_client(&home);
     let reply = old
-        .call("hello", json!({"protocol": 999, "client": "old", "client_version": "9"}))
+        .call(
+            "hello",
+            json!({"protocol": 999, "client": "old", "client_version": "9"}),
+        )
         .unwrap();
     let message = reply["error"]["message"].as_str().unwrap();
     assert_eq!(reply["error"]["code"], -32000);
-    assert!(message.contains("999") && message.contains("speaks 1"), "{message}");
+    assert!(
+        message.contains("999") && message.contains("speaks 1"),
+        "{message}"
+    );
     let rest = read_to_end(&mut old);
     assert_eq!(rest.last().unwrap()["params"]["code"], "version_mismatch");
 
@@ -104,12 +123,18 @@ fn bad_input_gets_clear_errors_and_other_clients_carry_on() {
             break read_to_end(&mut flood);
         }
     };
-    assert_eq!(closing.last().unwrap()["params"]["code"], "message_too_large", "{closing:?}");
+    assert_eq!(
+        closing.last().unwrap()["params"]["code"],
+        "message_too_large",
+        "{closing:?}"
+    );
 
     // Binary: an oversized frame header is refused before any body is sent.
     let mut binary = UnixStream::connect(&home.paths.socket).unwrap();
     binary.set_read_timeout(Some(DEADLINE)).unwrap();
-    binary.write_all(&((MAX_MESSAGE_LEN as u32) + 1).to_le_bytes()).unwrap();
+    binary
+        .write_all(&((MAX_MESSAGE_LEN as u32) + 1).to_le_bytes())
+        .unwrap();
     let notification = read_binary_until_eof(&mut binary);
     assert!(
         matches!(notification.as_slice(), [ServerMessage::Notify(Notification::Closing(c))] if c.code == ErrorCode::MessageTooLarge),
@@ -119,7 +144,9 @@ fn bad_input_gets_clear_errors_and_other_clients_carry_on() {
     // Binary: garbage that frames but does not decode.
     let mut garbage = UnixStream::connect(&home.paths.socket).unwrap();
     garbage.set_read_timeout(Some(DEADLINE)).unwrap();
-    garbage.write_all(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff]).unwrap();
+    garbage
+        .write_all(&[5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
     let notification = read_binary_until_eof(&mut garbage);
     assert!(
         matches!(notification.as_slice(), [ServerMessage::Notify(Notification::Closing(c))] if c.code == ErrorCode::ParseError),
@@ -132,14 +159,19 @@ fn bad_input_gets_clear_errors_and_other_clients_carry_on() {
     drop(partial);
 
     // Through all of it the bystander was served, and still is.
-    assert_eq!(bystander.call("ping", Value::Null).unwrap()["result"], "pong");
+    assert_eq!(
+        bystander.call("ping", Value::Null).unwrap()["result"],
+        "pong"
+    );
     let status = bystander.call("status", Value::Null).unwrap();
     assert_eq!(status["result"]["state"], "ready");
 }
 
 fn read_binary_until_eof(stream: &mut UnixStream) -> Vec<ServerMessage> {
     let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).expect("the daemon closes the connection");
+    stream
+        .read_to_end(&mut bytes)
+        .expect("the daemon closes the connection");
     let mut messages = Vec::new();
     let mut rest = &bytes[..];
     while let Some((message, used)) = frame::decode::<ServerMessage>(rest).unwrap() {
@@ -196,10 +228,16 @@ fn sixty_four_concurrent_clients() {
         for n in 0..64u32 {
             let paths = paths.clone();
             tasks.push(tokio::spawn(async move {
-                let mut client = Client::connect(&paths, &format!("client-{n}")).await.unwrap();
+                let mut client = Client::connect(&paths, &format!("client-{n}"))
+                    .await
+                    .unwrap();
                 let mut max_clients = 0;
                 for i in 0..200 {
-                    let request = if i % 10 == 0 { Request::Status } else { Request::Ping };
+                    let request = if i % 10 == 0 {
+                        Request::Status
+                    } else {
+                        Request::Ping
+                    };
                     match client.request(request).await.unwrap() {
                         Response::Pong => {}
                         Response::Status(status) => max_clients = max_clients.max(status.clients),
@@ -215,7 +253,10 @@ fn sixty_four_concurrent_clients() {
         }
         max_seen
     });
-    assert!(max_seen > 1, "clients were served concurrently (saw at most {max_seen})");
+    assert!(
+        max_seen > 1,
+        "clients were served concurrently (saw at most {max_seen})"
+    );
 
     // And 16 real cloudctl processes at once, beside JSON clients.
     let children: Vec<_> = (0..16)
@@ -248,7 +289,9 @@ fn a_stalled_subscriber_is_cut_off_without_slowing_anyone() {
     });
     let mut stalled = json_client(&home);
     stalled.hello().unwrap();
-    let subscribed = stalled.call("subscribe", json!({"topics": ["log"]})).unwrap();
+    let subscribed = stalled
+        .call("subscribe", json!({"topics": ["log"]}))
+        .unwrap();
     assert_eq!(subscribed["result"]["topics"], json!(["log"]));
     // From here on, `stalled` reads nothing.
 
@@ -257,13 +300,18 @@ fn a_stalled_subscriber_is_cut_off_without_slowing_anyone() {
     let start = std::time::Instant::now();
     let mut n_pings = 0;
     while !home.read_daemon_log().contains("slow subscriber")
-        && !home.read_daemon_log().contains("disconnecting stalled client")
+        && !home
+            .read_daemon_log()
+            .contains("disconnecting stalled client")
     {
         for _ in 0..1000 {
             assert_eq!(busy.call("ping", Value::Null).unwrap()["result"], "pong");
         }
         n_pings += 1000;
-        assert!(start.elapsed() < DEADLINE, "the stalled subscriber was never cut off ({n_pings} pings)");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the stalled subscriber was never cut off ({n_pings} pings)"
+        );
     }
     // The busy client never waited on the stalled one: it is still served at once.
     assert_eq!(busy.call("ping", Value::Null).unwrap()["result"], "pong");
@@ -274,7 +322,9 @@ fn a_stalled_subscriber_is_cut_off_without_slowing_anyone() {
     if let Some(last) = lines.last().filter(|l| l["method"] == "closing") {
         assert_eq!(last["params"]["code"], "slow_consumer", "{last}");
     }
-    wait_for("the daemon to count the stalled client gone", DEADLINE, || {
-        busy.call("status", Value::Null).unwrap()["result"]["clients"] == 1
-    });
+    wait_for(
+        "the daemon to count the stalled client gone",
+        DEADLINE,
+        || busy.call("status", Value::Null).unwrap()["result"]["clients"] == 1,
+    );
 }
