@@ -8,11 +8,11 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use cloud_protocol::frame;
-use cloud_protocol::paths::Paths;
 use cloud_protocol::ipc::{
     ClientMessage, Closing, ErrorBody, ErrorCode, Hello, HelloReply, Notification, Request,
     Response, ServerMessage,
 };
+use cloud_protocol::paths::Paths;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::tokio::Stream as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -123,9 +123,10 @@ impl Client {
         self.stream.write_all(&bytes).await?;
         loop {
             match self.read_message().await? {
-                ServerMessage::Reply { id: reply_id, result } if reply_id == id => {
-                    return result.map_err(ClientError::Daemon)
-                }
+                ServerMessage::Reply {
+                    id: reply_id,
+                    result,
+                } if reply_id == id => return result.map_err(ClientError::Daemon),
                 ServerMessage::Reply { id: other, .. } => {
                     return Err(ClientError::Protocol(format!(
                         "reply to request {other} while waiting for {id}"

@@ -106,10 +106,12 @@ fn spawn_detached(paths: &Paths) -> Result<Child, LaunchError> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let stderr = options.open(&stderr_path).map_err(|source| LaunchError::Io {
-        path: stderr_path.clone(),
-        source,
-    })?;
+    let stderr = options
+        .open(&stderr_path)
+        .map_err(|source| LaunchError::Io {
+            path: stderr_path.clone(),
+            source,
+        })?;
     let binary = cloudd_binary();
     let mut command = Command::new(&binary);
     command
@@ -189,7 +191,9 @@ pub async fn stop(paths: &Paths, client_name: &str) -> Result<Option<u32>, Launc
     match client.request(Request::Shutdown).await {
         Ok(Response::ShuttingDown) => {}
         Ok(other) => {
-            return Err(ClientError::Protocol(format!("unexpected reply to shutdown: {other:?}")).into())
+            return Err(
+                ClientError::Protocol(format!("unexpected reply to shutdown: {other:?}")).into(),
+            )
         }
         // Already draining: wait for it all the same.
         Err(ClientError::Closed(closing)) if closing.code == ErrorCode::ShuttingDown => {}

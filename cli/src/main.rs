@@ -85,16 +85,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     json!({ "pid": hello.pid, "version": hello.daemon_version, "started": running.started, "socket": paths.socket })
                 );
             } else if running.started {
-                println!("cloudd started (pid {}, version {})", hello.pid, hello.daemon_version);
+                println!(
+                    "cloudd started (pid {}, version {})",
+                    hello.pid, hello.daemon_version
+                );
             } else {
-                println!("cloudd is already running (pid {}, version {})", hello.pid, hello.daemon_version);
+                println!(
+                    "cloudd is already running (pid {}, version {})",
+                    hello.pid, hello.daemon_version
+                );
             }
             Ok(())
         }
         Command::Down => {
             let stopped = launcher::stop(&paths, CLIENT_NAME).await?;
             if json_output {
-                println!("{}", json!({ "stopped": stopped.is_some(), "pid": stopped }));
+                println!(
+                    "{}",
+                    json!({ "stopped": stopped.is_some(), "pid": stopped })
+                );
             } else {
                 match stopped {
                     Some(pid) => println!("cloudd stopped (pid {pid})"),
@@ -127,7 +136,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn connect(paths: &Paths, announce: bool) -> anyhow::Result<Running> {
     let running = launcher::ensure_running(paths, CLIENT_NAME).await?;
     if running.started && announce {
-        eprintln!("cloudctl: started cloudd (pid {})", running.client.daemon().pid);
+        eprintln!(
+            "cloudctl: started cloudd (pid {})",
+            running.client.daemon().pid
+        );
     }
     Ok(running)
 }
@@ -228,7 +240,10 @@ fn print_status(status: &Status) {
         ("state dir", status.state_dir.clone()),
         (
             "config",
-            format!("{} (generation {})", status.config_file, status.config_generation),
+            format!(
+                "{} (generation {})",
+                status.config_file, status.config_generation
+            ),
         ),
         (
             "log",

@@ -91,7 +91,10 @@ mod tests {
     #[test]
     fn missing_file_gives_defaults() {
         let dir = std::env::temp_dir().join(format!("cloudd-config-test-{}", std::process::id()));
-        assert_eq!(Config::load(&dir.join("nope.toml")).unwrap(), Config::default());
+        assert_eq!(
+            Config::load(&dir.join("nope.toml")).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]

@@ -133,11 +133,16 @@ pub async fn run(paths: Paths, options: Options) -> Result<(), StartError> {
     };
 
     tracing::info!("draining: {reason}");
-    shared.update(format!("draining: {reason}"), |s| s.state = DaemonState::Draining);
+    shared.update(format!("draining: {reason}"), |s| {
+        s.state = DaemonState::Draining
+    });
     shared.shutdown.cancel();
     tracker.close();
     let _ = accept_task.await;
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             n_connections = tracker.len(),
             "drain timed out after {DRAIN_TIMEOUT:?}; closing the remaining connections"
@@ -174,5 +179,8 @@ fn reload(shared: &Shared, logging: &mut Logging) {
         s.config_generation += 1;
         s.log_filter = filter;
     });
-    tracing::info!(generation = shared.snapshot().config_generation, "configuration reloaded");
+    tracing::info!(
+        generation = shared.snapshot().config_generation,
+        "configuration reloaded"
+    );
 }

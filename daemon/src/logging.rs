@@ -82,7 +82,10 @@ fn parse_filter(filter: &str) -> Result<EnvFilter, LoggingError> {
 
 impl Logging {
     /// Installs the global subscriber. `log_file` is where a detached daemon writes.
-    pub fn init(log_file: Option<&Path>, config_filter: Option<&str>) -> Result<Logging, LoggingError> {
+    pub fn init(
+        log_file: Option<&Path>,
+        config_filter: Option<&str>,
+    ) -> Result<Logging, LoggingError> {
         let filter = choose_filter(config_filter);
         let (filter_layer, reload) = reload::Layer::new(parse_filter(&filter)?);
         let (writer, ansi) = match log_file {

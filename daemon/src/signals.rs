@@ -43,7 +43,11 @@ pub fn spawn(core: mpsc::Sender<CoreEvent>) -> std::io::Result<tokio::task::Join
 pub fn spawn(core: mpsc::Sender<CoreEvent>) -> std::io::Result<tokio::task::JoinHandle<()>> {
     Ok(tokio::spawn(async move {
         while tokio::signal::ctrl_c().await.is_ok() {
-            if core.send(CoreEvent::Signal(Signal::Interrupt)).await.is_err() {
+            if core
+                .send(CoreEvent::Signal(Signal::Interrupt))
+                .await
+                .is_err()
+            {
                 break;
             }
         }

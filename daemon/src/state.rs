@@ -100,7 +100,9 @@ impl Shared {
         let max = self.max_clients.load(Ordering::Relaxed);
         let taken = self
             .clients
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            });
         taken.ok().map(|_| ClientSlot {
             shared: Arc::clone(self),
         })
@@ -108,7 +110,10 @@ impl Shared {
 
     /// The changing part of the state, as it is now.
     pub fn snapshot(&self) -> Snapshot {
-        self.snapshot.lock().expect("snapshot lock poisoned").clone()
+        self.snapshot
+            .lock()
+            .expect("snapshot lock poisoned")
+            .clone()
     }
 
     /// Changes the state and tells `state` subscribers why.

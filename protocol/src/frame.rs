@@ -142,7 +142,10 @@ mod tests {
                 client_version: "0".into(),
             }),
         };
-        assert_eq!(hex(&encode_to_vec(&hello).unwrap()), "07000000010001016301" .to_owned() + "30");
+        assert_eq!(
+            hex(&encode_to_vec(&hello).unwrap()),
+            "07000000010001016301".to_owned() + "30"
+        );
         let ping = ClientMessage {
             id: 300,
             request: Request::Ping,
@@ -163,7 +166,11 @@ mod tests {
         })
         .unwrap();
         for cut in 0..bytes.len() {
-            assert_eq!(decode::<ClientMessage>(&bytes[..cut]), Ok(None), "cut at {cut}");
+            assert_eq!(
+                decode::<ClientMessage>(&bytes[..cut]),
+                Ok(None),
+                "cut at {cut}"
+            );
         }
         let (message, used) = decode::<ClientMessage>(&bytes).unwrap().unwrap();
         assert_eq!(used, bytes.len());
@@ -193,7 +200,9 @@ mod tests {
             panic!("expected malformed, got {err:?}");
         };
         assert_eq!(consumed, 7);
-        let (next, _) = decode::<ClientMessage>(&bytes[consumed..]).unwrap().unwrap();
+        let (next, _) = decode::<ClientMessage>(&bytes[consumed..])
+            .unwrap()
+            .unwrap();
         assert_eq!(next.id, 9);
     }
 

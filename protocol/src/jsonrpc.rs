@@ -76,7 +76,10 @@ pub fn decode_request(line: &[u8]) -> Result<JsonRequest, JsonRequestError> {
     };
     let id = object.remove("id");
     let reply_id = id.clone().unwrap_or(Value::Null);
-    if !matches!(id, None | Some(Value::Number(_)) | Some(Value::String(_)) | Some(Value::Null)) {
+    if !matches!(
+        id,
+        None | Some(Value::Number(_)) | Some(Value::String(_)) | Some(Value::Null)
+    ) {
         return Err(fail(
             Value::Null,
             ErrorCode::InvalidRequest,
@@ -106,7 +109,9 @@ pub fn decode_request(line: &[u8]) -> Result<JsonRequest, JsonRequestError> {
         )
     };
     let request = match method_name.as_str() {
-        method::HELLO => Request::Hello(serde_json::from_value::<Hello>(params).map_err(invalid_params)?),
+        method::HELLO => {
+            Request::Hello(serde_json::from_value::<Hello>(params).map_err(invalid_params)?)
+        }
         method::PING => Request::Ping,
         method::STATUS => Request::Status,
         method::SHUTDOWN => Request::Shutdown,
@@ -206,7 +211,10 @@ mod tests {
             ("{not json", -32700),
             ("[1,2]", -32600),
             (r#"{"jsonrpc":"2.0","id":1,"method":"frobnicate"}"#, -32601),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"hello","params":{"protocol":"x"}}"#, -32602),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"hello","params":{"protocol":"x"}}"#,
+                -32602,
+            ),
             (r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#, -32600),
         ];
         for (line, code) in cases {

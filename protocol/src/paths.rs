@@ -77,7 +77,9 @@ impl Paths {
             None => std::env::temp_dir().join(format!("cloudd-{user}")),
         };
         let (state_dir, config_dir) = if cfg!(target_os = "macos") {
-            let base = home.ok_or(NoHome)?.join("Library/Application Support/cloudd");
+            let base = home
+                .ok_or(NoHome)?
+                .join("Library/Application Support/cloudd");
             (base.clone(), base)
         } else {
             let xdg = |var: &str, fallback: &str| -> Result<PathBuf, NoHome> {

@@ -64,15 +64,24 @@ pub async fn serve(stream: Stream, shared: Arc<Shared>, connection_id: u64) {
         .await;
 }
 
-async fn serve_peer(mut stream: Stream, shared: Arc<Shared>, peer_uid: Option<u32>, peer_pid: Option<u32>) {
-
+async fn serve_peer(
+    mut stream: Stream,
+    shared: Arc<Shared>,
+    peer_uid: Option<u32>,
+    peer_pid: Option<u32>,
+) {
     if peer_uid != Some(shared.uid) {
         let reason = match peer_uid {
             Some(uid) => format!("peer uid {uid} is not the daemon's uid {}", shared.uid),
             None => "the peer's uid cannot be determined".to_owned(),
         };
         tracing::warn!(peer_pid = ?peer_pid, "refused connection: {reason}");
-        refuse(&mut stream, ErrorCode::PermissionDenied, format!("permission denied: {reason}")).await;
+        refuse(
+            &mut stream,
+            ErrorCode::PermissionDenied,
+            format!("permission denied: {reason}"),
+        )
+        .await;
         return;
     }
     let Some(_slot) = shared.take_client_slot() else {
@@ -337,12 +346,17 @@ async fn write(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
 /// Tells a refused client why, in its encoding if it speaks within a second, then closes.
 async fn refuse(stream: &mut Stream, code: ErrorCode, message: String) {
     let mut first = [0u8; 1];
-    let encoding = match tokio::time::timeout(REFUSAL_READ_DEADLINE, stream.read(&mut first)).await {
+    let encoding = match tokio::time::timeout(REFUSAL_READ_DEADLINE, stream.read(&mut first)).await
+    {
         Ok(Ok(1)) => Encoding::of_first_byte(first[0]),
         _ => Encoding::Binary,
     };
     let mut out = Vec::new();
-    push_notification(encoding, &Notification::Closing(Closing { code, message }), &mut out);
+    push_notification(
+        encoding,
+        &Notification::Closing(Closing { code, message }),
+        &mut out,
+    );
     let _ = tokio::time::timeout(REFUSAL_READ_DEADLINE, stream.write_all(&out)).await;
 }
 

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use cloud_protocol::ipc::{
-    version_mismatch, Closing, ErrorBody, ErrorCode, HelloReply, Notification, Request,
-    Response, Subscribe, Topic, PROTOCOL_VERSION,
+    version_mismatch, Closing, ErrorBody, ErrorCode, HelloReply, Notification, Request, Response,
+    Subscribe, Topic, PROTOCOL_VERSION,
 };
 use tokio::sync::broadcast;
 
@@ -31,8 +31,16 @@ pub struct ClientState {
 }
 
 /// Answers `request` from the client whose state is `client`.
-pub fn handle(shared: &Shared, client: &mut ClientState, request: Request) -> Result<Response, ErrorBody> {
-    tracing::debug!(method = request.method(), client = client.client.as_deref().unwrap_or("?"), "request");
+pub fn handle(
+    shared: &Shared,
+    client: &mut ClientState,
+    request: Request,
+) -> Result<Response, ErrorBody> {
+    tracing::debug!(
+        method = request.method(),
+        client = client.client.as_deref().unwrap_or("?"),
+        "request"
+    );
     let hello = match request {
         Request::Hello(hello) => hello,
         _ if !client.greeted => {
