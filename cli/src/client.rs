@@ -72,8 +72,8 @@ pub struct Client {
     next_id: u64,
     /// Notifications that arrived while waiting for a reply.
     notifications: VecDeque<Notification>,
-    /// The daemon's half of the hello.
-    hello: HelloReply,
+    /// The daemon's half of the hello (set by `connect` before the client is returned).
+    hello: Option<HelloReply>,
 }
 
 impl Client {
@@ -85,18 +85,14 @@ impl Client {
             buf: Vec::with_capacity(4096),
             next_id: 1,
             notifications: VecDeque::new(),
-            hello: HelloReply {
-                protocol: 0,
-                daemon_version: String::new(),
-                pid: 0,
-            },
+            hello: None,
         };
         match client
             .request(Request::Hello(Hello::new(client_name, crate::VERSION)))
             .await
         {
             Ok(Response::Hello(hello)) => {
-                client.hello = hello;
+                client.hello = Some(hello);
                 Ok(client)
             }
             Ok(other) => Err(ClientError::Protocol(format!(
@@ -111,7 +107,9 @@ impl Client {
 
     /// The daemon's half of the hello (its pid and version).
     pub fn daemon(&self) -> &HelloReply {
-        &self.hello
+        self.hello
+            .as_ref()
+            .expect("a connected client has completed the hello")
     }
 
     /// Sends `request` and waits for its reply.

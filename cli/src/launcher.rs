@@ -45,6 +45,9 @@ pub enum LaunchError {
     /// The daemon did not answer in time.
     #[error("cloudd did not answer within {0:?}; see its log in the state directory")]
     Timeout(Duration),
+    /// A daemon of another version could not be restarted.
+    #[error("cannot restart cloudd: {0}")]
+    Restart(String),
     /// A file the launcher needs could not be prepared.
     #[error("cannot prepare {path}: {source}")]
     Io {
@@ -76,26 +79,116 @@ pub struct Running {
     pub client: Client,
     /// Whether this call started it.
     pub started: bool,
+    /// Why this call restarted it (another version was running), if it did.
+    pub restarted: Option<String>,
 }
 
-/// Connects to the daemon, starting it first when it is absent.
+/// Connects to the daemon, starting it first when it is absent, and restarting it when it
+/// is of another version than this client (an upgrade was installed meanwhile): through
+/// its service manager when it runs under one, directly otherwise. The restart drains the
+/// old daemon, so nothing it has accepted is lost.
 pub async fn ensure_running(paths: &Paths, client_name: &str) -> Result<Running, LaunchError> {
-    match Client::connect(paths, client_name).await {
-        Ok(client) => {
+    let reason = match Client::connect(paths, client_name).await {
+        Ok(client) => match outdated(client.daemon()) {
+            None => {
+                return Ok(Running {
+                    client,
+                    started: false,
+                    restarted: None,
+                })
+            }
+            Some(reason) => {
+                let old_pid = client.daemon().pid;
+                match crate::service::manager_of(client.daemon().supervisor) {
+                    Some(manager) => {
+                        drop(client);
+                        let context = crate::service::Context::from_env(paths.clone())
+                            .map_err(|e| LaunchError::Restart(e.to_string()))?;
+                        crate::service::run(&manager.restart_command(&context), manager.as_ref())
+                            .map_err(|e| LaunchError::Restart(e.to_string()))?;
+                    }
+                    None => {
+                        drop(client);
+                        stop(paths, client_name).await?;
+                    }
+                }
+                wait_for_exit(old_pid).await?;
+                reason
+            }
+        },
+        Err(e) if e.is_not_running() => {
+            let mut child = spawn_detached(paths)?;
+            let client = wait_until_answering(paths, client_name, &mut child).await?;
             return Ok(Running {
                 client,
-                started: false,
-            })
+                started: true,
+                restarted: None,
+            });
         }
-        Err(e) if e.is_not_running() => {}
+        Err(ClientError::VersionMismatch(message)) => {
+            // It cannot be asked to stop over the socket: signal the lock holder instead.
+            let pid = lock_holder_pid(paths).ok_or_else(|| {
+                LaunchError::Restart(format!("{message}; and its pid is unknown"))
+            })?;
+            terminate(pid);
+            wait_for_exit(pid).await?;
+            message
+        }
         Err(e) => return Err(e.into()),
-    }
-    let mut child = spawn_detached(paths)?;
-    let client = wait_until_answering(paths, client_name, &mut child).await?;
+    };
+    // Under a service manager the new daemon is (socket-)activated; otherwise start it.
+    let client = match Client::connect(paths, client_name).await {
+        Ok(client) => client,
+        Err(e) if e.is_not_running() => {
+            let mut child = spawn_detached(paths)?;
+            wait_until_answering(paths, client_name, &mut child).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(Running {
         client,
-        started: true,
+        started: false,
+        restarted: Some(reason),
     })
+}
+
+/// Why a daemon must be restarted for this client, if it must.
+pub fn outdated(hello: &cloud_protocol::ipc::HelloReply) -> Option<String> {
+    if hello.daemon_version != crate::VERSION {
+        Some(format!(
+            "cloudd {} (pid {}) is not this cloudctl's version {}",
+            hello.daemon_version,
+            hello.pid,
+            crate::VERSION
+        ))
+    } else if hello.binary_replaced {
+        Some(format!(
+            "cloudd (pid {}) was upgraded on disk since it started",
+            hello.pid
+        ))
+    } else {
+        None
+    }
+}
+
+/// The pid written in the daemon's lock file.
+fn lock_holder_pid(paths: &Paths) -> Option<u32> {
+    std::fs::read_to_string(paths.lock_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Asks a process to drain and exit.
+fn terminate(pid: u32) {
+    #[cfg(unix)]
+    // SAFETY: sending SIGTERM to the daemon's pid.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    #[cfg(not(unix))]
+    let _ = pid;
 }
 
 /// Starts `cloudd --detached` in its own process group.
@@ -201,6 +294,12 @@ pub async fn stop(paths: &Paths, client_name: &str) -> Result<Option<u32>, Launc
     }
     // The daemon closes every connection when its drain starts; then its process exits.
     while let Ok(Some(_)) = client.next_notification().await {}
+    wait_for_exit(pid).await?;
+    Ok(Some(pid))
+}
+
+/// Waits until process `pid` has exited.
+async fn wait_for_exit(pid: u32) -> Result<(), LaunchError> {
     let deadline = Instant::now() + STOP_TIMEOUT;
     let mut delay = Duration::from_millis(2);
     while process_exists(pid) {
@@ -210,11 +309,20 @@ pub async fn stop(paths: &Paths, client_name: &str) -> Result<Option<u32>, Launc
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(50));
     }
-    Ok(Some(pid))
+    Ok(())
 }
 
-/// Whether a process with this pid exists.
+/// Whether a process with this pid exists and has not exited (a zombie waiting for its
+/// parent to reap it has exited).
 pub fn process_exists(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        return !matches!(state, Some("Z") | Some("X"));
+    }
     #[cfg(unix)]
     {
         // SAFETY: kill with signal 0 only checks that the process exists.

@@ -11,6 +11,7 @@ use cloud_protocol::ipc::{Request, Response, Status};
 use cloud_protocol::paths::Paths;
 use cloudctl::client::{Client, ClientError};
 use cloudctl::launcher::{self, Running};
+use cloudctl::service;
 use serde_json::json;
 
 /// Control cloudd, the agent that ties this machine to a cloud relay.
@@ -41,6 +42,48 @@ enum Command {
         /// How many pings to send.
         #[arg(long, short = 'c', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         count: u32,
+    },
+    /// Run cloudd at login under systemd (Linux) or launchd (macOS).
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceAction {
+    /// Write the service files, enable them and start cloudd through the service manager.
+    Install {
+        /// Print what would be written and run, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The service manager (default: this platform's).
+        #[arg(long, value_parser = ["systemd", "launchd"])]
+        manager: Option<String>,
+    },
+    /// Stop and disable the service and remove its files (state and config are kept).
+    Uninstall {
+        /// Print what would be removed and run, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The service manager (default: this platform's).
+        #[arg(long, value_parser = ["systemd", "launchd"])]
+        manager: Option<String>,
+    },
+    /// Whether the service is installed, enabled and running.
+    Status {
+        /// The service manager (default: this platform's).
+        #[arg(long, value_parser = ["systemd", "launchd"])]
+        manager: Option<String>,
+    },
+    /// Show the service's log and follow it.
+    Logs {
+        /// Print the recent log and exit instead of following it.
+        #[arg(long)]
+        no_follow: bool,
+        /// The service manager (default: this platform's).
+        #[arg(long, value_parser = ["systemd", "launchd"])]
+        manager: Option<String>,
     },
 }
 
@@ -128,6 +171,174 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut running = connect(&paths, true).await?;
             ping(&mut running.client, count, json_output).await
         }
+        Command::Service { action } => service(&paths, action, json_output).await,
+    }
+}
+
+async fn service(paths: &Paths, action: ServiceAction, json_output: bool) -> anyhow::Result<()> {
+    let (ServiceAction::Install { manager, .. }
+    | ServiceAction::Uninstall { manager, .. }
+    | ServiceAction::Status { manager }
+    | ServiceAction::Logs { manager, .. }) = &action;
+    let manager = service::manager(manager.as_deref())?;
+    let context = service::Context::from_env(paths.clone())?;
+    match action {
+        ServiceAction::Install { dry_run, .. } => {
+            service_plan(
+                paths,
+                manager.as_ref(),
+                &context,
+                true,
+                dry_run,
+                json_output,
+            )
+            .await
+        }
+        ServiceAction::Uninstall { dry_run, .. } => {
+            service_plan(
+                paths,
+                manager.as_ref(),
+                &context,
+                false,
+                dry_run,
+                json_output,
+            )
+            .await
+        }
+        ServiceAction::Status { .. } => {
+            service_status(paths, manager.as_ref(), &context, json_output).await
+        }
+        ServiceAction::Logs { no_follow, .. } => {
+            service_logs(manager.as_ref(), &context, !no_follow)
+        }
+    }
+}
+
+/// `service install` and `service uninstall`: prints the plan with `--dry-run`, else
+/// carries it out.
+async fn service_plan(
+    paths: &Paths,
+    manager: &dyn service::ServiceManager,
+    context: &service::Context,
+    install: bool,
+    dry_run: bool,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let plan = if install {
+        manager.install_plan(context)
+    } else {
+        manager.uninstall_plan(context)
+    };
+    if dry_run {
+        if json_output {
+            println!("{}", serde_json::to_string_pretty(&plan.to_json())?);
+        } else {
+            print!("{}", plan.render());
+        }
+        return Ok(());
+    }
+    if install {
+        // A daemon started by hand holds the socket path the service will listen
+        // on: drain it first (its journal is on disk and the service picks it up).
+        if let Ok(client) = Client::connect(paths, CLIENT_NAME).await {
+            if client.daemon().supervisor == cloud_protocol::ipc::Supervisor::None {
+                let pid = client.daemon().pid;
+                drop(client);
+                eprintln!(
+                    "stopping cloudd (pid {pid}) so {} can take over",
+                    manager.name()
+                );
+                launcher::stop(paths, CLIENT_NAME).await?;
+            }
+        }
+    }
+    plan.execute(manager)?;
+    if install {
+        let running = connect(paths, false).await?;
+        let hello = running.client.daemon();
+        if json_output {
+            println!(
+                "{}",
+                json!({"installed": true, "manager": manager.name(), "pid": hello.pid})
+            );
+        } else {
+            println!(
+                "cloudd is installed under {} and running (pid {})",
+                manager.name(),
+                hello.pid
+            );
+        }
+    } else if json_output {
+        println!(
+            "{}",
+            json!({"uninstalled": true, "manager": manager.name()})
+        );
+    } else {
+        println!("cloudd's {} service is uninstalled", manager.name());
+    }
+    Ok(())
+}
+
+/// `service status`: the manager's view and the daemon's.
+async fn service_status(
+    paths: &Paths,
+    manager: &dyn service::ServiceManager,
+    context: &service::Context,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let rows = manager.status(context);
+    let daemon = match Client::connect(paths, CLIENT_NAME).await {
+        Ok(client) => format!(
+            "running (pid {}, supervised by {:?})",
+            client.daemon().pid,
+            client.daemon().supervisor
+        )
+        .to_lowercase(),
+        Err(e) if e.is_not_running() => "not running".into(),
+        Err(e) => format!("unreachable: {e}"),
+    };
+    if json_output {
+        let mut object = serde_json::Map::new();
+        for row in &rows {
+            object.insert(row.name.clone(), json!(row.value));
+        }
+        object.insert("daemon".into(), json!(daemon));
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        for row in &rows {
+            println!("{:<8} {}", row.name, row.value);
+        }
+        println!("{:<8} {daemon}", "daemon");
+    }
+    Ok(())
+}
+
+/// `service logs`: becomes the manager's log viewer.
+fn service_logs(
+    manager: &dyn service::ServiceManager,
+    context: &service::Context,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let argv = manager.logs_command(context, follow);
+    let mut command = std::process::Command::new(&argv[0]);
+    command.args(&argv[1..]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt as _;
+        let error = command.exec();
+        Err(anyhow::anyhow!(
+            "cannot run `{}`: {error}; {}",
+            argv.join(" "),
+            manager.missing_tool_fix(&argv[0])
+        ))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = command.status()?;
+        if !status.success() {
+            bail!("`{}` exited with {status}", argv.join(" "));
+        }
+        Ok(())
     }
 }
 
@@ -135,7 +346,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// when a command had to start it.
 async fn connect(paths: &Paths, announce: bool) -> anyhow::Result<Running> {
     let running = launcher::ensure_running(paths, CLIENT_NAME).await?;
-    if running.started && announce {
+    if let Some(reason) = &running.restarted {
+        eprintln!(
+            "cloudctl: restarted cloudd: {reason} (now pid {})",
+            running.client.daemon().pid
+        );
+    } else if running.started && announce {
         eprintln!(
             "cloudctl: started cloudd (pid {})",
             running.client.daemon().pid

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_protocol::ipc::DaemonState;
+use cloud_protocol::ipc::{DaemonState, Supervisor};
 use cloud_protocol::paths::Paths;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
@@ -20,6 +20,7 @@ use crate::logging::{Logging, LoggingError};
 use crate::signals::{self, Signal};
 use crate::singleton::{InstanceLock, LockError};
 use crate::state::{Shared, Snapshot};
+use crate::supervisor::{BinaryIdentity, Handoff};
 
 /// The longest the drain waits for connections to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,10 +38,12 @@ pub enum CoreEvent {
 }
 
 /// How the daemon is started.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Options {
     /// Log to the log file in the state directory instead of stderr.
     pub detached: bool,
+    /// What the service manager handed over (socket, notification socket, watchdog).
+    pub handoff: Handoff,
 }
 
 /// The daemon could not start.
@@ -85,16 +88,31 @@ fn create_private_dir(path: &std::path::Path) -> Result<(), StartError> {
 
 /// Runs the daemon until it is told to stop, then drains. Returns once every connection
 /// has closed or the drain timed out.
-pub async fn run(paths: Paths, options: Options) -> Result<(), StartError> {
+pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     create_private_dir(&paths.state_dir)?;
     let lock = InstanceLock::acquire(&paths.lock_file())?;
     let config = Config::load(&paths.config_file())?;
     let log_file = options.detached.then(|| paths.log_file());
     let mut logging = Logging::init(log_file.as_deref(), config.log.as_deref())?;
 
+    let mut handoff = options.handoff;
+    // A socket passed by the service manager is served as is; status reports its path.
+    let adopted = match handoff.listen_fd.take() {
+        Some(fd) => {
+            let (listener, path) = listener::adopt(fd)?;
+            if let Some(path) = path {
+                paths.socket = path;
+            }
+            tracing::info!(socket = %paths.socket.display(), "serving the socket passed by the service manager");
+            Some(listener)
+        }
+        None => None,
+    };
     let (core_tx, mut core_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared::new(
         paths,
+        handoff.supervisor.unwrap_or(Supervisor::None),
+        BinaryIdentity::current(),
         Snapshot {
             state: DaemonState::Ready,
             config_generation: 1,
@@ -106,7 +124,10 @@ pub async fn run(paths: Paths, options: Options) -> Result<(), StartError> {
         core_tx.clone(),
     ));
     let signal_task = signals::spawn(core_tx).map_err(StartError::Signals)?;
-    let listener = listener::bind(&shared)?;
+    let listener = match adopted {
+        Some(listener) => listener,
+        None => listener::bind(&shared)?,
+    };
     let tracker = TaskTracker::new();
     let accept_task = tokio::spawn(listener::accept_loop(
         listener,
@@ -120,9 +141,23 @@ pub async fn run(paths: Paths, options: Options) -> Result<(), StartError> {
         lock = %lock.path().display(),
         "cloudd ready"
     );
+    handoff.notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving {}",
+        shared.pid,
+        shared.paths.socket.display()
+    ));
 
+    // The watchdog is pinged from this loop, so a wedged core stops the pings.
+    let mut watchdog = handoff.watchdog_interval.map(tokio::time::interval);
     let reason = loop {
-        let Some(event) = core_rx.recv().await else {
+        let event = tokio::select! {
+            event = core_rx.recv() => event,
+            _ = tick(&mut watchdog) => {
+                handoff.notify("WATCHDOG=1");
+                continue;
+            }
+        };
+        let Some(event) = event else {
             break "the core channel closed".to_owned();
         };
         match event {
@@ -133,6 +168,7 @@ pub async fn run(paths: Paths, options: Options) -> Result<(), StartError> {
     };
 
     tracing::info!("draining: {reason}");
+    handoff.notify("STOPPING=1");
     shared.update(format!("draining: {reason}"), |s| {
         s.state = DaemonState::Draining
     });
@@ -152,6 +188,16 @@ pub async fn run(paths: Paths, options: Options) -> Result<(), StartError> {
     tracing::info!("cloudd stopped");
     drop(lock);
     Ok(())
+}
+
+/// Waits for the next tick of an optional interval (forever when there is none).
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Re-reads the configuration file and applies what can change while running. An invalid

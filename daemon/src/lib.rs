@@ -12,6 +12,8 @@
 //! - [`daemon`]: the core: start-up, the one loop that consumes [`daemon::CoreEvent`]s
 //!   (signals, shutdown requests), and the bounded drain.
 //! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
+//! - [`supervisor`]: systemd socket activation, readiness and watchdog notifications, and
+//!   noticing that the daemon's own binary was upgraded.
 //!
 //! Architecture invariant: the socket loop never waits on a slow client. Every queue is
 //! bounded, every frame has a size limit and every write a deadline.
@@ -23,6 +25,8 @@ pub mod logging;
 pub mod signals;
 pub mod singleton;
 pub mod state;
+#[cfg(unix)]
+pub mod supervisor;
 
 /// This build's version, reported in the hello and in `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -21,6 +21,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before any thread exists: this reads and clears the service manager's variables.
+    let handoff = cloudd::supervisor::Handoff::from_env();
     let result = (|| -> anyhow::Result<()> {
         let paths = Paths::from_env()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
             paths,
             Options {
                 detached: args.detached,
+                handoff,
             },
         ))?;
         Ok(())

@@ -8,12 +8,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cloud_protocol::ipc::{DaemonState, Notification, StateChange, Status, PROTOCOL_VERSION};
+use cloud_protocol::ipc::{
+    DaemonState, HelloReply, Notification, StateChange, Status, Supervisor, PROTOCOL_VERSION,
+};
 use cloud_protocol::paths::Paths;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::CoreEvent;
+use crate::supervisor::BinaryIdentity;
 
 /// How many state notifications a subscriber may fall behind before it is cut off.
 pub const STATE_FEED_CAPACITY: usize = 256;
@@ -29,6 +32,10 @@ pub struct Shared {
     pub pid: u32,
     /// The effective uid clients must have.
     pub uid: u32,
+    /// What started the daemon, reported to clients so they restart it the right way.
+    pub supervisor: Supervisor,
+    /// The executable at start, to tell clients when an upgrade replaced it.
+    binary: BinaryIdentity,
     /// The parts that change: lifecycle state, configuration generation, log filter.
     snapshot: Mutex<Snapshot>,
     /// Live connections, for `status` and the client limit.
@@ -74,6 +81,8 @@ impl Shared {
     /// The shared state of a daemon starting with `snapshot`.
     pub fn new(
         paths: Paths,
+        supervisor: Supervisor,
+        binary: BinaryIdentity,
         snapshot: Snapshot,
         max_clients: usize,
         log_feed: broadcast::Sender<Arc<Notification>>,
@@ -85,6 +94,8 @@ impl Shared {
             started: Instant::now(),
             pid: std::process::id(),
             uid: current_uid(),
+            supervisor,
+            binary,
             snapshot: Mutex::new(snapshot),
             clients: AtomicU32::new(0),
             max_clients: AtomicU32::new(max_clients.min(u32::MAX as usize) as u32),
@@ -145,6 +156,7 @@ impl Shared {
             version: crate::VERSION.into(),
             protocol: PROTOCOL_VERSION,
             state: snapshot.state,
+            supervisor: self.supervisor,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             socket: self.paths.socket.display().to_string(),
             state_dir: self.paths.state_dir.display().to_string(),
@@ -153,6 +165,17 @@ impl Shared {
             log_filter: snapshot.log_filter,
             log_file: snapshot.log_file,
             clients: self.clients.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The daemon's half of the hello.
+    pub fn hello_reply(&self) -> HelloReply {
+        HelloReply {
+            protocol: PROTOCOL_VERSION,
+            daemon_version: crate::VERSION.into(),
+            pid: self.pid,
+            supervisor: self.supervisor,
+            binary_replaced: self.binary.replaced(),
         }
     }
 

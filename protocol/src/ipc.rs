@@ -144,6 +144,23 @@ pub struct HelloReply {
     pub daemon_version: String,
     /// The daemon's process id.
     pub pid: u32,
+    /// What started the daemon and restarts it.
+    pub supervisor: Supervisor,
+    /// Whether the daemon's executable changed on disk since it started (an upgrade was
+    /// installed): clients restart such a daemon.
+    pub binary_replaced: bool,
+}
+
+/// What started the daemon and will restart it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Supervisor {
+    /// Started by hand or by `cloudctl` (detached): restart it directly.
+    None,
+    /// A systemd user service: restart it with `systemctl --user restart cloudd.service`.
+    Systemd,
+    /// A launchd agent: restart it with `launchctl kickstart -k`.
+    Launchd,
 }
 
 /// What `cloudctl status` shows.
@@ -157,6 +174,8 @@ pub struct Status {
     pub protocol: u32,
     /// Where the daemon is in its lifecycle.
     pub state: DaemonState,
+    /// What started the daemon and restarts it.
+    pub supervisor: Supervisor,
     /// Milliseconds since the daemon started.
     pub uptime_ms: u64,
     /// The socket clients connect to.

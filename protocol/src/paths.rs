@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 /// The socket's file name inside its directory.
 pub const SOCKET_FILE: &str = "cloudd.sock";
 
+/// The launchd label of the agent `cloudctl service install` writes on macOS; the daemon
+/// recognises launchd supervision by it.
+pub const LAUNCHD_LABEL: &str = "dev.cloudd.agent";
+
 /// Where the daemon's files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {

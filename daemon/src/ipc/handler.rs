@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use cloud_protocol::ipc::{
-    version_mismatch, Closing, ErrorBody, ErrorCode, HelloReply, Notification, Request, Response,
-    Subscribe, Topic, PROTOCOL_VERSION,
+    version_mismatch, Closing, ErrorBody, ErrorCode, Notification, Request, Response, Subscribe,
+    Topic, PROTOCOL_VERSION,
 };
 use tokio::sync::broadcast;
 
@@ -76,11 +76,7 @@ pub fn handle(
     client.greeted = true;
     tracing::debug!(client = %hello.client, client_version = %hello.client_version, pid = ?client.pid, "client greeted");
     client.client = Some(format!("{} {}", hello.client, hello.client_version));
-    Ok(Response::Hello(HelloReply {
-        protocol: PROTOCOL_VERSION,
-        daemon_version: crate::VERSION.into(),
-        pid: shared.pid,
-    }))
+    Ok(Response::Hello(shared.hello_reply()))
 }
 
 /// Replaces the client's subscriptions with `subscribe.topics`.

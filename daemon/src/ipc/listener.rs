@@ -47,6 +47,25 @@ pub fn bind(shared: &Shared) -> Result<Listener, IpcError> {
     Ok(listener)
 }
 
+/// Serves a listening socket handed over by the service manager (socket activation).
+/// Its file and modes are the manager's: the daemon neither creates nor removes them.
+/// Returns the listener and the socket's path, when it has one.
+#[cfg(unix)]
+pub fn adopt(fd: std::os::fd::OwnedFd) -> Result<(Listener, Option<std::path::PathBuf>), IpcError> {
+    use interprocess::os::unix::uds_local_socket::tokio::Listener as UdsListener;
+    let std_listener = std::os::unix::net::UnixListener::from(fd);
+    let path = std_listener
+        .local_addr()
+        .ok()
+        .and_then(|address| address.as_pathname().map(Path::to_owned));
+    let io = |source| IpcError::Bind {
+        path: path.clone().unwrap_or_default(),
+        source,
+    };
+    let listener = UdsListener::try_from(std::os::fd::OwnedFd::from(std_listener)).map_err(io)?;
+    Ok((Listener::from(listener), path))
+}
+
 /// Creates the socket directory and, when it is ours to manage, makes it 0700 and checks
 /// that this user owns it.
 fn prepare_dir(dir: &Path, manage: bool, uid: u32) -> Result<(), IpcError> {
