@@ -101,6 +101,12 @@ impl Client {
             Err(ClientError::Daemon(error)) if error.code == ErrorCode::VersionMismatch => {
                 Err(ClientError::VersionMismatch(error.message))
             }
+            // A daemon of another protocol version may not even frame its hello reply the
+            // way this build reads it: that is a version mismatch too.
+            Err(ClientError::Protocol(detail)) => Err(ClientError::VersionMismatch(format!(
+                "cloudd answered the hello in a format this cloudctl (protocol {}) cannot read ({detail}); it is probably another version: restart it with `cloudctl down && cloudctl up`",
+                cloud_protocol::ipc::PROTOCOL_VERSION
+            ))),
             Err(e) => Err(e),
         }
     }

@@ -156,6 +156,20 @@ mod tests {
             result: Ok(Response::Pong),
         };
         assert_eq!(hex(&encode_to_vec(&pong).unwrap()), "0500000000ac020001");
+        let hello_reply = ServerMessage::Reply {
+            id: 1,
+            result: Ok(Response::Hello(crate::ipc::HelloReply {
+                protocol: 1,
+                daemon_version: "0".into(),
+                pid: 2,
+                supervisor: crate::ipc::Supervisor::Systemd,
+                binary_replaced: false,
+            })),
+        };
+        assert_eq!(
+            hex(&encode_to_vec(&hello_reply).unwrap()),
+            "0a00000000010000010130020100"
+        );
     }
 
     #[test]

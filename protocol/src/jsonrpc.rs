@@ -44,58 +44,59 @@ pub struct JsonRequest {
     pub request: Request,
 }
 
-/// A line that is not a valid request: the error to reply with, and the id to reply to
-/// (`null` when the id could not be read).
+/// A line that is not a valid request: the error to reply with, and the id to reply to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JsonRequestError {
-    /// The id of the offending request, or `null`.
-    pub id: Value,
+    /// The id of the offending request (`null` when it could not be read), or `None` when
+    /// the line was a well-formed notification (no id): JSON-RPC never answers those,
+    /// not even with an error.
+    pub id: Option<Value>,
     /// What was wrong.
     pub error: ErrorBody,
 }
 
 /// Decodes one line (without its newline) into a request.
 pub fn decode_request(line: &[u8]) -> Result<JsonRequest, JsonRequestError> {
-    let fail = |id: Value, code: ErrorCode, message: String| JsonRequestError {
+    let fail = |id: Option<Value>, code: ErrorCode, message: String| JsonRequestError {
         id,
         error: ErrorBody::new(code, message),
     };
     let value: Value = serde_json::from_slice(line).map_err(|e| {
         fail(
-            Value::Null,
+            Some(Value::Null),
             ErrorCode::ParseError,
             format!("parse error: {e}"),
         )
     })?;
     let Value::Object(mut object) = value else {
         return Err(fail(
-            Value::Null,
+            Some(Value::Null),
             ErrorCode::InvalidRequest,
             "invalid request: expected a JSON object (batches are not supported)".into(),
         ));
     };
     let id = object.remove("id");
-    let reply_id = id.clone().unwrap_or(Value::Null);
+    let reply_id = id.clone();
     if !matches!(
         id,
         None | Some(Value::Number(_)) | Some(Value::String(_)) | Some(Value::Null)
     ) {
         return Err(fail(
-            Value::Null,
+            Some(Value::Null),
             ErrorCode::InvalidRequest,
             "invalid request: id must be a number or a string".into(),
         ));
     }
     if object.get("jsonrpc") != Some(&Value::String("2.0".into())) {
         return Err(fail(
-            reply_id,
+            Some(reply_id.unwrap_or(Value::Null)),
             ErrorCode::InvalidRequest,
             "invalid request: \"jsonrpc\" must be \"2.0\"".into(),
         ));
     }
     let Some(Value::String(method_name)) = object.remove("method") else {
         return Err(fail(
-            reply_id,
+            Some(reply_id.unwrap_or(Value::Null)),
             ErrorCode::InvalidRequest,
             "invalid request: \"method\" must be a string".into(),
         ));
@@ -221,6 +222,24 @@ mod tests {
             let err = decode_request(line.as_bytes()).unwrap_err();
             assert_eq!(err.error.code.jsonrpc_code(), code, "{line}");
         }
+    }
+
+    #[test]
+    fn notifications_are_never_answered() {
+        let err = decode_request(br#"{"jsonrpc":"2.0","method":"frobnicate"}"#).unwrap_err();
+        assert_eq!(
+            err.id, None,
+            "no reply to a notification, even an unknown one"
+        );
+        let err =
+            decode_request(br#"{"jsonrpc":"2.0","id":null,"method":"frobnicate"}"#).unwrap_err();
+        assert_eq!(err.id, Some(Value::Null), "a null id is an id");
+        let err = decode_request(b"{oops").unwrap_err();
+        assert_eq!(
+            err.id,
+            Some(Value::Null),
+            "parse errors are answered with a null id"
+        );
     }
 
     #[test]

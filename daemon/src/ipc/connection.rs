@@ -285,7 +285,9 @@ fn process(
                         }
                         Err(error) => {
                             tracing::debug!(error = %error.error.message, "bad JSON-RPC line");
-                            jsonrpc::encode_reply(&error.id, &Err(error.error), out);
+                            if let Some(id) = error.id {
+                                jsonrpc::encode_reply(&id, &Err(error.error), out);
+                            }
                         }
                     }
                 }

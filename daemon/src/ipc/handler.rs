@@ -47,7 +47,7 @@ pub fn handle(
             return Err(ErrorBody::new(
                 ErrorCode::HelloRequired,
                 format!(
-                    "send hello first: {{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"hello\",\"params\":{{\"protocol\":{PROTOCOL_VERSION},\"client\":\"name\",\"client_version\":\"0\"}}}}"
+                    "send hello first: method \"hello\" with params {{\"protocol\": {PROTOCOL_VERSION}, \"client\": NAME, \"client_version\": VERSION}}"
                 ),
             ))
         }

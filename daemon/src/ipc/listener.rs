@@ -106,13 +106,19 @@ fn prepare_dir(dir: &Path, manage: bool, uid: u32) -> Result<(), IpcError> {
 }
 
 /// Removes a socket left by a daemon that died without cleaning up. Refuses to remove
-/// anything that is not a socket.
+/// anything that is not a socket, or a socket something still listens on (another
+/// daemon, of another state directory, sharing this socket path through `CLOUDD_SOCKET`).
 fn remove_stale_socket(path: &Path) -> Result<(), IpcError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt as _;
         match std::fs::symlink_metadata(path) {
             Ok(metadata) if metadata.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(IpcError::SocketInUse {
+                        path: path.to_owned(),
+                    });
+                }
                 tracing::info!(socket = %path.display(), "removing stale socket left by a previous daemon");
                 std::fs::remove_file(path).map_err(|source| IpcError::Bind {
                     path: path.to_owned(),

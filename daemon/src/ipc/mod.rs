@@ -37,6 +37,12 @@ pub enum IpcError {
         /// The path.
         path: std::path::PathBuf,
     },
+    /// Another process listens on the socket path.
+    #[error("{path} is in use by another process (a cloudd with another CLOUDD_HOME?); stop it or choose another CLOUDD_SOCKET")]
+    SocketInUse {
+        /// The socket path.
+        path: std::path::PathBuf,
+    },
     /// Binding failed.
     #[error("cannot listen on {path}: {source}")]
     Bind {
