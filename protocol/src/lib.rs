@@ -10,11 +10,17 @@
 //! - [`frame`]: the binary framing (u32 little-endian length, then a postcard body).
 //! - [`jsonrpc`]: the newline-delimited JSON-RPC 2.0 encoding of the same messages.
 //! - [`paths`]: the one location rule for the socket, state, config and lock files.
+//! - [`session`]: cloud sessions, their lifecycle and their ordered logs.
+//! - [`bridge`]: the daemon ↔ relay WebSocket envelope and messages.
+//! - [`agent`]: the stream-json lines agents speak on stdio.
 
+pub mod agent;
+pub mod bridge;
 pub mod frame;
 pub mod ipc;
 pub mod jsonrpc;
 pub mod paths;
+pub mod session;
 
 /// The largest message either encoding accepts: a binary frame body or a JSON line.
 ///

@@ -1,0 +1,323 @@
+//! The bridge: the one WebSocket between a daemon and its relay.
+//!
+//! Every WebSocket binary message is one postcard-encoded [`Envelope`]. Two channels share
+//! the socket: [`Channel::Extension`] (this daemon instance: register, heartbeat, the
+//! session replica, instance commands) and [`Channel::Task`] (per session: join/leave,
+//! journaled events, session log entries).
+//!
+//! Sequence numbers:
+//! - daemon → relay: `seq` is the daemon journal's sequence for a [`ToRelay::Event`]
+//!   (0 for anything not journaled). The relay persists each event once, deduplicating by
+//!   (instance id, seq), and acknowledges cumulatively in `ack` of its envelopes.
+//! - relay → daemon: `ack` is the highest journal seq the relay has persisted; `seq` is 0
+//!   (session log entries carry their own per-session sequence). On every (re)connect the
+//!   daemon re-registers and rejoins each followed session *after* the last log sequence it
+//!   stored, and resends its unacknowledged journal tail.
+//!
+//! Messages are limited to [`MAX_BRIDGE_MESSAGE`] bytes on both sides.
+
+use serde::{Deserialize, Serialize};
+
+use crate::session::{CreateSession, LogEntry, Session, SessionAction, Visibility};
+
+/// The bridge protocol version, checked when the daemon registers.
+pub const BRIDGE_VERSION: u32 = 1;
+
+/// The largest bridge message either side accepts.
+pub const MAX_BRIDGE_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The path of the daemons' WebSocket endpoint on the relay.
+pub const BRIDGE_PATH: &str = "/v1/bridge";
+
+/// Which channel a message belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Channel {
+    /// This daemon instance.
+    Extension,
+    /// Sessions.
+    Task,
+}
+
+/// One bridge message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<B> {
+    /// The channel.
+    pub channel: Channel,
+    /// See the module docs.
+    pub seq: u64,
+    /// See the module docs.
+    pub ack: u64,
+    /// The message.
+    pub body: B,
+}
+
+/// Decodes a bridge message, refusing oversized ones.
+pub fn decode<B: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Envelope<B>, BridgeError> {
+    if bytes.len() > MAX_BRIDGE_MESSAGE {
+        return Err(BridgeError::TooLarge { len: bytes.len() });
+    }
+    postcard::from_bytes(bytes).map_err(|e| BridgeError::Malformed(e.to_string()))
+}
+
+/// Encodes a bridge message.
+pub fn encode<B: Serialize>(envelope: &Envelope<B>) -> Result<Vec<u8>, BridgeError> {
+    let bytes =
+        postcard::to_allocvec(envelope).map_err(|e| BridgeError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_BRIDGE_MESSAGE {
+        return Err(BridgeError::TooLarge { len: bytes.len() });
+    }
+    Ok(bytes)
+}
+
+/// A bridge message could not be decoded or encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BridgeError {
+    /// Over [`MAX_BRIDGE_MESSAGE`].
+    #[error("bridge message of {len} bytes exceeds the {MAX_BRIDGE_MESSAGE}-byte limit")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// Not a valid envelope.
+    #[error("malformed bridge message: {0}")]
+    Malformed(String),
+}
+
+/// What a daemon sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToRelay {
+    /// Extension channel, first message of every connection: who this instance is.
+    Register(InstanceSnapshot),
+    /// Extension channel, every 20 s: still here.
+    Heartbeat,
+    /// Extension channel: the answer to a [`FromRelay::Command`].
+    CommandResult {
+        /// The command's id.
+        id: u64,
+        /// Its outcome.
+        result: Result<String, String>,
+    },
+    /// Task channel: follow a session, receiving its log after `after`.
+    Join {
+        /// The session.
+        session: String,
+        /// The last log sequence already stored (0 for all).
+        after: u64,
+    },
+    /// Task channel: stop following a session.
+    Leave {
+        /// The session.
+        session: String,
+    },
+    /// Task channel, journaled (`seq` set): something the user did.
+    Event(Outbound),
+    /// Extension channel: a request answered by [`FromRelay::Reply`] (session
+    /// management, which needs the relay to be reachable and is not journaled).
+    Request {
+        /// Chosen by the daemon, echoed in the reply.
+        id: u64,
+        /// What is asked.
+        request: RelayRequest,
+    },
+}
+
+/// Who this daemon instance is, sent on every (re)connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSnapshot {
+    /// Stable per state directory.
+    pub instance_id: String,
+    /// The machine's name.
+    pub hostname: String,
+    /// The daemon's version.
+    pub daemon_version: String,
+    /// [`BRIDGE_VERSION`] of the daemon.
+    pub bridge_version: u32,
+    /// Registered worktrees.
+    pub worktrees: Vec<String>,
+    /// Sessions this instance follows.
+    pub sessions: Vec<String>,
+}
+
+/// A journaled event: something a user did that must reach the relay exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outbound {
+    /// A user message for the session's agent.
+    UserMessage {
+        /// The session.
+        session: String,
+        /// The text.
+        text: String,
+    },
+    /// The answer to a permission prompt.
+    PermissionAnswer {
+        /// The session.
+        session: String,
+        /// The prompt's request id.
+        request_id: String,
+        /// The answer.
+        decision: PermissionDecision,
+    },
+    /// Stop what the agent is doing.
+    Interrupt {
+        /// The session.
+        session: String,
+    },
+}
+
+impl Outbound {
+    /// The session the event is for.
+    pub fn session(&self) -> &str {
+        match self {
+            Outbound::UserMessage { session, .. }
+            | Outbound::PermissionAnswer { session, .. }
+            | Outbound::Interrupt { session } => session,
+        }
+    }
+}
+
+/// An answer to a permission prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PermissionDecision {
+    /// Allowed, optionally with the tool input changed (JSON text).
+    Allow {
+        /// The replacement input, as JSON text.
+        updated_input: Option<String>,
+    },
+    /// Denied, with a message for the agent.
+    Deny {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Session management asked of the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayRequest {
+    /// Create a session.
+    Create(CreateSession),
+    /// Change a session's status, or delete it.
+    Action {
+        /// The session.
+        session: String,
+        /// What to do.
+        action: SessionAction,
+    },
+    /// Change who may see a session.
+    Share {
+        /// The session.
+        session: String,
+        /// The new visibility.
+        visibility: Visibility,
+    },
+}
+
+/// What a relay sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FromRelay {
+    /// Task channel: nothing but the envelope's `ack` (sent when there is nothing else to
+    /// carry it).
+    Ack,
+    /// Extension channel: the registration was accepted.
+    Registered {
+        /// The authenticated user.
+        user: String,
+        /// Their org.
+        org: String,
+        /// The relay's version.
+        relay_version: String,
+    },
+    /// Extension channel: the connection is refused and about to close.
+    Refused {
+        /// Why, in words (never the token).
+        reason: String,
+        /// Whether retrying cannot help (bad or revoked token, bridge too old).
+        permanent: bool,
+    },
+    /// Extension channel: every session visible to this user (sent after registering).
+    Sessions(Vec<Session>),
+    /// Extension channel: a visible session was created or changed.
+    SessionChanged(Session),
+    /// Extension channel: a session was deleted or is no longer visible.
+    SessionRemoved {
+        /// Its id.
+        session: String,
+    },
+    /// Extension channel: an instance-level command; answered by
+    /// [`ToRelay::CommandResult`]. Unknown commands are answered with an error.
+    Command {
+        /// Its id.
+        id: u64,
+        /// The command's name (`ping`, `refresh`, ...).
+        name: String,
+    },
+    /// Task channel: an entry of a followed session's log.
+    Log {
+        /// The session.
+        session: String,
+        /// The entry.
+        entry: LogEntry,
+    },
+    /// Task channel: a journaled event was persisted but refused (a second answer to a
+    /// prompt, a viewer sending, a session that is gone). `ack` still covers it.
+    EventRefused {
+        /// The event's journal seq.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Task channel: joining a session failed (it does not exist or is not visible).
+    JoinRefused {
+        /// The session.
+        session: String,
+        /// Why.
+        reason: String,
+    },
+    /// Extension channel: the answer to a [`ToRelay::Request`].
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The session after the request (none after a delete), or why it failed.
+        result: Result<Option<Session>, String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary bytes are refused cleanly by both directions' decoders.
+        #[test]
+        fn arbitrary_bytes_decode_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<ToRelay>(&bytes);
+            let _ = decode::<FromRelay>(&bytes);
+        }
+    }
+
+    #[test]
+    fn oversized_messages_are_refused() {
+        let big = vec![0u8; MAX_BRIDGE_MESSAGE + 1];
+        assert_eq!(
+            decode::<ToRelay>(&big).unwrap_err(),
+            BridgeError::TooLarge {
+                len: MAX_BRIDGE_MESSAGE + 1
+            }
+        );
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let envelope = Envelope {
+            channel: Channel::Task,
+            seq: 42,
+            ack: 0,
+            body: ToRelay::Event(Outbound::UserMessage {
+                session: "s-1".into(),
+                text: "ls".into(),
+            }),
+        };
+        let bytes = encode(&envelope).unwrap();
+        assert_eq!(decode::<ToRelay>(&bytes).unwrap(), envelope);
+    }
+}

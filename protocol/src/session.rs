@@ -1,0 +1,258 @@
+//! Cloud sessions: the model the relay owns and the daemon mirrors.
+//!
+//! A session has a lifecycle ([`SessionStatus`]) whose transitions are checked here, in
+//! one place, so the relay refuses an illegal one with the list of legal ones. Every
+//! session has an ordered log of [`LogEntry`]s numbered by the relay; messages are
+//! stream-json text (the agent protocol's own shape) carried verbatim.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// Created; its agent is being started.
+    Starting,
+    /// Its agent runs and takes messages.
+    Running,
+    /// Its agent is stopped; messages wait until it is resumed.
+    Paused,
+    /// Finished for good.
+    Completed,
+    /// Its agent failed; `failure` says why. Resuming starts a new agent.
+    Failed,
+}
+
+impl SessionStatus {
+    /// The statuses this one may move to.
+    pub fn allowed_next(self) -> &'static [SessionStatus] {
+        use SessionStatus::*;
+        match self {
+            Starting => &[Running, Failed, Completed],
+            Running => &[Paused, Completed, Failed],
+            Paused => &[Running, Completed],
+            Failed => &[Running, Completed],
+            Completed => &[],
+        }
+    }
+
+    /// Checks a transition, explaining a refusal.
+    pub fn check_transition(self, to: SessionStatus) -> Result<(), TransitionError> {
+        if self.allowed_next().contains(&to) {
+            Ok(())
+        } else {
+            Err(TransitionError { from: self, to })
+        }
+    }
+
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Starting => "starting",
+            SessionStatus::Running => "running",
+            SessionStatus::Paused => "paused",
+            SessionStatus::Completed => "completed",
+            SessionStatus::Failed => "failed",
+        }
+    }
+}
+
+/// An illegal status transition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", transition_message(*from, *to))]
+pub struct TransitionError {
+    /// The current status.
+    pub from: SessionStatus,
+    /// The refused target.
+    pub to: SessionStatus,
+}
+
+fn transition_message(from: SessionStatus, to: SessionStatus) -> String {
+    let allowed: Vec<&str> = from.allowed_next().iter().map(|s| s.as_str()).collect();
+    if allowed.is_empty() {
+        format!(
+            "cannot move a {} session to {}: a {} session is final",
+            from.as_str(),
+            to.as_str(),
+            from.as_str()
+        )
+    } else {
+        format!(
+            "cannot move a {} session to {}; from {} it can move to: {}",
+            from.as_str(),
+            to.as_str(),
+            from.as_str(),
+            allowed.join(", ")
+        )
+    }
+}
+
+/// Who may see a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Visibility {
+    /// Its owner only.
+    Private,
+    /// Everyone in its owner's org.
+    Team,
+    /// Anyone with its id, read-only.
+    Public,
+}
+
+/// What network the session's agent may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkAccess {
+    /// None (enforced where the platform allows, reported otherwise).
+    None,
+    /// Package registries and the like.
+    Limited,
+    /// Anything.
+    Full,
+}
+
+/// What the agent may do with the repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepoAccess {
+    /// Read only.
+    Read,
+    /// Read and write.
+    Write,
+}
+
+/// A cloud session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Its id (`s-` and hex).
+    pub id: String,
+    /// Where it is in its life.
+    pub status: SessionStatus,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at: u64,
+    /// Time of the last log entry or status change, milliseconds since the Unix epoch.
+    pub last_activity: u64,
+    /// What the session is for, in words.
+    pub task: String,
+    /// Who may see it.
+    pub visibility: Visibility,
+    /// What the agent may do with the repository.
+    pub repo_access: RepoAccess,
+    /// What network the agent may use.
+    pub network_access: NetworkAccess,
+    /// The image its workspace is made from.
+    pub vm_image: String,
+    /// The user who created it.
+    pub owner: String,
+    /// The owner's org.
+    pub org: String,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
+    /// The sequence number of its last log entry (0 when empty).
+    pub last_seq: u64,
+}
+
+/// What creating a session takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSession {
+    /// What the session is for.
+    pub task: String,
+    /// Who may see it.
+    pub visibility: Visibility,
+    /// What network the agent may use.
+    pub network_access: NetworkAccess,
+    /// What the agent may do with the repository.
+    pub repo_access: RepoAccess,
+    /// The image (free-form; `default` when unsure).
+    pub vm_image: String,
+}
+
+/// A status change asked of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionAction {
+    /// running → paused.
+    Pause,
+    /// paused or failed → running.
+    Resume,
+    /// → completed.
+    Complete,
+    /// Remove it and its log and workspace.
+    Delete,
+}
+
+impl SessionAction {
+    /// The status the action moves to (none for delete).
+    pub fn target(self) -> Option<SessionStatus> {
+        match self {
+            SessionAction::Pause => Some(SessionStatus::Paused),
+            SessionAction::Resume => Some(SessionStatus::Running),
+            SessionAction::Complete => Some(SessionStatus::Completed),
+            SessionAction::Delete => None,
+        }
+    }
+}
+
+/// One entry of a session's ordered log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Its position in the session's log, from 1, without gaps.
+    pub seq: u64,
+    /// When the relay logged it, milliseconds since the Unix epoch.
+    pub at: u64,
+    /// Who it comes from.
+    pub author: Author,
+    /// What happened.
+    pub event: SessionEvent,
+}
+
+/// Who a log entry comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Author {
+    /// A user (their name).
+    User(String),
+    /// The session's agent.
+    Agent,
+    /// The relay itself (status changes, errors).
+    Relay,
+}
+
+/// What a log entry records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionEvent {
+    /// A stream-json message, as JSON text: `user`, `assistant`, `result`, `system`,
+    /// `control_request`, `control_response`, `control_cancel_request`.
+    Message(String),
+    /// The session's status changed.
+    Status {
+        /// The new status.
+        status: SessionStatus,
+        /// Why, when there is a reason worth telling (a failure).
+        reason: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn illegal_transitions_list_the_legal_ones() {
+        let err = SessionStatus::Paused
+            .check_transition(SessionStatus::Paused)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot move a paused session to paused; from paused it can move to: running, completed"
+        );
+        let err = SessionStatus::Completed
+            .check_transition(SessionStatus::Running)
+            .unwrap_err();
+        assert!(err.to_string().contains("final"));
+        SessionStatus::Running
+            .check_transition(SessionStatus::Paused)
+            .unwrap();
+    }
+}
