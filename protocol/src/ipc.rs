@@ -9,6 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::bridge::PermissionDecision;
+use crate::session::{CreateSession, LogEntry, Session, SessionAction, Visibility};
+
 /// The version of the local-socket protocol this build speaks. Both sides send it in the
 /// hello; a mismatch is refused with an error naming both versions.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -52,6 +55,93 @@ pub enum Request {
     /// Starts pushing notifications of the given topics on this connection. Answered by
     /// [`Response::Subscribed`]; subscribing again replaces the topic set.
     Subscribe(Subscribe),
+    /// Points the daemon at a remote relay (the token is stored 0600, never logged).
+    /// Answered by [`Response::Identity`] once the relay accepted it, or an error.
+    Login {
+        /// `https://host[:port]` (or `wss://`; `http`/`ws` only for loopback).
+        relay: String,
+        /// The bearer token.
+        token: String,
+    },
+    /// Forgets the remote relay and returns to the embedded one. Answered by
+    /// [`Response::Identity`].
+    Logout,
+    /// Who the daemon talks to the relay as. Answered by [`Response::Identity`].
+    Whoami,
+    /// Creates a session (needs the relay). Answered by [`Response::Session`].
+    SessionCreate(CreateSession),
+    /// The sessions visible to this user, from the local replica (works offline, marked
+    /// stale). Answered by [`Response::Sessions`].
+    SessionList,
+    /// One session from the replica. Answered by [`Response::Session`].
+    SessionShow {
+        /// The session.
+        session: String,
+    },
+    /// Pauses, resumes, completes or deletes a session (needs the relay). Answered by
+    /// [`Response::Session`] (or [`Response::SessionDeleted`]).
+    SessionAction {
+        /// The session.
+        session: String,
+        /// What to do.
+        action: SessionAction,
+    },
+    /// Changes a session's visibility (needs the relay). Answered by [`Response::Session`].
+    SessionShare {
+        /// The session.
+        session: String,
+        /// Who may see it.
+        visibility: Visibility,
+    },
+    /// Sends a user message: journaled, then delivered (also while the relay is
+    /// unreachable). Answered by [`Response::Queued`] once it is on disk.
+    Send {
+        /// The session.
+        session: String,
+        /// The message.
+        text: String,
+    },
+    /// Waits (up to a deadline) until the relay has acknowledged or refused a queued
+    /// event. Answered by [`Response::Delivered`], or an error with the refusal's reason.
+    Delivery {
+        /// The journal seq from [`Response::Queued`].
+        seq: u64,
+    },
+    /// Follows a session on this connection: pushes [`Notification::SessionLog`] for every
+    /// entry after `since` (the stored ones first, then live). Answered by
+    /// [`Response::Attached`].
+    Attach {
+        /// The session.
+        session: String,
+        /// Replay entries after this sequence (none: only the latest).
+        since: Option<u64>,
+    },
+    /// Stops following a session on this connection. Answered by [`Response::Pong`].
+    Detach {
+        /// The session.
+        session: String,
+    },
+    /// Interrupts the session's agent (journaled). Answered by [`Response::Queued`].
+    Interrupt {
+        /// The session.
+        session: String,
+    },
+    /// The session's pending permission prompts. Answered by [`Response::Prompts`].
+    Permissions {
+        /// The session.
+        session: String,
+    },
+    /// Answers a permission prompt (journaled; when the relay is reachable the reply waits
+    /// for it, so a second answer gets "already answered"). Answered by
+    /// [`Response::Queued`] or [`Response::Delivered`].
+    Answer {
+        /// The session.
+        session: String,
+        /// The prompt's request id.
+        request_id: String,
+        /// Allow or deny.
+        decision: PermissionDecision,
+    },
 }
 
 /// The method names of the requests, shared by the JSON-RPC encoding and the logs.
@@ -66,6 +156,36 @@ pub mod method {
     pub const SHUTDOWN: &str = "shutdown";
     /// [`super::Request::Subscribe`]
     pub const SUBSCRIBE: &str = "subscribe";
+    /// [`super::Request::Login`]
+    pub const LOGIN: &str = "login";
+    /// [`super::Request::Logout`]
+    pub const LOGOUT: &str = "logout";
+    /// [`super::Request::Whoami`]
+    pub const WHOAMI: &str = "whoami";
+    /// [`super::Request::SessionCreate`]
+    pub const SESSION_CREATE: &str = "session/create";
+    /// [`super::Request::SessionList`]
+    pub const SESSION_LIST: &str = "session/list";
+    /// [`super::Request::SessionShow`]
+    pub const SESSION_SHOW: &str = "session/show";
+    /// [`super::Request::SessionAction`]
+    pub const SESSION_ACTION: &str = "session/action";
+    /// [`super::Request::SessionShare`]
+    pub const SESSION_SHARE: &str = "session/share";
+    /// [`super::Request::Send`]
+    pub const SEND: &str = "send";
+    /// [`super::Request::Delivery`]
+    pub const DELIVERY: &str = "delivery";
+    /// [`super::Request::Attach`]
+    pub const ATTACH: &str = "attach";
+    /// [`super::Request::Detach`]
+    pub const DETACH: &str = "detach";
+    /// [`super::Request::Interrupt`]
+    pub const INTERRUPT: &str = "interrupt";
+    /// [`super::Request::Permissions`]
+    pub const PERMISSIONS: &str = "permissions";
+    /// [`super::Request::Answer`]
+    pub const ANSWER: &str = "answer";
 }
 
 impl Request {
@@ -77,6 +197,21 @@ impl Request {
             Request::Status => method::STATUS,
             Request::Shutdown => method::SHUTDOWN,
             Request::Subscribe(_) => method::SUBSCRIBE,
+            Request::Login { .. } => method::LOGIN,
+            Request::Logout => method::LOGOUT,
+            Request::Whoami => method::WHOAMI,
+            Request::SessionCreate(_) => method::SESSION_CREATE,
+            Request::SessionList => method::SESSION_LIST,
+            Request::SessionShow { .. } => method::SESSION_SHOW,
+            Request::SessionAction { .. } => method::SESSION_ACTION,
+            Request::SessionShare { .. } => method::SESSION_SHARE,
+            Request::Send { .. } => method::SEND,
+            Request::Delivery { .. } => method::DELIVERY,
+            Request::Attach { .. } => method::ATTACH,
+            Request::Detach { .. } => method::DETACH,
+            Request::Interrupt { .. } => method::INTERRUPT,
+            Request::Permissions { .. } => method::PERMISSIONS,
+            Request::Answer { .. } => method::ANSWER,
         }
     }
 }
@@ -118,6 +253,8 @@ pub enum Topic {
     State,
     /// The daemon's log records, as they are written (like `tail -f` on its log).
     Log,
+    /// Changes to the session replica, the relay connection, refused events.
+    Sessions,
 }
 
 /// A successful answer. Each variant answers the [`Request`] variant of the same name.
@@ -133,6 +270,108 @@ pub enum Response {
     ShuttingDown,
     /// The topics this connection now receives.
     Subscribed(Subscribe),
+    /// Who the daemon talks to the relay as.
+    Identity(Identity),
+    /// Sessions from the replica.
+    Sessions {
+        /// The sessions, most recently active first.
+        sessions: Vec<Session>,
+        /// Whether the replica may be out of date (the relay is unreachable).
+        stale: bool,
+    },
+    /// One session.
+    Session {
+        /// The session.
+        session: Session,
+        /// Whether it may be out of date.
+        stale: bool,
+    },
+    /// The session was deleted.
+    SessionDeleted,
+    /// The event is on disk and will reach the relay.
+    Queued {
+        /// Its journal seq.
+        seq: u64,
+    },
+    /// The relay has acknowledged the event.
+    Delivered {
+        /// Its journal seq.
+        seq: u64,
+    },
+    /// The connection follows the session; notifications follow.
+    Attached {
+        /// The session.
+        session: String,
+        /// The last log sequence the daemon has stored for it.
+        last_seq: u64,
+    },
+    /// Pending permission prompts.
+    Prompts(Vec<Prompt>),
+}
+
+/// Who the daemon talks to the relay as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The relay.
+    pub relay: RelayStatus,
+}
+
+/// A pending permission prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prompt {
+    /// Its request id (what `allow`/`deny` take).
+    pub request_id: String,
+    /// The tool the agent wants to use.
+    pub tool_name: String,
+    /// The tool's input, as JSON text.
+    pub input: String,
+    /// The log sequence of the prompt.
+    pub seq: u64,
+}
+
+/// The relay connection, as `status` and `whoami` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// Embedded in the daemon, or remote.
+    pub mode: RelayMode,
+    /// Its URL.
+    pub url: String,
+    /// The bridge's state.
+    pub state: BridgeState,
+    /// Why it is retrying or refused.
+    pub reason: Option<String>,
+    /// The user the token belongs to, once registered.
+    pub user: Option<String>,
+    /// Their org.
+    pub org: Option<String>,
+    /// Journaled events not yet acknowledged by the relay.
+    pub journal_depth: u64,
+    /// This daemon instance's id.
+    pub instance_id: String,
+}
+
+/// Where the relay runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayMode {
+    /// In the daemon, on loopback (no relay configured).
+    Embedded,
+    /// Elsewhere (`cloudctl login`).
+    Remote,
+}
+
+/// The bridge's connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BridgeState {
+    /// Connecting for the first time.
+    Connecting,
+    /// Connected and registered.
+    Connected,
+    /// Waiting to reconnect after a failure.
+    Retrying,
+    /// Refused for good (bad or revoked token, protocol too old): not retrying.
+    Refused,
 }
 
 /// The daemon's half of the version exchange.
@@ -192,6 +431,8 @@ pub struct Status {
     pub log_file: Option<String>,
     /// Clients connected right now, this one included.
     pub clients: u32,
+    /// The relay connection.
+    pub relay: RelayStatus,
 }
 
 /// The daemon's lifecycle state.
@@ -214,6 +455,31 @@ pub enum Notification {
     /// The daemon is closing this connection, and says why. Sent to every connection,
     /// subscribed or not, whenever the daemon can still write to it.
     Closing(Closing),
+    /// An entry of an attached session's log.
+    SessionLog {
+        /// The session.
+        session: String,
+        /// The entry.
+        entry: LogEntry,
+    },
+    /// A session in the replica was created or changed ([`Topic::Sessions`]).
+    SessionChanged(Session),
+    /// A session left the replica ([`Topic::Sessions`]).
+    SessionRemoved {
+        /// Its id.
+        session: String,
+    },
+    /// The relay connection changed ([`Topic::Sessions`]).
+    Relay(RelayStatus),
+    /// A journaled event was refused by the relay ([`Topic::Sessions`]).
+    EventRefused {
+        /// Its journal seq.
+        seq: u64,
+        /// Its session.
+        session: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The notification method names of the JSON-RPC encoding.
@@ -224,6 +490,16 @@ pub mod notification {
     pub const LOG: &str = "log";
     /// [`super::Notification::Closing`]
     pub const CLOSING: &str = "closing";
+    /// [`super::Notification::SessionLog`]
+    pub const SESSION_LOG: &str = "session/log";
+    /// [`super::Notification::SessionChanged`]
+    pub const SESSION_CHANGED: &str = "session/changed";
+    /// [`super::Notification::SessionRemoved`]
+    pub const SESSION_REMOVED: &str = "session/removed";
+    /// [`super::Notification::Relay`]
+    pub const RELAY: &str = "relay";
+    /// [`super::Notification::EventRefused`]
+    pub const EVENT_REFUSED: &str = "event/refused";
 }
 
 /// A lifecycle change.
@@ -312,6 +588,16 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The daemon serves as many clients as it allows (-32006).
     Busy,
+    /// The relay is unreachable and the request needs it (-32007).
+    RelayUnavailable,
+    /// The relay refused the request (-32008).
+    Refused,
+    /// No such session, or not visible (-32009).
+    NotFound,
+    /// The prompt was already answered or withdrawn (-32010).
+    AlreadyAnswered,
+    /// A wait ran out (-32011).
+    Timeout,
 }
 
 impl ErrorCode {
@@ -330,6 +616,11 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => -32004,
             ErrorCode::SlowConsumer => -32005,
             ErrorCode::Busy => -32006,
+            ErrorCode::RelayUnavailable => -32007,
+            ErrorCode::Refused => -32008,
+            ErrorCode::NotFound => -32009,
+            ErrorCode::AlreadyAnswered => -32010,
+            ErrorCode::Timeout => -32011,
         }
     }
 }

@@ -8,9 +8,11 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::bridge::PermissionDecision;
 use crate::ipc::{
     method, notification, ErrorBody, ErrorCode, Hello, Notification, Request, Response, Subscribe,
 };
+use crate::session::{LogEntry, SessionAction, SessionEvent, Visibility};
 use crate::MAX_MESSAGE_LEN;
 
 /// A line is longer than [`MAX_MESSAGE_LEN`] without a newline. The stream cannot be
@@ -119,13 +121,86 @@ pub fn decode_request(line: &[u8]) -> Result<JsonRequest, JsonRequestError> {
         method::SUBSCRIBE => {
             Request::Subscribe(serde_json::from_value::<Subscribe>(params).map_err(invalid_params)?)
         }
+        method::LOGIN => {
+            let p: LoginParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Login {
+                relay: p.relay,
+                token: p.token,
+            }
+        }
+        method::LOGOUT => Request::Logout,
+        method::WHOAMI => Request::Whoami,
+        method::SESSION_CREATE => {
+            let params = if params.is_null() { json!({}) } else { params };
+            Request::SessionCreate(serde_json::from_value(params).map_err(invalid_params)?)
+        }
+        method::SESSION_LIST => Request::SessionList,
+        method::SESSION_SHOW => {
+            let p: SessionParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::SessionShow { session: p.session }
+        }
+        method::SESSION_ACTION => {
+            let p: ActionParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::SessionAction {
+                session: p.session,
+                action: p.action,
+            }
+        }
+        method::SESSION_SHARE => {
+            let p: ShareParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::SessionShare {
+                session: p.session,
+                visibility: p.visibility,
+            }
+        }
+        method::SEND => {
+            let p: SendParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Send {
+                session: p.session,
+                text: p.text,
+            }
+        }
+        method::DELIVERY => {
+            let p: DeliveryParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Delivery { seq: p.seq }
+        }
+        method::ATTACH => {
+            let p: AttachParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Attach {
+                session: p.session,
+                since: p.since,
+            }
+        }
+        method::DETACH => {
+            let p: SessionParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Detach { session: p.session }
+        }
+        method::INTERRUPT => {
+            let p: SessionParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Interrupt { session: p.session }
+        }
+        method::PERMISSIONS => {
+            let p: SessionParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Permissions { session: p.session }
+        }
+        method::ANSWER => {
+            let p: AnswerParams = serde_json::from_value(params).map_err(invalid_params)?;
+            Request::Answer {
+                session: p.session,
+                request_id: p.request_id,
+                decision: match p.decision {
+                    JsonDecision::Allow { updated_input } => PermissionDecision::Allow {
+                        updated_input: updated_input.map(|v| v.to_string()),
+                    },
+                    JsonDecision::Deny { message } => PermissionDecision::Deny { message },
+                },
+            }
+        }
         other => {
             return Err(fail(
                 reply_id,
                 ErrorCode::MethodNotFound,
-                format!(
-                    "method not found: {other:?} (known: hello, ping, status, shutdown, subscribe)"
-                ),
+                format!("method not found: {other:?} (see docs/PROTOCOL.md for the methods)"),
             ))
         }
     };
@@ -140,7 +215,34 @@ pub fn response_value(response: &Response) -> Value {
         Response::Status(status) => json!(status),
         Response::ShuttingDown => json!("shutting_down"),
         Response::Subscribed(subscribe) => json!(subscribe),
+        Response::Identity(identity) => json!(identity),
+        Response::Sessions { sessions, stale } => json!({"sessions": sessions, "stale": stale}),
+        Response::Session { session, stale } => json!({"session": session, "stale": stale}),
+        Response::SessionDeleted => json!("deleted"),
+        Response::Queued { seq } => json!({"seq": seq, "state": "queued"}),
+        Response::Delivered { seq } => json!({"seq": seq, "state": "delivered"}),
+        Response::Attached { session, last_seq } => {
+            json!({"session": session, "last_seq": last_seq})
+        }
+        Response::Prompts(prompts) => json!(prompts),
     }
+}
+
+/// The JSON form of a session log entry: stream-json messages are embedded as JSON
+/// (not as text), so an editor reads them directly.
+pub fn log_entry_value(entry: &LogEntry) -> Value {
+    let mut value = json!({"seq": entry.seq, "at": entry.at, "author": entry.author});
+    match &entry.event {
+        SessionEvent::Message(text) => {
+            value["message"] =
+                serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()));
+        }
+        SessionEvent::Status { status, reason } => {
+            value["status"] = json!(status);
+            value["reason"] = json!(reason);
+        }
+    }
+    value
 }
 
 /// Appends the reply to request `id` as one line to `out`.
@@ -175,11 +277,91 @@ pub fn encode_notification(notification: &Notification, out: &mut Vec<u8>) {
         Notification::State(change) => (notification::STATE, json!(change)),
         Notification::Log(record) => (notification::LOG, json!(record)),
         Notification::Closing(closing) => (notification::CLOSING, json!(closing)),
+        Notification::SessionLog { session, entry } => (
+            notification::SESSION_LOG,
+            json!({"session": session, "entry": log_entry_value(entry)}),
+        ),
+        Notification::SessionChanged(session) => (notification::SESSION_CHANGED, json!(session)),
+        Notification::SessionRemoved { session } => {
+            (notification::SESSION_REMOVED, json!({"session": session}))
+        }
+        Notification::Relay(relay) => (notification::RELAY, json!(relay)),
+        Notification::EventRefused {
+            seq,
+            session,
+            reason,
+        } => (
+            notification::EVENT_REFUSED,
+            json!({"seq": seq, "session": session, "reason": reason}),
+        ),
     };
     write_line(
         &json!({ "jsonrpc": "2.0", "method": method_name, "params": params }),
         out,
     );
+}
+
+#[derive(serde::Deserialize)]
+struct LoginParams {
+    relay: String,
+    token: String,
+}
+
+#[derive(serde::Deserialize)]
+struct SessionParams {
+    session: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ActionParams {
+    session: String,
+    action: SessionAction,
+}
+
+#[derive(serde::Deserialize)]
+struct ShareParams {
+    session: String,
+    visibility: Visibility,
+}
+
+#[derive(serde::Deserialize)]
+struct SendParams {
+    session: String,
+    text: String,
+}
+
+#[derive(serde::Deserialize)]
+struct DeliveryParams {
+    seq: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct AttachParams {
+    session: String,
+    #[serde(default)]
+    since: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct AnswerParams {
+    session: String,
+    request_id: String,
+    decision: JsonDecision,
+}
+
+/// A permission answer as editors write it: `{"behavior": "allow", "updated_input": {..}}`
+/// or `{"behavior": "deny", "message": ".."}`.
+#[derive(serde::Deserialize)]
+#[serde(tag = "behavior", rename_all = "snake_case")]
+enum JsonDecision {
+    Allow {
+        #[serde(default)]
+        updated_input: Option<Value>,
+    },
+    Deny {
+        #[serde(default)]
+        message: String,
+    },
 }
 
 fn write_line(value: &Value, out: &mut Vec<u8>) {

@@ -152,8 +152,9 @@ pub struct Session {
     pub last_seq: u64,
 }
 
-/// What creating a session takes.
+/// What creating a session takes. In JSON every field is optional.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CreateSession {
     /// What the session is for.
     pub task: String,
@@ -165,6 +166,18 @@ pub struct CreateSession {
     pub repo_access: RepoAccess,
     /// The image (free-form; `default` when unsure).
     pub vm_image: String,
+}
+
+impl Default for CreateSession {
+    fn default() -> CreateSession {
+        CreateSession {
+            task: String::new(),
+            visibility: Visibility::Private,
+            network_access: NetworkAccess::Limited,
+            repo_access: RepoAccess::Write,
+            vm_image: "default".into(),
+        }
+    }
 }
 
 /// A status change asked of a session.
