@@ -1,0 +1,567 @@
+//! The daemons' endpoint: `GET /v1/bridge`, one WebSocket per daemon instance.
+//!
+//! The pipeline of one connection: a binary WebSocket message → [`bridge::decode`] → a
+//! [`ToRelay`] → the extension handler (register, heartbeat, requests) or the task handler
+//! (join, leave, journaled events) → the core. Consecutive journaled events are handed to
+//! the core as one batch, so they share one flush; the reply's cumulative ack is stamped
+//! on every envelope sent afterwards.
+//!
+//! Outgoing traffic has three sources, all bounded: this task's own answers, session
+//! notices (a broadcast; a connection that falls behind gets the full list again), and one
+//! log follower task per joined session (which waits when the connection is slow, costing
+//! nothing because it reads from the store).
+//!
+//! A message that does not decode, is too large or is not binary ends the connection with
+//! `Refused{permanent: false}`; nothing else is affected. A revoked token ends it with
+//! `Refused{permanent: true}`. This module never logs a token.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use cloud_protocol::bridge::{
+    self, Channel, Envelope, FromRelay, Outbound, RelayRequest, ToRelay, BRIDGE_VERSION,
+    MAX_BRIDGE_MESSAGE,
+};
+use futures_util::FutureExt as _;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::access::Identity;
+use crate::core::{Command, CoreError, Notice, Shared};
+use crate::follow::Follower;
+use crate::http::Authenticated;
+
+/// How long a new connection may take to register.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A daemon silent for this long is gone (it pings every 15 s and heartbeats every 20 s).
+const SILENCE_LIMIT: Duration = Duration::from_secs(90);
+
+/// Outgoing messages waiting for the socket.
+const OUTGOING_QUEUE: usize = 256;
+
+/// The most journaled events handed to the core at once.
+const MAX_EVENT_BATCH: usize = 1024;
+
+/// `GET /v1/bridge`: authenticates (401 before upgrading), then serves the connection.
+pub async fn connect(
+    State(shared): State<Arc<Shared>>,
+    Authenticated(identity): Authenticated,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let guard = shared.connections.token();
+    upgrade
+        .max_message_size(MAX_BRIDGE_MESSAGE)
+        .max_frame_size(MAX_BRIDGE_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let _guard = guard;
+            Connection::new(shared, identity).run(socket).await;
+        })
+}
+
+/// Why a connection ended, for the log.
+#[derive(Debug)]
+enum End {
+    /// The daemon closed it.
+    Closed,
+    /// The relay is shutting down.
+    Shutdown,
+    /// The connection broke or was refused.
+    Refused(String),
+}
+
+/// One daemon's connection.
+struct Connection {
+    /// The relay.
+    shared: Arc<Shared>,
+    /// Who authenticated.
+    identity: Identity,
+    /// The registered instance (after `Register`).
+    instance: Option<String>,
+    /// The cumulative ack stamped on every envelope.
+    ack: u64,
+    /// Sessions this daemon's replica holds, so a session that stops being visible can be
+    /// removed from it.
+    known: HashSet<String>,
+    /// Joined sessions and how to stop following them.
+    follows: HashMap<String, CancellationToken>,
+    /// For follower tasks.
+    outgoing_sender: mpsc::Sender<FromRelay>,
+    /// Drained into the socket.
+    outgoing: mpsc::Receiver<FromRelay>,
+    /// Cancelled when this connection ends (and by shutdown).
+    cancel: CancellationToken,
+    /// The last time anything arrived.
+    last_seen: Instant,
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>, identity: Identity) -> Connection {
+        let (outgoing_sender, outgoing) = mpsc::channel(OUTGOING_QUEUE);
+        let cancel = shared.cancel.child_token();
+        Connection {
+            shared,
+            identity,
+            instance: None,
+            ack: 0,
+            known: HashSet::new(),
+            follows: HashMap::new(),
+            outgoing_sender,
+            outgoing,
+            cancel,
+            last_seen: Instant::now(),
+        }
+    }
+
+    async fn run(mut self, mut socket: WebSocket) {
+        tracing::info!(user = %self.identity.user, org = %self.identity.org, "bridge connected");
+        let end = match self.serve(&mut socket).await {
+            Ok(()) => End::Closed,
+            Err(end) => end,
+        };
+        self.cancel.cancel();
+        let reason = match &end {
+            End::Closed => None,
+            End::Shutdown => Some("the relay is shutting down".to_owned()),
+            End::Refused(reason) => Some(reason.clone()),
+        };
+        let close = Message::Close(Some(CloseFrame {
+            code: if matches!(end, End::Shutdown) {
+                1001
+            } else {
+                1000
+            },
+            reason: reason
+                .unwrap_or_default()
+                .chars()
+                .take(100)
+                .collect::<String>()
+                .into(),
+        }));
+        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close)).await;
+        tracing::info!(
+            user = %self.identity.user,
+            instance = self.instance.as_deref().unwrap_or("-"),
+            ?end,
+            "bridge disconnected"
+        );
+    }
+
+    /// Sends one message stamped with the current ack.
+    async fn send(&self, socket: &mut WebSocket, body: FromRelay) -> Result<(), End> {
+        let channel = match &body {
+            FromRelay::Ack
+            | FromRelay::Log { .. }
+            | FromRelay::EventRefused { .. }
+            | FromRelay::JoinRefused { .. } => Channel::Task,
+            _ => Channel::Extension,
+        };
+        let envelope = Envelope {
+            channel,
+            seq: 0,
+            ack: self.ack,
+            body,
+        };
+        let bytes = match bridge::encode(&envelope) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a bridge message; skipping it");
+                return Ok(());
+            }
+        };
+        socket
+            .send(Message::Binary(bytes.into()))
+            .await
+            .map_err(|e| End::Refused(format!("send failed: {e}")))
+    }
+
+    /// Sends a refusal; the caller ends the connection.
+    async fn refuse(&self, socket: &mut WebSocket, reason: String, permanent: bool) -> End {
+        let _ = self
+            .send(
+                socket,
+                FromRelay::Refused {
+                    reason: reason.clone(),
+                    permanent,
+                },
+            )
+            .await;
+        End::Refused(reason)
+    }
+
+    /// Reads the next message as an envelope; `Ok(None)` when the daemon closed.
+    async fn decode(
+        &mut self,
+        socket: &mut WebSocket,
+        message: Option<Result<Message, axum::Error>>,
+    ) -> Result<Option<Envelope<ToRelay>>, End> {
+        self.last_seen = Instant::now();
+        match message {
+            None | Some(Ok(Message::Close(_))) => Err(End::Closed),
+            Some(Err(e)) => Err(self
+                .refuse(socket, format!("unreadable bridge message: {e}"), false)
+                .await),
+            Some(Ok(Message::Binary(bytes))) => match bridge::decode::<ToRelay>(&bytes) {
+                Ok(envelope) => Ok(Some(envelope)),
+                Err(e) => Err(self.refuse(socket, e.to_string(), false).await),
+            },
+            Some(Ok(Message::Text(_))) => Err(self
+                .refuse(
+                    socket,
+                    "bridge messages must be binary postcard envelopes".to_owned(),
+                    false,
+                )
+                .await),
+            // The WebSocket layer answers pings itself.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(None),
+        }
+    }
+
+    async fn serve(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        self.register(socket).await?;
+        let mut notices = self.shared.notices.subscribe();
+        self.send_sessions(socket).await?;
+        let mut token_generation = self.shared.tokens.subscribe();
+        let mut silence_check = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(End::Shutdown),
+                changed = token_generation.changed() => {
+                    if changed.is_err() || !self.shared.tokens.is_live(&self.identity.token_hash) {
+                        return Err(self.refuse(socket, "the token was revoked".to_owned(), true).await);
+                    }
+                }
+                message = socket.recv() => {
+                    let first = self.decode(socket, message).await?;
+                    self.handle_ready(socket, first).await?;
+                }
+                Some(body) = self.outgoing.recv() => {
+                    self.send(socket, body).await?;
+                }
+                notice = notices.recv() => match notice {
+                    Ok(notice) => self.notice(socket, notice).await?,
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.send_sessions(socket).await?,
+                    Err(broadcast::error::RecvError::Closed) => return Err(End::Shutdown),
+                },
+                _ = silence_check.tick() => {
+                    if self.last_seen.elapsed() > SILENCE_LIMIT {
+                        return Err(End::Refused("silent for too long".to_owned()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for `Register`, checks it, and answers `Registered`.
+    async fn register(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        let envelope = loop {
+            let message = tokio::select! {
+                _ = self.cancel.cancelled() => return Err(End::Shutdown),
+                message = tokio::time::timeout(REGISTER_TIMEOUT, socket.recv()) => match message {
+                    Ok(message) => message,
+                    Err(_) => return Err(End::Refused("no registration".to_owned())),
+                },
+            };
+            if let Some(envelope) = self.decode(socket, message).await? {
+                break envelope;
+            }
+        };
+        let ToRelay::Register(snapshot) = envelope.body else {
+            return Err(self
+                .refuse(
+                    socket,
+                    "the first bridge message must be Register".to_owned(),
+                    false,
+                )
+                .await);
+        };
+        if snapshot.bridge_version < BRIDGE_VERSION {
+            return Err(self
+                .refuse(
+                    socket,
+                    format!(
+                        "bridge version {} is too old: this relay needs {BRIDGE_VERSION}; upgrade cloudd",
+                        snapshot.bridge_version
+                    ),
+                    true,
+                )
+                .await);
+        }
+        tracing::info!(
+            user = %self.identity.user,
+            instance = %snapshot.instance_id,
+            hostname = %snapshot.hostname,
+            daemon_version = %snapshot.daemon_version,
+            "bridge registered"
+        );
+        // An empty batch answers the instance's current ack, so the daemon can trim its
+        // journal before sending anything.
+        let outcome = self
+            .call_events(Some(snapshot.instance_id.clone()), Vec::new())
+            .await?;
+        self.ack = outcome.ack;
+        self.instance = Some(snapshot.instance_id);
+        self.send(
+            socket,
+            FromRelay::Registered {
+                user: self.identity.user.clone(),
+                org: self.identity.org.clone(),
+                relay_version: crate::VERSION.to_owned(),
+            },
+        )
+        .await
+    }
+
+    async fn send_sessions(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        let sessions = self.shared.list_for(&self.identity);
+        self.known = sessions.iter().map(|s| s.id.clone()).collect();
+        self.send(socket, FromRelay::Sessions(sessions)).await
+    }
+
+    async fn notice(&mut self, socket: &mut WebSocket, notice: Notice) -> Result<(), End> {
+        match notice {
+            Notice::Changed(session) => {
+                if self.identity.lists(&session) {
+                    self.known.insert(session.id.clone());
+                    self.send(socket, FromRelay::SessionChanged(session)).await
+                } else if self.known.remove(&session.id) {
+                    self.send(
+                        socket,
+                        FromRelay::SessionRemoved {
+                            session: session.id,
+                        },
+                    )
+                    .await
+                } else {
+                    Ok(())
+                }
+            }
+            Notice::Removed(id) => {
+                if self.known.remove(&id) {
+                    self.send(socket, FromRelay::SessionRemoved { session: id })
+                        .await
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Handles `first` and every further message already received, grouping consecutive
+    /// journaled events into one core batch.
+    async fn handle_ready(
+        &mut self,
+        socket: &mut WebSocket,
+        first: Option<Envelope<ToRelay>>,
+    ) -> Result<(), End> {
+        let mut events: Vec<(u64, Outbound)> = Vec::new();
+        let mut next = first;
+        loop {
+            match next.take() {
+                Some(Envelope {
+                    seq,
+                    body: ToRelay::Event(event),
+                    ..
+                }) => events.push((seq, event)),
+                Some(envelope) => {
+                    self.apply_events(socket, std::mem::take(&mut events))
+                        .await?;
+                    self.handle(socket, envelope).await?;
+                }
+                None => {}
+            }
+            if events.len() >= MAX_EVENT_BATCH {
+                break;
+            }
+            // Only what has already arrived: never wait here.
+            match socket.recv().now_or_never() {
+                Some(message) => next = self.decode(socket, message).await?,
+                None => break,
+            }
+        }
+        self.apply_events(socket, events).await
+    }
+
+    async fn call_events(
+        &self,
+        instance: Option<String>,
+        events: Vec<(u64, Outbound)>,
+    ) -> Result<crate::core::EventsOutcome, End> {
+        let identity = self.identity.clone();
+        self.shared
+            .call(|reply| Command::Events {
+                identity,
+                instance,
+                events,
+                reply,
+            })
+            .await
+            .map_err(|e| End::Refused(e.to_string()))
+    }
+
+    async fn apply_events(
+        &mut self,
+        socket: &mut WebSocket,
+        events: Vec<(u64, Outbound)>,
+    ) -> Result<(), End> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let outcome = self.call_events(self.instance.clone(), events).await?;
+        self.ack = self.ack.max(outcome.ack);
+        let mut n_refused = 0;
+        for (seq, result) in outcome.results {
+            if let Err(e) = result {
+                n_refused += 1;
+                self.send(
+                    socket,
+                    FromRelay::EventRefused {
+                        seq,
+                        reason: e.to_string(),
+                    },
+                )
+                .await?;
+            }
+        }
+        if n_refused == 0 {
+            self.send(socket, FromRelay::Ack).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        socket: &mut WebSocket,
+        envelope: Envelope<ToRelay>,
+    ) -> Result<(), End> {
+        match envelope.body {
+            ToRelay::Register(_) => Err(self
+                .refuse(socket, "already registered".to_owned(), false)
+                .await),
+            ToRelay::Heartbeat => Ok(()),
+            ToRelay::CommandResult { id, result } => {
+                tracing::debug!(id, ok = result.is_ok(), "instance command answered");
+                Ok(())
+            }
+            ToRelay::Join { session, after } => self.join(socket, session, after).await,
+            ToRelay::Leave { session } => {
+                if let Some(follow) = self.follows.remove(&session) {
+                    follow.cancel();
+                }
+                Ok(())
+            }
+            ToRelay::Event(_) => Ok(()),
+            ToRelay::Request { id, request } => {
+                let result = self.request(request).await;
+                self.send(
+                    socket,
+                    FromRelay::Reply {
+                        id,
+                        result: result.map_err(|e| e.to_string()),
+                    },
+                )
+                .await
+            }
+        }
+    }
+
+    async fn request(
+        &self,
+        request: RelayRequest,
+    ) -> Result<Option<cloud_protocol::session::Session>, CoreError> {
+        let identity = self.identity.clone();
+        match request {
+            RelayRequest::Create(request) => self
+                .shared
+                .call(|reply| Command::Create {
+                    identity,
+                    request,
+                    reply,
+                })
+                .await?
+                .map(Some),
+            RelayRequest::Action { session, action } => {
+                self.shared
+                    .call(|reply| Command::Action {
+                        identity,
+                        session,
+                        action,
+                        reply,
+                    })
+                    .await?
+            }
+            RelayRequest::Share {
+                session,
+                visibility,
+            } => self
+                .shared
+                .call(|reply| Command::Share {
+                    identity,
+                    session,
+                    visibility,
+                    reply,
+                })
+                .await?
+                .map(Some),
+        }
+    }
+
+    async fn join(
+        &mut self,
+        socket: &mut WebSocket,
+        session: String,
+        after: u64,
+    ) -> Result<(), End> {
+        if let Some(previous) = self.follows.remove(&session) {
+            previous.cancel();
+        }
+        let mut follower = match Follower::new(
+            self.shared.clone(),
+            self.identity.clone(),
+            session.clone(),
+            after,
+        ) {
+            Ok(follower) => follower,
+            Err(e) => {
+                return self
+                    .send(
+                        socket,
+                        FromRelay::JoinRefused {
+                            session,
+                            reason: e.to_string(),
+                        },
+                    )
+                    .await
+            }
+        };
+        let stop = self.cancel.child_token();
+        self.follows.insert(session, stop.clone());
+        let outgoing = self.outgoing_sender.clone();
+        self.shared.connections.spawn(async move {
+            loop {
+                let entries = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    entries = follower.next() => match entries {
+                        Some(entries) => entries,
+                        None => return,
+                    },
+                };
+                for entry in entries {
+                    let log = FromRelay::Log {
+                        session: follower.session().to_owned(),
+                        entry,
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        sent = outgoing.send(log) => if sent.is_err() { return },
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,1107 @@
+//! The relay's core: the one task that changes sessions, their logs, prompts, agents and
+//! the bridge dedup table.
+//!
+//! Every change arrives as a [`Command`] on one channel and is applied here, in order, so
+//! there are no locks around session state and no two writers of a log. The loop works in
+//! rounds (group commit): it takes every command that is ready, applies each one's store
+//! writes as one atomic batch, flushes the store once, and only then runs the round's
+//! effects — replies and acknowledgements, writes to agents, publication of new log entries
+//! and session changes. So nothing is acknowledged, shown to a follower or given to an
+//! agent before it is on disk.
+//!
+//! Readers (REST listings, log followers) never come here: they read the published session
+//! snapshots in [`Shared`] and the store directly, up to the published log sequence.
+//!
+//! The core never waits on a peer: replies are oneshots, agent input goes through unbounded
+//! per-agent channels, notices through a broadcast channel that drops for laggards.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use cloud_protocol::agent;
+use cloud_protocol::bridge::{Outbound, PermissionDecision};
+use cloud_protocol::session::{
+    Author, CreateSession, LogEntry, Session, SessionAction, SessionEvent, SessionStatus,
+    TransitionError, Visibility,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::access::{Access, Identity};
+use crate::agents::{self, AgentHandle, AgentReport, MAX_AGENT_LINE};
+use crate::store::{Changes, PromptState, Store, StoreError};
+use crate::tokens::TokenCache;
+
+/// The most commands applied in one round before flushing, so acknowledgements keep
+/// flowing under sustained load.
+const MAX_ROUND: usize = 4096;
+
+/// How many commands may wait for the core; senders wait beyond that (backpressure).
+pub const COMMAND_QUEUE: usize = 4096;
+
+/// How many session notices a slow connection may fall behind before it resynchronises.
+const NOTICE_QUEUE: usize = 1024;
+
+/// A change asked of the core.
+#[derive(Debug)]
+pub enum Command {
+    /// Create a session and start its agent.
+    Create {
+        /// Who asks (the owner to be).
+        identity: Identity,
+        /// What to create.
+        request: CreateSession,
+        /// The new session.
+        reply: oneshot::Sender<Result<Session, CoreError>>,
+    },
+    /// Change a session's status, or delete it.
+    Action {
+        /// Who asks.
+        identity: Identity,
+        /// The session.
+        session: String,
+        /// What to do.
+        action: SessionAction,
+        /// The session afterwards (none after a delete).
+        reply: oneshot::Sender<Result<Option<Session>, CoreError>>,
+    },
+    /// Change who may see a session.
+    Share {
+        /// Who asks.
+        identity: Identity,
+        /// The session.
+        session: String,
+        /// The new visibility.
+        visibility: Visibility,
+        /// The session afterwards.
+        reply: oneshot::Sender<Result<Session, CoreError>>,
+    },
+    /// User events: from a daemon's journal (`instance` set, deduplicated by seq) or from
+    /// REST (`instance` none, seq 0).
+    Events {
+        /// Who sends them.
+        identity: Identity,
+        /// The daemon instance, for deduplication.
+        instance: Option<String>,
+        /// (journal seq, event), in journal order.
+        events: Vec<(u64, Outbound)>,
+        /// What became of them.
+        reply: oneshot::Sender<EventsOutcome>,
+    },
+    /// Something an agent did.
+    Agent(AgentReport),
+    /// Stop every agent, flush, and end the loop.
+    Shutdown {
+        /// Answered when done.
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What became of a batch of events.
+#[derive(Debug)]
+pub struct EventsOutcome {
+    /// The highest journal seq applied for the instance (0 without one): the cumulative ack.
+    pub ack: u64,
+    /// Each event that was applied now (not skipped as a duplicate): its journal seq and
+    /// its log seq, or why it was refused.
+    pub results: Vec<(u64, Result<u64, CoreError>)>,
+}
+
+/// A refused command. The messages are shown to users as they are.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// No such session, or one the user cannot see (the two are not distinguished).
+    #[error("no such session: {0}")]
+    NotFound(String),
+    /// The user may see the session but not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// An illegal status transition.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// The request conflicts with the session's state (an answered prompt, a completed
+    /// session).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed; the relay refuses changes until it is restarted.
+    #[error("the relay's store failed; ask its operator to check its disk and logs")]
+    Store,
+    /// The relay is shutting down.
+    #[error("the relay is shutting down; retry shortly")]
+    ShuttingDown,
+}
+
+/// A change to a session that connections replicate.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// Created or changed.
+    Changed(Session),
+    /// Deleted.
+    Removed(String),
+}
+
+/// A published session: what readers may see.
+#[derive(Debug)]
+pub struct Published {
+    /// The session as of the last flushed round.
+    pub session: Session,
+    /// The last log seq on disk, for followers to wait on.
+    pub log_seq: watch::Sender<u64>,
+}
+
+/// State shared by every task of a running relay.
+#[derive(Debug)]
+pub struct Shared {
+    /// Live tokens.
+    pub tokens: TokenCache,
+    /// The store, for log reads.
+    pub store: Store,
+    /// Published sessions by id.
+    pub sessions: RwLock<HashMap<String, Published>>,
+    /// Session changes, for bridge connections.
+    pub notices: broadcast::Sender<Notice>,
+    /// The core's command channel.
+    pub core: mpsc::Sender<Command>,
+    /// Tells every connection to close.
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub connections: TaskTracker,
+}
+
+impl Shared {
+    /// The published session, if this user may see it, with their access.
+    pub fn session_for(
+        &self,
+        identity: &Identity,
+        id: &str,
+    ) -> Result<(Session, Access), CoreError> {
+        let sessions = self.sessions.read().unwrap();
+        let published = sessions
+            .get(id)
+            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+        match identity.access(&published.session) {
+            Access::None => Err(CoreError::NotFound(id.to_owned())),
+            access => Ok((published.session.clone(), access)),
+        }
+    }
+
+    /// The sessions in this user's listing, oldest first.
+    pub fn list_for(&self, identity: &Identity) -> Vec<Session> {
+        let mut list: Vec<Session> = self
+            .sessions
+            .read()
+            .unwrap()
+            .values()
+            .filter(|p| identity.lists(&p.session))
+            .map(|p| p.session.clone())
+            .collect();
+        list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        list
+    }
+
+    /// A receiver of the session's published log seq.
+    pub fn log_seq(&self, id: &str) -> Option<watch::Receiver<u64>> {
+        self.sessions
+            .read()
+            .unwrap()
+            .get(id)
+            .map(|p| p.log_seq.subscribe())
+    }
+
+    /// Sends a command and waits for its reply.
+    pub async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, CoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.core
+            .send(make(reply))
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
+        answer.await.map_err(|_| CoreError::ShuttingDown)
+    }
+}
+
+/// Builds the shared state; the core's receiver is returned for [`Core::start`].
+pub fn shared(tokens: TokenCache, store: Store) -> (Arc<Shared>, mpsc::Receiver<Command>) {
+    let (core, commands) = mpsc::channel(COMMAND_QUEUE);
+    let shared = Shared {
+        tokens,
+        store,
+        sessions: RwLock::default(),
+        notices: broadcast::channel(NOTICE_QUEUE).0,
+        core,
+        cancel: tokio_util::sync::CancellationToken::new(),
+        connections: TaskTracker::new(),
+    };
+    (Arc::new(shared), commands)
+}
+
+/// A session as the core holds it.
+#[derive(Debug)]
+struct SessionRuntime {
+    /// The authoritative session (ahead of the published copy until the round's flush).
+    session: Session,
+    /// Its permission prompts by request id.
+    prompts: HashMap<String, PromptState>,
+    /// Its agent, while one runs.
+    agent: Option<AgentHandle>,
+}
+
+/// Something to do once the round's writes are on disk.
+enum Effect {
+    /// Answer a caller.
+    Reply(Box<dyn FnOnce() + Send>),
+    /// Give a line to an agent.
+    Write(mpsc::UnboundedSender<String>, String),
+}
+
+/// What one round produced.
+#[derive(Default)]
+struct Round {
+    /// Whether anything was written (so a flush is due).
+    dirty: bool,
+    /// Sessions whose published copy is out of date.
+    touched: BTreeSet<String>,
+    /// Sessions deleted this round.
+    removed: Vec<String>,
+    /// In order.
+    effects: Vec<Effect>,
+}
+
+impl Round {
+    fn reply<T: Send + 'static>(&mut self, sender: oneshot::Sender<T>, value: T) {
+        self.effects.push(Effect::Reply(Box::new(move || {
+            let _ = sender.send(value);
+        })));
+    }
+}
+
+/// The core: owns sessions, agents and the dedup table.
+pub struct Core {
+    /// The store.
+    store: Store,
+    /// What readers see.
+    shared: Arc<Shared>,
+    /// The agent command line.
+    agent_command: Vec<String>,
+    /// `DATA/workspaces`.
+    workspaces: PathBuf,
+    /// Sessions by id.
+    sessions: HashMap<String, SessionRuntime>,
+    /// Daemon instance → last journal seq applied.
+    dedup: HashMap<String, u64>,
+    /// The next agent generation.
+    next_generation: u64,
+    /// Agent tasks and agent stops, so shutdown can wait for them.
+    agent_tasks: TaskTracker,
+    /// Set when the store failed: from then on every change is refused and nothing is
+    /// acknowledged, because memory and disk may disagree.
+    broken: bool,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("n_sessions", &self.sessions.len())
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+/// The current time in milliseconds since the Unix epoch.
+fn now() -> u64 {
+    crate::now_millis()
+}
+
+impl Core {
+    /// Loads the store, publishes its sessions, restarts the agents of running sessions,
+    /// and runs the loop on a new task.
+    pub async fn start(
+        shared: Arc<Shared>,
+        commands: mpsc::Receiver<Command>,
+        agent_command: Vec<String>,
+        workspaces: PathBuf,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        let store = shared.store.clone();
+        let mut core = Core {
+            store: store.clone(),
+            shared,
+            agent_command,
+            workspaces,
+            sessions: HashMap::new(),
+            dedup: store.load_dedup()?.into_iter().collect(),
+            next_generation: 1,
+            agent_tasks: TaskTracker::new(),
+            broken: false,
+        };
+        for stored in store.load_sessions()? {
+            let prompts = stored.prompts.into_iter().collect();
+            core.sessions.insert(
+                stored.session.id.clone(),
+                SessionRuntime {
+                    session: stored.session,
+                    prompts,
+                    agent: None,
+                },
+            );
+        }
+        let mut round = Round::default();
+        let ids: Vec<String> = core.sessions.keys().cloned().collect();
+        for id in &ids {
+            round.touched.insert(id.clone());
+            let status = core.sessions[id].session.status;
+            if matches!(status, SessionStatus::Running | SessionStatus::Starting) {
+                // The previous relay's agent died with it: its prompts can no longer be
+                // answered, and the session gets a new agent.
+                let mut changes = Changes::default();
+                core.withdraw_prompts(id, &mut changes, &mut round);
+                if status == SessionStatus::Running {
+                    core.sessions.get_mut(id).unwrap().session.status = SessionStatus::Starting;
+                }
+                core.start_agent(id, &mut changes, &mut round);
+                core.commit(changes, &mut round);
+            }
+        }
+        core.finish_round(round).await;
+        tracing::info!(n_sessions = core.sessions.len(), "relay core started");
+        Ok(tokio::spawn(core.run(commands)))
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(first) = commands.recv().await {
+            let mut round = Round::default();
+            let mut shutdown = None;
+            let mut next = Some(first);
+            let mut n_commands = 0;
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Shutdown { reply } => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                    command => self.handle(command, &mut round),
+                }
+                n_commands += 1;
+                if n_commands < MAX_ROUND {
+                    next = commands.try_recv().ok();
+                }
+            }
+            self.finish_round(round).await;
+            if let Some(reply) = shutdown {
+                self.shutdown().await;
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+
+    /// Stops every agent (leaving session statuses as they are, so the next start restarts
+    /// them) and flushes the store.
+    async fn shutdown(&mut self) {
+        for runtime in self.sessions.values_mut() {
+            if let Some(agent) = runtime.agent.take() {
+                self.agent_tasks.spawn(agent.stop());
+            }
+        }
+        self.agent_tasks.close();
+        let grace = agents::STOP_GRACE + std::time::Duration::from_secs(3);
+        if tokio::time::timeout(grace, self.agent_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some agent tasks did not finish in time");
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!("relay core stopped");
+    }
+
+    /// Flushes the round's writes, then publishes and runs its effects.
+    async fn finish_round(&mut self, round: Round) {
+        if round.dirty {
+            if let Err(e) = self.store.flush().await {
+                tracing::error!(error = %e, "store flush failed; refusing further changes");
+                self.broken = true;
+                // Dropping the effects drops the replies: callers see an error and daemons
+                // get no acknowledgement, so they resend to a healthy relay later.
+                return;
+            }
+        }
+        for id in &round.touched {
+            if let Some(runtime) = self.sessions.get(id) {
+                self.publish(&runtime.session);
+            }
+        }
+        for id in &round.removed {
+            if self.shared.sessions.write().unwrap().remove(id).is_some() {
+                let _ = self.shared.notices.send(Notice::Removed(id.clone()));
+            }
+        }
+        for effect in round.effects {
+            match effect {
+                Effect::Reply(reply) => reply(),
+                Effect::Write(stdin, line) => {
+                    let _ = stdin.send(line);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, session: &Session) {
+        let mut sessions = self.shared.sessions.write().unwrap();
+        match sessions.get_mut(&session.id) {
+            Some(published) => {
+                published.session = session.clone();
+                published.log_seq.send_if_modified(|seq| {
+                    let changed = *seq != session.last_seq;
+                    *seq = session.last_seq;
+                    changed
+                });
+            }
+            None => {
+                sessions.insert(
+                    session.id.clone(),
+                    Published {
+                        session: session.clone(),
+                        log_seq: watch::channel(session.last_seq).0,
+                    },
+                );
+            }
+        }
+        drop(sessions);
+        let _ = self.shared.notices.send(Notice::Changed(session.clone()));
+    }
+
+    /// Applies one unit's writes atomically.
+    fn commit(&mut self, changes: Changes, round: &mut Round) {
+        if self.broken {
+            return;
+        }
+        match self.store.apply(changes.batch) {
+            Ok(()) => round.dirty = true,
+            Err(e) => {
+                tracing::error!(error = %e, "store write failed; refusing further changes");
+                self.broken = true;
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command, round: &mut Round) {
+        if self.broken {
+            // Replies are dropped by `finish_round` anyway; refuse explicitly here.
+            match command {
+                Command::Create { reply, .. } => round.reply(reply, Err(CoreError::Store)),
+                Command::Action { reply, .. } => round.reply(reply, Err(CoreError::Store)),
+                Command::Share { reply, .. } => round.reply(reply, Err(CoreError::Store)),
+                Command::Events { .. } | Command::Agent(_) | Command::Shutdown { .. } => {}
+            }
+            return;
+        }
+        match command {
+            Command::Create {
+                identity,
+                request,
+                reply,
+            } => {
+                let result = self.create(&identity, request, round);
+                round.reply(reply, result);
+            }
+            Command::Action {
+                identity,
+                session,
+                action,
+                reply,
+            } => {
+                let result = self.action(&identity, &session, action, round);
+                round.reply(reply, result);
+            }
+            Command::Share {
+                identity,
+                session,
+                visibility,
+                reply,
+            } => {
+                let result = self.share(&identity, &session, visibility, round);
+                round.reply(reply, result);
+            }
+            Command::Events {
+                identity,
+                instance,
+                events,
+                reply,
+            } => {
+                let outcome = self.events(&identity, instance.as_deref(), events, round);
+                round.reply(reply, outcome);
+            }
+            Command::Agent(report) => self.agent_report(report, round),
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    /// The session if this user may write to it; `refusal` names what a viewer may not do.
+    fn writable(
+        &self,
+        identity: &Identity,
+        id: &str,
+        refusal: &str,
+    ) -> Result<&SessionRuntime, CoreError> {
+        let runtime = self
+            .sessions
+            .get(id)
+            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+        match identity.access(&runtime.session) {
+            Access::None => Err(CoreError::NotFound(id.to_owned())),
+            Access::View => Err(CoreError::Forbidden(refusal.to_owned())),
+            Access::Write => Ok(runtime),
+        }
+    }
+
+    fn create(
+        &mut self,
+        identity: &Identity,
+        request: CreateSession,
+        round: &mut Round,
+    ) -> Result<Session, CoreError> {
+        let id = new_session_id()?;
+        let workspace = self.workspaces.join(&id);
+        std::fs::create_dir_all(&workspace).map_err(|e| {
+            tracing::error!(path = %workspace.display(), error = %e, "cannot create a workspace");
+            CoreError::Invalid(format!("cannot create the session's workspace: {e}"))
+        })?;
+        let at = now();
+        let session = Session {
+            id: id.clone(),
+            status: SessionStatus::Starting,
+            created_at: at,
+            last_activity: at,
+            task: request.task,
+            visibility: request.visibility,
+            repo_access: request.repo_access,
+            network_access: request.network_access,
+            vm_image: request.vm_image,
+            owner: identity.user.clone(),
+            org: identity.org.clone(),
+            failure: None,
+            last_seq: 0,
+        };
+        self.sessions.insert(
+            id.clone(),
+            SessionRuntime {
+                session,
+                prompts: HashMap::new(),
+                agent: None,
+            },
+        );
+        let mut changes = Changes::default();
+        self.append(
+            &id,
+            Author::Relay,
+            SessionEvent::Status {
+                status: SessionStatus::Starting,
+                reason: None,
+            },
+            &mut changes,
+            round,
+        );
+        self.start_agent(&id, &mut changes, round);
+        self.commit(changes, round);
+        tracing::info!(session = %id, owner = %identity.user, "session created");
+        Ok(self.sessions[&id].session.clone())
+    }
+
+    fn action(
+        &mut self,
+        identity: &Identity,
+        id: &str,
+        action: SessionAction,
+        round: &mut Round,
+    ) -> Result<Option<Session>, CoreError> {
+        let runtime = self.writable(identity, id, "viewers cannot change a session")?;
+        let Some(target) = action.target() else {
+            self.delete(id, round);
+            return Ok(None);
+        };
+        let from = runtime.session.status;
+        from.check_transition(target)?;
+        let mut changes = Changes::default();
+        match target {
+            SessionStatus::Running => {
+                self.sessions.get_mut(id).unwrap().session.status = SessionStatus::Starting;
+                self.start_agent(id, &mut changes, round);
+                // The status passed through starting only in memory: log the move from
+                // the old status to the new one.
+            }
+            status => {
+                self.stop_agent(id, &mut changes, round);
+                self.set_status(id, status, None, &mut changes, round);
+            }
+        }
+        self.commit(changes, round);
+        tracing::info!(session = %id, ?action, by = %identity.user, "session action");
+        Ok(Some(self.sessions[id].session.clone()))
+    }
+
+    fn delete(&mut self, id: &str, round: &mut Round) {
+        let Some(mut runtime) = self.sessions.remove(id) else {
+            return;
+        };
+        let workspace = self.workspaces.join(id);
+        let stop = runtime.agent.take().map(AgentHandle::stop);
+        self.agent_tasks.spawn(async move {
+            if let Some(stop) = stop {
+                stop.await;
+            }
+            if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %workspace.display(), error = %e, "cannot remove a workspace");
+                }
+            }
+        });
+        let mut changes = Changes::default();
+        match self.store.session_keys(id) {
+            Ok(keys) => keys.into_iter().for_each(|key| changes.remove(key)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list a deleted session's keys");
+                self.broken = true;
+            }
+        }
+        self.commit(changes, round);
+        round.touched.remove(id);
+        round.removed.push(id.to_owned());
+        tracing::info!(session = %id, "session deleted");
+    }
+
+    fn share(
+        &mut self,
+        identity: &Identity,
+        id: &str,
+        visibility: Visibility,
+        round: &mut Round,
+    ) -> Result<Session, CoreError> {
+        self.writable(identity, id, "viewers cannot share a session")?;
+        let runtime = self.sessions.get_mut(id).unwrap();
+        runtime.session.visibility = visibility;
+        runtime.session.last_activity = now();
+        let mut changes = Changes::default();
+        changes.put_session(&runtime.session);
+        let session = runtime.session.clone();
+        self.commit(changes, round);
+        round.touched.insert(id.to_owned());
+        Ok(session)
+    }
+
+    fn events(
+        &mut self,
+        identity: &Identity,
+        instance: Option<&str>,
+        events: Vec<(u64, Outbound)>,
+        round: &mut Round,
+    ) -> EventsOutcome {
+        let mut results = Vec::new();
+        for (seq, event) in events {
+            let journaled = instance.filter(|_| seq > 0);
+            if let Some(instance) = journaled {
+                if seq <= self.dedup.get(instance).copied().unwrap_or(0) {
+                    continue;
+                }
+            }
+            let mut changes = Changes::default();
+            let result = self.event(identity, event, &mut changes, round);
+            if let Some(instance) = journaled {
+                // A refused event counts as applied too: resending it must not retry it.
+                changes.put_dedup(instance, seq);
+                self.dedup.insert(instance.to_owned(), seq);
+            }
+            self.commit(changes, round);
+            results.push((seq, result));
+        }
+        let ack = instance
+            .and_then(|instance| self.dedup.get(instance).copied())
+            .unwrap_or(0);
+        EventsOutcome { ack, results }
+    }
+
+    fn event(
+        &mut self,
+        identity: &Identity,
+        event: Outbound,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) -> Result<u64, CoreError> {
+        let author = Author::User(identity.user.clone());
+        match event {
+            Outbound::UserMessage { session, text } => {
+                let runtime = self.writable(identity, &session, "viewers cannot send")?;
+                let status = runtime.session.status;
+                if status == SessionStatus::Completed {
+                    return Err(CoreError::Conflict(format!(
+                        "session {session} is completed; create a new session"
+                    )));
+                }
+                let line = agent::user_message(&text);
+                let seq = self.append(
+                    &session,
+                    author,
+                    SessionEvent::Message(line.clone()),
+                    changes,
+                    round,
+                );
+                match &self.sessions[&session].agent {
+                    Some(agent) => round.effects.push(Effect::Write(agent.stdin(), line)),
+                    // Delivered when the session's next agent starts.
+                    None => changes.put_queued(&session, seq, &line),
+                }
+                Ok(seq)
+            }
+            Outbound::PermissionAnswer {
+                session,
+                request_id,
+                decision,
+            } => {
+                let runtime = self.writable(
+                    identity,
+                    &session,
+                    "viewers cannot answer permission prompts",
+                )?;
+                match runtime.prompts.get(&request_id) {
+                    None => {
+                        return Err(CoreError::Conflict(format!(
+                            "no permission request {request_id} in session {session}"
+                        )))
+                    }
+                    Some(PromptState::Answered) => {
+                        return Err(CoreError::Conflict(format!(
+                            "permission request {request_id} was already answered"
+                        )))
+                    }
+                    Some(PromptState::Withdrawn) => {
+                        return Err(CoreError::Conflict(format!(
+                            "permission request {request_id} was withdrawn"
+                        )))
+                    }
+                    Some(PromptState::Pending) => {}
+                }
+                if let PermissionDecision::Allow {
+                    updated_input: Some(input),
+                } = &decision
+                {
+                    if serde_json::from_str::<serde_json::Value>(input).is_err() {
+                        return Err(CoreError::Invalid(
+                            "updated_input is not valid JSON".to_owned(),
+                        ));
+                    }
+                }
+                let line = agent::permission_response(&request_id, &decision);
+                let seq = self.append(
+                    &session,
+                    author,
+                    SessionEvent::Message(line.clone()),
+                    changes,
+                    round,
+                );
+                let runtime = self.sessions.get_mut(&session).unwrap();
+                runtime
+                    .prompts
+                    .insert(request_id.clone(), PromptState::Answered);
+                changes.put_prompt(&session, &request_id, PromptState::Answered);
+                if let Some(agent) = &runtime.agent {
+                    round.effects.push(Effect::Write(agent.stdin(), line));
+                }
+                Ok(seq)
+            }
+            Outbound::Interrupt { session } => {
+                let runtime = self.writable(identity, &session, "viewers cannot interrupt")?;
+                let Some(agent) = &runtime.agent else {
+                    return Err(CoreError::Conflict(format!(
+                        "session {session} is {}: there is nothing to interrupt",
+                        runtime.session.status.as_str()
+                    )));
+                };
+                let stdin = agent.stdin();
+                let request_id = format!("interrupt-{}", runtime.session.last_seq + 1);
+                let line = agent::interrupt_request(&request_id);
+                let seq = self.append(
+                    &session,
+                    author,
+                    SessionEvent::Message(line.clone()),
+                    changes,
+                    round,
+                );
+                round.effects.push(Effect::Write(stdin, line));
+                Ok(seq)
+            }
+        }
+    }
+
+    fn agent_report(&mut self, report: AgentReport, round: &mut Round) {
+        match report {
+            AgentReport::Line {
+                session,
+                generation,
+                line,
+                truncated,
+            } => {
+                let current = self
+                    .sessions
+                    .get(&session)
+                    .and_then(|r| r.agent.as_ref())
+                    .is_some_and(|a| a.generation == generation);
+                if !current {
+                    return;
+                }
+                let mut changes = Changes::default();
+                if truncated {
+                    let notice = serde_json::json!({
+                        "type": "system",
+                        "subtype": "relay_notice",
+                        "message": format!("the agent wrote a line over {MAX_AGENT_LINE} bytes; it was dropped"),
+                    })
+                    .to_string();
+                    self.append(
+                        &session,
+                        Author::Relay,
+                        SessionEvent::Message(notice),
+                        &mut changes,
+                        round,
+                    );
+                } else {
+                    self.agent_line(&session, line, &mut changes, round);
+                }
+                self.commit(changes, round);
+            }
+            AgentReport::Exited {
+                session,
+                generation,
+                reason,
+            } => {
+                let Some(runtime) = self.sessions.get_mut(&session) else {
+                    return;
+                };
+                if runtime.agent.as_ref().map(|a| a.generation) != Some(generation) {
+                    return;
+                }
+                runtime.agent = None;
+                tracing::info!(%session, %reason, "agent exited on its own");
+                let mut changes = Changes::default();
+                self.withdraw_prompts(&session, &mut changes, round);
+                self.set_status(
+                    &session,
+                    SessionStatus::Failed,
+                    Some(reason),
+                    &mut changes,
+                    round,
+                );
+                self.commit(changes, round);
+            }
+        }
+    }
+
+    /// Logs an agent's stdout line and reacts to control messages.
+    fn agent_line(&mut self, id: &str, line: String, changes: &mut Changes, round: &mut Round) {
+        let parsed = agent::parse(&line);
+        self.append(
+            id,
+            Author::Agent,
+            SessionEvent::Message(line),
+            changes,
+            round,
+        );
+        let Some(parsed) = parsed else { return };
+        let runtime = self.sessions.get_mut(id).unwrap();
+        match (
+            parsed.kind.as_str(),
+            parsed.subtype.as_deref(),
+            parsed.request_id,
+        ) {
+            ("control_request", Some(agent::CAN_USE_TOOL), Some(request_id)) => {
+                // A new prompt, even if an earlier agent of this session used the same id.
+                runtime
+                    .prompts
+                    .insert(request_id.clone(), PromptState::Pending);
+                changes.put_prompt(id, &request_id, PromptState::Pending);
+            }
+            ("control_request", subtype, Some(request_id)) => {
+                // The relay handles no control requests from agents: answer at once, so
+                // the agent never waits for an answer that cannot come.
+                let error = match subtype {
+                    Some(subtype) => format!("unsupported control request subtype: {subtype}"),
+                    None => "control request without a subtype".to_owned(),
+                };
+                let response = agent::error_response(&request_id, &error);
+                if let Some(agent) = &runtime.agent {
+                    round
+                        .effects
+                        .push(Effect::Write(agent.stdin(), response.clone()));
+                }
+                self.append(
+                    id,
+                    Author::Relay,
+                    SessionEvent::Message(response),
+                    changes,
+                    round,
+                );
+            }
+            ("control_cancel_request", _, Some(request_id))
+                if runtime.prompts.get(&request_id) == Some(&PromptState::Pending) =>
+            {
+                runtime
+                    .prompts
+                    .insert(request_id.clone(), PromptState::Withdrawn);
+                changes.put_prompt(id, &request_id, PromptState::Withdrawn);
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts the session's agent (its status must be starting, failed or paused) and
+    /// moves it to running, or to failed when the agent cannot start. Queued input is
+    /// handed to the new agent.
+    fn start_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let workspace = self.workspaces.join(id);
+        let spawned = std::fs::create_dir_all(&workspace)
+            .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display()))
+            .and_then(|()| {
+                agents::spawn(
+                    &self.agent_command,
+                    &workspace,
+                    id,
+                    generation,
+                    self.shared.core.clone(),
+                    &self.agent_tasks,
+                )
+                .map_err(|e| e.to_string())
+            });
+        match spawned {
+            Ok(agent) => {
+                match self.store.queued_input(id) {
+                    Ok(queued) => {
+                        for (seq, line) in queued {
+                            round.effects.push(Effect::Write(agent.stdin(), line));
+                            changes.remove_queued(id, seq);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read queued agent input");
+                        self.broken = true;
+                    }
+                }
+                self.sessions.get_mut(id).unwrap().agent = Some(agent);
+                self.set_status(id, SessionStatus::Running, None, changes, round);
+            }
+            Err(reason) => {
+                tracing::warn!(session = %id, %reason, "agent did not start");
+                self.set_status(id, SessionStatus::Failed, Some(reason), changes, round);
+            }
+        }
+    }
+
+    /// Stops the session's agent, if one runs, withdrawing its pending prompts.
+    fn stop_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+        if let Some(agent) = self.sessions.get_mut(id).and_then(|r| r.agent.take()) {
+            self.agent_tasks.spawn(agent.stop());
+        }
+        self.withdraw_prompts(id, changes, round);
+    }
+
+    /// Withdraws every pending prompt of a session whose agent is gone, logging a
+    /// `control_cancel_request` for each so every client stops showing it.
+    fn withdraw_prompts(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+        let runtime = self.sessions.get_mut(id).unwrap();
+        let mut pending: Vec<String> = runtime
+            .prompts
+            .iter()
+            .filter(|(_, state)| **state == PromptState::Pending)
+            .map(|(request_id, _)| request_id.clone())
+            .collect();
+        pending.sort();
+        for request_id in &pending {
+            runtime
+                .prompts
+                .insert(request_id.clone(), PromptState::Withdrawn);
+            changes.put_prompt(id, request_id, PromptState::Withdrawn);
+        }
+        for request_id in pending {
+            let line =
+                serde_json::json!({"type": "control_cancel_request", "request_id": request_id})
+                    .to_string();
+            self.append(
+                id,
+                Author::Relay,
+                SessionEvent::Message(line),
+                changes,
+                round,
+            );
+        }
+    }
+
+    /// Moves a session to `status` (the caller checked the transition), logging it.
+    fn set_status(
+        &mut self,
+        id: &str,
+        status: SessionStatus,
+        reason: Option<String>,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) {
+        let runtime = self.sessions.get_mut(id).unwrap();
+        runtime.session.status = status;
+        runtime.session.failure = if status == SessionStatus::Failed {
+            reason.clone()
+        } else {
+            None
+        };
+        self.append(
+            id,
+            Author::Relay,
+            SessionEvent::Status { status, reason },
+            changes,
+            round,
+        );
+        changes.put_session(&self.sessions[id].session);
+    }
+
+    /// Appends an entry to a session's log; returns its seq.
+    fn append(
+        &mut self,
+        id: &str,
+        author: Author,
+        event: SessionEvent,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) -> u64 {
+        let runtime = self.sessions.get_mut(id).unwrap();
+        let at = now();
+        let seq = runtime.session.last_seq + 1;
+        runtime.session.last_seq = seq;
+        runtime.session.last_activity = at;
+        changes.put_log(
+            id,
+            &LogEntry {
+                seq,
+                at,
+                author,
+                event,
+            },
+        );
+        round.touched.insert(id.to_owned());
+        seq
+    }
+}
+
+/// A new session id: `s-` and 16 random hex digits.
+fn new_session_id() -> Result<String, CoreError> {
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(|e| {
+        tracing::error!(error = %e, "random source failed");
+        CoreError::Invalid("the relay cannot generate a session id".to_owned())
+    })?;
+    Ok(format!("s-{:016x}", u64::from_be_bytes(random)))
+}

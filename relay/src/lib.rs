@@ -1,0 +1,202 @@
+//! `cloud-relay`: the cloud side of cloudd — sessions, their workspaces, the agents that
+//! run in them, and the routing between them and every connected daemon and viewer.
+//!
+//! It runs as its own server (`cloud-relay serve`) or embedded in a daemon ([`start`] on
+//! loopback). The story of a request, module by module:
+//!
+//! - [`http`]: routing, bearer-token authentication ([`tokens`]), REST handlers.
+//! - [`bridge`]: the daemons' WebSocket (postcard envelopes, dedup, cumulative acks).
+//! - [`viewer`]: the read-only WebSocket that streams a session's log as JSON.
+//! - [`access`]: who may see and change a session.
+//! - [`core`]: the one task that changes state; group-commits every round to the
+//!   [`store`] before acknowledging, publishing or telling an agent anything.
+//! - [`follow`]: reading a session's log after a cursor, then live.
+//! - [`agents`]: agent processes on stream-json stdio; [`shell_agent`] is the built-in one.
+//!
+//! Architecture invariants: only [`core`] writes the store; nothing is acknowledged or shown
+//! before it is flushed; tokens are stored hashed and never logged; the core never waits on
+//! a peer, and every queue to a peer is bounded except agent stdin (a slow agent must not
+//! stall the core; its input is bounded by what users send it).
+
+mod access;
+mod agents;
+mod bridge;
+mod core;
+mod follow;
+mod http;
+pub mod shell_agent;
+mod store;
+pub mod tokens;
+mod viewer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::core::{Command, Core, Shared};
+use crate::store::{Store, StoreError};
+use crate::tokens::TokenCache;
+
+/// The relay's version, sent to daemons when they register.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How often the token file is checked for changes besides at each authentication.
+const TOKEN_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The longest shutdown waits for connections to close.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to run a relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Where to listen (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// The data directory: `tokens.jsonl`, `store/`, `workspaces/`.
+    pub data_dir: PathBuf,
+    /// The agent command line, run in each session's workspace.
+    pub agent_command: Vec<String>,
+}
+
+/// The relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A data directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The listening address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened or loaded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A running relay. Call [`RunningRelay::shutdown`] to stop it cleanly.
+#[derive(Debug)]
+pub struct RunningRelay {
+    /// The bound address.
+    local_addr: SocketAddr,
+    /// Everything the tasks share.
+    shared: Arc<Shared>,
+    /// The core's loop.
+    core_task: tokio::task::JoinHandle<()>,
+    /// The HTTP server.
+    server_task: tokio::task::JoinHandle<()>,
+    /// The token file watcher.
+    token_task: tokio::task::JoinHandle<()>,
+}
+
+/// The current time in milliseconds since the Unix epoch.
+pub(crate) fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn create_private_dir(path: &std::path::Path) -> Result<(), RelayError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(path)
+        .map_err(|source| RelayError::CreateDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Starts a relay: opens its store, restarts the agents of running sessions, and serves.
+pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
+    create_private_dir(&config.data_dir)?;
+    let workspaces = config.data_dir.join("workspaces");
+    create_private_dir(&workspaces)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RelayError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+        address: config.listen,
+        source,
+    })?;
+    let store = Store::open(&config.data_dir.join("store"))?;
+    let tokens = TokenCache::open(&config.data_dir);
+    let (shared, commands) = core::shared(tokens, store);
+    let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
+
+    let router = http::router(shared.clone());
+    let cancel = shared.cancel.clone();
+    let server_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the HTTP server failed");
+        }
+    });
+
+    let token_shared = shared.clone();
+    let token_task = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(TOKEN_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = token_shared.cancel.cancelled() => return,
+                _ = interval.tick() => { token_shared.tokens.refresh(); }
+            }
+        }
+    });
+    tracing::info!(address = %local_addr, data = %config.data_dir.display(), "relay listening");
+    Ok(RunningRelay {
+        local_addr,
+        shared,
+        core_task,
+        server_task,
+        token_task,
+    })
+}
+
+impl RunningRelay {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every connection, stops every agent and flushes the store.
+    /// Session statuses are kept, so the next start restarts the agents of running ones.
+    pub async fn shutdown(self) {
+        tracing::info!("relay shutting down");
+        self.shared.cancel.cancel();
+        let mut server_task = self.server_task;
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut server_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP requests did not finish in time");
+            server_task.abort();
+            let _ = server_task.await;
+        }
+        self.shared.connections.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.shared.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections did not close in time");
+        }
+        let _ = self.shared.call(|reply| Command::Shutdown { reply }).await;
+        let _ = self.core_task.await;
+        let _ = self.token_task.await;
+        tracing::info!("relay stopped");
+    }
+}

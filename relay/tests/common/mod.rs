@@ -1,0 +1,382 @@
+//! Test helpers: a real relay on 127.0.0.1:0 in a temp dir, a raw HTTP/1.1 client, a real
+//! bridge client over tokio-tungstenite, and waiting on conditions with deadlines.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cloud_protocol::bridge::{
+    self, Channel, Envelope, FromRelay, InstanceSnapshot, ToRelay, BRIDGE_PATH, BRIDGE_VERSION,
+};
+use cloud_protocol::session::{LogEntry, SessionEvent};
+use cloud_relay::{RelayConfig, RunningRelay};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long any wait may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The built-in shell agent of the relay binary.
+pub fn shell_agent() -> Vec<String> {
+    vec![
+        env!("CARGO_BIN_EXE_cloud-relay").to_owned(),
+        "shell-agent".to_owned(),
+    ]
+}
+
+/// A `sh -c SCRIPT` agent.
+pub fn script_agent(script: &str) -> Vec<String> {
+    vec!["sh".to_owned(), "-c".to_owned(), script.to_owned()]
+}
+
+/// A relay in a temp dir.
+pub struct TestRelay {
+    pub dir: tempfile::TempDir,
+    pub relay: Option<RunningRelay>,
+    pub addr: SocketAddr,
+    pub agent_command: Vec<String>,
+}
+
+impl TestRelay {
+    pub async fn start(agent_command: Vec<String>) -> TestRelay {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = cloud_relay::start(RelayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_owned(),
+            agent_command: agent_command.clone(),
+        })
+        .await
+        .unwrap();
+        TestRelay {
+            addr: relay.local_addr(),
+            relay: Some(relay),
+            dir,
+            agent_command,
+        }
+    }
+
+    pub fn data(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn token(&self, user: &str, org: &str) -> String {
+        cloud_relay::tokens::create(self.data(), user, org).unwrap()
+    }
+
+    pub fn workspace(&self, session: &str) -> PathBuf {
+        self.data().join("workspaces").join(session)
+    }
+
+    /// Shuts down and starts again on the same data directory.
+    pub async fn restart(&mut self) {
+        self.relay.take().unwrap().shutdown().await;
+        let relay = cloud_relay::start(RelayConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: self.dir.path().to_owned(),
+            agent_command: self.agent_command.clone(),
+        })
+        .await
+        .unwrap();
+        self.addr = relay.local_addr();
+        self.relay = Some(relay);
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.shutdown().await;
+        }
+    }
+
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        http(self.addr, method, path, token, body).await
+    }
+
+    pub async fn create(&self, token: &str, body: &str) -> Value {
+        let (status, session) = self
+            .http("POST", "/v1/sessions", Some(token), Some(body))
+            .await;
+        assert_eq!(status, 201, "{session}");
+        session
+    }
+
+    pub async fn log(&self, token: &str, session: &str) -> Vec<LogEntry> {
+        let (status, log) = self
+            .http(
+                "GET",
+                &format!("/v1/sessions/{session}/log?after=0"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{log}");
+        serde_json::from_value(log).unwrap()
+    }
+
+    /// Waits until the session's log has an entry matching `find`; returns it.
+    pub async fn wait_for_log(
+        &self,
+        token: &str,
+        session: &str,
+        what: &str,
+        mut find: impl FnMut(&LogEntry) -> bool,
+    ) -> LogEntry {
+        let start = Instant::now();
+        loop {
+            let log = self.log(token, session).await;
+            if let Some(entry) = log.iter().find(|e| find(e)) {
+                return entry.clone();
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}; log: {log:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_for_status(&self, token: &str, session: &str, status: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (code, value) = self
+                .http("GET", &format!("/v1/sessions/{session}"), Some(token), None)
+                .await;
+            assert_eq!(code, 200, "{value}");
+            if value["status"] == status {
+                return value;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {status}: {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The stream-json message of a log entry, parsed (None for status entries).
+pub fn message(entry: &LogEntry) -> Option<Value> {
+    match &entry.event {
+        SessionEvent::Message(text) => serde_json::from_str(text).ok(),
+        SessionEvent::Status { .. } => None,
+    }
+}
+
+pub fn is_prompt(entry: &LogEntry) -> bool {
+    message(entry).is_some_and(|m| {
+        m["type"] == "control_request" && m["request"]["subtype"] == "can_use_tool"
+    })
+}
+
+pub fn assistant_text(entry: &LogEntry) -> Option<String> {
+    let m = message(entry)?;
+    (m["type"] == "assistant").then(|| {
+        m["message"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    })
+}
+
+pub fn is_result(entry: &LogEntry) -> bool {
+    message(entry).is_some_and(|m| m["type"] == "result")
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    let value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).unwrap_or(Value::String(body))
+    };
+    (status, value)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to `path` with a bearer token; Err is the HTTP status of a refusal.
+pub async fn websocket(addr: SocketAddr, path: &str, token: &str) -> Result<Socket, u16> {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("websocket connect failed: {e}"),
+    }
+}
+
+/// A daemon-like bridge client.
+pub struct Bridge {
+    pub socket: Socket,
+    /// The last ack seen.
+    pub ack: u64,
+}
+
+impl Bridge {
+    /// Connects and registers as `instance`; returns the client after `Registered` and
+    /// the initial `Sessions`.
+    pub async fn connect(
+        addr: SocketAddr,
+        token: &str,
+        instance: &str,
+    ) -> (Bridge, Vec<cloud_protocol::session::Session>) {
+        let socket = websocket(addr, BRIDGE_PATH, token).await.unwrap();
+        let mut bridge = Bridge { socket, ack: 0 };
+        bridge
+            .send(
+                0,
+                ToRelay::Register(InstanceSnapshot {
+                    instance_id: instance.to_owned(),
+                    hostname: "test".to_owned(),
+                    daemon_version: "0".to_owned(),
+                    bridge_version: BRIDGE_VERSION,
+                    worktrees: vec![],
+                    sessions: vec![],
+                }),
+            )
+            .await;
+        assert!(matches!(
+            bridge.recv().await,
+            Some(FromRelay::Registered { .. })
+        ));
+        let Some(FromRelay::Sessions(sessions)) = bridge.recv().await else {
+            panic!("no session list")
+        };
+        (bridge, sessions)
+    }
+
+    pub async fn send(&mut self, seq: u64, body: ToRelay) {
+        let channel = match body {
+            ToRelay::Register(_)
+            | ToRelay::Heartbeat
+            | ToRelay::CommandResult { .. }
+            | ToRelay::Request { .. } => Channel::Extension,
+            _ => Channel::Task,
+        };
+        let bytes = bridge::encode(&Envelope {
+            channel,
+            seq,
+            ack: 0,
+            body,
+        })
+        .unwrap();
+        self.socket
+            .send(Message::Binary(bytes.into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, message: Message) -> bool {
+        self.socket.send(message).await.is_ok()
+    }
+
+    /// The next relay message; None when the connection closed.
+    pub async fn recv(&mut self) -> Option<FromRelay> {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.socket.next())
+                .await
+                .expect("timed out waiting for the relay");
+            match message {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(Message::Binary(bytes))) => {
+                    let envelope = bridge::decode::<FromRelay>(&bytes).unwrap();
+                    assert!(envelope.ack >= self.ack, "acks never go back");
+                    self.ack = envelope.ack;
+                    return Some(envelope.body);
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Receives until `find` matches; returns the match.
+    pub async fn recv_until<T>(
+        &mut self,
+        what: &str,
+        mut find: impl FnMut(&FromRelay) -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            let message = self
+                .recv()
+                .await
+                .unwrap_or_else(|| panic!("closed while waiting for {what}"));
+            if let Some(found) = find(&message) {
+                return found;
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        }
+    }
+
+    /// Waits until the ack covers `seq`.
+    pub async fn wait_ack(&mut self, seq: u64) {
+        while self.ack < seq {
+            self.recv().await.expect("closed while waiting for an ack");
+        }
+    }
+}
