@@ -58,17 +58,24 @@ pub enum LaunchError {
     },
 }
 
-/// The `cloudd` binary: `$CLOUDD_BIN`, else the one beside this executable, else `cloudd`
-/// on the `PATH`.
+/// The `cloudd` binary: `$CLOUDD_BIN`, else the one beside this executable, else the
+/// first `cloudd` on the `PATH`.
 pub fn cloudd_binary() -> PathBuf {
     if let Some(binary) = std::env::var_os("CLOUDD_BIN").filter(|v| !v.is_empty()) {
         return PathBuf::from(binary);
     }
     let name = format!("cloudd{}", std::env::consts::EXE_SUFFIX);
-    std::env::current_exe()
+    let beside_this = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(&name)))
-        .filter(|candidate| candidate.is_file())
+        .and_then(|exe| exe.parent().map(|dir| dir.join(&name)));
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(&name));
+    beside_this
+        .into_iter()
+        .chain(on_path)
+        .find(|candidate| candidate.is_file())
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
@@ -152,11 +159,24 @@ pub async fn ensure_running(paths: &Paths, client_name: &str) -> Result<Running,
     })
 }
 
-/// Why a daemon must be restarted for this client, if it must.
+/// A version as comparable numbers (`0.1.10` > `0.1.9`); pre-release tags are ignored.
+fn version_key(version: &str) -> Vec<u64> {
+    version
+        .split(['-', '+'])
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .map(|part| part.parse().unwrap_or(0))
+        .collect()
+}
+
+/// Why a daemon must be restarted for this client, if it must: it is older than this
+/// client, or its binary was replaced on disk. A newer daemon is left alone (an old
+/// client must not downgrade it on every command).
 pub fn outdated(hello: &cloud_protocol::ipc::HelloReply) -> Option<String> {
-    if hello.daemon_version != crate::VERSION {
+    if version_key(&hello.daemon_version) < version_key(crate::VERSION) {
         Some(format!(
-            "cloudd {} (pid {}) is not this cloudctl's version {}",
+            "cloudd {} (pid {}) is older than this cloudctl {}",
             hello.daemon_version,
             hello.pid,
             crate::VERSION
@@ -278,6 +298,15 @@ pub async fn stop(paths: &Paths, client_name: &str) -> Result<Option<u32>, Launc
     let mut client = match Client::connect(paths, client_name).await {
         Ok(client) => client,
         Err(e) if e.is_not_running() => return Ok(None),
+        Err(ClientError::VersionMismatch(_)) => {
+            // A daemon of another protocol cannot be asked over the socket: signal it.
+            let Some(pid) = lock_holder_pid(paths) else {
+                return Ok(None);
+            };
+            terminate(pid);
+            wait_for_exit(pid).await?;
+            return Ok(Some(pid));
+        }
         Err(e) => return Err(e.into()),
     };
     let pid = client.daemon().pid;

@@ -12,6 +12,10 @@ use cloud_protocol::paths::Paths;
 use cloudctl::client::{Client, ClientError};
 use cloudctl::launcher::{self, Running};
 use cloudctl::service;
+
+mod session_commands;
+
+use cloud_protocol::bridge::PermissionDecision;
 use serde_json::json;
 
 /// Control cloudd, the agent that ties this machine to a cloud relay.
@@ -47,6 +51,75 @@ enum Command {
     Service {
         #[command(subcommand)]
         action: ServiceAction,
+    },
+    /// Use a remote relay (the token is stored 0600 in the config directory).
+    Login {
+        /// The relay, like https://relay.example.com.
+        #[arg(long)]
+        relay: String,
+        /// The bearer token (`cloud-relay token create` prints one); `-` reads it from stdin.
+        #[arg(long)]
+        token: String,
+    },
+    /// Forget the remote relay and use the embedded one.
+    Logout,
+    /// Which relay, as whom, and whether it is connected.
+    Whoami,
+    /// Create, list, show and manage cloud sessions.
+    Session {
+        #[command(subcommand)]
+        command: session_commands::SessionCommand,
+    },
+    /// Send a message to a session's agent (queued while the relay is unreachable).
+    Send {
+        /// The session id.
+        id: String,
+        /// The message.
+        text: String,
+    },
+    /// Stream a session's messages and permission prompts.
+    Attach {
+        /// The session id.
+        id: String,
+        /// Replay the entries after this log sequence first.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Only watch: never send anything.
+        #[arg(long)]
+        viewer: bool,
+        /// Print what is stored and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Interrupt what a session's agent is doing.
+    Interrupt {
+        /// The session id.
+        id: String,
+    },
+    /// List a session's pending permission prompts.
+    Permissions {
+        /// The session id.
+        id: String,
+    },
+    /// Allow a permission prompt.
+    Allow {
+        /// The session id.
+        id: String,
+        /// The prompt's request id (see `cloudctl permissions`).
+        request_id: String,
+        /// Replace the tool's input with this JSON object.
+        #[arg(long)]
+        input: Option<String>,
+    },
+    /// Deny a permission prompt.
+    Deny {
+        /// The session id.
+        id: String,
+        /// The prompt's request id (see `cloudctl permissions`).
+        request_id: String,
+        /// Why, for the agent.
+        #[arg(long, default_value = "denied by the user")]
+        message: String,
     },
 }
 
@@ -172,6 +245,113 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ping(&mut running.client, count, json_output).await
         }
         Command::Service { action } => service(&paths, action, json_output).await,
+        Command::Login { relay, token } => {
+            let token = if token == "-" {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                line.trim().to_owned()
+            } else {
+                token
+            };
+            let mut running = connect(&paths, true).await?;
+            let Response::Identity(identity) = running
+                .client
+                .request(Request::Login { relay, token })
+                .await?
+            else {
+                bail!("unexpected reply to login");
+            };
+            if json_output {
+                println!("{}", serde_json::to_string(&identity)?);
+            } else {
+                println!(
+                    "logged in: {}",
+                    session_commands::relay_line(&identity.relay)
+                );
+            }
+            Ok(())
+        }
+        command @ (Command::Logout | Command::Whoami) => {
+            let logout = matches!(command, Command::Logout);
+            let mut running = connect(&paths, true).await?;
+            let request = if logout {
+                Request::Logout
+            } else {
+                Request::Whoami
+            };
+            let Response::Identity(identity) = running.client.request(request).await? else {
+                bail!("unexpected reply");
+            };
+            if json_output {
+                println!("{}", serde_json::to_string(&identity)?);
+            } else {
+                if logout {
+                    println!("logged out; using the embedded relay");
+                }
+                println!("{}", session_commands::relay_line(&identity.relay));
+            }
+            Ok(())
+        }
+        Command::Session { command } => {
+            let mut running = connect(&paths, true).await?;
+            session_commands::session(&mut running.client, command, json_output).await
+        }
+        Command::Send { id, text } => {
+            let mut running = connect(&paths, true).await?;
+            session_commands::send(&mut running.client, id, text, json_output).await
+        }
+        Command::Attach {
+            id,
+            since,
+            viewer,
+            no_follow,
+        } => {
+            let mut running = connect(&paths, true).await?;
+            session_commands::attach(
+                &mut running.client,
+                id,
+                since,
+                viewer,
+                !no_follow,
+                json_output,
+            )
+            .await
+        }
+        Command::Interrupt { id } => {
+            let mut running = connect(&paths, true).await?;
+            session_commands::interrupt(&mut running.client, id, json_output).await
+        }
+        Command::Permissions { id } => {
+            let mut running = connect(&paths, true).await?;
+            session_commands::permissions(&mut running.client, id, json_output).await
+        }
+        Command::Allow {
+            id,
+            request_id,
+            input,
+        } => {
+            let decision = PermissionDecision::Allow {
+                updated_input: session_commands::updated_input(input)?,
+            };
+            let mut running = connect(&paths, true).await?;
+            session_commands::answer(&mut running.client, id, request_id, decision, json_output)
+                .await
+        }
+        Command::Deny {
+            id,
+            request_id,
+            message,
+        } => {
+            let mut running = connect(&paths, true).await?;
+            session_commands::answer(
+                &mut running.client,
+                id,
+                request_id,
+                PermissionDecision::Deny { message },
+                json_output,
+            )
+            .await
+        }
     }
 }
 
@@ -470,6 +650,14 @@ fn print_status(status: &Status) {
             ),
         ),
         ("clients", status.clients.to_string()),
+        ("relay", session_commands::relay_line(&status.relay)),
+        (
+            "journal",
+            format!(
+                "{} event(s) not yet acknowledged",
+                status.relay.journal_depth
+            ),
+        ),
     ];
     for (name, value) in rows {
         println!("{name:<10} {value}");

@@ -9,18 +9,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_protocol::ipc::{DaemonState, Supervisor};
+use cloud_protocol::ipc::{DaemonState, RelayMode, Supervisor};
 use cloud_protocol::paths::Paths;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
+use crate::bridge::Bridge;
 use crate::config::{Config, ConfigError};
+use crate::credentials;
+use crate::inbound::Inbound;
 use crate::ipc::{listener, IpcError};
+use crate::journal::Journal;
+use crate::link::Link;
 use crate::logging::{Logging, LoggingError};
+use crate::replica::Replica;
 use crate::signals::{self, Signal};
 use crate::singleton::{InstanceLock, LockError};
 use crate::state::{Shared, Snapshot};
-use crate::supervisor::{BinaryIdentity, Handoff};
+use crate::store::{self, StoreError};
+use crate::supervisor::{BinaryIdentity, Handoff, Supervision};
 
 /// The longest the drain waits for connections to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,6 +79,9 @@ pub enum StartError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Creates a private directory (0700 on Unix).
@@ -108,11 +118,36 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         }
         None => None,
     };
+    // The stores, the journal and the bridge.
+    let db = store::open(&paths.state_dir.join("store"))?;
+    let instance_id = store::instance_id(&db)?;
+    let journal = Journal::open(&db)?;
+    tokio::spawn(Arc::clone(&journal).run_flusher());
+    let (link, bridge_commands) = Link::new(
+        journal,
+        Inbound::open(&db)?,
+        Replica::open(&db)?,
+        if credentials::load(&paths.config_dir)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            RelayMode::Remote
+        } else {
+            RelayMode::Embedded
+        },
+        String::new(),
+        instance_id.clone(),
+    );
+    let link = Arc::new(link);
+
     let (core_tx, mut core_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared::new(
         paths,
-        handoff.supervisor.unwrap_or(Supervisor::None),
-        BinaryIdentity::current(),
+        Supervision {
+            supervisor: handoff.supervisor.unwrap_or(Supervisor::None),
+            binary: BinaryIdentity::current(),
+        },
         Snapshot {
             state: DaemonState::Ready,
             config_generation: 1,
@@ -122,7 +157,16 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         config.max_clients,
         logging.feed.clone(),
         core_tx.clone(),
+        Arc::clone(&link),
     ));
+    let bridge = Bridge::new(
+        Arc::clone(&link),
+        bridge_commands,
+        &shared.paths,
+        instance_id,
+        shared.shutdown.clone(),
+    );
+    let bridge_task = tokio::spawn(bridge.run());
     let signal_task = signals::spawn(core_tx).map_err(StartError::Signals)?;
     let listener = match adopted {
         Some(listener) => listener,
@@ -183,6 +227,16 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
             n_connections = tracker.len(),
             "drain timed out after {DRAIN_TIMEOUT:?}; closing the remaining connections"
         );
+    }
+    // The bridge stops on the same token; it shuts the embedded relay down.
+    if tokio::time::timeout(DRAIN_TIMEOUT, bridge_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the bridge did not stop within {DRAIN_TIMEOUT:?}");
+    }
+    if let Err(e) = db.flush_async().await {
+        tracing::error!("cannot flush the store: {e}");
     }
     signal_task.abort();
     tracing::info!("cloudd stopped");

@@ -9,6 +9,11 @@
 //! - [`ipc`]: the local socket: binding it safely, accepting clients, checking their uid,
 //!   telling the two encodings apart, and answering requests.
 //! - [`state`]: what the daemon knows and shares with every connection.
+//! - [`store`]: the sled database and which module owns which tree.
+//! - [`journal`]: outbound events, durable before `queued`, trimmed on the relay's ack.
+//! - [`inbound`], [`replica`]: what the relay sent: followed sessions' logs, the sessions.
+//! - [`credentials`], [`embedded`]: which relay, and the in-process one when none is set.
+//! - [`bridge`]: the WebSocket to the relay; [`link`]: what it shares with the handlers.
 //! - [`daemon`]: the core: start-up, the one loop that consumes [`daemon::CoreEvent`]s
 //!   (signals, shutdown requests), and the bounded drain.
 //! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
@@ -18,13 +23,21 @@
 //! Architecture invariant: the socket loop never waits on a slow client. Every queue is
 //! bounded, every frame has a size limit and every write a deadline.
 
+pub mod bridge;
 pub mod config;
+pub mod credentials;
 pub mod daemon;
+pub mod embedded;
+pub mod inbound;
 pub mod ipc;
+pub mod journal;
+pub mod link;
 pub mod logging;
+pub mod replica;
 pub mod signals;
 pub mod singleton;
 pub mod state;
+pub mod store;
 #[cfg(unix)]
 pub mod supervisor;
 

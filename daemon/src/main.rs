@@ -17,10 +17,28 @@ struct Args {
     /// Log to `cloudd.log` in the state directory instead of stderr (set by `cloudctl up`).
     #[arg(long)]
     detached: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The built-in shell agent on stdio (run by the embedded relay for each session).
+    #[command(hide = true)]
+    ShellAgent,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::ShellAgent) = args.command {
+        return match cloud_relay::shell_agent::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cloudd shell-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Before any thread exists: this reads and clears the service manager's variables.
     let handoff = cloudd::supervisor::Handoff::from_env();
     let result = (|| -> anyhow::Result<()> {

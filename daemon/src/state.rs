@@ -9,14 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cloud_protocol::ipc::{
-    DaemonState, HelloReply, Notification, StateChange, Status, Supervisor, PROTOCOL_VERSION,
+    DaemonState, HelloReply, Notification, StateChange, Status, PROTOCOL_VERSION,
 };
 use cloud_protocol::paths::Paths;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::CoreEvent;
-use crate::supervisor::BinaryIdentity;
+use crate::link::Link;
+use crate::supervisor::Supervision;
 
 /// How many state notifications a subscriber may fall behind before it is cut off.
 pub const STATE_FEED_CAPACITY: usize = 256;
@@ -32,10 +33,9 @@ pub struct Shared {
     pub pid: u32,
     /// The effective uid clients must have.
     pub uid: u32,
-    /// What started the daemon, reported to clients so they restart it the right way.
-    pub supervisor: Supervisor,
-    /// The executable at start, to tell clients when an upgrade replaced it.
-    binary: BinaryIdentity,
+    /// What started the daemon and its executable at start, reported to clients so they
+    /// restart it the right way when it is outdated.
+    supervision: Supervision,
     /// The parts that change: lifecycle state, configuration generation, log filter.
     snapshot: Mutex<Snapshot>,
     /// Live connections, for `status` and the client limit.
@@ -50,6 +50,8 @@ pub struct Shared {
     core: mpsc::Sender<CoreEvent>,
     /// Cancelled when the drain starts: connections finish what they are doing and close.
     pub shutdown: CancellationToken,
+    /// The journal, the stores the bridge fills, and the way to the bridge.
+    pub link: Arc<Link>,
 }
 
 /// The changing part of the state.
@@ -81,12 +83,12 @@ impl Shared {
     /// The shared state of a daemon starting with `snapshot`.
     pub fn new(
         paths: Paths,
-        supervisor: Supervisor,
-        binary: BinaryIdentity,
+        supervision: Supervision,
         snapshot: Snapshot,
         max_clients: usize,
         log_feed: broadcast::Sender<Arc<Notification>>,
         core: mpsc::Sender<CoreEvent>,
+        link: Arc<Link>,
     ) -> Shared {
         let (state_feed, _) = broadcast::channel(STATE_FEED_CAPACITY);
         Shared {
@@ -94,8 +96,7 @@ impl Shared {
             started: Instant::now(),
             pid: std::process::id(),
             uid: current_uid(),
-            supervisor,
-            binary,
+            supervision,
             snapshot: Mutex::new(snapshot),
             clients: AtomicU32::new(0),
             max_clients: AtomicU32::new(max_clients.min(u32::MAX as usize) as u32),
@@ -103,6 +104,7 @@ impl Shared {
             log_feed,
             core,
             shutdown: CancellationToken::new(),
+            link,
         }
     }
 
@@ -156,7 +158,7 @@ impl Shared {
             version: crate::VERSION.into(),
             protocol: PROTOCOL_VERSION,
             state: snapshot.state,
-            supervisor: self.supervisor,
+            supervisor: self.supervision.supervisor,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             socket: self.paths.socket.display().to_string(),
             state_dir: self.paths.state_dir.display().to_string(),
@@ -165,6 +167,7 @@ impl Shared {
             log_filter: snapshot.log_filter,
             log_file: snapshot.log_file,
             clients: self.clients.load(Ordering::Relaxed),
+            relay: self.link.status(),
         }
     }
 
@@ -174,8 +177,8 @@ impl Shared {
             protocol: PROTOCOL_VERSION,
             daemon_version: crate::VERSION.into(),
             pid: self.pid,
-            supervisor: self.supervisor,
-            binary_replaced: self.binary.replaced(),
+            supervisor: self.supervision.supervisor,
+            binary_replaced: self.supervision.binary.replaced(),
         }
     }
 

@@ -73,10 +73,9 @@ impl Handoff {
             .filter(|_| watchdog_pid.as_deref().is_none_or(|p| p == pid))
             .filter(|usec| *usec > 0)
             .map(|usec| Duration::from_micros(usec / 2));
-        let supervisor = if listen_fd.is_some()
-            || notify_socket.is_some()
-            || std::env::var_os("INVOCATION_ID").is_some()
-        {
+        // Only what systemd hands to a service it supervises counts: INVOCATION_ID alone is
+        // also set for anything started from inside some other service.
+        let supervisor = if listen_fd.is_some() || notify_socket.is_some() {
             Some(Supervisor::Systemd)
         } else if std::env::var("XPC_SERVICE_NAME").is_ok_and(|name| name == LAUNCHD_LABEL) {
             Some(Supervisor::Launchd)
@@ -133,6 +132,15 @@ fn set_cloexec(fd: &OwnedFd) {
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC);
         }
     }
+}
+
+/// How the daemon is supervised, as clients need to know to restart it.
+#[derive(Debug)]
+pub struct Supervision {
+    /// What started it and restarts it.
+    pub supervisor: Supervisor,
+    /// Its executable at start, to notice an upgrade.
+    pub binary: BinaryIdentity,
 }
 
 /// The identity of the daemon's executable at start, to notice an upgrade.

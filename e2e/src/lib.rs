@@ -306,3 +306,175 @@ impl JsonClient {
             .ok_or_else(|| std::io::Error::other(format!("hello failed: {reply}")))
     }
 }
+
+/// A standalone `cloud-relay serve` process on a loopback port, with its data in a temp
+/// dir; killed when dropped.
+#[derive(Debug)]
+pub struct Relay {
+    /// Its data directory (kept across restarts).
+    pub data: tempfile::TempDir,
+    /// The port it listens on (kept across restarts).
+    pub port: u16,
+    /// The process, while it runs.
+    pub child: Option<Child>,
+    /// Extra `serve` arguments (an agent command).
+    args: Vec<String>,
+}
+
+impl Relay {
+    /// Starts a relay with the built-in shell agent.
+    pub fn start() -> Relay {
+        Relay::start_with(&[])
+    }
+
+    /// Starts a relay with extra `serve` arguments.
+    pub fn start_with(args: &[&str]) -> Relay {
+        let data = tempfile::Builder::new()
+            .prefix("cr")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut relay = Relay {
+            data,
+            port,
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        relay.restart();
+        relay
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The file its stderr goes to.
+    pub fn log_path(&self) -> PathBuf {
+        self.data.path().join("relay.log")
+    }
+
+    /// What it has logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// (Re)starts the process on the same port and data, and waits until it accepts.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("relay log");
+        let child = Command::new(binary("cloud-relay"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data")
+            .arg(self.data.path())
+            .args(&self.args)
+            .env("RELAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cloud-relay");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("cloud-relay to listen", DEADLINE, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `cloud-relay token create`: a new token for `user` in `org`.
+    pub fn token(&self, user: &str, org: &str) -> String {
+        let output = Command::new(binary("cloud-relay"))
+            .args(["token", "create", "--user", user, "--org", org, "--data"])
+            .arg(self.data.path())
+            .output()
+            .expect("cloud-relay token create");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    /// `cloud-relay token revoke --user`.
+    pub fn revoke(&self, user: &str) {
+        let output = Command::new(binary("cloud-relay"))
+            .args(["token", "revoke", "--user", user, "--data"])
+            .arg(self.data.path())
+            .output()
+            .expect("cloud-relay token revoke");
+        assert!(output.status.success(), "{output:?}");
+    }
+
+    /// A REST call; returns (status code, JSON body).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        use std::io::Read as _;
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to the relay");
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

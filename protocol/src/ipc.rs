@@ -631,7 +631,7 @@ pub fn version_mismatch(client_protocol: u32, daemon_protocol: u32) -> ErrorBody
     let fix = if client_protocol < daemon_protocol {
         "upgrade the client to the daemon's version"
     } else {
-        "restart the daemon with the new version: `cloudctl down && cloudctl up`"
+        "restart the daemon with the new version: `cloudctl down && cloudctl up` (any cloudctl command also restarts it)"
     };
     ErrorBody::new(
         ErrorCode::VersionMismatch,

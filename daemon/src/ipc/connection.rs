@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_protocol::frame::{self, FrameError};
-use cloud_protocol::ipc::{ClientMessage, Closing, ErrorCode, Notification, ServerMessage};
+use cloud_protocol::ipc::{
+    ClientMessage, Closing, ErrorBody, ErrorCode, Notification, Request, Response, ServerMessage,
+};
 use cloud_protocol::{jsonrpc, JSON_FIRST_BYTE};
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::StreamCommon as _;
@@ -64,6 +66,24 @@ pub async fn serve(stream: Stream, shared: Arc<Shared>, connection_id: u64) {
         .await;
 }
 
+/// Where a reply goes.
+#[derive(Debug)]
+enum ReplyTo {
+    /// A binary request id.
+    Binary(u64),
+    /// A JSON-RPC id; `None` for a notification (no reply).
+    Json(Option<serde_json::Value>),
+}
+
+/// One decoded message.
+#[derive(Debug)]
+enum Incoming {
+    /// A request to handle.
+    Request(ReplyTo, Request),
+    /// A message that was not a valid request: reply with the error.
+    Invalid(ReplyTo, ErrorBody),
+}
+
 async fn serve_peer(
     mut stream: Stream,
     shared: Arc<Shared>,
@@ -102,10 +122,36 @@ async fn serve_peer(
     };
     let mut encoding = None;
     let mut out = Vec::new();
+    let mut batch = Vec::new();
+    // Built once: a fresh `cancelled()` future per loop would register a waiter each time.
+    let shutdown = shared.shutdown.clone().cancelled_owned();
+    tokio::pin!(shutdown);
     loop {
         if let Some(encoding) = encoding {
-            let used = process(encoding, &buf, &shared, &mut client, &mut out);
+            let used = decode(encoding, &buf, &mut client, &mut batch);
             buf.drain(..used);
+            for incoming in batch.drain(..) {
+                let (reply_to, result) = match incoming {
+                    Incoming::Request(reply_to, request) => (
+                        reply_to,
+                        handler::handle(&shared, &mut client, request).await,
+                    ),
+                    Incoming::Invalid(reply_to, error) => (reply_to, Err(error)),
+                };
+                push_reply(reply_to, result, &mut out, &mut client);
+                queue_replay(encoding, &mut client, &mut out);
+                if client.closing.is_some() {
+                    break;
+                }
+            }
+            if client.closing.is_some() {
+                push_closing(encoding, &client, &mut out);
+            }
+            if client.needs_durable > 0 {
+                // Replies to journaled requests are "queued": only true once on disk.
+                shared.link.journal.wait_durable(client.needs_durable).await;
+                client.needs_durable = 0;
+            }
             if !out.is_empty() && !write(&mut stream, &mut out).await {
                 return;
             }
@@ -122,7 +168,7 @@ async fn serve_peer(
             received = recv(&mut client.state_feed) => {
                 queue_notifications(encoding, received, &mut client, Feed::State, &mut out);
             }
-            _ = shared.shutdown.cancelled() => {
+            _ = &mut shutdown => {
                 client.closing = Some(Closing { code: ErrorCode::ShuttingDown, message: "cloudd is shutting down".into() });
                 push_closing(encoding.unwrap_or(Encoding::Binary), &client, &mut out);
             }
@@ -143,6 +189,12 @@ async fn serve_peer(
                     return;
                 }
             },
+            received = recv(&mut client.session_feed) => {
+                queue_notifications(encoding, received, &mut client, Feed::Session, &mut out);
+            }
+            received = recv(&mut client.sessions_feed) => {
+                queue_notifications(encoding, received, &mut client, Feed::Sessions, &mut out);
+            }
             received = recv(&mut client.log_feed) => {
                 queue_notifications(encoding, received, &mut client, Feed::Log, &mut out);
             }
@@ -152,6 +204,11 @@ async fn serve_peer(
             // say it in yet except binary, which is what a silent client will get.
             encoding = Some(Encoding::Binary);
         }
+        if encoding.is_some() && !out.is_empty() && client.closing.is_some() {
+            // The closing is queued: write it and stop.
+            let _ = write(&mut stream, &mut out).await;
+            return;
+        }
     }
 }
 
@@ -160,6 +217,22 @@ async fn serve_peer(
 enum Feed {
     State,
     Log,
+    Sessions,
+    Session,
+}
+
+impl Feed {
+    fn receiver(
+        self,
+        client: &mut ClientState,
+    ) -> &mut Option<broadcast::Receiver<Arc<Notification>>> {
+        match self {
+            Feed::State => &mut client.state_feed,
+            Feed::Log => &mut client.log_feed,
+            Feed::Sessions => &mut client.sessions_feed,
+            Feed::Session => &mut client.session_feed,
+        }
+    }
 }
 
 /// Waits for the next notification of a feed the client may not be subscribed to.
@@ -187,7 +260,9 @@ fn queue_notifications(
     while let Some(received) = next.take() {
         match received {
             Ok(notification) => {
-                push_notification(encoding, &notification, out);
+                if wanted(client, &notification) {
+                    push_notification(encoding, &notification, out);
+                }
                 n_queued += 1;
             }
             Err(RecvError::Lagged(n_missed)) => {
@@ -203,38 +278,78 @@ fn queue_notifications(
                 return;
             }
             Err(RecvError::Closed) => {
-                match feed {
-                    Feed::State => client.state_feed = None,
-                    Feed::Log => client.log_feed = None,
-                }
+                *feed.receiver(client) = None;
                 return;
             }
         }
         if n_queued < NOTIFICATION_BATCH {
-            let receiver = match feed {
-                Feed::State => client.state_feed.as_mut(),
-                Feed::Log => client.log_feed.as_mut(),
-            };
-            next = receiver.and_then(|r| match r.try_recv() {
-                Ok(n) => Some(Ok(n)),
-                Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                Err(_) => None,
-            });
+            next = feed
+                .receiver(client)
+                .as_mut()
+                .and_then(|r| match r.try_recv() {
+                    Ok(n) => Some(Ok(n)),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Some(Err(RecvError::Lagged(n)))
+                    }
+                    Err(_) => None,
+                });
         }
     }
 }
 
-/// Decodes and handles every complete message at the start of `buf`, appending replies
-/// to `out`. Returns how many bytes were consumed. Stops early when the client must be
-/// closed (`client.closing` is then set and its notification queued).
-fn process(
+/// Session log entries go only to clients attached to that session, once each (a replay
+/// and the live feed may overlap).
+fn wanted(client: &mut ClientState, notification: &Notification) -> bool {
+    let Notification::SessionLog { session, entry } = notification else {
+        return true;
+    };
+    match client.attached.get_mut(session) {
+        Some(last) if entry.seq > *last => {
+            *last = entry.seq;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Queues the stored entries an attach asked for.
+fn queue_replay(encoding: Encoding, client: &mut ClientState, out: &mut Vec<u8>) {
+    for (session, entry) in std::mem::take(&mut client.replay) {
+        push_notification(encoding, &Notification::SessionLog { session, entry }, out);
+    }
+}
+
+/// Appends the reply to a request.
+fn push_reply(
+    reply_to: ReplyTo,
+    result: Result<Response, ErrorBody>,
+    out: &mut Vec<u8>,
+    client: &mut ClientState,
+) {
+    match reply_to {
+        ReplyTo::Binary(id) => {
+            if let Err(e) = frame::encode(&ServerMessage::Reply { id, result }, out) {
+                tracing::error!(error = %e, "cannot encode reply");
+                client.closing = Some(Closing {
+                    code: ErrorCode::Internal,
+                    message: format!("internal error: {e}"),
+                });
+            }
+        }
+        ReplyTo::Json(Some(id)) => jsonrpc::encode_reply(&id, &result, out),
+        ReplyTo::Json(None) => {}
+    }
+}
+
+/// Decodes every complete message at the start of `buf` into `batch`. Returns how many
+/// bytes were consumed. Stops early when the framing is lost (`client.closing` is then
+/// set).
+fn decode(
     encoding: Encoding,
     buf: &[u8],
-    shared: &Shared,
     client: &mut ClientState,
-    out: &mut Vec<u8>,
+    batch: &mut Vec<Incoming>,
 ) -> usize {
-    let was_closing = client.closing.is_some();
     let mut position = 0;
     while client.closing.is_none() {
         let rest = &buf[position..];
@@ -243,18 +358,10 @@ fn process(
                 Ok(None) => break,
                 Ok(Some((message, used))) => {
                     position += used;
-                    let result = handler::handle(shared, client, message.request);
-                    let reply = ServerMessage::Reply {
-                        id: message.id,
-                        result,
-                    };
-                    if let Err(e) = frame::encode(&reply, out) {
-                        tracing::error!(error = %e, "cannot encode reply");
-                        client.closing = Some(Closing {
-                            code: ErrorCode::Internal,
-                            message: format!("internal error: {e}"),
-                        });
-                    }
+                    batch.push(Incoming::Request(
+                        ReplyTo::Binary(message.id),
+                        message.request,
+                    ));
                 }
                 Err(e) => {
                     let code = match e {
@@ -277,17 +384,13 @@ fn process(
                         continue;
                     }
                     match jsonrpc::decode_request(line) {
-                        Ok(request) => {
-                            let result = handler::handle(shared, client, request.request);
-                            if let Some(id) = request.id {
-                                jsonrpc::encode_reply(&id, &result, out);
-                            }
-                        }
+                        Ok(request) => batch.push(Incoming::Request(
+                            ReplyTo::Json(request.id),
+                            request.request,
+                        )),
                         Err(error) => {
                             tracing::debug!(error = %error.error.message, "bad JSON-RPC line");
-                            if let Some(id) = error.id {
-                                jsonrpc::encode_reply(&id, &Err(error.error), out);
-                            }
+                            batch.push(Incoming::Invalid(ReplyTo::Json(error.id), error.error));
                         }
                     }
                 }
@@ -300,9 +403,6 @@ fn process(
                 }
             },
         }
-    }
-    if !was_closing {
-        push_closing(encoding, client, out);
     }
     position
 }
@@ -327,7 +427,12 @@ fn push_closing(encoding: Encoding, client: &ClientState, out: &mut Vec<u8>) {
 /// Writes and clears `out` within [`WRITE_DEADLINE`]. Returns false when the connection is
 /// unusable (write error or a stalled client).
 async fn write(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
-    let result = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(out)).await;
+    // Most writes complete at once; only a write that has to wait gets a deadline timer.
+    let mut writing = std::pin::pin!(stream.write_all(out));
+    let result = match futures_util::poll!(&mut writing) {
+        std::task::Poll::Ready(result) => Ok(result),
+        std::task::Poll::Pending => tokio::time::timeout(WRITE_DEADLINE, writing).await,
+    };
     let n_bytes = out.len();
     out.clear();
     match result {

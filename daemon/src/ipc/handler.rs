@@ -3,12 +3,14 @@
 //! The handler never blocks and never does IO: it reads the shared state, changes this
 //! client's own state (greeting, subscriptions), or asks the core loop to act.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cloud_protocol::ipc::{
     version_mismatch, Closing, ErrorBody, ErrorCode, Notification, Request, Response, Subscribe,
     Topic, PROTOCOL_VERSION,
 };
+use cloud_protocol::session::LogEntry;
 use tokio::sync::broadcast;
 
 use crate::state::Shared;
@@ -26,12 +28,23 @@ pub struct ClientState {
     pub state_feed: Option<broadcast::Receiver<Arc<Notification>>>,
     /// Log records, when subscribed.
     pub log_feed: Option<broadcast::Receiver<Arc<Notification>>>,
+    /// Replica, relay and refusal notifications, when subscribed.
+    pub sessions_feed: Option<broadcast::Receiver<Arc<Notification>>>,
+    /// Session log entries, while attached to at least one session.
+    pub session_feed: Option<broadcast::Receiver<Arc<Notification>>>,
+    /// Attached sessions and the last log seq sent to this client for each.
+    pub attached: HashMap<String, u64>,
+    /// Stored entries to send after the attach reply, in order.
+    pub replay: Vec<(String, LogEntry)>,
+    /// The highest journal seq whose flush must complete before the replies now queued
+    /// are written.
+    pub needs_durable: u64,
     /// Set when the connection must close once what is queued has been written.
     pub closing: Option<Closing>,
 }
 
 /// Answers `request` from the client whose state is `client`.
-pub fn handle(
+pub async fn handle(
     shared: &Shared,
     client: &mut ClientState,
     request: Request,
@@ -62,7 +75,12 @@ pub fn handle(
             shared.request_shutdown(by);
             return Ok(Response::ShuttingDown);
         }
-        Request::Subscribe(subscribe) => return Ok(Response::Subscribed(self::subscribe(shared, client, subscribe))),
+        Request::Subscribe(subscribe) => {
+            return Ok(Response::Subscribed(self::subscribe(
+                shared, client, subscribe,
+            )))
+        }
+        other => return super::sessions::handle(shared, client, other).await,
     };
     if hello.protocol != PROTOCOL_VERSION {
         let error = version_mismatch(hello.protocol, PROTOCOL_VERSION);
@@ -84,8 +102,9 @@ fn subscribe(shared: &Shared, client: &mut ClientState, subscribe: Subscribe) ->
     let wants = |topic| subscribe.topics.contains(&topic);
     client.state_feed = wants(Topic::State).then(|| shared.state_feed.subscribe());
     client.log_feed = wants(Topic::Log).then(|| shared.log_feed.subscribe());
+    client.sessions_feed = wants(Topic::Sessions).then(|| shared.link.sessions_feed.subscribe());
     let mut topics = Vec::new();
-    for topic in [Topic::State, Topic::Log] {
+    for topic in [Topic::State, Topic::Log, Topic::Sessions] {
         if wants(topic) {
             topics.push(topic);
         }

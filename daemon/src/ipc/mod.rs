@@ -5,10 +5,12 @@
 //! - [`connection`]: one client: checks its uid, picks the encoding from its first byte,
 //!   reads messages, writes replies and notifications, and closes with a reason.
 //! - [`handler`]: turns one request into one response against the shared state.
+//! - [`sessions`]: the sessions family: login, the replica, journaled events, attach.
 
 pub mod connection;
 pub mod handler;
 pub mod listener;
+pub mod sessions;
 
 /// The local socket could not be set up.
 #[derive(Debug, thiserror::Error)]

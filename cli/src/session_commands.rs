@@ -1,0 +1,614 @@
+//! The session commands of the `cloudctl` binary: login, sessions, messages, attach and
+//! permission prompts. Each turns validated arguments into one or two requests and prints
+//! the answer for people or, with `--json`, for programs.
+
+use std::io::BufRead as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand, ValueEnum};
+use cloud_protocol::bridge::PermissionDecision;
+use cloud_protocol::ipc::{BridgeState, Notification, RelayStatus, Request, Response};
+use cloud_protocol::jsonrpc::log_entry_value;
+use cloud_protocol::session::{
+    Author, CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction,
+    SessionEvent, Visibility,
+};
+use cloudctl::client::Client;
+use serde_json::{json, Value};
+
+/// `cloudctl session ...`
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Create a cloud session.
+    Create(CreateArgs),
+    /// List the sessions you can see (works offline, marked stale).
+    List,
+    /// Show one session.
+    Show {
+        /// The session id.
+        id: String,
+    },
+    /// Pause a running session (its agent stops; messages wait).
+    Pause {
+        /// The session id.
+        id: String,
+    },
+    /// Resume a paused or failed session.
+    Resume {
+        /// The session id.
+        id: String,
+    },
+    /// Complete a session for good.
+    Complete {
+        /// The session id.
+        id: String,
+    },
+    /// Delete a session, its log and its workspace.
+    Delete {
+        /// The session id.
+        id: String,
+    },
+    /// Change who can see a session.
+    Share {
+        /// The session id.
+        id: String,
+        /// private (you), team (your org), public (anyone with the id, read-only).
+        #[arg(long, value_enum)]
+        visibility: VisibilityArg,
+    },
+}
+
+/// `session create` flags.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// What the session is for.
+    #[arg(long, default_value = "")]
+    task: String,
+    /// Who can see it.
+    #[arg(long, value_enum, default_value_t = VisibilityArg::Private)]
+    visibility: VisibilityArg,
+    /// What network its agent may use.
+    #[arg(long, value_enum, default_value_t = NetworkArg::Limited)]
+    network: NetworkArg,
+    /// The image its workspace is made from.
+    #[arg(long, default_value = "default")]
+    image: String,
+    /// Whether its agent may change the repository.
+    #[arg(long, value_enum, default_value_t = RepoArg::Write)]
+    repo_access: RepoArg,
+}
+
+/// `--visibility`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum VisibilityArg {
+    /// You only.
+    Private,
+    /// Your org.
+    Team,
+    /// Anyone with the id, read-only.
+    Public,
+}
+
+impl From<VisibilityArg> for Visibility {
+    fn from(v: VisibilityArg) -> Visibility {
+        match v {
+            VisibilityArg::Private => Visibility::Private,
+            VisibilityArg::Team => Visibility::Team,
+            VisibilityArg::Public => Visibility::Public,
+        }
+    }
+}
+
+/// `--network`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NetworkArg {
+    /// No network.
+    None,
+    /// Package registries and the like.
+    Limited,
+    /// Anything.
+    Full,
+}
+
+/// `--repo-access`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RepoArg {
+    /// Read only.
+    Read,
+    /// Read and write.
+    Write,
+}
+
+/// Runs `session ...`.
+pub async fn session(
+    client: &mut Client,
+    command: SessionCommand,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let request = match command {
+        SessionCommand::Create(args) => Request::SessionCreate(CreateSession {
+            task: args.task,
+            visibility: args.visibility.into(),
+            network_access: match args.network {
+                NetworkArg::None => NetworkAccess::None,
+                NetworkArg::Limited => NetworkAccess::Limited,
+                NetworkArg::Full => NetworkAccess::Full,
+            },
+            repo_access: match args.repo_access {
+                RepoArg::Read => RepoAccess::Read,
+                RepoArg::Write => RepoAccess::Write,
+            },
+            vm_image: args.image,
+        }),
+        SessionCommand::List => Request::SessionList,
+        SessionCommand::Show { id } => Request::SessionShow { session: id },
+        SessionCommand::Pause { id } => action(id, SessionAction::Pause),
+        SessionCommand::Resume { id } => action(id, SessionAction::Resume),
+        SessionCommand::Complete { id } => action(id, SessionAction::Complete),
+        SessionCommand::Delete { id } => action(id, SessionAction::Delete),
+        SessionCommand::Share { id, visibility } => Request::SessionShare {
+            session: id,
+            visibility: visibility.into(),
+        },
+    };
+    match client.request(request).await? {
+        Response::Sessions { sessions, stale } => {
+            if json_output {
+                println!("{}", json!({"sessions": sessions, "stale": stale}));
+            } else {
+                if stale {
+                    eprintln!("note: the relay is unreachable; this list may be out of date");
+                }
+                if sessions.is_empty() {
+                    println!("no sessions (create one with `cloudctl session create`)");
+                }
+                println!(
+                    "{:<20} {:<10} {:<8} {:<10} TASK",
+                    "ID", "STATUS", "VISIBLE", "ACTIVE"
+                );
+                for session in sessions {
+                    println!(
+                        "{:<20} {:<10} {:<8} {:<10} {}",
+                        session.id,
+                        session.status.as_str(),
+                        json!(session.visibility).as_str().unwrap_or("?"),
+                        ago(session.last_activity),
+                        session.task
+                    );
+                }
+            }
+        }
+        Response::Session { session, stale } => {
+            if json_output {
+                println!("{}", json!({"session": session, "stale": stale}));
+            } else {
+                print_session(&session, stale);
+            }
+        }
+        Response::SessionDeleted => {
+            if json_output {
+                println!("{}", json!({"deleted": true}));
+            } else {
+                println!("deleted");
+            }
+        }
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
+}
+
+fn action(session: String, action: SessionAction) -> Request {
+    Request::SessionAction { session, action }
+}
+
+fn print_session(session: &Session, stale: bool) {
+    let rows = [
+        ("id", session.id.clone()),
+        (
+            "status",
+            match &session.failure {
+                Some(reason) => format!("{} ({reason})", session.status.as_str()),
+                None => session.status.as_str().to_owned(),
+            },
+        ),
+        ("task", session.task.clone()),
+        ("owner", format!("{} ({})", session.owner, session.org)),
+        (
+            "visibility",
+            json!(session.visibility).as_str().unwrap_or("?").to_owned(),
+        ),
+        (
+            "network",
+            json!(session.network_access)
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        ),
+        (
+            "repo",
+            json!(session.repo_access)
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        ),
+        ("image", session.vm_image.clone()),
+        ("created", ago(session.created_at)),
+        ("active", ago(session.last_activity)),
+        ("log", format!("{} entries", session.last_seq)),
+    ];
+    for (name, value) in rows {
+        println!("{name:<10} {value}");
+    }
+    if stale {
+        println!(
+            "{:<10} the relay is unreachable; this may be out of date",
+            "note"
+        );
+    }
+}
+
+/// "12s ago", "3m ago", ...
+fn ago(unix_ms: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let seconds = now.saturating_sub(unix_ms) / 1000;
+    match seconds {
+        0..=59 => format!("{seconds}s ago"),
+        60..=3599 => format!("{}m ago", seconds / 60),
+        3600..=86399 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86400),
+    }
+}
+
+/// Describes the relay connection in one line.
+pub fn relay_line(relay: &RelayStatus) -> String {
+    let mode = json!(relay.mode).as_str().unwrap_or("?").to_owned();
+    let state = json!(relay.state).as_str().unwrap_or("?").to_owned();
+    let who = match (&relay.user, &relay.org) {
+        (Some(user), Some(org)) => format!(" as {user}@{org}"),
+        _ => String::new(),
+    };
+    let reason = relay
+        .reason
+        .as_deref()
+        .filter(|_| relay.state != BridgeState::Connected)
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    format!("{mode}, {state} ({}){who}{reason}", relay.url)
+}
+
+/// `cloudctl send`: queue, then wait for the relay's verdict when it is reachable.
+pub async fn send(
+    client: &mut Client,
+    session: String,
+    text: String,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let Response::Queued { seq } = client.request(Request::Send { session, text }).await? else {
+        bail!("unexpected reply to send");
+    };
+    deliver(client, seq, "sent", json_output).await
+}
+
+/// `cloudctl interrupt`.
+pub async fn interrupt(
+    client: &mut Client,
+    session: String,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let Response::Queued { seq } = client.request(Request::Interrupt { session }).await? else {
+        bail!("unexpected reply to interrupt");
+    };
+    deliver(client, seq, "interrupt sent", json_output).await
+}
+
+/// Waits for the relay to take event `seq` when it is connected; otherwise says it is
+/// queued.
+async fn deliver(
+    client: &mut Client,
+    seq: u64,
+    what: &str,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let Response::Identity(identity) = client.request(Request::Whoami).await? else {
+        bail!("unexpected reply to whoami");
+    };
+    if identity.relay.state != BridgeState::Connected {
+        if json_output {
+            println!("{}", json!({"seq": seq, "state": "queued"}));
+        } else {
+            println!(
+                "queued (seq {seq}): the relay is {}; it will be delivered when it is back",
+                json!(identity.relay.state).as_str().unwrap_or("?")
+            );
+        }
+        return Ok(());
+    }
+    match client.request(Request::Delivery { seq }).await? {
+        Response::Delivered { seq } => {
+            if json_output {
+                println!("{}", json!({"seq": seq, "state": "delivered"}));
+            } else {
+                println!("{what} (seq {seq})");
+            }
+            Ok(())
+        }
+        other => bail!("unexpected reply to delivery: {other:?}"),
+    }
+}
+
+/// `cloudctl permissions`.
+pub async fn permissions(
+    client: &mut Client,
+    session: String,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let Response::Prompts(prompts) = client
+        .request(Request::Permissions {
+            session: session.clone(),
+        })
+        .await?
+    else {
+        bail!("unexpected reply to permissions");
+    };
+    if json_output {
+        println!("{}", json!(prompts));
+    } else if prompts.is_empty() {
+        println!("no pending permission prompts in {session}");
+    } else {
+        println!("{:<16} {:<8} INPUT", "REQUEST", "TOOL");
+        for prompt in prompts {
+            println!(
+                "{:<16} {:<8} {}",
+                prompt.request_id, prompt.tool_name, prompt.input
+            );
+        }
+        println!("answer with `cloudctl allow {session} REQUEST` or `cloudctl deny {session} REQUEST --message WHY`");
+    }
+    Ok(())
+}
+
+/// `cloudctl allow` / `cloudctl deny`.
+pub async fn answer(
+    client: &mut Client,
+    session: String,
+    request_id: String,
+    decision: PermissionDecision,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let verb = match decision {
+        PermissionDecision::Allow { .. } => "allowed",
+        PermissionDecision::Deny { .. } => "denied",
+    };
+    let response = client
+        .request(Request::Answer {
+            session,
+            request_id: request_id.clone(),
+            decision,
+        })
+        .await?;
+    let (seq, state) = match response {
+        Response::Delivered { seq } => (seq, "delivered"),
+        Response::Queued { seq } => (seq, "queued"),
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    if json_output {
+        println!(
+            "{}",
+            json!({"seq": seq, "state": state, "request_id": request_id, "decision": verb})
+        );
+    } else if state == "queued" {
+        println!("{verb} {request_id} (queued: the relay is unreachable; it will be delivered when it is back)");
+    } else {
+        println!("{verb} {request_id}");
+    }
+    Ok(())
+}
+
+/// Parses `--input JSON`.
+pub fn updated_input(input: Option<String>) -> anyhow::Result<Option<String>> {
+    match input {
+        None => Ok(None),
+        Some(text) => {
+            let value: Value =
+                serde_json::from_str(&text).context("--input must be a JSON object")?;
+            if !value.is_object() {
+                bail!("--input must be a JSON object, like '{{\"command\": \"ls\"}}'");
+            }
+            Ok(Some(value.to_string()))
+        }
+    }
+}
+
+/// `cloudctl attach`: prints the session's log as it grows. Unless `viewer`, lines typed
+/// on stdin are sent as messages, `y`/`n` answer the latest prompt, `/interrupt`
+/// interrupts.
+pub async fn attach(
+    client: &mut Client,
+    session: String,
+    since: Option<u64>,
+    viewer: bool,
+    follow: bool,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let Response::Attached { last_seq, .. } = client
+        .request(Request::Attach {
+            session: session.clone(),
+            since,
+        })
+        .await?
+    else {
+        bail!("unexpected reply to attach");
+    };
+    if !follow {
+        // Print what is stored, then stop.
+        while let Some(notification) = next_within(client, Duration::from_millis(200)).await? {
+            if let Notification::SessionLog { entry, .. } = notification {
+                print_entry(&session, &entry, json_output);
+                if entry.seq >= last_seq {
+                    break;
+                }
+            }
+        }
+        return Ok(());
+    }
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<String>(16);
+    if !viewer {
+        // stdin blocks: read it on a thread.
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    } else {
+        drop(lines_tx);
+    }
+    let mut latest_prompt: Option<String> = None;
+    loop {
+        tokio::select! {
+            notification = client.next_notification() => {
+                let Some(notification) = notification? else {
+                    bail!("cloudd closed the connection");
+                };
+                if let Notification::SessionLog { entry, .. } = notification {
+                    if let Some(request_id) = prompt_of(&entry) {
+                        latest_prompt = Some(request_id);
+                    }
+                    print_entry(&session, &entry, json_output);
+                }
+            }
+            line = lines.recv(), if !viewer => {
+                let Some(line) = line else { continue };
+                let line = line.trim().to_owned();
+                let request = match (line.as_str(), &latest_prompt) {
+                    ("", _) => continue,
+                    ("y" | "yes", Some(request_id)) => Request::Answer {
+                        session: session.clone(),
+                        request_id: request_id.clone(),
+                        decision: PermissionDecision::Allow { updated_input: None },
+                    },
+                    ("n" | "no", Some(request_id)) => Request::Answer {
+                        session: session.clone(),
+                        request_id: request_id.clone(),
+                        decision: PermissionDecision::Deny { message: "denied from cloudctl attach".into() },
+                    },
+                    ("/interrupt", _) => Request::Interrupt { session: session.clone() },
+                    _ => Request::Send { session: session.clone(), text: line },
+                };
+                if let Err(e) = client.request(request).await {
+                    eprintln!("cloudctl: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn next_within(client: &mut Client, wait: Duration) -> anyhow::Result<Option<Notification>> {
+    match tokio::time::timeout(wait, client.next_notification()).await {
+        Ok(notification) => Ok(notification?),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The request id of a permission prompt entry.
+fn prompt_of(entry: &LogEntry) -> Option<String> {
+    let SessionEvent::Message(text) = &entry.event else {
+        return None;
+    };
+    let parsed = cloud_protocol::agent::parse(text)?;
+    (parsed.kind == "control_request"
+        && parsed.subtype.as_deref() == Some(cloud_protocol::agent::CAN_USE_TOOL))
+    .then_some(parsed.request_id)
+    .flatten()
+}
+
+fn print_entry(session: &str, entry: &LogEntry, json_output: bool) {
+    if json_output {
+        println!("{}", log_entry_value(entry));
+        return;
+    }
+    let who = match &entry.author {
+        Author::User(user) => user.clone(),
+        Author::Agent => "agent".into(),
+        Author::Relay => "relay".into(),
+    };
+    let text = match &entry.event {
+        SessionEvent::Status { status, reason } => match reason {
+            Some(reason) => format!("session {} ({reason})", status.as_str()),
+            None => format!("session {}", status.as_str()),
+        },
+        SessionEvent::Message(text) => describe_message(session, text),
+    };
+    println!("[{}] {who}: {text}", entry.seq);
+}
+
+/// A stream-json message in one line for people.
+fn describe_message(session: &str, text: &str) -> String {
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        return text.to_owned();
+    };
+    match value["type"].as_str().unwrap_or("") {
+        "user" => value["message"]["content"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| value["message"]["content"].to_string()),
+        "assistant" => {
+            let content = &value["message"]["content"];
+            match content.as_array() {
+                Some(blocks) => blocks
+                    .iter()
+                    .filter_map(|b| b["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(""),
+                None => content.as_str().unwrap_or_default().to_owned(),
+            }
+        }
+        "result" => format!(
+            "result {}{}",
+            value["subtype"].as_str().unwrap_or("?"),
+            value
+                .get("exit_code")
+                .map(|c| format!(" (exit {c})"))
+                .unwrap_or_default()
+        ),
+        "control_request" => {
+            let request_id = value["request_id"].as_str().unwrap_or("?");
+            match value["request"]["subtype"].as_str() {
+                Some("can_use_tool") => format!(
+                    "asks to use {} {} — answer: `cloudctl allow {session} {request_id}` or `cloudctl deny {session} {request_id}` (or y/n here)",
+                    value["request"]["tool_name"].as_str().unwrap_or("?"),
+                    value["request"]["input"]
+                ),
+                Some(subtype) => format!("control request {subtype} ({request_id})"),
+                None => text.to_owned(),
+            }
+        }
+        "control_response" => {
+            let response = &value["response"];
+            let behavior = response["response"]["behavior"].as_str();
+            match behavior {
+                Some(behavior) => format!(
+                    "{behavior} {}",
+                    response["request_id"].as_str().unwrap_or("?")
+                ),
+                None => format!(
+                    "control response {} {}",
+                    response["subtype"].as_str().unwrap_or("?"),
+                    response["request_id"].as_str().unwrap_or("?")
+                ),
+            }
+        }
+        "control_cancel_request" => format!(
+            "withdrew prompt {}",
+            value["request_id"].as_str().unwrap_or("?")
+        ),
+        "system" => format!("system {}", value["subtype"].as_str().unwrap_or("")),
+        _ => text.to_owned(),
+    }
+}

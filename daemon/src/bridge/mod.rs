@@ -1,0 +1,710 @@
+//! The bridge: the one WebSocket to the relay, kept up for the daemon's whole life.
+//!
+//! Each connection: connect (bearer token from the credentials, re-read every time), send
+//! the instance snapshot, wait to be registered, rejoin every followed session after the
+//! last log sequence stored, then stream the journal's durable entries the relay has not
+//! acknowledged, while receiving session logs, replica updates, acks and replies. Pings
+//! every 15 s; a connection silent for 45 s is dead. Failures reconnect after
+//! [`backoff`] delays, forever, except permanent refusals (bad or revoked token, bridge
+//! too old), which wait for new credentials.
+//!
+//! Architecture invariant: this is the only module that speaks WebSocket. It never blocks
+//! the IPC loop: handlers reach it through a bounded channel, and it reaches them through
+//! [`crate::link::Link`].
+
+pub mod backoff;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud_protocol::bridge::{
+    self, Channel, Envelope, FromRelay, InstanceSnapshot, ToRelay, BRIDGE_PATH, BRIDGE_VERSION,
+    MAX_BRIDGE_MESSAGE,
+};
+use cloud_protocol::ipc::{BridgeState, Notification, RelayMode};
+use cloud_protocol::session::Session;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+
+use self::backoff::Backoff;
+use crate::credentials::Credentials;
+use crate::embedded::EmbeddedRelay;
+use crate::link::{BridgeCommand, Link};
+
+/// How often the daemon says it is alive on the extension channel.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
+/// How often the daemon pings.
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// Silence after which the connection counts as dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(45);
+/// The longest a connect (TCP, TLS, upgrade, registration) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Journal entries sent per batch.
+const SEND_BATCH: usize = 512;
+
+/// How a connection ended.
+#[derive(Debug)]
+enum Ended {
+    /// The daemon is shutting down.
+    Cancelled,
+    /// The relay refused for good; wait for new credentials.
+    Refused(String),
+    /// A failure worth retrying; `registered` says whether the connection got as far as
+    /// registering (which resets the backoff).
+    Failed { reason: String, registered: bool },
+    /// The credentials changed while connected.
+    Reconnect,
+}
+
+/// The bridge task's state.
+#[derive(Debug)]
+pub struct Bridge {
+    /// Shared with the handlers.
+    link: Arc<Link>,
+    /// Commands from the handlers.
+    commands: mpsc::Receiver<BridgeCommand>,
+    /// Where `credentials.toml` lives (re-read at every connect).
+    config_dir: std::path::PathBuf,
+    /// Where the embedded relay keeps its data.
+    state_dir: std::path::PathBuf,
+    /// The embedded relay, while no remote relay is configured.
+    embedded: Option<EmbeddedRelay>,
+    /// Who this instance is (sessions are filled in at each connect).
+    snapshot: InstanceSnapshot,
+    /// TLS settings for `wss://`.
+    tls: Arc<rustls::ClientConfig>,
+    /// The daemon's drain.
+    shutdown: CancellationToken,
+}
+
+impl Bridge {
+    /// A bridge for `target`.
+    pub fn new(
+        link: Arc<Link>,
+        commands: mpsc::Receiver<BridgeCommand>,
+        paths: &cloud_protocol::paths::Paths,
+        instance_id: String,
+        shutdown: CancellationToken,
+    ) -> Bridge {
+        let hostname = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Bridge {
+            link,
+            commands,
+            config_dir: paths.config_dir.clone(),
+            state_dir: paths.state_dir.clone(),
+            embedded: None,
+            snapshot: InstanceSnapshot {
+                instance_id,
+                hostname,
+                daemon_version: crate::VERSION.into(),
+                bridge_version: BRIDGE_VERSION,
+                worktrees: Vec::new(),
+                sessions: Vec::new(),
+            },
+            tls: Arc::new(tls),
+            shutdown,
+        }
+    }
+
+    /// Keeps the bridge up until the daemon shuts down, then stops the embedded relay.
+    pub async fn run(mut self) {
+        self.keep_up().await;
+        if let Some(embedded) = self.embedded.take() {
+            embedded.stop().await;
+        }
+    }
+
+    async fn keep_up(&mut self) {
+        let mut backoff = Backoff::new();
+        let mut first = true;
+        loop {
+            if !first {
+                self.link.set_status(|s| {
+                    if s.state != BridgeState::Refused {
+                        s.state = BridgeState::Connecting;
+                    }
+                });
+            }
+            first = false;
+            let ended = self.connect_and_serve().await;
+            let wait = match ended {
+                Ended::Cancelled => return,
+                Ended::Reconnect => {
+                    backoff.reset();
+                    continue;
+                }
+                Ended::Refused(reason) => {
+                    tracing::warn!("relay refused this daemon for good: {reason}");
+                    self.link.set_status(|s| {
+                        s.state = BridgeState::Refused;
+                        s.reason = Some(reason);
+                    });
+                    None
+                }
+                Ended::Failed { reason, registered } => {
+                    if registered {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay(backoff::random_unit());
+                    tracing::info!("relay connection failed ({reason}); retrying in {delay:?}");
+                    self.link.set_status(|s| {
+                        s.state = BridgeState::Retrying;
+                        s.reason = Some(reason);
+                    });
+                    Some(delay)
+                }
+            };
+            // Wait out the delay (forever after a refusal), or until told to reconnect.
+            let sleep = async {
+                match wait {
+                    Some(delay) => tokio::time::sleep(delay).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = &mut sleep => break,
+                    command = self.commands.recv() => match command {
+                        None => return,
+                        Some(BridgeCommand::Reconnect) => {
+                            backoff.reset();
+                            self.link.set_status(|s| s.state = BridgeState::Connecting);
+                            break;
+                        }
+                        Some(BridgeCommand::Request { reply, .. }) => {
+                            let _ = reply.send(Err(self.unreachable()));
+                        }
+                        // Followed sessions are rejoined at the next connect.
+                        Some(BridgeCommand::Join { .. }) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Why a request cannot be served now.
+    fn unreachable(&self) -> String {
+        let status = self.link.status();
+        format!(
+            "the relay at {} is unreachable ({}); try again when `cloudctl status` shows it connected",
+            status.url,
+            status.reason.as_deref().unwrap_or("connecting")
+        )
+    }
+
+    /// The credentials for this attempt: the configured remote relay, else the embedded
+    /// one (started on first need, stopped when a remote relay is configured).
+    async fn credentials(&mut self) -> Result<(Credentials, RelayMode), Ended> {
+        match crate::credentials::load(&self.config_dir) {
+            Ok(Some(credentials)) => {
+                if let Some(embedded) = self.embedded.take() {
+                    embedded.stop().await;
+                }
+                Ok((credentials, RelayMode::Remote))
+            }
+            Ok(None) => {
+                if self.embedded.is_none() {
+                    let state_dir = self.state_dir.clone();
+                    let started =
+                        tokio::task::spawn_blocking(move || EmbeddedRelay::start(&state_dir))
+                            .await
+                            .map_err(|e| {
+                                Ended::Refused(format!("the embedded relay failed: {e}"))
+                            })?;
+                    self.embedded = Some(started.map_err(|e| Ended::Refused(e.to_string()))?);
+                }
+                let embedded = self.embedded.as_ref().expect("just started");
+                Ok((embedded.credentials.clone(), RelayMode::Embedded))
+            }
+            Err(e) => Err(Ended::Refused(e.to_string())),
+        }
+    }
+
+    async fn connect_and_serve(&mut self) -> Ended {
+        let (credentials, mode) = match self.credentials().await {
+            Ok(found) => found,
+            Err(ended) => return ended,
+        };
+        let url = match bridge_url(&credentials.relay) {
+            Ok(url) => url,
+            Err(reason) => return Ended::Refused(reason),
+        };
+        self.link.set_status(|s| {
+            s.url = credentials.relay.clone();
+            s.mode = mode;
+        });
+        let mut request = match url.as_str().into_client_request() {
+            Ok(request) => request,
+            Err(e) => return Ended::Refused(format!("invalid relay URL {url}: {e}")),
+        };
+        let Ok(authorization) = format!("Bearer {}", credentials.token).parse() else {
+            return Ended::Refused("the token contains characters a header cannot carry".into());
+        };
+        request.headers_mut().insert("authorization", authorization);
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_BRIDGE_MESSAGE))
+            .max_frame_size(Some(MAX_BRIDGE_MESSAGE));
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(Arc::clone(&self.tls))),
+        );
+        let connected = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ended::Cancelled,
+            connected = tokio::time::timeout(CONNECT_TIMEOUT, connect) => connected,
+        };
+        let mut socket = match connected {
+            Err(_) => {
+                return Ended::Failed {
+                    reason: format!("connecting to {url} timed out"),
+                    registered: false,
+                }
+            }
+            Ok(Err(tungstenite::Error::Http(response)))
+                if matches!(response.status().as_u16(), 401 | 403) =>
+            {
+                return Ended::Refused(format!(
+                    "the relay rejected the token (HTTP {}); log in again with `cloudctl login`",
+                    response.status().as_u16()
+                ))
+            }
+            Ok(Err(e)) => {
+                return Ended::Failed {
+                    reason: format!("cannot connect to {url}: {e}"),
+                    registered: false,
+                }
+            }
+            Ok(Ok((socket, _))) => socket,
+        };
+
+        // Register with the full snapshot, then wait for the verdict.
+        let followed = self.link.inbound.followed().unwrap_or_default();
+        let mut snapshot = self.snapshot.clone();
+        snapshot.sessions = followed.iter().map(|(s, _)| s.clone()).collect();
+        if let Err(ended) = send(
+            &mut socket,
+            Channel::Extension,
+            0,
+            ToRelay::Register(snapshot),
+        )
+        .await
+        {
+            return ended;
+        }
+        let registered = loop {
+            let next = tokio::time::timeout(CONNECT_TIMEOUT, socket.next()).await;
+            match next {
+                Err(_) => {
+                    return Ended::Failed {
+                        reason: "the relay did not answer the registration".into(),
+                        registered: false,
+                    }
+                }
+                Ok(None) | Ok(Some(Err(_))) => {
+                    return Ended::Failed {
+                        reason: "the relay closed the connection while registering".into(),
+                        registered: false,
+                    }
+                }
+                Ok(Some(Ok(Message::Binary(bytes)))) => match bridge::decode::<FromRelay>(&bytes) {
+                    Ok(envelope) => match envelope.body {
+                        FromRelay::Registered { user, org, .. } => break (user, org),
+                        FromRelay::Refused {
+                            reason,
+                            permanent: true,
+                        } => return Ended::Refused(reason),
+                        FromRelay::Refused { reason, .. } => {
+                            return Ended::Failed {
+                                reason,
+                                registered: false,
+                            }
+                        }
+                        other => {
+                            return Ended::Failed {
+                                reason: format!("unexpected {other:?} before registration"),
+                                registered: false,
+                            }
+                        }
+                    },
+                    Err(e) => {
+                        return Ended::Failed {
+                            reason: format!("relay sent {e}"),
+                            registered: false,
+                        }
+                    }
+                },
+                Ok(Some(Ok(_))) => continue,
+            }
+        };
+        tracing::info!(user = %registered.0, org = %registered.1, url = %url, "connected to the relay");
+        self.link.set_status(|s| {
+            s.state = BridgeState::Connected;
+            s.reason = None;
+            s.user = Some(registered.0.clone());
+            s.org = Some(registered.1.clone());
+        });
+        for (session, after) in followed {
+            if let Err(ended) = send(
+                &mut socket,
+                Channel::Task,
+                0,
+                ToRelay::Join { session, after },
+            )
+            .await
+            {
+                return registered_failure(ended);
+            }
+        }
+        let ended = self.serve(&mut socket).await;
+        let _ = socket.close(None).await;
+        registered_failure(ended)
+    }
+
+    /// The registered connection's loop.
+    async fn serve(&mut self, socket: &mut Socket) -> Ended {
+        let mut durable = self.link.journal.durable();
+        let mut sent_up_to = self.link.journal.acked();
+        let mut pending: HashMap<u64, oneshot::Sender<Result<Option<Session>, String>>> =
+            HashMap::new();
+        let mut next_request_id: u64 = 1;
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
+        let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+        let mut last_heard = Instant::now();
+        let ended = loop {
+            // Stream whatever is durable and not yet sent.
+            let durable_now = *durable.borrow_and_update();
+            while sent_up_to < durable_now {
+                let entries = match self.link.journal.read_after(sent_up_to, SEND_BATCH) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        tracing::error!("cannot read the journal: {e}");
+                        break;
+                    }
+                };
+                if entries.is_empty() {
+                    break;
+                }
+                for (seq, event) in entries {
+                    if let Err(ended) =
+                        send_buffered(socket, Channel::Task, seq, ToRelay::Event(event)).await
+                    {
+                        return ended;
+                    }
+                    sent_up_to = seq;
+                }
+            }
+            if let Err(e) = socket.flush().await {
+                break Ended::Failed {
+                    reason: format!("sending to the relay failed: {e}"),
+                    registered: true,
+                };
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break Ended::Cancelled,
+                changed = durable.changed() => {
+                    if changed.is_err() {
+                        break Ended::Cancelled;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(ended) = send(socket, Channel::Extension, 0, ToRelay::Heartbeat).await {
+                        break ended;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() >= DEAD_AFTER {
+                        break Ended::Failed { reason: format!("nothing heard from the relay for {DEAD_AFTER:?}"), registered: true };
+                    }
+                    if let Err(e) = socket.send(Message::Ping(Vec::new().into())).await {
+                        break Ended::Failed { reason: format!("ping failed: {e}"), registered: true };
+                    }
+                }
+                command = self.commands.recv() => match command {
+                    None => break Ended::Cancelled,
+                    Some(BridgeCommand::Reconnect) => break Ended::Reconnect,
+                    Some(BridgeCommand::Join { session }) => {
+                        let after = self.link.inbound.last_seq(&session).unwrap_or(0);
+                        if let Err(ended) = send(socket, Channel::Task, 0, ToRelay::Join { session, after }).await {
+                            break ended;
+                        }
+                    }
+                    Some(BridgeCommand::Request { request, reply }) => {
+                        let id = next_request_id;
+                        next_request_id += 1;
+                        pending.insert(id, reply);
+                        if let Err(ended) = send(socket, Channel::Extension, 0, ToRelay::Request { id, request }).await {
+                            break ended;
+                        }
+                    }
+                },
+                message = socket.next() => {
+                    last_heard = Instant::now();
+                    match message {
+                        None | Some(Err(_)) => break Ended::Failed { reason: "the relay closed the connection".into(), registered: true },
+                        Some(Ok(Message::Binary(bytes))) => {
+                            let envelope = match bridge::decode::<FromRelay>(&bytes) {
+                                Ok(envelope) => envelope,
+                                Err(e) => {
+                                    tracing::warn!("closing the bridge: the relay sent {e}");
+                                    break Ended::Failed { reason: format!("the relay sent {e}"), registered: true };
+                                }
+                            };
+                            if let Some(ended) = self.receive(socket, envelope, &mut pending).await {
+                                break ended;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) => break Ended::Failed { reason: "the relay closed the connection".into(), registered: true },
+                        Some(Ok(_)) => {}
+                    }
+                }
+            }
+        };
+        for (_, reply) in pending {
+            let _ = reply.send(Err(
+                "the relay connection was lost before it answered; try again".into(),
+            ));
+        }
+        ended
+    }
+
+    /// Handles one message from the relay. Returns how the connection ends, if it does.
+    async fn receive(
+        &mut self,
+        socket: &mut Socket,
+        envelope: Envelope<FromRelay>,
+        pending: &mut HashMap<u64, oneshot::Sender<Result<Option<Session>, String>>>,
+    ) -> Option<Ended> {
+        let link = &self.link;
+        match envelope.body {
+            FromRelay::Ack | FromRelay::Registered { .. } => {}
+            FromRelay::Refused { reason, permanent } => {
+                return Some(if permanent {
+                    Ended::Refused(reason)
+                } else {
+                    Ended::Failed {
+                        reason,
+                        registered: true,
+                    }
+                });
+            }
+            FromRelay::Sessions(sessions) => {
+                if let Err(e) = link.replica.replace_all(&sessions) {
+                    tracing::error!("cannot store the session replica: {e}");
+                }
+                for session in sessions {
+                    let _ = link
+                        .sessions_feed
+                        .send(Arc::new(Notification::SessionChanged(session)));
+                }
+            }
+            FromRelay::SessionChanged(session) => {
+                if let Err(e) = link.replica.upsert(&session) {
+                    tracing::error!("cannot store the session replica: {e}");
+                }
+                let _ = link
+                    .sessions_feed
+                    .send(Arc::new(Notification::SessionChanged(session)));
+            }
+            FromRelay::SessionRemoved { session } => {
+                if let Err(e) = link.replica.remove(&session) {
+                    tracing::error!("cannot store the session replica: {e}");
+                }
+                let _ = link
+                    .sessions_feed
+                    .send(Arc::new(Notification::SessionRemoved { session }));
+            }
+            FromRelay::Log { session, entry } => match link.inbound.store(&session, &entry) {
+                Ok(true) => {
+                    let _ = link
+                        .session_feed
+                        .send(Arc::new(Notification::SessionLog { session, entry }));
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!("cannot store a session log entry: {e}"),
+            },
+            FromRelay::EventRefused { seq, reason } => {
+                let session = link
+                    .journal
+                    .read_after(seq.saturating_sub(1), 1)
+                    .ok()
+                    .and_then(|entries| entries.into_iter().find(|(s, _)| *s == seq))
+                    .map(|(_, event)| event.session().to_owned())
+                    .unwrap_or_default();
+                tracing::warn!(seq, session = %session, "the relay refused a journaled event: {reason}");
+                link.refuse(seq, reason.clone());
+                let _ = link
+                    .sessions_feed
+                    .send(Arc::new(Notification::EventRefused {
+                        seq,
+                        session,
+                        reason,
+                    }));
+            }
+            FromRelay::JoinRefused { session, reason } => {
+                tracing::warn!(session = %session, "cannot follow session: {reason}");
+                if let Err(e) = link.inbound.forget(&session) {
+                    tracing::error!("cannot forget session {session}: {e}");
+                }
+            }
+            FromRelay::Reply { id, result } => {
+                if let Some(reply) = pending.remove(&id) {
+                    let _ = reply.send(result);
+                }
+            }
+            FromRelay::Command { id, name } => {
+                let result = match name.as_str() {
+                    "ping" => Ok("pong".to_owned()),
+                    "refresh" => Ok("refreshed".to_owned()),
+                    other => Err(format!("unknown instance command {other:?}")),
+                };
+                if let Err(ended) = send(
+                    socket,
+                    Channel::Extension,
+                    0,
+                    ToRelay::CommandResult { id, result },
+                )
+                .await
+                {
+                    return Some(ended);
+                }
+            }
+        }
+        // The verdicts above come before the ack that covers them.
+        link.acknowledge(envelope.ack);
+        None
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A connection that had registered: any failure resets the backoff.
+fn registered_failure(ended: Ended) -> Ended {
+    match ended {
+        Ended::Failed { reason, .. } => Ended::Failed {
+            reason,
+            registered: true,
+        },
+        other => other,
+    }
+}
+
+async fn send(socket: &mut Socket, channel: Channel, seq: u64, body: ToRelay) -> Result<(), Ended> {
+    send_buffered(socket, channel, seq, body).await?;
+    socket.flush().await.map_err(|e| Ended::Failed {
+        reason: format!("sending to the relay failed: {e}"),
+        registered: false,
+    })
+}
+
+/// Queues a message without flushing (the caller flushes a batch once).
+async fn send_buffered(
+    socket: &mut Socket,
+    channel: Channel,
+    seq: u64,
+    body: ToRelay,
+) -> Result<(), Ended> {
+    let bytes = bridge::encode(&Envelope {
+        channel,
+        seq,
+        ack: 0,
+        body,
+    })
+    .map_err(|e| Ended::Failed {
+        reason: format!("cannot encode a bridge message: {e}"),
+        registered: false,
+    })?;
+    socket
+        .feed(Message::Binary(bytes.into()))
+        .await
+        .map_err(|e| Ended::Failed {
+            reason: format!("sending to the relay failed: {e}"),
+            registered: false,
+        })
+}
+
+/// The bridge endpoint of a relay base URL. `https`/`wss` anywhere; `http`/`ws` only on
+/// loopback, where there is nothing to encrypt against.
+pub fn bridge_url(relay: &str) -> Result<String, String> {
+    let relay = relay.trim_end_matches('/');
+    let (scheme, rest) = relay
+        .split_once("://")
+        .ok_or_else(|| format!("invalid relay URL {relay:?}: expected https://host[:port]"))?;
+    let secure = match scheme {
+        "https" | "wss" => true,
+        "http" | "ws" => false,
+        other => {
+            return Err(format!(
+                "invalid relay URL scheme {other:?}: use https (or http on loopback)"
+            ))
+        }
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    let host_only = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+        .map(|(h, _)| h)
+        .unwrap_or(host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host_only == "localhost"
+        || host_only
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !secure && !loopback {
+        return Err(format!(
+            "refusing plain {scheme}:// to {host_only}: tokens travel only over TLS except on loopback; use https://"
+        ));
+    }
+    Ok(format!(
+        "{}://{rest}{BRIDGE_PATH}",
+        if secure { "wss" } else { "ws" }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_urls() {
+        assert_eq!(
+            bridge_url("https://relay.example").unwrap(),
+            "wss://relay.example/v1/bridge"
+        );
+        assert_eq!(
+            bridge_url("http://127.0.0.1:8080/").unwrap(),
+            "ws://127.0.0.1:8080/v1/bridge"
+        );
+        assert_eq!(
+            bridge_url("ws://[::1]:9").unwrap(),
+            "ws://[::1]:9/v1/bridge"
+        );
+        assert!(bridge_url("http://relay.example")
+            .unwrap_err()
+            .contains("TLS"));
+        assert!(bridge_url("ftp://x").is_err());
+        assert!(bridge_url("relay.example").is_err());
+    }
+}

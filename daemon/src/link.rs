@@ -1,0 +1,198 @@
+//! What the IPC handlers and the bridge share: the relay connection's status, the stores
+//! the bridge fills, the waiters for deliveries and relay replies, and the feeds that push
+//! session activity to clients.
+//!
+//! Handlers never talk to the network: they write the journal, read the stores, and send
+//! [`BridgeCommand`]s over a bounded channel; the bridge task does the rest.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cloud_protocol::bridge::RelayRequest;
+use cloud_protocol::ipc::{BridgeState, Notification, RelayMode, RelayStatus};
+use cloud_protocol::session::Session;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::inbound::Inbound;
+use crate::journal::Journal;
+use crate::replica::Replica;
+
+/// How many refusal reasons are remembered for `Delivery` requests that come late.
+const REMEMBERED_REFUSALS: usize = 1024;
+
+/// How many session log notifications a client may fall behind.
+pub const SESSION_FEED_CAPACITY: usize = 4096;
+
+/// What handlers ask of the bridge.
+#[derive(Debug)]
+pub enum BridgeCommand {
+    /// Follow a session (send a join if connected).
+    Join {
+        /// The session.
+        session: String,
+    },
+    /// A session-management request, answered on `reply` (an error when unreachable).
+    Request {
+        /// The request.
+        request: RelayRequest,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Option<Session>, String>>,
+    },
+    /// The credentials changed: reconnect now (also after a permanent refusal).
+    Reconnect,
+}
+
+/// The outcome of a journaled event, as the relay reported it.
+pub type Delivery = Result<(), String>;
+
+/// Shared between handlers and the bridge.
+#[derive(Debug)]
+pub struct Link {
+    /// The outbound journal.
+    pub journal: Arc<Journal>,
+    /// The followed sessions' logs.
+    pub inbound: Inbound,
+    /// The session replica.
+    pub replica: Replica,
+    /// The relay connection, as status shows it.
+    status: watch::Sender<RelayStatus>,
+    /// Commands to the bridge.
+    pub commands: mpsc::Sender<BridgeCommand>,
+    /// Waiters for the relay's verdict on journaled events, by seq.
+    waiters: Mutex<BTreeMap<u64, Vec<oneshot::Sender<Delivery>>>>,
+    /// Recently refused events and why, by seq.
+    refused: Mutex<BTreeMap<u64, String>>,
+    /// Session log entries as they arrive: (session, entry).
+    pub session_feed: broadcast::Sender<Arc<Notification>>,
+    /// Replica changes, relay status changes, refused events.
+    pub sessions_feed: broadcast::Sender<Arc<Notification>>,
+}
+
+impl Link {
+    /// A link in its initial state; returns the receiving end of the command channel for
+    /// the bridge.
+    pub fn new(
+        journal: Arc<Journal>,
+        inbound: Inbound,
+        replica: Replica,
+        mode: RelayMode,
+        url: String,
+        instance_id: String,
+    ) -> (Link, mpsc::Receiver<BridgeCommand>) {
+        let (commands, commands_rx) = mpsc::channel(256);
+        let (status, _) = watch::channel(RelayStatus {
+            mode,
+            url,
+            state: BridgeState::Connecting,
+            reason: None,
+            user: None,
+            org: None,
+            journal_depth: journal.depth(),
+            instance_id,
+        });
+        let (session_feed, _) = broadcast::channel(SESSION_FEED_CAPACITY);
+        let (sessions_feed, _) = broadcast::channel(1024);
+        (
+            Link {
+                journal,
+                inbound,
+                replica,
+                status,
+                commands,
+                waiters: Mutex::new(BTreeMap::new()),
+                refused: Mutex::new(BTreeMap::new()),
+                session_feed,
+                sessions_feed,
+            },
+            commands_rx,
+        )
+    }
+
+    /// The relay connection now.
+    pub fn status(&self) -> RelayStatus {
+        let mut status = self.status.borrow().clone();
+        status.journal_depth = self.journal.depth();
+        status
+    }
+
+    /// Follows the relay connection's changes.
+    pub fn watch_status(&self) -> watch::Receiver<RelayStatus> {
+        self.status.subscribe()
+    }
+
+    /// Whether the replica is live (the bridge is connected).
+    pub fn connected(&self) -> bool {
+        self.status.borrow().state == BridgeState::Connected
+    }
+
+    /// Changes the status and tells `sessions` subscribers.
+    pub fn set_status(&self, change: impl FnOnce(&mut RelayStatus)) {
+        self.status.send_modify(change);
+        let _ = self
+            .sessions_feed
+            .send(Arc::new(Notification::Relay(self.status())));
+    }
+
+    /// Waits for the relay's verdict on event `seq`, up to `deadline`. `None` on timeout.
+    pub async fn delivery(&self, seq: u64, deadline: Duration) -> Option<Delivery> {
+        let receiver = {
+            let mut waiters = self.waiters.lock().expect("waiters lock poisoned");
+            if let Some(reason) = self
+                .refused
+                .lock()
+                .expect("refused lock poisoned")
+                .get(&seq)
+            {
+                return Some(Err(reason.clone()));
+            }
+            if seq <= self.journal.acked() {
+                return Some(Ok(()));
+            }
+            let (sender, receiver) = oneshot::channel();
+            waiters.entry(seq).or_default().push(sender);
+            receiver
+        };
+        match tokio::time::timeout(deadline, receiver).await {
+            Ok(Ok(delivery)) => Some(delivery),
+            _ => None,
+        }
+    }
+
+    /// The relay refused event `seq`: remember why and tell its waiters.
+    pub fn refuse(&self, seq: u64, reason: String) {
+        let waiters = {
+            let mut waiters = self.waiters.lock().expect("waiters lock poisoned");
+            let mut refused = self.refused.lock().expect("refused lock poisoned");
+            refused.insert(seq, reason.clone());
+            while refused.len() > REMEMBERED_REFUSALS {
+                refused.pop_first();
+            }
+            waiters.remove(&seq).unwrap_or_default()
+        };
+        for waiter in waiters {
+            let _ = waiter.send(Err(reason.clone()));
+        }
+    }
+
+    /// The relay acknowledged everything up to `seq`: trim the journal and release the
+    /// waiters of events it did not refuse.
+    pub fn acknowledge(&self, seq: u64) {
+        if seq <= self.journal.acked() {
+            return;
+        }
+        if let Err(e) = self.journal.trim(seq) {
+            tracing::error!("cannot trim the journal: {e}");
+        }
+        let delivered = {
+            let mut waiters = self.waiters.lock().expect("waiters lock poisoned");
+            let rest = waiters.split_off(&(seq + 1));
+            std::mem::replace(&mut *waiters, rest)
+        };
+        for (_, senders) in delivered {
+            for sender in senders {
+                let _ = sender.send(Ok(()));
+            }
+        }
+    }
+}

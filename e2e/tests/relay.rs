@@ -1,0 +1,446 @@
+//! The relay and the durable bridge with real processes: the daemon (embedded relay, or a
+//! standalone `cloud-relay`), the real `cloudctl`, and raw socket clients.
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+
+use cloud_protocol::frame;
+use cloud_protocol::ipc::{ClientMessage, Hello, Request, Response, ServerMessage};
+use cloudd_e2e::{wait_for, Home, JsonClient, Relay, DEADLINE};
+use serde_json::{json, Value};
+
+/// A JSON-RPC client attached to one session, reading its log as it grows.
+struct Watcher {
+    client: JsonClient,
+    session: String,
+    seen: Vec<Value>,
+}
+
+impl Watcher {
+    fn attach(home: &Home, session: &str) -> Watcher {
+        let mut client = JsonClient::connect(&home.paths.socket).unwrap();
+        client.hello().unwrap();
+        let reply = client
+            .call("attach", json!({"session": session, "since": 0}))
+            .unwrap();
+        assert!(reply.get("result").is_some(), "{reply}");
+        Watcher {
+            client,
+            session: session.to_owned(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads entries until one satisfies `matches`; returns it.
+    fn until(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        if let Some(entry) = self.seen.iter().find(|e| matches(e)) {
+            return entry.clone();
+        }
+        loop {
+            let line = self
+                .client
+                .recv()
+                .unwrap_or_else(|e| panic!("waiting for {what}: {e}; seen {:#?}", self.seen))
+                .unwrap_or_else(|| panic!("daemon closed while waiting for {what}"));
+            if line["method"] == "session/log" && line["params"]["session"] == self.session.as_str()
+            {
+                let entry = line["params"]["entry"].clone();
+                self.seen.push(entry.clone());
+                if matches(&entry) {
+                    return entry;
+                }
+            }
+        }
+    }
+}
+
+fn message_type(entry: &Value) -> &str {
+    entry["message"]["type"].as_str().unwrap_or("")
+}
+
+fn is_prompt(entry: &Value) -> bool {
+    message_type(entry) == "control_request"
+        && entry["message"]["request"]["subtype"] == "can_use_tool"
+}
+
+fn assistant_text(entry: &Value) -> String {
+    entry["message"]["message"]["content"]
+        .as_array()
+        .map(|blocks| blocks.iter().filter_map(|b| b["text"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+fn wait_connected(home: &Home) -> Value {
+    let mut identity = Value::Null;
+    wait_for("the bridge to connect", DEADLINE, || {
+        identity = home.cloudctl_json(&["whoami"]);
+        identity["relay"]["state"] == "connected"
+    });
+    identity
+}
+
+fn create_session(home: &Home, args: &[&str]) -> String {
+    let mut all = vec!["session", "create"];
+    all.extend_from_slice(args);
+    let created = home.cloudctl_json(&all);
+    created["session"]["id"].as_str().unwrap().to_owned()
+}
+
+fn login(home: &Home, relay: &Relay, user: &str, org: &str) -> String {
+    let token = relay.token(user, org);
+    home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
+    token
+}
+
+#[test]
+fn embedded_relay_round_trip_with_allow_and_deny() {
+    let home = Home::new();
+    let identity = wait_connected(&home);
+    assert_eq!(identity["relay"]["mode"], "embedded");
+    let status = home.cloudctl_ok(&["status"]);
+    assert!(
+        status.contains("relay      embedded, connected"),
+        "{status}"
+    );
+
+    let session = create_session(&home, &["--task", "round trip"]);
+    let mut watcher = Watcher::attach(&home, &session);
+    let sent = home.cloudctl_ok(&["send", &session, "echo hello-from-the-agent"]);
+    assert!(sent.starts_with("sent (seq "), "{sent}");
+
+    // The prompt, as the agent asked it, as `permissions` lists it.
+    let prompt = watcher.until("the first prompt", is_prompt);
+    assert_eq!(prompt["message"]["request"]["tool_name"], "Bash");
+    assert_eq!(
+        prompt["message"]["request"]["input"]["command"],
+        "echo hello-from-the-agent"
+    );
+    let request_id = prompt["message"]["request_id"].as_str().unwrap().to_owned();
+    let prompts = home.cloudctl_json(&["permissions", &session]);
+    assert_eq!(prompts[0]["request_id"], request_id.as_str());
+
+    home.cloudctl_ok(&["allow", &session, &request_id]);
+    watcher.until("the command's output", |e| {
+        assistant_text(e).contains("hello-from-the-agent")
+    });
+    watcher.until("the result", |e| message_type(e) == "result");
+    assert_eq!(home.cloudctl_json(&["permissions", &session]), json!([]));
+
+    // A second answer to the same prompt is refused, clearly.
+    let again = home.cloudctl(&["allow", &session, &request_id]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already answered"),
+        "{again:?}"
+    );
+
+    // A denied command never runs; the agent reports the denial.
+    home.cloudctl_ok(&["send", &session, "echo must-not-run"]);
+    let prompt = watcher.until("the second prompt", |e| {
+        is_prompt(e) && e["message"]["request"]["input"]["command"] == "echo must-not-run"
+    });
+    let request_id = prompt["message"]["request_id"].as_str().unwrap().to_owned();
+    home.cloudctl_ok(&["deny", &session, &request_id, "--message", "not today"]);
+    let result = watcher.until("the denial's result", |e| {
+        message_type(e) == "result" && e["seq"].as_u64() > prompt["seq"].as_u64()
+    });
+    assert!(result.to_string().contains("not today"), "{result}");
+    assert!(!watcher
+        .seen
+        .iter()
+        .any(|e| assistant_text(e).contains("must-not-run")));
+
+    // The user's own messages are in the log too, in order.
+    let users: Vec<&Value> = watcher
+        .seen
+        .iter()
+        .filter(|e| message_type(e) == "user")
+        .collect();
+    assert_eq!(users.len(), 2);
+
+    // `session list` and `show` answer from the replica.
+    let list = home.cloudctl_json(&["session", "list"]);
+    assert_eq!(list["sessions"][0]["id"], session.as_str());
+    assert_eq!(list["stale"], false);
+    home.cloudctl_ok(&["down"]);
+}
+
+/// Sends `count` messages `prefix-NNNNN` on one binary connection, pipelined in batches;
+/// returns how many were confirmed queued before the connection broke (or all of them).
+fn send_pipelined(
+    home: &Home,
+    session: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    stop_after: Option<(usize, &mut dyn FnMut())>,
+) -> usize {
+    let mut stream = UnixStream::connect(&home.paths.socket).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut bytes = Vec::new();
+    frame::encode(
+        &ClientMessage {
+            id: 0,
+            request: Request::Hello(Hello::new("e2e", "0")),
+        },
+        &mut bytes,
+    )
+    .unwrap();
+    stream.write_all(&bytes).unwrap();
+    let mut buf = Vec::new();
+    let read_one = |stream: &mut UnixStream, buf: &mut Vec<u8>| -> Option<ServerMessage> {
+        loop {
+            if let Some((message, used)) = frame::decode::<ServerMessage>(buf).unwrap() {
+                buf.drain(..used);
+                return Some(message);
+            }
+            let mut chunk = [0u8; 65536];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    assert!(matches!(
+        read_one(&mut stream, &mut buf),
+        Some(ServerMessage::Reply {
+            id: 0,
+            result: Ok(_)
+        })
+    ));
+    let mut stop_after = stop_after;
+    let mut confirmed = range.start;
+    for batch in range.clone().collect::<Vec<_>>().chunks(100) {
+        let mut bytes = Vec::new();
+        for &n in batch {
+            let request = Request::Send {
+                session: session.to_owned(),
+                text: format!("{prefix}-{n:05}"),
+            };
+            frame::encode(
+                &ClientMessage {
+                    id: n as u64 + 1,
+                    request,
+                },
+                &mut bytes,
+            )
+            .unwrap();
+        }
+        if stream.write_all(&bytes).is_err() {
+            return confirmed;
+        }
+        for _ in batch {
+            match read_one(&mut stream, &mut buf) {
+                Some(ServerMessage::Reply {
+                    result: Ok(Response::Queued { .. }),
+                    ..
+                }) => confirmed += 1,
+                None => return confirmed,
+                other => panic!("unexpected {other:?}"),
+            }
+            if let Some((after, action)) = stop_after.as_mut() {
+                if confirmed == *after {
+                    action();
+                    return confirmed;
+                }
+            }
+        }
+    }
+    confirmed
+}
+
+/// The user messages the relay holds for a session, in log order (reading every page).
+fn relay_messages(relay: &Relay, token: &str, session: &str) -> Vec<String> {
+    let mut messages = Vec::new();
+    let mut after = 0;
+    loop {
+        let (code, log) = relay.http(
+            "GET",
+            &format!("/v1/sessions/{session}/log?after={after}"),
+            token,
+            None,
+        );
+        assert_eq!(code, 200, "{log}");
+        let entries = log.as_array().unwrap();
+        let Some(last) = entries.last() else {
+            return messages;
+        };
+        after = last["seq"].as_u64().unwrap();
+        messages.extend(entries.iter().filter_map(|entry| {
+            let text = entry["event"]["message"].as_str()?;
+            let value: Value = serde_json::from_str(text).ok()?;
+            (value["type"] == "user").then(|| {
+                value["message"]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+        }));
+    }
+}
+
+fn wait_journal_empty(home: &Home) {
+    wait_for("the journal to drain", DEADLINE * 3, || {
+        let status = home.cloudctl_json(&["status"]);
+        status["relay"]["state"] == "connected" && status["relay"]["journal_depth"] == 0
+    });
+}
+
+/// An agent that reads everything and says nothing, so the log holds only what was sent.
+const QUIET_AGENT: &[&str] = &["--agent-command", "sh", "-c", "cat >/dev/null"];
+
+#[test]
+fn kill_9_while_sending_10000_messages_loses_and_duplicates_nothing() {
+    let relay = Relay::start_with(QUIET_AGENT);
+    let home = Home::new();
+    let mut daemon = home.spawn_daemon();
+    let token = login(&home, &relay, "ann", "acme");
+    let session = create_session(&home, &[]);
+
+    let mut kill = || daemon.signal(libc::SIGKILL);
+    let confirmed = send_pipelined(&home, &session, "m", 0..10_000, Some((3_000, &mut kill)));
+    assert_eq!(confirmed, 3_000);
+    daemon.wait_exit(DEADLINE);
+
+    let _daemon = home.spawn_daemon();
+    wait_journal_empty(&home);
+    // Everything confirmed reached the relay; what was in flight may or may not have been
+    // journaled. Resend what is missing, as a client that saw no reply would.
+    let held = relay_messages(&relay, &token, &session);
+    assert!(held.len() >= confirmed, "{} < {confirmed}", held.len());
+    let resend_from = held.len();
+    send_pipelined(&home, &session, "m", resend_from..10_000, None);
+    wait_journal_empty(&home);
+    let held = relay_messages(&relay, &token, &session);
+    let expected: Vec<String> = (0..10_000).map(|n| format!("m-{n:05}")).collect();
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|m| !held.contains(m))
+        .take(10)
+        .collect();
+    assert_eq!(
+        held.len(),
+        expected.len(),
+        "each message exactly once; resent from {resend_from}; missing {missing:?}"
+    );
+    assert!(held == expected, "in order");
+}
+
+#[test]
+fn a_relay_killed_and_restarted_mid_stream_loses_nothing() {
+    let mut relay = Relay::start_with(QUIET_AGENT);
+    let home = Home::new();
+    let token = login(&home, &relay, "ann", "acme");
+    let session = create_session(&home, &[]);
+
+    send_pipelined(&home, &session, "r", 0..500, None);
+    relay.kill();
+    // Sending goes on while the relay is down: the journal takes it.
+    let queued = home.cloudctl_ok(&["send", &session, "while-down"]);
+    assert!(queued.starts_with("queued"), "{queued}");
+    send_pipelined(&home, &session, "r", 500..1_000, None);
+    relay.restart();
+    send_pipelined(&home, &session, "r", 1_000..1_500, None);
+    wait_journal_empty(&home);
+    let held = relay_messages(&relay, &token, &session);
+    let mut expected: Vec<String> = (0..500).map(|n| format!("r-{n:05}")).collect();
+    expected.push("while-down".into());
+    expected.extend((500..1_500).map(|n| format!("r-{n:05}")));
+    assert!(
+        held == expected,
+        "held {} messages, expected {}",
+        held.len(),
+        expected.len()
+    );
+}
+
+#[test]
+fn a_revoked_token_is_refused_without_a_retry_storm() {
+    let relay = Relay::start();
+    let home = Home::new();
+    login(&home, &relay, "ann", "acme");
+    wait_connected(&home);
+    relay.revoke("ann");
+    wait_for("the daemon to show the refusal", DEADLINE, || {
+        home.cloudctl_json(&["status"])["relay"]["state"] == "refused"
+    });
+    let status = home.cloudctl_ok(&["status"]);
+    assert!(status.contains("refused"), "{status}");
+    assert!(!status.contains("crt_"), "the token never shows: {status}");
+    // A refusal is final until the credentials change: the daemon does not come back.
+    let refusals = |log: &str| log.matches("relay refused this daemon for good").count();
+    let before = refusals(&std::fs::read_to_string(home.paths.log_file()).unwrap());
+    assert_eq!(before, 1);
+    for _ in 0..20 {
+        assert_eq!(home.cloudctl_json(&["status"])["relay"]["state"], "refused");
+    }
+    let log = std::fs::read_to_string(home.paths.log_file()).unwrap();
+    assert_eq!(refusals(&log), 1);
+    assert!(
+        !log.contains("relay connection failed"),
+        "no retries after a refusal: {log}"
+    );
+}
+
+#[test]
+fn visibility_is_enforced_across_orgs_and_viewers_cannot_send() {
+    let relay = Relay::start();
+    let ann = Home::new();
+    login(&ann, &relay, "ann", "acme");
+    let bob = Home::new();
+    login(&bob, &relay, "bob", "other");
+
+    let team = create_session(&ann, &["--visibility", "team", "--task", "team only"]);
+    let public = create_session(&ann, &["--visibility", "public", "--task", "for all"]);
+    wait_for("bob's replica to settle", DEADLINE, || {
+        bob.cloudctl_json(&["session", "list"])["sessions"]
+            .as_array()
+            .is_some_and(|s| s.iter().all(|s| s["id"] != team.as_str()))
+    });
+    let shown = bob.cloudctl(&["session", "show", &team]);
+    assert_eq!(shown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&shown.stderr).contains("no session"));
+
+    // Bob can watch the public session, read-only.
+    let mut watcher = Watcher::attach(&bob, &public);
+    ann.cloudctl_ok(&["send", &public, "echo visible"]);
+    watcher.until("ann's message", |e| message_type(e) == "user");
+    let sent = bob.cloudctl(&["send", &public, "echo from-bob"]);
+    assert_eq!(sent.status.code(), Some(1), "{sent:?}");
+    assert!(
+        String::from_utf8_lossy(&sent.stderr).contains("viewer"),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_prompt_answered_on_one_machine_is_withdrawn_everywhere() {
+    let relay = Relay::start();
+    let ann = Home::new();
+    login(&ann, &relay, "ann", "acme");
+    let cat = Home::new();
+    login(&cat, &relay, "cat", "acme");
+    let session = create_session(&ann, &["--visibility", "team"]);
+    let mut ann_watch = Watcher::attach(&ann, &session);
+    let mut cat_watch = Watcher::attach(&cat, &session);
+    ann.cloudctl_ok(&["send", &session, "echo shared"]);
+    let prompt = cat_watch.until("the prompt on cat's machine", is_prompt);
+    let request_id = prompt["message"]["request_id"].as_str().unwrap().to_owned();
+    ann_watch.until("the prompt on ann's machine", is_prompt);
+
+    cat.cloudctl_ok(&["allow", &session, &request_id]);
+    // Ann's machine sees the answer at once, and its prompt list empties.
+    ann_watch.until("the answer", |e| message_type(e) == "control_response");
+    assert_eq!(ann.cloudctl_json(&["permissions", &session]), json!([]));
+    let second = ann.cloudctl(&["deny", &session, &request_id]);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already answered"));
+    // The agent saw exactly one answer: the command ran once.
+    ann_watch.until("the output", |e| assistant_text(e).contains("shared"));
+    ann_watch.until("the result", |e| message_type(e) == "result");
+    let answers = ann_watch
+        .seen
+        .iter()
+        .filter(|e| message_type(e) == "control_response")
+        .count();
+    assert_eq!(answers, 1);
+}
