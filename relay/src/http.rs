@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -69,7 +70,7 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 }
@@ -405,8 +406,9 @@ async fn log(
     State(shared): State<Arc<Shared>>,
     Authenticated(identity): Authenticated,
     Path(id): Path<String>,
-    Query(query): Query<After>,
+    query: Result<Query<After>, QueryRejection>,
 ) -> Result<Json<Vec<LogEntry>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let (session, _) = shared.session_for(&identity, &id)?;
     let limit = query.limit.unwrap_or(MAX_LOG_PAGE).min(MAX_LOG_PAGE);
     let entries = shared

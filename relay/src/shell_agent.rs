@@ -42,6 +42,9 @@ pub enum ShellAgentError {
 }
 
 /// Runs the shell agent on this process's stdin and stdout until stdin closes or SIGTERM.
+///
+/// It builds its own current-thread runtime, so call it from a plain `main` (a hidden
+/// subcommand), never from inside a tokio runtime.
 pub fn run() -> Result<(), ShellAgentError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -163,8 +163,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Creates the data directory, private to its owner (0700 on Unix) like the relay makes it.
 fn create_dir(dir: &Path) -> Result<(), TokenError> {
-    std::fs::create_dir_all(dir).map_err(|source| TokenError::Io {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| TokenError::Io {
         path: dir.to_owned(),
         source,
     })

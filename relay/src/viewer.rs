@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse as _, Response};
@@ -21,9 +22,13 @@ pub async fn subscribe(
     State(shared): State<Arc<Shared>>,
     Authenticated(identity): Authenticated,
     Path(id): Path<String>,
-    Query(query): Query<After>,
+    query: Result<Query<After>, QueryRejection>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
+    };
     let follower = match Follower::new(shared.clone(), identity.clone(), id, query.after) {
         Ok(follower) => follower,
         Err(e) => return ApiError::from(e).into_response(),

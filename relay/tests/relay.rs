@@ -1056,3 +1056,70 @@ fn arbitrary_first_messages_never_harm_a_live_relay() {
         relay.stop().await;
     });
 }
+
+#[tokio::test]
+async fn ten_thousand_bridge_events_arrive_exactly_once_in_order() {
+    let relay = TestRelay::start(script_agent("cat > /dev/null")).await;
+    let token = relay.token("alice", "acme");
+    let id = relay.create(&token, "{}").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (mut bridge, _) = Bridge::connect(relay.addr, &token, "i-bulk").await;
+    const N: u64 = 10_000;
+    let started = std::time::Instant::now();
+    // Send everything, resending a window of already-sent seqs halfway (as a daemon does
+    // after a reconnect), without waiting for acks.
+    for seq in 1..=N {
+        let event = Outbound::UserMessage {
+            session: id.clone(),
+            text: format!("m{seq}"),
+        };
+        bridge.send(seq, ToRelay::Event(event)).await;
+        if seq == N / 2 {
+            for again in N / 2 - 100..=N / 2 {
+                let event = Outbound::UserMessage {
+                    session: id.clone(),
+                    text: format!("m{again}"),
+                };
+                bridge.send(again, ToRelay::Event(event)).await;
+            }
+        }
+    }
+    bridge.wait_ack(N).await;
+    eprintln!("{N} events acknowledged in {:?}", started.elapsed());
+    let mut texts = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = relay
+            .http(
+                "GET",
+                &format!("/v1/sessions/{id}/log?after={after}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        let page: Vec<cloud_protocol::session::LogEntry> = serde_json::from_value(page).unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        texts.extend(page.iter().filter_map(|e| {
+            message(e)
+                .filter(|m| m["type"] == "user")
+                .map(|m| m["message"]["content"].as_str().unwrap().to_owned())
+        }));
+    }
+    let expected: Vec<String> = (1..=N).map(|seq| format!("m{seq}")).collect();
+    assert_eq!(texts, expected);
+    let (status, error) = relay
+        .http(
+            "GET",
+            &format!("/v1/sessions/{id}/log?after=x"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(error["error"].is_string());
+    relay.stop().await;
+}
