@@ -16,15 +16,21 @@ fn hostile_relay(reply: Vec<u8>) -> SocketAddr {
         .enable_all()
         .build()
         .unwrap();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let address = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         runtime.block_on(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let reply = reply.clone();
                 tokio::spawn(async move {
-                    let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else { return };
+                    let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
                     let _ = socket.next().await;
                     let _ = socket.send(Message::Binary(reply.into())).await;
                     while socket.next().await.is_some() {}
@@ -38,10 +44,19 @@ fn hostile_relay(reply: Vec<u8>) -> SocketAddr {
 fn login_fails_cleanly(reply: Vec<u8>, expected: &str) {
     let address = hostile_relay(reply);
     let home = Home::new();
-    let output = home.cloudctl(&["login", "--relay", &format!("http://{address}"), "--token", "t"]);
+    let output = home.cloudctl(&[
+        "login",
+        "--relay",
+        &format!("http://{address}"),
+        "--token",
+        "t",
+    ]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("login failed") && stderr.contains(expected), "{stderr}");
+    assert!(
+        stderr.contains("login failed") && stderr.contains(expected),
+        "{stderr}"
+    );
     // The daemon is unharmed: it answers, and went back to its embedded relay.
     home.cloudctl_ok(&["ping"]);
     let mut identity = serde_json::Value::Null;
@@ -59,5 +74,8 @@ fn a_malformed_envelope_from_the_relay_is_refused() {
 
 #[test]
 fn an_oversized_frame_from_the_relay_is_refused() {
-    login_fails_cleanly(vec![0; cloud_protocol::bridge::MAX_BRIDGE_MESSAGE + 1], "closed the connection");
+    login_fails_cleanly(
+        vec![0; cloud_protocol::bridge::MAX_BRIDGE_MESSAGE + 1],
+        "closed the connection",
+    );
 }
