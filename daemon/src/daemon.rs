@@ -216,10 +216,13 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     shared.update(format!("draining: {reason}"), |s| {
         s.state = DaemonState::Draining
     });
+    // One deadline for the whole drain: connections and the bridge (with the embedded
+    // relay) stop together, on the same token.
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
     shared.shutdown.cancel();
     tracker.close();
     let _ = accept_task.await;
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+    if tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_err()
     {
@@ -228,12 +231,11 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
             "drain timed out after {DRAIN_TIMEOUT:?}; closing the remaining connections"
         );
     }
-    // The bridge stops on the same token; it shuts the embedded relay down.
-    if tokio::time::timeout(DRAIN_TIMEOUT, bridge_task)
+    if tokio::time::timeout_at(deadline, bridge_task)
         .await
         .is_err()
     {
-        tracing::warn!("the bridge did not stop within {DRAIN_TIMEOUT:?}");
+        tracing::warn!("the bridge did not stop within the drain's {DRAIN_TIMEOUT:?}");
     }
     if let Err(e) = db.flush_async().await {
         tracing::error!("cannot flush the store: {e}");

@@ -76,6 +76,6 @@ fn a_malformed_envelope_from_the_relay_is_refused() {
 fn an_oversized_frame_from_the_relay_is_refused() {
     login_fails_cleanly(
         vec![0; cloud_protocol::bridge::MAX_BRIDGE_MESSAGE + 1],
-        "closed the connection",
+        "too long",
     );
 }

@@ -320,9 +320,15 @@ impl Bridge {
                         registered: false,
                     }
                 }
-                Ok(None) | Ok(Some(Err(_))) => {
+                Ok(None) => {
                     return Ended::Failed {
                         reason: "the relay closed the connection while registering".into(),
+                        registered: false,
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    return Ended::Failed {
+                        reason: format!("reading from the relay failed: {e}"),
                         registered: false,
                     }
                 }
@@ -461,7 +467,8 @@ impl Bridge {
                 message = socket.next() => {
                     last_heard = Instant::now();
                     match message {
-                        None | Some(Err(_)) => break Ended::Failed { reason: "the relay closed the connection".into(), registered: true },
+                        None => break Ended::Failed { reason: "the relay closed the connection".into(), registered: true },
+                        Some(Err(e)) => break Ended::Failed { reason: format!("reading from the relay failed: {e}"), registered: true },
                         Some(Ok(Message::Binary(bytes))) => {
                             let envelope = match bridge::decode::<FromRelay>(&bytes) {
                                 Ok(envelope) => envelope,
@@ -527,7 +534,12 @@ impl Bridge {
                     .send(Arc::new(Notification::SessionChanged(session)));
             }
             FromRelay::SessionRemoved { session } => {
-                if let Err(e) = link.replica.remove(&session) {
+                // Deleted or no longer visible: nothing more will come for it.
+                if let Err(e) = link
+                    .replica
+                    .remove(&session)
+                    .and_then(|()| link.inbound.forget(&session))
+                {
                     tracing::error!("cannot store the session replica: {e}");
                 }
                 let _ = link

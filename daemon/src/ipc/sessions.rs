@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use cloud_protocol::bridge::{Outbound, PermissionDecision, RelayRequest};
-use cloud_protocol::ipc::{BridgeState, ErrorBody, ErrorCode, Identity, Prompt, Request, Response};
+use cloud_protocol::ipc::{
+    BridgeState, ErrorBody, ErrorCode, Identity, Prompt, RelayMode, RelayStatus, Request, Response,
+};
 use cloud_protocol::session::{Author, LogEntry, Session, SessionAction, SessionEvent};
 use tokio::sync::oneshot;
 
@@ -40,8 +42,9 @@ pub async fn handle(
         Request::Login { relay, token } => login(link, &shared.paths.config_dir, relay, token).await,
         Request::Logout => {
             credentials::remove(&shared.paths.config_dir).map_err(internal)?;
+            link.set_status(|s| s.state = BridgeState::Connecting);
             let _ = link.commands.send(BridgeCommand::Reconnect).await;
-            wait_settled(link).await;
+            wait_settled(link, None, RelayMode::Embedded).await;
             Ok(Response::Identity(Identity { relay: link.status() }))
         }
         Request::Whoami => Ok(Response::Identity(Identity { relay: link.status() })),
@@ -253,17 +256,26 @@ fn relay_error(reason: String) -> ErrorBody {
     ErrorBody::new(code, reason)
 }
 
-/// Waits until the bridge has connected or given up (after a credentials change).
-async fn wait_settled(link: &Link) -> BridgeState {
+/// Waits until the bridge's first attempt with new credentials has an outcome: connected,
+/// refused, or failed (retrying) — for the relay `url` and in `mode`, so an attempt that
+/// started before the change does not count.
+async fn wait_settled(link: &Link, url: Option<&str>, mode: RelayMode) -> RelayStatus {
     let mut status = link.watch_status();
     let settled = tokio::time::timeout(
         RELAY_DEADLINE,
-        status.wait_for(|s| matches!(s.state, BridgeState::Connected | BridgeState::Refused)),
+        status.wait_for(|s| {
+            s.mode == mode
+                && url.is_none_or(|url| s.url == url)
+                && matches!(
+                    s.state,
+                    BridgeState::Connected | BridgeState::Refused | BridgeState::Retrying
+                )
+        }),
     )
     .await;
     match settled {
-        Ok(Ok(status)) => status.state,
-        _ => link.status().state,
+        Ok(Ok(status)) => status.clone(),
+        _ => link.status(),
     }
 }
 
@@ -275,31 +287,32 @@ async fn login(
 ) -> Result<Response, ErrorBody> {
     crate::bridge::bridge_url(&relay).map_err(|e| ErrorBody::new(ErrorCode::InvalidParams, e))?;
     let previous = credentials::load(config_dir).ok().flatten();
-    credentials::save(config_dir, &Credentials { relay, token }).map_err(internal)?;
+    let new = Credentials {
+        relay: relay.clone(),
+        token,
+    };
+    credentials::save(config_dir, &new).map_err(internal)?;
     // The bridge may be waiting out a refusal or a backoff: reconnect now.
     link.set_status(|s| s.state = BridgeState::Connecting);
     let _ = link.commands.send(BridgeCommand::Reconnect).await;
-    match wait_settled(link).await {
-        BridgeState::Connected => Ok(Response::Identity(Identity {
-            relay: link.status(),
-        })),
-        _ => {
-            let reason = link
-                .status()
-                .reason
-                .unwrap_or_else(|| "the relay did not accept the login in time".into());
-            // Put back what worked before.
-            match previous {
-                Some(previous) => credentials::save(config_dir, &previous).map_err(internal)?,
-                None => credentials::remove(config_dir).map_err(internal)?,
-            }
-            let _ = link.commands.send(BridgeCommand::Reconnect).await;
-            Err(ErrorBody::new(
-                ErrorCode::Refused,
-                format!("login failed: {reason}"),
-            ))
-        }
+    let settled = wait_settled(link, Some(&relay), RelayMode::Remote).await;
+    if settled.state == BridgeState::Connected {
+        return Ok(Response::Identity(Identity { relay: settled }));
     }
+    let reason = settled
+        .reason
+        .unwrap_or_else(|| "the relay did not accept the login in time".into());
+    // Put back what worked before.
+    match previous {
+        Some(previous) => credentials::save(config_dir, &previous).map_err(internal)?,
+        None => credentials::remove(config_dir).map_err(internal)?,
+    }
+    link.set_status(|s| s.state = BridgeState::Connecting);
+    let _ = link.commands.send(BridgeCommand::Reconnect).await;
+    Err(ErrorBody::new(
+        ErrorCode::Refused,
+        format!("login failed: {reason}"),
+    ))
 }
 
 async fn answer(
