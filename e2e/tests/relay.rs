@@ -444,3 +444,43 @@ fn a_prompt_answered_on_one_machine_is_withdrawn_everywhere() {
         .count();
     assert_eq!(answers, 1);
 }
+
+#[test]
+fn network_none_gives_the_agent_no_network_or_says_it_cannot() {
+    let home = Home::new();
+    wait_connected(&home);
+    let session = create_session(&home, &["--network", "none"]);
+    let mut watcher = Watcher::attach(&home, &session);
+    let note = watcher.until("the network note", |e| e["message"]["subtype"] == "network");
+    // /proc/net/dev lists the interfaces of the reader's own network namespace.
+    home.cloudctl_ok(&[
+        "send",
+        &session,
+        "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '",
+    ]);
+    let prompt = watcher.until("the prompt", is_prompt);
+    let request_id = prompt["message"]["request_id"].as_str().unwrap().to_owned();
+    home.cloudctl_ok(&["allow", &session, &request_id]);
+    watcher.until("the result", |e| message_type(e) == "result");
+    let interfaces: Vec<String> = watcher
+        .seen
+        .iter()
+        .map(assistant_text)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if note["message"]["enforced"] == true {
+        assert_eq!(
+            interfaces,
+            ["lo"],
+            "only a loopback in the agent's namespace"
+        );
+    } else {
+        // Where it cannot be enforced, the session says so, with the reason.
+        assert!(
+            note["message"]["reason"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty()),
+            "{note}"
+        );
+    }
+}

@@ -141,31 +141,86 @@ fn signal_group(pid: Option<u32>, signal: Signal) {
 #[cfg(not(unix))]
 fn signal_group(_pid: Option<u32>, _signal: Signal) {}
 
-/// Starts an agent for `session` in `workspace` and the tasks that serve it.
+/// Whether an agent that must have no network got none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkIsolation {
+    /// The session allows network: nothing was done.
+    NotRequested,
+    /// The agent runs in a network namespace of its own, with only a down loopback.
+    Enforced,
+    /// Isolation was asked for but this platform or process cannot provide it (why).
+    NotEnforced(String),
+}
+
+/// Starts an agent for `session` in `workspace` and the tasks that serve it. With
+/// `isolate_network`, the agent gets a new, empty network namespace where the platform
+/// allows (Linux, with CAP_SYS_ADMIN or unprivileged user namespaces); otherwise it runs
+/// without isolation and the returned [`NetworkIsolation`] says why, so the session can
+/// report it honestly.
 pub fn spawn(
     command: &[String],
     workspace: &Path,
     session: &str,
     generation: u64,
+    isolate_network: bool,
     core: mpsc::Sender<Command>,
     tracker: &TaskTracker,
-) -> Result<AgentHandle, AgentError> {
+) -> Result<(AgentHandle, NetworkIsolation), AgentError> {
     let (program, args) = command.split_first().ok_or(AgentError::NoCommand)?;
-    let mut process = ProcessCommand::new(program);
-    process
-        .args(args)
-        .current_dir(workspace)
-        .env("CLOUD_SESSION_ID", session)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(false);
-    #[cfg(unix)]
-    process.process_group(0);
-    let mut child = process.spawn().map_err(|source| AgentError::Spawn {
+    let build = |isolate: bool| {
+        let mut process = ProcessCommand::new(program);
+        process
+            .args(args)
+            .current_dir(workspace)
+            .env("CLOUD_SESSION_ID", session)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        #[cfg(unix)]
+        process.process_group(0);
+        #[cfg(target_os = "linux")]
+        if isolate {
+            // SAFETY: unshare is async-signal-safe and only affects the child being set up.
+            unsafe {
+                process.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNET) == 0
+                        || libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0
+                    {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = isolate;
+        process
+    };
+    let spawn_error = |source| AgentError::Spawn {
         program: program.clone(),
         source,
-    })?;
+    };
+    let (mut child, isolation) = if !isolate_network {
+        (
+            build(false).spawn().map_err(spawn_error)?,
+            NetworkIsolation::NotRequested,
+        )
+    } else if cfg!(target_os = "linux") {
+        match build(true).spawn() {
+            Ok(child) => (child, NetworkIsolation::Enforced),
+            Err(e) => (
+                build(false).spawn().map_err(spawn_error)?,
+                NetworkIsolation::NotEnforced(format!("cannot create a network namespace: {e}")),
+            ),
+        }
+    } else {
+        (
+            build(false).spawn().map_err(spawn_error)?,
+            NetworkIsolation::NotEnforced("network namespaces exist only on Linux".into()),
+        )
+    };
     let pid = child.id();
     let (stdin_sender, mut stdin_receiver) = mpsc::unbounded_channel::<String>();
     let (exited_sender, exited) = watch::channel(false);
@@ -247,12 +302,15 @@ pub fn spawn(
             .await;
     });
 
-    Ok(AgentHandle {
-        generation,
-        stdin: stdin_sender,
-        pid,
-        exited,
-    })
+    Ok((
+        AgentHandle {
+            generation,
+            stdin: stdin_sender,
+            pid,
+            exited,
+        },
+        isolation,
+    ))
 }
 
 /// Reads one line of at most `max` bytes (without its newline). A longer line is cut at

@@ -22,8 +22,8 @@ use std::sync::{Arc, RwLock};
 use cloud_protocol::agent;
 use cloud_protocol::bridge::{Outbound, PermissionDecision};
 use cloud_protocol::session::{
-    Author, CreateSession, LogEntry, Session, SessionAction, SessionEvent, SessionStatus,
-    TransitionError, Visibility,
+    Author, CreateSession, LogEntry, NetworkAccess, Session, SessionAction, SessionEvent,
+    SessionStatus, TransitionError, Visibility,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -974,13 +974,37 @@ impl Core {
                     &workspace,
                     id,
                     generation,
+                    self.sessions[id].session.network_access == NetworkAccess::None,
                     self.shared.core.clone(),
                     &self.agent_tasks,
                 )
                 .map_err(|e| e.to_string())
             });
         match spawned {
-            Ok(agent) => {
+            Ok((agent, isolation)) => {
+                // Say in the session's own log whether "no network" holds.
+                let note = match isolation {
+                    agents::NetworkIsolation::NotRequested => None,
+                    agents::NetworkIsolation::Enforced => Some(serde_json::json!({
+                        "type": "system", "subtype": "network", "network_access": "none", "enforced": true,
+                    })),
+                    agents::NetworkIsolation::NotEnforced(reason) => {
+                        tracing::warn!(session = %id, "network_access=none is not enforced: {reason}");
+                        Some(serde_json::json!({
+                            "type": "system", "subtype": "network", "network_access": "none",
+                            "enforced": false, "reason": reason,
+                        }))
+                    }
+                };
+                if let Some(note) = note {
+                    self.append(
+                        id,
+                        Author::Relay,
+                        SessionEvent::Message(note.to_string()),
+                        changes,
+                        round,
+                    );
+                }
                 match self.store.queued_input(id) {
                     Ok(queued) => {
                         for (seq, line) in queued {
