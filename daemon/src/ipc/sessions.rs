@@ -53,7 +53,7 @@ pub async fn handle(
                 .await?
                 .ok_or_else(|| internal("the relay answered a create without a session"))?;
             link.replica.upsert(&session).map_err(internal)?;
-            follow(link, &session.id).await?;
+            follow(link, &session.id)?;
             Ok(Response::Session {
                 session,
                 stale: false,
@@ -96,7 +96,7 @@ pub async fn handle(
         }
         Request::Send { session, text } => {
             check_sendable(link, &session)?;
-            follow(link, &session).await?;
+            follow(link, &session)?;
             journal(link, client, &Outbound::UserMessage { session, text })
         }
         Request::Interrupt { session } => {
@@ -115,7 +115,7 @@ pub async fn handle(
             )),
         },
         Request::Attach { session, since } => {
-            follow(link, &session).await?;
+            follow(link, &session)?;
             let last_seq = link.inbound.last_seq(&session).map_err(internal)?;
             let after = since.unwrap_or(last_seq.saturating_sub(RECENT_ENTRIES));
             if client.session_feed.is_none() {
@@ -184,15 +184,14 @@ fn known_session(link: &Link, session: &str) -> Result<Session, ErrorBody> {
 }
 
 /// Follows a session: its log is stored and streamed from now on.
-async fn follow(link: &Link, session: &str) -> Result<(), ErrorBody> {
+fn follow(link: &Link, session: &str) -> Result<(), ErrorBody> {
     if !link.inbound.is_followed(session).map_err(internal)? {
         link.inbound.follow(session).map_err(internal)?;
-        let _ = link
-            .commands
-            .send(BridgeCommand::Join {
-                session: session.to_owned(),
-            })
-            .await;
+        // Never wait on the bridge: if its queue is full (it is busy connecting), the
+        // session is rejoined with every other followed one when it connects.
+        let _ = link.commands.try_send(BridgeCommand::Join {
+            session: session.to_owned(),
+        });
     }
     Ok(())
 }
