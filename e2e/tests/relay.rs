@@ -484,3 +484,42 @@ fn network_none_gives_the_agent_no_network_or_says_it_cannot() {
         );
     }
 }
+
+#[test]
+fn attach_since_replays_what_happened_while_nobody_watched() {
+    let home = Home::new();
+    wait_connected(&home);
+    let session = create_session(&home, &["--task", "unwatched"]);
+    home.cloudctl_ok(&["send", &session, "echo while-nobody-watched"]);
+    // Nobody is attached: the daemon still follows the session and stores its log.
+    let mut prompts = json!([]);
+    wait_for("the prompt to reach the daemon", DEADLINE, || {
+        prompts = home.cloudctl_json(&["permissions", &session]);
+        prompts.as_array().is_some_and(|p| !p.is_empty())
+    });
+    let request_id = prompts[0]["request_id"].as_str().unwrap().to_owned();
+    home.cloudctl_ok(&["allow", &session, &request_id]);
+    let mut replay = String::new();
+    wait_for("the result in the stored log", DEADLINE, || {
+        replay = home.cloudctl_ok(&["attach", &session, "--since", "0", "--no-follow"]);
+        replay.contains("result success")
+    });
+    let lines: Vec<&str> = replay.lines().collect();
+    assert!(
+        lines[0].starts_with("[1] relay: session starting"),
+        "{replay}"
+    );
+    assert!(replay.contains("asks to use Bash"), "{replay}");
+    assert!(replay.contains("agent: while-nobody-watched"), "{replay}");
+    // From a later point, only what came after.
+    let tail = home.cloudctl_ok(&["attach", &session, "--since", "4", "--no-follow", "--json"]);
+    let seqs: Vec<u64> = tail
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(!seqs.is_empty() && seqs.iter().all(|&s| s > 4), "{tail}");
+}
