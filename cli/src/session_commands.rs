@@ -162,6 +162,7 @@ pub async fn session(
                 }
                 if sessions.is_empty() {
                     println!("no sessions (create one with `cloudctl session create`)");
+                    return Ok(());
                 }
                 println!(
                     "{:<20} {:<10} {:<8} {:<10} TASK",
@@ -470,6 +471,7 @@ pub async fn attach(
         drop(lines_tx);
     }
     let mut latest_prompt: Option<String> = None;
+    let mut stdin_open = !viewer;
     loop {
         tokio::select! {
             notification = client.next_notification() => {
@@ -483,8 +485,12 @@ pub async fn attach(
                     print_entry(&session, &entry, json_output);
                 }
             }
-            line = lines.recv(), if !viewer => {
-                let Some(line) = line else { continue };
+            line = lines.recv(), if stdin_open => {
+                let Some(line) = line else {
+                    // End of input: keep following, without polling stdin again.
+                    stdin_open = false;
+                    continue;
+                };
                 let line = line.trim().to_owned();
                 let request = match (line.as_str(), &latest_prompt) {
                     ("", _) => continue,

@@ -195,6 +195,11 @@ impl Journal {
             .map_err(StoreError::sled("journal"))
     }
 
+    /// The highest seq written so far.
+    pub fn last_written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
     /// The highest acknowledged seq.
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Acquire)

@@ -27,6 +27,8 @@ pub const STATE_FEED_CAPACITY: usize = 256;
 pub struct Shared {
     /// Where the daemon's files are.
     pub paths: Paths,
+    /// The same, formatted once for `status` (they never change while running).
+    paths_text: [String; 3],
     /// When the daemon started, for uptime.
     started: Instant,
     /// This process's pid.
@@ -91,8 +93,14 @@ impl Shared {
         link: Arc<Link>,
     ) -> Shared {
         let (state_feed, _) = broadcast::channel(STATE_FEED_CAPACITY);
+        let paths_text = [
+            paths.socket.display().to_string(),
+            paths.state_dir.display().to_string(),
+            paths.config_file().display().to_string(),
+        ];
         Shared {
             paths,
+            paths_text,
             started: Instant::now(),
             pid: std::process::id(),
             uid: current_uid(),
@@ -160,9 +168,9 @@ impl Shared {
             state: snapshot.state,
             supervisor: self.supervision.supervisor,
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            socket: self.paths.socket.display().to_string(),
-            state_dir: self.paths.state_dir.display().to_string(),
-            config_file: self.paths.config_file().display().to_string(),
+            socket: self.paths_text[0].clone(),
+            state_dir: self.paths_text[1].clone(),
+            config_file: self.paths_text[2].clone(),
             config_generation: snapshot.config_generation,
             log_filter: snapshot.log_filter,
             log_file: snapshot.log_file,

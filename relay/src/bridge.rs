@@ -300,11 +300,14 @@ impl Connection {
         );
         // An empty batch answers the instance's current ack, so the daemon can trim its
         // journal before sending anything.
+        // The daemon chooses its instance id; scoping the dedup key by the token's user
+        // keeps another user's daemon from ever colliding with (or poisoning) it.
+        let dedup_key = format!("{}/{}", self.identity.user, snapshot.instance_id);
         let outcome = self
-            .call_events(Some(snapshot.instance_id.clone()), Vec::new())
+            .call_events(Some(dedup_key.clone()), Vec::new())
             .await?;
         self.ack = outcome.ack;
-        self.instance = Some(snapshot.instance_id);
+        self.instance = Some(dedup_key);
         self.send(
             socket,
             FromRelay::Registered {

@@ -334,7 +334,11 @@ impl Bridge {
                 }
                 Ok(Some(Ok(Message::Binary(bytes)))) => match bridge::decode::<FromRelay>(&bytes) {
                     Ok(envelope) => match envelope.body {
-                        FromRelay::Registered { user, org, .. } => break (user, org),
+                        FromRelay::Registered { user, org, .. } => {
+                            // Its ack says what the relay already holds: trim before resending.
+                            self.link.acknowledge(envelope.ack);
+                            break (user, org);
+                        }
                         FromRelay::Refused {
                             reason,
                             permanent: true,

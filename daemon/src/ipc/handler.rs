@@ -1,6 +1,7 @@
 //! Turns one request into one response against the shared state.
 //!
-//! The handler never blocks and never does IO: it reads the shared state, changes this
+//! The daemon family (hello, ping, status, shutdown, subscribe) is answered here without
+//! blocking or IO: it reads the shared state, changes this
 //! client's own state (greeting, subscriptions), or asks the core loop to act.
 
 use std::collections::HashMap;

@@ -103,6 +103,12 @@ pub async fn handle(
             check_sendable(link, &session)?;
             journal(link, client, &Outbound::Interrupt { session })
         }
+        Request::Delivery { seq } if seq == 0 || seq > link.journal.last_written() => {
+            Err(ErrorBody::new(
+                ErrorCode::InvalidParams,
+                format!("no event {seq} was ever queued"),
+            ))
+        }
         Request::Delivery { seq } => match link.delivery(seq, RELAY_DEADLINE).await {
             Some(Ok(())) => Ok(Response::Delivered { seq }),
             Some(Err(reason)) => Err(refusal(reason)),
@@ -247,7 +253,10 @@ async fn relay_request(link: &Link, request: RelayRequest) -> Result<Option<Sess
 fn relay_error(reason: String) -> ErrorBody {
     let code = if reason.contains("unreachable") || reason.contains("connection was lost") {
         ErrorCode::RelayUnavailable
-    } else if reason.starts_with("no session") || reason.contains("not found") {
+    } else if reason.starts_with("no session")
+        || reason.starts_with("no such session")
+        || reason.contains("not found")
+    {
         ErrorCode::NotFound
     } else {
         ErrorCode::Refused
