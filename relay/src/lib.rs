@@ -141,6 +141,13 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let router = http::router(shared.clone());
     let cancel = shared.cancel.clone();
     let server_task = tokio::spawn(async move {
+        // Bridge and viewer messages are small and latency-bound: without TCP_NODELAY a
+        // second small write waits for the peer's delayed ACK (~40 ms).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "the HTTP server failed");
