@@ -55,6 +55,8 @@ pub struct Context {
     pub paths: Paths,
     /// The user's home directory.
     pub home: PathBuf,
+    /// `$XDG_RUNTIME_DIR` (systemd's `%t`), when set.
+    pub runtime_dir: Option<PathBuf>,
     /// The user's uid (launchd domains are per uid).
     pub uid: u32,
     /// `CLOUDD_HOME` / `CLOUDD_SOCKET` / `CLOUDD_LOG` as set when installing, carried into
@@ -94,6 +96,9 @@ impl Context {
             cloudd_bin,
             paths,
             home,
+            runtime_dir: std::env::var_os("XDG_RUNTIME_DIR")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             uid: current_uid(),
             environment,
             graphical_session,

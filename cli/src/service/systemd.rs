@@ -37,16 +37,26 @@ impl Systemd {
             .iter()
             .map(|(name, value)| format!("Environment=\"{name}={value}\"\n"))
             .collect();
+        // Where the location rule lands on systemd's own directories, say so with its
+        // specifiers (%t = $XDG_RUNTIME_DIR, %h = home), so the units read as intended and
+        // follow the user; an override (CLOUDD_HOME, CLOUDD_SOCKET, XDG_*) is spelled out.
+        let runtime = context.runtime_dir.as_deref();
+        let spelled = |path: &std::path::Path| -> String {
+            if let Some(rest) = runtime.and_then(|r| path.strip_prefix(r).ok()) {
+                return format!("%t/{}", rest.display());
+            }
+            if let Ok(rest) = path.strip_prefix(&context.home) {
+                return format!("%h/{}", rest.display());
+            }
+            path.display().to_string()
+        };
         let values = [
             ("CLOUDD_BIN", context.cloudd_bin.display().to_string()),
             ("ENVIRONMENT", environment),
-            ("STATE_DIR", context.paths.state_dir.display().to_string()),
-            ("CONFIG_DIR", context.paths.config_dir.display().to_string()),
-            (
-                "SOCKET_DIR",
-                context.paths.socket_dir().display().to_string(),
-            ),
-            ("SOCKET", context.paths.socket.display().to_string()),
+            ("STATE_DIR", spelled(&context.paths.state_dir)),
+            ("CONFIG_DIR", spelled(&context.paths.config_dir)),
+            ("SOCKET_DIR", spelled(context.paths.socket_dir())),
+            ("SOCKET", spelled(&context.paths.socket)),
         ];
         [
             (SERVICE, fill(SERVICE_TEMPLATE, &values)),
