@@ -265,6 +265,9 @@ enum Effect {
 struct Round {
     /// Whether anything was written (so a flush is due).
     dirty: bool,
+    /// The round's writes not yet applied: applied as one batch before the flush, or
+    /// earlier when the core must read the store.
+    pending: Changes,
     /// Sessions whose published copy is out of date.
     touched: BTreeSet<String>,
     /// Sessions deleted this round.
@@ -423,7 +426,8 @@ impl Core {
     }
 
     /// Flushes the round's writes, then publishes and runs its effects.
-    async fn finish_round(&mut self, round: Round) {
+    async fn finish_round(&mut self, mut round: Round) {
+        self.apply_pending(&mut round);
         if round.dirty {
             if let Err(e) = self.store.flush().await {
                 tracing::error!(error = %e, "store flush failed; refusing further changes");
@@ -479,11 +483,23 @@ impl Core {
     }
 
     /// Applies one unit's writes atomically.
+    /// Adds an event's writes to the round. They reach the store as one batch with the
+    /// rest of the round's ([`Core::apply_pending`]).
     fn commit(&mut self, changes: Changes, round: &mut Round) {
         if self.broken {
             return;
         }
-        match self.store.apply(changes.batch) {
+        round.pending.extend(changes);
+    }
+
+    /// Applies the round's writes so far, as one atomic batch. Called before the flush and
+    /// before any read of the store, so reads see every earlier event of the round.
+    fn apply_pending(&mut self, round: &mut Round) {
+        if self.broken || round.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut round.pending);
+        match self.store.apply(pending.into_batch()) {
             Ok(()) => round.dirty = true,
             Err(e) => {
                 tracing::error!(error = %e, "store write failed; refusing further changes");
@@ -664,6 +680,7 @@ impl Core {
             }
         });
         let mut changes = Changes::default();
+        self.apply_pending(round);
         match self.store.session_keys(id) {
             Ok(keys) => keys.into_iter().for_each(|key| changes.remove(key)),
             Err(e) => {
@@ -1005,6 +1022,7 @@ impl Core {
                         round,
                     );
                 }
+                self.apply_pending(round);
                 match self.store.queued_input(id) {
                     Ok(queued) => {
                         for (seq, line) in queued {

@@ -301,51 +301,75 @@ impl Store {
     }
 }
 
-/// Builds one event's batch.
+/// Builds one event's writes. The core gathers a whole round's into one sled batch
+/// ([`Changes::into_batch`]): one apply and one flush per round instead of per event.
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// The batch to apply.
-    pub batch: Batch,
+    /// Inserts (`Some`) and removals (`None`), in order; a later write to a key wins.
+    ops: Vec<(IVec, Option<IVec>)>,
 }
 
 impl Changes {
     /// Writes the session record.
     pub fn put_session(&mut self, session: &Session) {
         let value = postcard::to_allocvec(session).expect("a session always serialises");
-        self.batch.insert(session_key(&session.id), value);
+        self.insert(session_key(&session.id), value);
     }
 
     /// Appends a log entry.
     pub fn put_log(&mut self, session: &str, entry: &LogEntry) {
         let value = postcard::to_allocvec(entry).expect("a log entry always serialises");
-        self.batch.insert(log_key(session, entry.seq), value);
+        self.insert(log_key(session, entry.seq), value);
     }
 
     /// Records the last journal seq applied for a daemon instance.
     pub fn put_dedup(&mut self, instance: &str, seq: u64) {
-        self.batch
-            .insert(dedup_key(instance), seq.to_be_bytes().to_vec());
+        self.insert(dedup_key(instance), seq.to_be_bytes().to_vec());
     }
 
     /// Records a prompt's state.
     pub fn put_prompt(&mut self, session: &str, request_id: &str, state: PromptState) {
-        self.batch
-            .insert(prompt_key(session, request_id), vec![state.to_byte()]);
+        self.insert(prompt_key(session, request_id), vec![state.to_byte()]);
     }
 
     /// Queues an agent input line until the session's agent runs.
     pub fn put_queued(&mut self, session: &str, seq: u64, line: &str) {
-        self.batch
-            .insert(queue_key(session, seq), line.as_bytes().to_vec());
+        self.insert(queue_key(session, seq), line.as_bytes().to_vec());
     }
 
     /// Removes a queued line (it was handed to the agent).
     pub fn remove_queued(&mut self, session: &str, seq: u64) {
-        self.batch.remove(queue_key(session, seq));
+        self.ops.push((queue_key(session, seq).into(), None));
     }
 
     /// Removes a key (used when deleting a session).
     pub fn remove(&mut self, key: IVec) {
-        self.batch.remove(key);
+        self.ops.push((key, None));
+    }
+
+    /// Appends another event's writes after these.
+    pub fn extend(&mut self, later: Changes) {
+        self.ops.extend(later.ops);
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// One atomic sled batch of everything, later writes winning.
+    pub fn into_batch(self) -> Batch {
+        let mut batch = Batch::default();
+        for (key, value) in self.ops {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
+        batch
+    }
+
+    fn insert(&mut self, key: impl Into<IVec>, value: Vec<u8>) {
+        self.ops.push((key.into(), Some(value.into())));
     }
 }
