@@ -219,10 +219,13 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     // One deadline for the whole drain: connections and the bridge (with the embedded
     // relay) stop together, on the same token.
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    // Connections get most of it; the bridge always keeps a second to stop the embedded
+    // relay (and its agents) cleanly.
+    let connections_deadline = deadline - Duration::from_secs(1);
     shared.shutdown.cancel();
     tracker.close();
     let _ = accept_task.await;
-    if tokio::time::timeout_at(deadline, tracker.wait())
+    if tokio::time::timeout_at(connections_deadline, tracker.wait())
         .await
         .is_err()
     {

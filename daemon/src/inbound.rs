@@ -103,11 +103,19 @@ impl Inbound {
             .unwrap_or(0))
     }
 
-    /// Stores `entry` if it is the next one; returns whether it was new. An entry at or
-    /// below the last stored seq is a duplicate (a replay after a reconnect) and is
-    /// skipped.
+    /// Stores `entry` of a followed session if it is new; returns whether it was. An entry
+    /// at or below the last stored seq is a duplicate (a replay after a reconnect) and is
+    /// skipped, and so is anything for a session no longer followed.
     pub fn store(&self, session: &str, entry: &LogEntry) -> Result<bool, StoreError> {
-        let last = self.last_seq(session)?;
+        // A late entry of a session no longer followed must not bring it back.
+        let Some(last) = self
+            .follows
+            .get(session)
+            .map_err(StoreError::sled("follows"))?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+        else {
+            return Ok(false);
+        };
         if entry.seq <= last {
             return Ok(false);
         }

@@ -77,7 +77,7 @@ impl Journal {
         Ok(Arc::new(Journal {
             db: db.clone(),
             tree,
-            next_seq: Mutex::new(last + 1),
+            next_seq: Mutex::new(last.saturating_add(1)),
             written: AtomicU64::new(last),
             durable,
             acked: AtomicU64::new(acked),
@@ -193,6 +193,23 @@ impl Journal {
         self.tree
             .apply_batch(batch)
             .map_err(StoreError::sled("journal"))
+    }
+
+    /// Moves the sequence past `seq` (everything up to it counts as acknowledged), so new
+    /// events never reuse a seq the relay already holds.
+    pub fn skip_to(&self, seq: u64) -> Result<(), StoreError> {
+        let mut next = self.next_seq.lock().expect("journal lock poisoned");
+        if *next <= seq {
+            *next = seq.saturating_add(1);
+            self.written.fetch_max(seq, Ordering::AcqRel);
+            self.durable.send_if_modified(|durable| {
+                let advanced = seq > *durable;
+                *durable = (*durable).max(seq);
+                advanced
+            });
+        }
+        drop(next);
+        self.trim(seq)
     }
 
     /// The highest seq written so far.

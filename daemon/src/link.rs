@@ -21,6 +21,9 @@ use crate::replica::Replica;
 /// How many refusal reasons are remembered for `Delivery` requests that come late.
 const REMEMBERED_REFUSALS: usize = 1024;
 
+/// How many replica notifications a client may fall behind.
+pub const SESSIONS_FEED_CAPACITY: usize = 1024;
+
 /// How many session log notifications a client may fall behind.
 pub const SESSION_FEED_CAPACITY: usize = 4096;
 
@@ -92,7 +95,7 @@ impl Link {
             instance_id,
         });
         let (session_feed, _) = broadcast::channel(SESSION_FEED_CAPACITY);
-        let (sessions_feed, _) = broadcast::channel(1024);
+        let (sessions_feed, _) = broadcast::channel(SESSIONS_FEED_CAPACITY);
         (
             Link {
                 journal,
@@ -155,7 +158,17 @@ impl Link {
         };
         match tokio::time::timeout(deadline, receiver).await {
             Ok(Ok(delivery)) => Some(delivery),
-            _ => None,
+            _ => {
+                // Gave up waiting: do not leave a dead waiter behind.
+                let mut waiters = self.waiters.lock().expect("waiters lock poisoned");
+                if let Some(senders) = waiters.get_mut(&seq) {
+                    senders.retain(|sender| !sender.is_closed());
+                    if senders.is_empty() {
+                        waiters.remove(&seq);
+                    }
+                }
+                None
+            }
         }
     }
 
@@ -181,6 +194,17 @@ impl Link {
         if seq <= self.journal.acked() {
             return;
         }
+        let written = self.journal.last_written();
+        if seq > written {
+            // The relay holds more of this instance than its journal ever wrote (a state
+            // directory restored from a backup, or a copied one): move the journal past it,
+            // or new events would reuse seqs the relay skips as duplicates.
+            tracing::warn!(relay_ack = seq, journal = written, "the relay acknowledged events this journal never wrote; skipping its sequence ahead");
+            if let Err(e) = self.journal.skip_to(seq) {
+                tracing::error!("cannot move the journal's sequence: {e}");
+                return;
+            }
+        }
         if let Err(e) = self.journal.trim(seq) {
             tracing::error!("cannot trim the journal: {e}");
         }
@@ -194,5 +218,74 @@ impl Link {
                 let _ = sender.send(Ok(()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_protocol::bridge::Outbound;
+
+    #[tokio::test]
+    async fn refused_events_are_never_reported_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let journal = Journal::open(&db).unwrap();
+        tokio::spawn(Arc::clone(&journal).run_flusher());
+        for n in 0..10 {
+            let event = Outbound::UserMessage {
+                session: "s-1".into(),
+                text: format!("{n}"),
+            };
+            journal.append(&event).await.unwrap();
+        }
+        let (link, _commands) = Link::new(
+            journal,
+            Inbound::open(&db).unwrap(),
+            Replica::open(&db).unwrap(),
+            RelayMode::Embedded,
+            String::new(),
+            "i-test".into(),
+        );
+        let link = Arc::new(link);
+        let waiter = {
+            let link = Arc::clone(&link);
+            tokio::spawn(async move { link.delivery(7, Duration::from_secs(5)).await })
+        };
+        tokio::task::yield_now().await;
+        // What the bridge does for: refusal 5, refusal 7, ack 10.
+        link.refuse(5, "viewers cannot send".into());
+        link.acknowledge(4);
+        link.refuse(7, "viewers cannot send".into());
+        link.acknowledge(6);
+        link.acknowledge(10);
+        assert_eq!(
+            waiter.await.unwrap(),
+            Some(Err("viewers cannot send".into()))
+        );
+        assert_eq!(link.delivery(8, Duration::ZERO).await, Some(Ok(())));
+        assert_eq!(link.journal.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_ack_beyond_the_journal_moves_its_sequence_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let journal = Journal::open(&db).unwrap();
+        tokio::spawn(Arc::clone(&journal).run_flusher());
+        let (link, _commands) = Link::new(
+            Arc::clone(&journal),
+            Inbound::open(&db).unwrap(),
+            Replica::open(&db).unwrap(),
+            RelayMode::Embedded,
+            String::new(),
+            "i-test".into(),
+        );
+        link.acknowledge(500);
+        let event = Outbound::Interrupt {
+            session: "s-1".into(),
+        };
+        assert_eq!(journal.append(&event).await.unwrap(), 501);
+        assert_eq!(journal.read_after(500, 10).unwrap().len(), 1);
     }
 }

@@ -416,10 +416,8 @@ impl Connection {
         }
         let outcome = self.call_events(self.instance.clone(), events).await?;
         self.ack = self.ack.max(outcome.ack);
-        let mut n_refused = 0;
         for (seq, result) in outcome.results {
             if let Err(e) = result {
-                n_refused += 1;
                 self.send(
                     socket,
                     FromRelay::EventRefused {
@@ -430,9 +428,9 @@ impl Connection {
                 .await?;
             }
         }
-        if n_refused == 0 {
-            self.send(socket, FromRelay::Ack).await?;
-        }
+        // Always end with a plain ack: the daemon acknowledges only below a refused seq
+        // when it reads a refusal, so the batch's full ack must come on its own.
+        self.send(socket, FromRelay::Ack).await?;
         Ok(())
     }
 

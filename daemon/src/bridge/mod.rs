@@ -230,7 +230,11 @@ impl Bridge {
                             .map_err(|e| {
                                 Ended::Refused(format!("the embedded relay failed: {e}"))
                             })?;
-                    self.embedded = Some(started.map_err(|e| Ended::Refused(e.to_string()))?);
+                    // A relay that failed to start may start next time: retry, do not give up.
+                    self.embedded = Some(started.map_err(|e| Ended::Failed {
+                        reason: e.to_string(),
+                        registered: false,
+                    })?);
                 }
                 let embedded = self.embedded.as_ref().expect("just started");
                 Ok((embedded.credentials.clone(), RelayMode::Embedded))
@@ -403,35 +407,45 @@ impl Bridge {
         let mut last_heard = Instant::now();
         let ended = loop {
             // Stream whatever is durable and not yet sent.
+            // Stream one batch of what is durable and not yet sent, then go back to the
+            // select: reads (acks, logs) interleave with a long backlog, so neither side can
+            // block the other on full buffers.
             let durable_now = *durable.borrow_and_update();
-            while sent_up_to < durable_now {
-                let entries = match self.link.journal.read_after(sent_up_to, SEND_BATCH) {
-                    Ok(entries) => entries,
-                    Err(e) => {
-                        tracing::error!("cannot read the journal: {e}");
-                        break;
+            if sent_up_to < durable_now {
+                match self.link.journal.read_after(sent_up_to, SEND_BATCH) {
+                    Ok(entries) => {
+                        for (seq, event) in entries {
+                            if let Err(ended) =
+                                send_buffered(socket, Channel::Task, seq, ToRelay::Event(event))
+                                    .await
+                            {
+                                return ended;
+                            }
+                            sent_up_to = seq;
+                        }
                     }
-                };
-                if entries.is_empty() {
-                    break;
-                }
-                for (seq, event) in entries {
-                    if let Err(ended) =
-                        send_buffered(socket, Channel::Task, seq, ToRelay::Event(event)).await
-                    {
-                        return ended;
-                    }
-                    sent_up_to = seq;
+                    Err(e) => tracing::error!("cannot read the journal: {e}"),
                 }
             }
-            if let Err(e) = socket.flush().await {
-                break Ended::Failed {
-                    reason: format!("sending to the relay failed: {e}"),
-                    registered: true,
-                };
+            let more_to_send = sent_up_to < durable_now;
+            match tokio::time::timeout(DEAD_AFTER, socket.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    break Ended::Failed {
+                        reason: format!("sending to the relay failed: {e}"),
+                        registered: true,
+                    }
+                }
+                Err(_) => {
+                    break Ended::Failed {
+                        reason: format!("the relay took no data for {DEAD_AFTER:?}"),
+                        registered: true,
+                    }
+                }
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ended::Cancelled,
+                _ = std::future::ready(()), if more_to_send => {}
                 changed = durable.changed() => {
                     if changed.is_err() {
                         break Ended::Cancelled;
@@ -507,6 +521,7 @@ impl Bridge {
         pending: &mut HashMap<u64, oneshot::Sender<Result<Option<Session>, String>>>,
     ) -> Option<Ended> {
         let link = &self.link;
+        let ack = covered_ack(&envelope.body, envelope.ack);
         match envelope.body {
             FromRelay::Ack | FromRelay::Registered { .. } => {}
             FromRelay::Refused { reason, permanent } => {
@@ -523,10 +538,18 @@ impl Bridge {
                 if let Err(e) = link.replica.replace_all(&sessions) {
                     tracing::error!("cannot store the session replica: {e}");
                 }
-                for session in sessions {
+                // One notice per session, unless there are so many that subscribers would be
+                // cut off for lagging: then they get the relay status and re-list.
+                if sessions.len() <= crate::link::SESSIONS_FEED_CAPACITY / 2 {
+                    for session in sessions {
+                        let _ = link
+                            .sessions_feed
+                            .send(Arc::new(Notification::SessionChanged(session)));
+                    }
+                } else {
                     let _ = link
                         .sessions_feed
-                        .send(Arc::new(Notification::SessionChanged(session)));
+                        .send(Arc::new(Notification::Relay(link.status())));
                 }
             }
             FromRelay::SessionChanged(session) => {
@@ -607,8 +630,18 @@ impl Bridge {
             }
         }
         // The verdicts above come before the ack that covers them.
-        link.acknowledge(envelope.ack);
+        link.acknowledge(ack);
         None
+    }
+}
+
+/// How much of the journal an envelope acknowledges. A refusal's envelope carries its
+/// whole batch's ack, which may cover later refusals still on their way: it acknowledges
+/// only below the refused seq (the batch's plain `Ack` follows with the rest).
+fn covered_ack(body: &FromRelay, ack: u64) -> u64 {
+    match body {
+        FromRelay::EventRefused { seq, .. } => ack.min(seq.saturating_sub(1)),
+        _ => ack,
     }
 }
 
@@ -628,10 +661,16 @@ fn registered_failure(ended: Ended) -> Ended {
 
 async fn send(socket: &mut Socket, channel: Channel, seq: u64, body: ToRelay) -> Result<(), Ended> {
     send_buffered(socket, channel, seq, body).await?;
-    socket.flush().await.map_err(|e| Ended::Failed {
-        reason: format!("sending to the relay failed: {e}"),
-        registered: false,
-    })
+    match tokio::time::timeout(DEAD_AFTER, socket.flush()).await {
+        Ok(result) => result.map_err(|e| Ended::Failed {
+            reason: format!("sending to the relay failed: {e}"),
+            registered: false,
+        }),
+        Err(_) => Err(Ended::Failed {
+            reason: format!("the relay took no data for {DEAD_AFTER:?}"),
+            registered: false,
+        }),
+    }
 }
 
 /// Queues a message without flushing (the caller flushes a batch once).
@@ -702,6 +741,18 @@ pub fn bridge_url(relay: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_acknowledges_only_below_itself() {
+        let refused = |seq| FromRelay::EventRefused {
+            seq,
+            reason: "viewers cannot send".into(),
+        };
+        // A batch 1..=10 with 5 and 7 refused arrives as: refusal 5, refusal 7, ack 10.
+        assert_eq!(covered_ack(&refused(5), 10), 4);
+        assert_eq!(covered_ack(&refused(7), 10), 6);
+        assert_eq!(covered_ack(&FromRelay::Ack, 10), 10);
+    }
 
     #[test]
     fn bridge_urls() {

@@ -148,8 +148,14 @@ async fn serve_peer(
                 push_closing(encoding, &client, &mut out);
             }
             if client.needs_durable > 0 {
-                // Replies to journaled requests are "queued": only true once on disk.
-                shared.link.journal.wait_durable(client.needs_durable).await;
+                // Replies to journaled requests are "queued": only true once on disk. A
+                // flush that cannot complete (disk full, I/O errors) must not be claimed: the
+                // client gets no reply and the connection closes.
+                let durable = shared.link.journal.wait_durable(client.needs_durable);
+                if tokio::time::timeout(WRITE_DEADLINE, durable).await.is_err() {
+                    tracing::error!("journal flush did not complete within {WRITE_DEADLINE:?}; closing the client without acknowledging");
+                    return;
+                }
                 client.needs_durable = 0;
             }
             if !out.is_empty() && !write(&mut stream, &mut out).await {
