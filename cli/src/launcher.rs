@@ -124,8 +124,8 @@ pub async fn ensure_running(paths: &Paths, client_name: &str) -> Result<Running,
             }
         },
         Err(e) if e.is_not_running() => {
-            let mut child = spawn_detached(paths)?;
-            let client = wait_until_answering(paths, client_name, &mut child).await?;
+            let mut spawned = spawn_detached(paths)?;
+            let client = wait_until_answering(paths, client_name, &mut spawned).await?;
             return Ok(Running {
                 client,
                 started: true,
@@ -147,8 +147,8 @@ pub async fn ensure_running(paths: &Paths, client_name: &str) -> Result<Running,
     let client = match Client::connect(paths, client_name).await {
         Ok(client) => client,
         Err(e) if e.is_not_running() => {
-            let mut child = spawn_detached(paths)?;
-            wait_until_answering(paths, client_name, &mut child).await?
+            let mut spawned = spawn_detached(paths)?;
+            wait_until_answering(paths, client_name, &mut spawned).await?
         }
         Err(e) => return Err(e.into()),
     };
@@ -212,11 +212,13 @@ fn terminate(pid: u32) {
 }
 
 /// Starts `cloudd --detached` in its own process group.
-fn spawn_detached(paths: &Paths) -> Result<Child, LaunchError> {
+fn spawn_detached(paths: &Paths) -> Result<Spawned, LaunchError> {
     let stderr_path = stderr_file(paths);
     create_private_dir(&paths.state_dir)?;
+    // Appended, not truncated: two launchers racing must not erase each other's message;
+    // each reads only what was written after its own start.
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.append(true).create(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let stderr = options
@@ -225,6 +227,7 @@ fn spawn_detached(paths: &Paths) -> Result<Child, LaunchError> {
             path: stderr_path.clone(),
             source,
         })?;
+    let stderr_from = stderr.metadata().map(|m| m.len()).unwrap_or(0);
     let binary = cloudd_binary();
     let mut command = Command::new(&binary);
     command
@@ -234,9 +237,17 @@ fn spawn_detached(paths: &Paths) -> Result<Child, LaunchError> {
         .stderr(stderr);
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    command
+    let child = command
         .spawn()
-        .map_err(|source| LaunchError::Spawn { binary, source })
+        .map_err(|source| LaunchError::Spawn { binary, source })?;
+    Ok(Spawned { child, stderr_from })
+}
+
+/// A daemon being started, and where its messages begin in the shared stderr file.
+#[derive(Debug)]
+struct Spawned {
+    child: Child,
+    stderr_from: u64,
 }
 
 /// Where a detached daemon's early errors go.
@@ -260,7 +271,7 @@ fn create_private_dir(path: &Path) -> Result<(), LaunchError> {
 async fn wait_until_answering(
     paths: &Paths,
     client_name: &str,
-    child: &mut Child,
+    spawned: &mut Spawned,
 ) -> Result<Client, LaunchError> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut delay = Duration::from_millis(2);
@@ -272,8 +283,13 @@ async fn wait_until_answering(
             Err(e) => return Err(e.into()),
         }
         if !lost_race {
-            if let Ok(Some(status)) = child.try_wait() {
-                let stderr = std::fs::read_to_string(stderr_file(paths)).unwrap_or_default();
+            if let Ok(Some(status)) = spawned.child.try_wait() {
+                let stderr = std::fs::read(stderr_file(paths))
+                    .map(|bytes| {
+                        let from = (spawned.stderr_from as usize).min(bytes.len());
+                        String::from_utf8_lossy(&bytes[from..]).into_owned()
+                    })
+                    .unwrap_or_default();
                 if stderr.contains("already running") {
                     lost_race = true;
                 } else {

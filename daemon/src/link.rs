@@ -70,6 +70,9 @@ pub struct Link {
     pub session_feed: broadcast::Sender<Arc<Notification>>,
     /// Replica changes, relay status changes, refused events.
     pub sessions_feed: broadcast::Sender<Arc<Notification>>,
+    /// How many reconnects (credential changes) the bridge has taken up: a status seen
+    /// after it grows belongs to an attempt with the new credentials.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -107,6 +110,7 @@ impl Link {
                 refused: Mutex::new(BTreeMap::new()),
                 session_feed,
                 sessions_feed,
+                epoch: std::sync::atomic::AtomicU64::new(0),
             },
             commands_rx,
         )
@@ -135,6 +139,16 @@ impl Link {
         let _ = self
             .sessions_feed
             .send(Arc::new(Notification::Relay(self.status())));
+    }
+
+    /// The bridge took up a reconnect: what follows is an attempt with fresh credentials.
+    pub fn begin_epoch(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// How many reconnects the bridge has taken up.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits for the relay's verdict on event `seq`, up to `deadline`. `None` on timeout.

@@ -186,6 +186,7 @@ impl Bridge {
                     command = self.commands.recv() => match command {
                         None => return,
                         Some(BridgeCommand::Reconnect) => {
+                            self.link.begin_epoch();
                             backoff.reset();
                             self.link.set_status(|s| s.state = BridgeState::Connecting);
                             break;
@@ -466,7 +467,10 @@ impl Bridge {
                 }
                 command = self.commands.recv() => match command {
                     None => break Ended::Cancelled,
-                    Some(BridgeCommand::Reconnect) => break Ended::Reconnect,
+                    Some(BridgeCommand::Reconnect) => {
+                        self.link.begin_epoch();
+                        break Ended::Reconnect;
+                    }
                     Some(BridgeCommand::Join { session }) => {
                         let after = self.link.inbound.last_seq(&session).unwrap_or(0);
                         if let Err(ended) = send(socket, Channel::Task, 0, ToRelay::Join { session, after }).await {

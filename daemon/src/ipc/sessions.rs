@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cloud_protocol::bridge::{Outbound, PermissionDecision, RelayRequest};
 use cloud_protocol::ipc::{
-    BridgeState, ErrorBody, ErrorCode, Identity, Prompt, RelayMode, RelayStatus, Request, Response,
+    BridgeState, ErrorBody, ErrorCode, Identity, Prompt, RelayStatus, Request, Response,
 };
 use cloud_protocol::session::{Author, LogEntry, Session, SessionAction, SessionEvent};
 use tokio::sync::oneshot;
@@ -42,9 +42,7 @@ pub async fn handle(
         Request::Login { relay, token } => login(link, &shared.paths.config_dir, relay, token).await,
         Request::Logout => {
             credentials::remove(&shared.paths.config_dir).map_err(internal)?;
-            link.set_status(|s| s.state = BridgeState::Connecting);
-            let _ = link.commands.send(BridgeCommand::Reconnect).await;
-            wait_settled(link, None, RelayMode::Embedded).await;
+            reconnect_and_settle(link).await;
             Ok(Response::Identity(Identity { relay: link.status() }))
         }
         Request::Whoami => Ok(Response::Identity(Identity { relay: link.status() })),
@@ -236,9 +234,14 @@ async fn relay_request(link: &Link, request: RelayRequest) -> Result<Option<Sess
     }
     let (reply, answer) = oneshot::channel();
     link.commands
-        .send(BridgeCommand::Request { request, reply })
+        .send_timeout(BridgeCommand::Request { request, reply }, RELAY_DEADLINE)
         .await
-        .map_err(|_| internal("the bridge is gone"))?;
+        .map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::RelayUnavailable,
+                "the bridge is too busy to take the request; try again",
+            )
+        })?;
     match tokio::time::timeout(RELAY_DEADLINE, answer).await {
         Ok(Ok(Ok(session))) => Ok(session),
         Ok(Ok(Err(reason))) => Err(relay_error(reason)),
@@ -264,16 +267,25 @@ fn relay_error(reason: String) -> ErrorBody {
     ErrorBody::new(code, reason)
 }
 
-/// Waits until the bridge's first attempt with new credentials has an outcome: connected,
-/// refused, or failed (retrying) — for the relay `url` and in `mode`, so an attempt that
-/// started before the change does not count.
-async fn wait_settled(link: &Link, url: Option<&str>, mode: RelayMode) -> RelayStatus {
+/// Sends a reconnect and waits until the bridge's first attempt with the new credentials
+/// has an outcome: connected, refused, or failed (retrying). Statuses of an attempt that
+/// started before the reconnect do not count.
+async fn reconnect_and_settle(link: &Link) -> RelayStatus {
+    let epoch = link.epoch();
+    link.set_status(|s| s.state = BridgeState::Connecting);
+    if link
+        .commands
+        .send_timeout(BridgeCommand::Reconnect, RELAY_DEADLINE)
+        .await
+        .is_err()
+    {
+        return link.status();
+    }
     let mut status = link.watch_status();
     let settled = tokio::time::timeout(
         RELAY_DEADLINE,
         status.wait_for(|s| {
-            s.mode == mode
-                && url.is_none_or(|url| s.url == url)
+            link.epoch() > epoch
                 && matches!(
                     s.state,
                     BridgeState::Connected | BridgeState::Refused | BridgeState::Retrying
@@ -301,9 +313,7 @@ async fn login(
     };
     credentials::save(config_dir, &new).map_err(internal)?;
     // The bridge may be waiting out a refusal or a backoff: reconnect now.
-    link.set_status(|s| s.state = BridgeState::Connecting);
-    let _ = link.commands.send(BridgeCommand::Reconnect).await;
-    let settled = wait_settled(link, Some(&relay), RelayMode::Remote).await;
+    let settled = reconnect_and_settle(link).await;
     if settled.state == BridgeState::Connected {
         return Ok(Response::Identity(Identity { relay: settled }));
     }
@@ -316,7 +326,7 @@ async fn login(
         None => credentials::remove(config_dir).map_err(internal)?,
     }
     link.set_status(|s| s.state = BridgeState::Connecting);
-    let _ = link.commands.send(BridgeCommand::Reconnect).await;
+    let _ = link.commands.try_send(BridgeCommand::Reconnect);
     Err(ErrorBody::new(
         ErrorCode::Refused,
         format!("login failed: {reason}"),
