@@ -237,6 +237,29 @@ impl Drop for Daemon {
     }
 }
 
+/// Binary frames for `requests`, each with its id, in order.
+pub fn frames(requests: impl IntoIterator<Item = (u64, cloud_protocol::ipc::Request)>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for (id, request) in requests {
+        cloud_protocol::frame::encode(
+            &cloud_protocol::ipc::ClientMessage { id, request },
+            &mut bytes,
+        )
+        .expect("a request always encodes");
+    }
+    bytes
+}
+
+/// A raw binary-framing connection whose hello (id 0) is already written; reads time out
+/// after [`DEADLINE`].
+pub fn binary_connect(socket: &Path) -> UnixStream {
+    let hello = cloud_protocol::ipc::Request::Hello(cloud_protocol::ipc::Hello::new("e2e", "0"));
+    let mut stream = UnixStream::connect(socket).expect("connect to cloudd");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(&frames([(0, hello)])).unwrap();
+    stream
+}
+
 /// A newline-delimited JSON-RPC client on a raw Unix socket, as an editor would be.
 #[derive(Debug)]
 pub struct JsonClient {

@@ -2,12 +2,11 @@
 //! configuration and tells `state` subscribers.
 
 use std::io::{Read as _, Write as _};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use cloud_protocol::frame;
-use cloud_protocol::ipc::{ClientMessage, ErrorCode, Hello, Notification, Request, ServerMessage};
-use cloudd_e2e::{Home, JsonClient, DEADLINE};
+use cloud_protocol::ipc::{ErrorCode, Notification, Request, ServerMessage};
+use cloudd_e2e::{Home, JsonClient};
 use serde_json::{json, Value};
 
 /// The drain is bounded by 5 s; allow for a loaded CI machine on top.
@@ -31,27 +30,8 @@ fn drains_on(signal: i32) {
 
     // A binary client with a batch of requests on the wire when the signal lands: every
     // reply it gets is whole and in order, and the stream ends with a closing.
-    let busy = UnixStream::connect(&home.paths.socket).unwrap();
-    busy.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut bytes = Vec::new();
-    frame::encode(
-        &ClientMessage {
-            id: 0,
-            request: Request::Hello(Hello::new("e2e", "0")),
-        },
-        &mut bytes,
-    )
-    .unwrap();
-    for id in 1..=2000 {
-        frame::encode(
-            &ClientMessage {
-                id,
-                request: Request::Status,
-            },
-            &mut bytes,
-        )
-        .unwrap();
-    }
+    let busy = cloudd_e2e::binary_connect(&home.paths.socket);
+    let bytes = cloudd_e2e::frames((1..=2000).map(|id| (id, Request::Status)));
     let writer = {
         let mut busy = busy.try_clone().unwrap();
         std::thread::spawn(move || {

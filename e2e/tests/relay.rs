@@ -5,7 +5,7 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 
 use cloud_protocol::frame;
-use cloud_protocol::ipc::{ClientMessage, Hello, Request, Response, ServerMessage};
+use cloud_protocol::ipc::{Request, Response, ServerMessage};
 use cloudd_e2e::{wait_for, Home, JsonClient, Relay, DEADLINE};
 use serde_json::{json, Value};
 
@@ -174,18 +174,7 @@ fn send_pipelined(
     range: std::ops::Range<usize>,
     stop_after: Option<(usize, &mut dyn FnMut())>,
 ) -> usize {
-    let mut stream = UnixStream::connect(&home.paths.socket).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut bytes = Vec::new();
-    frame::encode(
-        &ClientMessage {
-            id: 0,
-            request: Request::Hello(Hello::new("e2e", "0")),
-        },
-        &mut bytes,
-    )
-    .unwrap();
-    stream.write_all(&bytes).unwrap();
+    let mut stream = cloudd_e2e::binary_connect(&home.paths.socket);
     let mut buf = Vec::new();
     let read_one = |stream: &mut UnixStream, buf: &mut Vec<u8>| -> Option<ServerMessage> {
         loop {
@@ -210,21 +199,13 @@ fn send_pipelined(
     let mut stop_after = stop_after;
     let mut confirmed = range.start;
     for batch in range.clone().collect::<Vec<_>>().chunks(100) {
-        let mut bytes = Vec::new();
-        for &n in batch {
+        let bytes = cloudd_e2e::frames(batch.iter().map(|&n| {
             let request = Request::Send {
                 session: session.to_owned(),
                 text: format!("{prefix}-{n:05}"),
             };
-            frame::encode(
-                &ClientMessage {
-                    id: n as u64 + 1,
-                    request,
-                },
-                &mut bytes,
-            )
-            .unwrap();
-        }
+            (n as u64 + 1, request)
+        }));
         if stream.write_all(&bytes).is_err() {
             return confirmed;
         }
