@@ -5,6 +5,9 @@
 //! Architecture invariant: this module is the only one that touches the `inbound` and
 //! `follows` trees. Entries are stored in sequence order without duplicates.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use cloud_protocol::session::LogEntry;
 
 use crate::store::StoreError;
@@ -20,6 +23,10 @@ fn entry_key(session: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+fn decode_seq(value: &[u8]) -> u64 {
+    u64::from_be_bytes(value.try_into().unwrap_or([0; 8]))
+}
+
 fn prefix(session: &str) -> Vec<u8> {
     let mut key = session.as_bytes().to_vec();
     key.push(0);
@@ -31,34 +38,56 @@ fn prefix(session: &str) -> Vec<u8> {
 pub struct Inbound {
     /// Session log entries by (session, seq).
     entries: sled::Tree,
-    /// Followed sessions → the last seq stored.
+    /// Followed sessions → the last seq stored (durable copy).
     follows: sled::Tree,
+    /// The same, in memory: consulted on every send and every entry, so it must not cost a
+    /// store read each time.
+    followed: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Inbound {
     /// Opens the trees.
     pub fn open(db: &sled::Db) -> Result<Inbound, StoreError> {
+        let follows = db
+            .open_tree("follows")
+            .map_err(StoreError::sled("follows"))?;
+        let mut followed = HashMap::new();
+        for item in follows.iter() {
+            let (key, value) = item.map_err(StoreError::sled("follows"))?;
+            followed.insert(
+                String::from_utf8_lossy(&key).into_owned(),
+                decode_seq(&value),
+            );
+        }
         Ok(Inbound {
             entries: db
                 .open_tree("inbound")
                 .map_err(StoreError::sled("inbound"))?,
-            follows: db
-                .open_tree("follows")
-                .map_err(StoreError::sled("follows"))?,
+            follows,
+            followed: Arc::new(Mutex::new(followed)),
         })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.followed.lock().expect("follows lock poisoned")
     }
 
     /// Starts following `session` (idempotent).
     pub fn follow(&self, session: &str) -> Result<(), StoreError> {
+        let mut followed = self.map();
+        if followed.contains_key(session) {
+            return Ok(());
+        }
         self.follows
-            .compare_and_swap(session, None as Option<&[u8]>, Some(&0u64.to_be_bytes()))
-            .map_err(StoreError::sled("follows"))?
-            .ok();
+            .insert(session, &0u64.to_be_bytes())
+            .map_err(StoreError::sled("follows"))?;
+        followed.insert(session.to_owned(), 0);
         Ok(())
     }
 
     /// Stops following `session` and forgets its log.
     pub fn forget(&self, session: &str) -> Result<(), StoreError> {
+        self.map().remove(session);
         self.follows
             .remove(session)
             .map_err(StoreError::sled("follows"))?;
@@ -74,49 +103,35 @@ impl Inbound {
 
     /// Every followed session with the last seq stored for it.
     pub fn followed(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        self.follows
+        let mut followed: Vec<(String, u64)> = self
+            .map()
             .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(StoreError::sled("follows"))?;
-                Ok((
-                    String::from_utf8_lossy(&key).into_owned(),
-                    u64::from_be_bytes(value.as_ref().try_into().unwrap_or([0; 8])),
-                ))
-            })
-            .collect()
+            .map(|(s, seq)| (s.clone(), *seq))
+            .collect();
+        followed.sort();
+        Ok(followed)
     }
 
     /// Whether `session` is followed.
     pub fn is_followed(&self, session: &str) -> Result<bool, StoreError> {
-        self.follows
-            .contains_key(session)
-            .map_err(StoreError::sled("follows"))
+        Ok(self.map().contains_key(session))
     }
 
     /// The last seq stored for `session` (0 when none).
     pub fn last_seq(&self, session: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .follows
-            .get(session)
-            .map_err(StoreError::sled("follows"))?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0))
+        Ok(self.map().get(session).copied().unwrap_or(0))
     }
 
     /// Stores `entry` of a followed session if it is new; returns whether it was. An entry
     /// at or below the last stored seq is a duplicate (a replay after a reconnect) and is
     /// skipped, and so is anything for a session no longer followed.
     pub fn store(&self, session: &str, entry: &LogEntry) -> Result<bool, StoreError> {
+        let mut followed = self.map();
         // A late entry of a session no longer followed must not bring it back.
-        let Some(last) = self
-            .follows
-            .get(session)
-            .map_err(StoreError::sled("follows"))?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-        else {
+        let Some(last) = followed.get_mut(session) else {
             return Ok(false);
         };
-        if entry.seq <= last {
+        if entry.seq <= *last {
             return Ok(false);
         }
         let bytes = postcard::to_allocvec(entry).map_err(|e| StoreError::Corrupt {
@@ -129,6 +144,8 @@ impl Inbound {
         self.follows
             .insert(session, &entry.seq.to_be_bytes())
             .map_err(StoreError::sled("follows"))?;
+        *last = entry.seq;
+        drop(followed);
         if entry.seq > KEEP_PER_SESSION && entry.seq.is_multiple_of(1000) {
             self.drop_before(session, entry.seq - KEEP_PER_SESSION)?;
         }

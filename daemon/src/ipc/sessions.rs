@@ -164,9 +164,10 @@ fn journal(link: &Link, client: &mut ClientState, event: &Outbound) -> Result<Re
 /// Refuses events for sessions neither the (live) replica nor the followed set knows (a
 /// public session of another org is followed without being listed).
 fn check_sendable(link: &Link, session: &str) -> Result<(), ErrorBody> {
+    // The followed set is in memory: check it first, so the common case reads no store.
     if link.connected()
-        && link.replica.get(session).map_err(internal)?.is_none()
         && !link.inbound.is_followed(session).map_err(internal)?
+        && link.replica.get(session).map_err(internal)?.is_none()
     {
         return Err(not_found(session));
     }
