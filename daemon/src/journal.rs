@@ -247,7 +247,7 @@ mod tests {
         {
             let db = crate::store::open(dir.path()).unwrap();
             let journal = Journal::open(&db).unwrap();
-            tokio::spawn(Arc::clone(&journal).run_flusher());
+            let flusher = tokio::spawn(Arc::clone(&journal).run_flusher());
             // Concurrent appends share flushes and still come out in seq order.
             let mut tasks = Vec::new();
             for n in 0..100 {
@@ -269,8 +269,23 @@ mod tests {
             assert_eq!(journal.depth(), 60);
             assert_eq!(journal.read_after(0, 1000).unwrap()[0].0, 41);
             db.flush().unwrap();
+            drop(journal);
+            flusher.abort();
+            let _ = flusher.await;
         }
-        let db = crate::store::open(dir.path()).unwrap();
+        // sled's own background threads (its flush pool) may still hold the store's lock
+        // for a moment after the last handle is dropped: wait for it, with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let db = loop {
+            match crate::store::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("the store stayed locked: {e}"),
+            }
+        };
         let journal = Journal::open(&db).unwrap();
         tokio::spawn(Arc::clone(&journal).run_flusher());
         assert_eq!(journal.acked(), 40);
