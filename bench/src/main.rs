@@ -26,7 +26,6 @@
 mod affinity;
 mod echo;
 mod load;
-mod stats;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,8 +37,9 @@ use cloudd_e2e::{Home, JsonClient};
 use serde_json::json;
 
 use affinity::Placement;
+use cloudd_bench::machine::{cpu_model, loadavg};
+use cloudd_bench::stats::Samples;
 use load::{Blocking, Req, Target};
-use stats::Samples;
 
 /// The latency target: the daemon's p50 within this factor of the raw echo's.
 const LATENCY_TARGET_RATIO: f64 = 2.0;
@@ -348,24 +348,6 @@ fn memory(pid: u32) -> anyhow::Result<Memory> {
         rss_kib: field("VmRSS:")?,
         hwm_kib: field("VmHWM:")?,
     })
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// Everything the report shows.

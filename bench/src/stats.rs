@@ -33,6 +33,11 @@ impl Samples {
         }
     }
 
+    /// Whether nothing was measured.
+    pub fn is_empty(&self) -> bool {
+        self.nanos.is_empty()
+    }
+
     /// How many round trips were measured.
     pub fn len(&self) -> usize {
         self.nanos.len()
@@ -41,12 +46,7 @@ impl Samples {
     /// The `p`-th percentile (0 < p ≤ 100) in microseconds, by nearest rank.
     pub fn percentile_us(&self, p: f64) -> f64 {
         assert!(self.sorted, "percentile of unsorted samples");
-        if self.nanos.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((p / 100.0) * self.nanos.len() as f64).ceil() as usize;
-        let index = rank.clamp(1, self.nanos.len()) - 1;
-        self.nanos[index] as f64 / 1000.0
+        percentile_us(&self.nanos, p)
     }
 
     /// Completed round trips per second over the measured phases, all clients together.
@@ -56,6 +56,16 @@ impl Samples {
         }
         self.nanos.len() as f64 / self.wall.as_secs_f64()
     }
+}
+
+/// The `p`-th percentile (0 < p ≤ 100) of sorted nanoseconds, in microseconds, by nearest
+/// rank; NaN when there are none.
+pub fn percentile_us(sorted_nanos: &[u64], p: f64) -> f64 {
+    if sorted_nanos.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted_nanos.len() as f64).ceil() as usize;
+    sorted_nanos[rank.clamp(1, sorted_nanos.len()) - 1] as f64 / 1000.0
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use cloud_protocol::bridge::{self, Channel, Envelope, Outbound, ToRelay};
+use cloudd_bench::machine::{cpu_model, loadavg};
 use cloudd_e2e::{Daemon, Home, Relay};
 
 use baseline::Flush;
@@ -562,29 +563,7 @@ fn median(values: &[f64]) -> f64 {
 fn percentile_us(nanos: &[u64], p: f64) -> f64 {
     let mut sorted = nanos.to_vec();
     sorted.sort_unstable();
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1] as f64 / 1000.0
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
+    cloudd_bench::stats::percentile_us(&sorted, p)
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::{fill, Context, Plan, ServiceManager, StatusRow, Step};
+use super::{data_dir_steps, fill, Context, Plan, ServiceManager, StatusRow, Step};
 
 /// The plist template.
 pub const PLIST_TEMPLATE: &str = include_str!("../../../launchd/dev.cloudd.agent.plist");
@@ -87,46 +87,38 @@ impl ServiceManager for Launchd {
         let plist_path = Self::plist_path(context);
         let domain = Self::domain(context);
         let plist = plist_path.display().to_string();
-        Plan {
-            steps: vec![
-                Step::CreateDir {
-                    path: context.paths.state_dir.clone(),
-                    mode: 0o700,
-                },
-                Step::CreateDir {
-                    path: context.paths.config_dir.clone(),
-                    mode: 0o700,
-                },
-                Step::CreateDir {
-                    path: Self::log_file(context)
-                        .parent()
-                        .expect("log file has a directory")
-                        .to_owned(),
-                    mode: 0o700,
-                },
-                Step::CreateDir {
-                    path: plist_path
-                        .parent()
-                        .expect("plist has a directory")
-                        .to_owned(),
-                    mode: 0o755,
-                },
-                Step::WriteFile {
-                    path: plist_path.clone(),
-                    contents: Self::plist(context),
-                    mode: 0o644,
-                },
-                // A previous version may be loaded: unload it first.
-                Step::Run {
-                    argv: argv(&["launchctl", "bootout", &format!("{domain}/{LABEL}")]),
-                    may_fail: true,
-                },
-                Step::Run {
-                    argv: argv(&["launchctl", "bootstrap", &domain, &plist]),
-                    may_fail: false,
-                },
-            ],
-        }
+        let mut steps = data_dir_steps(context).to_vec();
+        steps.extend([
+            Step::CreateDir {
+                path: Self::log_file(context)
+                    .parent()
+                    .expect("log file has a directory")
+                    .to_owned(),
+                mode: 0o700,
+            },
+            Step::CreateDir {
+                path: plist_path
+                    .parent()
+                    .expect("plist has a directory")
+                    .to_owned(),
+                mode: 0o755,
+            },
+            Step::WriteFile {
+                path: plist_path.clone(),
+                contents: Self::plist(context),
+                mode: 0o644,
+            },
+            // A previous version may be loaded: unload it first.
+            Step::Run {
+                argv: argv(&["launchctl", "bootout", &format!("{domain}/{LABEL}")]),
+                may_fail: true,
+            },
+            Step::Run {
+                argv: argv(&["launchctl", "bootstrap", &domain, &plist]),
+                may_fail: false,
+            },
+        ]);
+        Plan { steps }
     }
 
     fn uninstall_plan(&self, context: &Context) -> Plan {

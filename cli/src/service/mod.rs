@@ -303,6 +303,21 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), ServiceError
     Ok(())
 }
 
+/// The daemon's state and config directories, private: every install plan creates them
+/// first (a hardened unit can only write where they already exist).
+pub fn data_dir_steps(context: &Context) -> [Step; 2] {
+    [
+        Step::CreateDir {
+            path: context.paths.state_dir.clone(),
+            mode: 0o700,
+        },
+        Step::CreateDir {
+            path: context.paths.config_dir.clone(),
+            mode: 0o700,
+        },
+    ]
+}
+
 /// One row of `service status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusRow {

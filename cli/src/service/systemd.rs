@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{fill, Context, Plan, ServiceManager, StatusRow, Step};
+use super::{data_dir_steps, fill, Context, Plan, ServiceManager, StatusRow, Step};
 
 /// The service unit template.
 pub const SERVICE_TEMPLATE: &str = include_str!("../../../systemd/cloudd.service");
@@ -80,20 +80,11 @@ impl ServiceManager for Systemd {
 
     fn install_plan(&self, context: &Context) -> Plan {
         let unit_dir = Self::unit_dir(context);
-        let mut steps = vec![
-            Step::CreateDir {
-                path: context.paths.state_dir.clone(),
-                mode: 0o700,
-            },
-            Step::CreateDir {
-                path: context.paths.config_dir.clone(),
-                mode: 0o700,
-            },
-            Step::CreateDir {
-                path: unit_dir.clone(),
-                mode: 0o755,
-            },
-        ];
+        let mut steps = data_dir_steps(context).to_vec();
+        steps.push(Step::CreateDir {
+            path: unit_dir.clone(),
+            mode: 0o755,
+        });
         for (name, contents) in Self::units(context) {
             steps.push(Step::WriteFile {
                 path: unit_dir.join(name),
