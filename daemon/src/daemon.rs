@@ -121,7 +121,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     // The stores, the journal and the bridge.
     let db = store::open(&paths.state_dir.join("store"))?;
     let instance_id = store::instance_id(&db)?;
-    let journal = Journal::open(&db)?;
+    let journal = Journal::open(&paths.state_dir.join("journal"), &db)?;
     tokio::spawn(Arc::clone(&journal).run_flusher());
     let (link, bridge_commands) = Link::new(
         journal,

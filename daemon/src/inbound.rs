@@ -2,29 +2,34 @@
 //! `attach --since SEQ` replays what happened while no client watched, and the set of
 //! followed sessions, rejoined after every reconnect from the last sequence stored.
 //!
-//! Architecture invariant: this module is the only one that touches the `inbound` and
-//! `follows` trees. Entries are stored in sequence order without duplicates.
+//! Entries are taken one at a time ([`Inbound::store`]) and written in chunks: the bridge
+//! calls [`Inbound::commit`] after each burst of messages it reads, which writes each
+//! session's new entries as one sled record (key: the session, a NUL and the chunk's last
+//! seq, big-endian; value: the postcard-encoded entries) and its last seq under `follows`.
+//! Entries not yet committed are served from memory. A crash loses at most the uncommitted
+//! burst, and the stored last seq never runs ahead of the stored chunks, so the rejoin
+//! after a restart asks the relay for exactly what is missing.
+//!
+//! Architecture invariant: this module is the only one that touches the `log` and
+//! `follows` trees (and drops the `inbound` tree of the older one-entry-per-key layout).
+//! Entries are stored in sequence order without duplicates.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cloud_protocol::session::LogEntry;
 
 use crate::store::StoreError;
 
-/// How many entries are kept per session; older ones are dropped.
+/// How many entries are kept per session; older chunks are dropped.
 pub const KEEP_PER_SESSION: u64 = 10_000;
 
-fn entry_key(session: &str, seq: u64) -> Vec<u8> {
+fn chunk_key(session: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(session.len() + 9);
     key.extend_from_slice(session.as_bytes());
     key.push(0);
     key.extend_from_slice(&seq.to_be_bytes());
     key
-}
-
-fn decode_seq(value: &[u8]) -> u64 {
-    u64::from_be_bytes(value.try_into().unwrap_or([0; 8]))
 }
 
 fn prefix(session: &str) -> Vec<u8> {
@@ -33,16 +38,44 @@ fn prefix(session: &str) -> Vec<u8> {
     key
 }
 
+fn seq_of_key(key: &[u8]) -> u64 {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| key[at..].try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn decode_seq(value: &[u8]) -> u64 {
+    u64::from_be_bytes(value.try_into().unwrap_or([0; 8]))
+}
+
+fn corrupt(message: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what: "inbound",
+        message: message.to_string(),
+    }
+}
+
+/// A followed session, in memory.
+#[derive(Debug, Default)]
+struct Followed {
+    /// The last seq taken (committed or not).
+    last: u64,
+    /// Entries taken and not yet committed, in order, all after the stored ones.
+    pending: Vec<LogEntry>,
+}
+
 /// The inbound logs and the followed sessions.
 #[derive(Debug, Clone)]
 pub struct Inbound {
-    /// Session log entries by (session, seq).
-    entries: sled::Tree,
+    /// Chunks of session log entries by (session, last seq).
+    chunks: sled::Tree,
     /// Followed sessions → the last seq stored (durable copy).
     follows: sled::Tree,
-    /// The same, in memory: consulted on every send and every entry, so it must not cost a
-    /// store read each time.
-    followed: Arc<Mutex<HashMap<String, u64>>>,
+    /// The same, in memory, with what is not committed yet: consulted on every send and
+    /// every entry, so it must not cost a store read each time.
+    followed: Arc<Mutex<HashMap<String, Followed>>>,
 }
 
 impl Inbound {
@@ -51,24 +84,42 @@ impl Inbound {
         let follows = db
             .open_tree("follows")
             .map_err(StoreError::sled("follows"))?;
+        let chunks = db.open_tree("log").map_err(StoreError::sled("log"))?;
+        // The older layout's copies are dropped; the relay replays them on the next join.
+        let legacy = db
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == b"inbound");
+        if legacy {
+            db.drop_tree("inbound")
+                .map_err(StoreError::sled("inbound"))?;
+        }
         let mut followed = HashMap::new();
         for item in follows.iter() {
             let (key, value) = item.map_err(StoreError::sled("follows"))?;
+            let session = String::from_utf8_lossy(&key).into_owned();
+            let mut last = if legacy { 0 } else { decode_seq(&value) };
+            // A chunk written just before a crash that lost its `follows` update.
+            if let Some(item) = chunks.scan_prefix(prefix(&session)).next_back() {
+                let (chunk, _) = item.map_err(StoreError::sled("log"))?;
+                last = last.max(seq_of_key(&chunk));
+            }
             followed.insert(
-                String::from_utf8_lossy(&key).into_owned(),
-                decode_seq(&value),
+                session,
+                Followed {
+                    last,
+                    pending: Vec::new(),
+                },
             );
         }
         Ok(Inbound {
-            entries: db
-                .open_tree("inbound")
-                .map_err(StoreError::sled("inbound"))?,
+            chunks,
             follows,
             followed: Arc::new(Mutex::new(followed)),
         })
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Followed>> {
         self.followed.lock().expect("follows lock poisoned")
     }
 
@@ -81,7 +132,7 @@ impl Inbound {
         self.follows
             .insert(session, &0u64.to_be_bytes())
             .map_err(StoreError::sled("follows"))?;
-        followed.insert(session.to_owned(), 0);
+        followed.insert(session.to_owned(), Followed::default());
         Ok(())
     }
 
@@ -91,22 +142,30 @@ impl Inbound {
         self.follows
             .remove(session)
             .map_err(StoreError::sled("follows"))?;
-        let mut batch = sled::Batch::default();
-        for item in self.entries.scan_prefix(prefix(session)) {
-            let (key, _) = item.map_err(StoreError::sled("inbound"))?;
-            batch.remove(key);
-        }
-        self.entries
-            .apply_batch(batch)
-            .map_err(StoreError::sled("inbound"))
+        self.remove_chunks(session, u64::MAX)
     }
 
-    /// Every followed session with the last seq stored for it.
+    /// Removes the chunks of `session` whose last seq is at most `up_to`.
+    fn remove_chunks(&self, session: &str, up_to: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for item in self
+            .chunks
+            .range(chunk_key(session, 0)..=chunk_key(session, up_to))
+        {
+            let (key, _) = item.map_err(StoreError::sled("log"))?;
+            batch.remove(key);
+        }
+        self.chunks
+            .apply_batch(batch)
+            .map_err(StoreError::sled("log"))
+    }
+
+    /// Every followed session with the last seq taken for it.
     pub fn followed(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let mut followed: Vec<(String, u64)> = self
             .map()
             .iter()
-            .map(|(s, seq)| (s.clone(), *seq))
+            .map(|(s, f)| (s.clone(), f.last))
             .collect();
         followed.sort();
         Ok(followed)
@@ -117,67 +176,69 @@ impl Inbound {
         Ok(self.map().contains_key(session))
     }
 
-    /// The last seq stored for `session` (0 when none).
+    /// The last seq taken for `session` (0 when none).
     pub fn last_seq(&self, session: &str) -> Result<u64, StoreError> {
-        Ok(self.map().get(session).copied().unwrap_or(0))
+        Ok(self.map().get(session).map(|f| f.last).unwrap_or(0))
     }
 
-    /// Stores `entry` of a followed session if it is new; returns whether it was. An entry
-    /// at or below the last stored seq is a duplicate (a replay after a reconnect) and is
-    /// skipped, and so is anything for a session no longer followed.
+    /// Takes `entry` of a followed session if it is new; returns whether it was. An entry
+    /// at or below the last seq taken is a duplicate (a replay after a reconnect) and is
+    /// skipped, and so is anything for a session no longer followed. It is written at the
+    /// next [`Inbound::commit`].
     pub fn store(&self, session: &str, entry: &LogEntry) -> Result<bool, StoreError> {
         let mut followed = self.map();
         // A late entry of a session no longer followed must not bring it back.
-        let Some(last) = followed.get_mut(session) else {
+        let Some(follow) = followed.get_mut(session) else {
             return Ok(false);
         };
-        if entry.seq <= *last {
+        if entry.seq <= follow.last {
             return Ok(false);
         }
-        let bytes = postcard::to_allocvec(entry).map_err(|e| StoreError::Corrupt {
-            what: "inbound",
-            message: e.to_string(),
-        })?;
-        self.entries
-            .insert(entry_key(session, entry.seq), bytes)
-            .map_err(StoreError::sled("inbound"))?;
-        self.follows
-            .insert(session, &entry.seq.to_be_bytes())
-            .map_err(StoreError::sled("follows"))?;
-        *last = entry.seq;
-        drop(followed);
-        if entry.seq > KEEP_PER_SESSION && entry.seq.is_multiple_of(1000) {
-            self.drop_before(session, entry.seq - KEEP_PER_SESSION)?;
-        }
+        follow.last = entry.seq;
+        follow.pending.push(entry.clone());
         Ok(true)
     }
 
-    fn drop_before(&self, session: &str, seq: u64) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for item in self
-            .entries
-            .range(entry_key(session, 0)..entry_key(session, seq))
-        {
-            let (key, _) = item.map_err(StoreError::sled("inbound"))?;
-            batch.remove(key);
+    /// Writes the entries taken since the last commit, one chunk per session, and drops
+    /// chunks beyond [`KEEP_PER_SESSION`].
+    pub fn commit(&self) -> Result<(), StoreError> {
+        let mut followed = self.map();
+        for (session, follow) in followed.iter_mut() {
+            let Some(last) = follow.pending.last().map(|e| e.seq) else {
+                continue;
+            };
+            let first = follow.pending[0].seq;
+            let chunk = postcard::to_allocvec(&follow.pending).map_err(corrupt)?;
+            self.chunks
+                .insert(chunk_key(session, last), chunk)
+                .map_err(StoreError::sled("log"))?;
+            self.follows
+                .insert(session.as_bytes(), &last.to_be_bytes())
+                .map_err(StoreError::sled("follows"))?;
+            follow.pending.clear();
+            if last > KEEP_PER_SESSION && last / 1000 > first.saturating_sub(1) / 1000 {
+                self.remove_chunks(session, last - KEEP_PER_SESSION)?;
+            }
         }
-        self.entries
-            .apply_batch(batch)
-            .map_err(StoreError::sled("inbound"))
+        Ok(())
     }
 
-    /// The stored entries of `session` after `after`, in order.
+    /// The entries of `session` after `after`, in order (stored and not yet committed).
     pub fn since(&self, session: &str, after: u64) -> Result<Vec<LogEntry>, StoreError> {
-        self.entries
-            .range(entry_key(session, after.saturating_add(1))..entry_key(session, u64::MAX))
-            .map(|item| {
-                let (_, value) = item.map_err(StoreError::sled("inbound"))?;
-                postcard::from_bytes(&value).map_err(|e| StoreError::Corrupt {
-                    what: "inbound",
-                    message: e.to_string(),
-                })
-            })
-            .collect()
+        let mut entries = Vec::new();
+        for item in self
+            .chunks
+            .range(chunk_key(session, after.saturating_add(1))..=chunk_key(session, u64::MAX))
+        {
+            let (_, value) = item.map_err(StoreError::sled("log"))?;
+            let chunk: Vec<LogEntry> = postcard::from_bytes(&value).map_err(corrupt)?;
+            entries.extend(chunk.into_iter().filter(|e| e.seq > after));
+        }
+        if let Some(follow) = self.map().get(session) {
+            let stored = entries.last().map(|e| e.seq).unwrap_or(after);
+            entries.extend(follow.pending.iter().filter(|e| e.seq > stored).cloned());
+        }
+        Ok(entries)
     }
 }
 
@@ -201,7 +262,11 @@ mod tests {
         let db = crate::store::open(dir.path()).unwrap();
         let inbound = Inbound::open(&db).unwrap();
         inbound.follow("s-1").unwrap();
-        for seq in 1..=5 {
+        for seq in 1..=3 {
+            assert!(inbound.store("s-1", &entry(seq)).unwrap());
+        }
+        inbound.commit().unwrap();
+        for seq in 4..=5 {
             assert!(inbound.store("s-1", &entry(seq)).unwrap());
         }
         assert!(
@@ -224,5 +289,35 @@ mod tests {
         inbound.forget("s-1").unwrap();
         assert!(inbound.since("s-1", 0).unwrap().is_empty());
         assert_eq!(inbound.since("s-10", 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn chunks_are_bounded_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        {
+            let inbound = Inbound::open(&db).unwrap();
+            inbound.follow("s-1").unwrap();
+            for seq in 1..=12_345 {
+                inbound.store("s-1", &entry(seq)).unwrap();
+                if seq % 100 == 0 {
+                    inbound.commit().unwrap();
+                }
+            }
+            // Not committed: 12,301..=12,345 are lost with this instance.
+            let kept = inbound.since("s-1", 0).unwrap();
+            assert_eq!(kept.last().unwrap().seq, 12_345);
+            assert!(kept.len() as u64 >= KEEP_PER_SESSION, "{}", kept.len());
+            assert!(
+                kept.len() as u64 <= KEEP_PER_SESSION + 1000,
+                "{}",
+                kept.len()
+            );
+            assert!(kept.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+        }
+        let inbound = Inbound::open(&db).unwrap();
+        assert_eq!(inbound.last_seq("s-1").unwrap(), 12_300);
+        assert_eq!(inbound.since("s-1", 12_298).unwrap().len(), 2);
+        assert!(inbound.store("s-1", &entry(12_301)).unwrap());
     }
 }

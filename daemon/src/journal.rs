@@ -1,83 +1,335 @@
 //! The outbound journal: every event the daemon must deliver to the relay, on disk before
 //! anyone is told it is queued, removed only when the relay acknowledges it.
 //!
-//! Appends are group-committed: an append writes its entry at once and then waits for a
-//! flush that covers it; one flusher task runs flushes back to back, so appends that arrive
-//! together share one `fsync`-class flush (sled's `flush` uses `sync_file_range` on Linux:
-//! it survives a killed process, not necessarily a power cut). Only flushed entries are
-//! ever handed to the bridge, so a sequence number the relay has seen is never reused after
-//! a crash.
+//! **Group commit.** An append takes the next seq and joins the pending group in memory; one
+//! flusher task writes each group as a single sled record and flushes it, so appends that
+//! arrive together share one write and one `fsync`-class flush (sled's `flush` uses
+//! `sync_file_range` on Linux: it survives a killed process, not necessarily a power cut).
+//! Nobody is told `queued` before the flush covering their event completes, and only
+//! flushed entries are ever handed to the bridge, so a seq the relay has seen is never
+//! reused after a crash.
 //!
-//! Architecture invariant: this module is the only one that touches the `journal` tree.
-//! Sequence numbers start at 1, have no gaps, and keep growing across restarts.
+//! **Generations.** The journal lives in its own directory (`state/journal/`), as a series
+//! of sled databases, each named by its first seq (`g-00000000000000000001`). Records go to
+//! the newest; a record's key is `r` + the seq of its last event (big-endian) and its value
+//! the postcard-encoded events it holds, consecutive seqs ending there. sled never gives
+//! back the space of removed entries, so the journal reclaims space a generation at a time:
+//! a new one starts when the newest has taken [`ROLL_BYTES`], or when the relay has
+//! acknowledged everything and the newest has taken more than [`RESET_BYTES`]; a generation
+//! the relay has wholly acknowledged is deleted. Each generation keeps the highest
+//! acknowledged seq under `acked` (the newest one's is current).
+//!
+//! **Tail.** The latest entries stay in memory (at most [`TAIL_ENTRIES`]), so the bridge
+//! streams fresh events without reading them back; older ones (a backlog, a resend after a
+//! reconnect) are read from the generations.
+//!
+//! Architecture invariant: this module is the only one that touches `state/journal/` (and
+//! the old in-store `journal` tree, which it migrates once). Sequence numbers start at 1,
+//! have no gaps, and keep growing across restarts.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use cloud_protocol::bridge::Outbound;
 use tokio::sync::{watch, Notify};
 
 use crate::store::StoreError;
 
+/// A new generation starts once the newest has taken this many bytes of records.
+pub const ROLL_BYTES: u64 = 1024 * 1024;
+/// With nothing left to acknowledge, a new generation starts (and the old one is deleted)
+/// once the newest has taken this many bytes.
+pub const RESET_BYTES: u64 = 64 * 1024;
+/// How many of the latest entries are kept in memory for the bridge.
+pub const TAIL_ENTRIES: usize = 16 * 1024;
+/// sled's cache per generation: reads are rare (the tail serves the bridge).
+const GENERATION_CACHE_BYTES: u64 = 1024 * 1024;
+/// sled's segment size per generation (a record above a quarter of it is a blob file).
+const GENERATION_SEGMENT_BYTES: usize = 256 * 1024;
+
 /// The key under which the highest acknowledged seq is kept.
 const ACKED_KEY: &[u8] = b"acked";
-/// Entry keys: this prefix and the seq, big-endian, so they sort in order.
-const ENTRY_PREFIX: u8 = b'e';
+/// Record keys: this prefix and the seq of the record's last event, big-endian.
+const RECORD_PREFIX: u8 = b'r';
 
-fn entry_key(seq: u64) -> [u8; 9] {
+fn record_key(seq: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
-    key[0] = ENTRY_PREFIX;
+    key[0] = RECORD_PREFIX;
     key[1..].copy_from_slice(&seq.to_be_bytes());
     key
 }
 
 fn seq_of(key: &[u8]) -> u64 {
-    u64::from_be_bytes(key[1..9].try_into().expect("9-byte entry key"))
+    u64::from_be_bytes(key[1..9].try_into().expect("9-byte record key"))
+}
+
+fn decode_u64(value: &[u8]) -> u64 {
+    u64::from_be_bytes(value.try_into().unwrap_or([0; 8]))
+}
+
+fn corrupt(message: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what: "journal",
+        message: message.to_string(),
+    }
+}
+
+fn generation_dir(root: &Path, first: u64) -> PathBuf {
+    root.join(format!("g-{first:020}"))
+}
+
+/// One generation: a sled database holding records of consecutive seqs.
+#[derive(Debug)]
+struct Generation {
+    dir: PathBuf,
+    db: sled::Db,
+    /// The seq of its last event (its first seq − 1 while empty).
+    last: u64,
+    /// Bytes of records written to it since it was opened (or found on disk).
+    bytes: u64,
+}
+
+impl Generation {
+    fn open(dir: PathBuf, first: u64) -> Result<Generation, StoreError> {
+        let db = sled::Config::new()
+            .path(&dir)
+            .cache_capacity(GENERATION_CACHE_BYTES)
+            .segment_size(GENERATION_SEGMENT_BYTES)
+            .mode(sled::Mode::LowSpace)
+            // The flusher flushes every group; no background flusher thread is needed.
+            .flush_every_ms(None)
+            .open()
+            .map_err(StoreError::sled("opening a journal generation"))?;
+        let last = db
+            .scan_prefix([RECORD_PREFIX])
+            .next_back()
+            .transpose()
+            .map_err(StoreError::sled("journal"))?
+            .map(|(key, _)| seq_of(&key))
+            .unwrap_or(first - 1);
+        let bytes = db.size_on_disk().unwrap_or(0);
+        Ok(Generation {
+            dir,
+            db,
+            last,
+            bytes,
+        })
+    }
+
+    fn acked(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(ACKED_KEY)
+            .map_err(StoreError::sled("journal"))?
+            .map(|v| decode_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// Appends the events of seqs `last - events.len() + 1 ..= last` as one record.
+    fn write(&mut self, last: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .insert(record_key(last), record)
+            .map_err(StoreError::sled("journal"))?;
+        self.last = last;
+        self.bytes += record.len() as u64 + 9;
+        Ok(())
+    }
+
+    /// The events after `after` and up to `until`, appended to `out` up to `limit`.
+    fn read(
+        &self,
+        after: u64,
+        until: u64,
+        limit: usize,
+        out: &mut Vec<(u64, Outbound)>,
+    ) -> Result<(), StoreError> {
+        for item in self.db.range(record_key(after + 1)..) {
+            let (key, value) = item.map_err(StoreError::sled("journal"))?;
+            let last = seq_of(&key);
+            let events: Vec<Outbound> = postcard::from_bytes(&value).map_err(corrupt)?;
+            let first = last + 1 - events.len() as u64;
+            for (seq, event) in (first..).zip(events) {
+                if seq > until || out.len() >= limit {
+                    return Ok(());
+                }
+                if seq > after {
+                    out.push((seq, event));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The mutable part of the journal.
+#[derive(Debug)]
+struct Inner {
+    /// The seq the next append takes.
+    next_seq: u64,
+    /// Appended events not yet written to a generation: seqs `next_seq - pending.len()..`.
+    pending: Vec<Outbound>,
+    /// The highest seq written to a generation (flushed or not).
+    inserted: u64,
+    /// The generations by first seq; never empty.
+    generations: BTreeMap<u64, Generation>,
+    /// The latest written entries, consecutive, ending at `inserted`.
+    tail: VecDeque<(u64, Outbound)>,
+    /// Start a fresh generation at the flusher's next turn.
+    reset_wanted: bool,
+}
+
+impl Inner {
+    fn newest(&mut self) -> &mut Generation {
+        self.generations
+            .values_mut()
+            .next_back()
+            .expect("the journal always has a generation")
+    }
+
+    /// Removes the generations (but the newest) wholly acknowledged by `acked`.
+    fn take_dead(&mut self, acked: u64) -> Vec<Generation> {
+        let newest = *self.generations.keys().next_back().expect("a generation");
+        let dead: Vec<u64> = self
+            .generations
+            .iter()
+            .filter(|(first, generation)| **first != newest && generation.last <= acked)
+            .map(|(first, _)| *first)
+            .collect();
+        dead.iter()
+            .filter_map(|first| self.generations.remove(first))
+            .collect()
+    }
+}
+
+/// Deletes generations' directories (their databases are closed first).
+fn delete(dead: Vec<Generation>) {
+    for generation in dead {
+        let Generation { dir, db, .. } = generation;
+        drop(db);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), "cannot delete an acknowledged journal generation: {e}");
+        }
+    }
+}
+
+/// Deletes generations off the async thread when there is a runtime (closing a sled
+/// database flushes it), at once otherwise.
+fn delete_later(dead: Vec<Generation>) {
+    if dead.is_empty() {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || delete(dead));
+        }
+        Err(_) => delete(dead),
+    }
 }
 
 /// The outbound journal.
 #[derive(Debug)]
 pub struct Journal {
-    /// The store (for flushes).
-    db: sled::Db,
-    /// The `journal` tree.
-    tree: sled::Tree,
-    /// Serialises "take the next seq and write it", so entries are written in seq order.
-    next_seq: Mutex<u64>,
-    /// The highest seq written (not necessarily flushed).
+    /// `state/journal/`.
+    root: PathBuf,
+    inner: Mutex<Inner>,
+    /// The highest seq taken by an append (not necessarily written or flushed).
     written: AtomicU64,
     /// The highest seq covered by a completed flush.
     durable: watch::Sender<u64>,
-    /// The highest seq the relay acknowledged (everything up to it is trimmed).
+    /// The highest seq the relay acknowledged.
     acked: AtomicU64,
     /// Wakes the flusher (shared with it, so the flusher need not keep the journal alive).
     flush_wanted: Arc<Notify>,
 }
 
 impl Journal {
-    /// Opens the journal in `db`, resuming its sequence.
-    pub fn open(db: &sled::Db) -> Result<Arc<Journal>, StoreError> {
-        let tree = db
-            .open_tree("journal")
-            .map_err(StoreError::sled("journal"))?;
-        let acked = tree
-            .get(ACKED_KEY)
-            .map_err(StoreError::sled("journal"))?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0);
-        let last_entry = tree
-            .scan_prefix([ENTRY_PREFIX])
-            .next_back()
-            .transpose()
-            .map_err(StoreError::sled("journal"))?
-            .map(|(key, _)| seq_of(&key))
-            .unwrap_or(0);
-        let last = last_entry.max(acked);
+    /// Opens the journal in `root` (creating it), resuming its sequence. Events left in the
+    /// old `journal` tree of `store` (an older daemon's layout) are moved into it first.
+    pub fn open(root: &Path, store: &sled::Db) -> Result<Arc<Journal>, StoreError> {
+        std::fs::create_dir_all(root).map_err(|e| StoreError::Io {
+            what: "creating the journal directory",
+            source: e,
+        })?;
+        let mut generations = BTreeMap::new();
+        let listing = std::fs::read_dir(root).map_err(|e| StoreError::Io {
+            what: "listing the journal directory",
+            source: e,
+        })?;
+        for item in listing {
+            let item = item.map_err(|e| StoreError::Io {
+                what: "listing the journal directory",
+                source: e,
+            })?;
+            let name = item.file_name();
+            let Some(first) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("g-"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|first| *first > 0)
+            else {
+                continue;
+            };
+            generations.insert(first, Generation::open(item.path(), first)?);
+        }
+        let mut acked = 0;
+        for generation in generations.values() {
+            acked = acked.max(generation.acked()?);
+        }
+        // A generation is deleted only once wholly acknowledged.
+        if let Some(first) = generations.keys().next() {
+            acked = acked.max(first - 1);
+        }
+        let mut last = generations
+            .values()
+            .map(|g| g.last)
+            .max()
+            .unwrap_or(0)
+            .max(acked);
+        let legacy = migrate_legacy(store, last)?;
+        if generations.is_empty() || !legacy.1.is_empty() {
+            let first = last.max(legacy.0) + 1;
+            let first = legacy.1.first().map(|(seq, _)| *seq).unwrap_or(first);
+            let mut generation = Generation::open(generation_dir(root, first), first)?;
+            if !legacy.1.is_empty() {
+                let record_last = legacy.1.last().map(|(seq, _)| *seq).unwrap_or(0);
+                let events: Vec<Outbound> = legacy.1.into_iter().map(|(_, e)| e).collect();
+                let record = postcard::to_allocvec(&events).map_err(corrupt)?;
+                generation.write(record_last, &record)?;
+            }
+            acked = acked.max(legacy.0);
+            generation
+                .db
+                .insert(ACKED_KEY, &acked.to_be_bytes())
+                .map_err(StoreError::sled("journal"))?;
+            generation.db.flush().map_err(StoreError::sled("journal"))?;
+            last = last.max(generation.last);
+            generations.insert(first, generation);
+            if store
+                .tree_names()
+                .iter()
+                .any(|name| name.as_ref() == b"journal")
+            {
+                store
+                    .drop_tree("journal")
+                    .map_err(StoreError::sled("journal"))?;
+            }
+        }
         let (durable, _) = watch::channel(last);
+        let mut inner = Inner {
+            next_seq: last + 1,
+            pending: Vec::new(),
+            inserted: last,
+            generations,
+            tail: VecDeque::new(),
+            reset_wanted: false,
+        };
+        delete(inner.take_dead(acked));
         Ok(Arc::new(Journal {
-            db: db.clone(),
-            tree,
-            next_seq: Mutex::new(last.saturating_add(1)),
+            root: root.to_owned(),
+            inner: Mutex::new(inner),
             written: AtomicU64::new(last),
             durable,
             acked: AtomicU64::new(acked),
@@ -85,8 +337,12 @@ impl Journal {
         }))
     }
 
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("journal lock poisoned")
+    }
+
     /// Runs the flusher until the journal is dropped. Spawn it once. It holds only a weak
-    /// reference, so dropping the journal closes the store.
+    /// reference, so dropping the journal closes its databases.
     pub async fn run_flusher(self: Arc<Journal>) {
         let wake = Arc::clone(&self.flush_wanted);
         let journal = Arc::downgrade(&self);
@@ -96,42 +352,96 @@ impl Journal {
             let Some(journal) = journal.upgrade() else {
                 return;
             };
-            let target = journal.written.load(Ordering::Acquire);
-            if target <= *journal.durable.borrow() {
-                continue;
-            }
-            match journal.db.flush_async().await {
-                Ok(_) => {
-                    journal.durable.send_if_modified(|durable| {
-                        let advanced = target > *durable;
-                        *durable = (*durable).max(target);
-                        advanced
-                    });
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "journal flush failed; retrying");
-                    wake.notify_one();
-                    drop(journal);
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+            if let Err(e) = journal.flush_turn().await {
+                tracing::error!("journal write failed; retrying: {e}");
+                wake.notify_one();
+                drop(journal);
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 
-    /// Writes `event` and returns its seq without waiting for the flush; pair with
-    /// [`Journal::wait_durable`] before telling anyone it is queued.
-    pub fn append_unflushed(&self, event: &Outbound) -> Result<u64, StoreError> {
-        let bytes = postcard::to_allocvec(event).map_err(|e| StoreError::Corrupt {
-            what: "journal",
-            message: e.to_string(),
-        })?;
-        let seq = {
-            let mut next = self.next_seq.lock().expect("journal lock poisoned");
-            let seq = *next;
-            self.tree
-                .insert(entry_key(seq), bytes)
+    /// One turn of the flusher: start a new generation if one is due, write the pending
+    /// group as one record, flush it, publish it as durable.
+    async fn flush_turn(self: &Arc<Journal>) -> Result<(), StoreError> {
+        let roll = {
+            let mut inner = self.lock();
+            let bytes = inner.newest().bytes;
+            let due = bytes >= ROLL_BYTES || (inner.reset_wanted && bytes >= RESET_BYTES);
+            inner.reset_wanted = false;
+            due.then(|| inner.inserted + 1)
+        };
+        if let Some(first) = roll {
+            self.start_generation(first).await?;
+        }
+        let (db, target) = {
+            let mut inner = self.lock();
+            if !inner.pending.is_empty() {
+                let last = inner.next_seq - 1;
+                let record = postcard::to_allocvec(&inner.pending).map_err(corrupt)?;
+                inner.newest().write(last, &record)?;
+                let first = last + 1 - inner.pending.len() as u64;
+                let pending = std::mem::take(&mut inner.pending);
+                inner.tail.extend((first..).zip(pending));
+                let excess = inner.tail.len().saturating_sub(TAIL_ENTRIES);
+                inner.tail.drain(..excess);
+                inner.inserted = last;
+            }
+            (inner.newest().db.clone(), inner.inserted)
+        };
+        if target <= *self.durable.borrow() {
+            return Ok(());
+        }
+        db.flush_async()
+            .await
+            .map_err(StoreError::sled("flushing the journal"))?;
+        self.durable.send_if_modified(|durable| {
+            let advanced = target > *durable;
+            *durable = (*durable).max(target);
+            advanced
+        });
+        Ok(())
+    }
+
+    /// Opens a new generation starting at `first`, makes it the newest (with the current
+    /// `acked` in it, flushed), and deletes the generations that are wholly acknowledged.
+    async fn start_generation(self: &Arc<Journal>, first: u64) -> Result<(), StoreError> {
+        let dir = generation_dir(&self.root, first);
+        let acked = self.acked();
+        let generation = tokio::task::spawn_blocking(move || {
+            let generation = Generation::open(dir, first)?;
+            generation
+                .db
+                .insert(ACKED_KEY, &acked.to_be_bytes())
                 .map_err(StoreError::sled("journal"))?;
-            *next += 1;
+            generation.db.flush().map_err(StoreError::sled("journal"))?;
+            Ok::<_, StoreError>(generation)
+        })
+        .await
+        .map_err(|e| corrupt(format!("opening a journal generation panicked: {e}")))??;
+        let dead = {
+            let mut inner = self.lock();
+            if inner.inserted + 1 != first {
+                // Only the flusher writes, and it is here: this cannot happen; keep the
+                // current generation rather than leave a gap.
+                return Ok(());
+            }
+            inner.generations.insert(first, generation);
+            let acked = self.acked();
+            inner.take_dead(acked)
+        };
+        delete_later(dead);
+        Ok(())
+    }
+
+    /// Takes the next seq for `event`, to be written with the next group; pair with
+    /// [`Journal::wait_durable`] before telling anyone it is queued.
+    pub fn append_unflushed(&self, event: Outbound) -> Result<u64, StoreError> {
+        let seq = {
+            let mut inner = self.lock();
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            inner.pending.push(event);
             self.written.store(seq, Ordering::Release);
             seq
         };
@@ -146,8 +456,8 @@ impl Journal {
         let _ = durable.wait_for(|d| *d >= seq).await;
     }
 
-    /// Writes `event` and waits until it is on disk. Returns its seq.
-    pub async fn append(&self, event: &Outbound) -> Result<u64, StoreError> {
+    /// Appends `event` and waits until it is on disk. Returns its seq.
+    pub async fn append(&self, event: Outbound) -> Result<u64, StoreError> {
         let seq = self.append_unflushed(event)?;
         self.wait_durable(seq).await;
         Ok(seq)
@@ -158,17 +468,38 @@ impl Journal {
         self.durable.subscribe()
     }
 
-    /// The durable entries after `after`, at most `limit` of them, in order.
+    /// The durable, unacknowledged entries after `after`, at most `limit` of them, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Outbound)>, StoreError> {
         let durable = *self.durable.borrow();
+        let after = after.max(self.acked());
         let mut entries = Vec::new();
-        for item in self.tree.range(entry_key(after + 1)..=entry_key(durable)) {
-            let (key, value) = item.map_err(StoreError::sled("journal"))?;
-            let event = postcard::from_bytes(&value).map_err(|e| StoreError::Corrupt {
-                what: "journal",
-                message: e.to_string(),
-            })?;
-            entries.push((seq_of(&key), event));
+        if after >= durable || limit == 0 {
+            return Ok(entries);
+        }
+        let inner = self.lock();
+        if let Some(&(front, _)) = inner.tail.front() {
+            if front <= after + 1 {
+                let start = usize::try_from(after + 1 - front).unwrap_or(usize::MAX);
+                entries.extend(
+                    inner
+                        .tail
+                        .iter()
+                        .skip(start)
+                        .take_while(|(seq, _)| *seq <= durable)
+                        .take(limit)
+                        .cloned(),
+                );
+                return Ok(entries);
+            }
+        }
+        let start = inner
+            .generations
+            .range(..=after + 1)
+            .next_back()
+            .map(|(first, _)| *first)
+            .unwrap_or(0);
+        for generation in inner.generations.range(start..).map(|(_, g)| g) {
+            generation.read(after, durable, limit, &mut entries)?;
             if entries.len() >= limit {
                 break;
             }
@@ -176,43 +507,60 @@ impl Journal {
         Ok(entries)
     }
 
-    /// The relay has everything up to `seq`: remove it. Acks never go backwards.
+    /// The relay has everything up to `seq`: forget it. Acks never go backwards.
     pub fn trim(&self, seq: u64) -> Result<(), StoreError> {
         let previous = self.acked.fetch_max(seq, Ordering::AcqRel);
         if seq <= previous {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        for item in self.tree.range(entry_key(previous + 1)..=entry_key(seq)) {
-            let (key, _) = item.map_err(StoreError::sled("journal"))?;
-            batch.remove(key);
+        let (dead, reset) = {
+            let mut inner = self.lock();
+            while inner.tail.front().is_some_and(|(s, _)| *s <= seq) {
+                inner.tail.pop_front();
+            }
+            // Not flushed here: losing a trim to a crash only resends acknowledged events,
+            // which the relay deduplicates.
+            inner
+                .newest()
+                .db
+                .insert(ACKED_KEY, &seq.to_be_bytes())
+                .map_err(StoreError::sled("journal"))?;
+            let everything = inner.pending.is_empty() && seq >= inner.inserted;
+            let reset = everything && inner.newest().bytes >= RESET_BYTES;
+            inner.reset_wanted |= reset;
+            (inner.take_dead(seq), reset)
+        };
+        delete_later(dead);
+        if reset {
+            self.flush_wanted.notify_one();
         }
-        batch.insert(ACKED_KEY, &seq.to_be_bytes());
-        // Not flushed here: losing a trim to a crash only resends acknowledged events,
-        // which the relay deduplicates.
-        self.tree
-            .apply_batch(batch)
-            .map_err(StoreError::sled("journal"))
+        Ok(())
     }
 
     /// Moves the sequence past `seq` (everything up to it counts as acknowledged), so new
     /// events never reuse a seq the relay already holds.
     pub fn skip_to(&self, seq: u64) -> Result<(), StoreError> {
-        let mut next = self.next_seq.lock().expect("journal lock poisoned");
-        if *next <= seq {
-            *next = seq.saturating_add(1);
-            self.written.fetch_max(seq, Ordering::AcqRel);
-            self.durable.send_if_modified(|durable| {
-                let advanced = seq > *durable;
-                *durable = (*durable).max(seq);
-                advanced
-            });
+        {
+            let mut inner = self.lock();
+            if inner.next_seq <= seq {
+                // Anything pending is covered by the relay's ack.
+                inner.pending.clear();
+                inner.tail.clear();
+                inner.next_seq = seq.saturating_add(1);
+                inner.inserted = seq;
+                inner.newest().last = seq;
+                self.written.fetch_max(seq, Ordering::AcqRel);
+                self.durable.send_if_modified(|durable| {
+                    let advanced = seq > *durable;
+                    *durable = (*durable).max(seq);
+                    advanced
+                });
+            }
         }
-        drop(next);
         self.trim(seq)
     }
 
-    /// The highest seq written so far.
+    /// The highest seq taken so far.
     pub fn last_written(&self) -> u64 {
         self.written.load(Ordering::Acquire)
     }
@@ -222,12 +570,63 @@ impl Journal {
         self.acked.load(Ordering::Acquire)
     }
 
-    /// Events written but not yet acknowledged.
+    /// Events taken but not yet acknowledged.
     pub fn depth(&self) -> u64 {
         self.written
             .load(Ordering::Acquire)
             .saturating_sub(self.acked())
     }
+
+    /// How many generations the journal has (for tests and status).
+    pub fn generations(&self) -> usize {
+        self.lock().generations.len()
+    }
+}
+
+/// Reads what an older daemon left in the store's `journal` tree: its `acked` seq and its
+/// unacknowledged events after `after`. The tree is dropped by the caller once they are
+/// safely in a generation.
+fn migrate_legacy(store: &sled::Db, after: u64) -> Result<(u64, Vec<(u64, Outbound)>), StoreError> {
+    if !store
+        .tree_names()
+        .iter()
+        .any(|name| name.as_ref() == b"journal")
+    {
+        return Ok((0, Vec::new()));
+    }
+    let tree = store
+        .open_tree("journal")
+        .map_err(StoreError::sled("journal"))?;
+    let acked = tree
+        .get(ACKED_KEY)
+        .map_err(StoreError::sled("journal"))?
+        .map(|v| decode_u64(&v))
+        .unwrap_or(0);
+    let mut events = Vec::new();
+    for item in tree.scan_prefix([b'e']) {
+        let (key, value) = item.map_err(StoreError::sled("journal"))?;
+        let seq = seq_of(&key);
+        if seq > acked.max(after) {
+            events.push((seq, postcard::from_bytes(&value).map_err(corrupt)?));
+        }
+    }
+    // Keep only a gapless run (the old journal had no gaps; be strict anyway).
+    let mut run = Vec::new();
+    for (seq, event) in events {
+        if run
+            .last()
+            .is_none_or(|(last, _): &(u64, Outbound)| seq == last + 1)
+        {
+            run.push((seq, event));
+        } else {
+            tracing::warn!(
+                seq,
+                "the old journal has a gap; events after it are dropped"
+            );
+            break;
+        }
+    }
+    Ok((acked, run))
 }
 
 #[cfg(test)]
@@ -241,19 +640,42 @@ mod tests {
         }
     }
 
+    /// Opens the store in `dir`.
+    fn store(dir: &Path) -> sled::Db {
+        crate::store::open(&dir.join("store")).unwrap()
+    }
+
+    /// Opens the journal in `dir` with its flusher, once a previous instance has let go of
+    /// its generations (with a deadline: sled's threads may hold a lock for a moment).
+    async fn reopen(dir: &Path, store: &sled::Db) -> Arc<Journal> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match Journal::open(&dir.join("journal"), store) {
+                Ok(journal) => {
+                    tokio::spawn(Arc::clone(&journal).run_flusher());
+                    return journal;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("the journal stayed locked: {e}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn appends_are_durable_ordered_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
+        let db = store(dir.path());
         {
-            let db = crate::store::open(dir.path()).unwrap();
-            let journal = Journal::open(&db).unwrap();
-            let flusher = tokio::spawn(Arc::clone(&journal).run_flusher());
+            let journal = reopen(dir.path(), &db).await;
             // Concurrent appends share flushes and still come out in seq order.
             let mut tasks = Vec::new();
             for n in 0..100 {
                 let journal = Arc::clone(&journal);
                 tasks.push(tokio::spawn(async move {
-                    journal.append(&message(n)).await.unwrap()
+                    journal.append(message(n)).await.unwrap()
                 }));
             }
             let mut seqs = Vec::new();
@@ -268,43 +690,131 @@ mod tests {
             journal.trim(40).unwrap();
             assert_eq!(journal.depth(), 60);
             assert_eq!(journal.read_after(0, 1000).unwrap()[0].0, 41);
-            db.flush().unwrap();
-            drop(journal);
-            flusher.abort();
-            let _ = flusher.await;
+            journal.append(message(0)).await.unwrap(); // flushes the trim too
         }
-        // sled's own background threads (its flush pool) may still hold the store's lock
-        // for a moment after the last handle is dropped: wait for it, with a deadline.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        let db = loop {
-            match crate::store::open(dir.path()) {
-                Ok(db) => break db,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("the store stayed locked: {e}"),
-            }
-        };
-        let journal = Journal::open(&db).unwrap();
-        tokio::spawn(Arc::clone(&journal).run_flusher());
+        let journal = reopen(dir.path(), &db).await;
         assert_eq!(journal.acked(), 40);
-        assert_eq!(journal.read_after(40, 1000).unwrap().len(), 60);
+        let entries = journal.read_after(40, 1000).unwrap();
+        assert_eq!(entries.len(), 61);
+        assert_eq!(entries[0], (41, message(40)));
+        assert_eq!(journal.read_after(99, 1).unwrap(), [(100, message(99))]);
         // The sequence continues after the highest ever written, even once all is trimmed.
-        journal.trim(100).unwrap();
-        assert_eq!(journal.append(&message(0)).await.unwrap(), 101);
+        journal.trim(101).unwrap();
+        assert_eq!(journal.append(message(0)).await.unwrap(), 102);
     }
 
     #[tokio::test]
     async fn only_durable_entries_are_read() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let journal = Journal::open(&db).unwrap();
-        // No flusher yet: the entry is written but not durable.
-        let seq = journal.append_unflushed(&message(1)).unwrap();
+        let db = store(dir.path());
+        let journal = Journal::open(&dir.path().join("journal"), &db).unwrap();
+        // No flusher yet: the entry is taken but not durable.
+        let seq = journal.append_unflushed(message(1)).unwrap();
         assert!(journal.read_after(0, 10).unwrap().is_empty());
         tokio::spawn(Arc::clone(&journal).run_flusher());
         journal.wait_durable(seq).await;
         assert_eq!(journal.read_after(0, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn generations_roll_and_acknowledged_ones_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store(dir.path());
+        let journal = reopen(dir.path(), &db).await;
+        let text = "x".repeat(1000);
+        let event = |n: usize| Outbound::UserMessage {
+            session: "s-1".into(),
+            text: format!("{n} {text}"),
+        };
+        // Enough for several generations, in groups.
+        let total = 3 * (ROLL_BYTES as usize) / 1000 + 500;
+        let mut n = 0;
+        while n < total {
+            let mut last = 0;
+            for _ in 0..100 {
+                n += 1;
+                last = journal.append_unflushed(event(n)).unwrap();
+            }
+            journal.wait_durable(last).await;
+        }
+        assert!(journal.generations() >= 3, "{}", journal.generations());
+        // Reopened, the tail is empty: everything is read from the generations, across
+        // their boundaries.
+        drop(journal);
+        let journal = reopen(dir.path(), &db).await;
+        let all = {
+            let mut all = Vec::new();
+            let mut after = 0;
+            loop {
+                let batch = journal.read_after(after, 512).unwrap();
+                let Some(&(last, _)) = batch.last() else {
+                    break;
+                };
+                all.extend(batch);
+                after = last;
+            }
+            all
+        };
+        assert_eq!(all.len(), n);
+        assert!(all
+            .iter()
+            .zip(1..)
+            .all(|((seq, e), k)| *seq == k && *e == event(k as usize)));
+        let dirs = || {
+            std::fs::read_dir(dir.path().join("journal"))
+                .unwrap()
+                .count()
+        };
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !done() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let before = dirs();
+        journal.trim((n / 2) as u64).unwrap();
+        wait_for("acknowledged generations are deleted", &|| dirs() < before);
+        assert_eq!(
+            journal.read_after((n / 2) as u64, 1).unwrap()[0].0,
+            (n / 2 + 1) as u64
+        );
+        // Everything acknowledged: the next turn starts a fresh generation.
+        journal.trim(n as u64).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while journal.generations() != 1 || dirs() != 1 {
+            assert!(std::time::Instant::now() < deadline, "no reset: {}", dirs());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(journal.depth(), 0);
+        drop(journal);
+        let journal = reopen(dir.path(), &db).await;
+        assert_eq!(journal.acked(), n as u64);
+        assert_eq!(journal.append(event(0)).await.unwrap(), n as u64 + 1);
+    }
+
+    #[tokio::test]
+    async fn the_old_in_store_journal_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store(dir.path());
+        {
+            let tree = db.open_tree("journal").unwrap();
+            tree.insert(ACKED_KEY, &2u64.to_be_bytes()).unwrap();
+            for seq in 1..=5u64 {
+                let mut key = [b'e'; 9];
+                key[1..].copy_from_slice(&seq.to_be_bytes());
+                tree.insert(key, postcard::to_allocvec(&message(seq as usize)).unwrap())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let journal = reopen(dir.path(), &db).await;
+        assert_eq!(journal.acked(), 2);
+        assert_eq!(
+            journal.read_after(2, 10).unwrap(),
+            [(3, message(3)), (4, message(4)), (5, message(5))]
+        );
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"journal"));
+        assert_eq!(journal.append(message(6)).await.unwrap(), 6);
     }
 }

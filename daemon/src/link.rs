@@ -243,15 +243,15 @@ mod tests {
     #[tokio::test]
     async fn refused_events_are_never_reported_delivered() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let journal = Journal::open(&db).unwrap();
+        let db = crate::store::open(&dir.path().join("store")).unwrap();
+        let journal = Journal::open(&dir.path().join("journal"), &db).unwrap();
         tokio::spawn(Arc::clone(&journal).run_flusher());
         for n in 0..10 {
             let event = Outbound::UserMessage {
                 session: "s-1".into(),
                 text: format!("{n}"),
             };
-            journal.append(&event).await.unwrap();
+            journal.append(event).await.unwrap();
         }
         let (link, _commands) = Link::new(
             journal,
@@ -284,8 +284,8 @@ mod tests {
     #[tokio::test]
     async fn an_ack_beyond_the_journal_moves_its_sequence_past_it() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::store::open(dir.path()).unwrap();
-        let journal = Journal::open(&db).unwrap();
+        let db = crate::store::open(&dir.path().join("store")).unwrap();
+        let journal = Journal::open(&dir.path().join("journal"), &db).unwrap();
         tokio::spawn(Arc::clone(&journal).run_flusher());
         let (link, _commands) = Link::new(
             Arc::clone(&journal),
@@ -299,7 +299,7 @@ mod tests {
         let event = Outbound::Interrupt {
             session: "s-1".into(),
         };
-        assert_eq!(journal.append(&event).await.unwrap(), 501);
+        assert_eq!(journal.append(event).await.unwrap(), 501);
         assert_eq!(journal.read_after(500, 10).unwrap().len(), 1);
     }
 }

@@ -1,6 +1,7 @@
 //! The daemon's sled database: one per state directory, opened once, with a capped cache.
 //!
-//! Each tree belongs to one module: `journal` to [`crate::journal`], `inbound` and
+//! The outbound journal is not in it: it has its own databases (see [`crate::journal`]).
+//! Each tree belongs to one module: `inbound` and
 //! `follows` to [`crate::inbound`], `sessions` to [`crate::replica`], `meta` to this module
 //! (the instance id). No other module opens a tree.
 
@@ -20,6 +21,14 @@ pub enum StoreError {
         what: &'static str,
         /// Why.
         source: sled::Error,
+    },
+    /// A file or directory of the store could not be used.
+    #[error("store error {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
     },
     /// A stored value did not decode (a corrupt or foreign store).
     #[error("corrupt store entry in {what}: {message}")]

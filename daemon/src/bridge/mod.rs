@@ -24,7 +24,7 @@ use cloud_protocol::bridge::{
 };
 use cloud_protocol::ipc::{BridgeState, Notification, RelayMode};
 use cloud_protocol::session::Session;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -47,6 +47,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(45);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Journal entries sent per batch.
 const SEND_BATCH: usize = 512;
+/// At most this many messages from the relay are handled in one go before the bridge
+/// writes their session log entries and looks at its other work.
+const READ_BURST: usize = 256;
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -488,23 +491,28 @@ impl Bridge {
                 },
                 message = socket.next() => {
                     last_heard = Instant::now();
-                    match message {
-                        None => break Ended::Failed { reason: "the relay closed the connection".into(), registered: true },
-                        Some(Err(e)) => break Ended::Failed { reason: format!("reading from the relay failed: {e}"), registered: true },
-                        Some(Ok(Message::Binary(bytes))) => {
-                            let envelope = match bridge::decode::<FromRelay>(&bytes) {
-                                Ok(envelope) => envelope,
-                                Err(e) => {
-                                    tracing::warn!("closing the bridge: the relay sent {e}");
-                                    break Ended::Failed { reason: format!("the relay sent {e}"), registered: true };
-                                }
-                            };
-                            if let Some(ended) = self.receive(socket, envelope, &mut pending).await {
-                                break ended;
-                            }
+                    // Handle what else has already arrived too, then write the burst's
+                    // session log entries in one go.
+                    let mut message = message;
+                    let mut burst = 1;
+                    let ended = loop {
+                        if let Some(ended) = self.incoming(socket, message, &mut pending).await {
+                            break Some(ended);
                         }
-                        Some(Ok(Message::Close(_))) => break Ended::Failed { reason: "the relay closed the connection".into(), registered: true },
-                        Some(Ok(_)) => {}
+                        if burst == READ_BURST {
+                            break None;
+                        }
+                        match socket.next().now_or_never() {
+                            Some(next) => message = next,
+                            None => break None,
+                        }
+                        burst += 1;
+                    };
+                    if let Err(e) = self.link.inbound.commit() {
+                        tracing::error!("cannot store session log entries: {e}");
+                    }
+                    if let Some(ended) = ended {
+                        break ended;
                     }
                 }
             }
@@ -515,6 +523,40 @@ impl Bridge {
             ));
         }
         ended
+    }
+
+    /// Handles one read from the relay's socket. Returns how the connection ends, if it does.
+    async fn incoming(
+        &mut self,
+        socket: &mut Socket,
+        message: Option<Result<Message, tungstenite::Error>>,
+        pending: &mut HashMap<u64, oneshot::Sender<Result<Option<Session>, String>>>,
+    ) -> Option<Ended> {
+        match message {
+            None => Some(Ended::Failed {
+                reason: "the relay closed the connection".into(),
+                registered: true,
+            }),
+            Some(Err(e)) => Some(Ended::Failed {
+                reason: format!("reading from the relay failed: {e}"),
+                registered: true,
+            }),
+            Some(Ok(Message::Binary(bytes))) => match bridge::decode::<FromRelay>(&bytes) {
+                Ok(envelope) => self.receive(socket, envelope, pending).await,
+                Err(e) => {
+                    tracing::warn!("closing the bridge: the relay sent {e}");
+                    Some(Ended::Failed {
+                        reason: format!("the relay sent {e}"),
+                        registered: true,
+                    })
+                }
+            },
+            Some(Ok(Message::Close(_))) => Some(Ended::Failed {
+                reason: "the relay closed the connection".into(),
+                registered: true,
+            }),
+            Some(Ok(_)) => None,
+        }
     }
 
     /// Handles one message from the relay. Returns how the connection ends, if it does.

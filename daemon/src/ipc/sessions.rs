@@ -95,11 +95,11 @@ pub async fn handle(
         Request::Send { session, text } => {
             check_sendable(link, &session)?;
             follow(link, &session)?;
-            journal(link, client, &Outbound::UserMessage { session, text })
+            journal(link, client, Outbound::UserMessage { session, text })
         }
         Request::Interrupt { session } => {
             check_sendable(link, &session)?;
-            journal(link, client, &Outbound::Interrupt { session })
+            journal(link, client, Outbound::Interrupt { session })
         }
         Request::Delivery { seq } if seq == 0 || seq > link.journal.last_written() => {
             Err(ErrorBody::new(
@@ -155,7 +155,7 @@ pub async fn handle(
 }
 
 /// Journals an event; the connection replies once it is durable.
-fn journal(link: &Link, client: &mut ClientState, event: &Outbound) -> Result<Response, ErrorBody> {
+fn journal(link: &Link, client: &mut ClientState, event: Outbound) -> Result<Response, ErrorBody> {
     let seq = link.journal.append_unflushed(event).map_err(internal)?;
     client.needs_durable = client.needs_durable.max(seq);
     Ok(Response::Queued { seq })
@@ -374,7 +374,7 @@ async fn answer(
         request_id,
         decision,
     };
-    let seq = link.journal.append(&event).await.map_err(internal)?;
+    let seq = link.journal.append(event).await.map_err(internal)?;
     if !link.connected() {
         return Ok(Response::Queued { seq });
     }
