@@ -10,21 +10,31 @@
 //! reused after a crash.
 //!
 //! **Generations.** The journal lives in its own directory (`state/journal/`), as a series
-//! of sled databases, each named by its first seq (`g-00000000000000000001`). Records go to
-//! the newest; a record's key is `r` + the seq of its last event (big-endian) and its value
-//! the postcard-encoded events it holds, consecutive seqs ending there. sled never gives
-//! back the space of removed entries, so the journal reclaims space a generation at a time:
-//! a new one starts when the newest has taken [`ROLL_BYTES`], or when the relay has
-//! acknowledged everything and the newest has taken more than [`RESET_BYTES`]; a generation
-//! the relay has wholly acknowledged is deleted. Each generation keeps the highest
-//! acknowledged seq under `acked` (the newest one's is current).
+//! of sled databases. Records go to the newest, `g-FIRST` (its first seq, 20 digits); a
+//! record's key is `r` + the seq of its last event (big-endian) and its value the
+//! postcard-encoded events it holds, consecutive seqs ending there. The newest also keeps
+//! the highest acknowledged seq under `acked`. sled never gives back the space of removed
+//! entries, and rewrites values as it consolidates its nodes, so the journal manages space
+//! a generation at a time:
+//!
+//! - a new generation starts when the newest has taken [`ROLL_BYTES`], or when the relay
+//!   has acknowledged everything and the newest has taken more than [`RESET_BYTES`], and at
+//!   every start with nothing to deliver (the store's `meta` tree keeps the acknowledged
+//!   seq under `journal_acked` meanwhile);
+//! - a sealed generation that still holds unacknowledged events is compacted: rewritten,
+//!   off the async thread, as one record in a fresh database (`c-FIRST-LAST`, built under a
+//!   `tmp-` name and renamed into place once flushed), which sled keeps as a single blob
+//!   file, so it costs about its live data on disk;
+//! - a generation the relay has wholly acknowledged is deleted (renamed to `deleted-…`
+//!   first, so a deletion cut short by an exit is finished at the next open).
 //!
 //! **Tail.** The latest entries stay in memory (at most [`TAIL_ENTRIES`]), so the bridge
 //! streams fresh events without reading them back; older ones (a backlog, a resend after a
 //! reconnect) are read from the generations.
 //!
-//! Architecture invariant: this module is the only one that touches `state/journal/` (and
-//! the old in-store `journal` tree, which it migrates once). Sequence numbers start at 1,
+//! Architecture invariant: this module is the only one that touches `state/journal/`, the
+//! `journal_acked` key of the store's `meta` tree and the old in-store `journal` tree (which
+//! it migrates once). Sequence numbers start at 1,
 //! have no gaps, and keep growing across restarts.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -39,7 +49,7 @@ use tokio::sync::{watch, Notify};
 use crate::store::StoreError;
 
 /// A new generation starts once the newest has taken this many bytes of records.
-pub const ROLL_BYTES: u64 = 1024 * 1024;
+pub const ROLL_BYTES: u64 = 256 * 1024;
 /// With nothing left to acknowledge, a new generation starts (and the old one is deleted)
 /// once the newest has taken this many bytes.
 pub const RESET_BYTES: u64 = 64 * 1024;
@@ -47,11 +57,20 @@ pub const RESET_BYTES: u64 = 64 * 1024;
 pub const TAIL_ENTRIES: usize = 16 * 1024;
 /// sled's cache per generation: reads are rare (the tail serves the bridge).
 const GENERATION_CACHE_BYTES: u64 = 1024 * 1024;
-/// sled's segment size per generation (a record above a quarter of it is a blob file).
+/// sled's segment size per generation. A value above a quarter of it is a blob file of its
+/// own: a compacted generation's one record is; a group's record seldom is.
 const GENERATION_SEGMENT_BYTES: usize = 256 * 1024;
+/// sled's segment size for a compacted generation: small, because opening a database
+/// to read it may add a segment, and its one record is a blob file anyway.
+const COMPACTED_SEGMENT_BYTES: usize = 16 * 1024;
+/// How long a deletion waits for sled to let go of a closed database.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The key under which the highest acknowledged seq is kept.
 const ACKED_KEY: &[u8] = b"acked";
+/// The key of the store's `meta` tree that keeps the highest acknowledged seq while the
+/// journal is being started afresh.
+const META_ACKED_KEY: &[u8] = b"journal_acked";
 /// Record keys: this prefix and the seq of the record's last event, big-endian.
 const RECORD_PREFIX: u8 = b'r';
 
@@ -77,32 +96,72 @@ fn corrupt(message: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn generation_dir(root: &Path, first: u64) -> PathBuf {
-    root.join(format!("g-{first:020}"))
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+    move |source| StoreError::Io { what, source }
+}
+
+fn open_db(dir: &Path, segment_size: usize) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(GENERATION_CACHE_BYTES)
+        .segment_size(segment_size)
+        .mode(sled::Mode::LowSpace)
+        // The flusher flushes every group; no background flusher thread is needed.
+        .flush_every_ms(None)
+        .open()
+        .map_err(StoreError::sled("opening a journal generation"))
+}
+
+/// Waits (with a deadline) until sled has really let go of the database in `dir`: it does
+/// when its last internal reference drops, which may write a snapshot into the directory.
+fn wait_closed(dir: &Path) {
+    let deadline = std::time::Instant::now() + CLOSE_DEADLINE;
+    loop {
+        let free = match std::fs::File::open(dir.join("db")) {
+            Ok(file) => !matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            Err(_) => true,
+        };
+        if free || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Deletes a generation's directory, its database closed first: renamed to `deleted-…`,
+/// then removed.
+fn remove_generation_dir(dir: &Path) {
+    wait_closed(dir);
+    let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let doomed = dir.with_file_name(format!("deleted-{name}"));
+    let removed = std::fs::rename(dir, &doomed).and_then(|()| std::fs::remove_dir_all(&doomed));
+    if let Err(e) = removed {
+        tracing::warn!(dir = %dir.display(), "cannot delete an acknowledged journal generation: {e}");
+    }
 }
 
 /// One generation: a sled database holding records of consecutive seqs.
 #[derive(Debug)]
 struct Generation {
     dir: PathBuf,
-    db: sled::Db,
+    /// Its database while open: the newest always is; a compacted one only while read.
+    db: Option<sled::Db>,
     /// The seq of its last event (its first seq − 1 while empty).
     last: u64,
     /// Bytes of records written to it since it was opened (or found on disk).
     bytes: u64,
+    /// Whether it is compacted (one record).
+    compacted: bool,
+    /// A compacted generation's events, decoded while it is being read.
+    decoded: Option<Vec<Outbound>>,
 }
 
 impl Generation {
+    /// Opens a generation that takes records (`g-FIRST`).
     fn open(dir: PathBuf, first: u64) -> Result<Generation, StoreError> {
-        let db = sled::Config::new()
-            .path(&dir)
-            .cache_capacity(GENERATION_CACHE_BYTES)
-            .segment_size(GENERATION_SEGMENT_BYTES)
-            .mode(sled::Mode::LowSpace)
-            // The flusher flushes every group; no background flusher thread is needed.
-            .flush_every_ms(None)
-            .open()
-            .map_err(StoreError::sled("opening a journal generation"))?;
+        let db = open_db(&dir, GENERATION_SEGMENT_BYTES)?;
         let last = db
             .scan_prefix([RECORD_PREFIX])
             .next_back()
@@ -113,24 +172,46 @@ impl Generation {
         let bytes = db.size_on_disk().unwrap_or(0);
         Ok(Generation {
             dir,
-            db,
+            db: Some(db),
             last,
             bytes,
+            compacted: false,
+            decoded: None,
         })
     }
 
+    /// A compacted generation found on disk (`c-FIRST-LAST`), left closed.
+    fn compacted(dir: PathBuf, last: u64) -> Generation {
+        Generation {
+            dir,
+            db: None,
+            last,
+            bytes: 0,
+            compacted: true,
+            decoded: None,
+        }
+    }
+
+    fn db(&self) -> &sled::Db {
+        self.db
+            .as_ref()
+            .expect("a generation that takes records is open")
+    }
+
     fn acked(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
+        let Some(db) = &self.db else {
+            return Ok(0);
+        };
+        Ok(db
             .get(ACKED_KEY)
             .map_err(StoreError::sled("journal"))?
             .map(|v| decode_u64(&v))
             .unwrap_or(0))
     }
 
-    /// Appends the events of seqs `last - events.len() + 1 ..= last` as one record.
+    /// Appends the events ending at `last` as one record.
     fn write(&mut self, last: u64, record: &[u8]) -> Result<(), StoreError> {
-        self.db
+        self.db()
             .insert(record_key(last), record)
             .map_err(StoreError::sled("journal"))?;
         self.last = last;
@@ -138,25 +219,56 @@ impl Generation {
         Ok(())
     }
 
+    /// Every event it holds, in order, from its first seq.
+    fn all_events(db: &sled::Db) -> Result<Vec<Outbound>, StoreError> {
+        let mut events = Vec::new();
+        for item in db.scan_prefix([RECORD_PREFIX]) {
+            let (_, value) = item.map_err(StoreError::sled("journal"))?;
+            let record: Vec<Outbound> = postcard::from_bytes(&value).map_err(corrupt)?;
+            events.extend(record);
+        }
+        Ok(events)
+    }
+
     /// The events after `after` and up to `until`, appended to `out` up to `limit`.
     fn read(
-        &self,
+        &mut self,
         after: u64,
         until: u64,
         limit: usize,
         out: &mut Vec<(u64, Outbound)>,
     ) -> Result<(), StoreError> {
-        for item in self.db.range(record_key(after + 1)..) {
+        let mut push = |seq: u64, event: &Outbound| {
+            if seq > until || out.len() >= limit {
+                return false;
+            }
+            if seq > after {
+                out.push((seq, event.clone()));
+            }
+            true
+        };
+        if self.compacted {
+            if self.decoded.is_none() {
+                let db = open_db(&self.dir, COMPACTED_SEGMENT_BYTES)?;
+                self.decoded = Some(Generation::all_events(&db)?);
+            }
+            let events = self.decoded.as_deref().unwrap_or_default();
+            let first = self.last + 1 - events.len() as u64;
+            for (seq, event) in (first..).zip(events) {
+                if !push(seq, event) {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+        for item in self.db().range(record_key(after + 1)..) {
             let (key, value) = item.map_err(StoreError::sled("journal"))?;
             let last = seq_of(&key);
             let events: Vec<Outbound> = postcard::from_bytes(&value).map_err(corrupt)?;
             let first = last + 1 - events.len() as u64;
-            for (seq, event) in (first..).zip(events) {
-                if seq > until || out.len() >= limit {
+            for (seq, event) in (first..).zip(&events) {
+                if !push(seq, event) {
                     return Ok(());
-                }
-                if seq > after {
-                    out.push((seq, event));
                 }
             }
         }
@@ -173,12 +285,14 @@ struct Inner {
     pending: Vec<Outbound>,
     /// The highest seq written to a generation (flushed or not).
     inserted: u64,
-    /// The generations by first seq; never empty.
+    /// The generations by first seq; never empty; the newest takes records.
     generations: BTreeMap<u64, Generation>,
     /// The latest written entries, consecutive, ending at `inserted`.
     tail: VecDeque<(u64, Outbound)>,
     /// Start a fresh generation at the flusher's next turn.
     reset_wanted: bool,
+    /// Sealed generations (by first seq) to compact.
+    compact_wanted: Vec<u64>,
 }
 
 impl Inner {
@@ -204,14 +318,12 @@ impl Inner {
     }
 }
 
-/// Deletes generations' directories (their databases are closed first).
+/// Deletes generations: their databases closed, then their directories.
 fn delete(dead: Vec<Generation>) {
     for generation in dead {
         let Generation { dir, db, .. } = generation;
         drop(db);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(dir = %dir.display(), "cannot delete an acknowledged journal generation: {e}");
-        }
+        remove_generation_dir(&dir);
     }
 }
 
@@ -227,6 +339,40 @@ fn delete_later(dead: Vec<Generation>) {
         }
         Err(_) => delete(dead),
     }
+}
+
+/// Rewrites the sealed generation `db` (seqs `first..=last`) as one record in a fresh
+/// database under `root`, and returns its directory.
+fn compact(root: &Path, db: &sled::Db, first: u64, last: u64) -> Result<PathBuf, StoreError> {
+    let events = Generation::all_events(db)?;
+    if events.len() as u64 != last + 1 - first {
+        return Err(corrupt(format!(
+            "generation {first} holds {} events, not {}",
+            events.len(),
+            last + 1 - first
+        )));
+    }
+    let record = postcard::to_allocvec(&events).map_err(corrupt)?;
+    let building = root.join(format!("tmp-c-{first:020}"));
+    if building.exists() {
+        std::fs::remove_dir_all(&building).map_err(io("removing a half-built generation"))?;
+    }
+    let compacted = open_db(&building, COMPACTED_SEGMENT_BYTES)?;
+    compacted
+        .insert(record_key(last), record)
+        .map_err(StoreError::sled("journal"))?;
+    compacted
+        .flush()
+        .map_err(StoreError::sled("flushing a compacted generation"))?;
+    drop(compacted);
+    wait_closed(&building);
+    let done = root.join(format!("c-{first:020}-{last:020}"));
+    std::fs::rename(&building, &done).map_err(io("naming a compacted generation"))?;
+    Ok(done)
+}
+
+fn generation_dir(root: &Path, first: u64) -> PathBuf {
+    root.join(format!("g-{first:020}"))
 }
 
 /// The outbound journal.
@@ -249,30 +395,40 @@ impl Journal {
     /// Opens the journal in `root` (creating it), resuming its sequence. Events left in the
     /// old `journal` tree of `store` (an older daemon's layout) are moved into it first.
     pub fn open(root: &Path, store: &sled::Db) -> Result<Arc<Journal>, StoreError> {
-        std::fs::create_dir_all(root).map_err(|e| StoreError::Io {
-            what: "creating the journal directory",
-            source: e,
-        })?;
+        std::fs::create_dir_all(root).map_err(io("creating the journal directory"))?;
         let mut generations = BTreeMap::new();
-        let listing = std::fs::read_dir(root).map_err(|e| StoreError::Io {
-            what: "listing the journal directory",
-            source: e,
-        })?;
+        let mut sealed = Vec::new();
+        let listing = std::fs::read_dir(root).map_err(io("listing the journal directory"))?;
+        let mut found = Vec::new();
         for item in listing {
-            let item = item.map_err(|e| StoreError::Io {
-                what: "listing the journal directory",
-                source: e,
-            })?;
-            let name = item.file_name();
-            let Some(first) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("g-"))
-                .and_then(|n| n.parse::<u64>().ok())
-                .filter(|first| *first > 0)
-            else {
+            let item = item.map_err(io("listing the journal directory"))?;
+            found.push((item.file_name().to_string_lossy().into_owned(), item.path()));
+        }
+        found.sort();
+        let parse = |digits: &str| digits.parse::<u64>().ok().filter(|n| *n > 0);
+        for (name, path) in &found {
+            if name.starts_with("deleted-") || name.starts_with("tmp-") {
+                if let Err(e) = std::fs::remove_dir_all(path) {
+                    tracing::warn!(dir = %path.display(), "cannot remove a leftover journal directory: {e}");
+                }
+            } else if let Some((first, last)) = name
+                .strip_prefix("c-")
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(first, last)| Some((parse(first)?, parse(last)?)))
+            {
+                generations.insert(first, Generation::compacted(path.clone(), last));
+            }
+        }
+        for (name, path) in &found {
+            let Some(first) = name.strip_prefix("g-").and_then(parse) else {
                 continue;
             };
-            generations.insert(first, Generation::open(item.path(), first)?);
+            if generations.contains_key(&first) {
+                // Compacted before an exit that left the original behind.
+                remove_generation_dir(path);
+                continue;
+            }
+            generations.insert(first, Generation::open(path.clone(), first)?);
         }
         let mut acked = 0;
         for generation in generations.values() {
@@ -288,24 +444,42 @@ impl Journal {
             .max()
             .unwrap_or(0)
             .max(acked);
-        let legacy = migrate_legacy(store, last)?;
-        if generations.is_empty() || !legacy.1.is_empty() {
-            let first = last.max(legacy.0) + 1;
-            let first = legacy.1.first().map(|(seq, _)| *seq).unwrap_or(first);
+        let meta = store.open_tree("meta").map_err(StoreError::sled("meta"))?;
+        if let Some(saved) = meta.get(META_ACKED_KEY).map_err(StoreError::sled("meta"))? {
+            acked = acked.max(decode_u64(&saved));
+        }
+        let (legacy_acked, legacy) = migrate_legacy(store, last)?;
+        acked = acked.max(legacy_acked);
+        last = last.max(acked);
+        if acked >= last && legacy.is_empty() && !generations.is_empty() {
+            // Nothing to deliver: start afresh, so what was trimmed is given back now (sled
+            // also adds a segment to a database each time it opens it). The sequence is
+            // kept in the store while no generation holds it.
+            meta.insert(META_ACKED_KEY, &acked.to_be_bytes())
+                .map_err(StoreError::sled("meta"))?;
+            store.flush().map_err(StoreError::sled("meta"))?;
+            delete(std::mem::take(&mut generations).into_values().collect());
+        }
+        // A fresh generation when there is none, when the old journal's events move in, and
+        // when nothing is left to deliver (so what was trimmed is given back at once).
+        let newest_is_open = generations
+            .values()
+            .next_back()
+            .is_some_and(|g| !g.compacted);
+        if !newest_is_open || !legacy.is_empty() {
+            let first = legacy.first().map(|(seq, _)| *seq).unwrap_or(last + 1);
             let mut generation = Generation::open(generation_dir(root, first), first)?;
-            if !legacy.1.is_empty() {
-                let record_last = legacy.1.last().map(|(seq, _)| *seq).unwrap_or(0);
-                let events: Vec<Outbound> = legacy.1.into_iter().map(|(_, e)| e).collect();
+            if let Some(&(record_last, _)) = legacy.last() {
+                let events: Vec<Outbound> = legacy.into_iter().map(|(_, e)| e).collect();
                 let record = postcard::to_allocvec(&events).map_err(corrupt)?;
                 generation.write(record_last, &record)?;
             }
-            acked = acked.max(legacy.0);
-            generation
-                .db
-                .insert(ACKED_KEY, &acked.to_be_bytes())
+            let db = generation.db();
+            db.insert(ACKED_KEY, &acked.to_be_bytes())
                 .map_err(StoreError::sled("journal"))?;
-            generation.db.flush().map_err(StoreError::sled("journal"))?;
+            db.flush().map_err(StoreError::sled("journal"))?;
             last = last.max(generation.last);
+            generation.bytes = 0;
             generations.insert(first, generation);
             if store
                 .tree_names()
@@ -317,6 +491,13 @@ impl Journal {
                     .map_err(StoreError::sled("journal"))?;
             }
         }
+        // Sealed generations not compacted yet (an exit came first).
+        let newest = *generations.keys().next_back().expect("a generation");
+        for (first, generation) in &generations {
+            if *first != newest && !generation.compacted && generation.last > acked {
+                sealed.push(*first);
+            }
+        }
         let (durable, _) = watch::channel(last);
         let mut inner = Inner {
             next_seq: last + 1,
@@ -325,6 +506,7 @@ impl Journal {
             generations,
             tail: VecDeque::new(),
             reset_wanted: false,
+            compact_wanted: sealed,
         };
         delete(inner.take_dead(acked));
         Ok(Arc::new(Journal {
@@ -345,6 +527,9 @@ impl Journal {
     /// reference, so dropping the journal closes its databases.
     pub async fn run_flusher(self: Arc<Journal>) {
         let wake = Arc::clone(&self.flush_wanted);
+        if !self.lock().compact_wanted.is_empty() {
+            wake.notify_one();
+        }
         let journal = Arc::downgrade(&self);
         drop(self);
         loop {
@@ -362,19 +547,24 @@ impl Journal {
     }
 
     /// One turn of the flusher: start a new generation if one is due, write the pending
-    /// group as one record, flush it, publish it as durable.
+    /// group as one record, flush it, publish it as durable; start due compactions.
     async fn flush_turn(self: &Arc<Journal>) -> Result<(), StoreError> {
         let roll = {
             let mut inner = self.lock();
-            let bytes = inner.newest().bytes;
-            let due = bytes >= ROLL_BYTES || (inner.reset_wanted && bytes >= RESET_BYTES);
+            let (bytes, empty) = {
+                let (first, newest) = inner.generations.iter().next_back().expect("a generation");
+                (newest.bytes, newest.last < *first)
+            };
+            // An empty generation is never replaced (the new one would have its name).
+            let due =
+                !empty && (bytes >= ROLL_BYTES || (inner.reset_wanted && bytes >= RESET_BYTES));
             inner.reset_wanted = false;
             due.then(|| inner.inserted + 1)
         };
         if let Some(first) = roll {
             self.start_generation(first).await?;
         }
-        let (db, target) = {
+        let (db, target, compactions) = {
             let mut inner = self.lock();
             if !inner.pending.is_empty() {
                 let last = inner.next_seq - 1;
@@ -387,8 +577,12 @@ impl Journal {
                 inner.tail.drain(..excess);
                 inner.inserted = last;
             }
-            (inner.newest().db.clone(), inner.inserted)
+            let compactions = std::mem::take(&mut inner.compact_wanted);
+            (inner.newest().db().clone(), inner.inserted, compactions)
         };
+        for first in compactions {
+            tokio::spawn(Arc::clone(self).compact_generation(first));
+        }
         if target <= *self.durable.borrow() {
             return Ok(());
         }
@@ -404,17 +598,21 @@ impl Journal {
     }
 
     /// Opens a new generation starting at `first`, makes it the newest (with the current
-    /// `acked` in it, flushed), and deletes the generations that are wholly acknowledged.
+    /// `acked` in it, flushed), deletes the generations that are wholly acknowledged and
+    /// has the one it sealed compacted if it still holds events to deliver.
     async fn start_generation(self: &Arc<Journal>, first: u64) -> Result<(), StoreError> {
         let dir = generation_dir(&self.root, first);
         let acked = self.acked();
         let generation = tokio::task::spawn_blocking(move || {
             let generation = Generation::open(dir, first)?;
             generation
-                .db
+                .db()
                 .insert(ACKED_KEY, &acked.to_be_bytes())
                 .map_err(StoreError::sled("journal"))?;
-            generation.db.flush().map_err(StoreError::sled("journal"))?;
+            generation
+                .db()
+                .flush()
+                .map_err(StoreError::sled("journal"))?;
             Ok::<_, StoreError>(generation)
         })
         .await
@@ -426,12 +624,66 @@ impl Journal {
                 // current generation rather than leave a gap.
                 return Ok(());
             }
+            let sealed = *inner.generations.keys().next_back().expect("a generation");
             inner.generations.insert(first, generation);
-            let acked = self.acked();
-            inner.take_dead(acked)
+            let dead = inner.take_dead(self.acked());
+            if inner.generations.contains_key(&sealed) {
+                inner.compact_wanted.push(sealed);
+            }
+            dead
         };
         delete_later(dead);
         Ok(())
+    }
+
+    /// Compacts the sealed generation starting at `first` (see the module docs).
+    async fn compact_generation(self: Arc<Journal>, first: u64) {
+        let source = {
+            let inner = self.lock();
+            inner
+                .generations
+                .get(&first)
+                .filter(|g| !g.compacted)
+                .and_then(|g| Some((g.db.clone()?, g.last)))
+        };
+        let Some((db, last)) = source else {
+            return;
+        };
+        let root = self.root.clone();
+        let built = tokio::task::spawn_blocking(move || compact(&root, &db, first, last)).await;
+        let dir = match built {
+            Ok(Ok(dir)) => dir,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "cannot compact journal generation {first}; keeping it as it is: {e}"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("compacting journal generation {first} panicked: {e}");
+                return;
+            }
+        };
+        let replaced = {
+            let mut inner = self.lock();
+            match inner.generations.get_mut(&first) {
+                Some(generation) if !generation.compacted => {
+                    let original = Generation {
+                        dir: std::mem::replace(&mut generation.dir, dir),
+                        db: generation.db.take(),
+                        last,
+                        bytes: 0,
+                        compacted: false,
+                        decoded: None,
+                    };
+                    generation.compacted = true;
+                    original
+                }
+                // Acknowledged (and deleted) meanwhile: the copy is not needed.
+                _ => Generation::compacted(dir, last),
+            }
+        };
+        delete_later(vec![replaced]);
     }
 
     /// Takes the next seq for `event`, to be written with the next group; pair with
@@ -476,7 +728,7 @@ impl Journal {
         if after >= durable || limit == 0 {
             return Ok(entries);
         }
-        let inner = self.lock();
+        let mut inner = self.lock();
         if let Some(&(front, _)) = inner.tail.front() {
             if front <= after + 1 {
                 let start = usize::try_from(after + 1 - front).unwrap_or(usize::MAX);
@@ -498,11 +750,16 @@ impl Journal {
             .next_back()
             .map(|(first, _)| *first)
             .unwrap_or(0);
-        for generation in inner.generations.range(start..).map(|(_, g)| g) {
-            generation.read(after, durable, limit, &mut entries)?;
+        for (first, generation) in inner.generations.iter_mut() {
+            if *first < start {
+                // Read past: a compacted generation's decoded events are not needed again.
+                generation.decoded = None;
+                continue;
+            }
             if entries.len() >= limit {
                 break;
             }
+            generation.read(after, durable, limit, &mut entries)?;
         }
         Ok(entries)
     }
@@ -522,7 +779,7 @@ impl Journal {
             // which the relay deduplicates.
             inner
                 .newest()
-                .db
+                .db()
                 .insert(ACKED_KEY, &seq.to_be_bytes())
                 .map_err(StoreError::sled("journal"))?;
             let everything = inner.pending.is_empty() && seq >= inner.inserted;
@@ -738,8 +995,31 @@ mod tests {
             journal.wait_durable(last).await;
         }
         assert!(journal.generations() >= 3, "{}", journal.generations());
-        // Reopened, the tail is empty: everything is read from the generations, across
-        // their boundaries.
+        // The sealed generations, all unacknowledged, are compacted.
+        let names = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path().join("journal"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while names().iter().filter(|n| n.starts_with("c-")).count() + 1 < journal.generations()
+            || names()
+                .iter()
+                .any(|n| !n.starts_with("c-") && !n.starts_with("g-"))
+            || names().iter().filter(|n| n.starts_with("g-")).count() != 1
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not compacted: {:?}",
+                names()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Reopened, the tail is empty: everything is read from the generations (compacted
+        // and not), across their boundaries.
         drop(journal);
         let journal = reopen(dir.path(), &db).await;
         let all = {

@@ -3,7 +3,7 @@
 //! The outbound journal is not in it: it has its own databases (see [`crate::journal`]).
 //! Each tree belongs to one module: `inbound` and
 //! `follows` to [`crate::inbound`], `sessions` to [`crate::replica`], `meta` to this module
-//! (the instance id). No other module opens a tree.
+//! (the instance id) but for its `journal_acked` key, which is the journal's. No other module opens a tree.
 
 use std::path::Path;
 

@@ -377,6 +377,6 @@ impl Poller {
 }
 
 /// The daemon's store directory under a `CLOUDD_HOME`'s state dir.
-pub fn store_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("store")
+pub fn journal_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("journal")
 }

@@ -1,10 +1,10 @@
-//! The daemon's store on disk beside the data it holds.
+//! The daemon's journal on disk beside the data it holds.
 //!
-//! "On disk" is the sum over every file under the store directory, both as the files'
-//! lengths and as the blocks allocated to them (sled's files may be sparse). "Live data" is
-//! what the store logically holds: the sum of key and value lengths over every entry of
-//! every tree (the journal, the inbound session logs, the follows, the replica, the meta
-//! tree, sled's default tree), read by opening the store after the daemon has stopped.
+//! "On disk" is the sum over every file under the journal directory (`state/journal/`,
+//! every generation, `g-…` and compacted `c-…`), both as the files' lengths and as the blocks allocated to them
+//! (sled's files may be sparse). "Live data" is what the journal must keep: the keys and
+//! values of the records holding an unacknowledged event, plus the `acked` marker (13
+//! bytes), read by opening every generation after the daemon has stopped.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -42,40 +42,78 @@ pub fn size(dir: &Path) -> anyhow::Result<DiskSize> {
     Ok(total)
 }
 
-/// One tree's logical contents.
-#[derive(Debug, Clone, Default)]
-pub struct TreeData {
-    /// The tree's name.
-    pub name: String,
-    /// Its entries.
-    pub entries: u64,
-    /// The sum of its keys' and values' lengths.
+/// The journal's logical contents.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JournalData {
+    /// Generations (sled databases).
+    pub generations: usize,
+    /// The highest acknowledged seq.
+    pub acked: u64,
+    /// Records still holding an unacknowledged event.
+    pub records: u64,
+    /// Unacknowledged events in them.
+    pub events: u64,
+    /// The live bytes: those records' keys and values, and the `acked` marker.
     pub bytes: u64,
 }
 
-/// The logical contents of every tree of the sled store in `dir`. The store must not be
-/// open elsewhere (stop the daemon first). Opening it is what the daemon does at start,
-/// with the daemon's configuration.
-pub fn live_data(dir: &Path) -> anyhow::Result<Vec<TreeData>> {
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(super::baseline::SLED_CACHE_BYTES)
-        .mode(sled::Mode::LowSpace)
-        .open()
-        .with_context(|| format!("open the store {}", dir.display()))?;
-    let mut trees = Vec::new();
-    for name in db.tree_names() {
-        let tree = db.open_tree(&name)?;
-        let mut data = TreeData {
-            name: String::from_utf8_lossy(&name).into_owned(),
-            ..TreeData::default()
-        };
-        for item in tree.iter() {
-            let (key, value) = item?;
-            data.entries += 1;
-            data.bytes += (key.len() + value.len()) as u64;
+/// The segment size a sled database in `dir` was created with (sled refuses another).
+fn segment_size(dir: &Path) -> anyhow::Result<usize> {
+    // The file ends with a binary checksum.
+    let conf =
+        std::fs::read(dir.join("conf")).with_context(|| format!("read {}/conf", dir.display()))?;
+    let conf = String::from_utf8_lossy(&conf);
+    conf.lines()
+        .find_map(|line| line.strip_prefix("segment_size: "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no segment_size in {}/conf", dir.display()))
+}
+
+/// The logical contents of the journal in `dir`. The daemon must have stopped.
+pub fn journal_live(dir: &Path) -> anyhow::Result<JournalData> {
+    let mut generations = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let path = entry?.path();
+        let generation = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("g-") || n.starts_with("c-"));
+        if generation && path.is_dir() {
+            let db = sled::Config::new()
+                .path(&path)
+                .segment_size(segment_size(&path)?)
+                .cache_capacity(super::baseline::SLED_CACHE_BYTES)
+                .mode(sled::Mode::LowSpace)
+                .flush_every_ms(None)
+                .open()
+                .with_context(|| format!("open the generation {}", path.display()))?;
+            generations.push(db);
         }
-        trees.push(data);
     }
-    Ok(trees)
+    let mut data = JournalData {
+        generations: generations.len(),
+        bytes: 13,
+        ..JournalData::default()
+    };
+    for db in &generations {
+        if let Some(acked) = db.get(b"acked")? {
+            data.acked = data
+                .acked
+                .max(u64::from_be_bytes(acked.as_ref().try_into()?));
+        }
+    }
+    for db in &generations {
+        for item in db.scan_prefix(b"r") {
+            let (key, value) = item?;
+            let last = u64::from_be_bytes(key[1..9].try_into()?);
+            if last > data.acked {
+                let events: Vec<cloud_protocol::bridge::Outbound> = postcard::from_bytes(&value)?;
+                let first = last + 1 - events.len() as u64;
+                data.records += 1;
+                data.events += last - first.max(data.acked + 1) + 1;
+                data.bytes += (key.len() + value.len()) as u64;
+            }
+        }
+    }
+    Ok(data)
 }
