@@ -68,6 +68,8 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The key under which the highest acknowledged seq is kept.
 const ACKED_KEY: &[u8] = b"acked";
+/// The key under which a generation keeps its first seq (absent in a spare).
+const FIRST_KEY: &[u8] = b"first";
 /// The key of the store's `meta` tree that keeps the highest acknowledged seq while the
 /// journal is being started afresh.
 const META_ACKED_KEY: &[u8] = b"journal_acked";
@@ -159,25 +161,44 @@ struct Generation {
 }
 
 impl Generation {
-    /// Opens a generation that takes records (`g-FIRST`).
-    fn open(dir: PathBuf, first: u64) -> Result<Generation, StoreError> {
+    /// Opens (creating) a generation that takes records (`g-ID`). Returns its first seq
+    /// too, `None` for one never put to use (a spare).
+    fn open(dir: PathBuf) -> Result<(Option<u64>, Generation), StoreError> {
         let db = open_db(&dir, GENERATION_SEGMENT_BYTES)?;
+        let first = db
+            .get(FIRST_KEY)
+            .map_err(StoreError::sled("journal"))?
+            .map(|v| decode_u64(&v));
         let last = db
             .scan_prefix([RECORD_PREFIX])
             .next_back()
             .transpose()
             .map_err(StoreError::sled("journal"))?
             .map(|(key, _)| seq_of(&key))
-            .unwrap_or(first - 1);
+            .unwrap_or(first.unwrap_or(1) - 1);
         let bytes = db.size_on_disk().unwrap_or(0);
-        Ok(Generation {
+        let generation = Generation {
             dir,
             db: Some(db),
             last,
             bytes,
             compacted: false,
             decoded: None,
-        })
+        };
+        Ok((first, generation))
+    }
+
+    /// Puts a fresh generation to use from seq `first`, with `acked` in it (not flushed).
+    fn activate(&mut self, first: u64, acked: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(FIRST_KEY, &first.to_be_bytes());
+        batch.insert(ACKED_KEY, &acked.to_be_bytes());
+        self.db()
+            .apply_batch(batch)
+            .map_err(StoreError::sled("journal"))?;
+        self.last = first - 1;
+        self.bytes = 0;
+        Ok(())
     }
 
     /// A compacted generation found on disk (`c-FIRST-LAST`), left closed.
@@ -293,6 +314,12 @@ struct Inner {
     reset_wanted: bool,
     /// Sealed generations (by first seq) to compact.
     compact_wanted: Vec<u64>,
+    /// A generation opened ahead of time, so starting one costs no open on the flusher.
+    spare: Option<Generation>,
+    /// Whether a spare is being opened.
+    spare_opening: bool,
+    /// The id of the next generation directory.
+    next_id: u64,
 }
 
 impl Inner {
@@ -371,8 +398,8 @@ fn compact(root: &Path, db: &sled::Db, first: u64, last: u64) -> Result<PathBuf,
     Ok(done)
 }
 
-fn generation_dir(root: &Path, first: u64) -> PathBuf {
-    root.join(format!("g-{first:020}"))
+fn generation_dir(root: &Path, id: u64) -> PathBuf {
+    root.join(format!("g-{id:020}"))
 }
 
 /// The outbound journal.
@@ -419,16 +446,24 @@ impl Journal {
                 generations.insert(first, Generation::compacted(path.clone(), last));
             }
         }
+        let mut next_id = 1;
         for (name, path) in &found {
-            let Some(first) = name.strip_prefix("g-").and_then(parse) else {
+            let Some(id) = name.strip_prefix("g-").and_then(parse) else {
                 continue;
             };
-            if generations.contains_key(&first) {
-                // Compacted before an exit that left the original behind.
-                remove_generation_dir(path);
-                continue;
+            next_id = next_id.max(id + 1);
+            let (first, generation) = Generation::open(path.clone())?;
+            match first {
+                // Compacted before an exit that left the original behind, or a spare.
+                Some(first) if generations.contains_key(&first) => {}
+                None => {}
+                Some(first) => {
+                    generations.insert(first, generation);
+                    continue;
+                }
             }
-            generations.insert(first, Generation::open(path.clone(), first)?);
+            drop(generation);
+            remove_generation_dir(path);
         }
         let mut acked = 0;
         for generation in generations.values() {
@@ -468,18 +503,19 @@ impl Journal {
             .is_some_and(|g| !g.compacted);
         if !newest_is_open || !legacy.is_empty() {
             let first = legacy.first().map(|(seq, _)| *seq).unwrap_or(last + 1);
-            let mut generation = Generation::open(generation_dir(root, first), first)?;
+            let (_, mut generation) = Generation::open(generation_dir(root, next_id))?;
+            next_id += 1;
+            generation.activate(first, acked)?;
             if let Some(&(record_last, _)) = legacy.last() {
                 let events: Vec<Outbound> = legacy.into_iter().map(|(_, e)| e).collect();
                 let record = postcard::to_allocvec(&events).map_err(corrupt)?;
                 generation.write(record_last, &record)?;
             }
-            let db = generation.db();
-            db.insert(ACKED_KEY, &acked.to_be_bytes())
+            generation
+                .db()
+                .flush()
                 .map_err(StoreError::sled("journal"))?;
-            db.flush().map_err(StoreError::sled("journal"))?;
             last = last.max(generation.last);
-            generation.bytes = 0;
             generations.insert(first, generation);
             if store
                 .tree_names()
@@ -507,6 +543,9 @@ impl Journal {
             tail: VecDeque::new(),
             reset_wanted: false,
             compact_wanted: sealed,
+            spare: None,
+            spare_opening: false,
+            next_id,
         };
         delete(inner.take_dead(acked));
         Ok(Arc::new(Journal {
@@ -564,6 +603,7 @@ impl Journal {
         if let Some(first) = roll {
             self.start_generation(first).await?;
         }
+        self.prepare_spare();
         let (db, target, compactions) = {
             let mut inner = self.lock();
             if !inner.pending.is_empty() {
@@ -597,26 +637,62 @@ impl Journal {
         Ok(())
     }
 
-    /// Opens a new generation starting at `first`, makes it the newest (with the current
-    /// `acked` in it, flushed), deletes the generations that are wholly acknowledged and
-    /// has the one it sealed compacted if it still holds events to deliver.
+    /// Opens the next spare generation in the background, unless one is ready or coming.
+    fn prepare_spare(self: &Arc<Journal>) {
+        let dir = {
+            let mut inner = self.lock();
+            if inner.spare.is_some() || inner.spare_opening {
+                return;
+            }
+            inner.spare_opening = true;
+            let id = inner.next_id;
+            inner.next_id += 1;
+            generation_dir(&self.root, id)
+        };
+        let journal = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let opened = tokio::task::spawn_blocking(move || Generation::open(dir)).await;
+            let Some(journal) = journal.upgrade() else {
+                return;
+            };
+            let mut inner = journal.lock();
+            inner.spare_opening = false;
+            match opened {
+                Ok(Ok((_, spare))) => inner.spare = Some(spare),
+                Ok(Err(e)) => tracing::warn!("cannot open a spare journal generation: {e}"),
+                Err(e) => tracing::warn!("opening a spare journal generation panicked: {e}"),
+            }
+        });
+    }
+
+    /// Makes a fresh generation (the spare, or one opened now) the newest from seq `first`,
+    /// with the current `acked` in it, flushed; deletes the generations that are wholly
+    /// acknowledged and has the one it sealed compacted if it still holds events to
+    /// deliver.
     async fn start_generation(self: &Arc<Journal>, first: u64) -> Result<(), StoreError> {
-        let dir = generation_dir(&self.root, first);
-        let acked = self.acked();
-        let generation = tokio::task::spawn_blocking(move || {
-            let generation = Generation::open(dir, first)?;
-            generation
-                .db()
-                .insert(ACKED_KEY, &acked.to_be_bytes())
-                .map_err(StoreError::sled("journal"))?;
-            generation
-                .db()
-                .flush()
-                .map_err(StoreError::sled("journal"))?;
-            Ok::<_, StoreError>(generation)
-        })
-        .await
-        .map_err(|e| corrupt(format!("opening a journal generation panicked: {e}")))??;
+        let spare = self.lock().spare.take();
+        let mut generation = match spare {
+            Some(spare) => spare,
+            None => {
+                let dir = {
+                    let mut inner = self.lock();
+                    let id = inner.next_id;
+                    inner.next_id += 1;
+                    generation_dir(&self.root, id)
+                };
+                tokio::task::spawn_blocking(move || Generation::open(dir))
+                    .await
+                    .map_err(|e| corrupt(format!("opening a journal generation panicked: {e}")))??
+                    .1
+            }
+        };
+        generation.activate(first, self.acked())?;
+        // Durable before anything older is deleted: it holds the sequence from now on.
+        generation
+            .db()
+            .flush_async()
+            .await
+            .map_err(StoreError::sled("flushing the journal"))?;
         let dead = {
             let mut inner = self.lock();
             if inner.inserted + 1 != first {
@@ -1009,7 +1085,8 @@ mod tests {
             || names()
                 .iter()
                 .any(|n| !n.starts_with("c-") && !n.starts_with("g-"))
-            || names().iter().filter(|n| n.starts_with("g-")).count() != 1
+            // (Besides the newest, a `g-` may be the spare.)
+            || names().iter().filter(|n| n.starts_with("g-")).count() > 2
         {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -1062,7 +1139,7 @@ mod tests {
         // Everything acknowledged: the next turn starts a fresh generation.
         journal.trim(n as u64).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while journal.generations() != 1 || dirs() != 1 {
+        while journal.generations() != 1 || dirs() > 2 {
             assert!(std::time::Instant::now() < deadline, "no reset: {}", dirs());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
