@@ -17,10 +17,11 @@
 //! - latency, for each daemon: one event at a time, `Send` → `Queued` → `Delivery {seq}` →
 //!   `Delivered`.
 //!
-//! Then the store: its size on disk after the run and trim, against the live data counted
-//! by opening the store once the daemon has stopped; then with a backlog (the relay
-//! killed, `--backlog` events queued), and after the backlog drained, watched for
-//! `--settle-secs` to see whether sled gives the space back.
+//! Then the journal (`state/journal/`): its size on disk after the run and trim, against the
+//! live data counted by opening its generations once the daemon has stopped; then with a
+//! backlog (the relay killed, `--backlog` events queued); with part of the backlog
+//! acknowledged (the relay back until about a quarter is taken, then killed again); and
+//! after the rest drained, watched for `--settle-secs`.
 //!
 //! Build with `cargo build --release --workspace`, run `target/release/bridge_throughput`.
 
