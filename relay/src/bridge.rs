@@ -26,7 +26,7 @@ use cloud_protocol::bridge::{
     self, Channel, Envelope, FromRelay, Outbound, RelayRequest, ToRelay, BRIDGE_VERSION,
     MAX_BRIDGE_MESSAGE,
 };
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, SinkExt as _};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,14 @@ const OUTGOING_QUEUE: usize = 256;
 /// The most journaled events handed to the core at once.
 const MAX_EVENT_BATCH: usize = 1024;
 
+/// The most queued outgoing messages written before one flush.
+const MAX_SEND_BATCH: usize = 1024;
+
+/// How much one read from the socket may take. The WebSocket layer zeroes this much of its
+/// buffer before every read, so its 128 KiB default costs more than the small messages it
+/// reads.
+const READ_BUFFER: usize = 16 * 1024;
+
 /// `GET /v1/bridge`: authenticates (401 before upgrading), then serves the connection.
 pub async fn connect(
     State(shared): State<Arc<Shared>>,
@@ -55,6 +63,7 @@ pub async fn connect(
 ) -> Response {
     let guard = shared.connections.token();
     upgrade
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_BRIDGE_MESSAGE)
         .max_frame_size(MAX_BRIDGE_MESSAGE)
         .on_upgrade(move |socket| async move {
@@ -151,7 +160,8 @@ impl Connection {
         );
     }
 
-    /// Sends one message stamped with the current ack.
+    /// Queues one message stamped with the current ack. Nothing reaches the daemon before
+    /// the next [`Connection::flush`] (which `serve` makes before it waits for anything).
     async fn send(&self, socket: &mut WebSocket, body: FromRelay) -> Result<(), End> {
         let channel = match &body {
             FromRelay::Ack
@@ -174,7 +184,15 @@ impl Connection {
             }
         };
         socket
-            .send(Message::Binary(bytes.into()))
+            .feed(Message::Binary(bytes.into()))
+            .await
+            .map_err(|e| End::Refused(format!("send failed: {e}")))
+    }
+
+    /// Writes every queued message to the socket.
+    async fn flush(&self, socket: &mut WebSocket) -> Result<(), End> {
+        socket
+            .flush()
             .await
             .map_err(|e| End::Refused(format!("send failed: {e}")))
     }
@@ -228,6 +246,8 @@ impl Connection {
         let mut token_generation = self.shared.tokens.subscribe();
         let mut silence_check = tokio::time::interval(Duration::from_secs(5));
         loop {
+            // One write for everything this connection queued since it last waited.
+            self.flush(socket).await?;
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(End::Shutdown),
                 changed = token_generation.changed() => {
@@ -241,6 +261,10 @@ impl Connection {
                 }
                 Some(body) = self.outgoing.recv() => {
                     self.send(socket, body).await?;
+                    for _ in 1..MAX_SEND_BATCH {
+                        let Ok(body) = self.outgoing.try_recv() else { break };
+                        self.send(socket, body).await?;
+                    }
                 }
                 notice = notices.recv() => match notice {
                     Ok(notice) => self.notice(socket, notice).await?,
@@ -414,6 +438,8 @@ impl Connection {
         if events.is_empty() {
             return Ok(());
         }
+        // Whatever is queued goes out before waiting for the core.
+        self.flush(socket).await?;
         let outcome = self.call_events(self.instance.clone(), events).await?;
         self.ack = self.ack.max(outcome.ack);
         for (seq, result) in outcome.results {
@@ -457,6 +483,7 @@ impl Connection {
             }
             ToRelay::Event(_) => Ok(()),
             ToRelay::Request { id, request } => {
+                self.flush(socket).await?;
                 let result = self.request(request).await;
                 self.send(
                     socket,

@@ -287,13 +287,10 @@ impl Round {
 
     /// Gives `line` to `agent` once the round's writes are on disk.
     fn write(&mut self, agent: &AgentHandle, line: &str) {
-        let index = *self
-            .agent_index
-            .entry(agent.generation)
-            .or_insert_with(|| {
-                self.agent_input.push((agent.stdin(), Vec::new()));
-                self.agent_input.len() - 1
-            });
+        let index = *self.agent_index.entry(agent.generation).or_insert_with(|| {
+            self.agent_input.push((agent.stdin(), Vec::new()));
+            self.agent_input.len() - 1
+        });
         let buffer = &mut self.agent_input[index].1;
         buffer.extend_from_slice(line.as_bytes());
         buffer.push(b'\n');
@@ -507,7 +504,9 @@ impl Core {
     }
 
     /// Applies the round's writes so far, as one atomic batch. Called before the flush and
-    /// before any read of the store, so reads see every earlier event of the round.
+    /// before any read of the store, so reads see every earlier event of the round, but
+    /// never while an event is being handled: an event's log entry goes into the round at
+    /// once, its other writes and its dedup record after it, and they must share a batch.
     fn apply_pending(&mut self, round: &mut Round) {
         if self.broken {
             return;
@@ -949,12 +948,7 @@ impl Core {
     /// Logs an agent's stdout line and reacts to control messages.
     fn agent_line(&mut self, id: &str, line: String, changes: &mut Changes, round: &mut Round) {
         let parsed = agent::parse(&line);
-        self.append(
-            id,
-            Author::Agent,
-            SessionEvent::Message(line),
-            round,
-        );
+        self.append(id, Author::Agent, SessionEvent::Message(line), round);
         let Some(parsed) = parsed else { return };
         let runtime = self.sessions.get_mut(id).unwrap();
         match (
@@ -980,12 +974,7 @@ impl Core {
                 if let Some(agent) = &runtime.agent {
                     round.write(agent, &response);
                 }
-                self.append(
-                    id,
-                    Author::Relay,
-                    SessionEvent::Message(response),
-                    round,
-                );
+                self.append(id, Author::Relay, SessionEvent::Message(response), round);
             }
             ("control_cancel_request", _, Some(request_id))
                 if runtime.prompts.get(&request_id) == Some(&PromptState::Pending) =>
@@ -1096,12 +1085,7 @@ impl Core {
             let line =
                 serde_json::json!({"type": "control_cancel_request", "request_id": request_id})
                     .to_string();
-            self.append(
-                id,
-                Author::Relay,
-                SessionEvent::Message(line),
-                round,
-            );
+            self.append(id, Author::Relay, SessionEvent::Message(line), round);
         }
     }
 
@@ -1139,7 +1123,12 @@ impl Core {
 
 /// Appends an entry to a session's log (straight into the round's writes, where it joins
 /// the session's log chunk); returns its seq.
-fn append(runtime: &mut SessionRuntime, author: Author, event: SessionEvent, round: &mut Round) -> u64 {
+fn append(
+    runtime: &mut SessionRuntime,
+    author: Author,
+    event: SessionEvent,
+    round: &mut Round,
+) -> u64 {
     let at = now();
     let seq = runtime.session.last_seq + 1;
     runtime.session.last_seq = seq;
