@@ -189,6 +189,16 @@ impl Shared {
         }
     }
 
+    /// Whether this user may see the published session ([`Shared::session_for`] without
+    /// the copy).
+    pub fn can_see(&self, identity: &Identity, id: &str) -> bool {
+        self.sessions
+            .read()
+            .unwrap()
+            .get(id)
+            .is_some_and(|p| !matches!(identity.access(&p.session), Access::None))
+    }
+
     /// The sessions in this user's listing, oldest first.
     pub fn list_for(&self, identity: &Identity) -> Vec<Session> {
         let mut list: Vec<Session> = self
