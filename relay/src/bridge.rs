@@ -166,6 +166,8 @@ struct Connection {
     cancel: CancellationToken,
     /// The last time anything arrived.
     last_seen: Instant,
+    /// The core's emptied buffer of the last event batch, for the next one.
+    spare_events: Vec<(u64, Outbound)>,
 }
 
 impl Connection {
@@ -183,6 +185,7 @@ impl Connection {
             outgoing,
             cancel,
             last_seen: Instant::now(),
+            spare_events: Vec::new(),
         }
     }
 
@@ -295,7 +298,6 @@ impl Connection {
         socket: &mut WebSocket,
         message: Option<Result<Message, axum::Error>>,
     ) -> Result<Option<Envelope<ToRelay>>, End> {
-        self.last_seen = Instant::now();
         match message {
             None | Some(Ok(Message::Close(_))) => Err(End::Closed),
             Some(Err(e)) => Err(self
@@ -334,6 +336,9 @@ impl Connection {
                     }
                 }
                 message = socket.recv() => {
+                    // Once per wake-up, not per message: handle_ready reads on without
+                    // waiting.
+                    self.last_seen = Instant::now();
                     let first = self.decode(socket, message).await?;
                     self.handle_ready(socket, first).await?;
                 }
@@ -370,6 +375,7 @@ impl Connection {
                     Err(_) => return Err(End::Refused("no registration".to_owned())),
                 },
             };
+            self.last_seen = Instant::now();
             if let Some(envelope) = self.decode(socket, message).await? {
                 break envelope;
             }
@@ -465,7 +471,7 @@ impl Connection {
         socket: &mut WebSocket,
         first: Option<Envelope<ToRelay>>,
     ) -> Result<(), End> {
-        let mut events: Vec<(u64, Outbound)> = Vec::new();
+        let mut events = std::mem::take(&mut self.spare_events);
         let mut next = first;
         loop {
             match next.take() {
@@ -521,6 +527,7 @@ impl Connection {
         // Whatever is queued goes out before waiting for the core.
         self.flush(socket).await?;
         let outcome = self.call_events(self.instance.clone(), events).await?;
+        self.spare_events = outcome.spare;
         self.ack = self.ack.max(outcome.ack);
         for (seq, result) in outcome.results {
             if let Err(e) = result {

@@ -106,6 +106,8 @@ pub struct EventsOutcome {
     /// Each event that was applied now (not skipped as a duplicate): its journal seq and
     /// its log seq, or why it was refused.
     pub results: Vec<(u64, Result<u64, CoreError>)>,
+    /// The events' buffer, emptied, so a caller sending batch after batch can reuse it.
+    pub spare: Vec<(u64, Outbound)>,
 }
 
 /// A refused command. The messages are shown to users as they are.
@@ -286,6 +288,8 @@ struct Round {
     agent_input: Vec<(mpsc::UnboundedSender<Vec<u8>>, Vec<u8>)>,
     /// Agent generation → its buffer in `agent_input`.
     agent_index: HashMap<u64, usize>,
+    /// The time of the round's log entries, read once: a round runs without waiting.
+    at: Option<u64>,
 }
 
 impl Round {
@@ -293,6 +297,11 @@ impl Round {
         self.replies.push(Box::new(move || {
             let _ = sender.send(value);
         }));
+    }
+
+    /// The time of the round's log entries (milliseconds since the Unix epoch).
+    fn now(&mut self) -> u64 {
+        *self.at.get_or_insert_with(now)
     }
 
     /// Gives `line` to `agent` once the round's writes are on disk.
@@ -765,11 +774,11 @@ impl Core {
         &mut self,
         identity: &Identity,
         instance: Option<&str>,
-        events: Vec<(u64, Outbound)>,
+        mut events: Vec<(u64, Outbound)>,
         round: &mut Round,
     ) -> EventsOutcome {
-        let mut results = Vec::new();
-        for (seq, event) in events {
+        let mut results = Vec::with_capacity(events.len());
+        for (seq, event) in events.drain(..) {
             let journaled = instance.filter(|_| seq > 0);
             if let Some(instance) = journaled {
                 if seq <= self.dedup.get(instance).copied().unwrap_or(0) {
@@ -799,7 +808,11 @@ impl Core {
         let ack = instance
             .and_then(|instance| self.dedup.get(instance).copied())
             .unwrap_or(0);
-        EventsOutcome { ack, results }
+        EventsOutcome {
+            ack,
+            results,
+            spare: events,
+        }
     }
 
     fn event(
@@ -1139,7 +1152,7 @@ fn append(
     event: SessionEvent,
     round: &mut Round,
 ) -> u64 {
-    let at = now();
+    let at = round.now();
     let seq = runtime.session.last_seq + 1;
     runtime.session.last_seq = seq;
     runtime.session.last_activity = at;

@@ -406,7 +406,8 @@ impl Changes {
                     session: session.to_owned(),
                     key: log_key(session, entry.seq),
                     next_seq: entry.seq,
-                    bytes: Vec::new(),
+                    // Full size at once: growing it step by step costs more.
+                    bytes: Vec::with_capacity(LOG_CHUNK_BYTES + 512),
                 });
                 let index = self.logs.len() - 1;
                 self.open.insert(session.to_owned(), index);
