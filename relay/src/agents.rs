@@ -75,8 +75,9 @@ pub enum AgentError {
 pub struct AgentHandle {
     /// Distinguishes this agent's reports from an earlier one's.
     pub generation: u64,
-    /// Lines for its stdin; dropping the sender closes its stdin.
-    stdin: mpsc::UnboundedSender<String>,
+    /// Bytes for its stdin (whole lines, each ending in a newline); dropping the sender
+    /// closes its stdin.
+    stdin: mpsc::UnboundedSender<Vec<u8>>,
     /// Its pid, which is also its process group id.
     pid: Option<u32>,
     /// Becomes true once the process has been reaped.
@@ -84,9 +85,10 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
-    /// A sender for the agent's stdin, for writes made after the store is flushed. Lines
-    /// for a dead agent are dropped: its exit is reported separately.
-    pub fn stdin(&self) -> mpsc::UnboundedSender<String> {
+    /// A sender for the agent's stdin, for writes made after the store is flushed: whole
+    /// lines, each ending in a newline. Lines for a dead agent are dropped: its exit is
+    /// reported separately.
+    pub fn stdin(&self) -> mpsc::UnboundedSender<Vec<u8>> {
         self.stdin.clone()
     }
 
@@ -222,20 +224,15 @@ pub fn spawn(
         )
     };
     let pid = child.id();
-    let (stdin_sender, mut stdin_receiver) = mpsc::unbounded_channel::<String>();
+    let (stdin_sender, mut stdin_receiver) = mpsc::unbounded_channel::<Vec<u8>>();
     let (exited_sender, exited) = watch::channel(false);
 
     if let Some(mut stdin) = child.stdin.take() {
         tracker.spawn(async move {
-            let mut buffer = Vec::new();
-            while let Some(line) = stdin_receiver.recv().await {
+            while let Some(mut buffer) = stdin_receiver.recv().await {
                 // Gather whatever else is ready so a burst costs one write.
-                buffer.clear();
-                buffer.extend_from_slice(line.as_bytes());
-                buffer.push(b'\n');
-                while let Ok(line) = stdin_receiver.try_recv() {
-                    buffer.extend_from_slice(line.as_bytes());
-                    buffer.push(b'\n');
+                while let Ok(more) = stdin_receiver.try_recv() {
+                    buffer.extend_from_slice(&more);
                 }
                 if stdin.write_all(&buffer).await.is_err() || stdin.flush().await.is_err() {
                     break;

@@ -8,8 +8,10 @@
 //!
 //! Outgoing traffic has three sources, all bounded: this task's own answers, session
 //! notices (a broadcast; a connection that falls behind gets the full list again), and one
-//! log follower task per joined session (which waits when the connection is slow, costing
-//! nothing because it reads from the store).
+//! log follower task per joined session (which hands over a page of entries at a time and
+//! waits when the connection is slow, costing nothing because it reads from the store).
+//! Everything is queued on the socket and written with one flush before the connection
+//! waits again, so a burst of log entries and acks costs one write, not one per message.
 //!
 //! A message that does not decode, is too large or is not binary ends the connection with
 //! `Refused{permanent: false}`; nothing else is affected. A revoked token ends it with
@@ -23,10 +25,12 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use cloud_protocol::bridge::{
-    self, Channel, Envelope, FromRelay, Outbound, RelayRequest, ToRelay, BRIDGE_VERSION,
-    MAX_BRIDGE_MESSAGE,
+    self, BridgeError, Channel, Envelope, FromRelay, Outbound, RelayRequest, ToRelay,
+    BRIDGE_VERSION, MAX_BRIDGE_MESSAGE,
 };
-use futures_util::FutureExt as _;
+use cloud_protocol::session::{Author, LogEntry, SessionEvent};
+use futures_util::{FutureExt as _, SinkExt as _};
+use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +51,14 @@ const OUTGOING_QUEUE: usize = 256;
 /// The most journaled events handed to the core at once.
 const MAX_EVENT_BATCH: usize = 1024;
 
+/// The most queued log entries written before one flush.
+const MAX_SEND_BATCH: usize = 1024;
+
+/// How much one read from the socket may take. The WebSocket layer zeroes this much of its
+/// buffer before every read, so its 128 KiB default costs more than the small messages it
+/// reads.
+const READ_BUFFER: usize = 16 * 1024;
+
 /// `GET /v1/bridge`: authenticates (401 before upgrading), then serves the connection.
 pub async fn connect(
     State(shared): State<Arc<Shared>>,
@@ -55,6 +67,7 @@ pub async fn connect(
 ) -> Response {
     let guard = shared.connections.token();
     upgrade
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(MAX_BRIDGE_MESSAGE)
         .max_frame_size(MAX_BRIDGE_MESSAGE)
         .on_upgrade(move |socket| async move {
@@ -74,6 +87,62 @@ enum End {
     Refused(String),
 }
 
+/// Entries of a followed session's log, from its follower task, each sent as a
+/// [`FromRelay::Log`].
+#[derive(Debug)]
+struct LogPage {
+    /// The session.
+    session: Arc<str>,
+    /// In order.
+    entries: Vec<LogEntry>,
+}
+
+/// The body of a [`FromRelay::Log`], borrowed: it encodes exactly as one, without copying
+/// the session id and the entry into a message first.
+struct LogBody<'a> {
+    session: &'a str,
+    entry: &'a LogEntry,
+}
+
+/// [`FromRelay::Log`]'s variant index (checked against the protocol by a test).
+const LOG_VARIANT: u32 = 7;
+
+impl Serialize for LogBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStructVariant as _;
+        let mut log = serializer.serialize_struct_variant("FromRelay", LOG_VARIANT, "Log", 2)?;
+        log.serialize_field("session", self.session)?;
+        log.serialize_field("entry", self.entry)?;
+        log.end()
+    }
+}
+
+/// Encodes a [`FromRelay::Log`] envelope carrying `ack`.
+fn encode_log(ack: u64, session: &str, entry: &LogEntry) -> Result<Vec<u8>, BridgeError> {
+    let text = match &entry.event {
+        SessionEvent::Message(text) => text.len(),
+        SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+    };
+    let author = match &entry.author {
+        Author::User(name) => name.len(),
+        Author::Agent | Author::Relay => 0,
+    };
+    let envelope = Envelope {
+        channel: Channel::Task,
+        seq: 0,
+        ack,
+        body: LogBody { session, entry },
+    };
+    // Room for the varints and lengths too, so the buffer never grows.
+    let capacity = session.len() + author + text + 48;
+    let bytes = postcard::to_extend(&envelope, Vec::with_capacity(capacity))
+        .map_err(|e| BridgeError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_BRIDGE_MESSAGE {
+        return Err(BridgeError::TooLarge { len: bytes.len() });
+    }
+    Ok(bytes)
+}
+
 /// One daemon's connection.
 struct Connection {
     /// The relay.
@@ -90,13 +159,15 @@ struct Connection {
     /// Joined sessions and how to stop following them.
     follows: HashMap<String, CancellationToken>,
     /// For follower tasks.
-    outgoing_sender: mpsc::Sender<FromRelay>,
+    outgoing_sender: mpsc::Sender<LogPage>,
     /// Drained into the socket.
-    outgoing: mpsc::Receiver<FromRelay>,
+    outgoing: mpsc::Receiver<LogPage>,
     /// Cancelled when this connection ends (and by shutdown).
     cancel: CancellationToken,
     /// The last time anything arrived.
     last_seen: Instant,
+    /// The core's emptied buffer of the last event batch, for the next one.
+    spare_events: Vec<(u64, Outbound)>,
 }
 
 impl Connection {
@@ -114,6 +185,7 @@ impl Connection {
             outgoing,
             cancel,
             last_seen: Instant::now(),
+            spare_events: Vec::new(),
         }
     }
 
@@ -151,7 +223,8 @@ impl Connection {
         );
     }
 
-    /// Sends one message stamped with the current ack.
+    /// Queues one message stamped with the current ack. Nothing reaches the daemon before
+    /// the next [`Connection::flush`] (which `serve` makes before it waits for anything).
     async fn send(&self, socket: &mut WebSocket, body: FromRelay) -> Result<(), End> {
         let channel = match &body {
             FromRelay::Ack
@@ -174,7 +247,33 @@ impl Connection {
             }
         };
         socket
-            .send(Message::Binary(bytes.into()))
+            .feed(Message::Binary(bytes.into()))
+            .await
+            .map_err(|e| End::Refused(format!("send failed: {e}")))
+    }
+
+    /// Queues a page of log entries, each as one message stamped with the current ack.
+    async fn send_logs(&self, socket: &mut WebSocket, page: LogPage) -> Result<(), End> {
+        for entry in &page.entries {
+            let bytes = match encode_log(self.ack, &page.session, entry) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a bridge message; skipping it");
+                    continue;
+                }
+            };
+            socket
+                .feed(Message::Binary(bytes.into()))
+                .await
+                .map_err(|e| End::Refused(format!("send failed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Writes every queued message to the socket.
+    async fn flush(&self, socket: &mut WebSocket) -> Result<(), End> {
+        socket
+            .flush()
             .await
             .map_err(|e| End::Refused(format!("send failed: {e}")))
     }
@@ -199,7 +298,6 @@ impl Connection {
         socket: &mut WebSocket,
         message: Option<Result<Message, axum::Error>>,
     ) -> Result<Option<Envelope<ToRelay>>, End> {
-        self.last_seen = Instant::now();
         match message {
             None | Some(Ok(Message::Close(_))) => Err(End::Closed),
             Some(Err(e)) => Err(self
@@ -228,6 +326,8 @@ impl Connection {
         let mut token_generation = self.shared.tokens.subscribe();
         let mut silence_check = tokio::time::interval(Duration::from_secs(5));
         loop {
+            // One write for everything this connection queued since it last waited.
+            self.flush(socket).await?;
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(End::Shutdown),
                 changed = token_generation.changed() => {
@@ -236,11 +336,20 @@ impl Connection {
                     }
                 }
                 message = socket.recv() => {
+                    // Once per wake-up, not per message: handle_ready reads on without
+                    // waiting.
+                    self.last_seen = Instant::now();
                     let first = self.decode(socket, message).await?;
                     self.handle_ready(socket, first).await?;
                 }
-                Some(body) = self.outgoing.recv() => {
-                    self.send(socket, body).await?;
+                Some(page) = self.outgoing.recv() => {
+                    let mut sent = page.entries.len();
+                    self.send_logs(socket, page).await?;
+                    while sent < MAX_SEND_BATCH {
+                        let Ok(page) = self.outgoing.try_recv() else { break };
+                        sent += page.entries.len();
+                        self.send_logs(socket, page).await?;
+                    }
                 }
                 notice = notices.recv() => match notice {
                     Ok(notice) => self.notice(socket, notice).await?,
@@ -266,6 +375,7 @@ impl Connection {
                     Err(_) => return Err(End::Refused("no registration".to_owned())),
                 },
             };
+            self.last_seen = Instant::now();
             if let Some(envelope) = self.decode(socket, message).await? {
                 break envelope;
             }
@@ -361,7 +471,7 @@ impl Connection {
         socket: &mut WebSocket,
         first: Option<Envelope<ToRelay>>,
     ) -> Result<(), End> {
-        let mut events: Vec<(u64, Outbound)> = Vec::new();
+        let mut events = std::mem::take(&mut self.spare_events);
         let mut next = first;
         loop {
             match next.take() {
@@ -414,7 +524,10 @@ impl Connection {
         if events.is_empty() {
             return Ok(());
         }
+        // Whatever is queued goes out before waiting for the core.
+        self.flush(socket).await?;
         let outcome = self.call_events(self.instance.clone(), events).await?;
+        self.spare_events = outcome.spare;
         self.ack = self.ack.max(outcome.ack);
         for (seq, result) in outcome.results {
             if let Err(e) = result {
@@ -457,6 +570,7 @@ impl Connection {
             }
             ToRelay::Event(_) => Ok(()),
             ToRelay::Request { id, request } => {
+                self.flush(socket).await?;
                 let result = self.request(request).await;
                 self.send(
                     socket,
@@ -542,6 +656,7 @@ impl Connection {
         let stop = self.cancel.child_token();
         self.follows.insert(session, stop.clone());
         let outgoing = self.outgoing_sender.clone();
+        let session: Arc<str> = follower.session().into();
         self.shared.connections.spawn(async move {
             loop {
                 let entries = tokio::select! {
@@ -551,18 +666,68 @@ impl Connection {
                         None => return,
                     },
                 };
-                for entry in entries {
-                    let log = FromRelay::Log {
-                        session: follower.session().to_owned(),
-                        entry,
-                    };
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        sent = outgoing.send(log) => if sent.is_err() { return },
-                    }
+                let page = LogPage {
+                    session: session.clone(),
+                    entries,
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    sent = outgoing.send(page) => if sent.is_err() { return },
                 }
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cloud_protocol::session::SessionStatus;
+
+    use super::*;
+
+    #[test]
+    fn log_messages_encode_as_the_protocol_does() {
+        let entries = [
+            LogEntry {
+                seq: 1,
+                at: 1_700_000_000_000,
+                author: Author::User("alice".to_owned()),
+                event: SessionEvent::Message("{\"type\":\"user\"}".to_owned()),
+            },
+            LogEntry {
+                seq: u64::MAX,
+                at: 0,
+                author: Author::Agent,
+                event: SessionEvent::Message("x".repeat(70_000)),
+            },
+            LogEntry {
+                seq: 300,
+                at: 5,
+                author: Author::Relay,
+                event: SessionEvent::Status {
+                    status: SessionStatus::Failed,
+                    reason: Some("gone".to_owned()),
+                },
+            },
+        ];
+        for entry in entries {
+            for ack in [0, 1, 127, 128, 1 << 40, u64::MAX] {
+                let expected = bridge::encode(&Envelope {
+                    channel: Channel::Task,
+                    seq: 0,
+                    ack,
+                    body: FromRelay::Log {
+                        session: "s-0123456789abcdef".to_owned(),
+                        entry: entry.clone(),
+                    },
+                })
+                .unwrap();
+                let bytes = encode_log(ack, "s-0123456789abcdef", &entry).unwrap();
+                assert_eq!(bytes, expected);
+                // The buffer was never grown (growing doubles it).
+                assert!(bytes.capacity() < bytes.len() + 64);
+            }
+        }
     }
 }

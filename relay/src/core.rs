@@ -106,6 +106,8 @@ pub struct EventsOutcome {
     /// Each event that was applied now (not skipped as a duplicate): its journal seq and
     /// its log seq, or why it was refused.
     pub results: Vec<(u64, Result<u64, CoreError>)>,
+    /// The events' buffer, emptied, so a caller sending batch after batch can reuse it.
+    pub spare: Vec<(u64, Outbound)>,
 }
 
 /// A refused command. The messages are shown to users as they are.
@@ -189,6 +191,16 @@ impl Shared {
         }
     }
 
+    /// Whether this user may see the published session ([`Shared::session_for`] without
+    /// the copy).
+    pub fn can_see(&self, identity: &Identity, id: &str) -> bool {
+        self.sessions
+            .read()
+            .unwrap()
+            .get(id)
+            .is_some_and(|p| !matches!(identity.access(&p.session), Access::None))
+    }
+
     /// The sessions in this user's listing, oldest first.
     pub fn list_for(&self, identity: &Identity) -> Vec<Session> {
         let mut list: Vec<Session> = self
@@ -252,13 +264,8 @@ struct SessionRuntime {
     agent: Option<AgentHandle>,
 }
 
-/// Something to do once the round's writes are on disk.
-enum Effect {
-    /// Answer a caller.
-    Reply(Box<dyn FnOnce() + Send>),
-    /// Give a line to an agent.
-    Write(mpsc::UnboundedSender<String>, String),
-}
+/// An answer to a caller, given once the round's writes are on disk.
+type Reply = Box<dyn FnOnce() + Send>;
 
 /// What one round produced.
 #[derive(Default)]
@@ -268,19 +275,44 @@ struct Round {
     /// The round's writes not yet applied: applied as one batch before the flush, or
     /// earlier when the core must read the store.
     pending: Changes,
+    /// Daemon instances whose dedup seq moved since the last apply; their records join the
+    /// next batch (once per round, not once per event).
+    dedup: Vec<String>,
     /// Sessions whose published copy is out of date.
     touched: BTreeSet<String>,
     /// Sessions deleted this round.
     removed: Vec<String>,
-    /// In order.
-    effects: Vec<Effect>,
+    /// Answers to callers, in order.
+    replies: Vec<Reply>,
+    /// Input for agents, one buffer of lines per agent: each gets one write per round.
+    agent_input: Vec<(mpsc::UnboundedSender<Vec<u8>>, Vec<u8>)>,
+    /// Agent generation → its buffer in `agent_input`.
+    agent_index: HashMap<u64, usize>,
+    /// The time of the round's log entries, read once: a round runs without waiting.
+    at: Option<u64>,
 }
 
 impl Round {
     fn reply<T: Send + 'static>(&mut self, sender: oneshot::Sender<T>, value: T) {
-        self.effects.push(Effect::Reply(Box::new(move || {
+        self.replies.push(Box::new(move || {
             let _ = sender.send(value);
-        })));
+        }));
+    }
+
+    /// The time of the round's log entries (milliseconds since the Unix epoch).
+    fn now(&mut self) -> u64 {
+        *self.at.get_or_insert_with(now)
+    }
+
+    /// Gives `line` to `agent` once the round's writes are on disk.
+    fn write(&mut self, agent: &AgentHandle, line: &str) {
+        let index = *self.agent_index.entry(agent.generation).or_insert_with(|| {
+            self.agent_input.push((agent.stdin(), Vec::new()));
+            self.agent_input.len() - 1
+        });
+        let buffer = &mut self.agent_input[index].1;
+        buffer.extend_from_slice(line.as_bytes());
+        buffer.push(b'\n');
     }
 }
 
@@ -447,13 +479,11 @@ impl Core {
                 let _ = self.shared.notices.send(Notice::Removed(id.clone()));
             }
         }
-        for effect in round.effects {
-            match effect {
-                Effect::Reply(reply) => reply(),
-                Effect::Write(stdin, line) => {
-                    let _ = stdin.send(line);
-                }
-            }
+        for (stdin, input) in round.agent_input {
+            let _ = stdin.send(input);
+        }
+        for reply in round.replies {
+            reply();
         }
     }
 
@@ -493,9 +523,19 @@ impl Core {
     }
 
     /// Applies the round's writes so far, as one atomic batch. Called before the flush and
-    /// before any read of the store, so reads see every earlier event of the round.
+    /// before any read of the store, so reads see every earlier event of the round, but
+    /// never while an event is being handled: an event's log entry goes into the round at
+    /// once, its other writes and its dedup record after it, and they must share a batch.
     fn apply_pending(&mut self, round: &mut Round) {
-        if self.broken || round.pending.is_empty() {
+        if self.broken {
+            return;
+        }
+        for instance in round.dedup.drain(..) {
+            if let Some(&seq) = self.dedup.get(&instance) {
+                round.pending.put_dedup(&instance, seq);
+            }
+        }
+        if round.pending.is_empty() {
             return;
         }
         let pending = std::mem::take(&mut round.pending);
@@ -578,6 +618,24 @@ impl Core {
         }
     }
 
+    /// [`Core::writable`], for changing the session.
+    fn writable_mut(
+        &mut self,
+        identity: &Identity,
+        id: &str,
+        refusal: &str,
+    ) -> Result<&mut SessionRuntime, CoreError> {
+        let runtime = self
+            .sessions
+            .get_mut(id)
+            .ok_or_else(|| CoreError::NotFound(id.to_owned()))?;
+        match identity.access(&runtime.session) {
+            Access::None => Err(CoreError::NotFound(id.to_owned())),
+            Access::View => Err(CoreError::Forbidden(refusal.to_owned())),
+            Access::Write => Ok(runtime),
+        }
+    }
+
     fn create(
         &mut self,
         identity: &Identity,
@@ -622,7 +680,6 @@ impl Core {
                 status: SessionStatus::Starting,
                 reason: None,
             },
-            &mut changes,
             round,
         );
         self.start_agent(&id, &mut changes, round);
@@ -717,11 +774,11 @@ impl Core {
         &mut self,
         identity: &Identity,
         instance: Option<&str>,
-        events: Vec<(u64, Outbound)>,
+        mut events: Vec<(u64, Outbound)>,
         round: &mut Round,
     ) -> EventsOutcome {
-        let mut results = Vec::new();
-        for (seq, event) in events {
+        let mut results = Vec::with_capacity(events.len());
+        for (seq, event) in events.drain(..) {
             let journaled = instance.filter(|_| seq > 0);
             if let Some(instance) = journaled {
                 if seq <= self.dedup.get(instance).copied().unwrap_or(0) {
@@ -732,16 +789,30 @@ impl Core {
             let result = self.event(identity, event, &mut changes, round);
             if let Some(instance) = journaled {
                 // A refused event counts as applied too: resending it must not retry it.
-                changes.put_dedup(instance, seq);
-                self.dedup.insert(instance.to_owned(), seq);
+                // Its record joins the batch that holds the event ([`Core::apply_pending`]).
+                match self.dedup.get_mut(instance) {
+                    Some(last) => *last = seq,
+                    None => {
+                        self.dedup.insert(instance.to_owned(), seq);
+                    }
+                }
+                if !round.dedup.iter().any(|i| i == instance) {
+                    round.dedup.push(instance.to_owned());
+                }
             }
-            self.commit(changes, round);
+            if !changes.is_empty() {
+                self.commit(changes, round);
+            }
             results.push((seq, result));
         }
         let ack = instance
             .and_then(|instance| self.dedup.get(instance).copied())
             .unwrap_or(0);
-        EventsOutcome { ack, results }
+        EventsOutcome {
+            ack,
+            results,
+            spare: events,
+        }
     }
 
     fn event(
@@ -754,27 +825,20 @@ impl Core {
         let author = Author::User(identity.user.clone());
         match event {
             Outbound::UserMessage { session, text } => {
-                let runtime = self.writable(identity, &session, "viewers cannot send")?;
-                let status = runtime.session.status;
-                if status == SessionStatus::Completed {
+                let runtime = self.writable_mut(identity, &session, "viewers cannot send")?;
+                if runtime.session.status == SessionStatus::Completed {
                     return Err(CoreError::Conflict(format!(
                         "session {session} is completed; create a new session"
                     )));
                 }
-                let line = agent::user_message(&text);
-                let seq = self.append(
-                    &session,
-                    author,
-                    SessionEvent::Message(line.clone()),
-                    changes,
-                    round,
-                );
-                match &self.sessions[&session].agent {
-                    Some(agent) => round.effects.push(Effect::Write(agent.stdin(), line)),
+                let line = user_message(&text);
+                let seq = runtime.session.last_seq + 1;
+                match &runtime.agent {
+                    Some(agent) => round.write(agent, &line),
                     // Delivered when the session's next agent starts.
                     None => changes.put_queued(&session, seq, &line),
                 }
-                Ok(seq)
+                Ok(append(runtime, author, SessionEvent::Message(line), round))
             }
             Outbound::PermissionAnswer {
                 session,
@@ -815,43 +879,29 @@ impl Core {
                     }
                 }
                 let line = agent::permission_response(&request_id, &decision);
-                let seq = self.append(
-                    &session,
-                    author,
-                    SessionEvent::Message(line.clone()),
-                    changes,
-                    round,
-                );
                 let runtime = self.sessions.get_mut(&session).unwrap();
+                if let Some(agent) = &runtime.agent {
+                    round.write(agent, &line);
+                }
+                let seq = append(runtime, author, SessionEvent::Message(line), round);
                 runtime
                     .prompts
                     .insert(request_id.clone(), PromptState::Answered);
                 changes.put_prompt(&session, &request_id, PromptState::Answered);
-                if let Some(agent) = &runtime.agent {
-                    round.effects.push(Effect::Write(agent.stdin(), line));
-                }
                 Ok(seq)
             }
             Outbound::Interrupt { session } => {
-                let runtime = self.writable(identity, &session, "viewers cannot interrupt")?;
+                let runtime = self.writable_mut(identity, &session, "viewers cannot interrupt")?;
                 let Some(agent) = &runtime.agent else {
                     return Err(CoreError::Conflict(format!(
                         "session {session} is {}: there is nothing to interrupt",
                         runtime.session.status.as_str()
                     )));
                 };
-                let stdin = agent.stdin();
                 let request_id = format!("interrupt-{}", runtime.session.last_seq + 1);
                 let line = agent::interrupt_request(&request_id);
-                let seq = self.append(
-                    &session,
-                    author,
-                    SessionEvent::Message(line.clone()),
-                    changes,
-                    round,
-                );
-                round.effects.push(Effect::Write(stdin, line));
-                Ok(seq)
+                round.write(agent, &line);
+                Ok(append(runtime, author, SessionEvent::Message(line), round))
             }
         }
     }
@@ -884,7 +934,6 @@ impl Core {
                         &session,
                         Author::Relay,
                         SessionEvent::Message(notice),
-                        &mut changes,
                         round,
                     );
                 } else {
@@ -922,13 +971,7 @@ impl Core {
     /// Logs an agent's stdout line and reacts to control messages.
     fn agent_line(&mut self, id: &str, line: String, changes: &mut Changes, round: &mut Round) {
         let parsed = agent::parse(&line);
-        self.append(
-            id,
-            Author::Agent,
-            SessionEvent::Message(line),
-            changes,
-            round,
-        );
+        self.append(id, Author::Agent, SessionEvent::Message(line), round);
         let Some(parsed) = parsed else { return };
         let runtime = self.sessions.get_mut(id).unwrap();
         match (
@@ -952,17 +995,9 @@ impl Core {
                 };
                 let response = agent::error_response(&request_id, &error);
                 if let Some(agent) = &runtime.agent {
-                    round
-                        .effects
-                        .push(Effect::Write(agent.stdin(), response.clone()));
+                    round.write(agent, &response);
                 }
-                self.append(
-                    id,
-                    Author::Relay,
-                    SessionEvent::Message(response),
-                    changes,
-                    round,
-                );
+                self.append(id, Author::Relay, SessionEvent::Message(response), round);
             }
             ("control_cancel_request", _, Some(request_id))
                 if runtime.prompts.get(&request_id) == Some(&PromptState::Pending) =>
@@ -1018,7 +1053,6 @@ impl Core {
                         id,
                         Author::Relay,
                         SessionEvent::Message(note.to_string()),
-                        changes,
                         round,
                     );
                 }
@@ -1026,7 +1060,7 @@ impl Core {
                 match self.store.queued_input(id) {
                     Ok(queued) => {
                         for (seq, line) in queued {
-                            round.effects.push(Effect::Write(agent.stdin(), line));
+                            round.write(&agent, &line);
                             changes.remove_queued(id, seq);
                         }
                     }
@@ -1074,13 +1108,7 @@ impl Core {
             let line =
                 serde_json::json!({"type": "control_cancel_request", "request_id": request_id})
                     .to_string();
-            self.append(
-                id,
-                Author::Relay,
-                SessionEvent::Message(line),
-                changes,
-                round,
-            );
+            self.append(id, Author::Relay, SessionEvent::Message(line), round);
         }
     }
 
@@ -1104,38 +1132,68 @@ impl Core {
             id,
             Author::Relay,
             SessionEvent::Status { status, reason },
-            changes,
             round,
         );
         changes.put_session(&self.sessions[id].session);
     }
 
     /// Appends an entry to a session's log; returns its seq.
-    fn append(
-        &mut self,
-        id: &str,
-        author: Author,
-        event: SessionEvent,
-        changes: &mut Changes,
-        round: &mut Round,
-    ) -> u64 {
+    fn append(&mut self, id: &str, author: Author, event: SessionEvent, round: &mut Round) -> u64 {
         let runtime = self.sessions.get_mut(id).unwrap();
-        let at = now();
-        let seq = runtime.session.last_seq + 1;
-        runtime.session.last_seq = seq;
-        runtime.session.last_activity = at;
-        changes.put_log(
-            id,
-            &LogEntry {
-                seq,
-                at,
-                author,
-                event,
-            },
-        );
-        round.touched.insert(id.to_owned());
-        seq
+        append(runtime, author, event, round)
     }
+}
+
+/// Appends an entry to a session's log (straight into the round's writes, where it joins
+/// the session's log chunk); returns its seq.
+fn append(
+    runtime: &mut SessionRuntime,
+    author: Author,
+    event: SessionEvent,
+    round: &mut Round,
+) -> u64 {
+    let at = round.now();
+    let seq = runtime.session.last_seq + 1;
+    runtime.session.last_seq = seq;
+    runtime.session.last_activity = at;
+    let id = &runtime.session.id;
+    round.pending.put_log(
+        id,
+        &LogEntry {
+            seq,
+            at,
+            author,
+            event,
+        },
+    );
+    if !round.touched.contains(id) {
+        round.touched.insert(id.clone());
+    }
+    seq
+}
+
+/// The stream-json line of a user message: what [`agent::user_message`] writes, without
+/// building a JSON tree first (the field order is serde_json's, which sorts keys).
+fn user_message(text: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        message: Message<'a>,
+        #[serde(rename = "type")]
+        kind: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct Message<'a> {
+        content: &'a str,
+        role: &'static str,
+    }
+    serde_json::to_string(&Line {
+        message: Message {
+            content: text,
+            role: "user",
+        },
+        kind: "user",
+    })
+    .expect("a user message always serialises")
 }
 
 /// A new session id: `s-` and 16 random hex digits.
@@ -1146,4 +1204,22 @@ fn new_session_id() -> Result<String, CoreError> {
         CoreError::Invalid("the relay cannot generate a session id".to_owned())
     })?;
     Ok(format!("s-{:016x}", u64::from_be_bytes(random)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_message_lines_match_the_protocol() {
+        for text in [
+            "",
+            "ls -la",
+            "quotes \" and \\ backslashes",
+            "new\nlines\r\tand controls \u{0} \u{1f}",
+            "unicode é ✓ 🦀 \u{2028}",
+        ] {
+            assert_eq!(user_message(text), agent::user_message(text), "{text:?}");
+        }
+    }
 }

@@ -65,9 +65,9 @@ impl Follower {
         loop {
             let published = *self.log_seq.borrow_and_update();
             if published > self.cursor {
-                self.shared
-                    .session_for(&self.identity, &self.session)
-                    .ok()?;
+                if !self.shared.can_see(&self.identity, &self.session) {
+                    return None;
+                }
                 let entries =
                     match self
                         .shared

@@ -3,20 +3,25 @@
 //! Keys (session ids never contain a NUL byte, so every prefix scan is unambiguous):
 //! - `s\0{session}` → the [`Session`] (postcard). Its `last_seq` and `last_activity` are
 //!   recomputed from the log on open, so appending to the log never rewrites it.
-//! - `l\0{session}\0{seq: u64 BE}` → a [`LogEntry`] (postcard). Big-endian keys sort in
-//!   sequence order.
+//! - `l\0{session}\0{seq: u64 BE}` → a log chunk: the [`LogEntry`] with that seq and the
+//!   ones after it that were written in the same round, each postcard-encoded, back to back
+//!   (a chunk of one is exactly one encoded entry, as earlier relays wrote every entry).
+//!   Big-endian keys sort in sequence order, and chunks never overlap. One key per round
+//!   and session, rather than one per entry, is what keeps sled's per-key cost off the
+//!   bridge's hot path.
 //! - `d\0{instance}` → the last journal seq applied for that daemon instance (u64 BE): the
 //!   bridge dedup table.
 //! - `p\0{session}\0{request_id}` → the state of a permission prompt (one byte).
 //! - `q\0{session}\0{seq: u64 BE}` → an agent input line waiting for the session's agent
 //!   (messages sent while it is paused or failed), keyed by its log seq.
 //!
-//! Everything one event changes goes into one [`Batch`] applied atomically, so a crash
-//! leaves either the whole event or none of it. Nothing here flushes on its own: the core
-//! flushes once per round and only then acknowledges.
+//! Everything a round of the core changes goes into one [`Batch`] applied atomically, so
+//! a crash leaves either the whole of each event or none of it. Nothing here flushes on its
+//! own: the core flushes once per round and only then acknowledges.
 //!
 //! This module must never decide anything: it encodes, decodes and scans.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use cloud_protocol::session::{LogEntry, Session};
@@ -24,6 +29,11 @@ use sled::{Batch, IVec, Tree};
 
 /// sled's cache; its default is 1 GiB, far more than the relay's working set.
 const CACHE_CAPACITY: u64 = 8 * 1024 * 1024;
+
+/// A log chunk takes no more entries once it holds this many bytes. sled rewrites a whole
+/// leaf (up to 17 keys) as one log record and moves any record over 128 KiB to a file of
+/// its own, so chunks stay well below 128 KiB ÷ 17.
+const LOG_CHUNK_BYTES: usize = 4 * 1024;
 
 /// The state of a permission prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,11 +241,37 @@ impl Store {
             .transpose()
             .map_err(|e| self.sled_error(e))?
         {
-            Some((key, value)) => Ok(Some(
-                postcard::from_bytes(&value).map_err(|e| self.corrupt(&key, e))?,
-            )),
+            Some((key, value)) => {
+                let mut last = None;
+                self.decode_chunk(&key, &value, |entry| {
+                    last = Some(entry);
+                    true
+                })?;
+                Ok(last)
+            }
             None => Ok(None),
         }
+    }
+
+    /// Calls `each` with every entry of a log chunk, in order, until it returns false.
+    fn decode_chunk(
+        &self,
+        key: &[u8],
+        mut chunk: &[u8],
+        mut each: impl FnMut(LogEntry) -> bool,
+    ) -> Result<(), StoreError> {
+        if chunk.is_empty() {
+            return Err(self.corrupt(key, "an empty log chunk"));
+        }
+        while !chunk.is_empty() {
+            let (entry, rest) =
+                postcard::take_from_bytes::<LogEntry>(chunk).map_err(|e| self.corrupt(key, e))?;
+            chunk = rest;
+            if !each(entry) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The whole dedup table: instance id → last journal seq applied.
@@ -259,19 +295,40 @@ impl Store {
         up_to: u64,
         limit: usize,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        if after >= up_to {
+        if after >= up_to || limit == 0 {
             return Ok(Vec::new());
         }
-        let start = log_key(session, after.saturating_add(1));
+        let first = log_key(session, after.saturating_add(1));
+        // The chunk holding `after + 1` starts at or before it.
+        let start = match self
+            .tree
+            .range(log_prefix(session)..=first.clone())
+            .next_back()
+            .transpose()
+            .map_err(|e| self.sled_error(e))?
+        {
+            Some((key, _)) => key.to_vec(),
+            None => first,
+        };
         let end = log_key(session, up_to);
-        self.tree
-            .range(start..=end)
-            .take(limit)
-            .map(|item| {
-                let (key, value) = item.map_err(|e| self.sled_error(e))?;
-                postcard::from_bytes(&value).map_err(|e| self.corrupt(&key, e))
-            })
-            .collect()
+        let mut entries = Vec::new();
+        for item in self.tree.range(start..=end) {
+            let (key, value) = item.map_err(|e| self.sled_error(e))?;
+            let mut more = true;
+            self.decode_chunk(&key, &value, |entry| {
+                if entry.seq > up_to {
+                    more = false;
+                } else if entry.seq > after {
+                    entries.push(entry);
+                    more = entries.len() < limit;
+                }
+                more
+            })?;
+            if !more {
+                break;
+            }
+        }
+        Ok(entries)
     }
 
     /// The agent input lines queued for `session`, in order, with their keys' seqs.
@@ -301,12 +358,30 @@ impl Store {
     }
 }
 
-/// Builds one event's writes. The core gathers a whole round's into one sled batch
-/// ([`Changes::into_batch`]): one apply and one flush per round instead of per event.
+/// Builds writes: one event's, or a whole round's ([`Changes::extend`]). The core gathers a
+/// round's into one sled batch ([`Changes::into_batch`]): one apply and one flush per round
+/// instead of per event, and one log chunk per session instead of one key per entry.
 #[derive(Debug, Default)]
 pub struct Changes {
     /// Inserts (`Some`) and removals (`None`), in order; a later write to a key wins.
     ops: Vec<(IVec, Option<IVec>)>,
+    /// Log chunks, in the order they were started.
+    logs: Vec<LogChunk>,
+    /// Each session's last chunk in `logs`, which later entries of the session extend.
+    open: HashMap<String, usize>,
+}
+
+/// Consecutive log entries of one session, encoded as they are stored.
+#[derive(Debug)]
+struct LogChunk {
+    /// The session.
+    session: String,
+    /// The key: the session and the first entry's seq.
+    key: Vec<u8>,
+    /// The seq the next entry must have to join this chunk.
+    next_seq: u64,
+    /// The encoded entries.
+    bytes: Vec<u8>,
 }
 
 impl Changes {
@@ -316,10 +391,33 @@ impl Changes {
         self.insert(session_key(&session.id), value);
     }
 
-    /// Appends a log entry.
+    /// Appends a log entry. Entries of a session must come in seq order; consecutive ones
+    /// share a chunk.
     pub fn put_log(&mut self, session: &str, entry: &LogEntry) {
-        let value = postcard::to_allocvec(entry).expect("a log entry always serialises");
-        self.insert(log_key(session, entry.seq), value);
+        let index = match self.open.get(session) {
+            Some(&index)
+                if self.logs[index].next_seq == entry.seq
+                    && self.logs[index].bytes.len() < LOG_CHUNK_BYTES =>
+            {
+                index
+            }
+            _ => {
+                self.logs.push(LogChunk {
+                    session: session.to_owned(),
+                    key: log_key(session, entry.seq),
+                    next_seq: entry.seq,
+                    // Full size at once: growing it step by step costs more.
+                    bytes: Vec::with_capacity(LOG_CHUNK_BYTES + 512),
+                });
+                let index = self.logs.len() - 1;
+                self.open.insert(session.to_owned(), index);
+                index
+            }
+        };
+        let chunk = &mut self.logs[index];
+        chunk.bytes = postcard::to_extend(entry, std::mem::take(&mut chunk.bytes))
+            .expect("a log entry always serialises");
+        chunk.next_seq = entry.seq + 1;
     }
 
     /// Records the last journal seq applied for a daemon instance.
@@ -350,16 +448,25 @@ impl Changes {
     /// Appends another event's writes after these.
     pub fn extend(&mut self, later: Changes) {
         self.ops.extend(later.ops);
+        for chunk in later.logs {
+            let index = self.logs.len();
+            self.open.insert(chunk.session.clone(), index);
+            self.logs.push(chunk);
+        }
     }
 
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.logs.is_empty()
     }
 
-    /// One atomic sled batch of everything, later writes winning.
+    /// One atomic sled batch of everything, later writes winning. Log chunks go first: a
+    /// removal of a log key (deleting a session) is always meant to win.
     pub fn into_batch(self) -> Batch {
         let mut batch = Batch::default();
+        for chunk in self.logs {
+            batch.insert(chunk.key, chunk.bytes);
+        }
         for (key, value) in self.ops {
             match value {
                 Some(value) => batch.insert(key, value),
@@ -371,5 +478,132 @@ impl Changes {
 
     fn insert(&mut self, key: impl Into<IVec>, value: Vec<u8>) {
         self.ops.push((key.into(), Some(value.into())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cloud_protocol::session::{Author, SessionEvent};
+
+    use super::*;
+
+    fn entry(seq: u64, text: &str) -> LogEntry {
+        LogEntry {
+            seq,
+            at: 1000 + seq,
+            author: Author::Agent,
+            event: SessionEvent::Message(text.to_owned()),
+        }
+    }
+
+    fn seqs(entries: &[LogEntry]) -> Vec<u64> {
+        entries.iter().map(|e| e.seq).collect()
+    }
+
+    /// Writes `rounds` (each a list of (session, seq)) one batch per round.
+    fn write_rounds(store: &Store, rounds: &[&[(&str, u64)]]) {
+        for round in rounds {
+            let mut changes = Changes::default();
+            for &(session, seq) in *round {
+                changes.put_log(session, &entry(seq, &format!("{session} {seq}")));
+            }
+            store.apply(changes.into_batch()).unwrap();
+        }
+    }
+
+    #[test]
+    fn logs_read_back_across_chunks_rounds_and_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        write_rounds(
+            &store,
+            &[
+                &[("s-a", 1), ("s-b", 1), ("s-a", 2), ("s-a", 3), ("s-b", 2)],
+                &[("s-a", 4)],
+                &[("s-a", 5), ("s-a", 6), ("s-a", 7)],
+            ],
+        );
+        // Three rounds, three chunks of s-a, one of s-b.
+        assert_eq!(store.tree.scan_prefix(log_prefix("s-a")).count(), 3);
+        assert_eq!(store.tree.scan_prefix(log_prefix("s-b")).count(), 1);
+        let all = store.read_log("s-a", 0, 7, 100).unwrap();
+        assert_eq!(seqs(&all), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(all[5], entry(6, "s-a 6"));
+        for after in 0..7 {
+            for up_to in after..=8 {
+                for limit in 1..4 {
+                    let expected: Vec<u64> = (after + 1..=up_to.min(7)).take(limit).collect();
+                    let read = store.read_log("s-a", after, up_to, limit).unwrap();
+                    assert_eq!(seqs(&read), expected, "after {after} up_to {up_to}");
+                }
+            }
+        }
+        assert_eq!(seqs(&store.read_log("s-b", 0, 9, 10).unwrap()), [1, 2]);
+        assert!(store.read_log("s-c", 0, 9, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn chunks_stay_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut changes = Changes::default();
+        let text = "x".repeat(1000);
+        for seq in 1..=20 {
+            changes.put_log("s-a", &entry(seq, &text));
+        }
+        store.apply(changes.into_batch()).unwrap();
+        for item in store.tree.scan_prefix(log_prefix("s-a")) {
+            let (_, value) = item.unwrap();
+            assert!(value.len() < LOG_CHUNK_BYTES + 1100, "{}", value.len());
+        }
+        assert!(store.tree.scan_prefix(log_prefix("s-a")).count() >= 20 * 1000 / LOG_CHUNK_BYTES);
+        assert_eq!(
+            seqs(&store.read_log("s-a", 0, 20, 100).unwrap()),
+            (1..=20).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn single_entry_values_of_earlier_relays_are_chunks_of_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let session = Session {
+            id: "s-a".to_owned(),
+            status: cloud_protocol::session::SessionStatus::Paused,
+            created_at: 1,
+            last_activity: 1,
+            task: String::new(),
+            visibility: cloud_protocol::session::Visibility::Private,
+            repo_access: cloud_protocol::session::RepoAccess::Read,
+            network_access: cloud_protocol::session::NetworkAccess::Full,
+            vm_image: String::new(),
+            owner: "u".to_owned(),
+            org: "o".to_owned(),
+            failure: None,
+            last_seq: 0,
+        };
+        let mut changes = Changes::default();
+        changes.put_session(&session);
+        store.apply(changes.into_batch()).unwrap();
+        // One key per entry, as earlier relays wrote them.
+        for seq in 1..=3 {
+            let value = postcard::to_allocvec(&entry(seq, "old")).unwrap();
+            store.tree.insert(log_key("s-a", seq), value).unwrap();
+        }
+        write_rounds(&store, &[&[("s-a", 4), ("s-a", 5)]]);
+        assert_eq!(
+            seqs(&store.read_log("s-a", 1, 5, 10).unwrap()),
+            [2, 3, 4, 5]
+        );
+        let loaded = store.load_sessions().unwrap();
+        assert_eq!(loaded[0].session.last_seq, 5);
+        assert_eq!(loaded[0].session.last_activity, 1005);
+        // A deleted session's keys include every chunk.
+        let mut changes = Changes::default();
+        for key in store.session_keys("s-a").unwrap() {
+            changes.remove(key);
+        }
+        store.apply(changes.into_batch()).unwrap();
+        assert!(store.tree.is_empty());
     }
 }
