@@ -18,7 +18,8 @@
 //! a generation at a time:
 //!
 //! - a new generation starts when the newest has taken [`ROLL_BYTES`], or when the relay
-//!   has acknowledged everything and the newest has taken more than [`RESET_BYTES`], and at
+//!   has acknowledged everything and the newest has taken more than [`RESET_BYTES`] (or
+//!   anything at all, after [`IDLE_RESET_AFTER`] with nothing appended), and at
 //!   every start with nothing to deliver (the store's `meta` tree keeps the acknowledged
 //!   seq under `journal_acked` meanwhile);
 //! - a sealed generation that still holds unacknowledged events is compacted: rewritten,
@@ -49,10 +50,13 @@ use tokio::sync::{watch, Notify};
 use crate::store::StoreError;
 
 /// A new generation starts once the newest has taken this many bytes of records.
-pub const ROLL_BYTES: u64 = 256 * 1024;
+pub const ROLL_BYTES: u64 = 128 * 1024;
 /// With nothing left to acknowledge, a new generation starts (and the old one is deleted)
 /// once the newest has taken this many bytes.
 pub const RESET_BYTES: u64 = 64 * 1024;
+/// With everything acknowledged and nothing appended for this long, a new generation
+/// starts however little the newest holds.
+pub const IDLE_RESET_AFTER: Duration = Duration::from_secs(2);
 /// How many of the latest entries are kept in memory for the bridge.
 pub const TAIL_ENTRIES: usize = 16 * 1024;
 /// sled's cache per generation: reads are rare (the tail serves the bridge).
@@ -310,8 +314,9 @@ struct Inner {
     generations: BTreeMap<u64, Generation>,
     /// The latest written entries, consecutive, ending at `inserted`.
     tail: VecDeque<(u64, Outbound)>,
-    /// Start a fresh generation at the flusher's next turn.
-    reset_wanted: bool,
+    /// Start a fresh generation at the flusher's next turn if the newest has taken at
+    /// least this many bytes (`u64::MAX`: no).
+    reset_wanted: u64,
     /// Sealed generations (by first seq) to compact.
     compact_wanted: Vec<u64>,
     /// A generation opened ahead of time, so starting one costs no open on the flusher.
@@ -541,7 +546,7 @@ impl Journal {
             inserted: last,
             generations,
             tail: VecDeque::new(),
-            reset_wanted: false,
+            reset_wanted: u64::MAX,
             compact_wanted: sealed,
             spare: None,
             spare_opening: false,
@@ -572,7 +577,24 @@ impl Journal {
         let journal = Arc::downgrade(&self);
         drop(self);
         loop {
-            wake.notified().await;
+            // Idle with everything acknowledged but records in the newest generation: start
+            // afresh after a while, however little it holds.
+            let idle_reset = journal.upgrade().is_some_and(|j| j.idle_reset_possible());
+            if idle_reset {
+                if tokio::time::timeout(IDLE_RESET_AFTER, wake.notified())
+                    .await
+                    .is_err()
+                {
+                    let Some(journal) = journal.upgrade() else {
+                        return;
+                    };
+                    if journal.idle_reset_possible() {
+                        journal.lock().reset_wanted = 1;
+                    }
+                }
+            } else {
+                wake.notified().await;
+            }
             let Some(journal) = journal.upgrade() else {
                 return;
             };
@@ -585,6 +607,13 @@ impl Journal {
         }
     }
 
+    /// Whether everything is acknowledged while the newest generation holds records.
+    fn idle_reset_possible(&self) -> bool {
+        let inner = self.lock();
+        let (first, newest) = inner.generations.iter().next_back().expect("a generation");
+        inner.pending.is_empty() && self.acked() >= inner.inserted && newest.last >= *first
+    }
+
     /// One turn of the flusher: start a new generation if one is due, write the pending
     /// group as one record, flush it, publish it as durable; start due compactions.
     async fn flush_turn(self: &Arc<Journal>) -> Result<(), StoreError> {
@@ -595,9 +624,8 @@ impl Journal {
                 (newest.bytes, newest.last < *first)
             };
             // An empty generation is never replaced (the new one would have its name).
-            let due =
-                !empty && (bytes >= ROLL_BYTES || (inner.reset_wanted && bytes >= RESET_BYTES));
-            inner.reset_wanted = false;
+            let due = !empty && (bytes >= ROLL_BYTES || bytes >= inner.reset_wanted);
+            inner.reset_wanted = u64::MAX;
             due.then(|| inner.inserted + 1)
         };
         if let Some(first) = roll {
@@ -860,11 +888,14 @@ impl Journal {
                 .map_err(StoreError::sled("journal"))?;
             let everything = inner.pending.is_empty() && seq >= inner.inserted;
             let reset = everything && inner.newest().bytes >= RESET_BYTES;
-            inner.reset_wanted |= reset;
-            (inner.take_dead(seq), reset)
+            if reset {
+                inner.reset_wanted = inner.reset_wanted.min(RESET_BYTES);
+            }
+            (inner.take_dead(seq), everything)
         };
         delete_later(dead);
         if reset {
+            // A reset now, or (below RESET_BYTES) the flusher's idle timer.
             self.flush_wanted.notify_one();
         }
         Ok(())
@@ -1173,5 +1204,39 @@ mod tests {
         );
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"journal"));
         assert_eq!(journal.append(message(6)).await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn an_idle_journal_with_everything_acknowledged_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store(dir.path());
+        let journal = reopen(dir.path(), &db).await;
+        let generation_dirs = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path().join("journal"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("g-"))
+                .collect();
+            names.sort();
+            names
+        };
+        let first = generation_dirs()[0].clone();
+        for n in 0..3 {
+            journal.append(message(n)).await.unwrap();
+        }
+        journal.trim(3).unwrap();
+        // Far below RESET_BYTES, so only the idle timer starts a fresh generation.
+        let deadline = std::time::Instant::now() + IDLE_RESET_AFTER + Duration::from_secs(20);
+        while generation_dirs().contains(&first) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                generation_dirs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(journal.generations(), 1);
+        assert_eq!(journal.append(message(4)).await.unwrap(), 4);
+        assert_eq!(journal.read_after(3, 10).unwrap(), [(4, message(4))]);
     }
 }

@@ -896,15 +896,31 @@ fn print_report(report: &Report<'_>) {
         verdict(half <= DISK_TARGET),
         disk.half_drained.events
     );
+    // Depth 0: the daemon's own samples (not those after this program opened the
+    // journal with sled, which adds a segment; the daemon starts afresh when it opens it),
+    // once the deletions that follow the last ack have run (+1 s on).
+    let settled = |s: &&StoreSample| {
+        (s.when.starts_with("after the rounds") || s.when.starts_with("backlog drained"))
+            && !s.when.contains("opened and closed")
+            && !s.when.ends_with("running, +0 s")
+    };
     let empty = disk
         .samples
         .iter()
-        .filter(|s| s.when.starts_with("after the rounds") || s.when.starts_with("backlog drained"))
+        .filter(settled)
         .map(|s| s.size.apparent)
         .max()
         .unwrap_or(0);
+    let empty_alloc = disk
+        .samples
+        .iter()
+        .filter(settled)
+        .map(|s| s.size.allocated)
+        .max()
+        .unwrap_or(0);
     println!(
-        "- journal on disk after a trim that leaves nothing (depth 0): at most {empty} bytes apparent (live: the 13-byte marker)"
+        "- journal on disk after a trim that leaves nothing (depth 0, the daemon's samples from +1 s): at most \
+         {empty} bytes apparent, {empty_alloc} allocated (live: the 13-byte `acked` marker)"
     );
     println!(
         "- (with {} unacknowledged events queued: {:.2}×)",
