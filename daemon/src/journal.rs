@@ -19,9 +19,11 @@
 //!
 //! - a new generation starts when the newest has taken [`ROLL_BYTES`], or when the relay
 //!   has acknowledged everything and the newest has taken more than [`RESET_BYTES`] (or
-//!   anything at all, after [`IDLE_RESET_AFTER`] with nothing appended), and at
-//!   every start with nothing to deliver (the store's `meta` tree keeps the acknowledged
-//!   seq under `journal_acked` meanwhile);
+//!   anything at all, after [`IDLE_RESET_AFTER`] with nothing appended), and at every
+//!   start (sled adds a segment to a database each time it opens it, so the journal never
+//!   writes to a reopened one); with nothing to deliver at start, every old generation is
+//!   deleted first (the store's `meta` tree keeps the acknowledged seq under
+//!   `journal_acked` meanwhile);
 //! - a sealed generation that still holds unacknowledged events is compacted: rewritten,
 //!   off the async thread, as one record in a fresh database (`c-FIRST-LAST`, built under a
 //!   `tmp-` name and renamed into place once flushed), which sled keeps as a single blob
@@ -500,13 +502,18 @@ impl Journal {
             store.flush().map_err(StoreError::sled("meta"))?;
             delete(std::mem::take(&mut generations).into_values().collect());
         }
-        // A fresh generation when there is none, when the old journal's events move in, and
-        // when nothing is left to deliver (so what was trimmed is given back at once).
-        let newest_is_open = generations
-            .values()
-            .next_back()
-            .is_some_and(|g| !g.compacted);
-        if !newest_is_open || !legacy.is_empty() {
+        // Always a fresh generation to take records: sled adds a segment to a database
+        // each time it opens it, so the one that took records before the exit is sealed
+        // (and compacted, if it holds events to deliver) rather than written to again. An
+        // empty one is replaced (deleted once the fresh one, which takes its first seq and
+        // the sequence, is durable).
+        let replaced = match generations.last_key_value() {
+            Some((first, newest)) if !newest.compacted && newest.last < *first => {
+                generations.pop_last().map(|(_, g)| g)
+            }
+            _ => None,
+        };
+        {
             let first = legacy.first().map(|(seq, _)| *seq).unwrap_or(last + 1);
             let (_, mut generation) = Generation::open(generation_dir(root, next_id))?;
             next_id += 1;
@@ -522,6 +529,7 @@ impl Journal {
                 .map_err(StoreError::sled("journal"))?;
             last = last.max(generation.last);
             generations.insert(first, generation);
+            delete(replaced.into_iter().collect());
             if store
                 .tree_names()
                 .iter()

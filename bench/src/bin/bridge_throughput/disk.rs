@@ -4,7 +4,7 @@
 //! every generation, `g-…` and compacted `c-…`), both as the files' lengths and as the blocks allocated to them
 //! (sled's files may be sparse). "Live data" is what the journal must keep: the keys and
 //! values of the records holding an unacknowledged event, plus the `acked` marker (13
-//! bytes), read by opening every generation after the daemon has stopped.
+//! bytes), read by opening a copy of every generation after the daemon has stopped.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -69,8 +69,28 @@ fn segment_size(dir: &Path) -> anyhow::Result<usize> {
         .with_context(|| format!("no segment_size in {}/conf", dir.display()))
 }
 
-/// The logical contents of the journal in `dir`. The daemon must have stopped.
-pub fn journal_live(dir: &Path) -> anyhow::Result<JournalData> {
+/// Copies the files under `from` to `to` (recursively).
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("read {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.metadata()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The logical contents of the journal in `journal`. The daemon must have stopped. The
+/// generations are opened in a copy: opening a sled database adds a segment to it, and the
+/// journal on disk must stay as the daemon left it.
+pub fn journal_live(journal: &Path) -> anyhow::Result<JournalData> {
+    let copy = tempfile::tempdir()?;
+    copy_dir(journal, copy.path())?;
+    let dir = copy.path();
     let mut generations = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let path = entry?.path();
