@@ -49,6 +49,12 @@ pub enum SessionCommand {
         /// The session id.
         id: String,
     },
+    /// Stop following a session on this machine: its stored log copy is dropped (an
+    /// `attach` or `send` follows it again).
+    Unfollow {
+        /// The session id.
+        id: String,
+    },
     /// Change who can see a session.
     Share {
         /// The session id.
@@ -151,6 +157,7 @@ pub async fn session(
             session: id,
             visibility: visibility.into(),
         },
+        SessionCommand::Unfollow { id } => Request::Unfollow { session: id },
     };
     match client.request(request).await? {
         Response::Sessions { sessions, stale } => {
@@ -185,6 +192,13 @@ pub async fn session(
                 println!("{}", json!({"session": session, "stale": stale}));
             } else {
                 print_session(&session, stale);
+            }
+        }
+        Response::Pong => {
+            if json_output {
+                println!("{}", json!({"unfollowed": true}));
+            } else {
+                println!("no longer following");
             }
         }
         Response::SessionDeleted => {

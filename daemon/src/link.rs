@@ -42,6 +42,11 @@ pub enum BridgeCommand {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<Option<Session>, String>>,
     },
+    /// Stop following a session (send a leave if connected).
+    Leave {
+        /// The session.
+        session: String,
+    },
     /// The credentials changed: reconnect now (also after a permanent refusal).
     Reconnect,
 }

@@ -142,6 +142,12 @@ pub enum Request {
         /// Allow or deny.
         decision: PermissionDecision,
     },
+    /// Stops following a session on this daemon: forgets its stored log and leaves it on
+    /// the relay (an `attach` or `send` follows it again). Answered by [`Response::Pong`].
+    Unfollow {
+        /// The session.
+        session: String,
+    },
 }
 
 /// The method names of the requests, shared by the JSON-RPC encoding and the logs.
@@ -180,6 +186,8 @@ pub mod method {
     pub const ATTACH: &str = "attach";
     /// [`super::Request::Detach`]
     pub const DETACH: &str = "detach";
+    /// [`super::Request::Unfollow`]
+    pub const UNFOLLOW: &str = "session/unfollow";
     /// [`super::Request::Interrupt`]
     pub const INTERRUPT: &str = "interrupt";
     /// [`super::Request::Permissions`]
@@ -209,6 +217,7 @@ impl Request {
             Request::Delivery { .. } => method::DELIVERY,
             Request::Attach { .. } => method::ATTACH,
             Request::Detach { .. } => method::DETACH,
+            Request::Unfollow { .. } => method::UNFOLLOW,
             Request::Interrupt { .. } => method::INTERRUPT,
             Request::Permissions { .. } => method::PERMISSIONS,
             Request::Answer { .. } => method::ANSWER,

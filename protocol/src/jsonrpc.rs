@@ -287,6 +287,10 @@ fn build_request(
             let p: SessionParams = params.read()?;
             Request::Detach { session: p.session }
         }
+        method::UNFOLLOW => {
+            let p: SessionParams = params.read()?;
+            Request::Unfollow { session: p.session }
+        }
         method::INTERRUPT => {
             let p: SessionParams = params.read()?;
             Request::Interrupt { session: p.session }
@@ -1442,6 +1446,7 @@ mod tests {
                 r#""delivery""#,
                 r#""attach""#,
                 r#""detach""#,
+                r#""session/unfollow""#,
                 r#""interrupt""#,
                 r#""permissions""#,
                 r#""answer""#,

@@ -197,8 +197,9 @@ impl Bridge {
                         Some(BridgeCommand::Request { reply, .. }) => {
                             let _ = reply.send(Err(self.unreachable()));
                         }
-                        // Followed sessions are rejoined at the next connect.
-                        Some(BridgeCommand::Join { .. }) => {}
+                        // Followed sessions are rejoined at the next connect (and
+                        // unfollowed ones are not).
+                        Some(BridgeCommand::Join { .. } | BridgeCommand::Leave { .. }) => {}
                     }
                 }
             }
@@ -477,6 +478,11 @@ impl Bridge {
                     Some(BridgeCommand::Join { session }) => {
                         let after = self.link.inbound.last_seq(&session).unwrap_or(0);
                         if let Err(ended) = send(socket, Channel::Task, 0, ToRelay::Join { session, after }).await {
+                            break ended;
+                        }
+                    }
+                    Some(BridgeCommand::Leave { session }) => {
+                        if let Err(ended) = send(socket, Channel::Task, 0, ToRelay::Leave { session }).await {
                             break ended;
                         }
                     }

@@ -131,6 +131,15 @@ pub async fn handle(
             client.attached.insert(session.clone(), delivered);
             Ok(Response::Attached { session, last_seq })
         }
+        Request::Unfollow { session } => {
+            if link.inbound.is_followed(&session).map_err(internal)? {
+                link.inbound.forget(&session).map_err(internal)?;
+                // Never wait on the bridge: if its queue is full, the session is simply not
+                // rejoined at the next connect, and what the relay still sends is ignored.
+                let _ = link.commands.try_send(BridgeCommand::Leave { session });
+            }
+            Ok(Response::Pong)
+        }
         Request::Detach { session } => {
             client.attached.remove(&session);
             if client.attached.is_empty() {
