@@ -6,10 +6,17 @@
 //! the core as one batch, so they share one flush; the reply's cumulative ack is stamped
 //! on every envelope sent afterwards.
 //!
-//! Outgoing traffic has three sources, all bounded: this task's own answers, session
-//! notices (a broadcast; a connection that falls behind gets the full list again), and one
+//! Once registered, the connection is in the instance registry ([`crate::instances`])
+//! under (token user, instance id) until it ends, unless a reconnect of the same instance
+//! replaced it there first; heartbeats are recorded there.
+//!
+//! Outgoing traffic has four sources, all bounded: this task's own answers, session
+//! notices (a broadcast; a connection that falls behind gets the full list again), one
 //! log follower task per joined session (which hands over a page of entries at a time and
-//! waits when the connection is slow, costing nothing because it reads from the store).
+//! waits when the connection is slow, costing nothing because it reads from the store),
+//! and instance commands from the registry, each sent as a `Command` with an id of this
+//! connection's and completed by the daemon's `CommandResult` (or failed when the
+//! connection ends).
 //! Everything is queued on the socket and written with one flush before the connection
 //! waits again, so a burst of log entries and acks costs one write, not one per message.
 //!
@@ -38,6 +45,7 @@ use crate::access::Identity;
 use crate::core::{Command, CoreError, Notice, Shared};
 use crate::follow::Follower;
 use crate::http::Authenticated;
+use crate::instances::{CommandError, CommandReply, InstanceCommand, COMMAND_QUEUE};
 
 /// How long a new connection may take to register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -149,8 +157,12 @@ struct Connection {
     shared: Arc<Shared>,
     /// Who authenticated.
     identity: Identity,
-    /// The registered instance (after `Register`).
+    /// This connection's id in the instance registry.
+    connection: u64,
+    /// The registered instance's dedup key, `user/instance` (after `Register`).
     instance: Option<String>,
+    /// The registered instance's id (after `Register`).
+    instance_id: Option<String>,
     /// The cumulative ack stamped on every envelope.
     ack: u64,
     /// Sessions this daemon's replica holds, so a session that stops being visible can be
@@ -168,16 +180,27 @@ struct Connection {
     last_seen: Instant,
     /// The core's emptied buffer of the last event batch, for the next one.
     spare_events: Vec<(u64, Outbound)>,
+    /// The sending side of `commands`, until `Register` hands it to the registry.
+    commands_sender: Option<mpsc::Sender<InstanceCommand>>,
+    /// Instance commands to send to the daemon (from the registry).
+    commands: mpsc::Receiver<InstanceCommand>,
+    /// Commands sent and not yet answered, by command id.
+    pending: HashMap<u64, CommandReply>,
+    /// The last command id used on this connection.
+    last_command: u64,
 }
 
 impl Connection {
     fn new(shared: Arc<Shared>, identity: Identity) -> Connection {
         let (outgoing_sender, outgoing) = mpsc::channel(OUTGOING_QUEUE);
+        let (commands_sender, commands) = mpsc::channel(COMMAND_QUEUE);
         let cancel = shared.cancel.child_token();
         Connection {
+            connection: shared.instances.connection_id(),
             shared,
             identity,
             instance: None,
+            instance_id: None,
             ack: 0,
             known: HashSet::new(),
             follows: HashMap::new(),
@@ -186,6 +209,10 @@ impl Connection {
             cancel,
             last_seen: Instant::now(),
             spare_events: Vec::new(),
+            commands_sender: Some(commands_sender),
+            commands,
+            pending: HashMap::new(),
+            last_command: 0,
         }
     }
 
@@ -196,6 +223,7 @@ impl Connection {
             Err(end) => end,
         };
         self.cancel.cancel();
+        self.end_commands(&end);
         let reason = match &end {
             End::Closed => None,
             End::Shutdown => Some("the relay is shutting down".to_owned()),
@@ -221,6 +249,28 @@ impl Connection {
             ?end,
             "bridge disconnected"
         );
+    }
+
+    /// Leaves the instance registry (unless a reconnect replaced this connection there
+    /// already) and fails every command this connection was given and did not answer.
+    fn end_commands(&mut self, end: &End) {
+        let Some(instance) = &self.instance_id else {
+            return;
+        };
+        self.shared
+            .instances
+            .unregister(&self.identity.user, instance, self.connection);
+        let error = match end {
+            End::Shutdown => CommandError::ShuttingDown,
+            End::Closed | End::Refused(_) => CommandError::Disconnected(instance.clone()),
+        };
+        self.commands.close();
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+        while let Ok(command) = self.commands.try_recv() {
+            let _ = command.reply.send(Err(error.clone()));
+        }
     }
 
     /// Queues one message stamped with the current ack. Nothing reaches the daemon before
@@ -351,6 +401,7 @@ impl Connection {
                         self.send_logs(socket, page).await?;
                     }
                 }
+                Some(command) = self.commands.recv() => self.command(socket, command).await?,
                 notice = notices.recv() => match notice {
                     Ok(notice) => self.notice(socket, notice).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => self.send_sessions(socket).await?,
@@ -418,6 +469,23 @@ impl Connection {
             .await?;
         self.ack = outcome.ack;
         self.instance = Some(dedup_key);
+        if let Some(commands) = self.commands_sender.take() {
+            let replaced = self.shared.instances.register(
+                &self.identity.user,
+                &snapshot,
+                self.connection,
+                commands,
+                crate::now_millis(),
+            );
+            if replaced {
+                tracing::info!(
+                    user = %self.identity.user,
+                    instance = %snapshot.instance_id,
+                    "the instance reconnected: this connection replaces its earlier one"
+                );
+            }
+        }
+        self.instance_id = Some(snapshot.instance_id);
         self.send(
             socket,
             FromRelay::Registered {
@@ -556,9 +624,23 @@ impl Connection {
             ToRelay::Register(_) => Err(self
                 .refuse(socket, "already registered".to_owned(), false)
                 .await),
-            ToRelay::Heartbeat => Ok(()),
+            ToRelay::Heartbeat => {
+                if let Some(instance) = &self.instance_id {
+                    self.shared.instances.heartbeat(
+                        &self.identity.user,
+                        instance,
+                        self.connection,
+                        crate::now_millis(),
+                    );
+                }
+                Ok(())
+            }
             ToRelay::CommandResult { id, result } => {
                 tracing::debug!(id, ok = result.is_ok(), "instance command answered");
+                // A caller that stopped waiting (timed out) has nobody to tell.
+                if let Some(reply) = self.pending.remove(&id) {
+                    let _ = reply.send(result.map_err(CommandError::Failed));
+                }
                 Ok(())
             }
             ToRelay::Join { session, after } => self.join(socket, session, after).await,
@@ -582,6 +664,28 @@ impl Connection {
                 .await
             }
         }
+    }
+
+    /// Queues an instance command for the daemon; its `CommandResult` completes `reply`.
+    async fn command(
+        &mut self,
+        socket: &mut WebSocket,
+        InstanceCommand { name, reply }: InstanceCommand,
+    ) -> Result<(), End> {
+        // Forget the callers that stopped waiting, so a daemon that never answers costs
+        // only the commands still awaited.
+        self.pending.retain(|_, reply| !reply.is_closed());
+        self.last_command += 1;
+        let id = self.last_command;
+        tracing::debug!(
+            user = %self.identity.user,
+            instance = self.instance_id.as_deref().unwrap_or("-"),
+            id,
+            name = %name,
+            "instance command"
+        );
+        self.pending.insert(id, reply);
+        self.send(socket, FromRelay::Command { id, name }).await
     }
 
     async fn request(

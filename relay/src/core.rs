@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access::{Access, Identity};
 use crate::agents::{self, AgentHandle, AgentReport, MAX_AGENT_LINE};
+use crate::instances::Instances;
 use crate::store::{Changes, PromptState, Store, StoreError};
 use crate::tokens::TokenCache;
 
@@ -172,6 +173,8 @@ pub struct Shared {
     pub cancel: tokio_util::sync::CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub connections: TaskTracker,
+    /// The connected daemon instances, for listing and instance commands.
+    pub instances: Instances,
 }
 
 impl Shared {
@@ -249,6 +252,7 @@ pub fn shared(tokens: TokenCache, store: Store) -> (Arc<Shared>, mpsc::Receiver<
         core,
         cancel: tokio_util::sync::CancellationToken::new(),
         connections: TaskTracker::new(),
+        instances: Instances::default(),
     };
     (Arc::new(shared), commands)
 }

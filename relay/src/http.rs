@@ -1,14 +1,18 @@
 //! The HTTP surface: routing, bearer-token authentication, and the REST handlers for
-//! sessions. The two WebSocket endpoints live in [`crate::bridge`] and [`crate::viewer`].
+//! sessions and for the user's connected daemon instances. The two WebSocket endpoints
+//! live in [`crate::bridge`] and [`crate::viewer`].
 //!
 //! Every route requires `Authorization: Bearer TOKEN` (401 otherwise). Bodies are JSON;
-//! every error is `{"error": "..."}` with 400, 401, 403, 404 or 409. A session the user
-//! cannot see answers 404, exactly like one that does not exist.
+//! every error is `{"error": "..."}` with 400, 401, 403, 404, 409, 422, 502, 503 or 504.
+//! A session the user cannot see answers 404, exactly like one that does not exist, and
+//! so does another user's instance, exactly like one that is not connected.
 //!
 //! Handlers never change state themselves: reads come from the published snapshots and
-//! the store, changes go to the core as commands.
+//! the store, changes go to the core as commands. Instance commands go to the instance's
+//! bridge connection through [`crate::instances`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -27,9 +31,13 @@ use serde_json::json;
 
 use crate::access::Identity;
 use crate::core::{Command, CoreError, Shared};
+use crate::instances::{CommandError, InstanceInfo};
 
 /// The most log entries one `GET .../log` returns; ask again with a larger `after`.
 pub const MAX_LOG_PAGE: usize = 10_000;
+
+/// How long `POST /v1/instances/{id}/commands` waits for the daemon's answer.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The router for every endpoint.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -48,6 +56,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/sessions/{id}/interrupt", post(interrupt))
         .route("/v1/sessions/{id}/log", get(log))
         .route("/v1/sessions/{id}/subscribe", get(crate::viewer::subscribe))
+        .route("/v1/instances", get(list_instances))
+        .route("/v1/instances/{id}/commands", post(instance_command))
         .route(BRIDGE_PATH, get(crate::bridge::connect))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(shared)
@@ -83,6 +93,19 @@ impl From<CoreError> for ApiError {
             CoreError::Transition(_) | CoreError::Conflict(_) => StatusCode::CONFLICT,
             CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
             CoreError::Store | CoreError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, error.to_string())
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> ApiError {
+        let status = match &error {
+            CommandError::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            CommandError::NotConnected(_) => StatusCode::NOT_FOUND,
+            CommandError::Disconnected(_) => StatusCode::BAD_GATEWAY,
+            CommandError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            CommandError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, error.to_string())
     }
@@ -419,4 +442,36 @@ async fn log(
             ApiError::from(CoreError::Store)
         })?;
     Ok(Json(entries))
+}
+
+/// `GET /v1/instances`: the caller's connected daemon instances.
+async fn list_instances(
+    State(shared): State<Arc<Shared>>,
+    Authenticated(identity): Authenticated,
+) -> Json<Vec<InstanceInfo>> {
+    Json(shared.instances.list(&identity.user))
+}
+
+/// `POST /v1/instances/{id}/commands`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandBody {
+    name: String,
+}
+
+/// Sends a command to one of the caller's instances and answers the daemon's result.
+async fn instance_command(
+    State(shared): State<Arc<Shared>>,
+    Authenticated(identity): Authenticated,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let CommandBody { name } = parse_body(&body)?;
+    let result = shared
+        .instances
+        .command(&identity.user, &id, name.clone(), COMMAND_TIMEOUT)
+        .await?;
+    Ok(Json(
+        json!({"instance": id, "name": name, "result": result}),
+    ))
 }

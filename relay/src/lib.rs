@@ -6,6 +6,7 @@
 //!
 //! - [`http`]: routing, bearer-token authentication ([`tokens`]), REST handlers.
 //! - [`bridge`]: the daemons' WebSocket (postcard envelopes, dedup, cumulative acks).
+//! - [`instances`]: the connected daemon instances, and commands sent to them.
 //! - [`viewer`]: the read-only WebSocket that streams a session's log as JSON.
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
@@ -24,6 +25,7 @@ mod bridge;
 mod core;
 mod follow;
 mod http;
+mod instances;
 pub mod shell_agent;
 mod store;
 pub mod tokens;

@@ -57,7 +57,7 @@ pub enum TokenError {
     },
     /// A user or org name is unusable.
     #[error(
-        "invalid {what} {value:?}: use 1 to 128 characters without spaces or control characters"
+        "invalid {what} {value:?}: use 1 to 128 characters without spaces, control characters or `/`"
     )]
     InvalidName {
         /// `user` or `org`.
@@ -148,7 +148,8 @@ pub fn revoke_user(data_dir: &Path, user: &str) -> Result<usize, TokenError> {
 fn check_name(what: &'static str, value: &str) -> Result<(), TokenError> {
     let ok = !value.is_empty()
         && value.len() <= 128
-        && !value.chars().any(|c| c.is_whitespace() || c.is_control());
+        // `/` separates the user from the instance id in the relay's dedup key.
+        && !value.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/');
     if ok {
         Ok(())
     } else {
@@ -370,5 +371,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(create(dir.path(), "", "acme").is_err());
         assert!(create(dir.path(), "a b", "acme").is_err());
+        // A `/` would let user `a` + instance `b/c` collide with user `a/b` + instance `c`.
+        assert!(create(dir.path(), "a/b", "acme").is_err());
     }
 }
