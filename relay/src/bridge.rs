@@ -6,6 +6,12 @@
 //! the core as one batch, so they share one flush; the reply's cumulative ack is stamped
 //! on every envelope sent afterwards.
 //!
+//! A refusal is reported (`EventRefused`) before any envelope whose ack covers it is
+//! read: after its batch, again for a resend of it, and again at each registration while
+//! the core stores it, with `Registered`'s ack held below the stored refusals and a
+//! plain `Ack` after them. So one lost with an earlier connection is not reported as
+//! delivered.
+//!
 //! Once registered, the connection is in the instance registry ([`crate::instances`])
 //! under (token user, instance id) until it ends, unless a reconnect of the same instance
 //! replaced it there first; heartbeats are recorded there.
@@ -276,6 +282,16 @@ impl Connection {
     /// Queues one message stamped with the current ack. Nothing reaches the daemon before
     /// the next [`Connection::flush`] (which `serve` makes before it waits for anything).
     async fn send(&self, socket: &mut WebSocket, body: FromRelay) -> Result<(), End> {
+        self.send_acked(socket, self.ack, body).await
+    }
+
+    /// [`Connection::send`] with another ack (a registration's, held below a refusal).
+    async fn send_acked(
+        &self,
+        socket: &mut WebSocket,
+        ack: u64,
+        body: FromRelay,
+    ) -> Result<(), End> {
         let channel = match &body {
             FromRelay::Ack
             | FromRelay::Log { .. }
@@ -286,7 +302,7 @@ impl Connection {
         let envelope = Envelope {
             channel,
             seq: 0,
-            ack: self.ack,
+            ack,
             body,
         };
         let bytes = match bridge::encode(&envelope) {
@@ -416,7 +432,8 @@ impl Connection {
         }
     }
 
-    /// Waits for `Register`, checks it, and answers `Registered`.
+    /// Waits for `Register`, checks it, and answers `Registered`, then the instance's stored
+    /// refusals (each as `EventRefused`) and an `Ack` if it has any.
     async fn register(&mut self, socket: &mut WebSocket) -> Result<(), End> {
         let envelope = loop {
             let message = tokio::select! {
@@ -459,15 +476,18 @@ impl Connection {
             daemon_version = %snapshot.daemon_version,
             "bridge registered"
         );
-        // An empty batch answers the instance's current ack, so the daemon can trim its
-        // journal before sending anything.
+        // The instance's current ack, so the daemon can trim its journal before sending
+        // anything, and its stored refusals, which an earlier connection may have lost.
         // The daemon chooses its instance id; scoping the dedup key by the token's user
         // keeps another user's daemon from ever colliding with (or poisoning) it.
         let dedup_key = format!("{}/{}", self.identity.user, snapshot.instance_id);
-        let outcome = self
-            .call_events(Some(dedup_key.clone()), Vec::new())
-            .await?;
-        self.ack = outcome.ack;
+        let instance = dedup_key.clone();
+        let registration = self
+            .shared
+            .call(|reply| Command::Register { instance, reply })
+            .await
+            .map_err(|e| End::Refused(e.to_string()))?;
+        self.ack = registration.ack;
         self.instance = Some(dedup_key);
         if let Some(commands) = self.commands_sender.take() {
             let replaced = self.shared.instances.register(
@@ -486,15 +506,31 @@ impl Connection {
             }
         }
         self.instance_id = Some(snapshot.instance_id);
-        self.send(
+        // The daemon releases every event up to `Registered`'s ack as delivered, so it
+        // must stay below the stored refusals until they have been reported; the `Ack`
+        // after them carries the rest. Refusals the daemon knew already are harmless.
+        let registered_ack = match registration.refusals.first() {
+            Some(&(first, _)) => self.ack.min(first.saturating_sub(1)),
+            None => self.ack,
+        };
+        self.send_acked(
             socket,
+            registered_ack,
             FromRelay::Registered {
                 user: self.identity.user.clone(),
                 org: self.identity.org.clone(),
                 relay_version: crate::VERSION.to_owned(),
             },
         )
-        .await
+        .await?;
+        if registration.refusals.is_empty() {
+            return Ok(());
+        }
+        for (seq, reason) in registration.refusals {
+            self.send(socket, FromRelay::EventRefused { seq, reason })
+                .await?;
+        }
+        self.send(socket, FromRelay::Ack).await
     }
 
     async fn send_sessions(&mut self, socket: &mut WebSocket) -> Result<(), End> {
@@ -597,17 +633,9 @@ impl Connection {
         let outcome = self.call_events(self.instance.clone(), events).await?;
         self.spare_events = outcome.spare;
         self.ack = self.ack.max(outcome.ack);
-        for (seq, result) in outcome.results {
-            if let Err(e) = result {
-                self.send(
-                    socket,
-                    FromRelay::EventRefused {
-                        seq,
-                        reason: e.to_string(),
-                    },
-                )
+        for (seq, reason) in outcome.refusals {
+            self.send(socket, FromRelay::EventRefused { seq, reason })
                 .await?;
-            }
         }
         // Always end with a plain ack: the daemon acknowledges only below a refused seq
         // when it reads a refusal, so the batch's full ack must come on its own.

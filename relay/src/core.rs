@@ -1,5 +1,5 @@
 //! The relay's core: the one task that changes sessions, their logs, prompts, agents and
-//! the bridge dedup table.
+//! the bridge dedup table (with each instance's most recent refusals).
 //!
 //! Every change arrives as a [`Command`] on one channel and is applied here, in order, so
 //! there are no locks around session state and no two writers of a log. The loop works in
@@ -15,7 +15,7 @@
 //! The core never waits on a peer: replies are oneshots, agent input goes through unbounded
 //! per-agent channels, notices through a broadcast channel that drops for laggards.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::{Access, Identity};
 use crate::agents::{self, AgentHandle, AgentReport, MAX_AGENT_LINE};
 use crate::instances::Instances;
-use crate::store::{Changes, PromptState, Store, StoreError};
+use crate::store::{Changes, PromptState, Store, StoreError, MAX_STORED_REFUSALS};
 use crate::tokens::TokenCache;
 
 /// The most commands applied in one round before flushing, so acknowledgements keep
@@ -40,6 +40,11 @@ const MAX_ROUND: usize = 4096;
 
 /// How many commands may wait for the core; senders wait beyond that (backpressure).
 pub const COMMAND_QUEUE: usize = 4096;
+
+/// The most bytes of a refusal's reason kept for reporting it again. Reasons quote what
+/// the daemon sent (a session id, a request id), so without a bound a daemon could make
+/// the relay hold [`MAX_STORED_REFUSALS`] huge strings per instance.
+const MAX_STORED_REASON: usize = 1024;
 
 /// How many session notices a slow connection may fall behind before it resynchronises.
 const NOTICE_QUEUE: usize = 1024;
@@ -90,6 +95,13 @@ pub enum Command {
         /// What became of them.
         reply: oneshot::Sender<EventsOutcome>,
     },
+    /// A daemon instance registers: what the relay holds of its journal.
+    Register {
+        /// The instance's dedup key.
+        instance: String,
+        /// Its ack and stored refusals.
+        reply: oneshot::Sender<Registration>,
+    },
     /// Something an agent did.
     Agent(AgentReport),
     /// Stop every agent, flush, and end the loop.
@@ -107,8 +119,22 @@ pub struct EventsOutcome {
     /// Each event that was applied now (not skipped as a duplicate): its journal seq and
     /// its log seq, or why it was refused.
     pub results: Vec<(u64, Result<u64, CoreError>)>,
+    /// The refusals to report for the batch, in journal order: each event refused now, and
+    /// each resent duplicate whose refusal is still stored (its first report may have been
+    /// lost with an earlier connection). Empty without an instance.
+    pub refusals: Vec<(u64, String)>,
     /// The events' buffer, emptied, so a caller sending batch after batch can reuse it.
     pub spare: Vec<(u64, Outbound)>,
+}
+
+/// What the relay holds of a registering daemon instance's journal.
+#[derive(Debug)]
+pub struct Registration {
+    /// The highest journal seq applied for the instance: the cumulative ack.
+    pub ack: u64,
+    /// The instance's stored refusals (the most recent [`MAX_STORED_REFUSALS`]), in journal
+    /// order: (seq, reason).
+    pub refusals: Vec<(u64, String)>,
 }
 
 /// A refused command. The messages are shown to users as they are.
@@ -334,6 +360,9 @@ pub struct Core {
     sessions: HashMap<String, SessionRuntime>,
     /// Daemon instance → last journal seq applied.
     dedup: HashMap<String, u64>,
+    /// Daemon instance → its most recent refusals (at most [`MAX_STORED_REFUSALS`]), by
+    /// journal seq, as stored.
+    refusals: HashMap<String, BTreeMap<u64, String>>,
     /// The next agent generation.
     next_generation: u64,
     /// Agent tasks and agent stops, so shutdown can wait for them.
@@ -367,6 +396,10 @@ impl Core {
         workspaces: PathBuf,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let store = shared.store.clone();
+        let mut refusals: HashMap<String, BTreeMap<u64, String>> = HashMap::new();
+        for (instance, seq, reason) in store.load_refusals()? {
+            refusals.entry(instance).or_default().insert(seq, reason);
+        }
         let mut core = Core {
             store: store.clone(),
             shared,
@@ -374,6 +407,7 @@ impl Core {
             workspaces,
             sessions: HashMap::new(),
             dedup: store.load_dedup()?.into_iter().collect(),
+            refusals,
             next_generation: 1,
             agent_tasks: TaskTracker::new(),
             broken: false,
@@ -559,7 +593,10 @@ impl Core {
                 Command::Create { reply, .. } => round.reply(reply, Err(CoreError::Store)),
                 Command::Action { reply, .. } => round.reply(reply, Err(CoreError::Store)),
                 Command::Share { reply, .. } => round.reply(reply, Err(CoreError::Store)),
-                Command::Events { .. } | Command::Agent(_) | Command::Shutdown { .. } => {}
+                Command::Events { .. }
+                | Command::Register { .. }
+                | Command::Agent(_)
+                | Command::Shutdown { .. } => {}
             }
             return;
         }
@@ -598,6 +635,22 @@ impl Core {
             } => {
                 let outcome = self.events(&identity, instance.as_deref(), events, round);
                 round.reply(reply, outcome);
+            }
+            Command::Register { instance, reply } => {
+                let registration = Registration {
+                    ack: self.dedup.get(&instance).copied().unwrap_or(0),
+                    refusals: self
+                        .refusals
+                        .get(&instance)
+                        .map(|stored| {
+                            stored
+                                .iter()
+                                .map(|(&seq, reason)| (seq, reason.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                round.reply(reply, registration);
             }
             Command::Agent(report) => self.agent_report(report, round),
             Command::Shutdown { .. } => {}
@@ -782,10 +835,15 @@ impl Core {
         round: &mut Round,
     ) -> EventsOutcome {
         let mut results = Vec::with_capacity(events.len());
+        let mut refusals = Vec::new();
         for (seq, event) in events.drain(..) {
             let journaled = instance.filter(|_| seq > 0);
             if let Some(instance) = journaled {
                 if seq <= self.dedup.get(instance).copied().unwrap_or(0) {
+                    // A resend: not applied again, but a refusal is reported again.
+                    if let Some(reason) = self.refusals.get(instance).and_then(|r| r.get(&seq)) {
+                        refusals.push((seq, reason.clone()));
+                    }
                     continue;
                 }
             }
@@ -804,6 +862,15 @@ impl Core {
                     round.dedup.push(instance.to_owned());
                 }
             }
+            if let (Some(_), Err(e)) = (instance, &result) {
+                let reason = e.to_string();
+                if let Some(instance) = journaled {
+                    // In the event's writes, so in the batch of its dedup record: a
+                    // registration after a crash reports it again.
+                    self.store_refusal(instance, seq, &reason, &mut changes);
+                }
+                refusals.push((seq, reason));
+            }
             if !changes.is_empty() {
                 self.commit(changes, round);
             }
@@ -815,7 +882,26 @@ impl Core {
         EventsOutcome {
             ack,
             results,
+            refusals,
             spare: events,
+        }
+    }
+
+    /// Remembers a refusal of a daemon instance's event, in memory and in `changes`,
+    /// forgetting the oldest beyond [`MAX_STORED_REFUSALS`] in both.
+    fn store_refusal(&mut self, instance: &str, seq: u64, reason: &str, changes: &mut Changes) {
+        let stored = match self.refusals.get_mut(instance) {
+            Some(stored) => stored,
+            None => self.refusals.entry(instance.to_owned()).or_default(),
+        };
+        let reason = bounded_reason(reason);
+        changes.put_refusal(instance, seq, &reason);
+        stored.insert(seq, reason);
+        while stored.len() > MAX_STORED_REFUSALS {
+            let Some((oldest, _)) = stored.pop_first() else {
+                break;
+            };
+            changes.remove_refusal(instance, oldest);
         }
     }
 
@@ -1200,6 +1286,24 @@ fn user_message(text: &str) -> String {
     .expect("a user message always serialises")
 }
 
+/// `reason` if it fits [`MAX_STORED_REASON`], else its beginning and its end (where the
+/// kind of refusal is said: `... was already answered`) around an ellipsis.
+fn bounded_reason(reason: &str) -> String {
+    if reason.len() <= MAX_STORED_REASON {
+        return reason.to_owned();
+    }
+    let half = (MAX_STORED_REASON - " … ".len()) / 2;
+    let mut head = half;
+    while !reason.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = reason.len() - half;
+    while !reason.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} … {}", &reason[..head], &reason[tail..])
+}
+
 /// A new session id: `s-` and 16 random hex digits.
 fn new_session_id() -> Result<String, CoreError> {
     let mut random = [0u8; 8];
@@ -1213,6 +1317,26 @@ fn new_session_id() -> Result<String, CoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_reasons_are_bounded_and_keep_both_ends() {
+        let short = "permission request r-1 was already answered";
+        assert_eq!(bounded_reason(short), short);
+        let exact = "x".repeat(MAX_STORED_REASON);
+        assert_eq!(bounded_reason(&exact), exact);
+        for filler in ["y", "é", "🦀"] {
+            let long = format!(
+                "permission request {} was already answered",
+                filler.repeat(5000)
+            );
+            let bounded = bounded_reason(&long);
+            assert!(bounded.len() <= MAX_STORED_REASON, "{}", bounded.len());
+            assert!(bounded.len() > MAX_STORED_REASON - 8, "{}", bounded.len());
+            assert!(bounded.starts_with("permission request "), "{bounded}");
+            assert!(bounded.ends_with(" was already answered"), "{bounded}");
+            assert!(bounded.contains(" … "), "{bounded}");
+        }
+    }
 
     #[test]
     fn user_message_lines_match_the_protocol() {

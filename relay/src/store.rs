@@ -11,6 +11,11 @@
 //!   bridge's hot path.
 //! - `d\0{instance}` → the last journal seq applied for that daemon instance (u64 BE): the
 //!   bridge dedup table.
+//! - `r\0{instance}\0{seq: u64 BE}` → why the journaled event `seq` of that daemon instance
+//!   was refused (UTF-8), for the most recent refusals of each instance
+//!   ([`MAX_STORED_REFUSALS`]), so a registration can report them again. Instance ids are
+//!   the daemon's choice and may hold a NUL byte, so these keys are read from the end: the
+//!   last 8 bytes are the seq, the byte before them a NUL, the rest the instance.
 //! - `p\0{session}\0{request_id}` → the state of a permission prompt (one byte).
 //! - `q\0{session}\0{seq: u64 BE}` → an agent input line waiting for the session's agent
 //!   (messages sent while it is paused or failed), keyed by its log seq.
@@ -34,6 +39,9 @@ const CACHE_CAPACITY: u64 = 8 * 1024 * 1024;
 /// leaf (up to 17 keys) as one log record and moves any record over 128 KiB to a file of
 /// its own, so chunks stay well below 128 KiB ÷ 17.
 const LOG_CHUNK_BYTES: usize = 4 * 1024;
+
+/// How many refusals are kept per daemon instance (the most recent ones, by journal seq).
+pub const MAX_STORED_REFUSALS: usize = 256;
 
 /// The state of a permission prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +140,21 @@ fn log_key(session: &str, seq: u64) -> Vec<u8> {
 
 fn dedup_key(instance: &str) -> Vec<u8> {
     key(b'd', &[instance.as_bytes()])
+}
+
+fn refusal_key(instance: &str, seq: u64) -> Vec<u8> {
+    key(b'r', &[instance.as_bytes(), &seq.to_be_bytes()])
+}
+
+/// Splits a refusal key into its instance and seq; None for a key that is not one.
+fn parse_refusal_key(key: &[u8]) -> Option<(String, u64)> {
+    // `r`, NUL, the instance, NUL, 8 bytes of seq.
+    let instance_end = key.len().checked_sub(9).filter(|&end| end >= 2)?;
+    if key[..2] != [b'r', 0] || key[instance_end] != 0 {
+        return None;
+    }
+    let instance = String::from_utf8_lossy(&key[2..instance_end]).into_owned();
+    Some((instance, seq_of(key)))
 }
 
 fn prompt_prefix(session: &str) -> Vec<u8> {
@@ -287,6 +310,19 @@ impl Store {
             .collect()
     }
 
+    /// Every stored refusal: (instance, journal seq, reason), each instance's in seq order.
+    pub fn load_refusals(&self) -> Result<Vec<(String, u64, String)>, StoreError> {
+        self.tree
+            .scan_prefix(key(b'r', &[]))
+            .map(|item| {
+                let (key, value) = item.map_err(|e| self.sled_error(e))?;
+                let (instance, seq) = parse_refusal_key(&key)
+                    .ok_or_else(|| self.corrupt(&key, "not a refusal key"))?;
+                Ok((instance, seq, String::from_utf8_lossy(&value).into_owned()))
+            })
+            .collect()
+    }
+
     /// Log entries of `session` with `after < seq <= up_to`, at most `limit` of them.
     pub fn read_log(
         &self,
@@ -425,6 +461,16 @@ impl Changes {
         self.insert(dedup_key(instance), seq.to_be_bytes().to_vec());
     }
 
+    /// Records why a daemon instance's journaled event `seq` was refused.
+    pub fn put_refusal(&mut self, instance: &str, seq: u64, reason: &str) {
+        self.insert(refusal_key(instance, seq), reason.as_bytes().to_vec());
+    }
+
+    /// Forgets a stored refusal (it is no longer among the most recent).
+    pub fn remove_refusal(&mut self, instance: &str, seq: u64) {
+        self.ops.push((refusal_key(instance, seq).into(), None));
+    }
+
     /// Records a prompt's state.
     pub fn put_prompt(&mut self, session: &str, request_id: &str, state: PromptState) {
         self.insert(prompt_key(session, request_id), vec![state.to_byte()]);
@@ -540,6 +586,34 @@ mod tests {
         }
         assert_eq!(seqs(&store.read_log("s-b", 0, 9, 10).unwrap()), [1, 2]);
         assert!(store.read_log("s-c", 0, 9, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn refusals_read_back_whatever_the_instance_ids_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Instance ids are the daemon's choice: one may be another's prefix, or hold a NUL
+        // and what looks like a seq.
+        let tricky = format!("u/a\0{}", "\0".repeat(8));
+        let mut changes = Changes::default();
+        changes.put_dedup("u/a", 9);
+        for (instance, seq) in [("u/a", 3), ("u/a", 1), (tricky.as_str(), 2), ("u/ab", 7)] {
+            changes.put_refusal(instance, seq, &format!("{instance} {seq}"));
+        }
+        changes.put_refusal("u/a", 5, "five");
+        changes.remove_refusal("u/a", 5);
+        store.apply(changes.into_batch()).unwrap();
+        let mut loaded = store.load_refusals().unwrap();
+        loaded.sort();
+        let expected: Vec<(String, u64, String)> =
+            [("u/a", 1), ("u/a", 3), (&tricky, 2), ("u/ab", 7)]
+                .into_iter()
+                .map(|(instance, seq)| (instance.to_owned(), seq, format!("{instance} {seq}")))
+                .collect();
+        assert_eq!(loaded, expected);
+        assert_eq!(store.load_dedup().unwrap(), [("u/a".to_owned(), 9)]);
+        assert_eq!(parse_refusal_key(b"r\0"), None);
+        assert_eq!(parse_refusal_key(&dedup_key("u/a")), None);
     }
 
     #[test]

@@ -687,7 +687,10 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
     drop(bridge);
     let (mut bridge, sessions) = Bridge::connect(relay.addr, &token, "i-1").await;
     assert_eq!(sessions.len(), 1);
-    assert_eq!(bridge.ack, 3, "the registration carries the instance's ack");
+    assert_eq!(
+        bridge.ack, 3,
+        "the registration's answer carries the instance's ack"
+    );
     bridge
         .send(
             1,

@@ -279,7 +279,8 @@ pub struct Bridge {
 
 impl Bridge {
     /// Connects and registers as `instance`; returns the client after `Registered` and
-    /// the initial `Sessions`.
+    /// the initial `Sessions` (skipping the instance's stored refusals and their `Ack`
+    /// between them).
     pub async fn connect(
         addr: SocketAddr,
         token: &str,
@@ -304,10 +305,13 @@ impl Bridge {
             bridge.recv().await,
             Some(FromRelay::Registered { .. })
         ));
-        let Some(FromRelay::Sessions(sessions)) = bridge.recv().await else {
-            panic!("no session list")
-        };
-        (bridge, sessions)
+        loop {
+            match bridge.recv().await {
+                Some(FromRelay::Sessions(sessions)) => return (bridge, sessions),
+                Some(FromRelay::EventRefused { .. } | FromRelay::Ack) => {}
+                other => panic!("no session list: {other:?}"),
+            }
+        }
     }
 
     pub async fn send(&mut self, seq: u64, body: ToRelay) {
