@@ -212,10 +212,12 @@ impl Inbound {
             self.chunks
                 .insert(chunk_key(session, last), chunk)
                 .map_err(StoreError::sled("log"))?;
+            // Stored: never written again, even if what follows fails (the last seq is also
+            // recovered from the chunks at open).
+            follow.pending.clear();
             self.follows
                 .insert(session.as_bytes(), &last.to_be_bytes())
                 .map_err(StoreError::sled("follows"))?;
-            follow.pending.clear();
             if last > KEEP_PER_SESSION && last / 1000 > first.saturating_sub(1) / 1000 {
                 self.remove_chunks(session, last - KEEP_PER_SESSION)?;
             }
@@ -232,7 +234,13 @@ impl Inbound {
         {
             let (_, value) = item.map_err(StoreError::sled("log"))?;
             let chunk: Vec<LogEntry> = postcard::from_bytes(&value).map_err(corrupt)?;
-            entries.extend(chunk.into_iter().filter(|e| e.seq > after));
+            // Strictly increasing, even over chunks that overlap (a forget that failed
+            // half-way, then a follow from the start).
+            for entry in chunk {
+                if entry.seq > entries.last().map_or(after, |e: &LogEntry| e.seq) {
+                    entries.push(entry);
+                }
+            }
         }
         if let Some(follow) = self.map().get(session) {
             let stored = entries.last().map(|e| e.seq).unwrap_or(after);

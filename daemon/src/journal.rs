@@ -460,17 +460,47 @@ impl Journal {
             };
             next_id = next_id.max(id + 1);
             let (first, generation) = Generation::open(path.clone())?;
-            match first {
-                // Compacted before an exit that left the original behind, or a spare.
-                Some(first) if generations.contains_key(&first) => {}
-                None => {}
-                Some(first) => {
-                    generations.insert(first, generation);
-                    continue;
-                }
-            }
-            drop(generation);
-            remove_generation_dir(path);
+            let doomed = match first {
+                // A spare, never put to use.
+                None => generation,
+                Some(first) => match generations.remove(&first) {
+                    None => {
+                        generations.insert(first, generation);
+                        continue;
+                    }
+                    // Compacted before an exit that left the original behind.
+                    Some(compacted) if compacted.compacted => {
+                        generations.insert(first, compacted);
+                        generation
+                    }
+                    // Two with one first seq (a replaced or abandoned one survived an
+                    // exit): keep the one holding more; the other must be empty.
+                    Some(other) => {
+                        let (kept, doomed) = if generation.last > other.last {
+                            (generation, other)
+                        } else {
+                            (other, generation)
+                        };
+                        generations.insert(first, kept);
+                        if doomed.last >= first {
+                            tracing::error!(dir = %doomed.dir.display(), "two journal generations hold records from seq {first}; keeping the longer one and leaving this one on disk");
+                            continue;
+                        }
+                        doomed
+                    }
+                },
+            };
+            delete(vec![doomed]);
+        }
+        // An empty generation that is not the newest was abandoned by an exit mid-roll.
+        let newest_first = generations.keys().next_back().copied();
+        let abandoned: Vec<u64> = generations
+            .iter()
+            .filter(|(first, g)| Some(**first) != newest_first && !g.compacted && g.last < **first)
+            .map(|(first, _)| *first)
+            .collect();
+        for first in abandoned {
+            delete(generations.remove(&first).into_iter().collect());
         }
         let mut acked = 0;
         for generation in generations.values() {
@@ -706,6 +736,13 @@ impl Journal {
     /// acknowledged and has the one it sealed compacted if it still holds events to
     /// deliver.
     async fn start_generation(self: &Arc<Journal>, first: u64) -> Result<(), StoreError> {
+        // What the sealed generation holds must be on disk before `durable` can pass it:
+        // only the newest is flushed from now on.
+        let sealing = self.lock().newest().db().clone();
+        sealing
+            .flush_async()
+            .await
+            .map_err(StoreError::sled("flushing the journal"))?;
         let spare = self.lock().spare.take();
         let mut generation = match spare {
             Some(spare) => spare,
@@ -722,18 +759,29 @@ impl Journal {
                     .1
             }
         };
-        generation.activate(first, self.acked())?;
-        // Durable before anything older is deleted: it holds the sequence from now on.
-        generation
-            .db()
-            .flush_async()
-            .await
-            .map_err(StoreError::sled("flushing the journal"))?;
+        // Durable before anything older is deleted: it holds the sequence from now on. A
+        // generation activated and then abandoned is deleted (and one an exit leaves behind
+        // is, at the next open).
+        let activated = match generation.activate(first, self.acked()) {
+            Ok(()) => generation
+                .db()
+                .flush_async()
+                .await
+                .map(|_| ())
+                .map_err(StoreError::sled("flushing the journal")),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = activated {
+            delete_later(vec![generation]);
+            return Err(e);
+        }
         let dead = {
             let mut inner = self.lock();
             if inner.inserted + 1 != first {
-                // Only the flusher writes, and it is here: this cannot happen; keep the
-                // current generation rather than leave a gap.
+                // The sequence moved meanwhile (`skip_to`): keep the current generation
+                // rather than leave a gap.
+                drop(inner);
+                delete_later(vec![generation]);
                 return Ok(());
             }
             let sealed = *inner.generations.keys().next_back().expect("a generation");
@@ -856,14 +904,8 @@ impl Journal {
                 return Ok(entries);
             }
         }
-        let start = inner
-            .generations
-            .range(..=after + 1)
-            .next_back()
-            .map(|(first, _)| *first)
-            .unwrap_or(0);
-        for (first, generation) in inner.generations.iter_mut() {
-            if *first < start {
+        for generation in inner.generations.values_mut() {
+            if generation.last <= after {
                 // Read past: a compacted generation's decoded events are not needed again.
                 generation.decoded = None;
                 continue;
@@ -1136,7 +1178,7 @@ mod tests {
         }
         // Reopened, the tail is empty: everything is read from the generations (compacted
         // and not), across their boundaries.
-        drop(journal);
+        close(journal).await;
         let journal = reopen(dir.path(), &db).await;
         let all = {
             let mut all = Vec::new();
@@ -1183,7 +1225,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(journal.depth(), 0);
-        drop(journal);
+        close(journal).await;
         let journal = reopen(dir.path(), &db).await;
         assert_eq!(journal.acked(), n as u64);
         assert_eq!(journal.append(event(0)).await.unwrap(), n as u64 + 1);
@@ -1246,5 +1288,81 @@ mod tests {
         assert_eq!(journal.generations(), 1);
         assert_eq!(journal.append(message(4)).await.unwrap(), 4);
         assert_eq!(journal.read_after(3, 10).unwrap(), [(4, message(4))]);
+    }
+
+    /// Drops `journal` once its background tasks (compactions) are done with it, so the
+    /// next open does not race them.
+    async fn close(journal: Arc<Journal>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while Arc::strong_count(&journal) > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the journal stayed in use"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_generation_surviving_beside_the_one_that_took_records_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store(dir.path());
+        let journal = reopen(dir.path(), &db).await;
+        for n in 1..=3 {
+            journal.append(message(n)).await.unwrap();
+        }
+        close(journal).await;
+        // An empty generation with the same first seq (one replaced or abandoned whose
+        // deletion an exit cut short), with a higher id.
+        let survivor = dir.path().join("journal").join("g-00000000000000000098");
+        {
+            let (_, mut empty) = Generation::open(survivor.clone()).unwrap();
+            empty.activate(1, 0).unwrap();
+            empty.db().flush().unwrap();
+        }
+        let journal = reopen(dir.path(), &db).await;
+        assert_eq!(
+            journal.read_after(0, 100).unwrap(),
+            [(1, message(1)), (2, message(2)), (3, message(3))]
+        );
+        assert_eq!(journal.append(message(4)).await.unwrap(), 4);
+        assert!(!survivor.exists());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_generation_inside_a_range_hides_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store(dir.path());
+        let journal = reopen(dir.path(), &db).await;
+        for n in 1..=5 {
+            journal.append(message(n)).await.unwrap();
+        }
+        close(journal).await;
+        let journal = reopen(dir.path(), &db).await;
+        for n in 6..=7 {
+            journal.append(message(n)).await.unwrap();
+        }
+        close(journal).await;
+        // What an exit can leave behind mid-roll: activated from seq 3, flushed, empty.
+        {
+            let (_, mut abandoned) =
+                Generation::open(dir.path().join("journal").join("g-00000000000000000099"))
+                    .unwrap();
+            abandoned.activate(3, 0).unwrap();
+            abandoned.db().flush().unwrap();
+        }
+        let journal = reopen(dir.path(), &db).await;
+        let seqs: Vec<u64> = journal
+            .read_after(2, 100)
+            .unwrap()
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect();
+        assert_eq!(seqs, [3, 4, 5, 6, 7]);
+        assert!(!dir
+            .path()
+            .join("journal")
+            .join("g-00000000000000000099")
+            .exists());
     }
 }

@@ -191,20 +191,22 @@ impl Link {
         }
     }
 
-    /// The relay refused event `seq`: remember why and tell its waiters.
-    pub fn refuse(&self, seq: u64, reason: String) {
-        let waiters = {
+    /// The relay refused event `seq`: remember why and tell its waiters. Returns whether
+    /// it is news (the relay re-reports its recent refusals at every registration).
+    pub fn refuse(&self, seq: u64, reason: String) -> bool {
+        let (waiters, news) = {
             let mut waiters = self.waiters.lock().expect("waiters lock poisoned");
             let mut refused = self.refused.lock().expect("refused lock poisoned");
-            refused.insert(seq, reason.clone());
+            let news = refused.insert(seq, reason.clone()).is_none();
             while refused.len() > REMEMBERED_REFUSALS {
                 refused.pop_first();
             }
-            waiters.remove(&seq).unwrap_or_default()
+            (waiters.remove(&seq).unwrap_or_default(), news)
         };
         for waiter in waiters {
             let _ = waiter.send(Err(reason.clone()));
         }
+        news
     }
 
     /// The relay acknowledged everything up to `seq`: trim the journal and release the

@@ -635,6 +635,9 @@ impl Bridge {
                 Err(e) => tracing::error!("cannot store a session log entry: {e}"),
             },
             FromRelay::EventRefused { seq, reason } => {
+                // The relay re-reports its recent refusals at every registration: one already
+                // known, or one for an event long acknowledged, is recorded quietly.
+                let settled = seq <= link.journal.acked();
                 let session = link
                     .journal
                     .read_after(seq.saturating_sub(1), 1)
@@ -642,15 +645,18 @@ impl Bridge {
                     .and_then(|entries| entries.into_iter().find(|(s, _)| *s == seq))
                     .map(|(_, event)| event.session().to_owned())
                     .unwrap_or_default();
-                tracing::warn!(seq, session = %session, "the relay refused a journaled event: {reason}");
-                link.refuse(seq, reason.clone());
-                let _ = link
-                    .sessions_feed
-                    .send(Arc::new(Notification::EventRefused {
-                        seq,
-                        session,
-                        reason,
-                    }));
+                if link.refuse(seq, reason.clone()) && !settled {
+                    tracing::warn!(seq, session = %session, "the relay refused a journaled event: {reason}");
+                    let _ = link
+                        .sessions_feed
+                        .send(Arc::new(Notification::EventRefused {
+                            seq,
+                            session,
+                            reason,
+                        }));
+                } else {
+                    tracing::debug!(seq, "the relay re-reported a refusal: {reason}");
+                }
             }
             FromRelay::JoinRefused { session, reason } => {
                 tracing::warn!(session = %session, "cannot follow session: {reason}");

@@ -383,7 +383,19 @@ async fn answer(
         request_id,
         decision,
     };
-    let seq = link.journal.append(event).await.map_err(internal)?;
+    // Bounded like every other wait: a journal that cannot flush (a failing disk) must
+    // not hang this connection. The answer may still be delivered if the flush completes.
+    let seq = link.journal.append_unflushed(event).map_err(internal)?;
+    let durable = link.journal.wait_durable(seq);
+    if tokio::time::timeout(super::connection::WRITE_DEADLINE, durable)
+        .await
+        .is_err()
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::Timeout,
+            format!("the journal did not confirm the answer (event {seq}) within {:?}; it is not known to be queued", super::connection::WRITE_DEADLINE),
+        ));
+    }
     if !link.connected() {
         return Ok(Response::Queued { seq });
     }
