@@ -47,6 +47,8 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(45);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Journal entries sent per batch.
 const SEND_BATCH: usize = 512;
+/// How long the bridge waits before reading the journal again after a failed read.
+const JOURNAL_RETRY: Duration = Duration::from_millis(250);
 /// At most this many messages from the relay are handled in one go before the bridge
 /// writes their session log entries and looks at its other work.
 const READ_BURST: usize = 256;
@@ -429,7 +431,11 @@ impl Bridge {
                             sent_up_to = seq;
                         }
                     }
-                    Err(e) => tracing::error!("cannot read the journal: {e}"),
+                    Err(e) => {
+                        // Not in a tight loop: the next attempt waits a little.
+                        tracing::error!("cannot read the journal: {e}");
+                        tokio::time::sleep(JOURNAL_RETRY).await;
+                    }
                 }
             }
             let more_to_send = sent_up_to < durable_now;
