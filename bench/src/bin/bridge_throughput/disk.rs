@@ -89,7 +89,17 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// journal on disk must stay as the daemon left it.
 pub fn journal_live(journal: &Path) -> anyhow::Result<JournalData> {
     let copy = tempfile::tempdir()?;
-    copy_dir(journal, copy.path())?;
+    // Only the generations: a compaction cut short by the stop may have left a `tmp-`.
+    for entry in
+        std::fs::read_dir(journal).with_context(|| format!("read {}", journal.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("g-") || name.starts_with("c-") {
+            copy_dir(&entry.path(), &copy.path().join(&*name))?;
+        }
+    }
     let dir = copy.path();
     let mut generations = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
