@@ -952,17 +952,21 @@ impl Journal {
     }
 
     /// Moves the sequence past `seq` (everything up to it counts as acknowledged), so new
-    /// events never reuse a seq the relay already holds.
+    /// events never reuse a seq the relay already holds. The move is flushed at once (a
+    /// crash must not bring the sequence back below `seq`), and the next records go to a
+    /// fresh generation, so none holds a gap.
     pub fn skip_to(&self, seq: u64) -> Result<(), StoreError> {
-        {
+        let skipped = {
             let mut inner = self.lock();
-            if inner.next_seq <= seq {
+            let skipped = inner.next_seq <= seq;
+            if skipped {
                 // Anything pending is covered by the relay's ack.
                 inner.pending.clear();
                 inner.tail.clear();
                 inner.next_seq = seq.saturating_add(1);
                 inner.inserted = seq;
                 inner.newest().last = seq;
+                inner.reset_wanted = 0;
                 self.written.fetch_max(seq, Ordering::AcqRel);
                 self.durable.send_if_modified(|durable| {
                     let advanced = seq > *durable;
@@ -970,8 +974,17 @@ impl Journal {
                     advanced
                 });
             }
+            skipped
+        };
+        self.trim(seq)?;
+        if skipped {
+            let newest = self.lock().newest().db().clone();
+            newest
+                .flush()
+                .map_err(StoreError::sled("flushing the journal"))?;
+            self.flush_wanted.notify_one();
         }
-        self.trim(seq)
+        Ok(())
     }
 
     /// The highest seq taken so far.
@@ -1364,5 +1377,36 @@ mod tests {
             .join("journal")
             .join("g-00000000000000000099")
             .exists());
+    }
+
+    #[tokio::test]
+    async fn a_skip_ahead_survives_a_restart_and_leaves_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store(dir.path());
+        let journal = reopen(dir.path(), &db).await;
+        for n in 1..=3 {
+            journal.append(message(n)).await.unwrap();
+        }
+        // The relay holds more of this instance than the journal wrote.
+        journal.skip_to(500).unwrap();
+        assert_eq!(journal.append(message(501)).await.unwrap(), 501);
+        // The next records went to a fresh generation (no gap in one).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let firsts = || {
+            journal
+                .lock()
+                .generations
+                .keys()
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        while firsts() != [501] {
+            assert!(std::time::Instant::now() < deadline, "{:?}", firsts());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        close(journal).await;
+        let journal = reopen(dir.path(), &db).await;
+        assert_eq!(journal.read_after(0, 10).unwrap(), [(501, message(501))]);
+        assert_eq!(journal.append(message(502)).await.unwrap(), 502);
     }
 }
