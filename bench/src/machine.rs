@@ -19,3 +19,14 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into())
 }
+
+/// The report's `machine:` line: CPUs, model, kernel, and the load averages around the run.
+pub fn describe(load_before: &str, load_after: &str) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "machine: {cpus} CPUs ({}), Linux {}; load average {load_before} before, {load_after} after",
+        cpu_model(),
+        kernel.trim()
+    )
+}

@@ -37,7 +37,7 @@ use cloudd_e2e::{Home, JsonClient};
 use serde_json::json;
 
 use affinity::Placement;
-use cloudd_bench::machine::{cpu_model, loadavg};
+use cloudd_bench::machine::{describe, loadavg};
 use cloudd_bench::stats::Samples;
 use load::{Blocking, Req, Target};
 
@@ -368,17 +368,9 @@ fn mib(kib: u64) -> f64 {
 
 fn print_report(report: &Report<'_>) {
     let args = report.args;
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("# cloudd local socket benchmark");
     println!();
-    println!(
-        "machine: {cpus} CPUs ({}), Linux {}; load average {} before, {} after",
-        cpu_model(),
-        kernel.trim(),
-        report.load_before,
-        report.load_after
-    );
+    println!("{}", describe(&report.load_before, &report.load_after));
     println!(
         "settings: --iterations {} --concurrent-iterations {} --warmup {} --concurrent-warmup {} --clients {} --rounds {} ({:.1} s of load)",
         args.iterations,

@@ -337,6 +337,12 @@ impl Inner {
             .expect("the journal always has a generation")
     }
 
+    /// Whether the newest generation holds no record yet.
+    fn newest_is_empty(&self) -> bool {
+        let (first, newest) = self.generations.iter().next_back().expect("a generation");
+        newest.last < *first
+    }
+
     /// Removes the generations (but the newest) wholly acknowledged by `acked`.
     fn take_dead(&mut self, acked: u64) -> Vec<Generation> {
         let newest = *self.generations.keys().next_back().expect("a generation");
@@ -648,8 +654,7 @@ impl Journal {
     /// Whether everything is acknowledged while the newest generation holds records.
     fn idle_reset_possible(&self) -> bool {
         let inner = self.lock();
-        let (first, newest) = inner.generations.iter().next_back().expect("a generation");
-        inner.pending.is_empty() && self.acked() >= inner.inserted && newest.last >= *first
+        inner.pending.is_empty() && self.acked() >= inner.inserted && !inner.newest_is_empty()
     }
 
     /// One turn of the flusher: start a new generation if one is due, write the pending
@@ -657,12 +662,10 @@ impl Journal {
     async fn flush_turn(self: &Arc<Journal>) -> Result<(), StoreError> {
         let roll = {
             let mut inner = self.lock();
-            let (bytes, empty) = {
-                let (first, newest) = inner.generations.iter().next_back().expect("a generation");
-                (newest.bytes, newest.last < *first)
-            };
+            let bytes = inner.newest().bytes;
             // An empty generation is never replaced (the new one would have its name).
-            let due = !empty && (bytes >= ROLL_BYTES || bytes >= inner.reset_wanted);
+            let due =
+                !inner.newest_is_empty() && (bytes >= ROLL_BYTES || bytes >= inner.reset_wanted);
             inner.reset_wanted = u64::MAX;
             due.then(|| inner.inserted + 1)
         };

@@ -132,6 +132,17 @@ impl Home {
             .unwrap_or_else(|e| panic!("bad JSON from cloudctl {args:?}: {e}: {stdout}"))
     }
 
+    /// `cloudctl status --json` once the daemon's bridge is connected (waits with a
+    /// deadline; starts the daemon if needed).
+    pub fn wait_connected(&self) -> Value {
+        let mut status = Value::Null;
+        wait_for("the bridge to connect", DEADLINE, || {
+            status = self.cloudctl_json(&["status"]);
+            status["relay"]["state"] == "connected"
+        });
+        status
+    }
+
     /// A `cloudd` command in the foreground with this home, logging to `daemon.log` in
     /// the home.
     pub fn cloudd_command(&self) -> Command {

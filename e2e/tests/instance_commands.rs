@@ -5,16 +5,6 @@
 use cloudd_e2e::{wait_for, Home, Relay, DEADLINE};
 use serde_json::{json, Value};
 
-/// `cloudctl status --json` once the bridge is connected.
-fn wait_connected(home: &Home) -> Value {
-    let mut status = Value::Null;
-    wait_for("the bridge to connect", DEADLINE, || {
-        status = home.cloudctl_json(&["status"]);
-        status["relay"]["state"] == "connected"
-    });
-    status
-}
-
 fn instances(relay: &Relay, token: &str) -> Vec<Value> {
     let (status, list) = relay.http("GET", "/v1/instances", token, None);
     assert_eq!(status, 200, "{list}");
@@ -38,7 +28,7 @@ fn the_relay_lists_a_daemon_and_its_commands_are_answered_by_it() {
     let home = Home::new();
     let ann = relay.token("ann", "acme");
     home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &ann]);
-    let status = wait_connected(&home);
+    let status = home.wait_connected();
     let instance = status["relay"]["instance_id"]
         .as_str()
         .unwrap_or_else(|| panic!("no instance id: {status}"))
@@ -88,7 +78,7 @@ fn the_relay_lists_a_daemon_and_its_commands_are_answered_by_it() {
     assert_eq!(code, 404, "{body}");
 
     // Started again on the same state directory, it is the same instance, and answers.
-    let status = wait_connected(&home);
+    let status = home.wait_connected();
     assert_eq!(status["relay"]["instance_id"], instance.as_str());
     let list = instances(&relay, &ann);
     assert_eq!(list.len(), 1, "{list:?}");

@@ -70,15 +70,6 @@ fn assistant_text(entry: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn wait_connected(home: &Home) -> Value {
-    let mut identity = Value::Null;
-    wait_for("the bridge to connect", DEADLINE, || {
-        identity = home.cloudctl_json(&["whoami"]);
-        identity["relay"]["state"] == "connected"
-    });
-    identity
-}
-
 fn create_session(home: &Home, args: &[&str]) -> String {
     let mut all = vec!["session", "create"];
     all.extend_from_slice(args);
@@ -95,7 +86,7 @@ fn login(home: &Home, relay: &Relay, user: &str, org: &str) -> String {
 #[test]
 fn embedded_relay_round_trip_with_allow_and_deny() {
     let home = Home::new();
-    let identity = wait_connected(&home);
+    let identity = home.wait_connected();
     assert_eq!(identity["relay"]["mode"], "embedded");
     let status = home.cloudctl_ok(&["status"]);
     assert!(
@@ -339,7 +330,7 @@ fn a_revoked_token_is_refused_without_a_retry_storm() {
     let relay = Relay::start();
     let home = Home::new();
     login(&home, &relay, "ann", "acme");
-    wait_connected(&home);
+    home.wait_connected();
     relay.revoke("ann");
     wait_for("the daemon to show the refusal", DEADLINE, || {
         home.cloudctl_json(&["status"])["relay"]["state"] == "refused"
@@ -429,7 +420,7 @@ fn a_prompt_answered_on_one_machine_is_withdrawn_everywhere() {
 #[test]
 fn network_none_gives_the_agent_no_network_or_says_it_cannot() {
     let home = Home::new();
-    wait_connected(&home);
+    home.wait_connected();
     let session = create_session(&home, &["--network", "none"]);
     let mut watcher = Watcher::attach(&home, &session);
     let note = watcher.until("the network note", |e| e["message"]["subtype"] == "network");
@@ -469,7 +460,7 @@ fn network_none_gives_the_agent_no_network_or_says_it_cannot() {
 #[test]
 fn attach_since_replays_what_happened_while_nobody_watched() {
     let home = Home::new();
-    wait_connected(&home);
+    home.wait_connected();
     let session = create_session(&home, &["--task", "unwatched"]);
     home.cloudctl_ok(&["send", &session, "echo while-nobody-watched"]);
     // Nobody is attached: the daemon still follows the session and stores its log.

@@ -5,16 +5,10 @@
 use cloudd_e2e::{wait_for, Home, DEADLINE};
 use serde_json::{json, Value};
 
-fn wait_connected(home: &Home) {
-    wait_for("the bridge to connect", DEADLINE, || {
-        home.cloudctl_json(&["whoami"])["relay"]["state"] == "connected"
-    });
-}
-
 #[test]
 fn unfollowing_drops_the_local_copy_and_attach_follows_again() {
     let home = Home::new();
-    wait_connected(&home);
+    home.wait_connected();
     let created = home.cloudctl_json(&["session", "create", "--task", "unfollow"]);
     let session = created["session"]["id"].as_str().unwrap().to_owned();
     home.cloudctl_ok(&["send", &session, "echo kept-by-the-relay"]);

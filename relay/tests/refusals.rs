@@ -6,8 +6,7 @@
 mod common;
 
 use cloud_protocol::bridge::{
-    self, Channel, Envelope, FromRelay, InstanceSnapshot, Outbound, PermissionDecision, ToRelay,
-    BRIDGE_VERSION,
+    self, Channel, Envelope, FromRelay, Outbound, PermissionDecision, ToRelay,
 };
 use common::*;
 use futures_util::StreamExt as _;
@@ -41,23 +40,7 @@ async fn register(
     token: &str,
     instance: &str,
 ) -> (Bridge, Vec<Envelope<FromRelay>>) {
-    let socket = websocket(relay.addr, bridge::BRIDGE_PATH, token)
-        .await
-        .unwrap();
-    let mut bridge = Bridge { socket, ack: 0 };
-    bridge
-        .send(
-            0,
-            ToRelay::Register(InstanceSnapshot {
-                instance_id: instance.to_owned(),
-                hostname: "test".to_owned(),
-                daemon_version: "0".to_owned(),
-                bridge_version: BRIDGE_VERSION,
-                worktrees: vec![],
-                sessions: vec![],
-            }),
-        )
-        .await;
+    let mut bridge = Bridge::register(relay.addr, token, instance).await;
     let mut answer = Vec::new();
     loop {
         let envelope = recv_envelope(&mut bridge).await;

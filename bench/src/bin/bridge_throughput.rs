@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use cloud_protocol::bridge::{self, Channel, Envelope, Outbound, ToRelay};
-use cloudd_bench::machine::{cpu_model, loadavg};
+use cloudd_bench::machine::{describe, loadavg};
 use cloudd_e2e::{Daemon, Home, Relay};
 
 use baseline::Flush;
@@ -620,16 +620,9 @@ fn print_report(report: &Report<'_>) {
     let args = report.args;
     let results = report.results;
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("# cloudd durable bridge benchmark");
     println!();
-    println!(
-        "machine: {cpus} CPUs ({}), Linux {}; load average {} before, {} after",
-        cpu_model(),
-        kernel.trim(),
-        report.load_before,
-        report.load_after
-    );
+    println!("{}", describe(&report.load_before, &report.load_after));
     println!(
         "settings: --events {} --rounds {} --warmup {} --connections {} --batch {} --text-len {} --latency-events {} \
          --sled-inserts {} --sled-flushed-inserts {} --ws-messages {} --backlog {} --settle-secs {} \

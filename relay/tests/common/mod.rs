@@ -278,14 +278,8 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Connects and registers as `instance`; returns the client after `Registered` and
-    /// the initial `Sessions` (skipping the instance's stored refusals and their `Ack`
-    /// between them).
-    pub async fn connect(
-        addr: SocketAddr,
-        token: &str,
-        instance: &str,
-    ) -> (Bridge, Vec<cloud_protocol::session::Session>) {
+    /// Connects and sends `Register` as `instance`, reading nothing yet.
+    pub async fn register(addr: SocketAddr, token: &str, instance: &str) -> Bridge {
         let socket = websocket(addr, BRIDGE_PATH, token).await.unwrap();
         let mut bridge = Bridge { socket, ack: 0 };
         bridge
@@ -301,6 +295,18 @@ impl Bridge {
                 }),
             )
             .await;
+        bridge
+    }
+
+    /// Connects and registers as `instance`; returns the client after `Registered` and
+    /// the initial `Sessions` (skipping the instance's stored refusals and their `Ack`
+    /// between them).
+    pub async fn connect(
+        addr: SocketAddr,
+        token: &str,
+        instance: &str,
+    ) -> (Bridge, Vec<cloud_protocol::session::Session>) {
+        let mut bridge = Bridge::register(addr, token, instance).await;
         assert!(matches!(
             bridge.recv().await,
             Some(FromRelay::Registered { .. })
