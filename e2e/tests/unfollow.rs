@@ -26,8 +26,6 @@ fn unfollowing_drops_the_local_copy_and_attach_follows_again() {
         json!({"unfollowed": true}),
         "unfollowing twice is not an error"
     );
-    // The stored copy is gone at once.
-    assert_eq!(home.cloudctl_json(&["permissions", &session]), json!([]));
     // Still listed: unfollowing changes nothing on the relay.
     let listed = home.cloudctl_json(&["session", "list"]);
     assert!(
@@ -40,11 +38,8 @@ fn unfollowing_drops_the_local_copy_and_attach_follows_again() {
     );
 
     // Attaching follows it again, and the relay replays the whole log.
-    let mut replay = String::new();
-    wait_for("the replay after following again", DEADLINE, || {
-        replay = home.cloudctl_ok(&["attach", &session, "--since", "0", "--no-follow", "--json"]);
-        replay.contains("kept-by-the-relay")
-    });
+    let replay = home.cloudctl_ok(&["attach", &session, "--since", "0", "--no-follow", "--json"]);
+    assert!(replay.contains("kept-by-the-relay"), "{replay}");
     let seqs: Vec<u64> = replay
         .lines()
         .map(|l| {

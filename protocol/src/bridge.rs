@@ -209,6 +209,11 @@ pub enum RelayRequest {
         /// The new visibility.
         visibility: Visibility,
     },
+    /// The session as this user may see it (public ones included), or "no such session".
+    Get {
+        /// The session.
+        session: String,
+    },
 }
 
 /// What a relay sends.

@@ -754,6 +754,10 @@ impl Connection {
                 })
                 .await?
                 .map(Some),
+            RelayRequest::Get { session } => self
+                .shared
+                .session_for(&identity, &session)
+                .map(|(session, _)| Some(session)),
         }
     }
 

@@ -119,7 +119,9 @@ pub async fn handle(
             )),
         },
         Request::Attach { session, since } => {
+            let known = visible_session(link, &session).await?;
             follow(link, &session)?;
+            catch_up(link, &session, known.as_ref(), since.unwrap_or(0)).await?;
             let last_seq = link.inbound.last_seq(&session).map_err(internal)?;
             let after = since.unwrap_or(last_seq.saturating_sub(RECENT_ENTRIES));
             if client.session_feed.is_none() {
@@ -148,6 +150,9 @@ pub async fn handle(
             Ok(Response::Pong)
         }
         Request::Permissions { session } => {
+            let known = visible_session(link, &session).await?;
+            follow(link, &session)?;
+            catch_up(link, &session, known.as_ref(), 0).await?;
             let entries = link.inbound.since(&session, 0).map_err(internal)?;
             Ok(Response::Prompts(pending_prompts(&entries)))
         }
@@ -188,6 +193,68 @@ fn not_found(session: &str) -> ErrorBody {
         ErrorCode::NotFound,
         format!("no session {session} (see `cloudctl session list`)"),
     )
+}
+
+/// The session as far as this daemon can tell, for requests that read its log: the
+/// replica's copy, else the relay's answer (a public session of another org is visible
+/// without being listed). `None` when it is followed but the relay cannot be asked (the
+/// local copy is all there is). Unknown sessions are [`not_found`], worded as everywhere.
+async fn visible_session(link: &Link, session: &str) -> Result<Option<Session>, ErrorBody> {
+    if let Some(known) = link.replica.get(session).map_err(internal)? {
+        return Ok(Some(known));
+    }
+    let followed = link.inbound.is_followed(session).map_err(internal)?;
+    if followed && !link.connected() {
+        return Ok(None);
+    }
+    let request = RelayRequest::Get {
+        session: session.to_owned(),
+    };
+    match relay_request(link, request).await {
+        Ok(found) => Ok(found),
+        Err(e) if e.code == ErrorCode::NotFound => Err(not_found(session)),
+        Err(_) if followed => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// How long a read waits for the relay to send the part of a log the local copy lacks.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Waits until the local copy of the session's log holds everything the relay had when
+/// `known` was read (a session followed just now, or again after `unfollow`, is sent from
+/// the start), so a replay after `after` is complete. Offline, the local copy is all there
+/// is and nothing is waited for.
+async fn catch_up(
+    link: &Link,
+    session: &str,
+    known: Option<&Session>,
+    after: u64,
+) -> Result<(), ErrorBody> {
+    let Some(target) = known.map(|s| s.last_seq).filter(|&last| last > after) else {
+        return Ok(());
+    };
+    // Subscribe before looking, so an entry stored in between is not missed.
+    let mut feed = link.session_feed.subscribe();
+    let deadline = tokio::time::Instant::now() + CATCH_UP_DEADLINE;
+    while link.inbound.last_seq(session).map_err(internal)? < target {
+        if !link.connected() {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, feed.recv()).await {
+            Err(_) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the relay did not send session {session}'s log up to entry {target} within {CATCH_UP_DEADLINE:?}; try again"
+                    ),
+                ))
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return Ok(()),
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn known_session(link: &Link, session: &str) -> Result<Session, ErrorBody> {
