@@ -659,7 +659,21 @@ fn print_status(status: &Status) {
             ),
         ),
     ];
-    for (name, value) in rows {
+    let refused = (status.relay.refused_events > 0).then(|| {
+        (
+            "refused",
+            format!(
+                "{} event(s) not delivered, latest: {}",
+                status.relay.refused_events,
+                status
+                    .relay
+                    .last_refusal
+                    .as_deref()
+                    .unwrap_or("no reason given")
+            ),
+        )
+    });
+    for (name, value) in rows.into_iter().chain(refused) {
         println!("{name:<10} {value}");
     }
 }

@@ -127,6 +127,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         journal,
         Inbound::open(&db)?,
         Replica::open(&db)?,
+        store::Meta::open(&db)?,
         if credentials::load(&paths.config_dir)
             .ok()
             .flatten()

@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::inbound::Inbound;
 use crate::journal::Journal;
 use crate::replica::Replica;
+use crate::store::{Meta, Refusals};
 
 /// How many refusal reasons are remembered for `Delivery` requests that come late.
 const REMEMBERED_REFUSALS: usize = 1024;
@@ -71,6 +72,10 @@ pub struct Link {
     waiters: Mutex<BTreeMap<u64, Vec<oneshot::Sender<Delivery>>>>,
     /// Recently refused events and why, by seq.
     refused: Mutex<BTreeMap<u64, String>>,
+    /// The durable facts: whose events the journal holds, the refusal tally.
+    pub meta: Meta,
+    /// How many events were refused, and the latest reason (as `status` shows them).
+    refusals: Mutex<Refusals>,
     /// Session log entries as they arrive: (session, entry).
     pub session_feed: broadcast::Sender<Arc<Notification>>,
     /// Replica changes, relay status changes, refused events.
@@ -87,11 +92,16 @@ impl Link {
         journal: Arc<Journal>,
         inbound: Inbound,
         replica: Replica,
+        meta: Meta,
         mode: RelayMode,
         url: String,
         instance_id: String,
     ) -> (Link, mpsc::Receiver<BridgeCommand>) {
         let (commands, commands_rx) = mpsc::channel(256);
+        let refusals = meta.refusals().unwrap_or_else(|e| {
+            tracing::error!("cannot read the refusal tally: {e}");
+            Refusals::default()
+        });
         let (status, _) = watch::channel(RelayStatus {
             mode,
             url,
@@ -101,6 +111,8 @@ impl Link {
             org: None,
             journal_depth: journal.depth(),
             instance_id,
+            refused_events: refusals.count,
+            last_refusal: refusals.latest.clone(),
         });
         let (session_feed, _) = broadcast::channel(SESSION_FEED_CAPACITY);
         let (sessions_feed, _) = broadcast::channel(SESSIONS_FEED_CAPACITY);
@@ -113,6 +125,8 @@ impl Link {
                 commands,
                 waiters: Mutex::new(BTreeMap::new()),
                 refused: Mutex::new(BTreeMap::new()),
+                meta,
+                refusals: Mutex::new(refusals),
                 session_feed,
                 sessions_feed,
                 epoch: std::sync::atomic::AtomicU64::new(0),
@@ -125,7 +139,30 @@ impl Link {
     pub fn status(&self) -> RelayStatus {
         let mut status = self.status.borrow().clone();
         status.journal_depth = self.journal.depth();
+        let refusals = self.refusals.lock().expect("refusals lock poisoned");
+        status.refused_events = refusals.count;
+        status.last_refusal.clone_from(&refusals.latest);
         status
+    }
+
+    /// Counts a refusal the user has not been told about (`status` shows the tally), and
+    /// tells `sessions` subscribers.
+    pub fn report_refusal(&self, seq: u64, session: String, reason: String) {
+        {
+            let mut refusals = self.refusals.lock().expect("refusals lock poisoned");
+            refusals.count += 1;
+            refusals.latest = Some(reason.clone());
+            if let Err(e) = self.meta.set_refusals(&refusals) {
+                tracing::error!("cannot store the refusal tally: {e}");
+            }
+        }
+        let _ = self
+            .sessions_feed
+            .send(Arc::new(Notification::EventRefused {
+                seq,
+                session,
+                reason,
+            }));
     }
 
     /// Follows the relay connection's changes.
@@ -264,6 +301,7 @@ mod tests {
             journal,
             Inbound::open(&db).unwrap(),
             Replica::open(&db).unwrap(),
+            Meta::open(&db).unwrap(),
             RelayMode::Embedded,
             String::new(),
             "i-test".into(),
@@ -298,6 +336,7 @@ mod tests {
             Arc::clone(&journal),
             Inbound::open(&db).unwrap(),
             Replica::open(&db).unwrap(),
+            Meta::open(&db).unwrap(),
             RelayMode::Embedded,
             String::new(),
             "i-test".into(),

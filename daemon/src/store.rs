@@ -3,7 +3,9 @@
 //! The outbound journal is not in it: it has its own databases (see [`crate::journal`]).
 //! Each tree belongs to one module: `inbound` and
 //! `follows` to [`crate::inbound`], `sessions` to [`crate::replica`], `meta` to this module
-//! (the instance id) but for its `journal_acked` key, which is the journal's. No other module opens a tree.
+//! (the instance id, whose relay and identity the journal's events belong to, how many
+//! events were refused and the latest reason) but for its `journal_acked` key, which is the
+//! journal's. No other module opens a tree.
 
 use std::path::Path;
 
@@ -75,4 +77,78 @@ pub fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
     getrandom::fill(&mut bytes).expect("the OS random source works");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The daemon's small durable facts, in the store's `meta` tree: who the journal's events
+/// belong to, and the tally of refused events that `status` shows.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    tree: sled::Tree,
+}
+
+/// Events the relay (or the daemon, for events of another identity) refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// How many, since the state directory was made.
+    pub count: u64,
+    /// The latest one's reason.
+    pub latest: Option<String>,
+}
+
+impl Meta {
+    /// The `meta` tree of `db`.
+    pub fn open(db: &sled::Db) -> Result<Meta, StoreError> {
+        Ok(Meta {
+            tree: db.open_tree("meta").map_err(StoreError::sled("meta"))?,
+        })
+    }
+
+    /// The relay and identity the journal's unacknowledged events were queued for (see
+    /// [`crate::bridge`]); `None` before the first registration.
+    pub fn journal_owner(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get("journal_owner")
+            .map_err(StoreError::sled("meta"))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records who the journal's events belong to from now on (flushed: it decides where
+    /// events may go after a restart).
+    pub fn set_journal_owner(&self, owner: &str) -> Result<(), StoreError> {
+        self.tree
+            .insert("journal_owner", owner.as_bytes())
+            .map_err(StoreError::sled("meta"))?;
+        self.tree.flush().map_err(StoreError::sled("meta"))?;
+        Ok(())
+    }
+
+    /// The tally of refused events.
+    pub fn refusals(&self) -> Result<Refusals, StoreError> {
+        let count = self
+            .tree
+            .get("refused_count")
+            .map_err(StoreError::sled("meta"))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let latest = self
+            .tree
+            .get("refused_latest")
+            .map_err(StoreError::sled("meta"))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        Ok(Refusals { count, latest })
+    }
+
+    /// Stores the tally (not flushed: a crash may lose the latest count, never an event).
+    pub fn set_refusals(&self, refusals: &Refusals) -> Result<(), StoreError> {
+        self.tree
+            .insert("refused_count", &refusals.count.to_be_bytes())
+            .map_err(StoreError::sled("meta"))?;
+        if let Some(latest) = &refusals.latest {
+            self.tree
+                .insert("refused_latest", latest.as_bytes())
+                .map_err(StoreError::sled("meta"))?;
+        }
+        Ok(())
+    }
 }

@@ -357,6 +357,11 @@ pub struct RelayStatus {
     pub journal_depth: u64,
     /// This daemon instance's id.
     pub instance_id: String,
+    /// How many journaled events were refused (by the relay, or by the daemon because they
+    /// were queued for another relay or identity), since the state directory was made.
+    pub refused_events: u64,
+    /// The latest refusal's reason.
+    pub last_refusal: Option<String>,
 }
 
 /// Where the relay runs.

@@ -935,6 +935,8 @@ mod tests {
             org: None,
             journal_depth: 3,
             instance_id: "i-0123".into(),
+            refused_events: 2,
+            last_refusal: Some("prompt p-1 was withdrawn".into()),
         }
     }
 

@@ -377,6 +377,25 @@ impl Bridge {
                 Ok(Some(Ok(_))) => continue,
             }
         };
+        // The journal's events belong to the relay and identity they were queued for: a
+        // different one never receives them.
+        let owner = match mode {
+            RelayMode::Embedded => {
+                format!("the embedded relay as {}/{}", registered.0, registered.1)
+            }
+            RelayMode::Remote => format!(
+                "{} as {}/{}",
+                credentials.relay.trim_end_matches('/'),
+                registered.0,
+                registered.1
+            ),
+        };
+        if let Err(reason) = self.claim_journal(&owner) {
+            return Ended::Failed {
+                reason,
+                registered: false,
+            };
+        }
         tracing::info!(user = %registered.0, org = %registered.1, url = %url, "connected to the relay");
         self.link.set_status(|s| {
             s.state = BridgeState::Connected;
@@ -399,6 +418,48 @@ impl Bridge {
         let ended = self.serve(&mut socket).await;
         let _ = socket.close(None).await;
         registered_failure(ended)
+    }
+
+    /// Makes `owner` (a relay and an identity) the owner of the journal's events. Events
+    /// still unacknowledged that were queued for another owner are refused here, never
+    /// sent: their waiters, `status` and `sessions` subscribers are told why.
+    fn claim_journal(&self, owner: &str) -> Result<(), String> {
+        let link = &self.link;
+        let previous = link
+            .meta
+            .journal_owner()
+            .map_err(|e| format!("cannot read whose events the journal holds: {e}"))?;
+        if previous.as_deref() == Some(owner) {
+            return Ok(());
+        }
+        if let Some(previous) = previous {
+            let reason = format!(
+                "not delivered: it was queued for {previous}, and this daemon now talks to {owner}"
+            );
+            let mut n_refused = 0u64;
+            loop {
+                let after = link.journal.acked();
+                let entries = link
+                    .journal
+                    .read_after(after, SEND_BATCH)
+                    .map_err(|e| format!("cannot read the journal: {e}"))?;
+                let Some(&(last, _)) = entries.last() else {
+                    break;
+                };
+                for (seq, event) in entries {
+                    link.refuse(seq, reason.clone());
+                    link.report_refusal(seq, event.session().to_owned(), reason.clone());
+                    n_refused += 1;
+                }
+                link.acknowledge(last);
+            }
+            if n_refused > 0 {
+                tracing::warn!(n_refused, "refused journaled events queued for {previous}: this daemon now talks to {owner}");
+            }
+        }
+        link.meta
+            .set_journal_owner(owner)
+            .map_err(|e| format!("cannot record whose events the journal holds: {e}"))
     }
 
     /// The registered connection's loop.
@@ -653,13 +714,7 @@ impl Bridge {
                     .unwrap_or_default();
                 if link.refuse(seq, reason.clone()) && !settled {
                     tracing::warn!(seq, session = %session, "the relay refused a journaled event: {reason}");
-                    let _ = link
-                        .sessions_feed
-                        .send(Arc::new(Notification::EventRefused {
-                            seq,
-                            session,
-                            reason,
-                        }));
+                    link.report_refusal(seq, session, reason);
                 } else {
                     tracing::debug!(seq, "the relay re-reported a refusal: {reason}");
                 }

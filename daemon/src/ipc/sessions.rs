@@ -93,11 +93,13 @@ pub async fn handle(
             })
         }
         Request::Send { session, text } => {
+            check_accepting(link)?;
             check_sendable(link, &session)?;
             follow(link, &session)?;
             journal(link, client, Outbound::UserMessage { session, text })
         }
         Request::Interrupt { session } => {
+            check_accepting(link)?;
             check_sendable(link, &session)?;
             journal(link, client, Outbound::Interrupt { session })
         }
@@ -160,7 +162,10 @@ pub async fn handle(
             session,
             request_id,
             decision,
-        } => answer(link, client, session, request_id, decision).await,
+        } => {
+            check_accepting(link)?;
+            answer(link, client, session, request_id, decision).await
+        }
         other => Err(ErrorBody::new(
             ErrorCode::MethodNotFound,
             format!("{} is not a sessions request", other.method()),
@@ -173,6 +178,24 @@ fn journal(link: &Link, client: &mut ClientState, event: Outbound) -> Result<Res
     let seq = link.journal.append_unflushed(event).map_err(internal)?;
     client.needs_durable = client.needs_durable.max(seq);
     Ok(Response::Queued { seq })
+}
+
+/// Refuses to queue events while the relay refuses this daemon for good (a bad or revoked
+/// token): they could only wait for a login, which may well be someone else's, and then be
+/// refused (see `claim_journal` in [`crate::bridge`]).
+fn check_accepting(link: &Link) -> Result<(), ErrorBody> {
+    let status = link.status();
+    if status.state != BridgeState::Refused {
+        return Ok(());
+    }
+    Err(ErrorBody::new(
+        ErrorCode::Refused,
+        format!(
+            "not queued: the relay at {} refuses this daemon ({}); log in again with `cloudctl login`",
+            status.url,
+            status.reason.as_deref().unwrap_or("no reason given")
+        ),
+    ))
 }
 
 /// Refuses events for sessions neither the (live) replica nor the followed set knows (a
