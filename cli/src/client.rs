@@ -55,6 +55,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether a request's reply was lost with the connection (the daemon died or closed
+    /// it): the request may or may not have been carried out.
+    pub fn reply_lost(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Closed(_) | ClientError::Disconnected | ClientError::Io(_)
+        )
+    }
+
     /// Whether the daemon is simply absent (so it can be started).
     pub fn is_not_running(&self) -> bool {
         matches!(self, ClientError::NotRunning { .. })

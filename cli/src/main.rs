@@ -298,7 +298,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Send { id, text } => {
             let mut running = connect(&paths, true).await?;
-            session_commands::send(&mut running.client, id, text, json_output).await
+            session_commands::send(&paths, &mut running.client, id, text, json_output).await
         }
         Command::Attach {
             id,
@@ -319,7 +319,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Interrupt { id } => {
             let mut running = connect(&paths, true).await?;
-            session_commands::interrupt(&mut running.client, id, json_output).await
+            session_commands::interrupt(&paths, &mut running.client, id, json_output).await
         }
         Command::Permissions { id } => {
             let mut running = connect(&paths, true).await?;
@@ -334,8 +334,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 updated_input: session_commands::updated_input(input)?,
             };
             let mut running = connect(&paths, true).await?;
-            session_commands::answer(&mut running.client, id, request_id, decision, json_output)
-                .await
+            session_commands::answer(
+                &paths,
+                &mut running.client,
+                id,
+                request_id,
+                decision,
+                json_output,
+            )
+            .await
         }
         Command::Deny {
             id,
@@ -344,6 +351,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         } => {
             let mut running = connect(&paths, true).await?;
             session_commands::answer(
+                &paths,
                 &mut running.client,
                 id,
                 request_id,

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use cloud_protocol::bridge::PermissionDecision;
 use cloud_protocol::ipc::{BridgeState, Notification, RelayStatus, Request, Response};
 use cloud_protocol::jsonrpc::log_entry_value;
+use cloud_protocol::paths::Paths;
 use cloud_protocol::session::{
     Author, CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction,
     SessionEvent, Visibility,
@@ -295,64 +296,90 @@ pub fn relay_line(relay: &RelayStatus) -> String {
     format!("{mode}, {state} ({}){who}{reason}", relay.url)
 }
 
-/// `cloudctl send`: queue, then wait for the relay's verdict when it is reachable.
+/// `cloudctl send`: queues the message and waits for the relay's verdict when it is
+/// reachable, in one round trip.
 pub async fn send(
+    paths: &Paths,
     client: &mut Client,
     session: String,
     text: String,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let Response::Queued { seq } = client.request(Request::Send { session, text }).await? else {
-        bail!("unexpected reply to send");
-    };
-    deliver(client, seq, "sent", json_output).await
+    let response = journaled(paths, client, |key| Request::Send {
+        session: session.clone(),
+        text: text.clone(),
+        key: Some(key),
+        wait: true,
+    })
+    .await?;
+    report(response, "sent", json_output)
 }
 
 /// `cloudctl interrupt`.
 pub async fn interrupt(
+    paths: &Paths,
     client: &mut Client,
     session: String,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let Response::Queued { seq } = client.request(Request::Interrupt { session }).await? else {
-        bail!("unexpected reply to interrupt");
-    };
-    deliver(client, seq, "interrupt sent", json_output).await
+    let response = journaled(paths, client, |key| Request::Interrupt {
+        session: session.clone(),
+        key: Some(key),
+        wait: true,
+    })
+    .await?;
+    report(response, "interrupt sent", json_output)
 }
 
-/// Waits for the relay to take event `seq` when it is connected; otherwise says it is
-/// queued.
-async fn deliver(
+/// A fresh idempotency key: one per invocation, so a retry is recognised as the same event.
+fn new_key() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends a journaled request with an idempotency key chosen for this invocation. When the
+/// reply is lost (the daemon died or closed the connection before answering), the client
+/// cannot tell whether the event was queued: it reconnects (restarting the daemon if
+/// need be) and sends the request once more with the same key, which the daemon and the
+/// relay take as the same event.
+async fn journaled(
+    paths: &Paths,
     client: &mut Client,
-    seq: u64,
-    what: &str,
-    json_output: bool,
-) -> anyhow::Result<()> {
-    let Response::Identity(identity) = client.request(Request::Whoami).await? else {
-        bail!("unexpected reply to whoami");
-    };
-    if identity.relay.state != BridgeState::Connected {
-        if json_output {
-            println!("{}", json!({"seq": seq, "state": "queued"}));
-        } else {
-            println!(
-                "queued (seq {seq}): the relay is {}; it will be delivered when it is back",
-                json!(identity.relay.state).as_str().unwrap_or("?")
+    make: impl Fn(String) -> Request,
+) -> anyhow::Result<Response> {
+    let key = new_key();
+    match client.request(make(key.clone())).await {
+        Err(e) if e.reply_lost() => {
+            eprintln!(
+                "cloudctl: the reply was lost ({e}); sending again with the same idempotency key"
             );
+            *client = cloudctl::launcher::ensure_running(paths, crate::CLIENT_NAME)
+                .await?
+                .client;
+            Ok(client.request(make(key)).await?)
         }
-        return Ok(());
+        result => Ok(result?),
     }
-    match client.request(Request::Delivery { seq }).await? {
-        Response::Delivered { seq } => {
-            if json_output {
-                println!("{}", json!({"seq": seq, "state": "delivered"}));
-            } else {
-                println!("{what} (seq {seq})");
-            }
-            Ok(())
-        }
-        other => bail!("unexpected reply to delivery: {other:?}"),
+}
+
+/// Prints the outcome of a journaled request.
+fn report(response: Response, what: &str, json_output: bool) -> anyhow::Result<()> {
+    let (seq, state) = match response {
+        Response::Delivered { seq } => (seq, "delivered"),
+        Response::Queued { seq } => (seq, "queued"),
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    if json_output {
+        println!("{}", json!({"seq": seq, "state": state}));
+    } else if state == "queued" {
+        println!(
+            "queued (seq {seq}): the relay is not connected; it will be delivered when it is back"
+        );
+    } else {
+        println!("{what} (seq {seq})");
     }
+    Ok(())
 }
 
 /// `cloudctl permissions`.
@@ -388,6 +415,7 @@ pub async fn permissions(
 
 /// `cloudctl allow` / `cloudctl deny`.
 pub async fn answer(
+    paths: &Paths,
     client: &mut Client,
     session: String,
     request_id: String,
@@ -398,13 +426,13 @@ pub async fn answer(
         PermissionDecision::Allow { .. } => "allowed",
         PermissionDecision::Deny { .. } => "denied",
     };
-    let response = client
-        .request(Request::Answer {
-            session,
-            request_id: request_id.clone(),
-            decision,
-        })
-        .await?;
+    let response = journaled(paths, client, |key| Request::Answer {
+        session: session.clone(),
+        request_id: request_id.clone(),
+        decision: decision.clone(),
+        key: Some(key),
+    })
+    .await?;
     let (seq, state) = match response {
         Response::Delivered { seq } => (seq, "delivered"),
         Response::Queued { seq } => (seq, "queued"),
@@ -512,14 +540,16 @@ pub async fn attach(
                         session: session.clone(),
                         request_id: request_id.clone(),
                         decision: PermissionDecision::Allow { updated_input: None },
+                        key: Some(new_key()),
                     },
                     ("n" | "no", Some(request_id)) => Request::Answer {
                         session: session.clone(),
                         request_id: request_id.clone(),
                         decision: PermissionDecision::Deny { message: "denied from cloudctl attach".into() },
+                        key: Some(new_key()),
                     },
-                    ("/interrupt", _) => Request::Interrupt { session: session.clone() },
-                    _ => Request::Send { session: session.clone(), text: line },
+                    ("/interrupt", _) => Request::Interrupt { session: session.clone(), key: Some(new_key()), wait: false },
+                    _ => Request::Send { session: session.clone(), text: line, key: Some(new_key()), wait: false },
                 };
                 if let Err(e) = client.request(request).await {
                     eprintln!("cloudctl: {e}");
@@ -541,11 +571,10 @@ fn prompt_of(entry: &LogEntry) -> Option<String> {
     let SessionEvent::Message(text) = &entry.event else {
         return None;
     };
-    let parsed = cloud_protocol::agent::parse(text)?;
-    (parsed.kind == "control_request"
-        && parsed.subtype.as_deref() == Some(cloud_protocol::agent::CAN_USE_TOOL))
-    .then_some(parsed.request_id)
-    .flatten()
+    match cloud_protocol::agent::control(text)? {
+        cloud_protocol::agent::Control::Prompt { request_id, .. } => Some(request_id),
+        _ => None,
+    }
 }
 
 fn print_entry(session: &str, entry: &LogEntry, json_output: bool) {

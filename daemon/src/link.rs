@@ -5,7 +5,7 @@
 //! Handlers never talk to the network: they write the journal, read the stores, and send
 //! [`BridgeCommand`]s over a bounded channel; the bridge task does the rest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,10 @@ use crate::store::{Meta, Refusals};
 
 /// How many refusal reasons are remembered for `Delivery` requests that come late.
 const REMEMBERED_REFUSALS: usize = 1024;
+
+/// How many idempotency keys of recent events are remembered (a repeat of an older one is
+/// recognised by the relay, which keeps them longer).
+const REMEMBERED_KEYS: usize = 65_536;
 
 /// How many replica notifications a client may fall behind.
 pub const SESSIONS_FEED_CAPACITY: usize = 1024;
@@ -76,6 +80,8 @@ pub struct Link {
     pub meta: Meta,
     /// How many events were refused, and the latest reason (as `status` shows them).
     refusals: Mutex<Refusals>,
+    /// Idempotency keys of recent events and their seqs, oldest first.
+    keys: Mutex<(HashMap<String, u64>, VecDeque<String>)>,
     /// Session log entries as they arrive: (session, entry).
     pub session_feed: broadcast::Sender<Arc<Notification>>,
     /// Replica changes, relay status changes, refused events.
@@ -127,6 +133,7 @@ impl Link {
                 refused: Mutex::new(BTreeMap::new()),
                 meta,
                 refusals: Mutex::new(refusals),
+                keys: Mutex::new((HashMap::new(), VecDeque::new())),
                 session_feed,
                 sessions_feed,
                 epoch: std::sync::atomic::AtomicU64::new(0),
@@ -143,6 +150,32 @@ impl Link {
         status.refused_events = refusals.count;
         status.last_refusal.clone_from(&refusals.latest);
         status
+    }
+
+    /// The seq of the event queued with idempotency key `key`, or, when there is none, the
+    /// seq `queue` gives a new one (remembered under the key). Check and insert happen
+    /// under one lock, so two requests with one key queue one event.
+    pub fn queue_once<E>(
+        &self,
+        key: Option<&str>,
+        queue: impl FnOnce() -> Result<u64, E>,
+    ) -> Result<(u64, bool), E> {
+        let Some(key) = key else {
+            return queue().map(|seq| (seq, true));
+        };
+        let mut keys = self.keys.lock().expect("keys lock poisoned");
+        if let Some(&seq) = keys.0.get(key) {
+            return Ok((seq, false));
+        }
+        let seq = queue()?;
+        keys.0.insert(key.to_owned(), seq);
+        keys.1.push_back(key.to_owned());
+        while keys.1.len() > REMEMBERED_KEYS {
+            if let Some(oldest) = keys.1.pop_front() {
+                keys.0.remove(&oldest);
+            }
+        }
+        Ok((seq, true))
     }
 
     /// Counts a refusal the user has not been told about (`status` shows the tally), and

@@ -194,6 +194,8 @@ fn send_pipelined(
             let request = Request::Send {
                 session: session.to_owned(),
                 text: format!("{prefix}-{n:05}"),
+                key: None,
+                wait: false,
             };
             (n as u64 + 1, request)
         }));

@@ -94,6 +94,57 @@ pub fn parse(line: &str) -> Option<Parsed> {
     })
 }
 
+/// What an agent's line means for its permission prompts: the one place the daemon and
+/// the clients learn which prompts are pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// A `can_use_tool` request: the agent waits for an answer.
+    Prompt {
+        /// The prompt's request id.
+        request_id: String,
+        /// The tool it wants to use.
+        tool_name: String,
+        /// The tool's input, as JSON text.
+        input: String,
+    },
+    /// A prompt was answered (a `control_response`).
+    Answered {
+        /// The prompt's request id.
+        request_id: String,
+    },
+    /// The agent withdrew a prompt (a `control_cancel_request`).
+    Withdrawn {
+        /// The prompt's request id.
+        request_id: String,
+    },
+}
+
+/// The prompt-related meaning of an agent's or a user's line, if it has one.
+pub fn control(line: &str) -> Option<Control> {
+    let value: Value = serde_json::from_str(line).ok()?;
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+    match value.get("type")?.as_str()? {
+        "control_request" => {
+            let request = value.get("request")?;
+            if request.get("subtype")?.as_str()? != CAN_USE_TOOL {
+                return None;
+            }
+            Some(Control::Prompt {
+                request_id: text(value.get("request_id"))?,
+                tool_name: text(request.get("tool_name")).unwrap_or_else(|| "?".into()),
+                input: request.get("input").unwrap_or(&Value::Null).to_string(),
+            })
+        }
+        "control_response" => Some(Control::Answered {
+            request_id: text(value.get("response").and_then(|r| r.get("request_id")))?,
+        }),
+        "control_cancel_request" => Some(Control::Withdrawn {
+            request_id: text(value.get("request_id"))?,
+        }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

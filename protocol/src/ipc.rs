@@ -39,191 +39,220 @@ pub enum ServerMessage {
     Notify(Notification),
 }
 
-/// A client's request. Each variant's answer is the [`Response`] variant of the same name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Request {
+/// Declares the requests once: each one's method name (for JSON-RPC and the logs), its
+/// [`Request`] variant and its params. The enum, the [`method`] name constants,
+/// [`Request::method`] and the JSON-RPC params decoder ([`Request::from_json_params`]) all
+/// follow from this one declaration, so the encodings cannot disagree on a method.
+///
+/// A variant is a unit (no params), a newtype (its params are that type, `null` read as
+/// `{}`), or a struct (its fields are the params). A field written `name: Type as Json` is
+/// read from JSON as `Json` and converted with `Into` (for shapes JSON clients write
+/// differently, such as a permission decision's input as an object).
+macro_rules! requests {
+    (
+        $(
+            $(#[$doc:meta])*
+            $constant:ident = $name:literal => $variant:ident
+                $( ( $inner:ty ) )?
+                $( { $( $(#[$field_attr:meta])* $field:ident : $field_ty:ty $( as $json_ty:ty )? ),* $(,)? } )?
+            ;
+        )*
+    ) => {
+        /// A client's request. Each variant's answer is the [`Response`] variant of the same
+        /// name. Declared with its method name and params in one place (`requests!`).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub enum Request {
+            $(
+                $(#[$doc])*
+                $variant $( ($inner) )? $( { $( $(#[$field_attr])* $field: $field_ty ),* } )?,
+            )*
+        }
+
+        /// The method names of the requests, shared by the JSON-RPC encoding and the logs.
+        pub mod method {
+            $(
+                #[doc = concat!("[`super::Request::", stringify!($variant), "`]")]
+                pub const $constant: &str = $name;
+            )*
+            /// Every method name, in declaration order.
+            pub const ALL: &[&str] = &[$($name),*];
+        }
+
+        impl Request {
+            /// The method name of this request (as in JSON-RPC), for logs and error messages.
+            pub fn method(&self) -> &'static str {
+                match self {
+                    $( Request::$variant { .. } => method::$constant, )*
+                }
+            }
+
+            /// The request `method_name` names, its params read from `params`; `Ok(None)`
+            /// when no method has that name. Every JSON-RPC decoding path builds requests
+            /// here.
+            pub(crate) fn from_json_params(
+                method_name: &str,
+                params: impl crate::jsonrpc::ParamsSource,
+            ) -> serde_json::Result<Option<Request>> {
+                $(
+                    if method_name == $name {
+                        return requests!(@build params, $variant $( ($inner) )? $( { $( $(#[$field_attr])* $field : $field_ty $( as $json_ty )? ),* } )?).map(Some);
+                    }
+                )*
+                let _ = params;
+                Ok(None)
+            }
+        }
+    };
+    (@build $params:ident, $variant:ident) => {
+        Ok::<Request, serde_json::Error>(Request::$variant)
+    };
+    (@build $params:ident, $variant:ident ($inner:ty)) => {
+        $params.read_or_empty::<$inner>().map(Request::$variant)
+    };
+    (@build $params:ident, $variant:ident { $( $(#[$field_attr:meta])* $field:ident : $field_ty:ty $( as $json_ty:ty )? ),* }) => {{
+        #[derive(Deserialize)]
+        struct Params {
+            $( $(#[$field_attr])* $field: requests!(@json_ty $field_ty $(, $json_ty)?), )*
+        }
+        $params
+            .read::<Params>()
+            .map(|p| Request::$variant { $( $field: p.$field.into() ),* })
+    }};
+    (@json_ty $field_ty:ty) => { $field_ty };
+    (@json_ty $field_ty:ty, $json_ty:ty) => { $json_ty };
+}
+
+requests! {
     /// Must be the first request on a connection: exchanges protocol versions.
     /// Answered by [`Response::Hello`], or by [`ErrorCode::VersionMismatch`] and a close.
-    Hello(Hello),
+    HELLO = "hello" => Hello(Hello);
     /// Liveness check. Answered by [`Response::Pong`].
-    Ping,
+    PING = "ping" => Ping;
     /// The daemon's state. Answered by [`Response::Status`].
-    Status,
+    STATUS = "status" => Status;
     /// Asks the daemon to drain and exit. Answered by [`Response::ShuttingDown`] before the
     /// drain starts.
-    Shutdown,
+    SHUTDOWN = "shutdown" => Shutdown;
     /// Starts pushing notifications of the given topics on this connection. Answered by
     /// [`Response::Subscribed`]; subscribing again replaces the topic set.
-    Subscribe(Subscribe),
+    SUBSCRIBE = "subscribe" => Subscribe(Subscribe);
     /// Points the daemon at a remote relay (the token is stored 0600, never logged).
     /// Answered by [`Response::Identity`] once the relay accepted it, or an error.
-    Login {
+    LOGIN = "login" => Login {
         /// `https://host[:port]` (or `wss://`; `http`/`ws` only for loopback).
         relay: String,
         /// The bearer token.
         token: String,
-    },
+    };
     /// Forgets the remote relay and returns to the embedded one. Answered by
     /// [`Response::Identity`].
-    Logout,
+    LOGOUT = "logout" => Logout;
     /// Who the daemon talks to the relay as. Answered by [`Response::Identity`].
-    Whoami,
+    WHOAMI = "whoami" => Whoami;
     /// Creates a session (needs the relay). Answered by [`Response::Session`].
-    SessionCreate(CreateSession),
+    SESSION_CREATE = "session/create" => SessionCreate(CreateSession);
     /// The sessions visible to this user, from the local replica (works offline, marked
     /// stale). Answered by [`Response::Sessions`].
-    SessionList,
+    SESSION_LIST = "session/list" => SessionList;
     /// One session from the replica. Answered by [`Response::Session`].
-    SessionShow {
+    SESSION_SHOW = "session/show" => SessionShow {
         /// The session.
         session: String,
-    },
+    };
     /// Pauses, resumes, completes or deletes a session (needs the relay). Answered by
     /// [`Response::Session`] (or [`Response::SessionDeleted`]).
-    SessionAction {
+    SESSION_ACTION = "session/action" => SessionAction {
         /// The session.
         session: String,
         /// What to do.
         action: SessionAction,
-    },
+    };
     /// Changes a session's visibility (needs the relay). Answered by [`Response::Session`].
-    SessionShare {
+    SESSION_SHARE = "session/share" => SessionShare {
         /// The session.
         session: String,
         /// Who may see it.
         visibility: Visibility,
-    },
+    };
     /// Sends a user message: journaled, then delivered (also while the relay is
-    /// unreachable). Answered by [`Response::Queued`] once it is on disk.
-    Send {
+    /// unreachable). Answered by [`Response::Queued`] once it is on disk, or, with `wait`
+    /// and the relay connected, by [`Response::Delivered`] once the relay took it (or the
+    /// refusal's error).
+    SEND = "send" => Send {
         /// The session.
         session: String,
         /// The message.
         text: String,
-    },
+        /// A client-chosen idempotency key (at most [`MAX_IDEMPOTENCY_KEY`] bytes): a
+        /// repeat of a key is the same event, answered as the first was.
+        #[serde(default)]
+        key: Option<String>,
+        /// Wait for the relay's verdict (bounded) before answering.
+        #[serde(default)]
+        wait: bool,
+    };
     /// Waits (up to a deadline) until the relay has acknowledged or refused a queued
     /// event. Answered by [`Response::Delivered`], or an error with the refusal's reason.
-    Delivery {
+    DELIVERY = "delivery" => Delivery {
         /// The journal seq from [`Response::Queued`].
         seq: u64,
-    },
+    };
     /// Follows a session on this connection: pushes [`Notification::SessionLog`] for every
     /// entry after `since` (the stored ones first, then live). Answered by
     /// [`Response::Attached`].
-    Attach {
+    ATTACH = "attach" => Attach {
         /// The session.
         session: String,
         /// Replay entries after this sequence (none: only the latest).
+        #[serde(default)]
         since: Option<u64>,
-    },
+    };
     /// Stops following a session on this connection. Answered by [`Response::Pong`].
-    Detach {
+    DETACH = "detach" => Detach {
         /// The session.
         session: String,
-    },
-    /// Interrupts the session's agent (journaled). Answered by [`Response::Queued`].
-    Interrupt {
+    };
+    /// Interrupts the session's agent (journaled). Answered like [`Request::Send`].
+    INTERRUPT = "interrupt" => Interrupt {
         /// The session.
         session: String,
-    },
+        /// A client-chosen idempotency key, as for [`Request::Send`].
+        #[serde(default)]
+        key: Option<String>,
+        /// Wait for the relay's verdict (bounded) before answering.
+        #[serde(default)]
+        wait: bool,
+    };
     /// The session's pending permission prompts. Answered by [`Response::Prompts`].
-    Permissions {
+    PERMISSIONS = "permissions" => Permissions {
         /// The session.
         session: String,
-    },
+    };
     /// Answers a permission prompt (journaled; when the relay is reachable the reply waits
     /// for it, so a second answer gets "already answered"). Answered by
     /// [`Response::Queued`] or [`Response::Delivered`].
-    Answer {
+    ANSWER = "answer" => Answer {
         /// The session.
         session: String,
         /// The prompt's request id.
         request_id: String,
-        /// Allow or deny.
-        decision: PermissionDecision,
-    },
+        /// Allow or deny. JSON clients write `{"behavior": "allow", "updated_input": {..}}`
+        /// or `{"behavior": "deny", "message": ".."}`.
+        decision: PermissionDecision as crate::jsonrpc::JsonDecision,
+        /// A client-chosen idempotency key, as for [`Request::Send`].
+        #[serde(default)]
+        key: Option<String>,
+    };
     /// Stops following a session on this daemon: forgets its stored log and leaves it on
     /// the relay (an `attach` or `send` follows it again). Answered by [`Response::Pong`].
-    Unfollow {
+    UNFOLLOW = "session/unfollow" => Unfollow {
         /// The session.
         session: String,
-    },
+    };
 }
 
-/// The method names of the requests, shared by the JSON-RPC encoding and the logs.
-pub mod method {
-    /// [`super::Request::Hello`]
-    pub const HELLO: &str = "hello";
-    /// [`super::Request::Ping`]
-    pub const PING: &str = "ping";
-    /// [`super::Request::Status`]
-    pub const STATUS: &str = "status";
-    /// [`super::Request::Shutdown`]
-    pub const SHUTDOWN: &str = "shutdown";
-    /// [`super::Request::Subscribe`]
-    pub const SUBSCRIBE: &str = "subscribe";
-    /// [`super::Request::Login`]
-    pub const LOGIN: &str = "login";
-    /// [`super::Request::Logout`]
-    pub const LOGOUT: &str = "logout";
-    /// [`super::Request::Whoami`]
-    pub const WHOAMI: &str = "whoami";
-    /// [`super::Request::SessionCreate`]
-    pub const SESSION_CREATE: &str = "session/create";
-    /// [`super::Request::SessionList`]
-    pub const SESSION_LIST: &str = "session/list";
-    /// [`super::Request::SessionShow`]
-    pub const SESSION_SHOW: &str = "session/show";
-    /// [`super::Request::SessionAction`]
-    pub const SESSION_ACTION: &str = "session/action";
-    /// [`super::Request::SessionShare`]
-    pub const SESSION_SHARE: &str = "session/share";
-    /// [`super::Request::Send`]
-    pub const SEND: &str = "send";
-    /// [`super::Request::Delivery`]
-    pub const DELIVERY: &str = "delivery";
-    /// [`super::Request::Attach`]
-    pub const ATTACH: &str = "attach";
-    /// [`super::Request::Detach`]
-    pub const DETACH: &str = "detach";
-    /// [`super::Request::Unfollow`]
-    pub const UNFOLLOW: &str = "session/unfollow";
-    /// [`super::Request::Interrupt`]
-    pub const INTERRUPT: &str = "interrupt";
-    /// [`super::Request::Permissions`]
-    pub const PERMISSIONS: &str = "permissions";
-    /// [`super::Request::Answer`]
-    pub const ANSWER: &str = "answer";
-}
-
-impl Request {
-    /// The method name of this request (as in JSON-RPC), for logs and error messages.
-    pub fn method(&self) -> &'static str {
-        match self {
-            Request::Hello(_) => method::HELLO,
-            Request::Ping => method::PING,
-            Request::Status => method::STATUS,
-            Request::Shutdown => method::SHUTDOWN,
-            Request::Subscribe(_) => method::SUBSCRIBE,
-            Request::Login { .. } => method::LOGIN,
-            Request::Logout => method::LOGOUT,
-            Request::Whoami => method::WHOAMI,
-            Request::SessionCreate(_) => method::SESSION_CREATE,
-            Request::SessionList => method::SESSION_LIST,
-            Request::SessionShow { .. } => method::SESSION_SHOW,
-            Request::SessionAction { .. } => method::SESSION_ACTION,
-            Request::SessionShare { .. } => method::SESSION_SHARE,
-            Request::Send { .. } => method::SEND,
-            Request::Delivery { .. } => method::DELIVERY,
-            Request::Attach { .. } => method::ATTACH,
-            Request::Detach { .. } => method::DETACH,
-            Request::Unfollow { .. } => method::UNFOLLOW,
-            Request::Interrupt { .. } => method::INTERRUPT,
-            Request::Permissions { .. } => method::PERMISSIONS,
-            Request::Answer { .. } => method::ANSWER,
-        }
-    }
-}
+/// The longest idempotency key a client may choose, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
 /// The client's half of the version exchange.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

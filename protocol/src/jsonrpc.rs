@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::bridge::PermissionDecision;
-use crate::ipc::{method, notification, ErrorBody, ErrorCode, Notification, Request, Response};
-use crate::session::{LogEntry, Session, SessionAction, SessionEvent, Visibility};
+use crate::ipc::{notification, ErrorBody, ErrorCode, Notification, Request, Response};
+use crate::session::{LogEntry, Session, SessionEvent};
 use crate::MAX_MESSAGE_LEN;
 
 /// A line is longer than [`MAX_MESSAGE_LEN`] without a newline. The stream cannot be
@@ -106,7 +106,7 @@ fn decode_fast(line: &[u8]) -> Option<JsonRequest> {
         line,
         params: envelope.params,
     };
-    let request = build_request(&method_name, params).ok()??;
+    let request = Request::from_json_params(&method_name, params).ok()??;
     Some(JsonRequest {
         id: envelope.id,
         request,
@@ -161,7 +161,7 @@ fn decode_via_value(line: &[u8]) -> Result<JsonRequest, JsonRequestError> {
         ));
     };
     let params = object.remove("params").unwrap_or(Value::Null);
-    match build_request(&method_name, params) {
+    match Request::from_json_params(&method_name, params) {
         Ok(Some(request)) => Ok(JsonRequest { id, request }),
         Ok(None) => Err(fail(
             reply_id,
@@ -177,11 +177,20 @@ fn decode_via_value(line: &[u8]) -> Result<JsonRequest, JsonRequestError> {
 }
 
 /// Where a request's params are read from: a parsed [`Value`], or the line itself.
-trait ParamsSource {
+pub(crate) trait ParamsSource: Sized {
     /// Whether the params are absent or `null`.
     fn is_null(&self) -> bool;
     /// Reads the params (`null` when absent) as a `T`.
     fn read<T: DeserializeOwned>(self) -> serde_json::Result<T>;
+    /// Reads the params as a `T`, absent or `null` params as `{}` (a type whose fields all
+    /// have defaults takes no params).
+    fn read_or_empty<T: DeserializeOwned>(self) -> serde_json::Result<T> {
+        if self.is_null() {
+            serde_json::from_value(json!({}))
+        } else {
+            self.read()
+        }
+    }
 }
 
 impl ParamsSource for Value {
@@ -217,104 +226,6 @@ impl ParamsSource for LineParams<'_> {
         de.end()?;
         Ok(params)
     }
-}
-
-/// The request `method_name` names, with its params read from `params`; `Ok(None)` when
-/// no method has that name. Both decoding paths build requests here, so they agree on the
-/// methods and on each one's params.
-fn build_request(
-    method_name: &str,
-    params: impl ParamsSource,
-) -> serde_json::Result<Option<Request>> {
-    let request = match method_name {
-        method::HELLO => Request::Hello(params.read()?),
-        method::PING => Request::Ping,
-        method::STATUS => Request::Status,
-        method::SHUTDOWN => Request::Shutdown,
-        method::SUBSCRIBE => Request::Subscribe(params.read()?),
-        method::LOGIN => {
-            let p: LoginParams = params.read()?;
-            Request::Login {
-                relay: p.relay,
-                token: p.token,
-            }
-        }
-        method::LOGOUT => Request::Logout,
-        method::WHOAMI => Request::Whoami,
-        method::SESSION_CREATE => Request::SessionCreate(if params.is_null() {
-            serde_json::from_value(json!({}))?
-        } else {
-            params.read()?
-        }),
-        method::SESSION_LIST => Request::SessionList,
-        method::SESSION_SHOW => {
-            let p: SessionParams = params.read()?;
-            Request::SessionShow { session: p.session }
-        }
-        method::SESSION_ACTION => {
-            let p: ActionParams = params.read()?;
-            Request::SessionAction {
-                session: p.session,
-                action: p.action,
-            }
-        }
-        method::SESSION_SHARE => {
-            let p: ShareParams = params.read()?;
-            Request::SessionShare {
-                session: p.session,
-                visibility: p.visibility,
-            }
-        }
-        method::SEND => {
-            let p: SendParams = params.read()?;
-            Request::Send {
-                session: p.session,
-                text: p.text,
-            }
-        }
-        method::DELIVERY => {
-            let p: DeliveryParams = params.read()?;
-            Request::Delivery { seq: p.seq }
-        }
-        method::ATTACH => {
-            let p: AttachParams = params.read()?;
-            Request::Attach {
-                session: p.session,
-                since: p.since,
-            }
-        }
-        method::DETACH => {
-            let p: SessionParams = params.read()?;
-            Request::Detach { session: p.session }
-        }
-        method::UNFOLLOW => {
-            let p: SessionParams = params.read()?;
-            Request::Unfollow { session: p.session }
-        }
-        method::INTERRUPT => {
-            let p: SessionParams = params.read()?;
-            Request::Interrupt { session: p.session }
-        }
-        method::PERMISSIONS => {
-            let p: SessionParams = params.read()?;
-            Request::Permissions { session: p.session }
-        }
-        method::ANSWER => {
-            let p: AnswerParams = params.read()?;
-            Request::Answer {
-                session: p.session,
-                request_id: p.request_id,
-                decision: match p.decision {
-                    JsonDecision::Allow { updated_input } => PermissionDecision::Allow {
-                        updated_input: updated_input.map(|v| v.to_string()),
-                    },
-                    JsonDecision::Deny { message } => PermissionDecision::Deny { message },
-                },
-            }
-        }
-        _ => return Ok(None),
-    };
-    Ok(Some(request))
 }
 
 /// A request line's envelope, as the fast path keeps it.
@@ -752,59 +663,11 @@ impl ErrorOut<'_> {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct LoginParams {
-    relay: String,
-    token: String,
-}
-
-#[derive(serde::Deserialize)]
-struct SessionParams {
-    session: String,
-}
-
-#[derive(serde::Deserialize)]
-struct ActionParams {
-    session: String,
-    action: SessionAction,
-}
-
-#[derive(serde::Deserialize)]
-struct ShareParams {
-    session: String,
-    visibility: Visibility,
-}
-
-#[derive(serde::Deserialize)]
-struct SendParams {
-    session: String,
-    text: String,
-}
-
-#[derive(serde::Deserialize)]
-struct DeliveryParams {
-    seq: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct AttachParams {
-    session: String,
-    #[serde(default)]
-    since: Option<u64>,
-}
-
-#[derive(serde::Deserialize)]
-struct AnswerParams {
-    session: String,
-    request_id: String,
-    decision: JsonDecision,
-}
-
 /// A permission answer as editors write it: `{"behavior": "allow", "updated_input": {..}}`
 /// or `{"behavior": "deny", "message": ".."}`.
 #[derive(serde::Deserialize)]
 #[serde(tag = "behavior", rename_all = "snake_case")]
-enum JsonDecision {
+pub(crate) enum JsonDecision {
     Allow {
         #[serde(default)]
         updated_input: Option<Value>,
@@ -813,6 +676,17 @@ enum JsonDecision {
         #[serde(default)]
         message: String,
     },
+}
+
+impl From<JsonDecision> for PermissionDecision {
+    fn from(decision: JsonDecision) -> PermissionDecision {
+        match decision {
+            JsonDecision::Allow { updated_input } => PermissionDecision::Allow {
+                updated_input: updated_input.map(|v| v.to_string()),
+            },
+            JsonDecision::Deny { message } => PermissionDecision::Deny { message },
+        }
+    }
 }
 
 /// Appends `value` as JSON to `out`.
@@ -827,7 +701,9 @@ mod tests {
         BridgeState, Closing, DaemonState, HelloReply, Identity, LogRecord, Prompt, RelayMode,
         RelayStatus, StateChange, Status, Subscribe, Supervisor, Topic,
     };
-    use crate::session::{Author, CreateSession, NetworkAccess, RepoAccess, SessionStatus};
+    use crate::session::{
+        Author, CreateSession, NetworkAccess, RepoAccess, SessionStatus, Visibility,
+    };
     use proptest::prelude::*;
 
     /// The encoders as they were, building a `Value` first: the reference the direct
@@ -1307,6 +1183,7 @@ mod tests {
                     decision: PermissionDecision::Allow {
                         updated_input: Some(r#"{"a":[1.5,-2],"z":1}"#.into()),
                     },
+                    key: None,
                 },
             }
         );
@@ -1330,9 +1207,37 @@ mod tests {
                 request: Request::Send {
                     session: "s".into(),
                     text: "a\nb".into(),
+                    key: None,
+                    wait: false,
                 },
             }
         );
+        let line = br#"{"jsonrpc":"2.0","id":2,"method":"send","params":{"session":"s","text":"t","key":"k-1","wait":true}}"#;
+        assert_eq!(
+            decode_request(line).unwrap().request,
+            Request::Send {
+                session: "s".into(),
+                text: "t".into(),
+                key: Some("k-1".into()),
+                wait: true,
+            }
+        );
+    }
+
+    #[test]
+    fn every_method_is_declared_once_and_decodes() {
+        let mut names = crate::ipc::method::ALL.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), crate::ipc::method::ALL.len());
+        for name in crate::ipc::method::ALL {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{name}","params":{{}}}}"#);
+            // Known to both paths: a request or an invalid-params error, never "not found".
+            match decode_request(line.as_bytes()) {
+                Ok(request) => assert_eq!(request.request.method(), *name),
+                Err(e) => assert_eq!(e.error.code, ErrorCode::InvalidParams, "{name}: {e:?}"),
+            }
+        }
     }
 
     #[test]

@@ -9,9 +9,11 @@
 
 use std::time::Duration;
 
+use cloud_protocol::agent::Control;
 use cloud_protocol::bridge::{Outbound, PermissionDecision, RelayRequest};
 use cloud_protocol::ipc::{
     BridgeState, ErrorBody, ErrorCode, Identity, Prompt, RelayStatus, Request, Response,
+    MAX_IDEMPOTENCY_KEY,
 };
 use cloud_protocol::session::{Author, LogEntry, Session, SessionAction, SessionEvent};
 use tokio::sync::oneshot;
@@ -92,16 +94,21 @@ pub async fn handle(
                 stale: false,
             })
         }
-        Request::Send { session, text } => {
+        Request::Send {
+            session,
+            text,
+            key,
+            wait,
+        } => {
             check_accepting(link)?;
             check_sendable(link, &session)?;
             follow(link, &session)?;
-            journal(link, client, Outbound::UserMessage { session, text })
+            journaled(link, client, key, wait, Outbound::UserMessage { session, text }).await
         }
-        Request::Interrupt { session } => {
+        Request::Interrupt { session, key, wait } => {
             check_accepting(link)?;
             check_sendable(link, &session)?;
-            journal(link, client, Outbound::Interrupt { session })
+            journaled(link, client, key, wait, Outbound::Interrupt { session }).await
         }
         Request::Delivery { seq } if seq == 0 || seq > link.journal.last_written() => {
             Err(ErrorBody::new(
@@ -162,9 +169,10 @@ pub async fn handle(
             session,
             request_id,
             decision,
+            key,
         } => {
             check_accepting(link)?;
-            answer(link, client, session, request_id, decision).await
+            answer(link, client, session, request_id, decision, key).await
         }
         other => Err(ErrorBody::new(
             ErrorCode::MethodNotFound,
@@ -173,11 +181,55 @@ pub async fn handle(
     }
 }
 
-/// Journals an event; the connection replies once it is durable.
-fn journal(link: &Link, client: &mut ClientState, event: Outbound) -> Result<Response, ErrorBody> {
-    let seq = link.journal.append_unflushed(event).map_err(internal)?;
-    client.needs_durable = client.needs_durable.max(seq);
-    Ok(Response::Queued { seq })
+/// Journals an event, once per idempotency key. Without `wait` the connection replies
+/// `queued` once it is durable (so pipelined sends share flushes); with `wait` the reply
+/// waits for the flush and then, while the relay is connected, for its verdict (bounded),
+/// so one round trip tells a client whether its event was delivered.
+async fn journaled(
+    link: &Link,
+    client: &mut ClientState,
+    key: Option<String>,
+    wait: bool,
+    event: Outbound,
+) -> Result<Response, ErrorBody> {
+    if let Some(key) = &key {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidParams,
+                format!("an idempotency key must have 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+            ));
+        }
+    }
+    let (seq, _new) = link
+        .queue_once(key.as_deref(), || link.journal.append_unflushed(event))
+        .map_err(internal)?;
+    if !wait {
+        client.needs_durable = client.needs_durable.max(seq);
+        return Ok(Response::Queued { seq });
+    }
+    // Bounded like every other wait: a journal that cannot flush (a failing disk) must
+    // not hang this connection. The event may still be delivered if the flush completes.
+    let durable = link.journal.wait_durable(seq);
+    if tokio::time::timeout(super::connection::WRITE_DEADLINE, durable)
+        .await
+        .is_err()
+    {
+        return Err(ErrorBody::new(
+            ErrorCode::Timeout,
+            format!(
+                "the journal did not confirm event {seq} within {:?}; it is not known to be queued",
+                super::connection::WRITE_DEADLINE
+            ),
+        ));
+    }
+    if !link.connected() {
+        return Ok(Response::Queued { seq });
+    }
+    match link.delivery(seq, RELAY_DEADLINE).await {
+        Some(Ok(())) => Ok(Response::Delivered { seq }),
+        Some(Err(reason)) => Err(refusal(reason)),
+        None => Ok(Response::Queued { seq }),
+    }
 }
 
 /// Refuses to queue events while the relay refuses this daemon for good (a bad or revoked
@@ -439,6 +491,7 @@ async fn answer(
     session: String,
     request_id: String,
     decision: PermissionDecision,
+    key: Option<String>,
 ) -> Result<Response, ErrorBody> {
     let entries = link.inbound.since(&session, 0).map_err(internal)?;
     if !pending_prompts(&entries)
@@ -446,13 +499,15 @@ async fn answer(
         .any(|p| p.request_id == request_id)
     {
         let settled = entries.iter().rev().find_map(|entry| match &entry.event {
-            SessionEvent::Message(text) => cloud_protocol::agent::parse(text)
-                .filter(|p| p.request_id.as_deref() == Some(request_id.as_str()))
-                .and_then(|p| match p.kind.as_str() {
-                    "control_response" => Some("already answered"),
-                    "control_cancel_request" => Some("withdrawn by the agent"),
-                    _ => None,
-                }),
+            SessionEvent::Message(text) => match cloud_protocol::agent::control(text)? {
+                Control::Answered { request_id: id } if id == request_id => {
+                    Some("already answered")
+                }
+                Control::Withdrawn { request_id: id } if id == request_id => {
+                    Some("withdrawn by the agent")
+                }
+                _ => None,
+            },
             _ => None,
         });
         if let Some(settled) = settled {
@@ -473,28 +528,7 @@ async fn answer(
         request_id,
         decision,
     };
-    // Bounded like every other wait: a journal that cannot flush (a failing disk) must
-    // not hang this connection. The answer may still be delivered if the flush completes.
-    let seq = link.journal.append_unflushed(event).map_err(internal)?;
-    let durable = link.journal.wait_durable(seq);
-    if tokio::time::timeout(super::connection::WRITE_DEADLINE, durable)
-        .await
-        .is_err()
-    {
-        return Err(ErrorBody::new(
-            ErrorCode::Timeout,
-            format!("the journal did not confirm the answer (event {seq}) within {:?}; it is not known to be queued", super::connection::WRITE_DEADLINE),
-        ));
-    }
-    if !link.connected() {
-        return Ok(Response::Queued { seq });
-    }
-    let _ = client;
-    match link.delivery(seq, RELAY_DEADLINE).await {
-        Some(Ok(())) => Ok(Response::Delivered { seq }),
-        Some(Err(reason)) => Err(refusal(reason)),
-        None => Ok(Response::Queued { seq }),
-    }
+    journaled(link, client, key, true, event).await
 }
 
 /// The permission prompts of a log still waiting for an answer.
@@ -504,29 +538,18 @@ pub fn pending_prompts(entries: &[LogEntry]) -> Vec<Prompt> {
         let SessionEvent::Message(text) = &entry.event else {
             continue;
         };
-        let Some(parsed) = cloud_protocol::agent::parse(text) else {
-            continue;
-        };
-        let Some(request_id) = parsed.request_id else {
-            continue;
-        };
-        match parsed.kind.as_str() {
-            "control_request"
-                if entry.author == Author::Agent
-                    && parsed.subtype.as_deref() == Some(cloud_protocol::agent::CAN_USE_TOOL) =>
-            {
-                let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
-                prompts.push(Prompt {
-                    request_id,
-                    tool_name: value["request"]["tool_name"]
-                        .as_str()
-                        .unwrap_or("?")
-                        .to_owned(),
-                    input: value["request"]["input"].to_string(),
-                    seq: entry.seq,
-                });
-            }
-            "control_response" | "control_cancel_request" => {
+        match cloud_protocol::agent::control(text) {
+            Some(Control::Prompt {
+                request_id,
+                tool_name,
+                input,
+            }) if entry.author == Author::Agent => prompts.push(Prompt {
+                request_id,
+                tool_name,
+                input,
+                seq: entry.seq,
+            }),
+            Some(Control::Answered { request_id } | Control::Withdrawn { request_id }) => {
                 prompts.retain(|p| p.request_id != request_id);
             }
             _ => {}

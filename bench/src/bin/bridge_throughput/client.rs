@@ -83,6 +83,8 @@ impl Connection {
             Request::Send {
                 session: session.to_owned(),
                 text,
+                key: None,
+                wait: false,
             },
             out,
         )
