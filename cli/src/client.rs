@@ -187,10 +187,25 @@ impl Client {
     }
 }
 
+/// The socket as an `interprocess` name: [`Paths::socket`] on Unix, [`Paths::pipe_name`]
+/// on Windows (the location rule itself is in `cloud_protocol::paths`).
+fn socket_name(paths: &Paths) -> std::io::Result<interprocess::local_socket::Name<'_>> {
+    #[cfg(unix)]
+    {
+        use interprocess::local_socket::{GenericFilePath, ToFsName as _};
+        paths.socket.as_path().to_fs_name::<GenericFilePath>()
+    }
+    #[cfg(windows)]
+    {
+        use interprocess::local_socket::{GenericNamespaced, ToNsName as _};
+        paths.pipe_name().to_ns_name::<GenericNamespaced>()
+    }
+}
+
 /// Connects to the daemon's socket, telling "not running" apart from other failures.
 pub async fn connect_stream(paths: &Paths) -> Result<Stream, ClientError> {
     let socket = &paths.socket;
-    let name = paths.socket_name().map_err(|source| ClientError::Connect {
+    let name = socket_name(paths).map_err(|source| ClientError::Connect {
         socket: socket.to_owned(),
         source,
     })?;

@@ -110,24 +110,14 @@ impl Paths {
         self.socket.parent().unwrap_or(Path::new("."))
     }
 
-    /// The socket as an interprocess name: a file path on Unix, a pipe name on Windows
-    /// (the socket's file name under `\\.\pipe\`). Daemon and clients both use this.
-    pub fn socket_name(&self) -> std::io::Result<interprocess::local_socket::Name<'_>> {
-        #[cfg(unix)]
-        {
-            use interprocess::local_socket::{GenericFilePath, ToFsName as _};
-            self.socket.as_path().to_fs_name::<GenericFilePath>()
-        }
-        #[cfg(windows)]
-        {
-            use interprocess::local_socket::{GenericNamespaced, ToNsName as _};
-            let file = self
-                .socket
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_else(|| SOCKET_FILE.into());
-            file.to_ns_name::<GenericNamespaced>()
-        }
+    /// The pipe name on Windows: the socket's file name, under `\\.\pipe\`. (On Unix the
+    /// socket is [`Paths::socket`] itself.) Turning this into an OS name is the IO side's
+    /// job: the daemon's listener and the clients' connect do it.
+    pub fn pipe_name(&self) -> String {
+        self.socket
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| SOCKET_FILE.into())
     }
 
     /// The lock file whose holder is the one daemon of this state directory.

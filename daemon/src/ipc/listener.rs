@@ -15,12 +15,27 @@ use tokio_util::task::TaskTracker;
 use super::{connection, IpcError};
 use crate::state::Shared;
 
+/// The socket as an `interprocess` name: [`Paths::socket`] on Unix, [`Paths::pipe_name`]
+/// on Windows (the location rule itself is in `cloud_protocol::paths`).
+fn socket_name(paths: &cloud_protocol::paths::Paths) -> std::io::Result<interprocess::local_socket::Name<'_>> {
+    #[cfg(unix)]
+    {
+        use interprocess::local_socket::{GenericFilePath, ToFsName as _};
+        paths.socket.as_path().to_fs_name::<GenericFilePath>()
+    }
+    #[cfg(windows)]
+    {
+        use interprocess::local_socket::{GenericNamespaced, ToNsName as _};
+        paths.pipe_name().to_ns_name::<GenericNamespaced>()
+    }
+}
+
 /// Prepares the socket's directory and binds the socket.
 pub fn bind(shared: &Shared) -> Result<Listener, IpcError> {
     let paths = &shared.paths;
     prepare_dir(paths.socket_dir(), !paths.socket_overridden, shared.uid)?;
     remove_stale_socket(&paths.socket)?;
-    let name = paths.socket_name().map_err(|source| IpcError::Bind {
+    let name = socket_name(paths).map_err(|source| IpcError::Bind {
         path: paths.socket.clone(),
         source,
     })?;
