@@ -8,13 +8,12 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cloud_protocol::paths::Paths;
 use serde_json::{json, Value};
 
-/// How long a test waits for anything before failing.
-pub const DEADLINE: Duration = Duration::from_secs(20);
+pub use cloudd_test_support::{wait_for, DEADLINE};
 
 /// A built binary of this workspace (`cloudd`, `cloudctl`), found beside the running
 /// executable: `target/<profile>/` holds the binaries and `target/<profile>/deps/` the tests.
@@ -31,20 +30,6 @@ pub fn binary(name: &str) -> PathBuf {
         }
     }
     panic!("{name} is not built beside {}: run `cargo test --workspace` (or `cargo build --workspace`) first", exe.display());
-}
-
-/// Polls `condition` until it holds or `deadline` passes; panics with `what` on timeout.
-pub fn wait_for(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    let mut delay = Duration::from_millis(1);
-    while !condition() {
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(50));
-    }
 }
 
 /// An isolated `CLOUDD_HOME`, removed when dropped.
@@ -224,18 +209,13 @@ impl Daemon {
 
     /// Waits for it to exit, failing after `deadline`.
     pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        let end = Instant::now() + deadline;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < end,
-                "cloudd (pid {}) did not exit within {deadline:?}",
-                self.pid()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut exited = None;
+        let what = format!("cloudd (pid {}) to exit", self.pid());
+        wait_for(&what, deadline, || {
+            exited = self.child.try_wait().expect("try_wait");
+            exited.is_some()
+        });
+        exited.expect("it exited")
     }
 }
 
@@ -460,51 +440,15 @@ impl Relay {
         token: &str,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        use std::io::Read as _;
-        let mut stream =
-            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to the relay");
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).unwrap();
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        let body = body.map(Value::to_string);
+        cloudd_test_support::http(
+            ([127, 0, 0, 1], self.port).into(),
+            method,
+            path,
+            Some(token),
+            body.as_deref(),
         )
     }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 impl Drop for Relay {

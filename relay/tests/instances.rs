@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use cloud_protocol::bridge::{self, Channel, Envelope, FromRelay, Outbound, ToRelay};
 use common::*;
@@ -67,18 +66,16 @@ async fn wait_for_instances(
     what: &str,
     mut done: impl FnMut(&[Value]) -> bool,
 ) -> Vec<Value> {
-    let start = Instant::now();
-    loop {
+    let done = std::cell::RefCell::new(&mut done);
+    common::wait_for_async(what, common::DEADLINE, || async {
         let list = instances(relay, token).await;
-        if done(&list) {
-            return list;
+        if (done.borrow_mut())(&list) {
+            Ok(list)
+        } else {
+            Err(format!("{list:?}"))
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out waiting for {what}: {list:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]

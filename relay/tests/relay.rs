@@ -182,11 +182,14 @@ async fn session_lifecycle_and_illegal_transitions() {
             .0,
         404
     );
-    let start = std::time::Instant::now();
-    while relay.workspace(&id).exists() {
-        assert!(start.elapsed() < DEADLINE, "the workspace is removed");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_async("the workspace to be removed", DEADLINE, || async {
+        if relay.workspace(&id).exists() {
+            Err("it exists".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     relay.stop().await;
 }
 
@@ -780,19 +783,16 @@ async fn unknown_control_subtypes_are_answered_with_an_error() {
     assert_eq!(response["response"]["subtype"], "error");
     assert_eq!(response["response"]["request_id"], "b1");
     let replies = relay.workspace(&id).join("replies.txt");
-    let start = std::time::Instant::now();
-    loop {
+    let text = wait_for_async("the agent to get the error response", DEADLINE, || async {
         let text = std::fs::read_to_string(&replies).unwrap_or_default();
         if text.contains("\"b1\"") {
-            assert!(text.contains("\"error\""));
-            break;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the agent got the error response"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert!(text.contains("\"error\""));
     relay.stop().await;
 }
 
@@ -848,17 +848,20 @@ async fn a_crashed_agent_fails_the_session_and_paused_messages_wait_for_resume()
             None,
         )
         .await;
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(relay.workspace(&id).join("input.txt"))
-        .unwrap_or_default()
-        .contains("while paused")
-    {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the queued message reaches the new agent"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let input = relay.workspace(&id).join("input.txt");
+    wait_for_async(
+        "the queued message to reach the new agent",
+        DEADLINE,
+        || async {
+            let text = std::fs::read_to_string(&input).unwrap_or_default();
+            if text.contains("while paused") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        },
+    )
+    .await;
     relay.stop().await;
 }
 

@@ -17,7 +17,9 @@ use crate::state::Shared;
 
 /// The socket as an `interprocess` name: [`Paths::socket`] on Unix, [`Paths::pipe_name`]
 /// on Windows (the location rule itself is in `cloud_protocol::paths`).
-fn socket_name(paths: &cloud_protocol::paths::Paths) -> std::io::Result<interprocess::local_socket::Name<'_>> {
+fn socket_name(
+    paths: &cloud_protocol::paths::Paths,
+) -> std::io::Result<interprocess::local_socket::Name<'_>> {
     #[cfg(unix)]
     {
         use interprocess::local_socket::{GenericFilePath, ToFsName as _};

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cloud_protocol::bridge::{
     self, Channel, Envelope, FromRelay, InstanceSnapshot, ToRelay, BRIDGE_PATH, BRIDGE_VERSION,
@@ -14,12 +14,10 @@ use cloud_protocol::session::{LogEntry, SessionEvent};
 use cloud_relay::{RelayConfig, RunningRelay};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::Message;
 
-/// How long any wait may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(20);
+pub use cloudd_test_support::{wait_for_async, DEADLINE};
 
 /// The built-in shell agent of the relay binary.
 pub fn shell_agent() -> Vec<String> {
@@ -131,36 +129,28 @@ impl TestRelay {
         what: &str,
         mut find: impl FnMut(&LogEntry) -> bool,
     ) -> LogEntry {
-        let start = Instant::now();
-        loop {
+        let find = std::cell::RefCell::new(&mut find);
+        wait_for_async(what, DEADLINE, || async {
             let log = self.log(token, session).await;
-            if let Some(entry) = log.iter().find(|e| find(e)) {
-                return entry.clone();
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "timed out waiting for {what}; log: {log:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            let found = log.iter().find(|e| (find.borrow_mut())(e)).cloned();
+            found.ok_or_else(|| format!("{log:#?}"))
+        })
+        .await
     }
 
     pub async fn wait_for_status(&self, token: &str, session: &str, status: &str) -> Value {
-        let start = Instant::now();
-        loop {
+        wait_for_async(&format!("status {status}"), DEADLINE, || async {
             let (code, value) = self
                 .http("GET", &format!("/v1/sessions/{session}"), Some(token), None)
                 .await;
             assert_eq!(code, 200, "{value}");
             if value["status"] == status {
-                return value;
+                Ok(value)
+            } else {
+                Err(value.to_string())
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "timed out waiting for {status}: {value}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 }
 
@@ -192,7 +182,7 @@ pub fn is_result(entry: &LogEntry) -> bool {
     message(entry).is_some_and(|m| m["type"] == "result")
 }
 
-/// A minimal HTTP/1.1 client: one request per connection.
+/// A REST call (the workspace's one test HTTP client, off the runtime's thread).
 pub async fn http(
     addr: SocketAddr,
     method: &str,
@@ -200,56 +190,13 @@ pub async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = body.unwrap_or("");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        request.push_str("Content-Type: application/json\r\n");
-    }
-    if let Some(token) = token {
-        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(response).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    let value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&body).unwrap_or(Value::String(body))
-    };
-    (status, value)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").unwrap();
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
+    let (method, path) = (method.to_owned(), path.to_owned());
+    let (token, body) = (token.map(str::to_owned), body.map(str::to_owned));
+    tokio::task::spawn_blocking(move || {
+        cloudd_test_support::http(addr, &method, &path, token.as_deref(), body.as_deref())
+    })
+    .await
+    .expect("the HTTP client panicked")
 }
 
 pub type Socket =
