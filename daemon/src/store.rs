@@ -1,4 +1,5 @@
-//! The daemon's sled database: one per state directory, opened once, with a capped cache.
+//! The daemon's sled database: one per state directory, opened once, with a capped cache,
+//! private to the user like the rest of the state directory (see [`restrict`]).
 //!
 //! The outbound journal is not in it: it has its own databases (see [`crate::journal`]).
 //! Each tree belongs to one module: `inbound` and
@@ -49,12 +50,57 @@ impl StoreError {
 
 /// Opens (creating) the store in `dir`.
 pub fn open(dir: &Path) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| StoreError::Io {
+        what: "creating the store's directory",
+        source,
+    })?;
+    let db = sled::Config::new()
         .path(dir)
         .cache_capacity(CACHE_BYTES)
         .mode(sled::Mode::LowSpace)
         .open()
-        .map_err(StoreError::sled("opening the store"))
+        .map_err(StoreError::sled("opening the store"))?;
+    restrict(dir)?;
+    Ok(db)
+}
+
+/// Makes every directory under `dir` (itself included) 0700 and every file 0600.
+///
+/// sled creates its files itself, with the process umask: the daemon sets a private one at
+/// start, and this brings files made before (by an older daemon) to the same modes.
+/// Symbolic links are left alone.
+pub fn restrict(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let io = |what| move |source| StoreError::Io { what, source };
+        let mut pending = vec![dir.to_owned()];
+        while let Some(path) = pending.pop() {
+            let metadata =
+                std::fs::symlink_metadata(&path).map_err(io("reading a store file's mode"))?;
+            let mode = if metadata.is_dir() {
+                for entry in std::fs::read_dir(&path).map_err(io("listing a store directory"))? {
+                    pending.push(entry.map_err(io("listing a store directory"))?.path());
+                }
+                0o700
+            } else if metadata.is_file() {
+                0o600
+            } else {
+                continue;
+            };
+            if metadata.permissions().mode() & 0o7777 != mode {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .map_err(io("making a store file private"))?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// This daemon instance's id: random, created on first use, stable for the state
