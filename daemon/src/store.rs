@@ -77,14 +77,26 @@ pub fn restrict(dir: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let io = |what| move |source| StoreError::Io { what, source };
+        // A file that vanishes meanwhile (a journal generation deleted) is no concern.
+        let io = |what| {
+            move |source: std::io::Error| match source.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(StoreError::Io { what, source }),
+            }
+        };
         let mut pending = vec![dir.to_owned()];
         while let Some(path) = pending.pop() {
-            let metadata =
-                std::fs::symlink_metadata(&path).map_err(io("reading a store file's mode"))?;
+            let metadata = match std::fs::symlink_metadata(&path) {
+                Ok(metadata) => metadata,
+                Err(e) => {
+                    io("reading a store file's mode")(e)?;
+                    continue;
+                }
+            };
             let mode = if metadata.is_dir() {
-                for entry in std::fs::read_dir(&path).map_err(io("listing a store directory"))? {
-                    pending.push(entry.map_err(io("listing a store directory"))?.path());
+                match std::fs::read_dir(&path) {
+                    Ok(entries) => pending.extend(entries.filter_map(|e| e.ok()).map(|e| e.path())),
+                    Err(e) => io("listing a store directory")(e)?,
                 }
                 0o700
             } else if metadata.is_file() {
@@ -93,8 +105,11 @@ pub fn restrict(dir: &Path) -> Result<(), StoreError> {
                 continue;
             };
             if metadata.permissions().mode() & 0o7777 != mode {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                    .map_err(io("making a store file private"))?;
+                if let Err(e) =
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                {
+                    io("making a store file private")(e)?;
+                }
             }
         }
     }
@@ -121,4 +136,47 @@ pub fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
     getrandom::fill(&mut bytes).expect("the OS random source works");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn restrict_makes_directories_0700_and_files_0600() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("store");
+        std::fs::create_dir_all(dir.join("blobs")).unwrap();
+        std::fs::write(dir.join("db"), b"").unwrap();
+        std::fs::write(dir.join("blobs/1"), b"").unwrap();
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, b"").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+        for (path, loose) in [
+            ("", 0o755),
+            ("blobs", 0o775),
+            ("db", 0o644),
+            ("blobs/1", 0o666),
+        ] {
+            std::fs::set_permissions(dir.join(path), std::fs::Permissions::from_mode(loose))
+                .unwrap();
+        }
+        restrict(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("blobs")), 0o700);
+        assert_eq!(mode(&dir.join("db")), 0o600);
+        assert_eq!(mode(&dir.join("blobs/1")), 0o600);
+        assert_eq!(mode(&outside), 0o644, "links are not followed");
+    }
 }
