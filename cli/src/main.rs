@@ -14,6 +14,7 @@ use cloudctl::launcher::{self, Running};
 use cloudctl::service;
 
 mod session_commands;
+mod table;
 
 use cloud_protocol::bridge::PermissionDecision;
 use serde_json::json;
@@ -74,7 +75,7 @@ enum Command {
     Send {
         /// The session id.
         id: String,
-        /// The message.
+        /// The message; `-` reads it from stdin (for one longer than a command line).
         text: String,
     },
     /// Stream a session's messages and permission prompts.
@@ -108,7 +109,7 @@ enum Command {
         /// The prompt's request id (see `cloudctl permissions`).
         request_id: String,
         /// Replace the tool's input with this JSON object.
-        #[arg(long)]
+        #[arg(long, value_parser = session_commands::json_object)]
         input: Option<String>,
     },
     /// Deny a permission prompt.
@@ -297,6 +298,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             session_commands::session(&mut running.client, command, json_output).await
         }
         Command::Send { id, text } => {
+            let text = if text == "-" {
+                message_from_stdin()?
+            } else {
+                text
+            };
             let mut running = connect(&paths, true).await?;
             session_commands::send(&paths, &mut running.client, id, text, json_output).await
         }
@@ -331,7 +337,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             input,
         } => {
             let decision = PermissionDecision::Allow {
-                updated_input: session_commands::updated_input(input)?,
+                updated_input: input,
             };
             let mut running = connect(&paths, true).await?;
             session_commands::answer(
@@ -425,7 +431,11 @@ async fn service_plan(
         }
         return Ok(());
     }
+    let mut stopped = None;
     if install {
+        // Everything that can be checked is, before anything changes: a failure leaves
+        // the files, and a daemon started by hand, as they were.
+        service::preflight(manager, context, &plan)?;
         // A daemon started by hand holds the socket path the service will listen
         // on: drain it first (its journal is on disk and the service picks it up).
         if let Ok(client) = Client::connect(paths, CLIENT_NAME).await {
@@ -436,11 +446,26 @@ async fn service_plan(
                     "stopping cloudd (pid {pid}) so {} can take over",
                     manager.name()
                 );
-                launcher::stop(paths, CLIENT_NAME).await?;
+                stopped = launcher::stop(paths, CLIENT_NAME).await?;
             }
         }
     }
-    plan.execute(manager)?;
+    if let Err(e) = plan.execute(manager) {
+        if stopped.is_some() {
+            // What the checks could not foresee failed: start the daemon again by hand
+            // rather than leave nothing running.
+            match connect(paths, false).await {
+                Ok(running) => eprintln!(
+                    "cloudctl: the install failed; started cloudd again (pid {})",
+                    running.client.daemon().pid
+                ),
+                Err(restart) => eprintln!(
+                    "cloudctl: the install failed and cloudd could not be started again: {restart:#}"
+                ),
+            }
+        }
+        return Err(e.into());
+    }
     if install {
         let running = connect(paths, false).await?;
         let hello = running.client.daemon();
@@ -493,10 +518,11 @@ async fn service_status(
         object.insert("daemon".into(), json!(daemon));
         println!("{}", serde_json::Value::Object(object));
     } else {
-        for row in &rows {
-            println!("{:<8} {}", row.name, row.value);
-        }
-        println!("{:<8} {daemon}", "daemon");
+        table::print(
+            rows.into_iter()
+                .map(|row| [row.name, row.value])
+                .chain([["daemon".to_owned(), daemon]]),
+        );
     }
     Ok(())
 }
@@ -681,7 +707,25 @@ fn print_status(status: &Status) {
             ),
         )
     });
-    for (name, value) in rows.into_iter().chain(refused) {
-        println!("{name:<10} {value}");
+    table::print(
+        rows.into_iter()
+            .chain(refused)
+            .map(|(name, value)| [name.to_owned(), value]),
+    );
+}
+
+/// `send ID -`: the message is all of stdin, less the one line ending a file or `echo`
+/// leaves at its end.
+fn message_from_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .context("cannot read the message from stdin")?;
+    let text = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if text.is_empty() {
+        bail!("stdin held no message: pipe one in, like `cloudctl send ID - < message.txt`");
     }
+    Ok(text.to_owned())
 }

@@ -5,10 +5,10 @@
 use std::io::BufRead as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
 use cloud_protocol::bridge::PermissionDecision;
-use cloud_protocol::ipc::{BridgeState, Notification, RelayStatus, Request, Response};
+use cloud_protocol::ipc::{BridgeState, Notification, Prompt, RelayStatus, Request, Response};
 use cloud_protocol::jsonrpc::log_entry_value;
 use cloud_protocol::paths::Paths;
 use cloud_protocol::session::{
@@ -172,20 +172,17 @@ pub async fn session(
                     println!("no sessions (create one with `cloudctl session create`)");
                     return Ok(());
                 }
-                println!(
-                    "{:<20} {:<10} {:<8} {:<10} TASK",
-                    "ID", "STATUS", "VISIBLE", "ACTIVE"
-                );
-                for session in sessions {
-                    println!(
-                        "{:<20} {:<10} {:<8} {:<10} {}",
+                let header = ["ID", "STATUS", "VISIBLE", "ACTIVE", "TASK"].map(String::from);
+                let rows = sessions.into_iter().map(|session| {
+                    [
                         session.id,
-                        session.status.as_str(),
-                        json!(session.visibility).as_str().unwrap_or("?"),
+                        session.status.as_str().to_owned(),
+                        json!(session.visibility).as_str().unwrap_or("?").to_owned(),
                         ago(session.last_activity),
-                        session.task
-                    );
-                }
+                        session.task,
+                    ]
+                });
+                crate::table::print(std::iter::once(header).chain(rows));
             }
         }
         Response::Session { session, stale } => {
@@ -253,15 +250,17 @@ fn print_session(session: &Session, stale: bool) {
         ("active", ago(session.last_activity)),
         ("log", format!("{} entries", session.last_seq)),
     ];
-    for (name, value) in rows {
-        println!("{name:<10} {value}");
-    }
-    if stale {
-        println!(
-            "{:<10} the relay is unreachable; this may be out of date",
-            "note"
-        );
-    }
+    let note = stale.then(|| {
+        (
+            "note",
+            "the relay is unreachable; this may be out of date".to_owned(),
+        )
+    });
+    crate::table::print(
+        rows.into_iter()
+            .chain(note)
+            .map(|(name, value)| [name.to_owned(), value]),
+    );
 }
 
 /// "12s ago", "3m ago", ...
@@ -397,17 +396,18 @@ pub async fn permissions(
         bail!("unexpected reply to permissions");
     };
     if json_output {
-        println!("{}", json!(prompts));
+        println!(
+            "{}",
+            Value::Array(prompts.iter().map(prompt_value).collect())
+        );
     } else if prompts.is_empty() {
         println!("no pending permission prompts in {session}");
     } else {
-        println!("{:<16} {:<8} INPUT", "REQUEST", "TOOL");
-        for prompt in prompts {
-            println!(
-                "{:<16} {:<8} {}",
-                prompt.request_id, prompt.tool_name, prompt.input
-            );
-        }
+        let header = ["REQUEST", "TOOL", "INPUT"].map(String::from);
+        let rows = prompts
+            .into_iter()
+            .map(|prompt| [prompt.request_id, prompt.tool_name, prompt.input]);
+        crate::table::print(std::iter::once(header).chain(rows));
         println!("answer with `cloudctl allow {session} REQUEST` or `cloudctl deny {session} REQUEST --message WHY`");
     }
     Ok(())
@@ -451,18 +451,27 @@ pub async fn answer(
     Ok(())
 }
 
-/// Parses `--input JSON`.
-pub fn updated_input(input: Option<String>) -> anyhow::Result<Option<String>> {
-    match input {
-        None => Ok(None),
-        Some(text) => {
-            let value: Value =
-                serde_json::from_str(&text).context("--input must be a JSON object")?;
-            if !value.is_object() {
-                bail!("--input must be a JSON object, like '{{\"command\": \"ls\"}}'");
-            }
-            Ok(Some(value.to_string()))
-        }
+/// A prompt for programs: the daemon carries the tool's input as JSON text, and a
+/// program wants the object itself.
+fn prompt_value(prompt: &Prompt) -> Value {
+    let input = serde_json::from_str::<Value>(&prompt.input)
+        .unwrap_or_else(|_| Value::String(prompt.input.clone()));
+    json!({
+        "request_id": prompt.request_id,
+        "tool_name": prompt.tool_name,
+        "input": input,
+        "seq": prompt.seq,
+    })
+}
+
+/// `allow --input`: clap's value parser, so text that is not a JSON object is a usage
+/// error (exit 2) before the daemon is contacted. Returns the object as compact JSON.
+pub fn json_object(text: &str) -> Result<String, String> {
+    const EXAMPLE: &str = r#"like '{"command": "ls -a"}'"#;
+    match serde_json::from_str::<Value>(text) {
+        Ok(value) if value.is_object() => Ok(value.to_string()),
+        Ok(_) => Err(format!("not a JSON object; give one {EXAMPLE}")),
+        Err(e) => Err(format!("not JSON ({e}); give a JSON object {EXAMPLE}")),
     }
 }
 

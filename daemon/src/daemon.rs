@@ -121,7 +121,10 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     // The stores, the journal and the bridge.
     let db = store::open(&paths.state_dir.join("store"))?;
     let instance_id = store::instance_id(&db)?;
-    let journal = Journal::open(&paths.state_dir.join("journal"), &db)?;
+    let journal_dir = paths.state_dir.join("journal");
+    let journal = Journal::open(&journal_dir, &db)?;
+    // Private like the store: new files are (the umask), older ones are made so.
+    store::restrict(&journal_dir)?;
     tokio::spawn(Arc::clone(&journal).run_flusher());
     let (link, bridge_commands) = Link::new(
         journal,

@@ -39,6 +39,16 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Everything the daemon creates is the user's alone, whoever creates it: sled makes its
+    // own files and directories (the store, the journal's generations, the embedded
+    // relay's), so the umask is what makes them 0600 and 0700. The agents the embedded
+    // relay runs inherit it, which keeps their workspaces, inside the state directory,
+    // private too.
+    #[cfg(unix)]
+    // SAFETY: umask only sets the process's file mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     // Before any thread exists: this reads and clears the service manager's variables.
     let handoff = cloudd::supervisor::Handoff::from_env();
     let result = (|| -> anyhow::Result<()> {

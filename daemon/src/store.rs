@@ -1,4 +1,5 @@
-//! The daemon's sled database: one per state directory, opened once, with a capped cache.
+//! The daemon's sled database: one per state directory, opened once, with a capped cache,
+//! private to the user like the rest of the state directory (see [`restrict`]).
 //!
 //! The outbound journal is not in it: it has its own databases (see [`crate::journal`]).
 //! Each tree belongs to one module: `inbound` and
@@ -51,12 +52,72 @@ impl StoreError {
 
 /// Opens (creating) the store in `dir`.
 pub fn open(dir: &Path) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| StoreError::Io {
+        what: "creating the store's directory",
+        source,
+    })?;
+    let db = sled::Config::new()
         .path(dir)
         .cache_capacity(CACHE_BYTES)
         .mode(sled::Mode::LowSpace)
         .open()
-        .map_err(StoreError::sled("opening the store"))
+        .map_err(StoreError::sled("opening the store"))?;
+    restrict(dir)?;
+    Ok(db)
+}
+
+/// Makes every directory under `dir` (itself included) 0700 and every file 0600.
+///
+/// sled creates its files itself, with the process umask: the daemon sets a private one at
+/// start, and this brings files made before (by an older daemon) to the same modes.
+/// Symbolic links are left alone.
+pub fn restrict(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // A file that vanishes meanwhile (a journal generation deleted) is no concern.
+        let io = |what| {
+            move |source: std::io::Error| match source.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(StoreError::Io { what, source }),
+            }
+        };
+        let mut pending = vec![dir.to_owned()];
+        while let Some(path) = pending.pop() {
+            let metadata = match std::fs::symlink_metadata(&path) {
+                Ok(metadata) => metadata,
+                Err(e) => {
+                    io("reading a store file's mode")(e)?;
+                    continue;
+                }
+            };
+            let mode = if metadata.is_dir() {
+                match std::fs::read_dir(&path) {
+                    Ok(entries) => pending.extend(entries.filter_map(|e| e.ok()).map(|e| e.path())),
+                    Err(e) => io("listing a store directory")(e)?,
+                }
+                0o700
+            } else if metadata.is_file() {
+                0o600
+            } else {
+                continue;
+            };
+            if metadata.permissions().mode() & 0o7777 != mode {
+                if let Err(e) =
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                {
+                    io("making a store file private")(e)?;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// This daemon instance's id: random, created on first use, stable for the state
@@ -150,5 +211,48 @@ impl Meta {
                 .map_err(StoreError::sled("meta"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn restrict_makes_directories_0700_and_files_0600() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("store");
+        std::fs::create_dir_all(dir.join("blobs")).unwrap();
+        std::fs::write(dir.join("db"), b"").unwrap();
+        std::fs::write(dir.join("blobs/1"), b"").unwrap();
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, b"").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+        for (path, loose) in [
+            ("", 0o755),
+            ("blobs", 0o775),
+            ("db", 0o644),
+            ("blobs/1", 0o666),
+        ] {
+            std::fs::set_permissions(dir.join(path), std::fs::Permissions::from_mode(loose))
+                .unwrap();
+        }
+        restrict(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("blobs")), 0o700);
+        assert_eq!(mode(&dir.join("db")), 0o600);
+        assert_eq!(mode(&dir.join("blobs/1")), 0o600);
+        assert_eq!(mode(&outside), 0o644, "links are not followed");
     }
 }

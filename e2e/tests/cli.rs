@@ -180,3 +180,21 @@ fn a_client_of_another_uid_is_refused_and_logged() {
     // The daemon's own user is still served.
     home.cloudctl_ok(&["ping"]);
 }
+
+#[test]
+fn allow_input_that_is_not_a_json_object_is_a_usage_error() {
+    let home = Home::new();
+    for (input, says) in [("not json", "not JSON"), ("[1, 2]", "not a JSON object")] {
+        let output = home.cloudctl(&["allow", "s-1", "req-1", "--input", input]);
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("invalid value '{input}' for '--input <INPUT>'"))
+                && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+    // Checked before the daemon is contacted: none was started.
+    assert_eq!(home.daemon_pid(), None);
+    assert!(!home.paths.socket.exists());
+}

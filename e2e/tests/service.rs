@@ -360,3 +360,64 @@ fn an_upgraded_daemon_is_restarted_by_the_next_command() {
     assert!(!String::from_utf8_lossy(&again.stderr).contains("restarted"));
     cloudctl(&["down"]);
 }
+
+/// Kills a daemon a test started through `cloudctl`, even when the test fails first.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if cloudctl::launcher::process_exists(self.0) {
+            // SAFETY: the pid is the daemon this test started and saw answer.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn install_without_a_user_manager_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    // This shell has no systemd user manager: the runtime dir holds no bus to reach one.
+    let cloudctl = |args: &[&str]| {
+        cloudctl_in(root.path())
+            .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let up = cloudctl(&["--json", "up"]);
+    assert!(up.status.success(), "{up:?}");
+    let pid = serde_json::from_slice::<Value>(&up.stdout).unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32;
+    let _daemon = KillOnDrop(pid);
+
+    let install = cloudctl(&["service", "install", "--manager", "systemd"]);
+    assert_eq!(install.status.code(), Some(1), "{install:?}");
+    let stderr = String::from_utf8_lossy(&install.stderr);
+    assert!(
+        stderr.contains("no systemd user manager is reachable from this shell")
+            && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("stopping cloudd"), "{stderr}");
+
+    // The daemon started by hand still runs and answers, and is the same one.
+    assert!(cloudctl::launcher::process_exists(pid));
+    let status = cloudctl(&["--json", "status"]);
+    assert!(status.status.success(), "{status:?}");
+    assert!(
+        String::from_utf8_lossy(&status.stderr).is_empty(),
+        "no restart: {status:?}"
+    );
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["pid"].as_u64(), Some(pid as u64));
+    assert_eq!(status["supervisor"], "none");
+    // No unit file was written (nor their directory made).
+    assert!(
+        !root.path().join("home/.config/systemd").exists(),
+        "unit files written"
+    );
+
+    assert!(cloudctl(&["down"]).status.success());
+}

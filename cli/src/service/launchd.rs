@@ -193,12 +193,20 @@ impl ServiceManager for Launchd {
         ])
     }
 
+    fn probe_command(&self, context: &Context) -> Vec<String> {
+        // The domain the agent is bootstrapped into exists only for a user logged in at the
+        // console.
+        argv(&["launchctl", "print", &Self::domain(context)])
+    }
+
     fn missing_tool_fix(&self, tool: &str) -> String {
         format!("{tool} is not available: launchd agents exist only on macOS; use `--manager systemd` or `cloudctl up`")
     }
 
     fn failure_fix(&self, stderr: &str) -> String {
-        if stderr.contains("Bootstrap failed: 5") {
+        if stderr.contains("Could not find domain") {
+            "no launchd GUI session is reachable for this user; log in at the Mac's screen (not only over ssh), or use `cloudctl up`".into()
+        } else if stderr.contains("Bootstrap failed: 5") {
             "the agent may already be loaded: run `cloudctl service uninstall` then install again"
                 .into()
         } else {

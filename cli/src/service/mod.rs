@@ -4,7 +4,9 @@
 //! templates in `systemd/` and `launchd/` into a [`Plan`]: the directories, files and
 //! commands that installing or uninstalling takes. `--dry-run` prints the plan; otherwise it
 //! is carried out step by step, stopping at the first failure with an error that names the
-//! fix. Uninstalling undoes what installing did, except the state and config directories,
+//! fix. Before an install changes anything, [`preflight`] checks what it can without
+//! changing anything: the manager answers, its tools exist, its files can be written.
+//! Uninstalling undoes what installing did, except the state and config directories,
 //! which hold the user's data and are kept.
 
 pub mod launchd;
@@ -44,6 +46,9 @@ pub enum ServiceError {
     /// The environment lacks something the plan needs.
     #[error("{0}")]
     Environment(String),
+    /// A check before installing failed, so nothing was done.
+    #[error("{0}; nothing was changed")]
+    Precondition(String),
 }
 
 /// Everything a plan is made from.
@@ -245,6 +250,115 @@ impl Plan {
     }
 }
 
+/// Checks, changing nothing, what installing with `plan` needs: the manager answers from
+/// this shell, every program the plan runs exists, and every directory and file it creates
+/// can be. An install runs this before it stops anything, so a failure leaves everything
+/// as it was.
+pub fn preflight(
+    manager: &dyn ServiceManager,
+    context: &Context,
+    plan: &Plan,
+) -> Result<(), ServiceError> {
+    for step in &plan.steps {
+        match step {
+            Step::Run { argv, .. } => {
+                if find_program(&argv[0]).is_none() {
+                    return Err(ServiceError::Precondition(format!(
+                        "`{}` cannot be found; {}",
+                        argv[0],
+                        manager.missing_tool_fix(&argv[0])
+                    )));
+                }
+            }
+            Step::CreateDir { path, .. } => can_create(path, true)?,
+            Step::WriteFile { path, .. } => can_create(path, false)?,
+            Step::RemoveFile { .. } | Step::Note(_) => {}
+        }
+    }
+    run(&manager.probe_command(context), manager)
+        .map(drop)
+        .map_err(|e| ServiceError::Precondition(e.to_string()))
+}
+
+/// Where `program` is found: itself when it names a path, else the first executable of
+/// that name on `PATH`.
+fn find_program(program: &str) -> Option<PathBuf> {
+    let executable = |path: &Path| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            path.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        }
+        #[cfg(not(unix))]
+        {
+            path.is_file()
+        }
+    };
+    if program.contains(std::path::MAIN_SEPARATOR) {
+        let path = PathBuf::from(program);
+        return executable(&path).then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| executable(path))
+}
+
+/// Whether `path` (a directory when `dir`, else a file) can be created or replaced: when
+/// it exists it is of that kind (and a file is writable), else its nearest existing
+/// ancestor is a directory this user can write into.
+fn can_create(path: &Path, dir: bool) -> Result<(), ServiceError> {
+    let refuse = |why: String| Err(ServiceError::Precondition(why));
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_dir() != dir => refuse(format!(
+            "{} exists and is not a {}; move it out of the way",
+            path.display(),
+            if dir { "directory" } else { "file" }
+        )),
+        Ok(_) if dir => Ok(()),
+        Ok(_) => writable(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(ancestor) = path.ancestors().skip(1).find(|a| a.exists()) else {
+                return refuse(format!("no ancestor of {} exists", path.display()));
+            };
+            if !ancestor.is_dir() {
+                return refuse(format!(
+                    "cannot create {}: {} is not a directory",
+                    path.display(),
+                    ancestor.display()
+                ));
+            }
+            writable(ancestor)
+        }
+        Err(e) => refuse(format!("cannot use {}: {e}", path.display())),
+    }
+}
+
+/// Whether this user may write to `path` (a read-only file system counts).
+fn writable(path: &Path) -> Result<(), ServiceError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt as _;
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+            return Err(ServiceError::Precondition(format!(
+                "{} is not a usable path",
+                path.display()
+            )));
+        };
+        // SAFETY: `c_path` is a valid NUL-terminated string for the duration of the call.
+        if unsafe { libc::access(c_path.as_ptr(), libc::W_OK) } != 0 {
+            return Err(ServiceError::Precondition(format!(
+                "cannot write to {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// Runs a command, turning failures into errors that name the fix.
 pub fn run(argv: &[String], manager: &dyn ServiceManager) -> Result<String, ServiceError> {
     let command_line = argv.join(" ");
@@ -341,6 +455,9 @@ pub trait ServiceManager: std::fmt::Debug {
     fn logs_command(&self, context: &Context, follow: bool) -> Vec<String>;
     /// The command that restarts the daemon.
     fn restart_command(&self, context: &Context) -> Vec<String>;
+    /// A command that changes nothing and succeeds only when this shell can reach the
+    /// manager (the [`preflight`] check).
+    fn probe_command(&self, context: &Context) -> Vec<String>;
     /// What to do when `tool` cannot be run.
     fn missing_tool_fix(&self, tool: &str) -> String;
     /// What to do when a command failed with `stderr`.

@@ -200,6 +200,11 @@ impl ServiceManager for Systemd {
         systemctl(&["restart", SERVICE])
     }
 
+    fn probe_command(&self, _context: &Context) -> Vec<String> {
+        // Answered by the user manager itself: it fails when none is reachable.
+        systemctl(&["show-environment"])
+    }
+
     fn missing_tool_fix(&self, tool: &str) -> String {
         format!(
             "{tool} is not available: this system does not run systemd; start cloudd with `cloudctl up` from your session's autostart instead"

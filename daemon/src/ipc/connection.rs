@@ -6,7 +6,8 @@
 //! interleaved between replies. The connection closes, after telling the client why with a
 //! `closing` notification when it still can, on: end of input, lost framing, a protocol
 //! version mismatch, a client that falls behind its notifications, a write that misses its
-//! deadline, and the daemon's drain.
+//! deadline, and the daemon's drain. A client cut off for being slow is named, with the
+//! reason, in the daemon's log whether or not the `closing` reaches it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,7 +159,7 @@ async fn serve_peer(
                 }
                 client.needs_durable = 0;
             }
-            if !out.is_empty() && !write(&mut stream, &mut out).await {
+            if !out.is_empty() && !flush(&mut stream, &mut out, encoding, &mut client).await {
                 return;
             }
             if let Some(closing) = &client.closing {
@@ -210,9 +211,10 @@ async fn serve_peer(
             // say it in yet except binary, which is what a silent client will get.
             encoding = Some(Encoding::Binary);
         }
-        if encoding.is_some() && !out.is_empty() && client.closing.is_some() {
+        if let (Some(encoding), false, true) = (encoding, out.is_empty(), client.closing.is_some())
+        {
             // The closing is queued: write it and stop.
-            let _ = write(&mut stream, &mut out).await;
+            flush(&mut stream, &mut out, encoding, &mut client).await;
             return;
         }
     }
@@ -430,28 +432,117 @@ fn push_closing(encoding: Encoding, client: &ClientState, out: &mut Vec<u8>) {
     }
 }
 
-/// Writes and clears `out` within [`WRITE_DEADLINE`]. Returns false when the connection is
-/// unusable (write error or a stalled client).
-async fn write(stream: &mut Stream, out: &mut Vec<u8>) -> bool {
-    // Most writes complete at once; only a write that has to wait gets a deadline timer.
-    let mut writing = std::pin::pin!(stream.write_all(out));
-    let result = match futures_util::poll!(&mut writing) {
-        std::task::Poll::Ready(result) => Ok(result),
-        std::task::Poll::Pending => tokio::time::timeout(WRITE_DEADLINE, writing).await,
-    };
-    let n_bytes = out.len();
-    out.clear();
+/// Writes and clears `out`. Returns false when the connection is unusable: a write error,
+/// or a client that read nothing for [`WRITE_DEADLINE`], which is then cut off with a
+/// `closing` that says so (see [`cut_stalled`]).
+async fn flush(
+    stream: &mut Stream,
+    out: &mut Vec<u8>,
+    encoding: Encoding,
+    client: &mut ClientState,
+) -> bool {
+    let mut written = 0;
+    let result = write_within(stream, out, &mut written).await;
     match result {
-        Ok(Ok(())) => true,
+        Ok(Ok(())) => {
+            out.clear();
+            true
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "write failed");
             false
         }
         Err(_) => {
-            tracing::warn!(
-                "disconnecting stalled client: {n_bytes} bytes could not be written within {WRITE_DEADLINE:?}"
-            );
+            cut_stalled(stream, out, written, encoding, client).await;
             false
+        }
+    }
+}
+
+/// Writes `bytes[*written..]`, counting what went out in `written`, within
+/// [`WRITE_DEADLINE`] (the outer error is the deadline).
+async fn write_within(
+    stream: &mut Stream,
+    bytes: &[u8],
+    written: &mut usize,
+) -> Result<std::io::Result<()>, tokio::time::error::Elapsed> {
+    let mut writing = std::pin::pin!(async {
+        while *written < bytes.len() {
+            match stream.write(&bytes[*written..]).await {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => *written += n,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    // Most writes complete at once; only a write that has to wait gets a deadline timer.
+    match futures_util::poll!(&mut writing) {
+        std::task::Poll::Ready(result) => Ok(result),
+        std::task::Poll::Pending => tokio::time::timeout(WRITE_DEADLINE, writing).await,
+    }
+}
+
+/// Cuts off a client that read nothing for [`WRITE_DEADLINE`] while `out` waited for it,
+/// `written` bytes of it sent. The reason goes to the log at once; the client gets the
+/// message it is in the middle of, then a `closing` with the same reason, if it reads
+/// within another [`WRITE_DEADLINE`]. What it has not started on is dropped.
+async fn cut_stalled(
+    stream: &mut Stream,
+    out: &mut Vec<u8>,
+    written: usize,
+    encoding: Encoding,
+    client: &mut ClientState,
+) {
+    let end = message_end(encoding, out, written);
+    let reason = format!(
+        "disconnected: this client read nothing for {}s while cloudd had {} bytes for it; read replies and notifications as they arrive",
+        WRITE_DEADLINE.as_secs(),
+        out.len() - written
+    );
+    tracing::warn!("disconnecting stalled client: {reason}");
+    // A closing already queued (a client that also fell behind its feeds) is the last
+    // message: it stays if the client is already in it, else it is queued again.
+    let closing_in_flight = client.closing.is_some() && end == out.len();
+    out.truncate(end);
+    if !closing_in_flight {
+        client.closing.get_or_insert(Closing {
+            code: ErrorCode::SlowConsumer,
+            message: reason,
+        });
+        push_closing(encoding, client, out);
+    }
+    let mut rest = 0;
+    match write_within(stream, &out[written..], &mut rest).await {
+        Ok(Ok(())) => tracing::debug!("the stalled client read its closing"),
+        _ => tracing::debug!("the stalled client did not read its closing either"),
+    }
+    out.clear();
+}
+
+/// Where the message that byte `written` of `out` falls in ends (`written` itself when it
+/// is a boundary): `out` holds whole messages, one after the other.
+fn message_end(encoding: Encoding, out: &[u8], written: usize) -> usize {
+    match encoding {
+        Encoding::Json => {
+            if written == 0 || out[written - 1] == b'\n' {
+                return written;
+            }
+            out[written..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(out.len(), |i| written + i + 1)
+        }
+        Encoding::Binary => {
+            let mut end = 0;
+            while end < written {
+                match frame::frame_len(&out[end..]) {
+                    Ok(Some(len)) => end += len,
+                    // Only whole frames are ever queued.
+                    _ => return out.len(),
+                }
+            }
+            end
         }
     }
 }
@@ -487,5 +578,49 @@ fn peer_credentials(stream: &Stream) -> (Option<u32>, Option<u32>) {
             tracing::warn!(error = %e, "cannot read peer credentials");
             (None, None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_message_is_completed_and_nothing_after_it() {
+        let mut json = Vec::new();
+        for n in 0..3 {
+            jsonrpc::encode_notification(
+                &Notification::Closing(Closing {
+                    code: ErrorCode::SlowConsumer,
+                    message: format!("message {n}"),
+                }),
+                &mut json,
+            );
+        }
+        let first = json.iter().position(|&b| b == b'\n').unwrap() + 1;
+        assert_eq!(message_end(Encoding::Json, &json, 0), 0);
+        assert_eq!(message_end(Encoding::Json, &json, 1), first);
+        assert_eq!(message_end(Encoding::Json, &json, first), first);
+        assert_eq!(
+            message_end(Encoding::Json, &json, json.len() - 1),
+            json.len()
+        );
+
+        let mut binary = Vec::new();
+        for n in 0..3u64 {
+            frame::encode(
+                &ServerMessage::Reply {
+                    id: n,
+                    result: Ok(Response::Pong),
+                },
+                &mut binary,
+            )
+            .unwrap();
+        }
+        let first = frame::frame_len(&binary).unwrap().unwrap();
+        assert_eq!(message_end(Encoding::Binary, &binary, 0), 0);
+        assert_eq!(message_end(Encoding::Binary, &binary, 2), first);
+        assert_eq!(message_end(Encoding::Binary, &binary, first), first);
+        assert_eq!(message_end(Encoding::Binary, &binary, first + 1), 2 * first);
     }
 }
