@@ -58,27 +58,6 @@ pub enum LaunchError {
     },
 }
 
-/// The `cloudd` binary: `$CLOUDD_BIN`, else the one beside this executable, else the
-/// first `cloudd` on the `PATH`.
-pub fn cloudd_binary() -> PathBuf {
-    if let Some(binary) = std::env::var_os("CLOUDD_BIN").filter(|v| !v.is_empty()) {
-        return PathBuf::from(binary);
-    }
-    let name = format!("cloudd{}", std::env::consts::EXE_SUFFIX);
-    let beside_this = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(&name)));
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|dir| dir.join(&name));
-    beside_this
-        .into_iter()
-        .chain(on_path)
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
 /// What [`ensure_running`] found or did.
 #[derive(Debug)]
 pub struct Running {
@@ -228,7 +207,7 @@ fn spawn_detached(paths: &Paths) -> Result<Spawned, LaunchError> {
             source,
         })?;
     let stderr_from = stderr.metadata().map(|m| m.len()).unwrap_or(0);
-    let binary = cloudd_binary();
+    let binary = crate::cloudd_binary();
     let mut command = Command::new(&binary);
     command
         .arg("--detached")

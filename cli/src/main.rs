@@ -584,7 +584,7 @@ async fn run_foreground(paths: &Paths) -> anyhow::Result<()> {
         Err(e) if e.is_not_running() => {}
         Err(e) => return Err(e.into()),
     }
-    let binary = launcher::cloudd_binary();
+    let binary = cloudctl::cloudd_binary();
     let mut command = std::process::Command::new(&binary);
     #[cfg(unix)]
     {

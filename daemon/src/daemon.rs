@@ -17,13 +17,14 @@ use tokio_util::task::TaskTracker;
 use crate::bridge::Bridge;
 use crate::config::{Config, ConfigError};
 use crate::credentials;
+use crate::event::{CoreEvent, Signal};
 use crate::inbound::Inbound;
 use crate::ipc::{listener, IpcError};
 use crate::journal::Journal;
 use crate::link::Link;
 use crate::logging::{Logging, LoggingError};
 use crate::replica::Replica;
-use crate::signals::{self, Signal};
+use crate::signals;
 use crate::singleton::{InstanceLock, LockError};
 use crate::state::{Shared, Snapshot};
 use crate::store::{self, StoreError};
@@ -31,18 +32,6 @@ use crate::supervisor::{BinaryIdentity, Handoff, Supervision};
 
 /// The longest the drain waits for connections to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Everything that moves the daemon's state, consumed in one place: [`run`]'s loop.
-#[derive(Debug)]
-pub enum CoreEvent {
-    /// A signal arrived.
-    Signal(Signal),
-    /// A client asked the daemon to shut down.
-    ShutdownRequested {
-        /// Who asked, for the log.
-        by: String,
-    },
-}
 
 /// How the daemon is started.
 #[derive(Debug, Default)]

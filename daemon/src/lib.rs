@@ -14,8 +14,8 @@
 //! - [`inbound`], [`replica`]: what the relay sent: followed sessions' logs, the sessions.
 //! - [`credentials`], [`embedded`]: which relay, and the in-process one when none is set.
 //! - [`bridge`]: the WebSocket to the relay; [`link`]: what it shares with the handlers.
-//! - [`daemon`]: the core: start-up, the one loop that consumes [`daemon::CoreEvent`]s
-//!   (signals, shutdown requests), and the bounded drain.
+//! - [`daemon`]: the core: start-up, the one loop that consumes [`event::CoreEvent`]s
+//!   (signals, shutdown requests), and the bounded drain; [`event`] names those events.
 //! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
 //! - [`supervisor`]: systemd socket activation, readiness and watchdog notifications, and
 //!   noticing that the daemon's own binary was upgraded.
@@ -28,6 +28,7 @@ pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod embedded;
+pub mod event;
 pub mod inbound;
 pub mod ipc;
 pub mod journal;

@@ -6,18 +6,7 @@
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 
-use crate::daemon::CoreEvent;
-
-/// A signal the daemon reacts to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    /// Drain and exit 0.
-    Terminate,
-    /// Drain and exit 0 (Ctrl-C in the foreground).
-    Interrupt,
-    /// Reload the configuration file.
-    Hangup,
-}
+use crate::event::{CoreEvent, Signal};
 
 /// Installs the handlers and forwards signals to `core` until the core is gone.
 #[cfg(unix)]

@@ -15,7 +15,7 @@ use cloud_protocol::paths::Paths;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::CoreEvent;
+use crate::event::CoreEvent;
 use crate::link::Link;
 use crate::supervisor::Supervision;
 

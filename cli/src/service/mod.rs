@@ -77,7 +77,7 @@ impl Context {
         let home = std::env::var_os("HOME")
             .map(PathBuf::from)
             .ok_or_else(|| ServiceError::Environment("HOME is not set".into()))?;
-        let cloudd_bin = crate::launcher::cloudd_binary();
+        let cloudd_bin = crate::cloudd_binary();
         let cloudd_bin = std::fs::canonicalize(&cloudd_bin).map_err(|_| {
             ServiceError::Environment(format!(
                 "cannot find the cloudd binary ({}); install it beside cloudctl or set CLOUDD_BIN",

@@ -23,11 +23,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tracing::Instrument as _;
 
-use super::handler::{self, ClientState};
+use super::client::{ClientState, WRITE_DEADLINE};
+use super::handler;
 use crate::state::Shared;
-
-/// How long one write to a client may take before the client counts as stalled.
-pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How long a refused client gets to send its first byte, so the refusal can be written in
 /// its encoding.

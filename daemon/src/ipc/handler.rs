@@ -4,45 +4,13 @@
 //! blocking or IO: it reads the shared state, changes this
 //! client's own state (greeting, subscriptions), or asks the core loop to act.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use cloud_protocol::ipc::{
-    version_mismatch, Closing, ErrorBody, ErrorCode, Notification, Request, Response, Subscribe,
-    Topic, PROTOCOL_VERSION,
+    version_mismatch, Closing, ErrorBody, ErrorCode, Request, Response, Subscribe, Topic,
+    PROTOCOL_VERSION,
 };
-use cloud_protocol::session::LogEntry;
-use tokio::sync::broadcast;
 
+use super::client::ClientState;
 use crate::state::Shared;
-
-/// What the daemon knows about one client.
-#[derive(Debug, Default)]
-pub struct ClientState {
-    /// Whether the hello succeeded. Every other request is refused until it has.
-    pub greeted: bool,
-    /// The client's name and version, from its hello, for logs.
-    pub client: Option<String>,
-    /// The client's pid, when the platform reports it, for logs.
-    pub pid: Option<u32>,
-    /// Lifecycle notifications, when subscribed.
-    pub state_feed: Option<broadcast::Receiver<Arc<Notification>>>,
-    /// Log records, when subscribed.
-    pub log_feed: Option<broadcast::Receiver<Arc<Notification>>>,
-    /// Replica, relay and refusal notifications, when subscribed.
-    pub sessions_feed: Option<broadcast::Receiver<Arc<Notification>>>,
-    /// Session log entries, while attached to at least one session.
-    pub session_feed: Option<broadcast::Receiver<Arc<Notification>>>,
-    /// Attached sessions and the last log seq sent to this client for each.
-    pub attached: HashMap<String, u64>,
-    /// Stored entries to send after the attach reply, in order.
-    pub replay: Vec<(String, LogEntry)>,
-    /// The highest journal seq whose flush must complete before the replies now queued
-    /// are written.
-    pub needs_durable: u64,
-    /// Set when the connection must close once what is queued has been written.
-    pub closing: Option<Closing>,
-}
 
 /// Answers `request` from the client whose state is `client`.
 pub async fn handle(

@@ -4,9 +4,11 @@
 //!   socket, binds (0600), and accepts connections until the drain starts.
 //! - [`connection`]: one client: checks its uid, picks the encoding from its first byte,
 //!   reads messages, writes replies and notifications, and closes with a reason.
+//! - [`client`]: what the daemon knows about one client, and the write deadline.
 //! - [`handler`]: turns one request into one response against the shared state.
 //! - [`sessions`]: the sessions family: login, the replica, journaled events, attach.
 
+pub mod client;
 pub mod connection;
 pub mod handler;
 pub mod listener;

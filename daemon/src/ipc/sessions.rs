@@ -18,7 +18,7 @@ use cloud_protocol::ipc::{
 use cloud_protocol::session::{Author, LogEntry, Session, SessionAction, SessionEvent};
 use tokio::sync::oneshot;
 
-use super::handler::ClientState;
+use super::client::{ClientState, WRITE_DEADLINE};
 use crate::credentials::{self, Credentials};
 use crate::link::{BridgeCommand, Link};
 use crate::state::Shared;
@@ -210,15 +210,12 @@ async fn journaled(
     // Bounded like every other wait: a journal that cannot flush (a failing disk) must
     // not hang this connection. The event may still be delivered if the flush completes.
     let durable = link.journal.wait_durable(seq);
-    if tokio::time::timeout(super::connection::WRITE_DEADLINE, durable)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(WRITE_DEADLINE, durable).await.is_err() {
         return Err(ErrorBody::new(
             ErrorCode::Timeout,
             format!(
                 "the journal did not confirm event {seq} within {:?}; it is not known to be queued",
-                super::connection::WRITE_DEADLINE
+                WRITE_DEADLINE
             ),
         ));
     }
