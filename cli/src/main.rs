@@ -77,6 +77,11 @@ enum Command {
         id: String,
         /// The message; `-` reads it from stdin (for one longer than a command line).
         text: String,
+        /// The idempotency key (1 to 128 bytes; default: a fresh one per invocation). A
+        /// script that retries a send whose outcome it does not know passes the same key
+        /// again: the daemon and the relay take a repeat of a key as the same message.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// Stream a session's messages and permission prompts.
     Attach {
@@ -297,14 +302,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut running = connect(&paths, true).await?;
             session_commands::session(&mut running.client, command, json_output).await
         }
-        Command::Send { id, text } => {
+        Command::Send {
+            id,
+            text,
+            idempotency_key,
+        } => {
             let text = if text == "-" {
                 message_from_stdin()?
             } else {
                 text
             };
             let mut running = connect(&paths, true).await?;
-            session_commands::send(&paths, &mut running.client, id, text, json_output).await
+            session_commands::send(
+                &paths,
+                &mut running.client,
+                id,
+                text,
+                idempotency_key,
+                json_output,
+            )
+            .await
         }
         Command::Attach {
             id,

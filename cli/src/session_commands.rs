@@ -302,9 +302,10 @@ pub async fn send(
     client: &mut Client,
     session: String,
     text: String,
+    key: Option<String>,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let response = journaled(paths, client, |key| Request::Send {
+    let response = journaled(paths, client, key, |key| Request::Send {
         session: session.clone(),
         text: text.clone(),
         key: Some(key),
@@ -321,7 +322,7 @@ pub async fn interrupt(
     session: String,
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let response = journaled(paths, client, |key| Request::Interrupt {
+    let response = journaled(paths, client, None, |key| Request::Interrupt {
         session: session.clone(),
         key: Some(key),
         wait: true,
@@ -337,7 +338,8 @@ fn new_key() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Sends a journaled request with an idempotency key chosen for this invocation. When the
+/// Sends a journaled request with an idempotency key (the caller's, else one chosen for
+/// this invocation). When the
 /// reply is lost (the daemon died or closed the connection before answering), the client
 /// cannot tell whether the event was queued: it reconnects (restarting the daemon if
 /// need be) and sends the request once more with the same key, which the daemon and the
@@ -345,9 +347,10 @@ fn new_key() -> String {
 async fn journaled(
     paths: &Paths,
     client: &mut Client,
+    key: Option<String>,
     make: impl Fn(String) -> Request,
 ) -> anyhow::Result<Response> {
-    let key = new_key();
+    let key = key.unwrap_or_else(new_key);
     match client.request(make(key.clone())).await {
         Err(e) if e.reply_lost() => {
             eprintln!(
@@ -426,7 +429,7 @@ pub async fn answer(
         PermissionDecision::Allow { .. } => "allowed",
         PermissionDecision::Deny { .. } => "denied",
     };
-    let response = journaled(paths, client, |key| Request::Answer {
+    let response = journaled(paths, client, None, |key| Request::Answer {
         session: session.clone(),
         request_id: request_id.clone(),
         decision: decision.clone(),
