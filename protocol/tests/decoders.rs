@@ -48,7 +48,7 @@ const ALPHABETS: [&[u8]; 3] = [
 ];
 
 /// Up to `max - 1` bytes, made from a length, a seed and an alphabet (proptest's own byte
-/// vectors build a value tree per byte, about a hundred times slower at these sizes).
+/// vectors build a value tree per byte: twenty times slower at these sizes).
 /// Failures still shrink: towards shorter inputs, seed 0 and all bytes.
 fn bytes_below(max: usize) -> impl Strategy<Value = Vec<u8>> {
     (0..max, any::<u64>(), 0..ALPHABETS.len()).prop_map(|(len, mut seed, alphabet)| {
