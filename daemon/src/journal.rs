@@ -89,8 +89,20 @@ fn record_key(seq: u64) -> [u8; 9] {
     key
 }
 
-fn seq_of(key: &[u8]) -> u64 {
-    u64::from_be_bytes(key[1..9].try_into().expect("9-byte record key"))
+/// The seq of a record key; a key of another length is a damaged journal.
+fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(1..)
+        .and_then(|seq| <[u8; 8]>::try_from(seq).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt(format!("a record key of {} bytes", key.len())))
+}
+
+/// The seq of the first of `len` events in a record ending at `last` (seqs start at 1).
+fn first_of(last: u64, len: usize) -> Result<u64, StoreError> {
+    last.checked_add(1)
+        .and_then(|end| end.checked_sub(len as u64))
+        .filter(|first| *first > 0)
+        .ok_or_else(|| corrupt(format!("a record ending at seq {last} holds {len} events")))
 }
 
 fn decode_u64(value: &[u8]) -> u64 {
@@ -175,12 +187,16 @@ impl Generation {
             .get(FIRST_KEY)
             .map_err(StoreError::sled("journal"))?
             .map(|v| decode_u64(&v));
+        if first == Some(0) {
+            return Err(corrupt("a generation whose first seq is 0"));
+        }
         let last = db
             .scan_prefix([RECORD_PREFIX])
             .next_back()
             .transpose()
             .map_err(StoreError::sled("journal"))?
             .map(|(key, _)| seq_of(&key))
+            .transpose()?
             .unwrap_or(first.unwrap_or(1) - 1);
         let bytes = db.size_on_disk().unwrap_or(0);
         let generation = Generation {
@@ -280,7 +296,7 @@ impl Generation {
                 self.decoded = Some(Generation::all_events(&db)?);
             }
             let events = self.decoded.as_deref().unwrap_or_default();
-            let first = self.last + 1 - events.len() as u64;
+            let first = first_of(self.last, events.len())?;
             for (seq, event) in (first..).zip(events) {
                 if !push(seq, event) {
                     break;
@@ -290,9 +306,9 @@ impl Generation {
         }
         for item in self.db().range(record_key(after + 1)..) {
             let (key, value) = item.map_err(StoreError::sled("journal"))?;
-            let last = seq_of(&key);
+            let last = seq_of(&key)?;
             let events: Vec<Outbound> = postcard::from_bytes(&value).map_err(corrupt)?;
-            let first = last + 1 - events.len() as u64;
+            let first = first_of(last, events.len())?;
             for (seq, event) in (first..).zip(&events) {
                 if !push(seq, event) {
                     return Ok(());
@@ -529,6 +545,9 @@ impl Journal {
         let (legacy_acked, legacy) = migrate_legacy(store, last)?;
         acked = acked.max(legacy_acked);
         last = last.max(acked);
+        if last == u64::MAX {
+            return Err(corrupt("a seq at the end of the sequence"));
+        }
         if acked >= last && legacy.is_empty() && !generations.is_empty() {
             // Nothing to deliver: start afresh, so what was trimmed is given back now (sled
             // also adds a segment to a database each time it opens it). The sequence is
@@ -1035,7 +1054,7 @@ fn migrate_legacy(store: &sled::Db, after: u64) -> Result<(u64, Vec<(u64, Outbou
     let mut events = Vec::new();
     for item in tree.scan_prefix([b'e']) {
         let (key, value) = item.map_err(StoreError::sled("journal"))?;
-        let seq = seq_of(&key);
+        let seq = seq_of(&key)?;
         if seq > acked.max(after) {
             events.push((seq, postcard::from_bytes(&value).map_err(corrupt)?));
         }

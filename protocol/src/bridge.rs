@@ -289,16 +289,6 @@ pub enum FromRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Arbitrary bytes are refused cleanly by both directions' decoders.
-        #[test]
-        fn arbitrary_bytes_decode_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode::<ToRelay>(&bytes);
-            let _ = decode::<FromRelay>(&bytes);
-        }
-    }
 
     #[test]
     fn oversized_messages_are_refused() {

@@ -236,21 +236,6 @@ mod tests {
     }
 
     proptest! {
-        /// Arbitrary bytes never panic the decoder, never claim more bytes than exist,
-        /// and never get past the size limit.
-        #[test]
-        fn arbitrary_bytes_decode_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let mut rest: &[u8] = &bytes;
-            loop {
-                match decode::<ClientMessage>(rest) {
-                    Ok(Some((_, used))) => { prop_assert!(used >= HEADER_LEN && used <= rest.len()); rest = &rest[used..]; }
-                    Ok(None) => break,
-                    Err(FrameError::Malformed { consumed, .. }) => { prop_assert!(consumed <= rest.len()); rest = &rest[consumed..]; }
-                    Err(FrameError::TooLarge { len, .. }) => { prop_assert!(len > MAX_MESSAGE_LEN); break; }
-                }
-            }
-        }
-
         /// What is encoded decodes to the same message, whatever the split.
         #[test]
         fn requests_round_trip(id in any::<u64>(), request in any_request()) {

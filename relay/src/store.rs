@@ -173,9 +173,13 @@ fn queue_key(session: &str, seq: u64) -> Vec<u8> {
     key(b'q', &[session.as_bytes(), &seq.to_be_bytes()])
 }
 
+/// The seq in the last 8 bytes of a key (or of a dedup value); 0 when a damaged record has
+/// fewer.
 fn seq_of(key: &[u8]) -> u64 {
-    let tail: [u8; 8] = key[key.len() - 8..].try_into().unwrap_or([0; 8]);
-    u64::from_be_bytes(tail)
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| key[at..].try_into().ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 impl Store {
