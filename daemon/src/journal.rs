@@ -1067,6 +1067,7 @@ mod tests {
         Outbound::UserMessage {
             session: "s-1".into(),
             text: format!("message {n}"),
+            key: None,
         }
     }
 
@@ -1155,6 +1156,7 @@ mod tests {
         let event = |n: usize| Outbound::UserMessage {
             session: "s-1".into(),
             text: format!("{n} {text}"),
+            key: None,
         };
         // Enough for several generations, in groups.
         let total = 3 * (ROLL_BYTES as usize) / 1000 + 500;

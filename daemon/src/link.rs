@@ -257,6 +257,7 @@ mod tests {
             let event = Outbound::UserMessage {
                 session: "s-1".into(),
                 text: format!("{n}"),
+                key: None,
             };
             journal.append(event).await.unwrap();
         }
@@ -305,6 +306,7 @@ mod tests {
         link.acknowledge(500);
         let event = Outbound::Interrupt {
             session: "s-1".into(),
+            key: None,
         };
         assert_eq!(journal.append(event).await.unwrap(), 501);
         assert_eq!(journal.read_after(500, 10).unwrap().len(), 1);

@@ -335,6 +335,7 @@ async fn visibility_is_enforced() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "x".into(),
+                key: None,
             }),
         )
         .await;
@@ -638,6 +639,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo hi".into(),
+                key: None,
             }),
         )
         .await;
@@ -657,6 +659,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
         decision: PermissionDecision::Allow {
             updated_input: None,
         },
+        key: None,
     };
     bridge.send(2, ToRelay::Event(allow.clone())).await;
     let mut texts = Vec::new();
@@ -697,6 +700,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo hi".into(),
+                key: None,
             }),
         )
         .await;
@@ -706,6 +710,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo second".into(),
+                key: None,
             }),
         )
         .await;
@@ -749,6 +754,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
                 decision: PermissionDecision::Deny {
                     message: "not now".into(),
                 },
+                key: None,
             }),
         )
         .await;
@@ -877,6 +883,7 @@ async fn a_restart_keeps_sessions_logs_and_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo one".into(),
+                key: None,
             }),
         )
         .await;
@@ -926,6 +933,7 @@ async fn a_restart_keeps_sessions_logs_and_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo one".into(),
+                key: None,
             }),
         )
         .await;
@@ -935,6 +943,7 @@ async fn a_restart_keeps_sessions_logs_and_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo two".into(),
+                key: None,
             }),
         )
         .await;
@@ -1008,6 +1017,7 @@ async fn malformed_and_oversized_bridge_messages_are_refused_without_harm() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "still fine".into(),
+                key: None,
             }),
         )
         .await;
@@ -1077,6 +1087,7 @@ async fn ten_thousand_bridge_events_arrive_exactly_once_in_order() {
         let event = Outbound::UserMessage {
             session: id.clone(),
             text: format!("m{seq}"),
+            key: None,
         };
         bridge.send(seq, ToRelay::Event(event)).await;
         if seq == N / 2 {
@@ -1084,6 +1095,7 @@ async fn ten_thousand_bridge_events_arrive_exactly_once_in_order() {
                 let event = Outbound::UserMessage {
                     session: id.clone(),
                     text: format!("m{again}"),
+                    key: None,
                 };
                 bridge.send(again, ToRelay::Event(event)).await;
             }

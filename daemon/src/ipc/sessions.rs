@@ -95,11 +95,16 @@ pub async fn handle(
         Request::Send { session, text } => {
             check_sendable(link, &session)?;
             follow(link, &session)?;
-            journal(link, client, Outbound::UserMessage { session, text })
+            journal(link, client, Outbound::UserMessage {
+                    session,
+                    text,
+                    key: None,
+                },
+            )
         }
         Request::Interrupt { session } => {
             check_sendable(link, &session)?;
-            journal(link, client, Outbound::Interrupt { session })
+            journal(link, client, Outbound::Interrupt { session, key: None })
         }
         Request::Delivery { seq } if seq == 0 || seq > link.journal.last_written() => {
             Err(ErrorBody::new(
@@ -382,6 +387,7 @@ async fn answer(
         session,
         request_id,
         decision,
+        key: None,
     };
     // Bounded like every other wait: a journal that cannot flush (a failing disk) must
     // not hang this connection. The answer may still be delivered if the flush completes.
