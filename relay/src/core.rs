@@ -1,5 +1,8 @@
-//! The relay's core: the one task that changes sessions, their logs, prompts, agents and
-//! the bridge dedup table (with each instance's most recent refusals).
+//! The relay's core: the one task that changes sessions, their logs, prompts, agents, the
+//! bridge dedup table (with each instance's most recent refusals) and the idempotency
+//! keys ([`crate::idempotency`]). It hands each session's unfinished user messages to its
+//! next agent, or logs them as not processed ([`crate::delivery`]), and logs each refused
+//! journaled event in its session as not delivered.
 //!
 //! Every change arrives as a [`Command`] on one channel and is applied here, in order, so
 //! there are no locks around session state and no two writers of a log. The loop works in
@@ -810,11 +813,17 @@ impl Core {
                 // the old status to the new one.
             }
             status => {
+                // Read before this action writes anything (see `start_agent`).
+                let unfinished = match status {
+                    SessionStatus::Completed => self.unfinished_lines(id, round),
+                    _ => Vec::new(),
+                };
                 self.stop_agent(id, &mut changes, round);
                 self.set_status(id, status, None, &mut changes, round);
                 if status == SessionStatus::Completed {
                     self.give_up_unfinished(
                         id,
+                        unfinished,
                         "the session was completed before an agent finished it",
                         &mut changes,
                         round,
@@ -1214,6 +1223,10 @@ impl Core {
     /// moves it to running, or to failed when the agent cannot start. Queued input is
     /// handed to the new agent.
     fn start_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+        // Every unfinished message, in order: those no agent was handed yet and those an
+        // earlier agent did not finish. Read first: reading applies the round's writes so
+        // far, and the caller's writes from here on must share one batch.
+        let unfinished = self.unfinished_lines(id, round);
         let generation = self.next_generation;
         self.next_generation += 1;
         let workspace = self.workspaces.join(id);
@@ -1255,10 +1268,8 @@ impl Core {
                         round,
                     );
                 }
-                // Every unfinished message, in order: those no agent was handed yet and
-                // those an earlier agent did not finish.
-                for line in self.unfinished_lines(id, round) {
-                    round.write(&agent, &line);
+                for line in &unfinished {
+                    round.write(&agent, line);
                 }
                 self.sessions.get_mut(id).unwrap().agent = Some(agent);
                 self.set_status(id, SessionStatus::Running, None, changes, round);
@@ -1303,15 +1314,16 @@ impl Core {
     }
 
     /// Logs each unfinished message of a session that no agent will take as
-    /// `not_processed`, with `reason`, and marks them finished.
+    /// `not_processed`, with `reason`, and marks them finished. `lines` are theirs, as
+    /// [`Core::unfinished_lines`] read them.
     fn give_up_unfinished(
         &mut self,
         id: &str,
+        lines: Vec<String>,
         reason: &str,
         changes: &mut Changes,
         round: &mut Round,
     ) {
-        let lines = self.unfinished_lines(id, round);
         let runtime = self.sessions.get_mut(id).unwrap();
         let seqs: Vec<u64> = runtime
             .unfinished

@@ -90,7 +90,6 @@ impl Keys {
     /// Records the outcome of the first event with `key` in `scope`, in `changes` (which
     /// must share a batch with the event's own writes). Transient failures are not
     /// recorded: a retry may succeed.
-    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &mut self,
         changes: &mut Changes,

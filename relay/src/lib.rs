@@ -11,6 +11,9 @@
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
 //!   [`store`] before acknowledging, publishing or telling an agent anything.
+//!   [`idempotency`] recognises a retried event by its key; [`delivery`] says which user
+//!   messages an agent has not finished, and what the log says about those that no agent
+//!   will take and about refused events.
 //! - [`follow`]: reading a session's log after a cursor, then live.
 //! - [`agents`]: agent processes on stream-json stdio; [`shell_agent`] is the built-in one.
 //!
