@@ -818,6 +818,24 @@ mod tests {
         let loaded = store.load_sessions().unwrap();
         assert_eq!(loaded[0].session.last_seq, 5);
         assert_eq!(loaded[0].session.last_activity, 1005);
+        // No `f` key: an earlier relay's session, with the messages it queued.
+        assert_eq!(loaded[0].finished, None);
+        assert!(loaded[0].legacy_queue.is_empty());
+        for seq in [4, 5] {
+            store
+                .tree
+                .insert(queue_key("s-a", seq), b"line".to_vec())
+                .unwrap();
+        }
+        assert_eq!(store.load_sessions().unwrap()[0].legacy_queue, [4, 5]);
+        let mut changes = Changes::default();
+        changes.put_finished("s-a", 3);
+        changes.remove_legacy_queued("s-a", 4);
+        changes.remove_legacy_queued("s-a", 5);
+        store.apply(changes.into_batch()).unwrap();
+        let loaded = store.load_sessions().unwrap();
+        assert_eq!(loaded[0].finished, Some(3));
+        assert!(loaded[0].legacy_queue.is_empty());
         // A deleted session's keys include every chunk.
         let mut changes = Changes::default();
         for key in store.session_keys("s-a").unwrap() {

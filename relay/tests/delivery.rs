@@ -465,3 +465,68 @@ async fn a_refused_event_is_logged_as_not_delivered_once() {
     assert_eq!(not_delivered[1]["reason"], refused.as_str());
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_store_written_by_an_earlier_relay_hands_over_only_what_it_had_queued() {
+    let mut relay = TestRelay::start(script_agent("cat >> input.txt")).await;
+    let token = relay.token("alice", "acme");
+    let id = relay.create(&token, "{}").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let input = relay.workspace(&id).join("input.txt");
+    let count = |text: &str| {
+        std::fs::read_to_string(&input)
+            .unwrap_or_default()
+            .matches(text)
+            .count()
+    };
+    send(&relay, &token, &id, "handed").await;
+    let start = std::time::Instant::now();
+    while count("handed") == 0 {
+        assert!(start.elapsed() < DEADLINE, "the agent got the message");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        post(&relay, &token, &format!("/v1/sessions/{id}/pause"))
+            .await
+            .0,
+        200
+    );
+    let queued = send(&relay, &token, &id, "queued").await;
+
+    // As an earlier relay left it: no `f` key (so "handed", given to an agent, counted as
+    // done), and "queued" under a `q` key.
+    relay
+        .restart_after(|data| {
+            let db = sled::open(data.join("store")).unwrap();
+            let tree = db.open_tree("relay").unwrap();
+            let mut finished = b"f\0".to_vec();
+            finished.extend_from_slice(id.as_bytes());
+            assert!(tree.remove(finished).unwrap().is_some());
+            let mut queue = b"q\0".to_vec();
+            queue.extend_from_slice(id.as_bytes());
+            queue.push(0);
+            queue.extend_from_slice(&queued.to_be_bytes());
+            let line = json!({"type": "user", "message": {"role": "user", "content": "queued"}});
+            tree.insert(queue, line.to_string().as_bytes()).unwrap();
+            db.flush().unwrap();
+        })
+        .await;
+    assert_eq!(
+        post(&relay, &token, &format!("/v1/sessions/{id}/resume"))
+            .await
+            .0,
+        200
+    );
+    let start = std::time::Instant::now();
+    while count("queued") == 0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the queued message reached the new agent"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!((count("handed"), count("queued")), (1, 1));
+    relay.stop().await;
+}

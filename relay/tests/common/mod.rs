@@ -74,7 +74,13 @@ impl TestRelay {
 
     /// Shuts down and starts again on the same data directory.
     pub async fn restart(&mut self) {
+        self.restart_after(|_| {}).await;
+    }
+
+    /// Shuts down, calls `between` with the data directory, and starts again on it.
+    pub async fn restart_after(&mut self, between: impl FnOnce(&Path)) {
         self.relay.take().unwrap().shutdown().await;
+        between(self.dir.path());
         let relay = cloud_relay::start(RelayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: self.dir.path().to_owned(),
