@@ -1211,8 +1211,8 @@ impl Core {
             }
             (kind, _, _) if delivery::ends_turn(kind) => {
                 // In the batch of the `result` entry: a finished turn is never redelivered.
-                if let Some(seq) = runtime.unfinished.finish_oldest() {
-                    changes.put_finished(id, seq);
+                if runtime.unfinished.finish_oldest().is_some() {
+                    changes.put_finished(id, finished_mark(runtime));
                 }
             }
             _ => {}
@@ -1220,8 +1220,8 @@ impl Core {
     }
 
     /// Starts the session's agent (its status must be starting, failed or paused) and
-    /// moves it to running, or to failed when the agent cannot start. Queued input is
-    /// handed to the new agent.
+    /// moves it to running, or to failed when the agent cannot start. Its unfinished
+    /// messages are handed to the new agent.
     fn start_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
         // Every unfinished message, in order: those no agent was handed yet and those an
         // earlier agent did not finish. Read first: reading applies the round's writes so
@@ -1330,14 +1330,14 @@ impl Core {
             .runs()
             .flat_map(|(first, last)| first..=last)
             .collect();
-        let Some(newest) = runtime.unfinished.clear() else {
+        if runtime.unfinished.clear().is_none() {
             return;
-        };
-        changes.put_finished(id, newest);
+        }
         for (seq, line) in seqs.into_iter().zip(lines) {
             let entry = delivery::not_processed(&line, seq, reason);
             self.append(id, Author::Relay, SessionEvent::Message(entry), round);
         }
+        changes.put_finished(id, finished_mark(&self.sessions[id]));
     }
 
     /// Stops the session's agent, if one runs, withdrawing its pending prompts.
@@ -1431,6 +1431,16 @@ fn append(
         round.touched.insert(id.clone());
     }
     seq
+}
+
+/// The log seq to store as the session's finished mark (the `f` key): every user message
+/// after it is unfinished, every one before it finished. Just before the oldest unfinished
+/// message, or the end of the log, so a restart reads back as little of the log as it can.
+fn finished_mark(runtime: &SessionRuntime) -> u64 {
+    runtime
+        .unfinished
+        .oldest()
+        .map_or(runtime.session.last_seq, |oldest| oldest - 1)
 }
 
 /// The unfinished messages of a session: the user messages of its log after `finished`.

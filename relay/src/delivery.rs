@@ -7,8 +7,8 @@
 //! one. Unfinished messages are handed to every new agent of the session (after a pause,
 //! a failure or a relay restart), in order, so a message the relay acknowledged reaches
 //! an agent that finishes it; when the session is completed instead, each is logged as
-//! [`not_processed`]. Only the seq of the last finished message is stored (the store's
-//! `f` key): the messages themselves are already in the log.
+//! [`not_processed`]. Only a mark is stored (the store's `f` key: a log seq after which
+//! every user message is unfinished): the messages themselves are already in the log.
 //!
 //! A journaled event that the relay refuses is logged as [`not_delivered`], so every
 //! client attached to the session sees it, not only the daemon that sent it.
@@ -56,6 +56,11 @@ impl Unfinished {
         Some(seq)
     }
 
+    /// The seq of the oldest unfinished message.
+    pub fn oldest(&self) -> Option<u64> {
+        self.runs.front().map(|(first, _)| *first)
+    }
+
     /// Whether every message is finished.
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
@@ -71,7 +76,7 @@ impl Unfinished {
         self.runs.iter().copied()
     }
 
-    /// Forgets every message (they were given up); returns the seq of the newest.
+    /// Forgets every message (they were given up); returns the seq of the newest, if any.
     pub fn clear(&mut self) -> Option<u64> {
         let newest = self.runs.back().map(|(_, last)| *last);
         self.runs.clear();
@@ -165,11 +170,13 @@ mod tests {
             [(3, 5), (9, 9), (11, 12)]
         );
         assert_eq!(unfinished.len(), 6);
+        assert_eq!(unfinished.oldest(), Some(3));
         let mut finished = Vec::new();
         while let Some(seq) = unfinished.finish_oldest() {
             finished.push(seq);
         }
         assert_eq!(finished, [3, 4, 5, 9, 11, 12]);
+        assert_eq!(unfinished.oldest(), None);
         assert!(unfinished.is_empty());
         unfinished.push(20);
         unfinished.push(21);

@@ -17,9 +17,10 @@
 //!   the daemon's choice and may hold a NUL byte, so these keys are read from the end: the
 //!   last 8 bytes are the seq, the byte before them a NUL, the rest the instance.
 //! - `p\0{session}\0{request_id}` → the state of a permission prompt (one byte).
-//! - `f\0{session}` → the log seq of the session's last finished user message (u64 BE):
-//!   every user message after it in the log is unfinished, and is handed to the session's
-//!   next agent. Written when a session is created and whenever a turn ends.
+//! - `f\0{session}` → the session's finished mark, a log seq (u64 BE): every user message
+//!   after it in the log is unfinished, and is handed to the session's next agent; every
+//!   one before it is finished. Written when a session is created, whenever a turn ends
+//!   and when unfinished messages are given up.
 //! - `q\0{session}\0{seq: u64 BE}` → written only by earlier relays: a user message waiting
 //!   for the session's next agent. Read once, to place a session's first `f` key.
 //! - `k\0{scope length: u32 BE}{scope}{key}` → what became of the first event with that
@@ -158,6 +159,16 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the store could not be opened because its lock is held (by another process,
+    /// or by what is left of a store this process just closed).
+    pub fn is_locked(&self) -> bool {
+        // sled says so only in words.
+        matches!(self, StoreError::Sled { source: sled::Error::Io(e), .. }
+            if e.to_string().contains("could not acquire lock"))
+    }
+}
+
 /// A session as found on disk when the relay opens.
 #[derive(Debug)]
 pub struct StoredSession {
@@ -165,8 +176,8 @@ pub struct StoredSession {
     pub session: Session,
     /// Its permission prompts.
     pub prompts: Vec<(String, PromptState)>,
-    /// The log seq of its last finished user message; `None` for a session an earlier
-    /// relay wrote.
+    /// Its finished mark (a log seq: the user messages after it are unfinished); `None`
+    /// for a session an earlier relay wrote.
     pub finished: Option<u64>,
     /// The log seqs of the messages an earlier relay queued for its next agent (`q` keys),
     /// in order.
@@ -610,7 +621,8 @@ impl Changes {
         self.insert(prompt_key(session, request_id), vec![state.to_byte()]);
     }
 
-    /// Records that the session's user messages up to log seq `seq` are finished.
+    /// Records the session's finished mark: its user messages up to log seq `seq` are
+    /// finished, those after it are not.
     pub fn put_finished(&mut self, session: &str, seq: u64) {
         self.insert(finished_key(session), seq.to_be_bytes().to_vec());
     }
@@ -760,6 +772,16 @@ mod tests {
         assert_eq!(store.load_dedup().unwrap(), [("u/a".to_owned(), 9)]);
         assert_eq!(parse_refusal_key(b"r\0"), None);
         assert_eq!(parse_refusal_key(&dedup_key("u/a")), None);
+    }
+
+    #[test]
+    fn a_held_lock_is_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let error = Store::open(dir.path()).unwrap_err();
+        assert!(error.is_locked(), "{error}");
+        drop(store);
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]

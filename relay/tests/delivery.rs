@@ -499,7 +499,15 @@ async fn a_store_written_by_an_earlier_relay_hands_over_only_what_it_had_queued(
     // done), and "queued" under a `q` key.
     relay
         .restart_after(|data| {
-            let db = sled::open(data.join("store")).unwrap();
+            // sled's IO threads may hold the stopped relay's lock a moment longer.
+            let start = std::time::Instant::now();
+            let db = loop {
+                match sled::open(data.join("store")) {
+                    Ok(db) => break db,
+                    Err(e) => assert!(start.elapsed() < DEADLINE, "{e}"),
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            };
             let tree = db.open_tree("relay").unwrap();
             let mut finished = b"f\0".to_vec();
             finished.extend_from_slice(id.as_bytes());
