@@ -1209,12 +1209,7 @@ impl Core {
                     .insert(request_id.clone(), PromptState::Withdrawn);
                 changes.put_prompt(id, &request_id, PromptState::Withdrawn);
             }
-            (kind, _, _) if delivery::ends_turn(kind) => {
-                // In the batch of the `result` entry: a finished turn is never redelivered.
-                if runtime.unfinished.finish_oldest().is_some() {
-                    changes.put_finished(id, finished_mark(runtime));
-                }
-            }
+            (kind, _, _) if delivery::ends_turn(kind) => finish_turn(runtime, changes),
             _ => {}
         }
     }
@@ -1431,6 +1426,14 @@ fn append(
         round.touched.insert(id.clone());
     }
     seq
+}
+
+/// The session's agent ended a turn: its oldest unfinished message is finished. In the
+/// batch of the `result` entry, so a finished turn is never handed to an agent again.
+fn finish_turn(runtime: &mut SessionRuntime, changes: &mut Changes) {
+    if runtime.unfinished.finish_oldest().is_some() {
+        changes.put_finished(&runtime.session.id, finished_mark(runtime));
+    }
 }
 
 /// The log seq to store as the session's finished mark (the `f` key): every user message
