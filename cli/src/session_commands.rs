@@ -669,7 +669,20 @@ fn describe_message(session: &str, text: &str) -> String {
             "withdrew prompt {}",
             value["request_id"].as_str().unwrap_or("?")
         ),
-        "system" => format!("system {}", value["subtype"].as_str().unwrap_or("")),
+        "system" => {
+            let subtype = value["subtype"].as_str().unwrap_or("");
+            // The relay's word on a message or an event it could not pass on.
+            match (subtype, value["message"].as_str(), value["reason"].as_str()) {
+                ("not_processed", Some(message), Some(reason)) => {
+                    format!("not processed: {message} ({reason})")
+                }
+                ("not_delivered", Some(what), Some(reason)) => {
+                    format!("not delivered: {reason} ({what})")
+                }
+                (_, Some(message), _) => format!("system {subtype}: {message}"),
+                _ => format!("system {subtype}"),
+            }
+        }
         _ => text.to_owned(),
     }
 }

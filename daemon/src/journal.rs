@@ -1086,6 +1086,7 @@ mod tests {
         Outbound::UserMessage {
             session: "s-1".into(),
             text: format!("message {n}"),
+            key: None,
         }
     }
 
@@ -1174,6 +1175,7 @@ mod tests {
         let event = |n: usize| Outbound::UserMessage {
             session: "s-1".into(),
             text: format!("{n} {text}"),
+            key: None,
         };
         // Enough for several generations, in groups.
         let total = 3 * (ROLL_BYTES as usize) / 1000 + 500;

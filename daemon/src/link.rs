@@ -91,6 +91,39 @@ pub struct Link {
     epoch: std::sync::atomic::AtomicU64,
 }
 
+/// The idempotency keys of the events the journal still holds, so a client that retries
+/// after a crash gets the event it queued before, not a second one. (Keys of events
+/// already acknowledged are the relay's to recognise.)
+fn unacknowledged_keys(journal: &Journal) -> (HashMap<String, u64>, VecDeque<String>) {
+    let mut keys = (HashMap::new(), VecDeque::new());
+    let mut after = journal.acked();
+    loop {
+        let entries = match journal.read_after(after, 4096) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!("cannot read the journal's idempotency keys: {e}");
+                break;
+            }
+        };
+        let Some(&(last, _)) = entries.last() else {
+            break;
+        };
+        for (seq, event) in entries {
+            if let Some(key) = event.key() {
+                keys.0.insert(key.to_owned(), seq);
+                keys.1.push_back(key.to_owned());
+            }
+        }
+        after = last;
+    }
+    while keys.1.len() > REMEMBERED_KEYS {
+        if let Some(oldest) = keys.1.pop_front() {
+            keys.0.remove(&oldest);
+        }
+    }
+    keys
+}
+
 impl Link {
     /// A link in its initial state; returns the receiving end of the command channel for
     /// the bridge.
@@ -104,6 +137,7 @@ impl Link {
         instance_id: String,
     ) -> (Link, mpsc::Receiver<BridgeCommand>) {
         let (commands, commands_rx) = mpsc::channel(256);
+        let keys = unacknowledged_keys(&journal);
         let refusals = meta.refusals().unwrap_or_else(|e| {
             tracing::error!("cannot read the refusal tally: {e}");
             Refusals::default()
@@ -133,7 +167,7 @@ impl Link {
                 refused: Mutex::new(BTreeMap::new()),
                 meta,
                 refusals: Mutex::new(refusals),
-                keys: Mutex::new((HashMap::new(), VecDeque::new())),
+                keys: Mutex::new(keys),
                 session_feed,
                 sessions_feed,
                 epoch: std::sync::atomic::AtomicU64::new(0),
@@ -327,6 +361,7 @@ mod tests {
             let event = Outbound::UserMessage {
                 session: "s-1".into(),
                 text: format!("{n}"),
+                key: None,
             };
             journal.append(event).await.unwrap();
         }
@@ -377,6 +412,7 @@ mod tests {
         link.acknowledge(500);
         let event = Outbound::Interrupt {
             session: "s-1".into(),
+            key: None,
         };
         assert_eq!(journal.append(event).await.unwrap(), 501);
         assert_eq!(journal.read_after(500, 10).unwrap().len(), 1);

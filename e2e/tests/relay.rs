@@ -156,6 +156,83 @@ fn embedded_relay_round_trip_with_allow_and_deny() {
     home.cloudctl_ok(&["down"]);
 }
 
+#[test]
+fn unfinished_messages_survive_a_pause_and_a_relay_restart_and_attach_shows_what_could_not_run() {
+    let mut relay = Relay::start();
+    let home = Home::new();
+    login(&home, &relay, "ann", "acme");
+    let session = create_session(&home, &["--task", "work left unfinished"]);
+    let mut watcher = Watcher::attach(&home, &session);
+    let asks = |command: &'static str, after: u64| {
+        move |e: &Value| {
+            is_prompt(e)
+                && e["message"]["request"]["input"]["command"] == command
+                && e["seq"].as_u64() > Some(after)
+        }
+    };
+    let request_id = |prompt: &Value| prompt["message"]["request_id"].as_str().unwrap().to_owned();
+
+    // AAA's prompt is left unanswered, BBB waits behind it; a pause stops the agent.
+    home.cloudctl_ok(&["send", &session, "echo AAA"]);
+    home.cloudctl_ok(&["send", &session, "echo BBB"]);
+    let first = watcher.until("AAA's prompt", asks("echo AAA", 0));
+    home.cloudctl_ok(&["session", "pause", &session]);
+    home.cloudctl_ok(&["session", "resume", &session]);
+    // The new agent is handed both, in order, and runs each once.
+    let after = first["seq"].as_u64().unwrap();
+    let prompt = watcher.until("AAA's prompt again", asks("echo AAA", after));
+    home.cloudctl_ok(&["allow", &session, &request_id(&prompt)]);
+    let prompt = watcher.until("BBB's prompt", asks("echo BBB", after));
+    home.cloudctl_ok(&["allow", &session, &request_id(&prompt)]);
+    let asked = prompt["seq"].as_u64().unwrap();
+    watcher.until("BBB's result", |e| {
+        message_type(e) == "result" && e["seq"].as_u64() > Some(asked)
+    });
+
+    // The relay dies with CCC's prompt pending; the allow queued meanwhile reaches a relay
+    // that withdrew that prompt at its restart, and handed CCC to a new agent.
+    home.cloudctl_ok(&["send", &session, "echo CCC"]);
+    let prompt = watcher.until("CCC's prompt", asks("echo CCC", asked));
+    let withdrawn = request_id(&prompt);
+    relay.kill();
+    let queued = home.cloudctl_ok(&["allow", &session, &withdrawn]);
+    assert!(queued.contains("(queued"), "{queued}");
+    relay.restart();
+    let refused = watcher.until("the not_delivered entry", |e| {
+        e["message"]["subtype"] == "not_delivered"
+    });
+    assert_eq!(refused["author"], "relay");
+    watcher.until(
+        "CCC's prompt from the new agent",
+        asks("echo CCC", prompt["seq"].as_u64().unwrap()),
+    );
+
+    // Completing the session gives up what no agent finished, in the log.
+    home.cloudctl_ok(&["session", "complete", &session]);
+    watcher.until("the not_processed entry", |e| {
+        e["message"]["subtype"] == "not_processed"
+    });
+    let replay = home.cloudctl_ok(&["attach", &session, "--since", "0", "--no-follow"]);
+    assert!(
+        replay.contains(&format!(
+            "relay: not delivered: permission request {withdrawn} was withdrawn (allow {withdrawn})"
+        )),
+        "{replay}"
+    );
+    assert!(
+        replay.contains(
+            "relay: not processed: echo CCC (the session was completed before an agent finished it)"
+        ),
+        "{replay}"
+    );
+    let outputs: Vec<&str> = replay
+        .lines()
+        .filter(|l| l.ends_with("agent: AAA") || l.ends_with("agent: BBB"))
+        .collect();
+    assert_eq!(outputs.len(), 2, "each ran once: {replay}");
+    home.cloudctl_ok(&["down"]);
+}
+
 /// Sends `count` messages `prefix-NNNNN` on one binary connection, pipelined in batches;
 /// returns how many were confirmed queued before the connection broke (or all of them).
 fn send_pipelined(

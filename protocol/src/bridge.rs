@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::session::{CreateSession, LogEntry, Session, SessionAction, Visibility};
 
-/// The bridge protocol version, checked when the daemon registers.
-pub const BRIDGE_VERSION: u32 = 1;
+/// The bridge protocol version, checked when the daemon registers. 2: journaled events
+/// carry an idempotency key, and `RelayRequest::Get` exists.
+pub const BRIDGE_VERSION: u32 = 2;
 
 /// The largest bridge message either side accepts.
 pub const MAX_BRIDGE_MESSAGE: usize = 16 * 1024 * 1024;
@@ -138,7 +139,16 @@ pub struct InstanceSnapshot {
     pub sessions: Vec<String>,
 }
 
+/// The longest idempotency key, in bytes, that an [`Outbound`] event may carry.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
 /// A journaled event: something a user did that must reach the relay exactly once.
+///
+/// Every variant ends with `key`, an optional idempotency key chosen by the client that
+/// made the event (at most [`MAX_IDEMPOTENCY_KEY`] bytes, any UTF-8). The relay treats a
+/// repeat of a key from the same daemon instance (for REST, the same user) as the same
+/// event, whatever its journal seq: it is acknowledged, answered as the first one was,
+/// and never applied twice. So a client that lost a reply can retry safely.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outbound {
     /// A user message for the session's agent.
@@ -147,6 +157,8 @@ pub enum Outbound {
         session: String,
         /// The text.
         text: String,
+        /// The client's idempotency key, if it chose one.
+        key: Option<String>,
     },
     /// The answer to a permission prompt.
     PermissionAnswer {
@@ -156,11 +168,15 @@ pub enum Outbound {
         request_id: String,
         /// The answer.
         decision: PermissionDecision,
+        /// The client's idempotency key, if it chose one.
+        key: Option<String>,
     },
     /// Stop what the agent is doing.
     Interrupt {
         /// The session.
         session: String,
+        /// The client's idempotency key, if it chose one.
+        key: Option<String>,
     },
 }
 
@@ -170,7 +186,16 @@ impl Outbound {
         match self {
             Outbound::UserMessage { session, .. }
             | Outbound::PermissionAnswer { session, .. }
-            | Outbound::Interrupt { session } => session,
+            | Outbound::Interrupt { session, .. } => session,
+        }
+    }
+
+    /// The event's idempotency key, if its client chose one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Outbound::UserMessage { key, .. }
+            | Outbound::PermissionAnswer { key, .. }
+            | Outbound::Interrupt { key, .. } => key.as_deref(),
         }
     }
 }
@@ -310,6 +335,7 @@ mod tests {
             body: ToRelay::Event(Outbound::UserMessage {
                 session: "s-1".into(),
                 text: "ls".into(),
+                key: Some("k-1".into()),
             }),
         };
         let bytes = encode(&envelope).unwrap();

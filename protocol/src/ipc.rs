@@ -251,8 +251,7 @@ requests! {
     };
 }
 
-/// The longest idempotency key a client may choose, in bytes.
-pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+pub use crate::bridge::MAX_IDEMPOTENCY_KEY;
 
 /// The client's half of the version exchange.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,8 @@
-//! The relay's core: the one task that changes sessions, their logs, prompts, agents and
-//! the bridge dedup table (with each instance's most recent refusals).
+//! The relay's core: the one task that changes sessions, their logs, prompts, agents, the
+//! bridge dedup table (with each instance's most recent refusals) and the idempotency
+//! keys ([`crate::idempotency`]). It hands each session's unfinished user messages to its
+//! next agent, or logs them as not processed ([`crate::delivery`]), and logs each refused
+//! journaled event in its session as not delivered.
 //!
 //! Every change arrives as a [`Command`] on one channel and is applied here, in order, so
 //! there are no locks around session state and no two writers of a log. The loop works in
@@ -30,6 +33,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::access::{Access, Identity};
 use crate::agents::{self, AgentHandle, AgentReport, MAX_AGENT_LINE};
+use crate::delivery::{self, Unfinished};
+use crate::idempotency::{Keys, Lookup};
 use crate::instances::Instances;
 use crate::store::{Changes, PromptState, Store, StoreError, MAX_STORED_REFUSALS};
 use crate::tokens::TokenCache;
@@ -45,6 +50,9 @@ pub const COMMAND_QUEUE: usize = 4096;
 /// the daemon sent (a session id, a request id), so without a bound a daemon could make
 /// the relay hold [`MAX_STORED_REFUSALS`] huge strings per instance.
 const MAX_STORED_REASON: usize = 1024;
+
+/// How many log entries one read takes when the core reads a session's log back.
+const LOG_READ_PAGE: usize = 4096;
 
 /// How many session notices a slow connection may fall behind before it resynchronises.
 const NOTICE_QUEUE: usize = 1024;
@@ -292,6 +300,9 @@ struct SessionRuntime {
     prompts: HashMap<String, PromptState>,
     /// Its agent, while one runs.
     agent: Option<AgentHandle>,
+    /// Its user messages that no agent has finished (see [`delivery`]): all handed to its
+    /// agent while one runs, and to the next one otherwise.
+    unfinished: Unfinished,
 }
 
 /// An answer to a caller, given once the round's writes are on disk.
@@ -363,6 +374,8 @@ pub struct Core {
     /// Daemon instance → its most recent refusals (at most [`MAX_STORED_REFUSALS`]), by
     /// journal seq, as stored.
     refusals: HashMap<String, BTreeMap<u64, String>>,
+    /// Idempotency keys recorded this round, and their sweeping.
+    keys: Keys,
     /// The next agent generation.
     next_generation: u64,
     /// Agent tasks and agent stops, so shutdown can wait for them.
@@ -408,22 +421,43 @@ impl Core {
             sessions: HashMap::new(),
             dedup: store.load_dedup()?.into_iter().collect(),
             refusals,
+            keys: Keys::default(),
             next_generation: 1,
             agent_tasks: TaskTracker::new(),
             broken: false,
         };
+        let mut round = Round::default();
+        let mut changes = Changes::default();
         for stored in store.load_sessions()? {
-            let prompts = stored.prompts.into_iter().collect();
+            let id = stored.session.id.clone();
+            let finished = match stored.finished {
+                Some(finished) => finished,
+                None => {
+                    // Written by an earlier relay, which kept only the messages no agent
+                    // had been handed yet: every message before them counts as finished.
+                    let finished = stored
+                        .legacy_queue
+                        .first()
+                        .map_or(stored.session.last_seq, |first| first - 1);
+                    changes.put_finished(&id, finished);
+                    for &seq in &stored.legacy_queue {
+                        changes.remove_legacy_queued(&id, seq);
+                    }
+                    finished
+                }
+            };
+            let unfinished = unfinished_messages(&store, &id, finished, stored.session.last_seq)?;
             core.sessions.insert(
-                stored.session.id.clone(),
+                id,
                 SessionRuntime {
                     session: stored.session,
-                    prompts,
+                    prompts: stored.prompts.into_iter().collect(),
                     agent: None,
+                    unfinished,
                 },
             );
         }
-        let mut round = Round::default();
+        core.commit(changes, &mut round);
         let ids: Vec<String> = core.sessions.keys().cloned().collect();
         for id in &ids {
             round.touched.insert(id.clone());
@@ -497,7 +531,15 @@ impl Core {
 
     /// Flushes the round's writes, then publishes and runs its effects.
     async fn finish_round(&mut self, mut round: Round) {
+        if !self.broken {
+            let mut changes = Changes::default();
+            match self.keys.sweep(&self.store, round.now(), &mut changes) {
+                Ok(()) => self.commit(changes, &mut round),
+                Err(e) => tracing::error!(error = %e, "cannot look for expired idempotency keys"),
+            }
+        }
         self.apply_pending(&mut round);
+        self.keys.end_round();
         if round.dirty {
             if let Err(e) = self.store.flush().await {
                 tracing::error!(error = %e, "store flush failed; refusing further changes");
@@ -727,9 +769,12 @@ impl Core {
                 session,
                 prompts: HashMap::new(),
                 agent: None,
+                unfinished: Unfinished::default(),
             },
         );
         let mut changes = Changes::default();
+        // Nothing is unfinished yet; the key also tells a restart this relay wrote it.
+        changes.put_finished(&id, 0);
         self.append(
             &id,
             Author::Relay,
@@ -768,8 +813,22 @@ impl Core {
                 // the old status to the new one.
             }
             status => {
+                // Read before this action writes anything (see `start_agent`).
+                let unfinished = match status {
+                    SessionStatus::Completed => self.unfinished_lines(id, round),
+                    _ => Vec::new(),
+                };
                 self.stop_agent(id, &mut changes, round);
                 self.set_status(id, status, None, &mut changes, round);
+                if status == SessionStatus::Completed {
+                    self.give_up_unfinished(
+                        id,
+                        unfinished,
+                        "the session was completed before an agent finished it",
+                        &mut changes,
+                        round,
+                    );
+                }
             }
         }
         self.commit(changes, round);
@@ -781,6 +840,14 @@ impl Core {
         let Some(mut runtime) = self.sessions.remove(id) else {
             return;
         };
+        if !runtime.unfinished.is_empty() {
+            // Its log goes with it, so there is nowhere left to record them.
+            tracing::info!(
+                session = %id,
+                n_messages = runtime.unfinished.len(),
+                "session deleted with messages no agent finished"
+            );
+        }
         let workspace = self.workspaces.join(id);
         let stop = runtime.agent.take().map(AgentHandle::stop);
         self.agent_tasks.spawn(async move {
@@ -848,7 +915,8 @@ impl Core {
                 }
             }
             let mut changes = Changes::default();
-            let result = self.event(identity, event, &mut changes, round);
+            let result =
+                self.keyed_event(identity, instance, journaled, &event, &mut changes, round);
             if let Some(instance) = journaled {
                 // A refused event counts as applied too: resending it must not retry it.
                 // Its record joins the batch that holds the event ([`Core::apply_pending`]).
@@ -887,6 +955,49 @@ impl Core {
         }
     }
 
+    /// Applies an event unless its idempotency key says it is a repeat, in which case the
+    /// first one's outcome is answered again and nothing is applied. A refused journaled
+    /// event (not a repeat) is logged in its session as `not_delivered`.
+    fn keyed_event(
+        &mut self,
+        identity: &Identity,
+        instance: Option<&str>,
+        journaled: Option<&str>,
+        event: &Outbound,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) -> Result<u64, CoreError> {
+        let scope = instance.unwrap_or(&identity.user);
+        let result = match event.key().map(|key| (key, Keys::check_length(key))) {
+            None => self.event(identity, event, changes, round),
+            Some((_, Err(e))) => Err(e),
+            Some((key, Ok(()))) => match self.keys.lookup(&self.store, scope, key, round.now()) {
+                Ok(Lookup::Repeat(result)) => return result,
+                Ok(Lookup::New { expired }) => {
+                    let result = self.event(identity, event, changes, round);
+                    let at = round.now();
+                    self.keys.record(changes, scope, key, at, expired, &result);
+                    result
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read an idempotency key; refusing further changes");
+                    self.broken = true;
+                    return Err(CoreError::Store);
+                }
+            },
+        };
+        if let (Some(_), Err(e)) = (journaled, &result) {
+            // Where every client of the session sees it; not for a session this user
+            // cannot see, nor for one that does not exist.
+            let session = event.session();
+            if !matches!(e, CoreError::NotFound(_)) && self.sessions.contains_key(session) {
+                let line = delivery::not_delivered(event, &e.to_string());
+                self.append(session, Author::Relay, SessionEvent::Message(line), round);
+            }
+        }
+        result
+    }
+
     /// Remembers a refusal of a daemon instance's event, in memory and in `changes`,
     /// forgetting the oldest beyond [`MAX_STORED_REFUSALS`] in both.
     fn store_refusal(&mut self, instance: &str, seq: u64, reason: &str, changes: &mut Changes) {
@@ -908,39 +1019,40 @@ impl Core {
     fn event(
         &mut self,
         identity: &Identity,
-        event: Outbound,
+        event: &Outbound,
         changes: &mut Changes,
         round: &mut Round,
     ) -> Result<u64, CoreError> {
         let author = Author::User(identity.user.clone());
         match event {
-            Outbound::UserMessage { session, text } => {
-                let runtime = self.writable_mut(identity, &session, "viewers cannot send")?;
+            Outbound::UserMessage { session, text, .. } => {
+                let runtime = self.writable_mut(identity, session, "viewers cannot send")?;
                 if runtime.session.status == SessionStatus::Completed {
                     return Err(CoreError::Conflict(format!(
                         "session {session} is completed; create a new session"
                     )));
                 }
-                let line = user_message(&text);
-                let seq = runtime.session.last_seq + 1;
-                match &runtime.agent {
-                    Some(agent) => round.write(agent, &line),
-                    // Delivered when the session's next agent starts.
-                    None => changes.put_queued(&session, seq, &line),
+                let line = user_message(text);
+                // Without an agent, the session's next agent gets it (it is unfinished).
+                if let Some(agent) = &runtime.agent {
+                    round.write(agent, &line);
                 }
-                Ok(append(runtime, author, SessionEvent::Message(line), round))
+                let seq = append(runtime, author, SessionEvent::Message(line), round);
+                runtime.unfinished.push(seq);
+                Ok(seq)
             }
             Outbound::PermissionAnswer {
                 session,
                 request_id,
                 decision,
+                ..
             } => {
                 let runtime = self.writable(
                     identity,
-                    &session,
+                    session,
                     "viewers cannot answer permission prompts",
                 )?;
-                match runtime.prompts.get(&request_id) {
+                match runtime.prompts.get(request_id) {
                     None => {
                         return Err(CoreError::Conflict(format!(
                             "no permission request {request_id} in session {session}"
@@ -960,7 +1072,7 @@ impl Core {
                 }
                 if let PermissionDecision::Allow {
                     updated_input: Some(input),
-                } = &decision
+                } = decision
                 {
                     if serde_json::from_str::<serde_json::Value>(input).is_err() {
                         return Err(CoreError::Invalid(
@@ -968,8 +1080,8 @@ impl Core {
                         ));
                     }
                 }
-                let line = agent::permission_response(&request_id, &decision);
-                let runtime = self.sessions.get_mut(&session).unwrap();
+                let line = agent::permission_response(request_id, decision);
+                let runtime = self.sessions.get_mut(session).unwrap();
                 if let Some(agent) = &runtime.agent {
                     round.write(agent, &line);
                 }
@@ -977,11 +1089,11 @@ impl Core {
                 runtime
                     .prompts
                     .insert(request_id.clone(), PromptState::Answered);
-                changes.put_prompt(&session, &request_id, PromptState::Answered);
+                changes.put_prompt(session, request_id, PromptState::Answered);
                 Ok(seq)
             }
-            Outbound::Interrupt { session } => {
-                let runtime = self.writable_mut(identity, &session, "viewers cannot interrupt")?;
+            Outbound::Interrupt { session, .. } => {
+                let runtime = self.writable_mut(identity, session, "viewers cannot interrupt")?;
                 let Some(agent) = &runtime.agent else {
                     return Err(CoreError::Conflict(format!(
                         "session {session} is {}: there is nothing to interrupt",
@@ -1097,14 +1209,19 @@ impl Core {
                     .insert(request_id.clone(), PromptState::Withdrawn);
                 changes.put_prompt(id, &request_id, PromptState::Withdrawn);
             }
+            (kind, _, _) if delivery::ends_turn(kind) => finish_turn(runtime, changes),
             _ => {}
         }
     }
 
     /// Starts the session's agent (its status must be starting, failed or paused) and
-    /// moves it to running, or to failed when the agent cannot start. Queued input is
-    /// handed to the new agent.
+    /// moves it to running, or to failed when the agent cannot start. Its unfinished
+    /// messages are handed to the new agent.
     fn start_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+        // Every unfinished message, in order: those no agent was handed yet and those an
+        // earlier agent did not finish. Read first: reading applies the round's writes so
+        // far, and the caller's writes from here on must share one batch.
+        let unfinished = self.unfinished_lines(id, round);
         let generation = self.next_generation;
         self.next_generation += 1;
         let workspace = self.workspaces.join(id);
@@ -1146,18 +1263,8 @@ impl Core {
                         round,
                     );
                 }
-                self.apply_pending(round);
-                match self.store.queued_input(id) {
-                    Ok(queued) => {
-                        for (seq, line) in queued {
-                            round.write(&agent, &line);
-                            changes.remove_queued(id, seq);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read queued agent input");
-                        self.broken = true;
-                    }
+                for line in &unfinished {
+                    round.write(&agent, line);
                 }
                 self.sessions.get_mut(id).unwrap().agent = Some(agent);
                 self.set_status(id, SessionStatus::Running, None, changes, round);
@@ -1167,6 +1274,65 @@ impl Core {
                 self.set_status(id, SessionStatus::Failed, Some(reason), changes, round);
             }
         }
+    }
+
+    /// The stream-json lines of the session's unfinished messages, oldest first, read back
+    /// from its log.
+    fn unfinished_lines(&mut self, id: &str, round: &mut Round) -> Vec<String> {
+        if self.sessions[id].unfinished.is_empty() {
+            return Vec::new();
+        }
+        self.apply_pending(round);
+        let mut lines = Vec::new();
+        for (first, last) in self.sessions[id].unfinished.runs() {
+            let mut after = first - 1;
+            while after < last {
+                let entries = match self.store.read_log(id, after, last, LOG_READ_PAGE) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read unfinished messages");
+                        self.broken = true;
+                        return Vec::new();
+                    }
+                };
+                let Some(end) = entries.last().map(|e| e.seq) else {
+                    break;
+                };
+                lines.extend(entries.into_iter().filter_map(|entry| match entry.event {
+                    SessionEvent::Message(line) => Some(line),
+                    SessionEvent::Status { .. } => None,
+                }));
+                after = end;
+            }
+        }
+        lines
+    }
+
+    /// Logs each unfinished message of a session that no agent will take as
+    /// `not_processed`, with `reason`, and marks them finished. `lines` are theirs, as
+    /// [`Core::unfinished_lines`] read them.
+    fn give_up_unfinished(
+        &mut self,
+        id: &str,
+        lines: Vec<String>,
+        reason: &str,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) {
+        let runtime = self.sessions.get_mut(id).unwrap();
+        let seqs: Vec<u64> = runtime
+            .unfinished
+            .runs()
+            .flat_map(|(first, last)| first..=last)
+            .collect();
+        if runtime.unfinished.clear().is_none() {
+            return;
+        }
+        for (seq, line) in seqs.into_iter().zip(lines) {
+            let entry = delivery::not_processed(&line, seq, reason);
+            self.append(id, Author::Relay, SessionEvent::Message(entry), round);
+        }
+        changes.put_finished(id, finished_mark(&self.sessions[id]));
     }
 
     /// Stops the session's agent, if one runs, withdrawing its pending prompts.
@@ -1260,6 +1426,46 @@ fn append(
         round.touched.insert(id.clone());
     }
     seq
+}
+
+/// The session's agent ended a turn: its oldest unfinished message is finished. In the
+/// batch of the `result` entry, so a finished turn is never handed to an agent again.
+fn finish_turn(runtime: &mut SessionRuntime, changes: &mut Changes) {
+    if runtime.unfinished.finish_oldest().is_some() {
+        changes.put_finished(&runtime.session.id, finished_mark(runtime));
+    }
+}
+
+/// The log seq to store as the session's finished mark (the `f` key): every user message
+/// after it is unfinished, every one before it finished. Just before the oldest unfinished
+/// message, or the end of the log, so a restart reads back as little of the log as it can.
+fn finished_mark(runtime: &SessionRuntime) -> u64 {
+    runtime
+        .unfinished
+        .oldest()
+        .map_or(runtime.session.last_seq, |oldest| oldest - 1)
+}
+
+/// The unfinished messages of a session: the user messages of its log after `finished`.
+fn unfinished_messages(
+    store: &Store,
+    session: &str,
+    finished: u64,
+    last_seq: u64,
+) -> Result<Unfinished, StoreError> {
+    let mut unfinished = Unfinished::default();
+    let mut after = finished;
+    while after < last_seq {
+        let entries = store.read_log(session, after, last_seq, LOG_READ_PAGE)?;
+        let Some(end) = entries.last().map(|e| e.seq) else {
+            break;
+        };
+        for entry in entries.iter().filter(|e| delivery::is_user_message(e)) {
+            unfinished.push(entry.seq);
+        }
+        after = end;
+    }
+    Ok(unfinished)
 }
 
 /// The stream-json line of a user message: what [`agent::user_message`] writes, without

@@ -2,7 +2,10 @@
 //! sessions and for the user's connected daemon instances. The two WebSocket endpoints
 //! live in [`crate::bridge`] and [`crate::viewer`].
 //!
-//! Every route requires `Authorization: Bearer TOKEN` (401 otherwise). Bodies are JSON;
+//! Every route requires `Authorization: Bearer TOKEN` (401 otherwise). The three event
+//! routes (messages, permission answers, interrupts) take an optional `Idempotency-Key`
+//! header: a repeat of a key by the same user is answered as the first and not applied
+//! again (see [`crate::idempotency`]). Bodies are JSON;
 //! every error is `{"error": "..."}` with 400, 401, 403, 404, 409, 422, 502, 503 or 504.
 //! A session the user cannot see answers 404, exactly like one that does not exist, and
 //! so does another user's instance, exactly like one that is not connected.
@@ -157,6 +160,29 @@ impl FromRequestParts<Arc<Shared>> for Authenticated {
                     "invalid or revoked token: ask the relay's operator for a new one",
                 )
             })
+    }
+}
+
+/// The `Idempotency-Key` header of an event request, if it has one.
+#[derive(Debug)]
+pub struct IdempotencyKey(Option<String>);
+
+impl FromRequestParts<Arc<Shared>> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _shared: &Arc<Shared>,
+    ) -> Result<IdempotencyKey, ApiError> {
+        match parts.headers.get("idempotency-key") {
+            None => Ok(IdempotencyKey(None)),
+            Some(value) => value
+                .to_str()
+                .map(|key| IdempotencyKey(Some(key.to_owned())))
+                .map_err(|_| {
+                    ApiError::bad_request("the Idempotency-Key header must be visible ASCII")
+                }),
+        }
     }
 }
 
@@ -357,6 +383,7 @@ struct MessageBody {
 async fn send_message(
     State(shared): State<Arc<Shared>>,
     Authenticated(identity): Authenticated,
+    IdempotencyKey(key): IdempotencyKey,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -364,7 +391,11 @@ async fn send_message(
     event(
         &shared,
         identity,
-        Outbound::UserMessage { session: id, text },
+        Outbound::UserMessage {
+            session: id,
+            text,
+            key,
+        },
     )
     .await
 }
@@ -385,6 +416,7 @@ enum PermissionBody {
 async fn answer_permission(
     State(shared): State<Arc<Shared>>,
     Authenticated(identity): Authenticated,
+    IdempotencyKey(key): IdempotencyKey,
     Path((id, request_id)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -401,6 +433,7 @@ async fn answer_permission(
             session: id,
             request_id,
             decision,
+            key,
         },
     )
     .await
@@ -409,9 +442,10 @@ async fn answer_permission(
 async fn interrupt(
     State(shared): State<Arc<Shared>>,
     Authenticated(identity): Authenticated,
+    IdempotencyKey(key): IdempotencyKey,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    event(&shared, identity, Outbound::Interrupt { session: id }).await
+    event(&shared, identity, Outbound::Interrupt { session: id, key }).await
 }
 
 /// `?after=N&limit=M` on log reads and subscriptions.

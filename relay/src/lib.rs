@@ -11,6 +11,9 @@
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
 //!   [`store`] before acknowledging, publishing or telling an agent anything.
+//!   [`idempotency`] recognises a retried event by its key; [`delivery`] says which user
+//!   messages an agent has not finished, and what the log says about those that no agent
+//!   will take and about refused events.
 //! - [`follow`]: reading a session's log after a cursor, then live.
 //! - [`agents`]: agent processes on stream-json stdio; [`shell_agent`] is the built-in one.
 //!
@@ -23,8 +26,10 @@ mod access;
 mod agents;
 mod bridge;
 mod core;
+mod delivery;
 mod follow;
 mod http;
+mod idempotency;
 mod instances;
 pub mod shell_agent;
 mod store;
@@ -120,6 +125,24 @@ fn create_private_dir(path: &std::path::Path) -> Result<(), RelayError> {
         })
 }
 
+/// How long opening the store waits for its lock.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens the store, waiting up to [`STORE_LOCK_WAIT`] while its lock is held: when a relay
+/// of this process has just stopped (a restart of the embedded relay, a test), sled's IO
+/// threads may hold the store's file a moment longer than the relay held the store.
+async fn open_store(path: &std::path::Path) -> Result<Store, StoreError> {
+    let deadline = tokio::time::Instant::now() + STORE_LOCK_WAIT;
+    loop {
+        match Store::open(path) {
+            Err(e) if e.is_locked() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Starts a relay: opens its store, restarts the agents of running sessions, and serves.
 pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     create_private_dir(&config.data_dir)?;
@@ -135,7 +158,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         address: config.listen,
         source,
     })?;
-    let store = Store::open(&config.data_dir.join("store"))?;
+    let store = open_store(&config.data_dir.join("store")).await?;
     let tokens = TokenCache::open(&config.data_dir);
     let (shared, commands) = core::shared(tokens, store);
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;

@@ -17,8 +17,18 @@
 //!   the daemon's choice and may hold a NUL byte, so these keys are read from the end: the
 //!   last 8 bytes are the seq, the byte before them a NUL, the rest the instance.
 //! - `p\0{session}\0{request_id}` → the state of a permission prompt (one byte).
-//! - `q\0{session}\0{seq: u64 BE}` → an agent input line waiting for the session's agent
-//!   (messages sent while it is paused or failed), keyed by its log seq.
+//! - `f\0{session}` → the session's finished mark, a log seq (u64 BE): every user message
+//!   after it in the log is unfinished, and is handed to the session's next agent; every
+//!   one before it is finished. Written when a session is created, whenever a turn ends
+//!   and when unfinished messages are given up.
+//! - `q\0{session}\0{seq: u64 BE}` → written only by earlier relays: a user message waiting
+//!   for the session's next agent. Read once, to place a session's first `f` key.
+//! - `k\0{scope length: u32 BE}{scope}{key}` → what became of the first event with that
+//!   idempotency key in that scope (a daemon instance, or a REST user): the time it was
+//!   recorded (ms, u64 BE), then 0 and its log seq (u64 BE), or 1, a refusal kind byte and
+//!   the reason (UTF-8). The length prefix keeps any scope and key apart.
+//! - `K\0{at: u64 BE}{scope length: u32 BE}{scope}{key}` → nothing: the same records by
+//!   time, so expired ones are found without a full scan.
 //!
 //! Everything a round of the core changes goes into one [`Batch`] applied atomically, so
 //! a crash leaves either the whole of each event or none of it. Nothing here flushes on its
@@ -42,6 +52,60 @@ const LOG_CHUNK_BYTES: usize = 4 * 1024;
 
 /// How many refusals are kept per daemon instance (the most recent ones, by journal seq).
 pub const MAX_STORED_REFUSALS: usize = 256;
+
+/// What became of the first event with an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyOutcome {
+    /// It was applied, with this log seq.
+    Applied(u64),
+    /// It was refused.
+    Refused {
+        /// The kind of refusal, as the core numbers them.
+        kind: u8,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The stored record of an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// When it was recorded (milliseconds since the Unix epoch).
+    pub at: u64,
+    /// What became of its event.
+    pub outcome: KeyOutcome,
+}
+
+impl KeyRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut value = self.at.to_be_bytes().to_vec();
+        match &self.outcome {
+            KeyOutcome::Applied(seq) => {
+                value.push(0);
+                value.extend_from_slice(&seq.to_be_bytes());
+            }
+            KeyOutcome::Refused { kind, reason } => {
+                value.push(1);
+                value.push(*kind);
+                value.extend_from_slice(reason.as_bytes());
+            }
+        }
+        value
+    }
+
+    fn decode(value: &[u8]) -> Option<KeyRecord> {
+        let at = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+        let outcome = match value.get(8)? {
+            0 => KeyOutcome::Applied(u64::from_be_bytes(value.get(9..17)?.try_into().ok()?)),
+            1 => KeyOutcome::Refused {
+                kind: *value.get(9)?,
+                reason: String::from_utf8_lossy(value.get(10..)?).into_owned(),
+            },
+            _ => return None,
+        };
+        Some(KeyRecord { at, outcome })
+    }
+}
 
 /// The state of a permission prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +159,16 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the store could not be opened because its lock is held (by another process,
+    /// or by what is left of a store this process just closed).
+    pub fn is_locked(&self) -> bool {
+        // sled says so only in words.
+        matches!(self, StoreError::Sled { source: sled::Error::Io(e), .. }
+            if e.to_string().contains("could not acquire lock"))
+    }
+}
+
 /// A session as found on disk when the relay opens.
 #[derive(Debug)]
 pub struct StoredSession {
@@ -102,6 +176,12 @@ pub struct StoredSession {
     pub session: Session,
     /// Its permission prompts.
     pub prompts: Vec<(String, PromptState)>,
+    /// Its finished mark (a log seq: the user messages after it are unfinished); `None`
+    /// for a session an earlier relay wrote.
+    pub finished: Option<u64>,
+    /// The log seqs of the messages an earlier relay queued for its next agent (`q` keys),
+    /// in order.
+    pub legacy_queue: Vec<u64>,
 }
 
 /// The relay's store.
@@ -171,6 +251,32 @@ fn queue_prefix(session: &str) -> Vec<u8> {
 
 fn queue_key(session: &str, seq: u64) -> Vec<u8> {
     key(b'q', &[session.as_bytes(), &seq.to_be_bytes()])
+}
+
+fn finished_key(session: &str) -> Vec<u8> {
+    key(b'f', &[session.as_bytes()])
+}
+
+/// A scope and an idempotency key, length-prefixed, as both key record keys end.
+fn scoped_key(scope: &str, idempotency_key: &str) -> Vec<u8> {
+    let length = u32::try_from(scope.len()).unwrap_or(u32::MAX);
+    let mut bytes = length.to_be_bytes().to_vec();
+    bytes.extend_from_slice(scope.as_bytes());
+    bytes.extend_from_slice(idempotency_key.as_bytes());
+    bytes
+}
+
+fn key_record_key(scope: &str, idempotency_key: &str) -> Vec<u8> {
+    let mut key = vec![b'k', 0];
+    key.extend_from_slice(&scoped_key(scope, idempotency_key));
+    key
+}
+
+fn key_index_key(at: u64, scope: &str, idempotency_key: &str) -> Vec<u8> {
+    let mut key = vec![b'K', 0];
+    key.extend_from_slice(&at.to_be_bytes());
+    key.extend_from_slice(&scoped_key(scope, idempotency_key));
+    key
 }
 
 /// The seq in the last 8 bytes of a key (or of a dedup value); 0 when a damaged record has
@@ -255,7 +361,21 @@ impl Store {
                     PromptState::from_byte(value.first().copied().unwrap_or(2)),
                 ));
             }
-            sessions.push(StoredSession { session, prompts });
+            let finished = self
+                .get(&finished_key(&session.id))?
+                .map(|value| seq_of(&value));
+            let legacy_queue = self
+                .tree
+                .scan_prefix(queue_prefix(&session.id))
+                .keys()
+                .map(|key| key.map(|key| seq_of(&key)).map_err(|e| self.sled_error(e)))
+                .collect::<Result<_, _>>()?;
+            sessions.push(StoredSession {
+                session,
+                prompts,
+                finished,
+                legacy_queue,
+            });
         }
         Ok(sessions)
     }
@@ -371,20 +491,45 @@ impl Store {
         Ok(entries)
     }
 
-    /// The agent input lines queued for `session`, in order, with their keys' seqs.
-    pub fn queued_input(&self, session: &str) -> Result<Vec<(u64, String)>, StoreError> {
-        self.tree
-            .scan_prefix(queue_prefix(session))
-            .map(|item| {
-                let (key, value) = item.map_err(|e| self.sled_error(e))?;
-                Ok((seq_of(&key), String::from_utf8_lossy(&value).into_owned()))
-            })
-            .collect()
+    fn get(&self, key: &[u8]) -> Result<Option<IVec>, StoreError> {
+        self.tree.get(key).map_err(|e| self.sled_error(e))
     }
 
-    /// Every key belonging to `session` (its record, log, prompts and queue).
+    /// The record of idempotency key `key` in `scope`, if one is stored (expired or not).
+    pub fn key_record(&self, scope: &str, key: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let stored = key_record_key(scope, key);
+        match self.get(&stored)? {
+            Some(value) => KeyRecord::decode(&value)
+                .map(Some)
+                .ok_or_else(|| self.corrupt(&stored, "not an idempotency key record")),
+            None => Ok(None),
+        }
+    }
+
+    /// The keys of at most `limit` idempotency key records written before `before` (ms),
+    /// oldest first: each record's key and its time index's key, to be removed together.
+    pub fn key_records_before(&self, before: u64, limit: usize) -> Result<Vec<IVec>, StoreError> {
+        let start = key(b'K', &[]);
+        let end = key(b'K', &[&before.to_be_bytes()]);
+        let mut keys = Vec::new();
+        for item in self.tree.range(start..end).keys().take(limit) {
+            let index = item.map_err(|e| self.sled_error(e))?;
+            // `K`, NUL, 8 bytes of time, then the scoped key the record's key ends with.
+            let mut record = vec![b'k', 0];
+            record.extend_from_slice(index.get(10..).unwrap_or_default());
+            keys.push(IVec::from(record));
+            keys.push(index);
+        }
+        Ok(keys)
+    }
+
+    /// Every key belonging to `session` (its record, log, prompts, finished mark and
+    /// earlier relays' queue).
     pub fn session_keys(&self, session: &str) -> Result<Vec<IVec>, StoreError> {
-        let mut keys = vec![IVec::from(session_key(session))];
+        let mut keys = vec![
+            IVec::from(session_key(session)),
+            IVec::from(finished_key(session)),
+        ];
         for prefix in [
             log_prefix(session),
             prompt_prefix(session),
@@ -480,14 +625,27 @@ impl Changes {
         self.insert(prompt_key(session, request_id), vec![state.to_byte()]);
     }
 
-    /// Queues an agent input line until the session's agent runs.
-    pub fn put_queued(&mut self, session: &str, seq: u64, line: &str) {
-        self.insert(queue_key(session, seq), line.as_bytes().to_vec());
+    /// Records the session's finished mark: its user messages up to log seq `seq` are
+    /// finished, those after it are not.
+    pub fn put_finished(&mut self, session: &str, seq: u64) {
+        self.insert(finished_key(session), seq.to_be_bytes().to_vec());
     }
 
-    /// Removes a queued line (it was handed to the agent).
-    pub fn remove_queued(&mut self, session: &str, seq: u64) {
+    /// Removes a message an earlier relay queued (its place is now in the `f` key).
+    pub fn remove_legacy_queued(&mut self, session: &str, seq: u64) {
         self.ops.push((queue_key(session, seq).into(), None));
+    }
+
+    /// Records what became of the first event with idempotency key `key` in `scope`.
+    pub fn put_key_record(&mut self, scope: &str, key: &str, record: &KeyRecord) {
+        self.insert(key_record_key(scope, key), record.encode());
+        self.insert(key_index_key(record.at, scope, key), Vec::new());
+    }
+
+    /// Forgets an idempotency key's record written at `at` (it expired).
+    pub fn remove_key_record(&mut self, scope: &str, key: &str, at: u64) {
+        self.ops.push((key_record_key(scope, key).into(), None));
+        self.ops.push((key_index_key(at, scope, key).into(), None));
     }
 
     /// Removes a key (used when deleting a session).
@@ -621,6 +779,16 @@ mod tests {
     }
 
     #[test]
+    fn a_held_lock_is_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let error = Store::open(dir.path()).unwrap_err();
+        assert!(error.is_locked(), "{error}");
+        drop(store);
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
     fn chunks_stay_small() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -676,6 +844,24 @@ mod tests {
         let loaded = store.load_sessions().unwrap();
         assert_eq!(loaded[0].session.last_seq, 5);
         assert_eq!(loaded[0].session.last_activity, 1005);
+        // No `f` key: an earlier relay's session, with the messages it queued.
+        assert_eq!(loaded[0].finished, None);
+        assert!(loaded[0].legacy_queue.is_empty());
+        for seq in [4, 5] {
+            store
+                .tree
+                .insert(queue_key("s-a", seq), b"line".to_vec())
+                .unwrap();
+        }
+        assert_eq!(store.load_sessions().unwrap()[0].legacy_queue, [4, 5]);
+        let mut changes = Changes::default();
+        changes.put_finished("s-a", 3);
+        changes.remove_legacy_queued("s-a", 4);
+        changes.remove_legacy_queued("s-a", 5);
+        store.apply(changes.into_batch()).unwrap();
+        let loaded = store.load_sessions().unwrap();
+        assert_eq!(loaded[0].finished, Some(3));
+        assert!(loaded[0].legacy_queue.is_empty());
         // A deleted session's keys include every chunk.
         let mut changes = Changes::default();
         for key in store.session_keys("s-a").unwrap() {

@@ -113,6 +113,7 @@ async fn commands_reach_the_instance_and_its_answers_come_back() {
             ToRelay::Event(Outbound::UserMessage {
                 session: "s-missing".into(),
                 text: "x".into(),
+                key: None,
             }),
         )
         .await;

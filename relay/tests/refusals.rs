@@ -125,6 +125,7 @@ fn user_message(session: &str, text: &str) -> ToRelay {
     ToRelay::Event(Outbound::UserMessage {
         session: session.to_owned(),
         text: text.to_owned(),
+        key: None,
     })
 }
 
@@ -166,6 +167,7 @@ async fn a_refusal_lost_with_its_connection_is_reported_at_the_next_registration
                 decision: PermissionDecision::Allow {
                     updated_input: None,
                 },
+                key: None,
             }),
         )
         .await;
@@ -196,6 +198,7 @@ async fn a_refusal_lost_with_its_connection_is_reported_at_the_next_registration
                 decision: PermissionDecision::Allow {
                     updated_input: None,
                 },
+                key: None,
             }),
         )
         .await;
@@ -255,6 +258,7 @@ async fn only_the_most_recent_refusals_are_kept() {
         1 => user_message("s-missing", "x"),
         _ => ToRelay::Event(Outbound::Interrupt {
             session: session.clone(),
+            key: None,
         }),
     };
     let reason = |seq: u64| match seq % 3 {

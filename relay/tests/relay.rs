@@ -338,6 +338,7 @@ async fn visibility_is_enforced() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "x".into(),
+                key: None,
             }),
         )
         .await;
@@ -641,6 +642,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo hi".into(),
+                key: None,
             }),
         )
         .await;
@@ -660,6 +662,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
         decision: PermissionDecision::Allow {
             updated_input: None,
         },
+        key: None,
     };
     bridge.send(2, ToRelay::Event(allow.clone())).await;
     let mut texts = Vec::new();
@@ -700,6 +703,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo hi".into(),
+                key: None,
             }),
         )
         .await;
@@ -709,6 +713,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo second".into(),
+                key: None,
             }),
         )
         .await;
@@ -752,6 +757,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
                 decision: PermissionDecision::Deny {
                     message: "not now".into(),
                 },
+                key: None,
             }),
         )
         .await;
@@ -880,6 +886,7 @@ async fn a_restart_keeps_sessions_logs_and_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo one".into(),
+                key: None,
             }),
         )
         .await;
@@ -929,6 +936,7 @@ async fn a_restart_keeps_sessions_logs_and_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo one".into(),
+                key: None,
             }),
         )
         .await;
@@ -938,6 +946,7 @@ async fn a_restart_keeps_sessions_logs_and_dedup() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "echo two".into(),
+                key: None,
             }),
         )
         .await;
@@ -1011,6 +1020,7 @@ async fn malformed_and_oversized_bridge_messages_are_refused_without_harm() {
             ToRelay::Event(Outbound::UserMessage {
                 session: id.clone(),
                 text: "still fine".into(),
+                key: None,
             }),
         )
         .await;
@@ -1080,6 +1090,7 @@ async fn ten_thousand_bridge_events_arrive_exactly_once_in_order() {
         let event = Outbound::UserMessage {
             session: id.clone(),
             text: format!("m{seq}"),
+            key: None,
         };
         bridge.send(seq, ToRelay::Event(event)).await;
         if seq == N / 2 {
@@ -1087,6 +1098,7 @@ async fn ten_thousand_bridge_events_arrive_exactly_once_in_order() {
                 let event = Outbound::UserMessage {
                     session: id.clone(),
                     text: format!("m{again}"),
+                    key: None,
                 };
                 bridge.send(again, ToRelay::Event(event)).await;
             }

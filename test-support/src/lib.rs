@@ -66,6 +66,18 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
+    http_with_headers(addr, method, path, token, body, &[])
+}
+
+/// [`http`] with extra request headers.
+pub fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).expect("connect to the relay");
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let body = body.unwrap_or("");
@@ -78,6 +90,9 @@ pub fn http(
     }
     if let Some(token) = token {
         request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
     request.push_str(body);

@@ -222,6 +222,7 @@ fn main() -> anyhow::Result<()> {
     let event = Outbound::UserMessage {
         session: targets[0].session.clone(),
         text: sample_text,
+        key: None,
     };
     let value_len = postcard::to_allocvec(&event)?.len();
     let envelope_len = bridge::encode(&Envelope {

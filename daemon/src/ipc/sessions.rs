@@ -103,12 +103,12 @@ pub async fn handle(
             check_accepting(link)?;
             check_sendable(link, &session)?;
             follow(link, &session)?;
-            journaled(link, client, key, wait, Outbound::UserMessage { session, text }).await
+            journaled(link, client, key.clone(), wait, Outbound::UserMessage { session, text, key: key.clone() }).await
         }
         Request::Interrupt { session, key, wait } => {
             check_accepting(link)?;
             check_sendable(link, &session)?;
-            journaled(link, client, key, wait, Outbound::Interrupt { session }).await
+            journaled(link, client, key.clone(), wait, Outbound::Interrupt { session, key }).await
         }
         Request::Delivery { seq } if seq == 0 || seq > link.journal.last_written() => {
             Err(ErrorBody::new(
@@ -524,6 +524,7 @@ async fn answer(
         session,
         request_id,
         decision,
+        key: key.clone(),
     };
     journaled(link, client, key, true, event).await
 }

@@ -72,7 +72,13 @@ impl TestRelay {
 
     /// Shuts down and starts again on the same data directory.
     pub async fn restart(&mut self) {
+        self.restart_after(|_| {}).await;
+    }
+
+    /// Shuts down, calls `between` with the data directory, and starts again on it.
+    pub async fn restart_after(&mut self, between: impl FnOnce(&Path)) {
         self.relay.take().unwrap().shutdown().await;
+        between(self.dir.path());
         let relay = cloud_relay::start(RelayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: self.dir.path().to_owned(),
@@ -190,10 +196,38 @@ pub async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
+    http_with_headers(addr, method, path, token, body, &[]).await
+}
+
+/// [`http`] with extra request headers (the workspace's one test HTTP client, off the
+/// runtime's thread).
+pub async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     let (method, path) = (method.to_owned(), path.to_owned());
     let (token, body) = (token.map(str::to_owned), body.map(str::to_owned));
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
-        cloudd_test_support::http(addr, &method, &path, token.as_deref(), body.as_deref())
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        cloudd_test_support::http_with_headers(
+            addr,
+            &method,
+            &path,
+            token.as_deref(),
+            body.as_deref(),
+            &headers,
+        )
     })
     .await
     .expect("the HTTP client panicked")
