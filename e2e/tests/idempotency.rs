@@ -66,7 +66,7 @@ fn kill_9_at_random_points_with_retrying_clients_holds_each_message_once() {
     let session = created["session"]["id"].as_str().unwrap().to_owned();
 
     const CLIENTS: usize = 2;
-    const PER_CLIENT: usize = 120;
+    const PER_CLIENT: usize = 80;
     let stop = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicU32::new(0));
     let killer = {
