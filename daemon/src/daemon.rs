@@ -135,7 +135,9 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         } else {
             RelayMode::Embedded
         },
-        remote.map(|credentials| credentials.relay).unwrap_or_default(),
+        remote
+            .map(|credentials| credentials.relay)
+            .unwrap_or_default(),
         instance_id.clone(),
     );
     let link = Arc::new(link);

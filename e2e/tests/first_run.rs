@@ -25,7 +25,9 @@ impl Busy {
                 std::thread::spawn(move || {
                     let mut x = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
                     }
                 })
             })
@@ -72,7 +74,10 @@ fn transcript(home: &Home) {
     home.cloudctl_ok(&["send", &session, "echo hello from the cloud"]);
     let first = next_prompt(home, &session);
     let listed = home.cloudctl_ok(&["permissions", &session]);
-    assert!(listed.contains(&first) && listed.contains("Bash"), "{listed}");
+    assert!(
+        listed.contains(&first) && listed.contains("Bash"),
+        "{listed}"
+    );
     home.cloudctl_ok(&["allow", &session, &first]);
 
     home.cloudctl_ok(&["send", &session, "echo not that one"]);

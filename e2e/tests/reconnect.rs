@@ -45,7 +45,10 @@ fn a_command_that_needs_the_relay_waits_for_a_restarting_relay_and_says_so() {
 
     let stderr = home.path().join("create.stderr");
     let child = create_in_background(&home, &stderr);
-    let notice = format!("cloudctl: waiting for the relay at {} to connect", relay.url());
+    let notice = format!(
+        "cloudctl: waiting for the relay at {} to connect",
+        relay.url()
+    );
     wait_for("cloudctl to say it waits for the relay", DEADLINE, || {
         std::fs::read_to_string(&stderr).is_ok_and(|text| text.contains(&notice))
     });
@@ -82,7 +85,9 @@ fn a_command_that_needs_the_relay_fails_after_ten_seconds_naming_it_and_why() {
     );
     let url = relay.url();
     assert!(
-        stderr.contains(&format!("cloudctl: waiting for the relay at {url} to connect")),
+        stderr.contains(&format!(
+            "cloudctl: waiting for the relay at {url} to connect"
+        )),
         "{stderr}"
     );
     assert!(

@@ -134,8 +134,14 @@ mod tests {
         backoff.next_delay(Failure::Failed, 1.0);
         backoff.next_delay(Failure::Failed, 1.0);
         let ceiling = backoff.ceiling();
-        assert_eq!(backoff.next_delay(Failure::NothingListening, 0.0), QUICK_MIN);
-        assert_eq!(backoff.next_delay(Failure::NothingListening, 1.0), QUICK_MAX);
+        assert_eq!(
+            backoff.next_delay(Failure::NothingListening, 0.0),
+            QUICK_MIN
+        );
+        assert_eq!(
+            backoff.next_delay(Failure::NothingListening, 1.0),
+            QUICK_MAX
+        );
         for _ in 0..1000 {
             let delay = backoff.next_delay(Failure::NothingListening, random_unit());
             assert!((QUICK_MIN..=QUICK_MAX).contains(&delay), "{delay:?}");
@@ -177,7 +183,10 @@ mod tests {
         }
         lags.sort();
         assert!(lags[lags.len() - 1] <= QUICK_MAX, "{lags:?}");
-        assert!(lags[lags.len() / 2] < Duration::from_millis(600), "{lags:?}");
+        assert!(
+            lags[lags.len() / 2] < Duration::from_millis(600),
+            "{lags:?}"
+        );
     }
 
     /// A relay that answers and fails every attempt for ten minutes sees about a hundred

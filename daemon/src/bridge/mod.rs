@@ -310,7 +310,9 @@ impl Bridge {
             }
             // Refused: only a TCP connect fails this way (a connection that was established
             // and dropped is reset, which goes on the exponential schedule).
-            Ok(Err(tungstenite::Error::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Ok(Err(tungstenite::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
                 return Ended::NothingListening(format!("cannot connect to {url}: {e}"))
             }
             Ok(Err(tungstenite::Error::Http(response)))
