@@ -212,7 +212,12 @@ impl Bridge {
     /// A retryable failure: says why in the status, returns how long to wait.
     fn retry(&self, backoff: &mut Backoff, failure: Failure, reason: String) -> Duration {
         let delay = backoff.next_delay(failure, backoff::random_unit());
-        tracing::info!("relay connection failed ({reason}); retrying in {delay:?}");
+        // A relay that is down is tried about twice a second: log each new reason once.
+        if self.link.status().reason.as_deref() == Some(reason.as_str()) {
+            tracing::debug!("relay connection failed ({reason}); retrying in {delay:?}");
+        } else {
+            tracing::info!("relay connection failed ({reason}); retrying in {delay:?}");
+        }
         self.link.set_status(|s| {
             s.state = BridgeState::Retrying;
             s.reason = Some(reason);
