@@ -2,20 +2,26 @@
 //!
 //! [`Client::connect`] connects and exchanges hellos; [`Client::request`] sends one request
 //! and waits for its reply, keeping any notification that arrives meanwhile for
-//! [`Client::next_notification`].
+//! [`Client::next_notification`]. A request that needs the relay may wait while the daemon's
+//! bridge connects: after [`RELAY_NOTICE_AFTER`] the client says so on stderr.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use cloud_protocol::frame;
 use cloud_protocol::ipc::{
-    ClientMessage, Closing, ErrorBody, ErrorCode, Hello, HelloReply, Notification, Request,
-    Response, ServerMessage,
+    BridgeState, ClientMessage, Closing, ErrorBody, ErrorCode, Hello, HelloReply, Notification,
+    RelayStatus, Request, Response, ServerMessage,
 };
 use cloud_protocol::paths::Paths;
 use interprocess::local_socket::tokio::Stream;
 use interprocess::local_socket::traits::tokio::Stream as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// How long a request that needs the relay runs before the client tells the user that the
+/// daemon is waiting for its relay to connect.
+pub const RELAY_NOTICE_AFTER: Duration = Duration::from_secs(1);
 
 /// A request could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +89,8 @@ pub struct Client {
     notifications: VecDeque<Notification>,
     /// The daemon's half of the hello (set by `connect` before the client is returned).
     hello: Option<HelloReply>,
+    /// The daemon's files (a second connection asks it about the relay).
+    paths: Paths,
 }
 
 impl Client {
@@ -95,9 +103,10 @@ impl Client {
             next_id: 1,
             notifications: VecDeque::new(),
             hello: None,
+            paths: paths.clone(),
         };
         match client
-            .request(Request::Hello(Hello::new(client_name, crate::VERSION)))
+            .call(Request::Hello(Hello::new(client_name, crate::VERSION)))
             .await
         {
             Ok(Response::Hello(hello)) => {
@@ -127,8 +136,35 @@ impl Client {
             .expect("a connected client has completed the hello")
     }
 
-    /// Sends `request` and waits for its reply.
+    /// Sends `request` and waits for its reply. When it needs the relay and has no reply
+    /// after [`RELAY_NOTICE_AFTER`], says on stderr that the daemon waits for the relay to
+    /// connect, if that is why.
     pub async fn request(&mut self, request: Request) -> Result<Response, ClientError> {
+        if !needs_relay(&request) {
+            return self.call(request).await;
+        }
+        let paths = self.paths.clone();
+        let reply = self.call(request);
+        tokio::pin!(reply);
+        if let Ok(result) = tokio::time::timeout(RELAY_NOTICE_AFTER, &mut reply).await {
+            return result;
+        }
+        if let Some(relay) = relay_not_connected(&paths).await {
+            let reason = relay
+                .reason
+                .as_deref()
+                .map(|r| format!(" (last failure: {r})"))
+                .unwrap_or_default();
+            eprintln!(
+                "cloudctl: waiting for {} to connect{reason}…",
+                relay.describe()
+            );
+        }
+        reply.await
+    }
+
+    /// Sends `request` and waits for its reply, whatever it is.
+    async fn call(&mut self, request: Request) -> Result<Response, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
         let bytes = frame::encode_to_vec(&ClientMessage { id, request })
@@ -199,6 +235,26 @@ fn socket_name(paths: &Paths) -> std::io::Result<interprocess::local_socket::Nam
     {
         use interprocess::local_socket::{GenericNamespaced, ToNsName as _};
         paths.pipe_name().to_ns_name::<GenericNamespaced>()
+    }
+}
+
+/// Whether the daemon serves `request` through the relay (and so may wait for the bridge).
+fn needs_relay(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::SessionCreate(_) | Request::SessionAction { .. } | Request::SessionShare { .. }
+    )
+}
+
+/// The relay connection, asked on a second connection (the first one is waiting), when the
+/// bridge is not connected.
+async fn relay_not_connected(paths: &Paths) -> Option<RelayStatus> {
+    let mut client = Client::connect(paths, "cloudctl").await.ok()?;
+    match client.call(Request::Whoami).await {
+        Ok(Response::Identity(identity)) if identity.relay.state != BridgeState::Connected => {
+            Some(identity.relay)
+        }
+        _ => None,
     }
 }
 

@@ -292,7 +292,13 @@ pub fn relay_line(relay: &RelayStatus) -> String {
         .filter(|_| relay.state != BridgeState::Connected)
         .map(|r| format!(": {r}"))
         .unwrap_or_default();
-    format!("{mode}, {state} ({}){who}{reason}", relay.url)
+    // The embedded relay has no URL until it listens.
+    let url = if relay.url.is_empty() {
+        "starting"
+    } else {
+        &relay.url
+    };
+    format!("{mode}, {state} ({url}){who}{reason}")
 }
 
 /// `cloudctl send`: queues the message and waits for the relay's verdict when it is

@@ -115,21 +115,22 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     // Private like the store: new files are (the umask), older ones are made so.
     store::restrict(&journal_dir)?;
     tokio::spawn(Arc::clone(&journal).run_flusher());
+    // The relay's URL is in status (and in every message about it) from the start; the
+    // embedded relay's is known once it listens.
+    let remote = credentials::load(&paths.config_dir).ok().flatten();
     let (link, bridge_commands) = Link::new(
         journal,
         Inbound::open(&db)?,
         Replica::open(&db)?,
         store::Meta::open(&db)?,
-        if credentials::load(&paths.config_dir)
-            .ok()
-            .flatten()
-            .is_some()
-        {
+        if remote.is_some() {
             RelayMode::Remote
         } else {
             RelayMode::Embedded
         },
-        String::new(),
+        remote
+            .map(|credentials| credentials.relay)
+            .unwrap_or_default(),
         instance_id.clone(),
     );
     let link = Arc::new(link);

@@ -378,6 +378,16 @@ impl Relay {
 
     /// (Re)starts the process on the same port and data, and waits until it accepts.
     pub fn restart(&mut self) {
+        self.spawn();
+        let port = self.port;
+        wait_for("cloud-relay to listen", DEADLINE, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// (Re)starts the process on the same port and data, without waiting for it to listen
+    /// (for a caller that times the moment it does).
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -397,10 +407,6 @@ impl Relay {
             .spawn()
             .expect("spawn cloud-relay");
         self.child = Some(child);
-        let port = self.port;
-        wait_for("cloud-relay to listen", DEADLINE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
     }
 
     /// Kills the process (SIGKILL) and waits for it.

@@ -392,6 +392,19 @@ pub struct RelayStatus {
     pub last_refusal: Option<String>,
 }
 
+impl RelayStatus {
+    /// How messages name the relay: `the relay at URL`, or `the embedded relay (starting)`
+    /// while the embedded relay has no address yet (it gets an ephemeral port when it
+    /// starts, after the daemon does).
+    pub fn describe(&self) -> String {
+        match (self.mode, self.url.is_empty()) {
+            (RelayMode::Embedded, true) => "the embedded relay (starting)".into(),
+            (RelayMode::Embedded, false) => format!("the embedded relay at {}", self.url),
+            (RelayMode::Remote, _) => format!("the relay at {}", self.url),
+        }
+    }
+}
+
 /// Where the relay runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -5,8 +5,9 @@
 //! last log sequence stored, then stream the journal's durable entries the relay has not
 //! acknowledged, while receiving session logs, replica updates, acks and replies. Pings
 //! every 15 s; a connection silent for 45 s is dead. Failures reconnect after
-//! [`backoff`] delays, forever, except permanent refusals (bad or revoked token, bridge
-//! too old), which wait for new credentials.
+//! [`backoff`] delays (short when nothing listened, exponential up to 10 s otherwise),
+//! forever, except permanent refusals (bad or revoked token, bridge too old), which wait
+//! for new credentials.
 //!
 //! Architecture invariant: this is the only module that speaks WebSocket. It never blocks
 //! the IPC loop: handlers reach it through a bounded channel, and it reaches them through
@@ -32,7 +33,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-use self::backoff::Backoff;
+use self::backoff::{Backoff, Failure};
 use crate::credentials::Credentials;
 use crate::embedded::EmbeddedRelay;
 use crate::link::{BridgeCommand, Link};
@@ -63,6 +64,9 @@ enum Ended {
     /// A failure worth retrying; `registered` says whether the connection got as far as
     /// registering (which resets the backoff).
     Failed { reason: String, registered: bool },
+    /// Nothing listens at the relay's address (the TCP connection was refused): retry on
+    /// the short schedule, it costs the relay nothing.
+    NothingListening(String),
     /// The credentials changed while connected.
     Reconnect,
 }
@@ -163,17 +167,14 @@ impl Bridge {
                     });
                     None
                 }
+                Ended::NothingListening(reason) => {
+                    Some(self.retry(&mut backoff, Failure::NothingListening, reason))
+                }
                 Ended::Failed { reason, registered } => {
                     if registered {
                         backoff.reset();
                     }
-                    let delay = backoff.next_delay(backoff::random_unit());
-                    tracing::info!("relay connection failed ({reason}); retrying in {delay:?}");
-                    self.link.set_status(|s| {
-                        s.state = BridgeState::Retrying;
-                        s.reason = Some(reason);
-                    });
-                    Some(delay)
+                    Some(self.retry(&mut backoff, Failure::Failed, reason))
                 }
             };
             // Wait out the delay (forever after a refusal), or until told to reconnect.
@@ -208,12 +209,28 @@ impl Bridge {
         }
     }
 
+    /// A retryable failure: says why in the status, returns how long to wait.
+    fn retry(&self, backoff: &mut Backoff, failure: Failure, reason: String) -> Duration {
+        let delay = backoff.next_delay(failure, backoff::random_unit());
+        // A relay that is down is tried about twice a second: log each new reason once.
+        if self.link.status().reason.as_deref() == Some(reason.as_str()) {
+            tracing::debug!("relay connection failed ({reason}); retrying in {delay:?}");
+        } else {
+            tracing::info!("relay connection failed ({reason}); retrying in {delay:?}");
+        }
+        self.link.set_status(|s| {
+            s.state = BridgeState::Retrying;
+            s.reason = Some(reason);
+        });
+        delay
+    }
+
     /// Why a request cannot be served now.
     fn unreachable(&self) -> String {
         let status = self.link.status();
         format!(
-            "the relay at {} is unreachable ({}); try again when `cloudctl status` shows it connected",
-            status.url,
+            "{} is unreachable ({}); try again when `cloudctl status` shows it connected",
+            status.describe(),
             status.reason.as_deref().unwrap_or("connecting")
         )
     }
@@ -230,6 +247,11 @@ impl Bridge {
             }
             Ok(None) => {
                 if self.embedded.is_none() {
+                    // Its address is not known until it listens: say it is starting.
+                    self.link.set_status(|s| {
+                        s.mode = RelayMode::Embedded;
+                        s.url.clear();
+                    });
                     let state_dir = self.state_dir.clone();
                     let started =
                         tokio::task::spawn_blocking(move || EmbeddedRelay::start(&state_dir))
@@ -290,6 +312,13 @@ impl Bridge {
                     reason: format!("connecting to {url} timed out"),
                     registered: false,
                 }
+            }
+            // Refused: only a TCP connect fails this way (a connection that was established
+            // and dropped is reset, which goes on the exponential schedule).
+            Ok(Err(tungstenite::Error::Io(e)))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                return Ended::NothingListening(format!("cannot connect to {url}: {e}"))
             }
             Ok(Err(tungstenite::Error::Http(response)))
                 if matches!(response.status().as_u16(), 401 | 403) =>

@@ -4,8 +4,9 @@
 //!
 //! Journaled requests write the journal and leave the reply to the connection, which holds
 //! it until the flush covering the event is done (so pipelined sends share flushes).
-//! Requests that need the relay go through the bridge and fail fast with
-//! `relay_unavailable` when it is unreachable.
+//! Requests that need the relay go through the bridge; while the bridge is connecting or
+//! retrying they wait for it (up to [`CONNECT_WAIT`]), then fail with `relay_unavailable`
+//! naming the relay and its last failure. A refused bridge fails them at once.
 
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ use crate::state::Shared;
 
 /// How long a request waits for the relay's answer.
 const RELAY_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How long a request that needs the relay waits for a connecting bridge to connect.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// How many recent entries `attach` without `--since` replays.
 const RECENT_ENTRIES: u64 = 50;
@@ -369,18 +373,7 @@ fn state_name(state: BridgeState) -> &'static str {
 
 /// Sends a session-management request through the bridge and waits for the answer.
 async fn relay_request(link: &Link, request: RelayRequest) -> Result<Option<Session>, ErrorBody> {
-    if !link.connected() {
-        let status = link.status();
-        return Err(ErrorBody::new(
-            ErrorCode::RelayUnavailable,
-            format!(
-                "the relay at {} is {} ({}); this needs it: try again when `cloudctl status` shows it connected",
-                status.url,
-                state_name(status.state),
-                status.reason.as_deref().unwrap_or("no reason given")
-            ),
-        ));
-    }
+    wait_connected(link).await?;
     let (reply, answer) = oneshot::channel();
     link.commands
         .send_timeout(BridgeCommand::Request { request, reply }, RELAY_DEADLINE)
@@ -400,6 +393,39 @@ async fn relay_request(link: &Link, request: RelayRequest) -> Result<Option<Sess
             format!("the relay did not answer within {RELAY_DEADLINE:?}"),
         )),
     }
+}
+
+/// Waits, up to [`CONNECT_WAIT`], for a bridge that is connecting or retrying to connect:
+/// right after the daemon starts (its embedded relay is still starting) or while a relay
+/// restarts, a request that needs the relay is served a moment later instead of refused.
+/// A bridge refused for good fails at once: it will not connect until new credentials.
+async fn wait_connected(link: &Link) -> Result<(), ErrorBody> {
+    let mut watch = link.watch_status();
+    let settled = async {
+        // The watch's lock is held only to read the state: the message is built after.
+        let _ = watch
+            .wait_for(|s| matches!(s.state, BridgeState::Connected | BridgeState::Refused))
+            .await;
+    };
+    let _ = tokio::time::timeout(CONNECT_WAIT, settled).await;
+    let status = link.status();
+    let message = match status.state {
+        BridgeState::Connected => return Ok(()),
+        BridgeState::Refused => format!(
+            "{} refused this daemon: {}",
+            status.describe(),
+            status.reason.as_deref().unwrap_or("no reason given")
+        ),
+        BridgeState::Connecting | BridgeState::Retrying => format!(
+            "{} did not connect within {CONNECT_WAIT:?} ({}); this needs it: try again when `cloudctl status` shows it connected",
+            status.describe(),
+            match &status.reason {
+                Some(reason) => format!("last failure: {reason}"),
+                None => "still connecting, no attempt has failed yet".into(),
+            }
+        ),
+    };
+    Err(ErrorBody::new(ErrorCode::RelayUnavailable, message))
 }
 
 fn relay_error(reason: String) -> ErrorBody {
