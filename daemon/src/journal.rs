@@ -602,6 +602,10 @@ impl Journal {
                 sealed.push(*first);
             }
         }
+        // Checked again: a migrated legacy record may end the sequence.
+        if last == u64::MAX {
+            return Err(corrupt("a seq at the end of the sequence"));
+        }
         let (durable, _) = watch::channel(last);
         let mut inner = Inner {
             next_seq: last + 1,
