@@ -20,8 +20,6 @@ use tokio::process::Command as ProcessCommand;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::core::Command;
-
 /// How long a stopped agent gets to exit after SIGTERM before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -159,15 +157,20 @@ pub enum NetworkIsolation {
 /// allows (Linux, with CAP_SYS_ADMIN or unprivileged user namespaces); otherwise it runs
 /// without isolation and the returned [`NetworkIsolation`] says why, so the session can
 /// report it honestly.
-pub fn spawn(
+/// `core` is the core's command channel (any command type an [`AgentReport`] converts
+/// into, so this module needs nothing of the core's).
+pub fn spawn<C>(
     command: &[String],
     workspace: &Path,
     session: &str,
     generation: u64,
     isolate_network: bool,
-    core: mpsc::Sender<Command>,
+    core: mpsc::Sender<C>,
     tracker: &TaskTracker,
-) -> Result<(AgentHandle, NetworkIsolation), AgentError> {
+) -> Result<(AgentHandle, NetworkIsolation), AgentError>
+where
+    C: From<AgentReport> + Send + 'static,
+{
     let (program, args) = command.split_first().ok_or(AgentError::NoCommand)?;
     let build = |isolate: bool| {
         let mut process = ProcessCommand::new(program);
@@ -272,7 +275,7 @@ pub fn spawn(
                     line,
                     truncated,
                 };
-                if core.send(Command::Agent(report)).await.is_err() {
+                if core.send(C::from(report)).await.is_err() {
                     break;
                 }
             }
@@ -291,7 +294,7 @@ pub fn spawn(
             None => format!("agent exited ({status})"),
         };
         let _ = core
-            .send(Command::Agent(AgentReport::Exited {
+            .send(C::from(AgentReport::Exited {
                 session,
                 generation,
                 reason,

@@ -26,7 +26,7 @@ use cloud_protocol::agent;
 use cloud_protocol::bridge::{Outbound, PermissionDecision};
 use cloud_protocol::session::{
     Author, CreateSession, LogEntry, NetworkAccess, Session, SessionAction, SessionEvent,
-    SessionStatus, TransitionError, Visibility,
+    SessionStatus, Visibility,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::{Access, Identity};
 use crate::agents::{self, AgentHandle, AgentReport, MAX_AGENT_LINE};
 use crate::delivery::{self, Unfinished};
+pub use crate::error::CoreError;
 use crate::idempotency::{Keys, Lookup};
 use crate::instances::Instances;
 use crate::store::{Changes, PromptState, Store, StoreError, MAX_STORED_REFUSALS};
@@ -145,31 +146,10 @@ pub struct Registration {
     pub refusals: Vec<(u64, String)>,
 }
 
-/// A refused command. The messages are shown to users as they are.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CoreError {
-    /// No such session, or one the user cannot see (the two are not distinguished).
-    #[error("no such session: {0}")]
-    NotFound(String),
-    /// The user may see the session but not do this.
-    #[error("{0}")]
-    Forbidden(String),
-    /// An illegal status transition.
-    #[error(transparent)]
-    Transition(#[from] TransitionError),
-    /// The request conflicts with the session's state (an answered prompt, a completed
-    /// session).
-    #[error("{0}")]
-    Conflict(String),
-    /// The request is malformed.
-    #[error("{0}")]
-    Invalid(String),
-    /// The store failed; the relay refuses changes until it is restarted.
-    #[error("the relay's store failed; ask its operator to check its disk and logs")]
-    Store,
-    /// The relay is shutting down.
-    #[error("the relay is shutting down; retry shortly")]
-    ShuttingDown,
+impl From<AgentReport> for Command {
+    fn from(report: AgentReport) -> Command {
+        Command::Agent(report)
+    }
 }
 
 /// A change to a session that connections replicate.

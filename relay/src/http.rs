@@ -1,6 +1,7 @@
 //! The HTTP surface: routing, bearer-token authentication, and the REST handlers for
 //! sessions and for the user's connected daemon instances. The two WebSocket endpoints
-//! live in [`crate::bridge`] and [`crate::viewer`].
+//! live in [`crate::bridge`] and [`crate::viewer`], which use this module's extractors; the
+//! relay's assembly (`crate::start`) puts all the routes together.
 //!
 //! Every route requires `Authorization: Bearer TOKEN` (401 otherwise). The three event
 //! routes (messages, permission answers, interrupts) take an optional `Idempotency-Key`
@@ -25,7 +26,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cloud_protocol::bridge::{Outbound, PermissionDecision, BRIDGE_PATH};
+use cloud_protocol::bridge::{Outbound, PermissionDecision};
 use cloud_protocol::session::{
     CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction, Visibility,
 };
@@ -42,8 +43,9 @@ pub const MAX_LOG_PAGE: usize = 10_000;
 /// How long `POST /v1/instances/{id}/commands` waits for the daemon's answer.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The router for every endpoint.
-pub fn router(shared: Arc<Shared>) -> Router {
+/// The REST endpoints. The WebSocket ones (the bridge, viewers) are added beside them
+/// where the relay is assembled (`crate::start`), so this module needs nothing of theirs.
+pub fn rest_routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/v1/sessions", post(create).get(list))
         .route("/v1/sessions/{id}", get(show).delete(delete))
@@ -58,12 +60,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/sessions/{id}/interrupt", post(interrupt))
         .route("/v1/sessions/{id}/log", get(log))
-        .route("/v1/sessions/{id}/subscribe", get(crate::viewer::subscribe))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}/commands", post(instance_command))
-        .route(BRIDGE_PATH, get(crate::bridge::connect))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(shared)
+}
+
+/// The answer to a path no endpoint serves.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
 /// An error answer: a status and `{"error": message}`.

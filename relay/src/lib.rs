@@ -11,8 +11,9 @@
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
 //!   [`store`] before acknowledging, publishing or telling an agent anything.
-//!   [`idempotency`] recognises a retried event by its key; [`delivery`] says which user
-//!   messages an agent has not finished, and what the log says about those that no agent
+//!   [`error`] is what a request to it can fail with; [`idempotency`] recognises a
+//!   retried event by its key; [`delivery`] says which user messages an agent has not
+//!   finished, and what the log says about those that no agent
 //!   will take and about refused events.
 //! - [`follow`]: reading a session's log after a cursor, then live.
 //! - [`agents`]: agent processes on stream-json stdio; [`shell_agent`] is the built-in one.
@@ -27,6 +28,7 @@ mod agents;
 mod bridge;
 mod core;
 mod delivery;
+mod error;
 mod follow;
 mod http;
 mod idempotency;
@@ -163,7 +165,17 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let (shared, commands) = core::shared(tokens, store);
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
-    let router = http::router(shared.clone());
+    let router = http::rest_routes()
+        .route(
+            "/v1/sessions/{id}/subscribe",
+            axum::routing::get(viewer::subscribe),
+        )
+        .route(
+            cloud_protocol::bridge::BRIDGE_PATH,
+            axum::routing::get(bridge::connect),
+        )
+        .fallback(http::not_found)
+        .with_state(shared.clone());
     let cancel = shared.cancel.clone();
     let server_task = tokio::spawn(async move {
         // Bridge and viewer messages are small and latency-bound: without TCP_NODELAY a
