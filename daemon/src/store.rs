@@ -4,6 +4,11 @@
 //! Each tree belongs to one module: `inbound` and
 //! `follows` to [`crate::inbound`], `sessions` to [`crate::replica`], `meta` to this module
 //! (the instance id) but for its `journal_acked` key, which is the journal's. No other module opens a tree.
+//!
+//! Architecture invariant: the daemon never uses sled's batches or transactions, in this
+//! store or the journal's. In sled 0.34 they take a lock shared by every database in the
+//! process, and a flush that a full disk left waiting forever holds its other side, so one
+//! batch would stop every sled call of the daemon, on the runtime thread too.
 
 use std::path::Path;
 

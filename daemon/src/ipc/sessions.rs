@@ -165,7 +165,10 @@ pub async fn handle(
 
 /// Journals an event; the connection replies once it is durable.
 fn journal(link: &Link, client: &mut ClientState, event: Outbound) -> Result<Response, ErrorBody> {
-    let seq = link.journal.append_unflushed(event).map_err(internal)?;
+    let seq = link
+        .journal
+        .append_unflushed(event)
+        .map_err(|why| super::connection::journal_refusal(&why))?;
     client.needs_durable = client.needs_durable.max(seq);
     Ok(Response::Queued { seq })
 }
@@ -383,18 +386,16 @@ async fn answer(
         request_id,
         decision,
     };
-    // Bounded like every other wait: a journal that cannot flush (a failing disk) must
-    // not hang this connection. The answer may still be delivered if the flush completes.
-    let seq = link.journal.append_unflushed(event).map_err(internal)?;
+    // Bounded like every other wait; an answer the journal could not write is refused.
+    let seq = link
+        .journal
+        .append_unflushed(event)
+        .map_err(|why| super::connection::journal_refusal(&why))?;
     let durable = link.journal.wait_durable(seq);
-    if tokio::time::timeout(super::connection::WRITE_DEADLINE, durable)
-        .await
-        .is_err()
-    {
-        return Err(ErrorBody::new(
-            ErrorCode::Timeout,
-            format!("the journal did not confirm the answer (event {seq}) within {:?}; it is not known to be queued", super::connection::WRITE_DEADLINE),
-        ));
+    match tokio::time::timeout(super::connection::DURABLE_DEADLINE, durable).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => return Err(super::connection::journal_refusal(&why)),
+        Err(_) => return Err(super::connection::not_confirmed(seq)),
     }
     if !link.connected() {
         return Ok(Response::Queued { seq });
