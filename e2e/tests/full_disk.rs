@@ -341,7 +341,7 @@ fn a_full_disk_refuses_sends_at_once_and_the_daemon_recovers_when_space_returns(
     }
     let mut first_after = None;
     wait_for("sends to be taken again", DEADLINE, || {
-        match setup.send("after-0", REFUSAL_BOUND) {
+        match setup.send("after-0", DEADLINE) {
             Ok(state) => {
                 first_after = Some(state);
                 true

@@ -122,7 +122,7 @@ impl Journal {
             let due =
                 !inner.newest_is_empty() && (bytes >= ROLL_BYTES || bytes >= inner.reset_wanted);
             inner.reset_wanted = u64::MAX;
-            due.then(|| inner.inserted + 1)
+            due.then(|| inner.next_record_first())
         };
         if let Some(first) = roll {
             self.start_generation(first).await?;
@@ -227,7 +227,7 @@ impl Journal {
         }
         let dead = {
             let mut inner = self.lock();
-            if inner.inserted + 1 != first {
+            if inner.next_record_first() != first {
                 // The sequence moved meanwhile (`skip_to`): keep the current generation
                 // rather than leave a gap.
                 drop(inner);

@@ -93,7 +93,7 @@ struct Inner {
     next_seq: u64,
     /// Appended events not yet written to a generation: seqs `next_seq - pending.len()..`.
     pending: Vec<Outbound>,
-    /// The highest seq written to a generation (flushed or not), or refused.
+    /// The highest seq written to a generation (flushed or not).
     inserted: u64,
     /// The generations by first seq; never empty; the newest takes records.
     generations: BTreeMap<u64, Generation>,
@@ -125,6 +125,12 @@ impl Inner {
             .values_mut()
             .next_back()
             .expect("the journal always has a generation")
+    }
+
+    /// The first seq of the next record: after the last written one, or after the seqs
+    /// refused by a failure (which no record holds).
+    fn next_record_first(&self) -> u64 {
+        self.next_seq - self.pending.len() as u64
     }
 
     /// Whether the newest generation holds no record yet.

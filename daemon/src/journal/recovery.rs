@@ -493,8 +493,9 @@ impl Journal {
                 inner.compact_wanted.push(failure.generation);
             }
             inner.generations.insert(first, generation);
-            inner.inserted = first - 1;
             // The tail holds consecutive seqs: it starts again after the refused ones.
+            // (`durable` stays at the last flushed record: the refused seqs are never
+            // covered by a flush of their own, so nothing looks for them.)
             inner.tail.clear();
             inner.reset_wanted = u64::MAX;
             (failure.since, inner.take_dead(acked))

@@ -512,6 +512,12 @@ async fn a_full_disk_refuses_at_once_and_the_journal_recovers_when_space_returns
         tokio::time::sleep(RECOVERY_INTERVAL / 10).await;
     }
     assert_eq!(journal.recovery_attempts(), attempts + 1);
+    // The flusher's next turns publish nothing new: `durable` never points at a refused
+    // seq, which no record holds (the bridge reads up to it).
+    tokio::time::sleep(RECOVERY_INTERVAL).await;
+    let last_answered = answered.last().unwrap().0;
+    assert_eq!(*journal.durable().borrow(), last_answered);
+    assert!(journal.read_after(last_answered, 10).unwrap().is_empty());
     let last_refused = refused.last().unwrap().0;
     let seq = journal.append(message(1000)).await.unwrap();
     assert!(seq > last_refused, "{seq} reuses a refused seq");
