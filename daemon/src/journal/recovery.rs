@@ -134,7 +134,10 @@ fn available_bytes(dir: &Path) -> Option<u64> {
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is NUL-terminated and `stat` is a valid place to write the answer.
     let status = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
-    (status == 0).then(|| u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
+    // The fields' types differ between platforms (u32 on some).
+    #[allow(clippy::useless_conversion)]
+    let (blocks, block_size) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
+    (status == 0).then(|| blocks.saturating_mul(block_size))
 }
 
 /// Makes a `void-` file (empty: a file needs no data block, so this works on a full
