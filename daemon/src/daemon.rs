@@ -33,6 +33,9 @@ use crate::supervisor::{BinaryIdentity, Handoff, Supervision};
 /// The longest the drain waits for connections to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the store's last flush may take once the drain is over.
+const STORE_FLUSH_DEADLINE: Duration = Duration::from_secs(2);
+
 /// How the daemon is started.
 #[derive(Debug, Default)]
 pub struct Options {
@@ -234,12 +237,23 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     {
         tracing::warn!("the bridge did not stop within the drain's {DRAIN_TIMEOUT:?}");
     }
-    if let Err(e) = db.flush_async().await {
-        tracing::error!("cannot flush the store: {e}");
+    // Bounded: a store that a full disk left broken may never finish a flush (sled 0.34).
+    match tokio::time::timeout(STORE_FLUSH_DEADLINE, db.flush_async()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("cannot flush the store: {e}"),
+        Err(_) => tracing::error!(
+            "the store did not finish flushing within {STORE_FLUSH_DEADLINE:?}; stopping without it"
+        ),
     }
     signal_task.abort();
     tracing::info!("cloudd stopped");
     drop(lock);
+    // sled flushes again when the last handle of a database drops, and can wait there
+    // forever for one that a full disk broke: what must be durable was flushed above (the
+    // journal flushes before anything is answered `queued`), so one handle of the store
+    // and of the journal is left to the process's exit.
+    std::mem::forget(db);
+    std::mem::forget(link);
     Ok(())
 }
 

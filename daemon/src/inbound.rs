@@ -145,19 +145,18 @@ impl Inbound {
         self.remove_chunks(session, u64::MAX)
     }
 
-    /// Removes the chunks of `session` whose last seq is at most `up_to`.
+    /// Removes the chunks of `session` whose last seq is at most `up_to`, oldest first and
+    /// one at a time: not a batch (see [`crate::store`]); what an exit leaves is removed
+    /// the next time.
     fn remove_chunks(&self, session: &str, up_to: u64) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for item in self
             .chunks
             .range(chunk_key(session, 0)..=chunk_key(session, up_to))
         {
             let (key, _) = item.map_err(StoreError::sled("log"))?;
-            batch.remove(key);
+            self.chunks.remove(key).map_err(StoreError::sled("log"))?;
         }
-        self.chunks
-            .apply_batch(batch)
-            .map_err(StoreError::sled("log"))
+        Ok(())
     }
 
     /// Every followed session with the last seq taken for it.

@@ -188,7 +188,8 @@ impl Link {
 
     /// The seq of the event queued with idempotency key `key`, or, when there is none, the
     /// seq `queue` gives a new one (remembered under the key). Check and insert happen
-    /// under one lock, so two requests with one key queue one event.
+    /// under one lock, so two requests with one key queue one event. An event the journal
+    /// refused does not count: a retry of its key queues it.
     pub fn queue_once<E>(
         &self,
         key: Option<&str>,
@@ -198,8 +199,13 @@ impl Link {
             return queue().map(|seq| (seq, true));
         };
         let mut keys = self.keys.lock().expect("keys lock poisoned");
+        // A repeat is the first event, unless the journal refused that one (a full disk):
+        // then it was never queued, and the retry queues it.
         if let Some(&seq) = keys.0.get(key) {
-            return Ok((seq, false));
+            if self.journal.refusal(seq).is_none() {
+                return Ok((seq, false));
+            }
+            keys.0.remove(key);
         }
         let seq = queue()?;
         keys.0.insert(key.to_owned(), seq);

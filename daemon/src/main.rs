@@ -5,10 +5,14 @@
 //! of answering a request.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use cloud_protocol::paths::Paths;
 use cloudd::daemon::{self, Options, StartError};
+
+/// How long the blocking tasks left at exit get to finish.
+const EXIT_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The cloudd agent. Usually started by `cloudctl up` or the service manager.
 #[derive(Debug, Parser)]
@@ -56,13 +60,17 @@ fn main() -> ExitCode {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        runtime.block_on(daemon::run(
+        let ran = runtime.block_on(daemon::run(
             paths,
             Options {
                 detached: args.detached,
                 handoff,
             },
-        ))?;
+        ));
+        // Not the default drop, which waits for every blocking task: one stuck on a disk
+        // that stopped answering must not keep the daemon from exiting.
+        runtime.shutdown_timeout(EXIT_DEADLINE);
+        ran?;
         Ok(())
     })();
     match result {

@@ -24,21 +24,24 @@ impl Replica {
         })
     }
 
-    /// Replaces everything with the relay's full list.
+    /// Replaces everything with the relay's full list, one write at a time: not a batch
+    /// (see [`crate::store`]); a replica cut short by an exit is rewritten at the next
+    /// connect.
     pub fn replace_all(&self, sessions: &[Session]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for item in self.tree.iter() {
             let (key, _) = item.map_err(StoreError::sled("sessions"))?;
             if !sessions.iter().any(|s| s.id.as_bytes() == key.as_ref()) {
-                batch.remove(key);
+                self.tree
+                    .remove(key)
+                    .map_err(StoreError::sled("sessions"))?;
             }
         }
         for session in sessions {
-            batch.insert(session.id.as_bytes(), encode(session)?);
+            self.tree
+                .insert(session.id.as_bytes(), encode(session)?)
+                .map_err(StoreError::sled("sessions"))?;
         }
-        self.tree
-            .apply_batch(batch)
-            .map_err(StoreError::sled("sessions"))
+        Ok(())
     }
 
     /// Stores one created or changed session.

@@ -7,6 +7,11 @@
 //! (the instance id, whose relay and identity the journal's events belong to, how many
 //! events were refused and the latest reason) but for its `journal_acked` key, which is the
 //! journal's. No other module opens a tree.
+//!
+//! Architecture invariant: the daemon never uses sled's batches or transactions, in this
+//! store or the journal's. In sled 0.34 they take a lock shared by every database in the
+//! process, and a flush that a full disk left waiting forever holds its other side, so one
+//! batch would stop every sled call of the daemon, on the runtime thread too.
 
 use std::path::Path;
 
@@ -174,13 +179,13 @@ impl Meta {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Records who the journal's events belong to from now on (flushed: it decides where
-    /// events may go after a restart).
+    /// Records who the journal's events belong to from now on. Not flushed here (a flush
+    /// on a full disk may never return, and this runs on the runtime thread): sled's own
+    /// periodic flush makes it durable within half a second.
     pub fn set_journal_owner(&self, owner: &str) -> Result<(), StoreError> {
         self.tree
             .insert("journal_owner", owner.as_bytes())
             .map_err(StoreError::sled("meta"))?;
-        self.tree.flush().map_err(StoreError::sled("meta"))?;
         Ok(())
     }
 

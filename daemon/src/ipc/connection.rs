@@ -25,7 +25,13 @@ use tracing::Instrument as _;
 
 use super::client::{ClientState, WRITE_DEADLINE};
 use super::handler;
+use crate::journal::{Unavailable, FLUSH_DEADLINE};
 use crate::state::Shared;
+
+/// How long a journaled event's reply waits for the journal's verdict: the journal gives
+/// up on a flush after [`FLUSH_DEADLINE`] and refuses what it covers; this is only a
+/// backstop.
+pub const DURABLE_DEADLINE: Duration = FLUSH_DEADLINE.saturating_mul(2);
 
 /// How long a refused client gets to send its first byte, so the refusal can be written in
 /// its encoding.
@@ -122,6 +128,7 @@ async fn serve_peer(
     let mut encoding = None;
     let mut out = Vec::new();
     let mut batch = Vec::new();
+    let mut answered = Vec::new();
     // Built once: a fresh `cancelled()` future per loop would register a waiter each time.
     let shutdown = shared.shutdown.clone().cancelled_owned();
     tokio::pin!(shutdown);
@@ -137,25 +144,47 @@ async fn serve_peer(
                     ),
                     Incoming::Invalid(reply_to, error) => (reply_to, Err(error)),
                 };
-                push_reply(reply_to, result, &mut out, &mut client);
-                queue_replay(encoding, &mut client, &mut out);
+                answered.push((reply_to, result, std::mem::take(&mut client.replay)));
                 if client.closing.is_some() {
                     break;
                 }
             }
+            // Replies to journaled requests are "queued": only true once on disk, so they
+            // wait for the flush, and an event the journal could not write is refused.
+            let journal_answered = client.needs_durable == 0
+                || tokio::time::timeout(
+                    DURABLE_DEADLINE,
+                    shared.link.journal.wait_durable(client.needs_durable),
+                )
+                .await
+                .is_ok();
+            client.needs_durable = 0;
+            for (reply_to, result, replay) in answered.drain(..) {
+                let result = match result {
+                    Ok(Response::Queued { seq }) if !journal_answered => {
+                        tracing::error!(
+                            seq,
+                            "the journal did not confirm an event within {DURABLE_DEADLINE:?}"
+                        );
+                        Err(not_confirmed(seq))
+                    }
+                    Ok(Response::Queued { seq }) => match shared.link.journal.refusal(seq) {
+                        Some(why) => Err(journal_refusal(&why)),
+                        None => Ok(Response::Queued { seq }),
+                    },
+                    other => other,
+                };
+                push_reply(reply_to, result, &mut out, &mut client);
+                for (session, entry) in replay {
+                    push_notification(
+                        encoding,
+                        &Notification::SessionLog { session, entry },
+                        &mut out,
+                    );
+                }
+            }
             if client.closing.is_some() {
                 push_closing(encoding, &client, &mut out);
-            }
-            if client.needs_durable > 0 {
-                // Replies to journaled requests are "queued": only true once on disk. A
-                // flush that cannot complete (disk full, I/O errors) must not be claimed: the
-                // client gets no reply and the connection closes.
-                let durable = shared.link.journal.wait_durable(client.needs_durable);
-                if tokio::time::timeout(WRITE_DEADLINE, durable).await.is_err() {
-                    tracing::error!("journal flush did not complete within {WRITE_DEADLINE:?}; closing the client without acknowledging");
-                    return;
-                }
-                client.needs_durable = 0;
             }
             if !out.is_empty() && !flush(&mut stream, &mut out, encoding, &mut client).await {
                 return;
@@ -318,11 +347,17 @@ fn wanted(client: &mut ClientState, notification: &Notification) -> bool {
     }
 }
 
-/// Queues the stored entries an attach asked for.
-fn queue_replay(encoding: Encoding, client: &mut ClientState, out: &mut Vec<u8>) {
-    for (session, entry) in std::mem::take(&mut client.replay) {
-        push_notification(encoding, &Notification::SessionLog { session, entry }, out);
-    }
+/// The error for an event the journal refused: it is not queued and never sent.
+pub(super) fn journal_refusal(why: &Unavailable) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Internal, why.to_string())
+}
+
+/// The error for an event whose flush the journal did not confirm in time.
+pub(super) fn not_confirmed(seq: u64) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Timeout,
+        format!("the journal did not confirm event {seq} within {DURABLE_DEADLINE:?}; it is not known to be queued"),
+    )
 }
 
 /// Appends the reply to a request.

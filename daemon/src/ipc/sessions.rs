@@ -19,7 +19,7 @@ use cloud_protocol::ipc::{
 use cloud_protocol::session::{Author, LogEntry, Session, SessionAction, SessionEvent};
 use tokio::sync::oneshot;
 
-use super::client::{ClientState, WRITE_DEADLINE};
+use super::client::ClientState;
 use crate::credentials::{self, Credentials};
 use crate::link::{BridgeCommand, Link};
 use crate::state::Shared;
@@ -206,7 +206,7 @@ async fn journaled(
     }
     let (seq, _new) = link
         .queue_once(key.as_deref(), || link.journal.append_unflushed(event))
-        .map_err(internal)?;
+        .map_err(|why| super::connection::journal_refusal(&why))?;
     if !wait {
         client.needs_durable = client.needs_durable.max(seq);
         return Ok(Response::Queued { seq });
@@ -214,14 +214,10 @@ async fn journaled(
     // Bounded like every other wait: a journal that cannot flush (a failing disk) must
     // not hang this connection. The event may still be delivered if the flush completes.
     let durable = link.journal.wait_durable(seq);
-    if tokio::time::timeout(WRITE_DEADLINE, durable).await.is_err() {
-        return Err(ErrorBody::new(
-            ErrorCode::Timeout,
-            format!(
-                "the journal did not confirm event {seq} within {:?}; it is not known to be queued",
-                WRITE_DEADLINE
-            ),
-        ));
+    match tokio::time::timeout(super::connection::DURABLE_DEADLINE, durable).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => return Err(super::connection::journal_refusal(&why)),
+        Err(_) => return Err(super::connection::not_confirmed(seq)),
     }
     if !link.connected() {
         return Ok(Response::Queued { seq });
