@@ -159,18 +159,21 @@ async fn serve_peer(
                 .await
                 .is_ok();
             client.needs_durable = 0;
+            let journal = &shared.link.journal;
             for (reply_to, result, replay) in answered.drain(..) {
                 let result = match result {
-                    Ok(Response::Queued { seq }) if !journal_answered => {
-                        tracing::error!(
-                            seq,
-                            "the journal did not confirm an event within {DURABLE_DEADLINE:?}"
-                        );
-                        Err(not_confirmed(seq))
-                    }
-                    Ok(Response::Queued { seq }) => match shared.link.journal.refusal(seq) {
+                    Ok(Response::Queued { seq }) => match journal.refusal(seq) {
                         Some(why) => Err(journal_refusal(&why)),
-                        None => Ok(Response::Queued { seq }),
+                        None if journal_answered || *journal.durable().borrow() >= seq => {
+                            Ok(Response::Queued { seq })
+                        }
+                        None => {
+                            tracing::error!(
+                                seq,
+                                "the journal did not confirm an event within {DURABLE_DEADLINE:?}"
+                            );
+                            Err(not_confirmed(seq))
+                        }
                     },
                     other => other,
                 };

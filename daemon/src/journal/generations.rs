@@ -187,6 +187,20 @@ impl Generation {
         Ok((first, generation))
     }
 
+    /// Creates a fresh generation in `dir` (a spare: no `first` yet). What sled made of a
+    /// directory it could not open (a full disk) is removed: nothing holds it.
+    pub(super) fn create(dir: PathBuf) -> Result<Generation, StoreError> {
+        match Generation::open(dir.clone()) {
+            Ok((_, generation)) => Ok(generation),
+            Err(e) => {
+                if let Err(removing) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), "cannot remove a journal generation that failed to open: {removing}");
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Puts a fresh generation to use from seq `first`, with `acked` in it (not flushed).
     /// `first` goes in last: a generation without it is a spare, whatever else it holds.
     pub(super) fn activate(&mut self, first: u64, acked: u64) -> Result<(), StoreError> {

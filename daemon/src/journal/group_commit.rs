@@ -173,14 +173,14 @@ impl Journal {
         };
         let journal = Arc::downgrade(self);
         tokio::spawn(async move {
-            let opened = tokio::task::spawn_blocking(move || Generation::open(dir)).await;
+            let opened = tokio::task::spawn_blocking(move || Generation::create(dir)).await;
             let Some(journal) = journal.upgrade() else {
                 return;
             };
             let mut inner = journal.lock();
             inner.spare_opening = false;
             match opened {
-                Ok(Ok((_, spare))) => inner.spare = Some(spare),
+                Ok(Ok(spare)) => inner.spare = Some(spare),
                 Ok(Err(e)) => tracing::warn!("cannot open a spare journal generation: {e}"),
                 Err(e) => tracing::warn!("opening a spare journal generation panicked: {e}"),
             }
@@ -198,10 +198,9 @@ impl Journal {
             inner.next_id += 1;
             generation_dir(&self.root, id)
         };
-        Ok(tokio::task::spawn_blocking(move || Generation::open(dir))
+        tokio::task::spawn_blocking(move || Generation::create(dir))
             .await
-            .map_err(|e| corrupt(format!("opening a journal generation panicked: {e}")))??
-            .1)
+            .map_err(|e| corrupt(format!("opening a journal generation panicked: {e}")))?
     }
 
     /// Makes a fresh generation the newest from seq `first`, with the current `acked` in

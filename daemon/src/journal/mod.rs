@@ -1,7 +1,7 @@
 //! The outbound journal: every event the daemon must deliver to the relay, on disk before
 //! anyone is told it is queued, removed only when the relay acknowledges it.
 //!
-//! **Group commit** ([`group_commit`]). An append takes the next seq and joins the pending
+//! **Group commit** (`group_commit.rs`). An append takes the next seq and joins the pending
 //! group in memory; one flusher task writes each group as a single sled record and flushes
 //! it, so appends that arrive together share one write and one `fsync`-class flush (sled's
 //! `flush` uses `sync_file_range` on Linux: it survives a killed process, not necessarily a
@@ -9,7 +9,7 @@
 //! and only flushed entries are ever handed to the bridge, so a seq the relay has seen is
 //! never reused after a crash.
 //!
-//! **Generations** ([`generations`]). The journal lives in its own directory
+//! **Generations** (`generations.rs`). The journal lives in its own directory
 //! (`state/journal/`), as a series of sled databases. Records go to the newest, `g-ID`; a
 //! record's key is `r` + the seq of its last event (big-endian) and its value the
 //! postcard-encoded events it holds, consecutive seqs ending there. The newest also keeps
@@ -33,7 +33,7 @@
 //! streams fresh events without reading them back; older ones (a backlog, a resend after a
 //! reconnect) are read from the generations.
 //!
-//! **A disk that fails** ([`recovery`]). When a write or a flush fails (a full disk, most
+//! **A disk that fails** (`recovery.rs`). When a write or a flush fails (a full disk, most
 //! often) or a flush takes longer than [`FLUSH_DEADLINE`], the journal refuses new events
 //! at once with [`Unavailable`], which says what is wrong and names the journal's
 //! directory, and refuses the events taken but not yet flushed the same way: none of them
