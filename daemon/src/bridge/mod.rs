@@ -511,6 +511,11 @@ impl Bridge {
             if sent_up_to < durable_now {
                 match self.link.journal.read_after(sent_up_to, SEND_BATCH) {
                     Ok(entries) => {
+                        // Nothing left below `durable_now` (a skip ahead, or seqs the journal
+                        // refused and will never hold): catch up, or this loop would spin.
+                        if entries.is_empty() {
+                            sent_up_to = durable_now;
+                        }
                         for (seq, event) in entries {
                             if let Err(ended) =
                                 send_buffered(socket, Channel::Task, seq, ToRelay::Event(event))
