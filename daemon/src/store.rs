@@ -174,13 +174,13 @@ impl Meta {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Records who the journal's events belong to from now on (flushed: it decides where
-    /// events may go after a restart).
+    /// Records who the journal's events belong to from now on. Not flushed here (a flush
+    /// on a failing disk may not return, and this runs on the runtime thread): sled's own
+    /// periodic flush makes it durable within half a second.
     pub fn set_journal_owner(&self, owner: &str) -> Result<(), StoreError> {
         self.tree
             .insert("journal_owner", owner.as_bytes())
             .map_err(StoreError::sled("meta"))?;
-        self.tree.flush().map_err(StoreError::sled("meta"))?;
         Ok(())
     }
 
