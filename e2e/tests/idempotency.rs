@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloudd_e2e::{wait_for, Home, Relay, DEADLINE};
-use serde_json::Value;
 
 /// An agent that reads everything and says nothing, so the log holds only what was sent.
 const QUIET_AGENT: &[&str] = &["--agent-command", "sh", "-c", "cat >/dev/null"];
@@ -22,31 +21,6 @@ impl Random {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
-/// The user messages of the session's log on the relay, in order.
-fn relay_messages(relay: &Relay, token: &str, session: &str) -> Vec<String> {
-    let mut messages = Vec::new();
-    let mut after = 0;
-    loop {
-        let path = format!("/v1/sessions/{session}/log?after={after}");
-        let (code, log) = relay.http("GET", &path, token, None);
-        assert_eq!(code, 200, "{log}");
-        let entries = log.as_array().unwrap();
-        let Some(last) = entries.last() else {
-            return messages;
-        };
-        after = last["seq"].as_u64().unwrap();
-        messages.extend(entries.iter().filter_map(|entry| {
-            let value: Value = serde_json::from_str(entry["event"]["message"].as_str()?).ok()?;
-            (value["type"] == "user").then(|| {
-                value["message"]["content"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-        }));
     }
 }
 
@@ -125,7 +99,7 @@ fn kill_9_at_random_points_with_retrying_clients_holds_each_message_once() {
         let status = home.cloudctl_json(&["status"]);
         status["relay"]["state"] == "connected" && status["relay"]["journal_depth"] == 0
     });
-    let held = relay_messages(&relay, &token, &session);
+    let held = relay.user_messages(&token, &session);
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for message in &held {
         *counts.entry(message.clone()).or_default() += 1;
