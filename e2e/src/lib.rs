@@ -438,6 +438,36 @@ impl Relay {
         assert!(output.status.success(), "{output:?}");
     }
 
+    /// The user messages the relay holds for a session, in log order (reading every page).
+    pub fn user_messages(&self, token: &str, session: &str) -> Vec<String> {
+        let mut messages = Vec::new();
+        let mut after = 0;
+        loop {
+            let (code, log) = self.http(
+                "GET",
+                &format!("/v1/sessions/{session}/log?after={after}"),
+                token,
+                None,
+            );
+            assert_eq!(code, 200, "{log}");
+            let entries = log.as_array().unwrap();
+            let Some(last) = entries.last() else {
+                return messages;
+            };
+            after = last["seq"].as_u64().unwrap();
+            messages.extend(entries.iter().filter_map(|entry| {
+                let text = entry["event"]["message"].as_str()?;
+                let value: Value = serde_json::from_str(text).ok()?;
+                (value["type"] == "user").then(|| {
+                    value["message"]["content"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned()
+                })
+            }));
+        }
+    }
+
     /// A REST call; returns (status code, JSON body).
     pub fn http(
         &self,

@@ -25,31 +25,6 @@ impl Random {
     }
 }
 
-/// The user messages of the session's log on the relay, in order.
-fn relay_messages(relay: &Relay, token: &str, session: &str) -> Vec<String> {
-    let mut messages = Vec::new();
-    let mut after = 0;
-    loop {
-        let path = format!("/v1/sessions/{session}/log?after={after}");
-        let (code, log) = relay.http("GET", &path, token, None);
-        assert_eq!(code, 200, "{log}");
-        let entries = log.as_array().unwrap();
-        let Some(last) = entries.last() else {
-            return messages;
-        };
-        after = last["seq"].as_u64().unwrap();
-        messages.extend(entries.iter().filter_map(|entry| {
-            let value: Value = serde_json::from_str(entry["event"]["message"].as_str()?).ok()?;
-            (value["type"] == "user").then(|| {
-                value["message"]["content"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-        }));
-    }
-}
-
 #[test]
 fn kill_9_at_random_points_with_retrying_clients_holds_each_message_once() {
     let seed = std::env::var("CLOUDD_TEST_SEED")
@@ -69,12 +44,29 @@ fn kill_9_at_random_points_with_retrying_clients_holds_each_message_once() {
     const PER_CLIENT: usize = 80;
     let stop = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicU32::new(0));
+    // Sends answered so far: the killer waits for a few between kills, so the run always
+    // progresses (a daemon killed while it starts, again and again, would not).
+    let answered = Arc::new(AtomicU32::new(0));
     let killer = {
-        let (home, stop, kills) = (Arc::clone(&home), Arc::clone(&stop), Arc::clone(&kills));
+        let (home, stop, kills, answered) = (
+            Arc::clone(&home),
+            Arc::clone(&stop),
+            Arc::clone(&kills),
+            Arc::clone(&answered),
+        );
         std::thread::spawn(move || {
             let mut random = Random(seed | 1);
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(20 + random.below(300)));
+                let progress = answered.load(Ordering::Relaxed) + 4;
+                while answered.load(Ordering::Relaxed) < progress && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Then at a random point: while sends are in flight, replies being written,
+                // or the journal flushing.
+                std::thread::sleep(Duration::from_millis(random.below(120)));
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 if let Some(pid) = home.daemon_pid() {
                     // SAFETY: kill(2) on a pid; a stale pid is at worst ESRCH.
                     if unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0 {
@@ -86,7 +78,8 @@ fn kill_9_at_random_points_with_retrying_clients_holds_each_message_once() {
     };
     let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {
-            let (home, session) = (Arc::clone(&home), session.clone());
+            let (home, session, answered) =
+                (Arc::clone(&home), session.clone(), Arc::clone(&answered));
             std::thread::spawn(move || {
                 let mut retries = 0;
                 for n in 0..PER_CLIENT {
@@ -103,6 +96,7 @@ fn kill_9_at_random_points_with_retrying_clients_holds_each_message_once() {
                             &key,
                         ]);
                         if output.status.success() {
+                            answered.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
                         retries += 1;
@@ -121,11 +115,15 @@ fn kill_9_at_random_points_with_retrying_clients_holds_each_message_once() {
     assert!(kills >= 3, "the daemon was killed only {kills} times");
 
     // Let the last daemon deliver what it holds.
+    // (A client may have met the last daemon as it died: status is asked until it answers.)
     wait_for("the journal to drain", DEADLINE * 3, || {
-        let status = home.cloudctl_json(&["status"]);
-        status["relay"]["state"] == "connected" && status["relay"]["journal_depth"] == 0
+        let output = home.cloudctl(&["--json", "status"]);
+        let status: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        output.status.success()
+            && status["relay"]["state"] == "connected"
+            && status["relay"]["journal_depth"] == 0
     });
-    let held = relay_messages(&relay, &token, &session);
+    let held = relay.user_messages(&token, &session);
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for message in &held {
         *counts.entry(message.clone()).or_default() += 1;

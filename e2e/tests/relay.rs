@@ -299,36 +299,6 @@ fn send_pipelined(
     confirmed
 }
 
-/// The user messages the relay holds for a session, in log order (reading every page).
-fn relay_messages(relay: &Relay, token: &str, session: &str) -> Vec<String> {
-    let mut messages = Vec::new();
-    let mut after = 0;
-    loop {
-        let (code, log) = relay.http(
-            "GET",
-            &format!("/v1/sessions/{session}/log?after={after}"),
-            token,
-            None,
-        );
-        assert_eq!(code, 200, "{log}");
-        let entries = log.as_array().unwrap();
-        let Some(last) = entries.last() else {
-            return messages;
-        };
-        after = last["seq"].as_u64().unwrap();
-        messages.extend(entries.iter().filter_map(|entry| {
-            let text = entry["event"]["message"].as_str()?;
-            let value: Value = serde_json::from_str(text).ok()?;
-            (value["type"] == "user").then(|| {
-                value["message"]["content"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned()
-            })
-        }));
-    }
-}
-
 fn wait_journal_empty(home: &Home) {
     wait_for("the journal to drain", DEADLINE * 3, || {
         let status = home.cloudctl_json(&["status"]);
@@ -356,12 +326,12 @@ fn kill_9_while_sending_10000_messages_loses_and_duplicates_nothing() {
     wait_journal_empty(&home);
     // Everything confirmed reached the relay; what was in flight may or may not have been
     // journaled. Resend what is missing, as a client that saw no reply would.
-    let held = relay_messages(&relay, &token, &session);
+    let held = relay.user_messages(&token, &session);
     assert!(held.len() >= confirmed, "{} < {confirmed}", held.len());
     let resend_from = held.len();
     send_pipelined(&home, &session, "m", resend_from..10_000, None);
     wait_journal_empty(&home);
-    let held = relay_messages(&relay, &token, &session);
+    let held = relay.user_messages(&token, &session);
     let expected: Vec<String> = (0..10_000).map(|n| format!("m-{n:05}")).collect();
     let missing: Vec<&String> = expected
         .iter()
@@ -392,7 +362,7 @@ fn a_relay_killed_and_restarted_mid_stream_loses_nothing() {
     relay.restart();
     send_pipelined(&home, &session, "r", 1_000..1_500, None);
     wait_journal_empty(&home);
-    let held = relay_messages(&relay, &token, &session);
+    let held = relay.user_messages(&token, &session);
     let mut expected: Vec<String> = (0..500).map(|n| format!("r-{n:05}")).collect();
     expected.push("while-down".into());
     expected.extend((500..1_500).map(|n| format!("r-{n:05}")));
