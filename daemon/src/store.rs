@@ -126,7 +126,10 @@ pub fn restrict(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// This daemon instance's id: random, created on first use, stable for the state
-/// directory.
+/// directory. A new one is flushed before it is returned: the relay deduplicates the
+/// journal's events per instance, so an id lost to a crash (the journal lives in its own
+/// databases, whose flushes do not cover this store) would have the relay apply again
+/// everything the journal resends.
 pub fn instance_id(db: &sled::Db) -> Result<String, StoreError> {
     let meta = db.open_tree("meta").map_err(StoreError::sled("meta"))?;
     if let Some(id) = meta.get("instance_id").map_err(StoreError::sled("meta"))? {
@@ -135,6 +138,7 @@ pub fn instance_id(db: &sled::Db) -> Result<String, StoreError> {
     let id = format!("i-{}", random_hex(8));
     meta.insert("instance_id", id.as_bytes())
         .map_err(StoreError::sled("meta"))?;
+    db.flush().map_err(StoreError::sled("meta"))?;
     Ok(id)
 }
 
@@ -144,6 +148,9 @@ pub fn random_hex(n: usize) -> String {
     getrandom::fill(&mut bytes).expect("the OS random source works");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// How long recording a new journal owner waits for the disk.
+pub const OWNER_FLUSH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The daemon's small durable facts, in the store's `meta` tree: who the journal's events
 /// belong to, and the tally of refused events that `status` shows.
@@ -179,14 +186,25 @@ impl Meta {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Records who the journal's events belong to from now on. Not flushed here (a flush
-    /// on a full disk may never return, and this runs on the runtime thread): sled's own
-    /// periodic flush makes it durable within half a second.
-    pub fn set_journal_owner(&self, owner: &str) -> Result<(), StoreError> {
+    /// Records who the journal's events belong to from now on, and waits (at most
+    /// [`OWNER_FLUSH_DEADLINE`]) until that is on disk: the events journaled next are the
+    /// new owner's, and an older owner read back after a crash would have them refused.
+    /// The flush runs on sled's threads, never on the caller's (on a full disk it may
+    /// never return).
+    pub async fn set_journal_owner(&self, owner: &str) -> Result<(), StoreError> {
         self.tree
             .insert("journal_owner", owner.as_bytes())
             .map_err(StoreError::sled("meta"))?;
-        Ok(())
+        match tokio::time::timeout(OWNER_FLUSH_DEADLINE, self.tree.flush_async()).await {
+            Ok(flushed) => flushed.map(drop).map_err(StoreError::sled("meta")),
+            Err(_) => Err(StoreError::Io {
+                what: "flushing the store",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the disk did not complete a flush within {OWNER_FLUSH_DEADLINE:?}"),
+                ),
+            }),
+        }
     }
 
     /// The tally of refused events.

@@ -343,7 +343,19 @@ fn kill_9_while_sending_10000_messages_loses_and_duplicates_nothing() {
         expected.len(),
         "each message exactly once; resent from {resend_from}; missing {missing:?}"
     );
-    assert!(held == expected, "in order");
+    if held != expected {
+        let at = held
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap();
+        let lo = at.saturating_sub(3);
+        panic!(
+            "in order; resent from {resend_from}, confirmed {confirmed}; first difference at {at}: held {:?} expected {:?}",
+            &held[lo..(at + 5).min(held.len())],
+            &expected[lo..(at + 5).min(held.len())]
+        );
+    }
 }
 
 #[test]

@@ -419,7 +419,7 @@ impl Bridge {
                 registered.1
             ),
         };
-        if let Err(reason) = self.claim_journal(&owner) {
+        if let Err(reason) = self.claim_journal(&owner).await {
             return Ended::Failed {
                 reason,
                 registered: false,
@@ -452,7 +452,7 @@ impl Bridge {
     /// Makes `owner` (a relay and an identity) the owner of the journal's events. Events
     /// still unacknowledged that were queued for another owner are refused here, never
     /// sent: their waiters, `status` and `sessions` subscribers are told why.
-    fn claim_journal(&self, owner: &str) -> Result<(), String> {
+    async fn claim_journal(&self, owner: &str) -> Result<(), String> {
         let link = &self.link;
         let previous = link
             .meta
@@ -488,6 +488,7 @@ impl Bridge {
         }
         link.meta
             .set_journal_owner(owner)
+            .await
             .map_err(|e| format!("cannot record whose events the journal holds: {e}"))
     }
 
