@@ -145,19 +145,21 @@ impl Inbound {
         self.remove_chunks(session, u64::MAX)
     }
 
-    /// Removes the chunks of `session` whose last seq is at most `up_to`.
+    /// Removes the chunks of `session` whose last seq is at most `up_to`, oldest first.
+    ///
+    /// One removal at a time rather than a batch: sled writes out its buffer before and
+    /// after every batch, and these need no atomicity (a crash part-way leaves older
+    /// entries behind, which the next removal takes).
     fn remove_chunks(&self, session: &str, up_to: u64) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
         for item in self
             .chunks
             .range(chunk_key(session, 0)..=chunk_key(session, up_to))
+            .keys()
         {
-            let (key, _) = item.map_err(StoreError::sled("log"))?;
-            batch.remove(key);
+            let key = item.map_err(StoreError::sled("log"))?;
+            self.chunks.remove(key).map_err(StoreError::sled("log"))?;
         }
-        self.chunks
-            .apply_batch(batch)
-            .map_err(StoreError::sled("log"))
+        Ok(())
     }
 
     /// Every followed session with the last seq taken for it.
@@ -185,7 +187,7 @@ impl Inbound {
     /// at or below the last seq taken is a duplicate (a replay after a reconnect) and is
     /// skipped, and so is anything for a session no longer followed. It is written at the
     /// next [`Inbound::commit`].
-    pub fn store(&self, session: &str, entry: &LogEntry) -> Result<bool, StoreError> {
+    pub fn store(&self, session: &str, entry: LogEntry) -> Result<bool, StoreError> {
         let mut followed = self.map();
         // A late entry of a session no longer followed must not bring it back.
         let Some(follow) = followed.get_mut(session) else {
@@ -195,7 +197,7 @@ impl Inbound {
             return Ok(false);
         }
         follow.last = entry.seq;
-        follow.pending.push(entry.clone());
+        follow.pending.push(entry);
         Ok(true)
     }
 
@@ -271,14 +273,14 @@ mod tests {
         let inbound = Inbound::open(&db).unwrap();
         inbound.follow("s-1").unwrap();
         for seq in 1..=3 {
-            assert!(inbound.store("s-1", &entry(seq)).unwrap());
+            assert!(inbound.store("s-1", entry(seq)).unwrap());
         }
         inbound.commit().unwrap();
         for seq in 4..=5 {
-            assert!(inbound.store("s-1", &entry(seq)).unwrap());
+            assert!(inbound.store("s-1", entry(seq)).unwrap());
         }
         assert!(
-            !inbound.store("s-1", &entry(3)).unwrap(),
+            !inbound.store("s-1", entry(3)).unwrap(),
             "a replayed entry is a duplicate"
         );
         assert_eq!(inbound.last_seq("s-1").unwrap(), 5);
@@ -292,7 +294,7 @@ mod tests {
         assert_eq!(inbound.followed().unwrap(), [("s-1".to_owned(), 5)]);
         // A session whose id extends another's is kept apart.
         inbound.follow("s-10").unwrap();
-        inbound.store("s-10", &entry(1)).unwrap();
+        inbound.store("s-10", entry(1)).unwrap();
         assert_eq!(inbound.since("s-1", 0).unwrap().len(), 5);
         inbound.forget("s-1").unwrap();
         assert!(inbound.since("s-1", 0).unwrap().is_empty());
@@ -307,7 +309,7 @@ mod tests {
             let inbound = Inbound::open(&db).unwrap();
             inbound.follow("s-1").unwrap();
             for seq in 1..=12_345 {
-                inbound.store("s-1", &entry(seq)).unwrap();
+                inbound.store("s-1", entry(seq)).unwrap();
                 if seq % 100 == 0 {
                     inbound.commit().unwrap();
                 }
@@ -326,6 +328,6 @@ mod tests {
         let inbound = Inbound::open(&db).unwrap();
         assert_eq!(inbound.last_seq("s-1").unwrap(), 12_300);
         assert_eq!(inbound.since("s-1", 12_298).unwrap().len(), 2);
-        assert!(inbound.store("s-1", &entry(12_301)).unwrap());
+        assert!(inbound.store("s-1", entry(12_301)).unwrap());
     }
 }

@@ -27,7 +27,8 @@
 //! - a sealed generation that still holds unacknowledged events is compacted: rewritten,
 //!   off the async thread, as one record in a fresh database (`c-FIRST-LAST`, built under a
 //!   `tmp-` name and renamed into place once flushed), which sled keeps as a single blob
-//!   file, so it costs about its live data on disk;
+//!   file, so it costs about its live data on disk; while the relay is acknowledging, only
+//!   after [`COMPACT_DELAY`] (by then it is usually acknowledged and deleted instead);
 //! - a generation the relay has wholly acknowledged is deleted (renamed to `deleted-…`
 //!   first, so a deletion cut short by an exit is finished at the next open).
 //!
@@ -69,6 +70,9 @@ const GENERATION_SEGMENT_BYTES: usize = 256 * 1024;
 /// sled's segment size for a compacted generation: small, because opening a database
 /// to read it may add a segment, and its one record is a blob file anyway.
 const COMPACTED_SEGMENT_BYTES: usize = 16 * 1024;
+/// While the relay is acknowledging, a sealed generation waits this long before it is
+/// compacted: it is usually acknowledged (and deleted) well within it.
+pub const COMPACT_DELAY: Duration = Duration::from_secs(1);
 /// How long a deletion waits for sled to let go of a closed database.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -327,6 +331,8 @@ struct Inner {
     spare_opening: bool,
     /// The id of the next generation directory.
     next_id: u64,
+    /// When the relay last acknowledged something new.
+    last_ack: Option<tokio::time::Instant>,
 }
 
 impl Inner {
@@ -595,6 +601,7 @@ impl Journal {
             spare: None,
             spare_opening: false,
             next_id,
+            last_ack: None,
         };
         delete(inner.take_dead(acked));
         Ok(Arc::new(Journal {
@@ -639,6 +646,10 @@ impl Journal {
             } else {
                 wake.notified().await;
             }
+            // Let every client whose requests have arrived append them first (a yielded
+            // task runs after the other ready ones and a poll of the sockets), so they share
+            // this group's write and flush rather than each paying for one.
+            tokio::task::yield_now().await;
             let Some(journal) = journal.upgrade() else {
                 return;
             };
@@ -689,14 +700,37 @@ impl Journal {
             let compactions = std::mem::take(&mut inner.compact_wanted);
             (inner.newest().db().clone(), inner.inserted, compactions)
         };
-        for first in compactions {
-            tokio::spawn(Arc::clone(self).compact_generation(first));
+        if !compactions.is_empty() {
+            // While the relay acknowledges, what was just sealed is usually acknowledged, and
+            // deleted, within moments: compacting it at once would write a copy only to
+            // delete it. It waits; a relay that is away or falling behind leaves it
+            // unacknowledged, and it is compacted then.
+            let acknowledging = self
+                .lock()
+                .last_ack
+                .is_some_and(|at| at.elapsed() < COMPACT_DELAY);
+            let journal = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if acknowledging {
+                    tokio::time::sleep(COMPACT_DELAY).await;
+                }
+                for first in compactions {
+                    let Some(journal) = journal.upgrade() else {
+                        return;
+                    };
+                    tokio::spawn(journal.compact_generation(first));
+                }
+            });
         }
         if target <= *self.durable.borrow() {
             return Ok(());
         }
-        db.flush_async()
+        // On a blocking thread, not with sled's `flush_async`: that runs the flush on sled's
+        // thread pool, which wakes all seven of its idle threads for each task it is given
+        // (and the flush's write is another), once per group.
+        tokio::task::spawn_blocking(move || db.flush())
             .await
+            .map_err(|e| io("flushing the journal")(std::io::Error::other(e)))?
             .map_err(StoreError::sled("flushing the journal"))?;
         self.durable.send_if_modified(|durable| {
             let advanced = target > *durable;
@@ -929,6 +963,7 @@ impl Journal {
         }
         let (dead, reset) = {
             let mut inner = self.lock();
+            inner.last_ack = Some(tokio::time::Instant::now());
             while inner.tail.front().is_some_and(|(s, _)| *s <= seq) {
                 inner.tail.pop_front();
             }

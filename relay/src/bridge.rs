@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::Identity;
 use crate::core::{Command, CoreError, Notice, Shared};
-use crate::follow::Follower;
+use crate::follow::{Entries, Follower};
 use crate::http::Authenticated;
 use crate::instances::{CommandError, CommandReply, InstanceCommand, COMMAND_QUEUE};
 
@@ -108,7 +108,7 @@ struct LogPage {
     /// The session.
     session: Arc<str>,
     /// In order.
-    entries: Vec<LogEntry>,
+    entries: Entries,
 }
 
 /// The body of a [`FromRelay::Log`], borrowed: it encodes exactly as one, without copying
@@ -320,7 +320,7 @@ impl Connection {
 
     /// Queues a page of log entries, each as one message stamped with the current ack.
     async fn send_logs(&self, socket: &mut WebSocket, page: LogPage) -> Result<(), End> {
-        for entry in &page.entries {
+        for entry in page.entries.iter() {
             let bytes = match encode_log(self.ack, &page.session, entry) {
                 Ok(bytes) => bytes,
                 Err(e) => {

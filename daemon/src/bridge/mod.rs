@@ -631,15 +631,21 @@ impl Bridge {
                     .sessions_feed
                     .send(Arc::new(Notification::SessionRemoved { session }));
             }
-            FromRelay::Log { session, entry } => match link.inbound.store(&session, &entry) {
-                Ok(true) => {
-                    let _ = link
-                        .session_feed
-                        .send(Arc::new(Notification::SessionLog { session, entry }));
+            FromRelay::Log { session, entry } => {
+                // A copy for attached clients only when there are any: usually nobody watches.
+                let notice = (link.session_feed.receiver_count() > 0).then(|| entry.clone());
+                match link.inbound.store(&session, entry) {
+                    Ok(true) => {
+                        if let Some(entry) = notice {
+                            let _ = link
+                                .session_feed
+                                .send(Arc::new(Notification::SessionLog { session, entry }));
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("cannot store a session log entry: {e}"),
                 }
-                Ok(false) => {}
-                Err(e) => tracing::error!("cannot store a session log entry: {e}"),
-            },
+            }
             FromRelay::EventRefused { seq, reason } => {
                 // The relay re-reports its recent refusals at every registration: one already
                 // known, or one for an event long acknowledged, is recorded quietly.
