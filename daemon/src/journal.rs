@@ -53,7 +53,7 @@ use tokio::sync::{watch, Notify};
 use crate::store::StoreError;
 
 /// A new generation starts once the newest has taken this many bytes of records.
-pub const ROLL_BYTES: u64 = 128 * 1024;
+pub const ROLL_BYTES: u64 = 512 * 1024;
 /// With nothing left to acknowledge, a new generation starts (and the old one is deleted)
 /// once the newest has taken this many bytes.
 pub const RESET_BYTES: u64 = 64 * 1024;
@@ -919,28 +919,44 @@ impl Journal {
 
     /// The durable, unacknowledged entries after `after`, at most `limit` of them, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Outbound)>, StoreError> {
+        let mut entries = Vec::new();
+        self.for_each_after(after, limit, |seq, event| {
+            entries.push((seq, event.clone()));
+        })?;
+        Ok(entries)
+    }
+
+    /// Calls `each` with the durable, unacknowledged entries after `after`, at most `limit`
+    /// of them, in order, without copying those still in the tail (the bridge encodes them
+    /// from here). `each` runs under the journal's lock: it must not call the journal.
+    pub fn for_each_after(
+        &self,
+        after: u64,
+        limit: usize,
+        mut each: impl FnMut(u64, &Outbound),
+    ) -> Result<(), StoreError> {
         let durable = *self.durable.borrow();
         let after = after.max(self.acked());
-        let mut entries = Vec::new();
         if after >= durable || limit == 0 {
-            return Ok(entries);
+            return Ok(());
         }
         let mut inner = self.lock();
         if let Some(&(front, _)) = inner.tail.front() {
             if front <= after + 1 {
                 let start = usize::try_from(after + 1 - front).unwrap_or(usize::MAX);
-                entries.extend(
-                    inner
-                        .tail
-                        .iter()
-                        .skip(start)
-                        .take_while(|(seq, _)| *seq <= durable)
-                        .take(limit)
-                        .cloned(),
-                );
-                return Ok(entries);
+                for (seq, event) in inner
+                    .tail
+                    .iter()
+                    .skip(start)
+                    .take_while(|(seq, _)| *seq <= durable)
+                    .take(limit)
+                {
+                    each(*seq, event);
+                }
+                return Ok(());
             }
         }
+        let mut entries = Vec::new();
         for generation in inner.generations.values_mut() {
             if generation.last <= after {
                 // Read past: a compacted generation's decoded events are not needed again.
@@ -952,7 +968,11 @@ impl Journal {
             }
             generation.read(after, durable, limit, &mut entries)?;
         }
-        Ok(entries)
+        drop(inner);
+        for (seq, event) in &entries {
+            each(*seq, event);
+        }
+        Ok(())
     }
 
     /// The relay has everything up to `seq`: forget it. Acks never go backwards.
