@@ -5,6 +5,8 @@
 //! flusher task writes each group as a single sled record and flushes it, so appends that
 //! arrive together share one write and one `fsync`-class flush (sled's `flush` uses
 //! `sync_file_range` on Linux: it survives a killed process, not necessarily a power cut).
+//! Up to [`FLUSHES_IN_FLIGHT`] flushes are out at once: a flush covers everything written
+//! before it, so `durable` moves to the target of whichever completes.
 //! Nobody is told `queued` before the flush covering their event completes, and only
 //! flushed entries are ever handed to the bridge, so a seq the relay has seen is never
 //! reused after a crash.
@@ -73,6 +75,13 @@ const COMPACTED_SEGMENT_BYTES: usize = 16 * 1024;
 /// While the relay is acknowledging, a sealed generation waits this long before it is
 /// compacted: it is usually acknowledged (and deleted) well within it.
 pub const COMPACT_DELAY: Duration = Duration::from_secs(1);
+/// How many flushes may be out at once. While the disk takes one, the next group is
+/// written and its flush issued, so requests that arrive during a flush wait for their own
+/// flush only, not for the one already out as well (which, on a disk slow to flush, was
+/// most of a client's wait).
+const FLUSHES_IN_FLIGHT: usize = 4;
+/// How long the flusher waits before retrying a failed flush.
+const FLUSH_RETRY: Duration = Duration::from_millis(100);
 /// How long a deletion waits for sled to let go of a closed database.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -431,6 +440,10 @@ pub struct Journal {
     written: AtomicU64,
     /// The highest seq covered by a completed flush.
     durable: watch::Sender<u64>,
+    /// The highest seq a flush was issued for, completed or not.
+    flush_issued: AtomicU64,
+    /// Flushes out (at most [`FLUSHES_IN_FLIGHT`]).
+    flushes: Arc<tokio::sync::Semaphore>,
     /// The highest seq the relay acknowledged.
     acked: AtomicU64,
     /// Wakes the flusher (shared with it, so the flusher need not keep the journal alive).
@@ -611,6 +624,8 @@ impl Journal {
             durable,
             acked: AtomicU64::new(acked),
             flush_wanted: Arc::new(Notify::new()),
+            flush_issued: AtomicU64::new(last),
+            flushes: Arc::new(tokio::sync::Semaphore::new(FLUSHES_IN_FLIGHT)),
         }))
     }
 
@@ -657,7 +672,7 @@ impl Journal {
                 tracing::error!("journal write failed; retrying: {e}");
                 wake.notify_one();
                 drop(journal);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(FLUSH_RETRY).await;
             }
         }
     }
@@ -722,20 +737,48 @@ impl Journal {
                 }
             });
         }
-        if target <= *self.durable.borrow() {
+        if target <= self.flush_issued.load(Ordering::Acquire) {
             return Ok(());
         }
-        // On a blocking thread, not with sled's `flush_async`: that runs the flush on sled's
-        // thread pool, which wakes all seven of its idle threads for each task it is given
-        // (and the flush's write is another), once per group.
-        tokio::task::spawn_blocking(move || db.flush())
+        let permit = Arc::clone(&self.flushes)
+            .acquire_owned()
             .await
-            .map_err(|e| io("flushing the journal")(std::io::Error::other(e)))?
-            .map_err(StoreError::sled("flushing the journal"))?;
-        self.durable.send_if_modified(|durable| {
-            let advanced = target > *durable;
-            *durable = (*durable).max(target);
-            advanced
+            .expect("the flush semaphore is never closed");
+        self.flush_issued.fetch_max(target, Ordering::AcqRel);
+        // The flush runs on its own: the flusher takes the next group meanwhile. A flush
+        // covers everything written before it (sled's stable prefix), so `durable` may move
+        // to its target whichever flush completes first.
+        let journal = Arc::downgrade(self);
+        let wake = Arc::clone(&self.flush_wanted);
+        tokio::spawn(async move {
+            // On a blocking thread, not with sled's `flush_async`: that runs the flush on
+            // sled's thread pool, which wakes all seven of its idle threads for each task it
+            // is given (and the flush's write is another), once per group.
+            let flushed = tokio::task::spawn_blocking(move || db.flush()).await;
+            drop(permit);
+            let Some(journal) = journal.upgrade() else {
+                return;
+            };
+            let error = match flushed {
+                Ok(Ok(_)) => {
+                    journal.durable.send_if_modified(|durable| {
+                        let advanced = target > *durable;
+                        *durable = (*durable).max(target);
+                        advanced
+                    });
+                    return;
+                }
+                Ok(Err(e)) => StoreError::sled("flushing the journal")(e),
+                Err(e) => io("flushing the journal")(std::io::Error::other(e)),
+            };
+            tracing::error!("journal flush failed; retrying: {error}");
+            // Issued again by the next turn.
+            journal
+                .flush_issued
+                .store(*journal.durable.borrow(), Ordering::Release);
+            drop(journal);
+            tokio::time::sleep(FLUSH_RETRY).await;
+            wake.notify_one();
         });
         Ok(())
     }
