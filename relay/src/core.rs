@@ -1371,6 +1371,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_follower_takes_the_latest_round_from_memory_only_when_it_continues_its_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let (shared, _commands) = shared(TokenCache::open(dir.path()), store);
+        let entry = |seq: u64, text: String| LogEntry {
+            seq,
+            at: seq,
+            author: Author::Agent,
+            event: SessionEvent::Message(text),
+        };
+        let session = Session {
+            id: "s-1".to_owned(),
+            status: SessionStatus::Running,
+            created_at: 1,
+            last_activity: 1,
+            task: String::new(),
+            visibility: Visibility::Private,
+            repo_access: cloud_protocol::session::RepoAccess::Read,
+            network_access: NetworkAccess::Full,
+            vm_image: String::new(),
+            owner: "u".to_owned(),
+            org: "o".to_owned(),
+            failure: None,
+            last_seq: 7,
+        };
+        let round = (5..=7).map(|seq| entry(seq, seq.to_string())).collect();
+        shared.sessions.write().unwrap().insert(
+            "s-1".to_owned(),
+            Published {
+                session,
+                log_seq: watch::channel(7).0,
+                recent: recent(round),
+            },
+        );
+        let taken = |after| {
+            shared
+                .recent_after("s-1", after)
+                .map(|(all, start)| all[start..].iter().map(|e| e.seq).collect::<Vec<_>>())
+        };
+        // A gap before the round (or nothing new): the store is read instead.
+        assert_eq!(taken(3), None);
+        assert_eq!(taken(4), Some(vec![5, 6, 7]));
+        assert_eq!(taken(6), Some(vec![7]));
+        assert_eq!(taken(7), None);
+        assert_eq!(taken(9), None);
+        assert!(shared.recent_after("s-2", 0).is_none());
+        // A round larger than RECENT_BYTES is not kept.
+        assert!(recent(vec![entry(8, "x".repeat(RECENT_BYTES + 1))]).is_empty());
+    }
+
+    #[test]
     fn stored_reasons_are_bounded_and_keep_both_ends() {
         let short = "permission request r-1 was already answered";
         assert_eq!(bounded_reason(short), short);

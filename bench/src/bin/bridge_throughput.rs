@@ -49,8 +49,9 @@ use client::{Load, Poller};
 use disk::{DiskSize, JournalData};
 use procs::Counters;
 
-/// The issue's throughput target: end to end ≥ this × raw sled inserts.
-const THROUGHPUT_TARGET: f64 = 0.5;
+/// The throughput target: end to end ≥ this × raw sled inserts, in the same run, with the
+/// standalone and the embedded relay alike (issue 8, point 11; issue 3 asked for 0.5).
+const THROUGHPUT_TARGET: f64 = 0.8;
 
 /// The issue's disk target: the journal's size on disk after trim ≤ this × live data.
 const DISK_TARGET: f64 = 1.5;
