@@ -881,11 +881,19 @@ fn print_report(report: &Report<'_>) {
             .fold(f64::NAN, f64::max)
     };
     let half = worst("about half").max(worst("half acknowledged"));
-    println!(
-        "- {}: journal on disk after a trim that leaves {} events ÷ their live data: {half:.2}× (target ≤ {DISK_TARGET}×)",
-        verdict(half <= DISK_TARGET),
-        disk.half_drained.events
-    );
+    if disk.half_drained.events == 0 {
+        // The relay took the whole backlog before it was down: that trim left nothing, and
+        // the journal's size is the depth-0 case below.
+        println!(
+            "- not measured: the relay took the whole backlog before it was killed, so no trim left part of it"
+        );
+    } else {
+        println!(
+            "- {}: journal on disk after a trim that leaves {} events ÷ their live data: {half:.2}× (target ≤ {DISK_TARGET}×)",
+            verdict(half <= DISK_TARGET),
+            disk.half_drained.events
+        );
+    }
     // Depth 0: once the deletions that follow the last ack have run (+1 s on).
     let settled = |s: &&StoreSample| {
         (s.when.starts_with("after the rounds") || s.when.starts_with("backlog drained"))
