@@ -4,8 +4,9 @@
 //!
 //! Entries are taken one at a time ([`Inbound::store`]) and written in chunks: the bridge
 //! calls [`Inbound::commit`] after each burst of messages it reads, which writes each
-//! session's new entries as one sled record (key: the session, a NUL and the chunk's last
-//! seq, big-endian; value: the postcard-encoded entries) and its last seq under `follows`.
+//! session's new entries as sled records of about 6 KiB (key: the session, a NUL and the
+//! chunk's last seq, big-endian; value: the postcard-encoded entries) and its last seq under
+//! `follows`.
 //! Entries not yet committed are served from memory. A crash loses at most the uncommitted
 //! burst, and the stored last seq never runs ahead of the stored chunks, so the rejoin
 //! after a restart asks the relay for exactly what is missing.
@@ -17,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cloud_protocol::session::LogEntry;
+use cloud_protocol::session::{Author, LogEntry, SessionEvent};
 
 use crate::store::StoreError;
 
@@ -55,6 +56,25 @@ fn corrupt(message: impl std::fmt::Display) -> StoreError {
         what: "inbound",
         message: message.to_string(),
     }
+}
+
+/// A chunk takes no more entries once it holds about this many bytes. sled rewrites a
+/// whole leaf (up to 17 keys) as one log record, and writes any record over a quarter of a
+/// segment (128 KiB) to a file of its own, on the thread that writes: a burst stored as
+/// one large chunk made the daemon's loop create a file every few rewrites of its leaf.
+const CHUNK_BYTES: usize = 6 * 1024;
+
+/// About how many bytes `entry` takes encoded (its strings and a bound on the rest).
+fn encoded_len(entry: &LogEntry) -> usize {
+    let author = match &entry.author {
+        Author::User(name) => name.len(),
+        Author::Agent | Author::Relay => 0,
+    };
+    let event = match &entry.event {
+        SessionEvent::Message(text) => text.len(),
+        SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+    };
+    author + event + 32
 }
 
 /// A followed session, in memory.
@@ -146,14 +166,16 @@ impl Inbound {
     }
 
     /// Removes the chunks of `session` whose last seq is at most `up_to`, oldest first and
-    /// one at a time: not a batch (see [`crate::store`]); what an exit leaves is removed
+    /// one at a time: not a batch (see [`crate::store`]: sled writes out its buffer before
+    /// and after every batch, and these need no atomicity); what an exit leaves is removed
     /// the next time.
     fn remove_chunks(&self, session: &str, up_to: u64) -> Result<(), StoreError> {
         for item in self
             .chunks
             .range(chunk_key(session, 0)..=chunk_key(session, up_to))
+            .keys()
         {
-            let (key, _) = item.map_err(StoreError::sled("log"))?;
+            let key = item.map_err(StoreError::sled("log"))?;
             self.chunks.remove(key).map_err(StoreError::sled("log"))?;
         }
         Ok(())
@@ -184,7 +206,7 @@ impl Inbound {
     /// at or below the last seq taken is a duplicate (a replay after a reconnect) and is
     /// skipped, and so is anything for a session no longer followed. It is written at the
     /// next [`Inbound::commit`].
-    pub fn store(&self, session: &str, entry: &LogEntry) -> Result<bool, StoreError> {
+    pub fn store(&self, session: &str, entry: LogEntry) -> Result<bool, StoreError> {
         let mut followed = self.map();
         // A late entry of a session no longer followed must not bring it back.
         let Some(follow) = followed.get_mut(session) else {
@@ -194,11 +216,12 @@ impl Inbound {
             return Ok(false);
         }
         follow.last = entry.seq;
-        follow.pending.push(entry.clone());
+        follow.pending.push(entry);
         Ok(true)
     }
 
-    /// Writes the entries taken since the last commit, one chunk per session, and drops
+    /// Writes the entries taken since the last commit, in chunks of about [`CHUNK_BYTES`], and
+    /// drops
     /// chunks beyond [`KEEP_PER_SESSION`].
     pub fn commit(&self) -> Result<(), StoreError> {
         let mut followed = self.map();
@@ -207,10 +230,24 @@ impl Inbound {
                 continue;
             };
             let first = follow.pending[0].seq;
-            let chunk = postcard::to_allocvec(&follow.pending).map_err(corrupt)?;
-            self.chunks
-                .insert(chunk_key(session, last), chunk)
-                .map_err(StoreError::sled("log"))?;
+            // Chunks of about CHUNK_BYTES, one insert each, in order (not a batch: sled writes
+            // its buffer out before and after every batch). A crash between two loses the
+            // later ones only, which the relay sends again (the last seq stored is read back
+            // from the chunks at open).
+            let mut start = 0;
+            let mut bytes = 0;
+            for (i, entry) in follow.pending.iter().enumerate() {
+                bytes += encoded_len(entry);
+                if bytes >= CHUNK_BYTES || i + 1 == follow.pending.len() {
+                    let chunk = &follow.pending[start..=i];
+                    let value = postcard::to_allocvec(chunk).map_err(corrupt)?;
+                    self.chunks
+                        .insert(chunk_key(session, entry.seq), value)
+                        .map_err(StoreError::sled("log"))?;
+                    start = i + 1;
+                    bytes = 0;
+                }
+            }
             // Stored: never written again, even if what follows fails (the last seq is also
             // recovered from the chunks at open).
             follow.pending.clear();
@@ -270,14 +307,14 @@ mod tests {
         let inbound = Inbound::open(&db).unwrap();
         inbound.follow("s-1").unwrap();
         for seq in 1..=3 {
-            assert!(inbound.store("s-1", &entry(seq)).unwrap());
+            assert!(inbound.store("s-1", entry(seq)).unwrap());
         }
         inbound.commit().unwrap();
         for seq in 4..=5 {
-            assert!(inbound.store("s-1", &entry(seq)).unwrap());
+            assert!(inbound.store("s-1", entry(seq)).unwrap());
         }
         assert!(
-            !inbound.store("s-1", &entry(3)).unwrap(),
+            !inbound.store("s-1", entry(3)).unwrap(),
             "a replayed entry is a duplicate"
         );
         assert_eq!(inbound.last_seq("s-1").unwrap(), 5);
@@ -291,11 +328,46 @@ mod tests {
         assert_eq!(inbound.followed().unwrap(), [("s-1".to_owned(), 5)]);
         // A session whose id extends another's is kept apart.
         inbound.follow("s-10").unwrap();
-        inbound.store("s-10", &entry(1)).unwrap();
+        inbound.store("s-10", entry(1)).unwrap();
         assert_eq!(inbound.since("s-1", 0).unwrap().len(), 5);
         inbound.forget("s-1").unwrap();
         assert!(inbound.since("s-1", 0).unwrap().is_empty());
         assert_eq!(inbound.since("s-10", 0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bursts_are_stored_in_small_chunks_and_never_as_files_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::open(dir.path()).unwrap();
+        let inbound = Inbound::open(&db).unwrap();
+        inbound.follow("s-1").unwrap();
+        let text = "x".repeat(120);
+        for seq in 1..=8_192u64 {
+            let mut entry = entry(seq);
+            entry.event = SessionEvent::Message(format!("{seq} {text}"));
+            inbound.store("s-1", entry).unwrap();
+            // The bridge commits after each burst of up to 256 messages.
+            if seq % 256 == 0 {
+                inbound.commit().unwrap();
+            }
+        }
+        for item in inbound.chunks.iter() {
+            let (_, value) = item.unwrap();
+            assert!(
+                value.len() <= CHUNK_BYTES + 200,
+                "a chunk of {}",
+                value.len()
+            );
+        }
+        db.flush().unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("blobs"))
+            .map(|entries| entries.count())
+            .unwrap_or(0);
+        assert_eq!(
+            blobs, 0,
+            "sled wrote leaves of chunks as files of their own"
+        );
+        assert_eq!(inbound.since("s-1", 8_000).unwrap().len(), 192);
     }
 
     #[test]
@@ -306,7 +378,7 @@ mod tests {
             let inbound = Inbound::open(&db).unwrap();
             inbound.follow("s-1").unwrap();
             for seq in 1..=12_345 {
-                inbound.store("s-1", &entry(seq)).unwrap();
+                inbound.store("s-1", entry(seq)).unwrap();
                 if seq % 100 == 0 {
                     inbound.commit().unwrap();
                 }
@@ -325,6 +397,6 @@ mod tests {
         let inbound = Inbound::open(&db).unwrap();
         assert_eq!(inbound.last_seq("s-1").unwrap(), 12_300);
         assert_eq!(inbound.since("s-1", 12_298).unwrap().len(), 2);
-        assert!(inbound.store("s-1", &entry(12_301)).unwrap());
+        assert!(inbound.store("s-1", entry(12_301)).unwrap());
     }
 }

@@ -4,7 +4,10 @@
 //! [`ToRelay`] → the extension handler (register, heartbeat, requests) or the task handler
 //! (join, leave, journaled events) → the core. Consecutive journaled events are handed to
 //! the core as one batch, so they share one flush; the reply's cumulative ack is stamped
-//! on every envelope sent afterwards.
+//! on every envelope sent afterwards. The connection does not wait for a batch's reply
+//! before reading on: while the core flushes a round, the next batches (at most
+//! [`MAX_BATCHES_IN_FLIGHT`] in all) wait for its next round, which takes them together.
+//! Replies are reported in the order of their batches.
 //!
 //! A refusal is reported (`EventRefused`) before any envelope whose ack covers it is
 //! read: after its batch, again for a resend of it, and again at each registration while
@@ -30,7 +33,7 @@
 //! `Refused{permanent: false}`; nothing else is affected. A revoked token ends it with
 //! `Refused{permanent: true}`. This module never logs a token.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,12 +47,12 @@ use cloud_protocol::bridge::{
 use cloud_protocol::session::{Author, LogEntry, SessionEvent};
 use futures_util::{FutureExt as _, SinkExt as _};
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Identity;
 use crate::core::{Command, CoreError, Notice, Shared};
-use crate::follow::Follower;
+use crate::follow::{Entries, Follower};
 use crate::http::Authenticated;
 use crate::instances::{CommandError, CommandReply, InstanceCommand, COMMAND_QUEUE};
 
@@ -64,6 +67,11 @@ const OUTGOING_QUEUE: usize = 256;
 
 /// The most journaled events handed to the core at once.
 const MAX_EVENT_BATCH: usize = 1024;
+
+/// The most batches of events handed to the core and not yet answered. While the core
+/// flushes one round, the next batches are read and queued for its next round, which then
+/// takes them all with one flush.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// The most queued log entries written before one flush.
 const MAX_SEND_BATCH: usize = 1024;
@@ -108,7 +116,7 @@ struct LogPage {
     /// The session.
     session: Arc<str>,
     /// In order.
-    entries: Vec<LogEntry>,
+    entries: Entries,
 }
 
 /// The body of a [`FromRelay::Log`], borrowed: it encodes exactly as one, without copying
@@ -131,8 +139,9 @@ impl Serialize for LogBody<'_> {
     }
 }
 
-/// Encodes a [`FromRelay::Log`] envelope carrying `ack`.
-fn encode_log(ack: u64, session: &str, entry: &LogEntry) -> Result<Vec<u8>, BridgeError> {
+/// About how many bytes a [`FromRelay::Log`] envelope of `entry` takes: its strings, and
+/// room for the varints and lengths.
+fn log_len(session: &str, entry: &LogEntry) -> usize {
     let text = match &entry.event {
         SessionEvent::Message(text) => text.len(),
         SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
@@ -141,20 +150,57 @@ fn encode_log(ack: u64, session: &str, entry: &LogEntry) -> Result<Vec<u8>, Brid
         Author::User(name) => name.len(),
         Author::Agent | Author::Relay => 0,
     };
+    session.len() + author + text + 48
+}
+
+/// Appends a [`FromRelay::Log`] envelope carrying `ack` to `bytes`; on an error `bytes` is
+/// left as it was.
+fn encode_log(
+    ack: u64,
+    session: &str,
+    entry: &LogEntry,
+    bytes: &mut Vec<u8>,
+) -> Result<(), BridgeError> {
+    let start = bytes.len();
     let envelope = Envelope {
         channel: Channel::Task,
         seq: 0,
         ack,
         body: LogBody { session, entry },
     };
-    // Room for the varints and lengths too, so the buffer never grows.
-    let capacity = session.len() + author + text + 48;
-    let bytes = postcard::to_extend(&envelope, Vec::with_capacity(capacity))
-        .map_err(|e| BridgeError::Malformed(e.to_string()))?;
-    if bytes.len() > MAX_BRIDGE_MESSAGE {
-        return Err(BridgeError::TooLarge { len: bytes.len() });
+    bytes.reserve(log_len(session, entry));
+    let encoded = postcard::to_extend(&envelope, Appender(bytes)).map(drop);
+    let len = bytes.len() - start;
+    let error = match encoded {
+        Ok(()) if len <= MAX_BRIDGE_MESSAGE => return Ok(()),
+        Ok(()) => BridgeError::TooLarge { len },
+        Err(e) => BridgeError::Malformed(e.to_string()),
+    };
+    bytes.truncate(start);
+    Err(error)
+}
+
+/// Appends to a buffer it borrows (postcard's `to_extend` takes its writer by value).
+struct Appender<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Appender<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
     }
-    Ok(bytes)
+}
+
+/// The outcome of the oldest batch of events in flight (which stays in `in_flight`: the
+/// caller removes it). The core dropping the reply means it is shutting down, or that its
+/// store failed: nothing more is acknowledged either way.
+async fn next_outcome(
+    in_flight: &mut VecDeque<oneshot::Receiver<crate::core::EventsOutcome>>,
+) -> Result<crate::core::EventsOutcome, End> {
+    match in_flight.front_mut() {
+        Some(outcome) => outcome
+            .await
+            .map_err(|_| End::Refused(CoreError::ShuttingDown.to_string())),
+        None => std::future::pending().await,
+    }
 }
 
 /// One daemon's connection.
@@ -186,6 +232,9 @@ struct Connection {
     last_seen: Instant,
     /// The core's emptied buffer of the last event batch, for the next one.
     spare_events: Vec<(u64, Outbound)>,
+    /// Batches of events handed to the core, oldest first, whose outcomes are still to
+    /// come (and to be reported, in this order).
+    in_flight: VecDeque<oneshot::Receiver<crate::core::EventsOutcome>>,
     /// The sending side of `commands`, until `Register` hands it to the registry.
     commands_sender: Option<mpsc::Sender<InstanceCommand>>,
     /// Instance commands to send to the daemon (from the registry).
@@ -215,6 +264,7 @@ impl Connection {
             cancel,
             last_seen: Instant::now(),
             spare_events: Vec::new(),
+            in_flight: VecDeque::new(),
             commands_sender: Some(commands_sender),
             commands,
             pending: HashMap::new(),
@@ -318,18 +368,29 @@ impl Connection {
             .map_err(|e| End::Refused(format!("send failed: {e}")))
     }
 
-    /// Queues a page of log entries, each as one message stamped with the current ack.
+    /// Queues a page of log entries, each as one message stamped with the current ack,
+    /// encoded back to back into one buffer (each message is a slice of it).
     async fn send_logs(&self, socket: &mut WebSocket, page: LogPage) -> Result<(), End> {
-        for entry in &page.entries {
-            let bytes = match encode_log(self.ack, &page.session, entry) {
-                Ok(bytes) => bytes,
+        let capacity = page
+            .entries
+            .iter()
+            .map(|entry| log_len(&page.session, entry))
+            .sum();
+        let mut bytes = Vec::with_capacity(capacity);
+        let mut messages = Vec::with_capacity(page.entries.len());
+        for entry in page.entries.iter() {
+            let start = bytes.len();
+            match encode_log(self.ack, &page.session, entry, &mut bytes) {
+                Ok(()) => messages.push(start..bytes.len()),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a bridge message; skipping it");
-                    continue;
                 }
-            };
+            }
+        }
+        let bytes = axum::body::Bytes::from(bytes);
+        for message in messages {
             socket
-                .feed(Message::Binary(bytes.into()))
+                .feed(Message::Binary(bytes.slice(message)))
                 .await
                 .map_err(|e| End::Refused(format!("send failed: {e}")))?;
         }
@@ -401,7 +462,11 @@ impl Connection {
                         return Err(self.refuse(socket, "the token was revoked".to_owned(), true).await);
                     }
                 }
-                message = socket.recv() => {
+                outcome = next_outcome(&mut self.in_flight), if !self.in_flight.is_empty() => {
+                    self.in_flight.pop_front();
+                    self.report(socket, outcome?).await?;
+                }
+                message = socket.recv(), if self.in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
                     // Once per wake-up, not per message: handle_ready reads on without
                     // waiting.
                     self.last_seen = Instant::now();
@@ -603,34 +668,47 @@ impl Connection {
         self.apply_events(socket, events).await
     }
 
-    async fn call_events(
-        &self,
-        instance: Option<String>,
-        events: Vec<(u64, Outbound)>,
-    ) -> Result<crate::core::EventsOutcome, End> {
-        let identity = self.identity.clone();
-        self.shared
-            .call(|reply| Command::Events {
-                identity,
-                instance,
-                events,
-                reply,
-            })
-            .await
-            .map_err(|e| End::Refused(e.to_string()))
-    }
-
+    /// Hands a batch of events to the core without waiting for its outcome, which
+    /// [`Connection::report`] reports once the core has flushed it (outcomes in the order
+    /// of their batches). With [`MAX_BATCHES_IN_FLIGHT`] waiting, the oldest is reported
+    /// first.
     async fn apply_events(
         &mut self,
         socket: &mut WebSocket,
         events: Vec<(u64, Outbound)>,
     ) -> Result<(), End> {
         if events.is_empty() {
+            self.spare_events = events;
             return Ok(());
         }
-        // Whatever is queued goes out before waiting for the core.
-        self.flush(socket).await?;
-        let outcome = self.call_events(self.instance.clone(), events).await?;
+        while self.in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+            let outcome = next_outcome(&mut self.in_flight).await;
+            self.in_flight.pop_front();
+            self.report(socket, outcome?).await?;
+        }
+        let (reply, outcome) = oneshot::channel();
+        let command = Command::Events {
+            identity: self.identity.clone(),
+            instance: self.instance.clone(),
+            events,
+            reply,
+        };
+        self.shared
+            .core
+            .send(command)
+            .await
+            .map_err(|_| End::Refused(CoreError::ShuttingDown.to_string()))?;
+        self.in_flight.push_back(outcome);
+        Ok(())
+    }
+
+    /// Reports the outcome of the oldest batch in flight: its refusals, then the ack that
+    /// covers it.
+    async fn report(
+        &mut self,
+        socket: &mut WebSocket,
+        outcome: crate::core::EventsOutcome,
+    ) -> Result<(), End> {
         self.spare_events = outcome.spare;
         self.ack = self.ack.max(outcome.ack);
         for (seq, reason) in outcome.refusals {
@@ -859,10 +937,14 @@ mod tests {
                     },
                 })
                 .unwrap();
-                let bytes = encode_log(ack, "s-0123456789abcdef", &entry).unwrap();
-                assert_eq!(bytes, expected);
-                // The buffer was never grown (growing doubles it).
-                assert!(bytes.capacity() < bytes.len() + 64);
+                let mut bytes = b"earlier messages".to_vec();
+                let start = bytes.len();
+                bytes.reserve_exact(log_len("s-0123456789abcdef", &entry));
+                let capacity = bytes.capacity();
+                encode_log(ack, "s-0123456789abcdef", &entry, &mut bytes).unwrap();
+                assert_eq!(&bytes[start..], expected.as_slice());
+                // The room reserved was enough: the buffer was never grown.
+                assert_eq!(bytes.capacity(), capacity);
             }
         }
     }

@@ -13,7 +13,9 @@
 //! agent before it is on disk.
 //!
 //! Readers (REST listings, log followers) never come here: they read the published session
-//! snapshots in [`Shared`] and the store directly, up to the published log sequence.
+//! snapshots in [`Shared`] and the store directly, up to the published log sequence. Each
+//! published session also holds the entries its latest round appended, so a follower that
+//! keeps up takes them from memory instead of reading back what was just written.
 //!
 //! The core never waits on a peer: replies are oneshots, agent input goes through unbounded
 //! per-agent channels, notices through a broadcast channel that drops for laggards.
@@ -54,6 +56,11 @@ const MAX_STORED_REASON: usize = 1024;
 
 /// How many log entries one read takes when the core reads a session's log back.
 const LOG_READ_PAGE: usize = 4096;
+
+/// The most bytes of entries a published session keeps from its latest round (see
+/// [`Published::recent`]); a round that appended more publishes none, and its followers
+/// read the store.
+const RECENT_BYTES: usize = 256 * 1024;
 
 /// How many session notices a slow connection may fall behind before it resynchronises.
 const NOTICE_QUEUE: usize = 1024;
@@ -168,6 +175,10 @@ pub struct Published {
     pub session: Session,
     /// The last log seq on disk, for followers to wait on.
     pub log_seq: watch::Sender<u64>,
+    /// The entries the latest round that appended any appended, in order, on disk (empty
+    /// before the first, or when they were more than [`RECENT_BYTES`]): one round's worth
+    /// at most, whatever the log's length.
+    pub recent: Arc<[LogEntry]>,
 }
 
 /// State shared by every task of a running relay.
@@ -230,6 +241,19 @@ impl Shared {
             .collect();
         list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         list
+    }
+
+    /// The published entries of the session's latest round after `after`, if they continue
+    /// from it (`after + 1` is among them, or they start right after it).
+    pub fn recent_after(&self, id: &str, after: u64) -> Option<(Arc<[LogEntry]>, usize)> {
+        let recent = Arc::clone(&self.sessions.read().unwrap().get(id)?.recent);
+        let first = recent.first()?.seq;
+        let last = recent.last()?.seq;
+        if first > after.saturating_add(1) || last <= after {
+            return None;
+        }
+        let start = usize::try_from(after + 1 - first).unwrap_or(0);
+        Some((recent, start))
     }
 
     /// A receiver of the session's published log seq.
@@ -301,6 +325,8 @@ struct Round {
     dedup: Vec<String>,
     /// Sessions whose published copy is out of date.
     touched: BTreeSet<String>,
+    /// The entries appended this round, by session, published with it after the flush.
+    entries: HashMap<String, Vec<LogEntry>>,
     /// Sessions deleted this round.
     removed: Vec<String>,
     /// Answers to callers, in order.
@@ -531,7 +557,7 @@ impl Core {
         }
         for id in &round.touched {
             if let Some(runtime) = self.sessions.get(id) {
-                self.publish(&runtime.session);
+                self.publish(&runtime.session, round.entries.remove(id));
             }
         }
         for id in &round.removed {
@@ -547,11 +573,16 @@ impl Core {
         }
     }
 
-    fn publish(&self, session: &Session) {
+    /// Publishes `session` with the entries its round appended (`None`: it appended none,
+    /// and the entries published before stay).
+    fn publish(&self, session: &Session, entries: Option<Vec<LogEntry>>) {
         let mut sessions = self.shared.sessions.write().unwrap();
         match sessions.get_mut(&session.id) {
             Some(published) => {
                 published.session = session.clone();
+                if let Some(entries) = entries {
+                    published.recent = recent(entries);
+                }
                 published.log_seq.send_if_modified(|seq| {
                     let changed = *seq != session.last_seq;
                     *seq = session.last_seq;
@@ -564,6 +595,7 @@ impl Core {
                     Published {
                         session: session.clone(),
                         log_seq: watch::channel(session.last_seq).0,
+                        recent: recent(entries.unwrap_or_default()),
                     },
                 );
             }
@@ -1393,15 +1425,19 @@ fn append(
     runtime.session.last_seq = seq;
     runtime.session.last_activity = at;
     let id = &runtime.session.id;
-    round.pending.put_log(
-        id,
-        &LogEntry {
-            seq,
-            at,
-            author,
-            event,
-        },
-    );
+    let entry = LogEntry {
+        seq,
+        at,
+        author,
+        event,
+    };
+    round.pending.put_log(id, &entry);
+    match round.entries.get_mut(id) {
+        Some(entries) => entries.push(entry),
+        None => {
+            round.entries.insert(id.clone(), vec![entry]);
+        }
+    }
     if !round.touched.contains(id) {
         round.touched.insert(id.clone());
     }
@@ -1446,6 +1482,22 @@ fn unfinished_messages(
         after = end;
     }
     Ok(unfinished)
+}
+
+/// What a published session keeps of its latest round's entries: all of them, unless they
+/// are larger than [`RECENT_BYTES`].
+fn recent(entries: Vec<LogEntry>) -> Arc<[LogEntry]> {
+    let bytes: usize = entries
+        .iter()
+        .map(|entry| match &entry.event {
+            SessionEvent::Message(text) => text.len(),
+            SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+        })
+        .sum();
+    if bytes > RECENT_BYTES {
+        return Arc::new([]);
+    }
+    entries.into()
 }
 
 /// The stream-json line of a user message: what [`agent::user_message`] writes, without
@@ -1503,6 +1555,57 @@ fn new_session_id() -> Result<String, CoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_takes_the_latest_round_from_memory_only_when_it_continues_its_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let (shared, _commands) = shared(TokenCache::open(dir.path()), store);
+        let entry = |seq: u64, text: String| LogEntry {
+            seq,
+            at: seq,
+            author: Author::Agent,
+            event: SessionEvent::Message(text),
+        };
+        let session = Session {
+            id: "s-1".to_owned(),
+            status: SessionStatus::Running,
+            created_at: 1,
+            last_activity: 1,
+            task: String::new(),
+            visibility: Visibility::Private,
+            repo_access: cloud_protocol::session::RepoAccess::Read,
+            network_access: NetworkAccess::Full,
+            vm_image: String::new(),
+            owner: "u".to_owned(),
+            org: "o".to_owned(),
+            failure: None,
+            last_seq: 7,
+        };
+        let round = (5..=7).map(|seq| entry(seq, seq.to_string())).collect();
+        shared.sessions.write().unwrap().insert(
+            "s-1".to_owned(),
+            Published {
+                session,
+                log_seq: watch::channel(7).0,
+                recent: recent(round),
+            },
+        );
+        let taken = |after| {
+            shared
+                .recent_after("s-1", after)
+                .map(|(all, start)| all[start..].iter().map(|e| e.seq).collect::<Vec<_>>())
+        };
+        // A gap before the round (or nothing new): the store is read instead.
+        assert_eq!(taken(3), None);
+        assert_eq!(taken(4), Some(vec![5, 6, 7]));
+        assert_eq!(taken(6), Some(vec![7]));
+        assert_eq!(taken(7), None);
+        assert_eq!(taken(9), None);
+        assert!(shared.recent_after("s-2", 0).is_none());
+        // A round larger than RECENT_BYTES is not kept.
+        assert!(recent(vec![entry(8, "x".repeat(RECENT_BYTES + 1))]).is_empty());
+    }
 
     #[test]
     fn stored_reasons_are_bounded_and_keep_both_ends() {

@@ -27,6 +27,10 @@ use crate::agents::read_line_limited;
 /// The longest input line read; longer ones are dropped.
 const MAX_INPUT_LINE: usize = 16 * 1024 * 1024;
 
+/// How much of stdin one read takes. Each read is a trip to a blocking thread, and the
+/// relay writes a whole round's messages at once.
+const STDIN_BUFFER: usize = 64 * 1024;
+
 /// The shell agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShellAgentError {
@@ -51,6 +55,25 @@ pub fn run() -> Result<(), ShellAgentError> {
         .build()
         .map_err(ShellAgentError::Runtime)?;
     runtime.block_on(ShellAgent::default().run())
+}
+
+/// A user message whose content is text (any other line does not parse as one).
+#[derive(serde::Deserialize)]
+struct UserLine<'a> {
+    /// The line's type: `user`.
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    /// The message.
+    #[serde(borrow)]
+    message: UserContent<'a>,
+}
+
+/// The message of a [`UserLine`].
+#[derive(serde::Deserialize)]
+struct UserContent<'a> {
+    /// Its text.
+    #[serde(borrow)]
+    content: std::borrow::Cow<'a, str>,
 }
 
 /// What the agent is doing.
@@ -93,21 +116,30 @@ struct ShellAgent {
 
 impl ShellAgent {
     async fn run(mut self) -> Result<(), ShellAgentError> {
-        let (input_sender, mut input) = mpsc::unbounded_channel::<String>();
+        // Lines go over in batches: every complete line a read brought in at once.
+        let (input_sender, mut input) = mpsc::unbounded_channel::<Vec<String>>();
         tokio::spawn(async move {
-            let mut stdin = BufReader::new(tokio::io::stdin());
+            let mut stdin = BufReader::with_capacity(STDIN_BUFFER, tokio::io::stdin());
+            let mut batch = Vec::new();
             while let Ok(Some((line, truncated))) =
                 read_line_limited(&mut stdin, MAX_INPUT_LINE).await
             {
-                if truncated {
+                if !truncated {
+                    batch
+                        .push(String::from_utf8(line).unwrap_or_else(|e| {
+                            String::from_utf8_lossy(e.as_bytes()).into_owned()
+                        }));
+                }
+                // More to take without waiting: only a line already in the buffer.
+                if stdin.buffer().contains(&b'\n') {
                     continue;
                 }
-                if input_sender
-                    .send(String::from_utf8_lossy(&line).into_owned())
-                    .is_err()
-                {
+                if !batch.is_empty() && input_sender.send(std::mem::take(&mut batch)).is_err() {
                     break;
                 }
+            }
+            if !batch.is_empty() {
+                let _ = input_sender.send(batch);
             }
         });
         let mut terminate = signal_stream()?;
@@ -115,8 +147,12 @@ impl ShellAgent {
         loop {
             let mut lines = Vec::new();
             tokio::select! {
-                line = input.recv() => match line {
-                    Some(line) => self.input(&line, &mut lines),
+                batch = input.recv() => match batch {
+                    Some(batch) => {
+                        for line in &batch {
+                            self.input(line, &mut lines);
+                        }
+                    }
                     None => break,
                 },
                 line = next_output(&mut self.state) => match line {
@@ -146,6 +182,13 @@ impl ShellAgent {
 
     /// Handles one stdin line, producing output lines.
     fn input(&mut self, line: &str, out: &mut Vec<String>) {
+        // The common line, a user message with text content, without building a tree.
+        if let Ok(user) = serde_json::from_str::<UserLine<'_>>(line) {
+            if user.kind == "user" {
+                self.queue.push_back(user.message.content.into_owned());
+                return;
+            }
+        }
         let Ok(value) = serde_json::from_str::<Value>(line) else {
             return;
         };

@@ -59,8 +59,8 @@ async fn stream(
             }
             entries = follower.next() => {
                 let Some(entries) = entries else { break };
-                for entry in entries {
-                    let text = serde_json::to_string(&entry).expect("a log entry always serialises");
+                for entry in entries.iter() {
+                    let text = serde_json::to_string(entry).expect("a log entry always serialises");
                     if socket.send(Message::Text(text.into())).await.is_err() {
                         return;
                     }

@@ -49,8 +49,9 @@ use client::{Load, Poller};
 use disk::{DiskSize, JournalData};
 use procs::Counters;
 
-/// The issue's throughput target: end to end ≥ this × raw sled inserts.
-const THROUGHPUT_TARGET: f64 = 0.5;
+/// The throughput target: end to end ≥ this × raw sled inserts, in the same run, with the
+/// standalone and the embedded relay alike (issue 8, point 11; issue 3 asked for 0.5).
+const THROUGHPUT_TARGET: f64 = 0.8;
 
 /// The issue's disk target: the journal's size on disk after trim ≤ this × live data.
 const DISK_TARGET: f64 = 1.5;
@@ -881,11 +882,19 @@ fn print_report(report: &Report<'_>) {
             .fold(f64::NAN, f64::max)
     };
     let half = worst("about half").max(worst("half acknowledged"));
-    println!(
-        "- {}: journal on disk after a trim that leaves {} events ÷ their live data: {half:.2}× (target ≤ {DISK_TARGET}×)",
-        verdict(half <= DISK_TARGET),
-        disk.half_drained.events
-    );
+    if disk.half_drained.events == 0 {
+        // The relay took the whole backlog before it was down: that trim left nothing, and
+        // the journal's size is the depth-0 case below.
+        println!(
+            "- not measured: the relay took the whole backlog before it was killed, so no trim left part of it"
+        );
+    } else {
+        println!(
+            "- {}: journal on disk after a trim that leaves {} events ÷ their live data: {half:.2}× (target ≤ {DISK_TARGET}×)",
+            verdict(half <= DISK_TARGET),
+            disk.half_drained.events
+        );
+    }
     // Depth 0: once the deletions that follow the last ack have run (+1 s on).
     let settled = |s: &&StoreSample| {
         (s.when.starts_with("after the rounds") || s.when.starts_with("backlog drained"))

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_protocol::bridge::{
-    self, Channel, Envelope, FromRelay, InstanceSnapshot, ToRelay, BRIDGE_PATH, BRIDGE_VERSION,
-    MAX_BRIDGE_MESSAGE,
+    self, Channel, Envelope, FromRelay, InstanceSnapshot, Outbound, ToRelay, BRIDGE_PATH,
+    BRIDGE_VERSION, MAX_BRIDGE_MESSAGE,
 };
 use cloud_protocol::ipc::{BridgeState, Notification, RelayMode};
 use cloud_protocol::session::Session;
@@ -510,19 +510,34 @@ impl Bridge {
             // block the other on full buffers.
             let durable_now = *durable.borrow_and_update();
             if sent_up_to < durable_now {
-                match self.link.journal.read_after(sent_up_to, SEND_BATCH) {
-                    Ok(entries) => {
+                let mut batch = EventBatch::default();
+                let read =
+                    self.link
+                        .journal
+                        .for_each_after(sent_up_to, SEND_BATCH, |seq, event| {
+                            batch.push(seq, event)
+                        });
+                match read {
+                    Ok(()) => {
+                        if let Some(reason) = batch.failed {
+                            return Ended::Failed {
+                                reason,
+                                registered: false,
+                            };
+                        }
                         // Nothing left below `durable_now` (a skip ahead, or seqs the journal
                         // refused and will never hold): catch up, or this loop would spin.
-                        if entries.is_empty() {
+                        if batch.messages.is_empty() {
                             sent_up_to = durable_now;
                         }
-                        for (seq, event) in entries {
-                            if let Err(ended) =
-                                send_buffered(socket, Channel::Task, seq, ToRelay::Event(event))
-                                    .await
-                            {
-                                return ended;
+                        let bytes = tungstenite::Bytes::from(batch.bytes);
+                        for (seq, message) in batch.messages {
+                            let message = Message::Binary(bytes.slice(message));
+                            if let Err(e) = socket.feed(message).await {
+                                return Ended::Failed {
+                                    reason: format!("sending to the relay failed: {e}"),
+                                    registered: false,
+                                };
                             }
                             sent_up_to = seq;
                         }
@@ -727,15 +742,21 @@ impl Bridge {
                     .sessions_feed
                     .send(Arc::new(Notification::SessionRemoved { session }));
             }
-            FromRelay::Log { session, entry } => match link.inbound.store(&session, &entry) {
-                Ok(true) => {
-                    let _ = link
-                        .session_feed
-                        .send(Arc::new(Notification::SessionLog { session, entry }));
+            FromRelay::Log { session, entry } => {
+                // A copy for attached clients only when there are any: usually nobody watches.
+                let notice = (link.session_feed.receiver_count() > 0).then(|| entry.clone());
+                match link.inbound.store(&session, entry) {
+                    Ok(true) => {
+                        if let Some(entry) = notice {
+                            let _ = link
+                                .session_feed
+                                .send(Arc::new(Notification::SessionLog { session, entry }));
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("cannot store a session log entry: {e}"),
                 }
-                Ok(false) => {}
-                Err(e) => tracing::error!("cannot store a session log entry: {e}"),
-            },
+            }
             FromRelay::EventRefused { seq, reason } => {
                 // The relay re-reports its recent refusals at every registration: one already
                 // known, or one for an event long acknowledged, is recorded quietly.
@@ -796,6 +817,62 @@ fn covered_ack(body: &FromRelay, ack: u64) -> u64 {
     match body {
         FromRelay::EventRefused { seq, .. } => ack.min(seq.saturating_sub(1)),
         _ => ack,
+    }
+}
+
+/// The body of a [`ToRelay::Event`], borrowed: it encodes exactly as one, so journal
+/// entries are encoded where the journal keeps them, without a copy of each first.
+struct EventBody<'a>(&'a Outbound);
+
+/// [`ToRelay::Event`]'s variant index (checked against the protocol by a test).
+const EVENT_VARIANT: u32 = 5;
+
+impl serde::Serialize for EventBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_newtype_variant("ToRelay", EVENT_VARIANT, "Event", self.0)
+    }
+}
+
+/// Journal entries encoded as bridge messages back to back in one buffer (one allocation
+/// for the batch; each message is a slice of it).
+#[derive(Debug, Default)]
+struct EventBatch {
+    /// The encoded messages.
+    bytes: Vec<u8>,
+    /// Each message's seq and place in `bytes`, in order.
+    messages: Vec<(u64, std::ops::Range<usize>)>,
+    /// Why an entry could not be encoded (the batch is then not sent).
+    failed: Option<String>,
+}
+
+impl EventBatch {
+    /// Appends entry `seq` as a [`ToRelay::Event`] envelope.
+    fn push(&mut self, seq: u64, event: &Outbound) {
+        if self.failed.is_some() {
+            return;
+        }
+        let start = self.bytes.len();
+        let envelope = Envelope {
+            channel: Channel::Task,
+            seq,
+            ack: 0,
+            body: EventBody(event),
+        };
+        match postcard::to_extend(&envelope, std::mem::take(&mut self.bytes)) {
+            Ok(bytes) if bytes.len() - start <= MAX_BRIDGE_MESSAGE => {
+                self.bytes = bytes;
+                self.messages.push((seq, start..self.bytes.len()));
+            }
+            Ok(bytes) => {
+                self.failed = Some(format!(
+                    "cannot encode a bridge message: {}",
+                    bridge::BridgeError::TooLarge {
+                        len: bytes.len() - start
+                    }
+                ));
+            }
+            Err(e) => self.failed = Some(format!("cannot encode a bridge message: {e}")),
+        }
     }
 }
 
@@ -906,6 +983,46 @@ mod tests {
         assert_eq!(covered_ack(&refused(5), 10), 4);
         assert_eq!(covered_ack(&refused(7), 10), 6);
         assert_eq!(covered_ack(&FromRelay::Ack, 10), 10);
+    }
+
+    #[test]
+    fn journal_entries_encode_as_the_protocol_does() {
+        let events = [
+            Outbound::UserMessage {
+                session: "s-0123456789abcdef".into(),
+                text: "x".repeat(70_000),
+                key: Some("k-1".into()),
+            },
+            Outbound::Interrupt {
+                session: "s-1".into(),
+                key: None,
+            },
+            Outbound::PermissionAnswer {
+                session: "s-2".into(),
+                request_id: "r-1".into(),
+                decision: cloud_protocol::bridge::PermissionDecision::Deny {
+                    message: "no".into(),
+                },
+                key: Some("k".repeat(128)),
+            },
+        ];
+        let mut batch = EventBatch::default();
+        let seqs = [1, 127, u64::MAX];
+        for (seq, event) in seqs.iter().zip(&events) {
+            batch.push(*seq, event);
+        }
+        assert!(batch.failed.is_none());
+        assert_eq!(batch.messages.len(), 3);
+        for ((seq, range), event) in batch.messages.iter().zip(&events) {
+            let expected = bridge::encode(&Envelope {
+                channel: Channel::Task,
+                seq: *seq,
+                ack: 0,
+                body: ToRelay::Event(event.clone()),
+            })
+            .unwrap();
+            assert_eq!(&batch.bytes[range.clone()], expected.as_slice());
+        }
     }
 
     #[test]

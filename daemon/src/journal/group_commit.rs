@@ -1,32 +1,46 @@
 //! The flusher: writes each pending group as one record of the newest generation and
-//! flushes it, starts new generations when one is due, and has sealed ones compacted.
+//! issues its flush (up to [`FLUSHES_IN_FLIGHT`](super::FLUSHES_IN_FLIGHT) at once), starts new generations when one
+//! is due, and has sealed ones compacted.
 //!
 //! Architecture invariant: nobody learns that an event is durable before the flush that
 //! covers it completes, and no flush is awaited without a deadline ([`FLUSH_DEADLINE`]).
 //! While the journal cannot write, the flusher does nothing but try to
 //! [recover](super::recovery) every [`RECOVERY_INTERVAL`].
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::generations::{self, corrupt, generation_dir, Generation};
 use super::{
-    Journal, FLUSH_DEADLINE, IDLE_RESET_AFTER, RECOVERY_INTERVAL, ROLL_BYTES, TAIL_ENTRIES,
+    Journal, COMPACT_DELAY, FLUSH_DEADLINE, IDLE_RESET_AFTER, RECOVERY_INTERVAL, ROLL_BYTES,
+    TAIL_ENTRIES,
 };
 use crate::store::StoreError;
 
-/// Flushes `db`, failing if sled has not finished after [`FLUSH_DEADLINE`]. A flush left
-/// behind keeps its thread; it is nudged once (a later flush wakes flushes that missed the
-/// error that ended theirs).
+/// Flushes `db` on a blocking thread, failing if sled has not finished after
+/// [`FLUSH_DEADLINE`]. A flush left behind keeps its thread; it is nudged once (a later
+/// flush wakes flushes that missed the error that ended theirs).
+///
+/// Not with sled's `flush_async`: that runs the flush on sled's thread pool, which wakes
+/// all seven of its idle threads for each task it is given (and the flush's write is
+/// another), once per group.
 pub(super) async fn flush_bounded(db: &sled::Db) -> Result<(), StoreError> {
     let started = std::time::Instant::now();
-    let flush = db.flush_async();
+    let flushing = db.clone();
+    let flush = tokio::task::spawn_blocking(move || flushing.flush());
     tokio::pin!(flush);
     loop {
         match tokio::time::timeout(FLUSH_DEADLINE, &mut flush).await {
-            Ok(flushed) => {
+            Ok(Ok(flushed)) => {
                 return flushed
                     .map(drop)
                     .map_err(StoreError::sled("flushing the journal"))
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Io {
+                    what: "flushing the journal",
+                    source: std::io::Error::other(format!("the flush did not complete: {e}")),
+                })
             }
             // The runtime's clock ran ahead of the wall clock (it is paused in tests).
             Err(_) if started.elapsed() < FLUSH_DEADLINE => {}
@@ -94,6 +108,10 @@ impl Journal {
                 }
                 (false, false) => wake.notified().await,
             }
+            // Let every client whose requests have arrived append them first (a yielded
+            // task runs after the other ready ones and a poll of the sockets), so they share
+            // this group's write and flush rather than each paying for one.
+            tokio::task::yield_now().await;
             let Some(journal) = journal.upgrade() else {
                 return;
             };
@@ -113,10 +131,15 @@ impl Journal {
     }
 
     /// One turn of the flusher: start a new generation if one is due, write the pending
-    /// group as one record, flush it, publish it as durable; start due compactions.
+    /// group as one record and issue its flush, which publishes it as durable when it
+    /// completes (or stops the journal if it fails); start due compactions.
     async fn flush_turn(self: &Arc<Journal>) -> Result<(), StoreError> {
         let roll = {
             let mut inner = self.lock();
+            // A flush still out may have failed since the flusher looked.
+            if inner.failure.is_some() {
+                return Ok(());
+            }
             let bytes = inner.newest().bytes;
             // An empty generation is never replaced (the new one would have its name).
             let due =
@@ -130,6 +153,9 @@ impl Journal {
         self.prepare_spare();
         let (db, target, compactions) = {
             let mut inner = self.lock();
+            if inner.failure.is_some() {
+                return Ok(());
+            }
             if !inner.pending.is_empty() {
                 let last = inner.next_seq - 1;
                 let record = postcard::to_allocvec(&inner.pending).map_err(corrupt)?;
@@ -144,17 +170,74 @@ impl Journal {
             let compactions = std::mem::take(&mut inner.compact_wanted);
             (inner.newest().db().clone(), inner.inserted, compactions)
         };
-        for first in compactions {
-            tokio::spawn(Arc::clone(self).compact_generation(first));
+        if !compactions.is_empty() {
+            // While the relay acknowledges, what was just sealed is usually acknowledged, and
+            // deleted, within moments: compacting it at once would write a copy only to
+            // delete it. It waits; a relay that is away or falling behind leaves it
+            // unacknowledged, and it is compacted then.
+            let acknowledging = self
+                .lock()
+                .last_ack
+                .is_some_and(|at| at.elapsed() < COMPACT_DELAY);
+            let journal = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if acknowledging {
+                    tokio::time::sleep(COMPACT_DELAY).await;
+                }
+                for first in compactions {
+                    let Some(journal) = journal.upgrade() else {
+                        return;
+                    };
+                    tokio::spawn(journal.compact_generation(first));
+                }
+            });
         }
-        if target <= *self.durable.borrow() {
+        if target <= self.flush_issued.load(Ordering::Acquire) {
             return Ok(());
         }
-        flush_bounded(&db).await?;
-        self.durable.send_if_modified(|durable| {
-            let advanced = target > *durable;
-            *durable = (*durable).max(target);
-            advanced
+        let permit = Arc::clone(&self.flushes)
+            .acquire_owned()
+            .await
+            .expect("the flush semaphore is never closed");
+        let failures = {
+            let inner = self.lock();
+            if inner.failure.is_some() {
+                // Failed while waiting for a permit (a flush out failed): nothing to issue.
+                return Ok(());
+            }
+            inner.failures
+        };
+        self.flush_issued.fetch_max(target, Ordering::AcqRel);
+        // The flush runs on its own: the flusher takes the next group meanwhile. A flush
+        // covers everything written before it (sled's stable prefix), so `durable` may move
+        // to its target whichever flush completes first.
+        let journal = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let flushed = flush_bounded(&db).await;
+            drop(permit);
+            let Some(journal) = journal.upgrade() else {
+                return;
+            };
+            match flushed {
+                Ok(()) => {
+                    let inner = journal.lock();
+                    // A failure since it was issued refused what it covers: it must never
+                    // be sent.
+                    if inner.failures == failures {
+                        journal.durable.send_if_modified(|durable| {
+                            let advanced = target > *durable;
+                            *durable = (*durable).max(target);
+                            advanced
+                        });
+                    }
+                }
+                Err(e) => {
+                    journal.fail(&e);
+                    // The flusher may be waiting for appends, which are refused now: it
+                    // goes on to recovery.
+                    journal.flush_wanted.notify_one();
+                }
+            }
         });
         Ok(())
     }
@@ -226,6 +309,12 @@ impl Journal {
         }
         let dead = {
             let mut inner = self.lock();
+            if inner.failure.is_some() {
+                // A flush still out failed meanwhile: recovery starts the next generation.
+                drop(inner);
+                generations::delete_later(vec![generation]);
+                return Ok(());
+            }
             if inner.next_record_first() != first {
                 // The sequence moved meanwhile (`skip_to`): keep the current generation
                 // rather than leave a gap.

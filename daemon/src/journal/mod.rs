@@ -5,7 +5,10 @@
 //! group in memory; one flusher task writes each group as a single sled record and flushes
 //! it, so appends that arrive together share one write and one `fsync`-class flush (sled's
 //! `flush` uses `sync_file_range` on Linux: it survives a killed process, not necessarily a
-//! power cut). Nobody is told `queued` before the flush covering their event completes,
+//! power cut). Up to [`FLUSHES_IN_FLIGHT`] flushes are out at once: a flush covers
+//! everything written before it, so `durable` moves to the target of whichever completes
+//! (unless the journal failed since it was issued). Nobody is told `queued` before the
+//! flush covering their event completes,
 //! and only flushed entries are ever handed to the bridge, so a seq the relay has seen is
 //! never reused after a crash.
 //!
@@ -26,7 +29,9 @@
 //!   `journal_acked` meanwhile);
 //! - a sealed generation that still holds unacknowledged events is compacted: rewritten,
 //!   off the async thread, as one record in a fresh database (`c-FIRST-LAST`), which sled
-//!   keeps as a single blob file, so it costs about its live data on disk;
+//!   keeps as a single blob file, so it costs about its live data on disk; while the relay
+//!   is acknowledging, only after [`COMPACT_DELAY`] (by then it is usually acknowledged and
+//!   deleted instead);
 //! - a generation the relay has wholly acknowledged is deleted.
 //!
 //! **Tail.** The latest entries stay in memory (at most [`TAIL_ENTRIES`]), so the bridge
@@ -71,7 +76,7 @@ use generations::{Generation, ACKED_KEY};
 pub use recovery::Unavailable;
 
 /// A new generation starts once the newest has taken this many bytes of records.
-pub const ROLL_BYTES: u64 = 128 * 1024;
+pub const ROLL_BYTES: u64 = 512 * 1024;
 /// With nothing left to acknowledge, a new generation starts (and the old one is deleted)
 /// once the newest has taken this many bytes.
 pub const RESET_BYTES: u64 = 64 * 1024;
@@ -85,6 +90,14 @@ pub const TAIL_ENTRIES: usize = 16 * 1024;
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
 /// How often a journal that cannot write checks whether it can again.
 pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// While the relay is acknowledging, a sealed generation waits this long before it is
+/// compacted: it is usually acknowledged (and deleted) well within it.
+pub const COMPACT_DELAY: Duration = Duration::from_secs(1);
+/// How many flushes may be out at once. While the disk takes one, the next group is
+/// written and its flush issued, so requests that arrive during a flush wait for their own
+/// flush only, not for the one already out as well (which, on a disk slow to flush, was
+/// most of a client's wait).
+const FLUSHES_IN_FLIGHT: usize = 4;
 
 /// The mutable part of the journal.
 #[derive(Debug)]
@@ -117,6 +130,11 @@ struct Inner {
     refused: VecDeque<(u64, u64, Unavailable)>,
     /// Recovery attempts since the journal was opened (for tests of their timing).
     recovery_attempts: u64,
+    /// How many times the journal failed: a flush issued before a failure never moves
+    /// `durable` after it.
+    failures: u64,
+    /// When the relay last acknowledged something new.
+    last_ack: Option<tokio::time::Instant>,
 }
 
 impl Inner {
@@ -173,6 +191,10 @@ pub struct Journal {
     written: AtomicU64,
     /// The highest seq covered by a completed flush.
     durable: watch::Sender<u64>,
+    /// The highest seq a flush was issued for, completed or not.
+    flush_issued: AtomicU64,
+    /// Flushes out (at most [`FLUSHES_IN_FLIGHT`]).
+    flushes: Arc<tokio::sync::Semaphore>,
     /// The highest seq refused so far (0: none): waiters look up theirs in
     /// `Inner::refused` once it passes their seq.
     refused_up_to: watch::Sender<u64>,
@@ -259,28 +281,44 @@ impl Journal {
 
     /// The durable, unacknowledged entries after `after`, at most `limit` of them, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Outbound)>, StoreError> {
+        let mut entries = Vec::new();
+        self.for_each_after(after, limit, |seq, event| {
+            entries.push((seq, event.clone()));
+        })?;
+        Ok(entries)
+    }
+
+    /// Calls `each` with the durable, unacknowledged entries after `after`, at most `limit`
+    /// of them, in order, without copying those still in the tail (the bridge encodes them
+    /// from here). `each` runs under the journal's lock: it must not call the journal.
+    pub fn for_each_after(
+        &self,
+        after: u64,
+        limit: usize,
+        mut each: impl FnMut(u64, &Outbound),
+    ) -> Result<(), StoreError> {
         let durable = *self.durable.borrow();
         let after = after.max(self.acked());
-        let mut entries = Vec::new();
         if after >= durable || limit == 0 {
-            return Ok(entries);
+            return Ok(());
         }
         let mut inner = self.lock();
         if let Some(&(front, _)) = inner.tail.front() {
             if front <= after + 1 {
                 let start = usize::try_from(after + 1 - front).unwrap_or(usize::MAX);
-                entries.extend(
-                    inner
-                        .tail
-                        .iter()
-                        .skip(start)
-                        .take_while(|(seq, _)| *seq <= durable)
-                        .take(limit)
-                        .cloned(),
-                );
-                return Ok(entries);
+                for (seq, event) in inner
+                    .tail
+                    .iter()
+                    .skip(start)
+                    .take_while(|(seq, _)| *seq <= durable)
+                    .take(limit)
+                {
+                    each(*seq, event);
+                }
+                return Ok(());
             }
         }
+        let mut entries = Vec::new();
         for generation in inner.generations.values_mut() {
             if generation.last <= after {
                 // Read past: a compacted generation's decoded events are not needed again.
@@ -292,7 +330,11 @@ impl Journal {
             }
             generation.read(after, durable, limit, &mut entries)?;
         }
-        Ok(entries)
+        drop(inner);
+        for (seq, event) in &entries {
+            each(*seq, event);
+        }
+        Ok(())
     }
 
     /// The relay has everything up to `seq`: forget it. Acks never go backwards.
@@ -303,6 +345,7 @@ impl Journal {
         }
         let (dead, reset) = {
             let mut inner = self.lock();
+            inner.last_ack = Some(tokio::time::Instant::now());
             while inner.tail.front().is_some_and(|(s, _)| *s <= seq) {
                 inner.tail.pop_front();
             }

@@ -346,6 +346,8 @@ impl Journal {
             failure: None,
             refused: VecDeque::new(),
             recovery_attempts: 0,
+            failures: 0,
+            last_ack: None,
         };
         delete(inner.take_dead(acked));
         Ok(Arc::new(Journal {
@@ -353,6 +355,8 @@ impl Journal {
             inner: Mutex::new(inner),
             written: AtomicU64::new(last),
             durable,
+            flush_issued: AtomicU64::new(last),
+            flushes: Arc::new(tokio::sync::Semaphore::new(super::FLUSHES_IN_FLIGHT)),
             refused_up_to,
             acked: AtomicU64::new(acked),
             flush_wanted: Arc::new(Notify::new()),
@@ -368,6 +372,8 @@ impl Journal {
             if inner.failure.is_some() {
                 return;
             }
+            // Flushes still out never move `durable` now: what they cover is refused.
+            inner.failures += 1;
             let durable = *self.durable.borrow();
             let taken = inner.next_seq - 1;
             inner.pending.clear();

@@ -23,13 +23,27 @@ pub struct DiskSize {
 }
 
 /// The sizes of every file under `dir` (recursively).
-pub fn size(dir: &Path) -> anyhow::Result<DiskSize> {
+pub fn size(root: &Path) -> anyhow::Result<DiskSize> {
     let mut total = DiskSize::default();
-    let mut stack = vec![dir.to_path_buf()];
+    let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            // A generation deleted (or a compacted one renamed into place) while walking.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != root => continue,
+            Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
+        };
+        for entry in listing {
             let entry = entry?;
-            let metadata = entry.metadata()?;
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                // The daemon deletes generations and renames compacted ones as it runs: a
+                // file listed a moment ago may be gone. It no longer takes space.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("stat {}", entry.path().display()))
+                }
+            };
             if metadata.is_dir() {
                 stack.push(entry.path());
             } else {
