@@ -7,7 +7,9 @@
 //! on every envelope sent afterwards. The connection does not wait for a batch's reply
 //! before reading on: while the core flushes a round, the next batches (at most
 //! [`MAX_BATCHES_IN_FLIGHT`] in all) wait for its next round, which takes them together.
-//! Replies are reported in the order of their batches.
+//! Replies are reported in the order of their batches, and before the log entries and
+//! session notices of the round that answered them (the core answers and publishes a
+//! round in one step), as when the connection waited for each reply.
 //!
 //! A refusal is reported (`EventRefused`) before any envelope whose ack covers it is
 //! read: after its batch, again for a resend of it, and again at each registration while
@@ -474,6 +476,7 @@ impl Connection {
                     self.handle_ready(socket, first).await?;
                 }
                 Some(page) = self.outgoing.recv() => {
+                    self.report_ready(socket).await?;
                     let mut sent = page.entries.len();
                     self.send_logs(socket, page).await?;
                     while sent < MAX_SEND_BATCH {
@@ -484,7 +487,10 @@ impl Connection {
                 }
                 Some(command) = self.commands.recv() => self.command(socket, command).await?,
                 notice = notices.recv() => match notice {
-                    Ok(notice) => self.notice(socket, notice).await?,
+                    Ok(notice) => {
+                        self.report_ready(socket).await?;
+                        self.notice(socket, notice).await?;
+                    }
                     Err(broadcast::error::RecvError::Lagged(_)) => self.send_sessions(socket).await?,
                     Err(broadcast::error::RecvError::Closed) => return Err(End::Shutdown),
                 },
@@ -718,6 +724,26 @@ impl Connection {
         // Always end with a plain ack: the daemon acknowledges only below a refused seq
         // when it reads a refusal, so the batch's full ack must come on its own.
         self.send(socket, FromRelay::Ack).await?;
+        Ok(())
+    }
+
+    /// Reports, in order, the outcomes of the batches in flight that the core has given
+    /// already. Called before anything a round published (log entries, session notices)
+    /// is sent: the core answers a round's batches in the same step as it publishes the
+    /// round, so their refusals and ack still go out first, as when the connection waited
+    /// for each outcome.
+    async fn report_ready(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        while let Some(outcome) = self.in_flight.front_mut() {
+            let outcome = match outcome.try_recv() {
+                Ok(outcome) => outcome,
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(End::Refused(CoreError::ShuttingDown.to_string()))
+                }
+            };
+            self.in_flight.pop_front();
+            self.report(socket, outcome).await?;
+        }
         Ok(())
     }
 
