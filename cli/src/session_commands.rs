@@ -15,6 +15,7 @@ use cloud_protocol::session::{
     Author, CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction,
     SessionEvent, Visibility,
 };
+use cloud_protocol::teleport::VersionAuthor;
 use cloudctl::client::Client;
 use serde_json::{json, Value};
 
@@ -611,6 +612,16 @@ fn print_entry(session: &str, entry: &LogEntry, json_output: bool) {
             None => format!("session {}", status.as_str()),
         },
         SessionEvent::Message(text) => describe_message(session, text),
+        SessionEvent::Snapshot(version) => {
+            let by = match &version.author {
+                VersionAuthor::Instance(id) => format!("pushed by {id}"),
+                VersionAuthor::Agent => "the agent's edits".to_owned(),
+            };
+            format!(
+                "snapshot v{} ({by}; {} files, {} bytes)",
+                version.version, version.files, version.bytes
+            )
+        }
     };
     println!("[{}] {who}: {text}", entry.seq);
 }

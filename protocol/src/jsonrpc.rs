@@ -615,8 +615,8 @@ impl Serialize for NotificationParamsOut<'_> {
 }
 
 /// A session log entry as [`log_entry_value`] shapes it: `seq`, `at`, `author`, and
-/// either the `message` (embedded as JSON when it parses, else as a string) or the
-/// `status` and `reason`. Keys in sorted order, as before.
+/// either the `message` (embedded as JSON when it parses, else as a string), the
+/// `status` and `reason`, or the `snapshot` (a new version of the session's tree). Keys in sorted order, as before.
 struct EntryOut<'a>(&'a LogEntry);
 
 impl Serialize for EntryOut<'_> {
@@ -631,6 +631,7 @@ impl Serialize for EntryOut<'_> {
                 Err(_) => map.serialize_entry("message", text)?,
             },
             SessionEvent::Status { reason, .. } => map.serialize_entry("reason", reason)?,
+            SessionEvent::Snapshot(version) => map.serialize_entry("snapshot", version)?,
         }
         map.serialize_entry("seq", &entry.seq)?;
         if let SessionEvent::Status { status, .. } = &entry.event {
@@ -744,6 +745,7 @@ mod tests {
                     value["status"] = json!(status);
                     value["reason"] = json!(reason);
                 }
+                SessionEvent::Snapshot(version) => value["snapshot"] = json!(version),
             }
             value
         }

@@ -245,6 +245,8 @@ pub enum SessionEvent {
         /// Why, when there is a reason worth telling (a failure).
         reason: Option<String>,
     },
+    /// A new snapshot version of the session's tree (a push, or the agent's edits).
+    Snapshot(crate::teleport::VersionInfo),
 }
 
 #[cfg(test)]

@@ -147,6 +147,16 @@ fn log_len(session: &str, entry: &LogEntry) -> usize {
     let text = match &entry.event {
         SessionEvent::Message(text) => text.len(),
         SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+        SessionEvent::Snapshot(version) => {
+            let git = version.git.as_ref().map_or(0, |g| {
+                g.head.len() + g.branch.as_ref().map_or(0, String::len)
+            });
+            let author = match &version.author {
+                cloud_protocol::teleport::VersionAuthor::Instance(id) => id.len(),
+                cloud_protocol::teleport::VersionAuthor::Agent => 0,
+            };
+            64 + git + author
+        }
     };
     let author = match &entry.author {
         Author::User(name) => name.len(),
@@ -783,6 +793,11 @@ impl Connection {
                 Ok(())
             }
             ToRelay::Event(_) => Ok(()),
+            ToRelay::Teleport { id, .. } => {
+                let result = Err("this relay does not serve teleport yet".to_owned());
+                self.send(socket, FromRelay::TeleportReply { id, result })
+                    .await
+            }
             ToRelay::Request { id, request } => {
                 self.flush(socket).await?;
                 let result = self.request(request).await;

@@ -1312,7 +1312,7 @@ impl Core {
                 };
                 lines.extend(entries.into_iter().filter_map(|entry| match entry.event {
                     SessionEvent::Message(line) => Some(line),
-                    SessionEvent::Status { .. } => None,
+                    SessionEvent::Status { .. } | SessionEvent::Snapshot(_) => None,
                 }));
                 after = end;
             }

@@ -786,6 +786,9 @@ impl Bridge {
                     let _ = reply.send(result);
                 }
             }
+            FromRelay::TeleportReply { id, .. } => {
+                tracing::debug!(id, "a teleport reply nobody asked for");
+            }
             FromRelay::Command { id, name } => {
                 let result = match name.as_str() {
                     "ping" => Ok("pong".to_owned()),
