@@ -25,6 +25,7 @@
 
 mod access;
 mod agents;
+mod blobs;
 mod bridge;
 mod core;
 mod delivery;
@@ -34,6 +35,7 @@ mod http;
 mod idempotency;
 mod instances;
 pub mod shell_agent;
+mod snapshots;
 mod store;
 pub mod tokens;
 mod viewer;
