@@ -1492,6 +1492,7 @@ fn recent(entries: Vec<LogEntry>) -> Arc<[LogEntry]> {
         .map(|entry| match &entry.event {
             SessionEvent::Message(text) => text.len(),
             SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+            SessionEvent::Snapshot(_) => 128,
         })
         .sum();
     if bytes > RECENT_BYTES {
