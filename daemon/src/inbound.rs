@@ -73,6 +73,7 @@ fn encoded_len(entry: &LogEntry) -> usize {
     let event = match &entry.event {
         SessionEvent::Message(text) => text.len(),
         SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+        SessionEvent::Snapshot(_) => 128,
     };
     author + event + 32
 }

@@ -493,6 +493,8 @@ pub fn encode_notification(notification: &Notification, out: &mut Vec<u8>) {
         Notification::SessionRemoved { .. } => notification::SESSION_REMOVED,
         Notification::Relay(_) => notification::RELAY,
         Notification::EventRefused { .. } => notification::EVENT_REFUSED,
+        Notification::TeleportProgress(_) => notification::TELEPORT_PROGRESS,
+        Notification::Teleported(_) => notification::TELEPORTED,
     };
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
     write_json(method_name, out);
@@ -561,6 +563,8 @@ impl Serialize for ResultOut<'_> {
             }
             .serialize(serializer),
             Response::Prompts(prompts) => prompts.serialize(serializer),
+            Response::Teleported(outcome) => outcome.serialize(serializer),
+            Response::TeleportLinks(links) => links.serialize(serializer),
         }
     }
 }
@@ -610,6 +614,8 @@ impl Serialize for NotificationParamsOut<'_> {
                 session,
             }
             .serialize(serializer),
+            Notification::TeleportProgress(progress) => progress.serialize(serializer),
+            Notification::Teleported(outcome) => outcome.serialize(serializer),
         }
     }
 }
@@ -731,6 +737,8 @@ mod tests {
                     json!({"session": session, "last_seq": last_seq})
                 }
                 Response::Prompts(prompts) => json!(prompts),
+                Response::Teleported(outcome) => json!(outcome),
+                Response::TeleportLinks(links) => json!(links),
             }
         }
 
@@ -795,6 +803,10 @@ mod tests {
                     notification::EVENT_REFUSED,
                     json!({"seq": seq, "session": session, "reason": reason}),
                 ),
+                Notification::TeleportProgress(progress) => {
+                    (notification::TELEPORT_PROGRESS, json!(progress))
+                }
+                Notification::Teleported(outcome) => (notification::TELEPORTED, json!(outcome)),
             };
             let line = json!({ "jsonrpc": "2.0", "method": method_name, "params": params });
             let mut out = serde_json::to_vec(&line).unwrap();
