@@ -85,6 +85,9 @@ pub struct CreateArgs {
     /// Whether its agent may change the repository.
     #[arg(long, value_enum, default_value_t = RepoArg::Write)]
     repo_access: RepoArg,
+    /// Push this worktree into the new session (as `teleport push` would).
+    #[arg(long, value_name = "PATH")]
+    teleport: Option<std::path::PathBuf>,
 }
 
 /// `--visibility`.
@@ -134,21 +137,25 @@ pub async fn session(
     command: SessionCommand,
     json_output: bool,
 ) -> anyhow::Result<()> {
+    let mut teleport = None;
     let request = match command {
-        SessionCommand::Create(args) => Request::SessionCreate(CreateSession {
-            task: args.task,
-            visibility: args.visibility.into(),
-            network_access: match args.network {
-                NetworkArg::None => NetworkAccess::None,
-                NetworkArg::Limited => NetworkAccess::Limited,
-                NetworkArg::Full => NetworkAccess::Full,
-            },
-            repo_access: match args.repo_access {
-                RepoArg::Read => RepoAccess::Read,
-                RepoArg::Write => RepoAccess::Write,
-            },
-            vm_image: args.image,
-        }),
+        SessionCommand::Create(mut args) => {
+            teleport = args.teleport.take();
+            Request::SessionCreate(CreateSession {
+                task: args.task,
+                visibility: args.visibility.into(),
+                network_access: match args.network {
+                    NetworkArg::None => NetworkAccess::None,
+                    NetworkArg::Limited => NetworkAccess::Limited,
+                    NetworkArg::Full => NetworkAccess::Full,
+                },
+                repo_access: match args.repo_access {
+                    RepoArg::Read => RepoAccess::Read,
+                    RepoArg::Write => RepoAccess::Write,
+                },
+                vm_image: args.image,
+            })
+        }
         SessionCommand::List => Request::SessionList,
         SessionCommand::Show { id } => Request::SessionShow { session: id },
         SessionCommand::Pause { id } => action(id, SessionAction::Pause),
@@ -191,6 +198,10 @@ pub async fn session(
                 println!("{}", json!({"session": session, "stale": stale}));
             } else {
                 print_session(&session, stale);
+            }
+            if let Some(path) = teleport {
+                crate::teleport_commands::push(client, &path, session.id.clone(), json_output)
+                    .await?;
             }
         }
         Response::Pong => {
