@@ -3,10 +3,10 @@
 //! - [`stat`]: what `lstat` says, reduced to what teleport compares.
 //! - [`content`]: hashing and FastCDC chunking of files; reading a blob back, verified.
 //! - [`index`]: the scanner's memory (path → stat and entry), persisted by the daemon.
-//! - [`scan`]: the ignore-aware scanner (full scans, and rescans of some paths).
+//! - [`mod@scan`]: the ignore-aware scanner (full scans, and rescans of some paths).
 //! - [`root`]: a tree's root held open; every path reached from it without following a
 //!   symlink.
-//! - [`write`]: the safe writer (temp file + rename, re-checked expectations).
+//! - [`mod@write`]: the safe writer (temp file + rename, re-checked expectations).
 //!
 //! Architecture invariant: nothing here is async or talks to the network; callers run
 //! scans and writes on a blocking pool. Every path from a peer is a
