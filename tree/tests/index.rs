@@ -1,6 +1,8 @@
 //! The index's encoding: what the daemon stores in sled must come back as it was, and no
 //! bytes (a torn write, another version's layout) may make decoding panic.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::os::unix::fs::symlink;

@@ -1,6 +1,8 @@
 //! Rescans of some paths (what the watcher will ask for): applied to the index, they
 //! must give what a full scan gives, under the same ignore rules.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::os::unix::fs::symlink;

@@ -2,6 +2,8 @@
 //! back with `read_blob`), scans the same: what a push followed by a pull into an empty
 //! directory must do.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::io::Write as _;

@@ -2,6 +2,8 @@
 //! content, chunking, the index's reuse and racy rule, and what happens to paths that
 //! cannot be read.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::ffi::{CString, OsStr};

@@ -1,6 +1,8 @@
 //! The safe writer on real directories: symlinks planted anywhere never let a write out
 //! of the root, expectations protect local edits, modes and links round-trip.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::io::Write as _;

@@ -20,7 +20,8 @@
 //! or a special file (fifo, socket, device) is [`Scan::skipped`], with the reason; a path
 //! that cannot be read is [`Scan::unreadable`], and its previous entry (if any) is kept,
 //! unless it is gone; conflict copies ([`RelPath::is_conflict_copy`]) and the writer's
-//! temporary files are never content. Only a root that cannot be opened fails a scan.
+//! temporary files are never content. Only a root that cannot be opened or listed fails
+//! a scan.
 //!
 //! Hashing runs on up to [`ScanOptions::threads`] scoped threads; the API is synchronous,
 //! so callers run it on a blocking pool, never on a runtime thread.
