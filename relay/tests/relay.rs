@@ -951,10 +951,13 @@ async fn a_restart_keeps_sessions_logs_and_dedup() {
         )
         .await;
     bridge.wait_ack(2).await;
-    // The restarted agent works.
+    // The restarted agent works: it prompts again for the message the dead one had not
+    // finished (that prompt may already be in `after`, so anything after `before` counts).
     relay
         .wait_for_log(&token, &id, "a new prompt", |e| {
-            e.seq > after.len() as u64 && is_prompt(e)
+            e.seq > before.len() as u64
+                && is_prompt(e)
+                && message(e).is_some_and(|m| m["request_id"] != request_id.as_str())
         })
         .await;
     let n_user = relay
