@@ -188,11 +188,50 @@ impl Root {
         }
     }
 
+    /// Removes the directory `path` only if it is empty (a directory the caller emptied of
+    /// what it knew of). Returns false, and leaves it, when something is still in it; nothing
+    /// there is fine.
+    pub fn remove_empty_dir(&self, path: &RelPath) -> Result<bool, WriteError> {
+        let Some(parent) = self.parent(path, false)? else {
+            return Ok(true);
+        };
+        let dir = parent.dir();
+        let name = OsStr::new(path.file_name());
+        match dir.stat(name).map_err(|e| io_error("stat", path, e))? {
+            None => return Ok(true),
+            Some(stat) if stat.kind != FileKind::Dir => {
+                return Err(WriteError::Occupied {
+                    path: path.clone(),
+                    found: stat.kind,
+                })
+            }
+            Some(_) => {}
+        }
+        match dir.unlink(name, true) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc_enotempty()) => Ok(false),
+            Err(e) => Err(io_error("remove directory", path, e)),
+        }
+    }
+
     /// The parent of a path about to be put, created if missing.
     fn parent_for_put(&self, path: &RelPath) -> Result<Parent<'_>, WriteError> {
         Ok(self
             .parent(path, true)?
             .expect("parents are created when missing"))
+    }
+}
+
+/// `ENOTEMPTY` of this platform (also `EEXIST` on some: checked by the caller's tests).
+fn libc_enotempty() -> i32 {
+    #[cfg(unix)]
+    {
+        libc::ENOTEMPTY
+    }
+    #[cfg(not(unix))]
+    {
+        145
     }
 }
 

@@ -511,3 +511,23 @@ fn a_symlink_on_the_way_is_refused_for_every_operation() {
     ));
     assert_eq!(picture(outside.path()), before);
 }
+
+#[test]
+fn only_an_empty_directory_is_removed_by_remove_empty_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    root.put_dir(&p("d/e")).unwrap();
+    put_bytes(&root, &p("d/e/kept"), b"local work", false, Expect::Absent).unwrap();
+    assert!(!root.remove_empty_dir(&p("d/e")).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path().join("d/e/kept")).unwrap(),
+        b"local work"
+    );
+    std::fs::remove_file(dir.path().join("d/e/kept")).unwrap();
+    assert!(root.remove_empty_dir(&p("d/e")).unwrap());
+    assert!(!dir.path().join("d/e").exists());
+    // Nothing there is fine; a file is not a directory.
+    assert!(root.remove_empty_dir(&p("d/e")).unwrap());
+    put_bytes(&root, &p("d/f"), b"x", false, Expect::Absent).unwrap();
+    assert!(root.remove_empty_dir(&p("d/f")).is_err());
+}
