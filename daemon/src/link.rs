@@ -14,9 +14,9 @@ use cloud_protocol::ipc::{BridgeState, Notification, RelayMode, RelayStatus};
 use cloud_protocol::session::Session;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::inbound::Inbound;
 use crate::journal::Journal;
-use crate::replica::Replica;
+use crate::sessions::inbound::Inbound;
+use crate::sessions::replica::Replica;
 use crate::store::{Meta, Refusals};
 
 /// How many refusal reasons are remembered for `Delivery` requests that come late.

@@ -2,8 +2,8 @@
 //! `attach --since SEQ` replays what happened while no client watched, and the set of
 //! followed sessions, rejoined after every reconnect from the last sequence stored.
 //!
-//! Entries are taken one at a time ([`Inbound::store`]) and written in chunks: the bridge
-//! calls [`Inbound::commit`] after each burst of messages it reads, which writes each
+//! Entries are taken one at a time ([`Inbound::store`]) and written in chunks: the bridge's
+//! reader calls [`Inbound::commit`] after each burst of messages it reads, which writes each
 //! session's new entries as sled records of about 6 KiB (key: the session, a NUL and the
 //! chunk's last seq, big-endian; value: the postcard-encoded entries) and its last seq under
 //! `follows`.
@@ -13,7 +13,9 @@
 //!
 //! Architecture invariant: this module is the only one that touches the `log` and
 //! `follows` trees (and drops the `inbound` tree of the older one-entry-per-key layout).
-//! Entries are stored in sequence order without duplicates.
+//! Entries are stored in sequence order without duplicates, and the last seq stored never
+//! runs ahead of the stored chunks. It never talks to the network: joining and leaving are
+//! the bridge's, on the handlers' word.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
