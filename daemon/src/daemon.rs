@@ -137,6 +137,10 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         instance_id.clone(),
     );
     let link = Arc::new(link);
+    let teleport = Arc::new(crate::teleport::Teleport::new(
+        crate::teleport::worktrees::Worktrees::open(&db)?,
+        Arc::clone(&link),
+    ));
 
     let (core_tx, mut core_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared::new(
@@ -155,6 +159,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         logging.feed.clone(),
         core_tx.clone(),
         Arc::clone(&link),
+        teleport,
     ));
     let bridge = Bridge::new(
         Arc::clone(&link),

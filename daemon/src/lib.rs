@@ -19,6 +19,7 @@
 //! - [`bridge`]: the WebSocket to the relay: connect (URL, TLS, register, claim the
 //!   journal), writer (the journal, then control messages), reader (dispatching what the
 //!   relay sends), backoff; [`link`]: what it shares with the handlers.
+//! - [`teleport`]: worktrees linked to sessions: push, pull, the blob socket.
 //! - [`daemon`]: the core: start-up, the one loop that consumes [`event::CoreEvent`]s
 //!   (signals, shutdown requests), and the bounded drain; [`event`] names those events.
 //! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
@@ -45,6 +46,7 @@ pub mod state;
 pub mod store;
 #[cfg(unix)]
 pub mod supervisor;
+pub mod teleport;
 
 /// This build's version, reported in the hello and in `status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -13,6 +13,7 @@
 //! for the identity that registered: events queued for another relay or identity are
 //! refused here, never sent.
 
+use crate::teleport::transfer::BlobEndpoint;
 use std::sync::Arc;
 
 use cloud_protocol::bridge::{self, Channel, FromRelay, ToRelay, BRIDGE_PATH, MAX_BRIDGE_MESSAGE};
@@ -72,6 +73,12 @@ impl Bridge {
             });
         }
         tracing::info!(user = %user, org = %org, url = %url, "connected to the relay");
+        // Teleport's blob socket is beside the bridge, with the same credentials.
+        self.link.set_blob_endpoint(Some(BlobEndpoint {
+            base: url.trim_end_matches(BRIDGE_PATH).to_owned(),
+            token: credentials.token.clone(),
+            tls: Arc::clone(&self.tls),
+        }));
         self.link.set_status(|s| {
             s.state = BridgeState::Connected;
             s.reason = None;

@@ -38,6 +38,7 @@ use std::time::Duration;
 use cloud_protocol::bridge::{Channel, InstanceSnapshot, ToRelay, BRIDGE_VERSION};
 use cloud_protocol::ipc::BridgeState;
 use cloud_protocol::session::Session;
+use cloud_protocol::teleport::TeleportReply;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -196,6 +197,9 @@ impl Bridge {
                         Some(BridgeCommand::Request { reply, .. }) => {
                             let _ = reply.send(Err(self.unreachable()));
                         }
+                        Some(BridgeCommand::Teleport { reply, .. }) => {
+                            let _ = reply.send(Err(self.unreachable()));
+                        }
                         // Followed sessions are rejoined at the next connect (and
                         // unfollowed ones are not).
                         Some(BridgeCommand::Join { .. } | BridgeCommand::Leave { .. }) => {}
@@ -238,9 +242,11 @@ impl Bridge {
             Err(ended) => return ended,
         };
         if let Err(ended) = writer::rejoin(&mut socket, followed).await {
+            self.link.set_blob_endpoint(None);
             return registered_failure(ended);
         }
         let ended = self.serve(&mut socket).await;
+        self.link.set_blob_endpoint(None);
         let _ = socket.close(None).await;
         registered_failure(ended)
     }
@@ -321,6 +327,8 @@ struct InFlight {
     next_id: u64,
     /// Session-management requests ([`ToRelay::Request`]), answered by `FromRelay::Reply`.
     sessions: Replies<Option<Session>>,
+    /// Teleport requests ([`ToRelay::Teleport`]), answered by `FromRelay::TeleportReply`.
+    teleport: Replies<TeleportReply>,
 }
 
 impl InFlight {
@@ -328,6 +336,7 @@ impl InFlight {
         InFlight {
             next_id: 1,
             sessions: Replies::default(),
+            teleport: Replies::default(),
         }
     }
 
@@ -341,6 +350,7 @@ impl InFlight {
     /// Tells every waiter that no answer will come.
     fn fail_all(self, reason: &str) {
         self.sessions.fail_all(reason);
+        self.teleport.fail_all(reason);
     }
 }
 

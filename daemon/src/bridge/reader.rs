@@ -188,6 +188,7 @@ impl Bridge {
                 }
             }
             FromRelay::Reply { id, result } => in_flight.sessions.answer(id, result),
+            FromRelay::TeleportReply { id, result } => in_flight.teleport.answer(id, result),
             FromRelay::Command { id, name } => {
                 let result = match name.as_str() {
                     "ping" => Ok("pong".to_owned()),

@@ -105,6 +105,11 @@ impl Bridge {
                 )
                 .await
             }
+            BridgeCommand::Teleport { request, reply } => {
+                let id = in_flight.next_id();
+                in_flight.teleport.insert(id, reply);
+                send(socket, Channel::Task, 0, ToRelay::Teleport { id, request }).await
+            }
         }
     }
 }

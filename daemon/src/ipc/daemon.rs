@@ -92,8 +92,9 @@ fn subscribe(shared: &Shared, client: &mut ClientState, subscribe: Subscribe) ->
     client.state_feed = wants(Topic::State).then(|| shared.state_feed.subscribe());
     client.log_feed = wants(Topic::Log).then(|| shared.log_feed.subscribe());
     client.sessions_feed = wants(Topic::Sessions).then(|| shared.link.sessions_feed.subscribe());
+    client.teleport_feed = wants(Topic::Teleport).then(|| shared.teleport.feed.subscribe());
     let mut topics = Vec::new();
-    for topic in [Topic::State, Topic::Log, Topic::Sessions] {
+    for topic in [Topic::State, Topic::Log, Topic::Sessions, Topic::Teleport] {
         if wants(topic) {
             topics.push(topic);
         }

@@ -9,7 +9,7 @@
 use cloud_protocol::ipc::{ErrorBody, ErrorCode, Request, Response, PROTOCOL_VERSION};
 
 use super::client::ClientState;
-use super::{attach, daemon, sessions};
+use super::{attach, daemon, sessions, teleport};
 use crate::state::Shared;
 
 /// Answers `request` from the client whose state is `client`.
@@ -53,5 +53,10 @@ pub async fn handle(
         | Request::Detach { .. }
         | Request::Unfollow { .. }
         | Request::Permissions { .. } => attach::handle(shared, client, request).await,
+        Request::TeleportPush { .. }
+        | Request::TeleportPull { .. }
+        | Request::TeleportWatch { .. }
+        | Request::TeleportStop { .. }
+        | Request::TeleportStatus => teleport::handle(shared, client, request).await,
     }
 }

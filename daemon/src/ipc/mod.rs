@@ -14,6 +14,8 @@
 //!     resume, complete, delete, share; send, interrupt, answer (journaled); delivery.
 //!   - [`attach`]: following a session and reading its log: attach, detach, unfollow,
 //!     permissions.
+//!   - [`teleport`]: worktrees and sessions: push, pull, watch, stop, status (push and
+//!     pull are answered later, with progress notifications meanwhile).
 //! - [`relay`]: how a family's handler asks the relay (through the bridge, bounded).
 //!
 //! Architecture invariant: no handler talks to the network or waits without a deadline;
@@ -28,6 +30,7 @@ pub mod handler;
 pub mod listener;
 pub mod relay;
 pub mod sessions;
+pub mod teleport;
 
 use cloud_protocol::ipc::{ErrorBody, ErrorCode};
 

@@ -1,0 +1,153 @@
+//! The local side of a worktree: scanning it through its persisted index (so an unchanged
+//! file is never read again), and reading the blobs a push uploads. Everything here is
+//! blocking and runs on the blocking pool, never on the socket's thread.
+//!
+//! This module must never write a worktree's files (that is `apply`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use cloud_protocol::blobs::{Blob, BATCH_BYTES};
+use cloud_protocol::teleport::{ContentId, Manifest, RelPath};
+use cloud_tree::{BlobLocation, ContentError, Index, Root, Scan, ScanOptions};
+
+use super::worktrees::Worktrees;
+use super::{Reporter, TeleportError};
+
+/// A scan of a worktree, with what it found wrong.
+#[derive(Debug)]
+pub struct Scanned {
+    pub manifest: Manifest,
+    pub index: Index,
+    /// Paths skipped or unreadable, each with why.
+    pub problems: Vec<String>,
+    /// Conflict copies found in the worktree.
+    pub conflicts: Vec<String>,
+}
+
+/// Hashing threads: two cores are what these machines have, and the socket's thread must
+/// stay free.
+fn options() -> ScanOptions {
+    ScanOptions { threads: 2 }
+}
+
+/// Scans `root` through its stored index, stores the new index, reports progress.
+pub fn scan(
+    worktrees: &Worktrees,
+    root: &str,
+    reporter: &Reporter,
+) -> Result<Scanned, TeleportError> {
+    let previous = worktrees.index(root)?;
+    let plan = cloud_tree::plan(Path::new(root), &previous)
+        .map_err(|e| TeleportError::Local(e.to_string()))?;
+    let (files, bytes) = plan.pending();
+    reporter.report("scan", 0, files, 0, bytes);
+    let scan: Scan = plan.finish(&options());
+    reporter.report("scan", files, files, bytes, bytes);
+    worktrees.set_index(root, &previous, &scan.index)?;
+    Ok(scanned(scan))
+}
+
+fn scanned(scan: Scan) -> Scanned {
+    let mut problems: Vec<String> = scan
+        .skipped
+        .iter()
+        .map(|s| format!("{}: skipped ({:?})", s.path.display(), s.reason))
+        .collect();
+    problems.extend(
+        scan.unreadable
+            .iter()
+            .map(|u| format!("{}: cannot be read ({})", u.path, u.error)),
+    );
+    Scanned {
+        manifest: scan.manifest,
+        index: scan.index,
+        problems,
+        conflicts: scan.conflict_copies.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// Re-examines only `paths` (after writing them, or after the watcher saw them change),
+/// updating the stored index; returns the new manifest.
+pub fn rescan(
+    worktrees: &Worktrees,
+    root: &str,
+    paths: &[RelPath],
+    index: &mut Index,
+) -> Result<Manifest, TeleportError> {
+    if paths.is_empty() {
+        return Ok(index.manifest());
+    }
+    let rescan = cloud_tree::rescan_paths(Path::new(root), paths, index, &options())
+        .map_err(|e| TeleportError::Local(e.to_string()))?;
+    let previous = index.clone();
+    index.apply(&rescan.changes);
+    worktrees.set_index(root, &previous, index)?;
+    Ok(index.manifest())
+}
+
+/// Reads the blobs `ids` from the worktree (where `manifest` says they are) and sends
+/// them in batches of about [`BATCH_BYTES`] on `batches`. A file that changed since the
+/// scan fails with [`TeleportError::ChangedDuringPush`].
+pub fn read_blobs(
+    root: &str,
+    manifest: &Manifest,
+    ids: &[ContentId],
+    batches: tokio::sync::mpsc::Sender<Vec<Blob>>,
+) -> Result<(), TeleportError> {
+    let locations: HashMap<ContentId, BlobLocation> = cloud_tree::blob_locations(manifest);
+    let root = Root::open(Path::new(root)).map_err(|e| TeleportError::Local(e.to_string()))?;
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for id in ids {
+        let Some(at) = locations.get(id) else {
+            return Err(TeleportError::Local(format!(
+                "blob {id} is in no file of the scan"
+            )));
+        };
+        let blob = match cloud_tree::read_blob(&root, &at.path, at.offset, at.len, *id) {
+            Ok(bytes) => bytes,
+            Err(ContentError::Changed { .. }) => {
+                return Err(TeleportError::ChangedDuringPush(at.path.to_string()))
+            }
+            Err(e) => return Err(TeleportError::Local(e.to_string())),
+        };
+        bytes += blob.len();
+        batch.push(Blob {
+            id: *id,
+            bytes: blob,
+        });
+        if bytes >= BATCH_BYTES {
+            bytes = 0;
+            if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = batches.blocking_send(batch);
+    }
+    Ok(())
+}
+
+/// Blobs found in the worktree itself (a pull reuses what it already has rather than
+/// download it): id → bytes, read through the index's manifest, checked.
+pub fn local_blobs(
+    root: &str,
+    manifest: &Manifest,
+    ids: &[ContentId],
+) -> HashMap<ContentId, Vec<u8>> {
+    let locations = cloud_tree::blob_locations(manifest);
+    let mut found = HashMap::new();
+    let Ok(root) = Root::open(Path::new(root)) else {
+        return found;
+    };
+    for id in ids {
+        if let Some(at) = locations.get(id) {
+            if let Ok(bytes) = cloud_tree::read_blob(&root, &at.path, at.offset, at.len, *id) {
+                found.insert(*id, bytes);
+            }
+        }
+    }
+    found
+}

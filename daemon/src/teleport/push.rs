@@ -1,0 +1,283 @@
+//! A push: the worktree as it is now becomes the session's next snapshot version.
+//!
+//! Scan (through the index) → the delta from the tree both sides agreed on → the blobs the
+//! relay lacks, read off the socket's thread and uploaded on the blob socket → a commit on
+//! the agreed version. The relay refuses a stale base: the newer version is then merged in
+//! (a pull: local work is kept, a change on both sides keeps both) and the push starts
+//! again, at most [`super::MAX_ATTEMPTS`] times. A file that changes while it is read
+//! makes the push scan again.
+//!
+//! This module never writes worktree files itself (a merge goes through `pull`).
+
+use std::sync::Arc;
+
+use cloud_protocol::ipc::TeleportOutcome;
+use cloud_protocol::teleport::{
+    ContentId, Delta, Manifest, TeleportReply, TeleportRequest, VersionInfo, MAX_LACKS_IDS,
+};
+
+use super::worktrees::Worktree;
+use super::{local, Reporter, Teleport, TeleportError, MAX_ATTEMPTS};
+
+/// Below this many bytes of blobs a push uploads them without asking which the relay
+/// lacks first (the relay keeps one copy of each anyway): one round trip less per edit.
+const ASK_ABOVE_BYTES: u64 = 256 * 1024;
+
+/// How many upload batches wait between the reading thread and the socket.
+const READ_AHEAD: usize = 2;
+
+impl Teleport {
+    /// Pushes the worktree at `path` to `session` (linking it, or linking it anew).
+    pub async fn push(
+        self: &Arc<Self>,
+        path: &str,
+        session: &str,
+        reporter: &Reporter,
+    ) -> Result<TeleportOutcome, TeleportError> {
+        let root = super::canonical_root(path, false)?;
+        let _held = self.hold(&root).await;
+        let result = self.push_held(&root, session, reporter).await;
+        self.record_result(&root, &result).await;
+        result
+    }
+
+    /// Records the outcome of an operation on its link (its error, or none).
+    pub(super) async fn record_result<T>(&self, root: &str, result: &Result<T, TeleportError>) {
+        let worktrees = self.worktrees.clone();
+        let root = root.to_owned();
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let _ = Self::blocking(move || {
+            if let Some(mut worktree) = worktrees.get(&root)? {
+                if worktree.last_error != error {
+                    worktree.last_error = error;
+                    worktrees.put(&worktree)?;
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    /// The link of `root` to `session`: as stored, or new (a link to another session is
+    /// replaced, and its agreed tree forgotten).
+    pub(super) async fn link_to(
+        &self,
+        root: &str,
+        session: &str,
+    ) -> Result<Worktree, TeleportError> {
+        let worktrees = self.worktrees.clone();
+        let root = root.to_owned();
+        let session = session.to_owned();
+        Self::blocking(move || match worktrees.get(&root)? {
+            Some(worktree) if worktree.session == session => Ok(worktree),
+            Some(old) => {
+                let base = worktrees.base(&root)?;
+                worktrees.set_base(&root, &base, &Manifest::new())?;
+                let worktree = Worktree {
+                    watching: old.watching,
+                    ..Worktree::new(&root, &session)
+                };
+                worktrees.put(&worktree)?;
+                Ok(worktree)
+            }
+            None => {
+                let worktree = Worktree::new(&root, &session);
+                worktrees.put(&worktree)?;
+                Ok(worktree)
+            }
+        })
+        .await
+    }
+
+    async fn push_held(
+        self: &Arc<Self>,
+        root: &str,
+        session: &str,
+        reporter: &Reporter,
+    ) -> Result<TeleportOutcome, TeleportError> {
+        let mut worktree = self.link_to(root, session).await?;
+        let mut outcome = TeleportOutcome {
+            root: root.to_owned(),
+            session: session.to_owned(),
+            version: worktree.version,
+            files: 0,
+            blobs: 0,
+            bytes: 0,
+            conflicts: Vec::new(),
+            problems: Vec::new(),
+        };
+        let mut last_failure = String::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let (worktrees, root_owned, reporter_owned) =
+                (self.worktrees.clone(), root.to_owned(), reporter.clone());
+            let (base, scanned) = Self::blocking(move || {
+                let base = worktrees.base(&root_owned)?;
+                let scanned = local::scan(&worktrees, &root_owned, &reporter_owned)?;
+                Ok((base, scanned))
+            })
+            .await?;
+            outcome.problems = scanned.problems.clone();
+            worktree.conflicts = scanned.conflicts.clone();
+            let delta = base.diff(&scanned.manifest);
+            match self
+                .upload(session, root, &scanned.manifest, &delta, reporter)
+                .await
+            {
+                Ok((blobs, bytes)) => {
+                    outcome.blobs += blobs;
+                    outcome.bytes += bytes;
+                }
+                Err(TeleportError::ChangedDuringPush(path)) => {
+                    last_failure = format!("{path} kept changing while it was sent");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            reporter.report("commit", 0, 1, 0, 0);
+            let git = {
+                let root = root.to_owned();
+                Self::blocking(move || Ok(super::git::state(std::path::Path::new(&root)))).await?
+            };
+            let changes = delta.changes.len() as u64;
+            let reply = self
+                .request(TeleportRequest::Commit {
+                    session: session.to_owned(),
+                    base: worktree.version,
+                    delta,
+                    git,
+                })
+                .await?;
+            match reply {
+                TeleportReply::Committed(info) => {
+                    self.agreed(&mut worktree, &base, &scanned.manifest, &info)
+                        .await?;
+                    outcome.version = info.version;
+                    outcome.files += changes;
+                    reporter.report("done", 1, 1, 0, 0);
+                    return Ok(outcome);
+                }
+                TeleportReply::Stale { current } => {
+                    // The session moved on (the agent's edits, another machine): take its
+                    // changes in first, then push what is left on top.
+                    last_failure = format!("the session moved on to version {current}");
+                    let pulled = self.pull_held(&mut worktree, reporter).await?;
+                    outcome.conflicts.extend(pulled.conflicts);
+                    outcome.problems.extend(pulled.problems);
+                }
+                other => {
+                    return Err(TeleportError::Relay(format!(
+                        "an answer to a commit that is not one: {other:?}"
+                    )))
+                }
+            }
+        }
+        Err(TeleportError::GaveUp(format!(
+            "gave up after {MAX_ATTEMPTS} attempts: {last_failure}"
+        )))
+    }
+
+    /// Both sides agree on `tree` at version `info`: the link's base from now on.
+    pub(super) async fn agreed(
+        &self,
+        worktree: &mut Worktree,
+        old_base: &Manifest,
+        tree: &Manifest,
+        info: &VersionInfo,
+    ) -> Result<(), TeleportError> {
+        worktree.version = info.version;
+        worktree.remote_version = worktree.remote_version.max(info.version);
+        worktree.last_error = None;
+        let (worktrees, record, old_base, tree) = (
+            self.worktrees.clone(),
+            worktree.clone(),
+            old_base.clone(),
+            tree.clone(),
+        );
+        Self::blocking(move || {
+            worktrees.set_base(&record.root, &old_base, &tree)?;
+            worktrees.put(&record)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Uploads the blobs `delta` needs that the relay lacks. Returns how many blobs and
+    /// bytes went up.
+    async fn upload(
+        &self,
+        session: &str,
+        root: &str,
+        manifest: &Manifest,
+        delta: &Delta,
+        reporter: &Reporter,
+    ) -> Result<(u64, u64), TeleportError> {
+        let mut ids = delta.blobs();
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let sizes = blob_sizes(manifest);
+        let total: u64 = ids
+            .iter()
+            .map(|id| sizes.get(id).copied().unwrap_or(0))
+            .sum();
+        if total > ASK_ABOVE_BYTES {
+            let mut lacking = Vec::new();
+            for chunk in ids.chunks(MAX_LACKS_IDS) {
+                let reply = self
+                    .request(TeleportRequest::Lacks {
+                        session: session.to_owned(),
+                        ids: chunk.to_vec(),
+                    })
+                    .await?;
+                let TeleportReply::Lacks(missing) = reply else {
+                    return Err(TeleportError::Relay(
+                        "an answer to lacks that is not one".into(),
+                    ));
+                };
+                lacking.extend(missing);
+            }
+            ids = lacking;
+        }
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let bytes_total: u64 = ids
+            .iter()
+            .map(|id| sizes.get(id).copied().unwrap_or(0))
+            .sum();
+        let n_total = ids.len() as u64;
+        reporter.report("upload", 0, n_total, 0, bytes_total);
+        let mut socket = self.blob_socket().await?;
+        let (batches_in, batches) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let reading = {
+            let root = root.to_owned();
+            let manifest = manifest.clone();
+            tokio::task::spawn_blocking(move || {
+                local::read_blobs(&root, &manifest, &ids, batches_in)
+            })
+        };
+        let (mut n_done, mut bytes_done) = (0u64, 0u64);
+        let sent = socket
+            .put_all(session, batches, |n, bytes| {
+                n_done += n;
+                bytes_done += bytes;
+                reporter.report("upload", n_done, n_total, bytes_done, bytes_total);
+            })
+            .await;
+        socket.close().await;
+        let read = reading
+            .await
+            .map_err(|e| TeleportError::Local(format!("reading blobs failed: {e}")))?;
+        read?;
+        sent?;
+        Ok((n_done, bytes_done))
+    }
+}
+
+/// Every blob of `manifest` and its size.
+fn blob_sizes(manifest: &Manifest) -> std::collections::HashMap<ContentId, u64> {
+    cloud_tree::blob_locations(manifest)
+        .into_iter()
+        .map(|(id, at)| (id, u64::from(at.len)))
+        .collect()
+}
