@@ -27,6 +27,9 @@ pub struct Pulled {
     pub bytes: u64,
     pub conflicts: Vec<String>,
     pub problems: Vec<String>,
+    /// The worktree's index after the pull, if it scanned (a pull that found nothing new
+    /// does not).
+    pub index: Option<cloud_tree::Index>,
 }
 
 impl Teleport {
@@ -94,6 +97,13 @@ impl Teleport {
             .validate()
             .map_err(|e| TeleportError::Relay(format!("a malformed delta: {e}")))?;
         worktree.remote_version = worktree.remote_version.max(newest.version);
+        if delta.is_empty() && newest.version <= worktree.version {
+            // Nothing new: the worktree is not scanned for it.
+            return Ok(Pulled {
+                version: worktree.version,
+                ..Pulled::default()
+            });
+        }
         let (worktrees, root, scan_reporter) = (
             self.worktrees.clone(),
             worktree.root.clone(),
@@ -159,16 +169,17 @@ impl Teleport {
             newest.version,
         );
         let mut index = scanned.index;
-        let applied = Self::blocking(move || {
+        let (applied, index) = Self::blocking(move || {
             let applied = apply::apply(&root, &index, &merged, version, &blobs)?;
             local::rescan(&worktrees, &root, &applied.touched, &mut index)?;
-            Ok(applied)
+            Ok((applied, index))
         })
         .await?;
         pulled.files = applied.changed;
         pulled.conflicts = applied.conflicts;
         pulled.problems = scanned.problems;
         pulled.problems.extend(applied.problems);
+        pulled.index = Some(index);
         self.agreed(worktree, &base, &remote, &newest).await?;
         Ok(pulled)
     }

@@ -19,6 +19,17 @@ use cloud_protocol::teleport::{
 use super::worktrees::Worktree;
 use super::{local, Reporter, Teleport, TeleportError, MAX_ATTEMPTS};
 
+/// What a push did.
+#[derive(Debug)]
+pub(super) struct Pushed {
+    pub outcome: TeleportOutcome,
+    /// Whether it made a version (a quiet push of an unchanged tree does not).
+    pub committed: bool,
+    /// The index of the last full scan the push made (a retry, a merge), if it made one:
+    /// a watcher that keeps the index in memory takes it up.
+    pub index: Option<cloud_tree::Index>,
+}
+
 /// Below this many bytes of blobs a push uploads them without asking which the relay
 /// lacks first (the relay keeps one copy of each anyway): one round trip less per edit.
 const ASK_ABOVE_BYTES: u64 = 256 * 1024;
@@ -36,7 +47,10 @@ impl Teleport {
     ) -> Result<TeleportOutcome, TeleportError> {
         let root = super::canonical_root(path, false)?;
         let _held = self.hold(&root).await;
-        let result = self.push_held(&root, session, reporter).await;
+        let result = self
+            .push_held(&root, session, reporter, None, false)
+            .await
+            .map(|pushed| pushed.outcome);
         self.record_result(&root, &result).await;
         result
     }
@@ -89,12 +103,20 @@ impl Teleport {
         .await
     }
 
-    async fn push_held(
+    /// Pushes the worktree at `root`, which the caller holds, to `session`. The first
+    /// attempt starts from `found` when given (the watcher's rescan of what changed, on top
+    /// of the index), else from a full scan through the index; later attempts (a file
+    /// changed while it was read, a merge of a newer version) scan in full. `quiet`: a
+    /// tree that has not changed since the agreed version is not committed again (the
+    /// watcher's pushes; an explicit push always makes a version).
+    pub(super) async fn push_held(
         self: &Arc<Self>,
         root: &str,
         session: &str,
         reporter: &Reporter,
-    ) -> Result<TeleportOutcome, TeleportError> {
+        mut found: Option<local::Found>,
+        quiet: bool,
+    ) -> Result<Pushed, TeleportError> {
         let mut worktree = self.link_to(root, session).await?;
         let mut outcome = TeleportOutcome {
             root: root.to_owned(),
@@ -106,21 +128,39 @@ impl Teleport {
             conflicts: Vec::new(),
             problems: Vec::new(),
         };
+        let mut index = None;
         let mut last_failure = String::new();
         for _ in 0..MAX_ATTEMPTS {
             let (worktrees, root_owned, reporter_owned) =
                 (self.worktrees.clone(), root.to_owned(), reporter.clone());
-            let (base, scanned) = Self::blocking(move || {
+            let start = found.take();
+            let (base, found, scanned_index) = Self::blocking(move || {
                 let base = worktrees.base(&root_owned)?;
-                let scanned = local::scan(&worktrees, &root_owned, &reporter_owned)?;
-                Ok((base, scanned))
+                Ok(match start {
+                    Some(found) => (base, found, None),
+                    None => {
+                        let (found, index) =
+                            local::scan(&worktrees, &root_owned, &reporter_owned)?.split();
+                        (base, found, Some(index))
+                    }
+                })
             })
             .await?;
-            outcome.problems = scanned.problems.clone();
-            worktree.conflicts = scanned.conflicts.clone();
-            let delta = base.diff(&scanned.manifest);
+            if scanned_index.is_some() {
+                index = scanned_index;
+            }
+            outcome.problems = found.problems.clone();
+            worktree.conflicts = found.conflicts.clone();
+            let delta = base.diff(&found.manifest);
+            if quiet && delta.is_empty() && worktree.version > 0 {
+                return Ok(Pushed {
+                    outcome,
+                    committed: false,
+                    index,
+                });
+            }
             match self
-                .upload(session, root, &scanned.manifest, &delta, reporter)
+                .upload(session, root, &found.manifest, &delta, reporter)
                 .await
             {
                 Ok((blobs, bytes)) => {
@@ -149,12 +189,16 @@ impl Teleport {
                 .await?;
             match reply {
                 TeleportReply::Committed(info) => {
-                    self.agreed(&mut worktree, &base, &scanned.manifest, &info)
+                    self.agreed(&mut worktree, &base, &found.manifest, &info)
                         .await?;
                     outcome.version = info.version;
                     outcome.files += changes;
                     reporter.report("done", 1, 1, 0, 0);
-                    return Ok(outcome);
+                    return Ok(Pushed {
+                        outcome,
+                        committed: true,
+                        index,
+                    });
                 }
                 TeleportReply::Stale { current } => {
                     // The session moved on (the agent's edits, another machine): take its
@@ -163,6 +207,9 @@ impl Teleport {
                     let pulled = self.pull_held(&mut worktree, reporter).await?;
                     outcome.conflicts.extend(pulled.conflicts);
                     outcome.problems.extend(pulled.problems);
+                    if pulled.index.is_some() {
+                        index = pulled.index;
+                    }
                 }
                 other => {
                     return Err(TeleportError::Relay(format!(
