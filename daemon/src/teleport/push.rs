@@ -150,9 +150,16 @@ impl Teleport {
                 index = scanned_index;
             }
             outcome.problems = found.problems.clone();
+            let conflicts_changed = worktree.conflicts != found.conflicts;
             worktree.conflicts = found.conflicts.clone();
             let delta = base.diff(&found.manifest);
             if quiet && delta.is_empty() && worktree.version > 0 {
+                if conflicts_changed {
+                    // Conflict copies are not content: a removed one changes no version,
+                    // but `teleport status` stops listing it.
+                    let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
+                    Self::blocking(move || Ok(worktrees.put(&record)?)).await?;
+                }
                 return Ok(Pushed {
                     outcome,
                     committed: false,

@@ -89,8 +89,9 @@ impl Teleport {
     /// Stops watching the worktree at `path`.
     pub async fn stop(self: &Arc<Self>, path: &str) -> Result<TeleportLink, TeleportError> {
         let root = super::canonical_root(path, false)?;
-        self.set_watching(&root, false).await?;
+        // The task first (it lets go of the worktree mid-step), then the record.
         self.stop_watch(&root).await;
+        self.set_watching(&root, false).await?;
         self.link_of(&root)
             .await?
             .ok_or_else(|| TeleportError::NotLinked(root.clone()))
@@ -177,7 +178,10 @@ impl Teleport {
         }
     }
 
+    /// Records whether the link at `root` is watched, under the worktree's operation lock
+    /// (an operation in flight writes the whole record when it ends).
     async fn set_watching(&self, root: &str, watching: bool) -> Result<(), TeleportError> {
+        let _held = self.hold(root).await;
         let (worktrees, root) = (self.worktrees.clone(), root.to_owned());
         Self::blocking(move || {
             let mut worktree = worktrees
