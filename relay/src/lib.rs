@@ -25,18 +25,14 @@
 
 mod access;
 mod agents;
-mod bridge;
 mod core;
-mod delivery;
-mod error;
 mod follow;
 mod http;
-mod idempotency;
 mod instances;
-pub mod shell_agent;
 mod store;
 pub mod tokens;
-mod viewer;
+
+pub use crate::agents::shell as shell_agent;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -168,11 +164,11 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let router = http::rest_routes()
         .route(
             "/v1/sessions/{id}/subscribe",
-            axum::routing::get(viewer::subscribe),
+            axum::routing::get(http::viewer::subscribe),
         )
         .route(
             cloud_protocol::bridge::BRIDGE_PATH,
-            axum::routing::get(bridge::connect),
+            axum::routing::get(http::bridge::connect),
         )
         .fallback(http::not_found)
         .with_state(shared.clone());

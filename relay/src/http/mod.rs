@@ -15,6 +15,9 @@
 //! the store, changes go to the core as commands. Instance commands go to the instance's
 //! bridge connection through [`crate::instances`].
 
+pub(crate) mod bridge;
+pub(crate) mod viewer;
+
 use std::sync::Arc;
 use std::time::Duration;
 

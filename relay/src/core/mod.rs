@@ -20,6 +20,10 @@
 //! The core never waits on a peer: replies are oneshots, agent input goes through unbounded
 //! per-agent channels, notices through a broadcast channel that drops for laggards.
 
+mod delivery;
+mod error;
+mod idempotency;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -34,10 +38,10 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::access::{Access, Identity};
-use crate::agents::{self, AgentHandle, AgentReport, MAX_AGENT_LINE};
-use crate::delivery::{self, Unfinished};
-pub use crate::error::CoreError;
-use crate::idempotency::{Keys, Lookup};
+use crate::agents::process::{self as agents, AgentHandle, AgentReport, MAX_AGENT_LINE};
+use delivery::Unfinished;
+pub use error::CoreError;
+use idempotency::{Keys, Lookup};
 use crate::instances::Instances;
 use crate::store::{Changes, PromptState, Store, StoreError, MAX_STORED_REFUSALS};
 use crate::tokens::TokenCache;
