@@ -161,31 +161,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let (shared, commands) = core::shared(tokens, store);
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
-    let router = http::rest_routes()
-        .route(
-            "/v1/sessions/{id}/subscribe",
-            axum::routing::get(http::viewer::subscribe),
-        )
-        .route(
-            cloud_protocol::bridge::BRIDGE_PATH,
-            axum::routing::get(http::bridge::connect),
-        )
-        .fallback(http::not_found)
-        .with_state(shared.clone());
-    let cancel = shared.cancel.clone();
-    let server_task = tokio::spawn(async move {
-        // Bridge and viewer messages are small and latency-bound: without TCP_NODELAY a
-        // second small write waits for the peer's delayed ACK (~40 ms).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "the HTTP server failed");
-        }
-    });
+    let server_task = http::serve(listener, shared.clone());
 
     let token_shared = shared.clone();
     let token_task = tokio::spawn(async move {

@@ -52,10 +52,10 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::Authenticated;
 use crate::access::Identity;
 use crate::core::{Command, CoreError, Notice, Shared};
 use crate::follow::{Entries, Follower};
-use crate::http::Authenticated;
 use crate::instances::{CommandError, CommandReply, InstanceCommand, COMMAND_QUEUE};
 
 /// How long a new connection may take to register.
