@@ -4,19 +4,27 @@
 //! It runs as its own server (`cloud-relay serve`) or embedded in a daemon ([`start`] on
 //! loopback). The story of a request, module by module:
 //!
-//! - [`http`]: routing, bearer-token authentication ([`tokens`]), REST handlers.
-//! - [`bridge`]: the daemons' WebSocket (postcard envelopes, dedup, cumulative acks).
+//! - [`http`]: the router and the server. [`http::auth`] turns the bearer token into an
+//!   identity ([`tokens`]); one module per REST resource ([`http::sessions`],
+//!   [`http::events`], [`http::log`], [`http::instances`]), each turning a request into a
+//!   core command or a read of the published state; [`http::error`] is the answer when
+//!   that fails.
+//! - [`http::bridge`]: the daemons' WebSocket (postcard envelopes, dedup, cumulative
+//!   acks): registration, event batches, the daemon's replica and joins, instance
+//!   commands, and encoding, each in a module of its own.
+//! - [`http::viewer`]: the read-only WebSocket that streams a session's log as JSON.
 //! - [`instances`]: the connected daemon instances, and commands sent to them.
-//! - [`viewer`]: the read-only WebSocket that streams a session's log as JSON.
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
-//!   [`store`] before acknowledging, publishing or telling an agent anything.
-//!   [`error`] is what a request to it can fail with; [`idempotency`] recognises a
-//!   retried event by its key; [`delivery`] says which user messages an agent has not
-//!   finished, and what the log says about those that no agent
-//!   will take and about refused events.
+//!   [`store`] before acknowledging, publishing or telling an agent anything. Its loop is
+//!   in `core` itself; each kind of change in a module of its concern: [`core::sessions`]
+//!   (lifecycle, starting and stopping agents), [`core::events`] (user events, dedup,
+//!   refusals, with [`core::idempotency`]), [`core::prompts`], [`core::agent_reports`],
+//!   [`core::unfinished`] (on top of [`core::delivery`]); [`core::shared`] is what
+//!   readers see; [`core::error`] is what a request to it can fail with.
 //! - [`follow`]: reading a session's log after a cursor, then live.
-//! - [`agents`]: agent processes on stream-json stdio; [`shell_agent`] is the built-in one.
+//! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
+//!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).
 //!
 //! Architecture invariants: only [`core`] writes the store; nothing is acknowledged or shown
 //! before it is flushed; tokens are stored hashed and never logged; the core never waits on

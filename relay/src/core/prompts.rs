@@ -1,7 +1,8 @@
 //! Permission prompts: an agent's `can_use_tool` request opens one (pending), the first
-//! user answer to a pending prompt wins (answered), and the agent cancelling it, or the
-//! agent going away, withdraws it (logged as a `control_cancel_request` so every client
-//! stops showing it). A prompt's state is kept per session, in memory and in the store.
+//! user answer to a pending prompt wins (answered), and the agent's own cancel withdraws
+//! it, as does the relay when the agent stops or exits (logging a `control_cancel_request`
+//! for each, so every client stops showing it). A prompt's state is kept per session, in
+//! memory and in the store.
 //!
 //! Only the core calls these, inside a round; they never write to the store but through
 //! the round's changes.
