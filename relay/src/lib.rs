@@ -4,24 +4,24 @@
 //! It runs as its own server (`cloud-relay serve`) or embedded in a daemon ([`start`] on
 //! loopback). The story of a request, module by module:
 //!
-//! - [`http`]: the router and the server. [`http::auth`] turns the bearer token into an
-//!   identity ([`tokens`]); one module per REST resource ([`http::sessions`],
-//!   [`http::events`], [`http::log`], [`http::instances`]), each turning a request into a
-//!   core command or a read of the published state; [`http::error`] is the answer when
+//! - [`http`]: the router and the server. `http::auth` turns the bearer token into an
+//!   identity ([`tokens`]); one module per REST resource (`http::sessions`,
+//!   `http::events`, `http::log`, `http::instances`), each turning a request into a
+//!   core command or a read of the published state; `http::error` is the answer when
 //!   that fails.
-//! - [`http::bridge`]: the daemons' WebSocket (postcard envelopes, dedup, cumulative
+//! - `http::bridge`: the daemons' WebSocket (postcard envelopes, dedup, cumulative
 //!   acks): registration, event batches, the daemon's replica and joins, instance
 //!   commands, and encoding, each in a module of its own.
-//! - [`http::viewer`]: the read-only WebSocket that streams a session's log as JSON.
+//! - `http::viewer`: the read-only WebSocket that streams a session's log as JSON.
 //! - [`instances`]: the connected daemon instances, and commands sent to them.
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
 //!   [`store`] before acknowledging, publishing or telling an agent anything. Its loop is
-//!   in `core` itself; each kind of change in a module of its concern: [`core::sessions`]
-//!   (lifecycle, starting and stopping agents), [`core::events`] (user events, dedup,
-//!   refusals, with [`core::idempotency`]), [`core::prompts`], [`core::agent_reports`],
-//!   [`core::unfinished`] (on top of [`core::delivery`]); [`core::shared`] is what
-//!   readers see; [`core::error`] is what a request to it can fail with.
+//!   in `core` itself; each kind of change in a module of its concern: `core::sessions`
+//!   (lifecycle, starting and stopping agents), `core::events` (user events, dedup,
+//!   refusals, with `core::idempotency`), `core::prompts`, `core::agent_reports`,
+//!   `core::unfinished` (on top of `core::delivery`); `core::shared` is what
+//!   readers see; `core::error` is what a request to it can fail with.
 //! - [`follow`]: reading a session's log after a cursor, then live.
 //! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
 //!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).

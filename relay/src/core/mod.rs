@@ -23,7 +23,7 @@
 //! - [`agent_reports`]: what an agent's output lines and exit do to its session.
 //! - [`unfinished`]: handing each session's unfinished user messages to its next agent,
 //!   or logging them as not processed, on top of [`delivery`]'s bookkeeping.
-//! - [`shared`]: what every task shares and what readers see: the published sessions.
+//! - [`shared`](mod@shared): what every task shares and what readers see: the published sessions.
 //!   Readers (REST listings, log followers) never come here: they read the published
 //!   session snapshots and the store, up to the published log sequence.
 //!

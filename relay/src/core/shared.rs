@@ -149,7 +149,7 @@ impl Shared {
     }
 }
 
-/// Builds the shared state; the core's receiver is returned for [`Core::start`].
+/// Builds the shared state; the core's receiver is returned for [`Core::start`](super::Core::start).
 pub fn shared(tokens: TokenCache, store: Store) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
