@@ -219,6 +219,32 @@ pub struct LogEntry {
     pub event: SessionEvent,
 }
 
+impl LogEntry {
+    /// About how many bytes it takes encoded: its strings, and a bound on the rest
+    /// (sequence, time, tags, lengths). For sizing buffers and chunks, not for limits.
+    pub fn approx_len(&self) -> usize {
+        let author = match &self.author {
+            Author::User(name) => name.len(),
+            Author::Agent | Author::Relay => 0,
+        };
+        let event = match &self.event {
+            SessionEvent::Message(text) => text.len(),
+            SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+            SessionEvent::Snapshot(version) => {
+                let git = version.git.as_ref().map_or(0, |g| {
+                    g.head.len() + g.branch.as_ref().map_or(0, String::len)
+                });
+                let by = match &version.author {
+                    crate::teleport::VersionAuthor::Instance(id) => id.len(),
+                    crate::teleport::VersionAuthor::Agent => 0,
+                };
+                git + by + 64
+            }
+        };
+        author + event + 32
+    }
+}
+
 /// Who a log entry comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

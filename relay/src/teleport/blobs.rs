@@ -121,23 +121,6 @@ impl BlobStore {
         }
         Ok(Some(bytes))
     }
-
-    /// Copies blob `id` of `org` into `out` (for materialising a file); false when absent.
-    pub fn copy_into(
-        &self,
-        org: &str,
-        id: &ContentId,
-        out: &mut impl std::io::Write,
-    ) -> Result<bool, BlobStoreError> {
-        match self.get(org, id)? {
-            Some(bytes) => {
-                out.write_all(&bytes)
-                    .map_err(io("copying", &self.path(org, id)?))?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BlobStoreError {
