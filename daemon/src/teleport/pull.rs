@@ -167,6 +167,13 @@ impl Teleport {
         .await?;
         pulled.files = applied.changed;
         pulled.conflicts = applied.conflicts;
+        worktree.conflicts = scanned.conflicts;
+        for copy in applied.copies {
+            let copy = copy.to_string();
+            if !worktree.conflicts.contains(&copy) {
+                worktree.conflicts.push(copy);
+            }
+        }
         pulled.problems = scanned.problems;
         pulled.problems.extend(applied.problems);
         self.agreed(worktree, &base, &remote, &newest).await?;
