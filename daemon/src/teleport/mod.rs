@@ -13,7 +13,8 @@
 //!   just before each replace; a change on both sides keeps both).
 //! - [`transfer`]: the blob socket, beside the bridge: file contents never travel in the
 //!   ordered task stream.
-//! - [`git`]: HEAD and branch, recorded with each version.
+//! - `cloud_tree::git`: HEAD and branch, recorded with each version, and the history that
+//!   travels as bundles.
 //!
 //! Architecture invariants: scanning, hashing, reading and writing files run on the
 //! blocking pool, never on the socket's thread; one operation per worktree at a time;
@@ -21,7 +22,6 @@
 //! `cloud_tree`, and `RelPath` on every path).
 
 pub mod apply;
-pub mod git;
 pub mod local;
 pub mod pull;
 pub mod push;
