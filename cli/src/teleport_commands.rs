@@ -230,9 +230,7 @@ fn print_outcome(verb: &str, outcome: &TeleportOutcome, json_output: bool) -> an
         outcome.root, outcome.session, outcome.version, outcome.files, outcome.blobs, outcome.bytes
     );
     for conflict in &outcome.conflicts {
-        println!(
-            "conflict: {conflict} (changed on both sides; the session's version is beside it)"
-        );
+        println!("conflict: {conflict}");
     }
     for problem in &outcome.problems {
         eprintln!("cloudctl: warning: {problem}");

@@ -158,8 +158,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         config.max_clients,
         logging.feed.clone(),
         core_tx.clone(),
-        Arc::clone(&link),
-        teleport,
+        (Arc::clone(&link), teleport),
     ));
     let bridge = Bridge::new(
         Arc::clone(&link),

@@ -92,8 +92,7 @@ impl Shared {
         max_clients: usize,
         log_feed: broadcast::Sender<Arc<Notification>>,
         core: mpsc::Sender<CoreEvent>,
-        link: Arc<Link>,
-        teleport: Arc<crate::teleport::Teleport>,
+        (link, teleport): (Arc<Link>, Arc<crate::teleport::Teleport>),
     ) -> Shared {
         let (state_feed, _) = broadcast::channel(STATE_FEED_CAPACITY);
         let paths_text = [

@@ -109,7 +109,21 @@ mod unix {
         pub(crate) fn mkdir(&self, name: &OsStr, mode: libc::mode_t) -> io::Result<()> {
             let name = c_name(name)?;
             // SAFETY: as in `open_at`.
-            check(unsafe { libc::mkdirat(self.0.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+            check(unsafe { libc::mkdirat(self.0.as_raw_fd(), name.as_ptr(), mode) })?;
+            // The mode asked for, whatever the process umask (the daemon's is 077 for its
+            // own files; a worktree's directories are the user's, like its files). Through
+            // a descriptor opened without following links, so a swap cannot redirect it.
+            // SAFETY: as in `open_at`; the descriptor is closed by `OwnedFd`.
+            let fd = check(unsafe {
+                libc::openat(
+                    self.0.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            })?;
+            let fd = owned(fd);
+            // SAFETY: a valid descriptor.
+            check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
         }
 
         /// `fstatat(.., AT_SYMLINK_NOFOLLOW)`; `None` when nothing is there.

@@ -267,7 +267,7 @@ async fn serve_peer(
                                 &mut out,
                             );
                         }
-                        push_reply(reply_to, result, &mut out, &mut client);
+                        push_reply(reply_to, *result, &mut out, &mut client);
                     }
                 }
             }
@@ -316,7 +316,7 @@ enum DeferredEvent {
     /// A progress step.
     Progress(TeleportProgress),
     /// The answer of `pending[at]`.
-    Answer(usize, Result<Response, ErrorBody>),
+    Answer(usize, Box<Result<Response, ErrorBody>>),
 }
 
 /// The next progress step or answer of the requests answered later.
@@ -333,7 +333,7 @@ async fn next_deferred(pending: &mut [(ReplyTo, Deferred)]) -> DeferredEvent {
                         "the operation ended without an answer",
                     ))
                 });
-                return Poll::Ready(DeferredEvent::Answer(at, answer));
+                return Poll::Ready(DeferredEvent::Answer(at, Box::new(answer)));
             }
         }
         Poll::Pending

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cloud_protocol::session::{Author, LogEntry, SessionEvent};
+use cloud_protocol::session::LogEntry;
 
 use crate::store::StoreError;
 
@@ -68,16 +68,7 @@ const CHUNK_BYTES: usize = 6 * 1024;
 
 /// About how many bytes `entry` takes encoded (its strings and a bound on the rest).
 fn encoded_len(entry: &LogEntry) -> usize {
-    let author = match &entry.author {
-        Author::User(name) => name.len(),
-        Author::Agent | Author::Relay => 0,
-    };
-    let event = match &entry.event {
-        SessionEvent::Message(text) => text.len(),
-        SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
-        SessionEvent::Snapshot(_) => 128,
-    };
-    author + event + 32
+    entry.approx_len()
 }
 
 /// A followed session, in memory.

@@ -172,6 +172,58 @@ pub fn read_blobs(
     Ok(())
 }
 
+/// Reads the blobs `ids` of the file at `path` laid out as `layout` (a git bundle) and
+/// sends them in batches, as [`read_blobs`] does for a worktree.
+pub fn read_file_blobs(
+    path: &Path,
+    layout: &cloud_protocol::teleport::BundleRef,
+    ids: &[ContentId],
+    batches: tokio::sync::mpsc::Sender<Vec<Blob>>,
+) -> Result<(), TeleportError> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
+    let mut at = HashMap::new();
+    if layout.chunks.is_empty() {
+        at.insert(layout.content, (0u64, layout.size));
+    } else {
+        let mut offset = 0u64;
+        for chunk in &layout.chunks {
+            at.entry(chunk.id).or_insert((offset, u64::from(chunk.len)));
+            offset += u64::from(chunk.len);
+        }
+    }
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for id in ids {
+        let &(offset, len) = at
+            .get(id)
+            .ok_or_else(|| TeleportError::Local(format!("blob {id} is not in the bundle")))?;
+        let mut data = vec![0; len as usize];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut data))
+            .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
+        if ContentId::of(&data) != *id {
+            return Err(TeleportError::ChangedDuringPush(path.display().to_string()));
+        }
+        bytes += data.len();
+        batch.push(Blob {
+            id: *id,
+            bytes: data,
+        });
+        if bytes >= BATCH_BYTES {
+            bytes = 0;
+            if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = batches.blocking_send(batch);
+    }
+    Ok(())
+}
+
 /// Blobs found in the worktree itself (a pull reuses what it already has rather than
 /// download it): id → bytes, read through the index's manifest, checked.
 pub fn local_blobs(

@@ -13,7 +13,8 @@
 //!   just before each replace; a change on both sides keeps both).
 //! - [`transfer`]: the blob socket, beside the bridge: file contents never travel in the
 //!   ordered task stream.
-//! - [`git`]: HEAD and branch, recorded with each version.
+//! - `cloud_tree::git`: HEAD and branch, recorded with each version, and the history that
+//!   travels as bundles.
 //! - [`watch`]: the daemon's watches: file-system events (debounced) become incremental
 //!   pushes, the session's new versions become pulls, until stopped; they resume when the
 //!   daemon starts.
@@ -24,7 +25,6 @@
 //! `cloud_tree`, and `RelPath` on every path).
 
 pub mod apply;
-pub mod git;
 pub mod local;
 pub mod pull;
 pub mod push;

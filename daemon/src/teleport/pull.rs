@@ -10,6 +10,7 @@
 //! This module decides nothing about individual writes: `apply` does them.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use cloud_protocol::ipc::TeleportOutcome;
@@ -177,10 +178,92 @@ impl Teleport {
         .await?;
         pulled.files = applied.changed;
         pulled.conflicts = applied.conflicts;
+        worktree.conflicts = scanned.conflicts;
+        for copy in applied.copies {
+            let copy = copy.to_string();
+            if !worktree.conflicts.contains(&copy) {
+                worktree.conflicts.push(copy);
+            }
+        }
         pulled.problems = scanned.problems;
         pulled.problems.extend(applied.problems);
         pulled.index = Some(index);
+        if let Some(git) = &newest.git {
+            if let Err(e) = self.fetch_history(worktree, &git.head).await {
+                pulled
+                    .problems
+                    .push(format!("the session's git history: {e}"));
+            }
+        }
         self.agreed(worktree, &base, &remote, &newest).await?;
         Ok(pulled)
+    }
+
+    /// Brings the session's commit `head` (the agent's commits) into the worktree's
+    /// repository as `refs/cloudd/<session>`, fetching the history it lacks as a bundle.
+    /// Never moves HEAD or a branch; nothing to do outside a git repository or when HEAD
+    /// is `head` already.
+    async fn fetch_history(&self, worktree: &Worktree, head: &str) -> Result<(), TeleportError> {
+        let root = worktree.root.clone();
+        let name = format!("refs/cloudd/{}", worktree.session);
+        let local = {
+            let (root, head, name) = (root.clone(), head.to_owned(), name.clone());
+            Self::blocking(move || {
+                let root = Path::new(&root);
+                let Some(state) = cloud_tree::git::state(root) else {
+                    return Ok(None);
+                };
+                if state.head == head {
+                    return Ok(None);
+                }
+                if cloud_tree::git::has_commit(root, &head) {
+                    cloud_tree::git::set_ref(root, &name, &head).map_err(TeleportError::Local)?;
+                    return Ok(None);
+                }
+                Ok(Some(state.head))
+            })
+            .await?
+        };
+        let Some(local_head) = local else {
+            return Ok(());
+        };
+        let reply = self
+            .request(TeleportRequest::GitBundle {
+                session: worktree.session.clone(),
+                head: head.to_owned(),
+                have: vec![local_head],
+            })
+            .await?;
+        let TeleportReply::GitBundle(bundle) = reply else {
+            return Err(TeleportError::Relay(
+                "an answer to a bundle request that is not one".into(),
+            ));
+        };
+        let ids = bundle.blobs();
+        let mut socket = self.blob_socket().await?;
+        let fetched = socket.get_all(&worktree.session, &ids).await;
+        socket.close().await;
+        let blobs: HashMap<ContentId, Vec<u8>> =
+            fetched?.into_iter().map(|b| (b.id, b.bytes)).collect();
+        Self::blocking(move || {
+            let mut file = tempfile::NamedTempFile::new()
+                .map_err(|e| TeleportError::Local(format!("cannot make a temp file: {e}")))?;
+            for id in &ids {
+                let bytes = blobs
+                    .get(id)
+                    .ok_or_else(|| TeleportError::Local(format!("blob {id} was not fetched")))?;
+                std::io::Write::write_all(&mut file, bytes)
+                    .map_err(|e| TeleportError::Local(e.to_string()))?;
+            }
+            cloud_tree::git::receive(
+                Path::new(&root),
+                file.path(),
+                "refs/cloudd/export",
+                &name,
+                false,
+            )
+            .map_err(TeleportError::Local)
+        })
+        .await
     }
 }

@@ -12,9 +12,15 @@
 use std::sync::Arc;
 
 use cloud_protocol::ipc::TeleportOutcome;
+use std::collections::HashMap;
+use std::path::Path;
+
+use cloud_protocol::blobs::Blob;
 use cloud_protocol::teleport::{
-    ContentId, Delta, Manifest, TeleportReply, TeleportRequest, VersionInfo, MAX_LACKS_IDS,
+    BundleRef, ContentId, Delta, GitState, Manifest, TeleportReply, TeleportRequest, VersionInfo,
+    MAX_LACKS_IDS,
 };
+use tokio::sync::mpsc;
 
 use super::worktrees::Worktree;
 use super::{local, Reporter, Teleport, TeleportError, MAX_ATTEMPTS};
@@ -180,11 +186,9 @@ impl Teleport {
                 }
                 Err(e) => return Err(e),
             }
+            let git = self.git_state(session, root, &worktree, reporter).await?;
+            let head = git.as_ref().map(|g| g.head.clone());
             reporter.report("commit", 0, 1, 0, 0);
-            let git = {
-                let root = root.to_owned();
-                Self::blocking(move || Ok(super::git::state(std::path::Path::new(&root)))).await?
-            };
             let changes = delta.changes.len() as u64;
             let reply = self
                 .request(TeleportRequest::Commit {
@@ -196,6 +200,7 @@ impl Teleport {
                 .await?;
             match reply {
                 TeleportReply::Committed(info) => {
+                    worktree.git_sent = head.or(worktree.git_sent.take());
                     self.agreed(&mut worktree, &base, &found.manifest, &info)
                         .await?;
                     outcome.version = info.version;
@@ -265,16 +270,40 @@ impl Teleport {
         delta: &Delta,
         reporter: &Reporter,
     ) -> Result<(u64, u64), TeleportError> {
-        let mut ids = delta.blobs();
+        let sizes = blob_sizes(manifest);
+        let (root, manifest) = (root.to_owned(), manifest.clone());
+        self.upload_with(
+            session,
+            delta.blobs(),
+            &sizes,
+            reporter,
+            move |ids, batches| local::read_blobs(&root, &manifest, &ids, batches),
+        )
+        .await
+    }
+
+    /// Uploads the blobs among `ids` that the relay lacks (asking first above
+    /// [`ASK_ABOVE_BYTES`]), read by `read` on a blocking thread into batches. Returns
+    /// how many blobs and bytes went up.
+    async fn upload_with(
+        &self,
+        session: &str,
+        mut ids: Vec<ContentId>,
+        sizes: &HashMap<ContentId, u64>,
+        reporter: &Reporter,
+        read: impl FnOnce(Vec<ContentId>, mpsc::Sender<Vec<Blob>>) -> Result<(), TeleportError>
+            + Send
+            + 'static,
+    ) -> Result<(u64, u64), TeleportError> {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        let sizes = blob_sizes(manifest);
-        let total: u64 = ids
-            .iter()
-            .map(|id| sizes.get(id).copied().unwrap_or(0))
-            .sum();
-        if total > ASK_ABOVE_BYTES {
+        let size_of = |ids: &[ContentId]| -> u64 {
+            ids.iter()
+                .map(|id| sizes.get(id).copied().unwrap_or(0))
+                .sum()
+        };
+        if size_of(&ids) > ASK_ABOVE_BYTES {
             let mut lacking = Vec::new();
             for chunk in ids.chunks(MAX_LACKS_IDS) {
                 let reply = self
@@ -295,21 +324,12 @@ impl Teleport {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        let bytes_total: u64 = ids
-            .iter()
-            .map(|id| sizes.get(id).copied().unwrap_or(0))
-            .sum();
+        let bytes_total = size_of(&ids);
         let n_total = ids.len() as u64;
         reporter.report("upload", 0, n_total, 0, bytes_total);
         let mut socket = self.blob_socket().await?;
-        let (batches_in, batches) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let reading = {
-            let root = root.to_owned();
-            let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || {
-                local::read_blobs(&root, &manifest, &ids, batches_in)
-            })
-        };
+        let (batches_in, batches) = mpsc::channel(READ_AHEAD);
+        let reading = tokio::task::spawn_blocking(move || read(ids, batches_in));
         let (mut n_done, mut bytes_done) = (0u64, 0u64);
         let sent = socket
             .put_all(session, batches, |n, bytes| {
@@ -325,6 +345,68 @@ impl Teleport {
         read?;
         sent?;
         Ok((n_done, bytes_done))
+    }
+
+    /// The git state to record with a push: HEAD and branch, and a bundle of the commits
+    /// the relay has not taken yet (uploaded here). `None` outside a git repository.
+    async fn git_state(
+        &self,
+        session: &str,
+        root: &str,
+        worktree: &Worktree,
+        reporter: &Reporter,
+    ) -> Result<Option<GitState>, TeleportError> {
+        let (root, sent) = (root.to_owned(), worktree.git_sent.clone());
+        let prepared = Self::blocking(move || {
+            let Some(state) = cloud_tree::git::state(Path::new(&root)) else {
+                return Ok(None);
+            };
+            if sent.as_deref() == Some(state.head.as_str()) {
+                return Ok(Some((state, None)));
+            }
+            let file = tempfile::NamedTempFile::new()
+                .map_err(|e| TeleportError::Local(format!("cannot make a temp file: {e}")))?;
+            let have: Vec<String> = sent.into_iter().collect();
+            let made = cloud_tree::git::bundle(Path::new(&root), "HEAD", &have, file.path())
+                .map_err(TeleportError::Local)?;
+            if !made {
+                return Ok(Some((state, None)));
+            }
+            let content = cloud_tree::hash_file(file.path())
+                .map_err(|e| TeleportError::Local(format!("reading the git bundle: {e}")))?;
+            Ok(Some((state, Some((file, content)))))
+        })
+        .await?;
+        let Some((mut state, bundle)) = prepared else {
+            return Ok(None);
+        };
+        if let Some((file, content)) = bundle {
+            let bundle = BundleRef {
+                size: content.size,
+                content: content.content,
+                chunks: content.chunks,
+            };
+            let sizes: HashMap<ContentId, u64> = if bundle.chunks.is_empty() {
+                HashMap::from([(bundle.content, bundle.size)])
+            } else {
+                bundle
+                    .chunks
+                    .iter()
+                    .map(|c| (c.id, u64::from(c.len)))
+                    .collect()
+            };
+            let layout = bundle.clone();
+            self.upload_with(
+                session,
+                bundle.blobs(),
+                &sizes,
+                reporter,
+                move |ids, batches| local::read_file_blobs(file.path(), &layout, &ids, batches),
+            )
+            .await?;
+            state.bundle = Some(bundle);
+        }
+        Ok(Some(state))
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Worktree {
     pub last_error: Option<String>,
     /// Conflict copies the latest scan found in the worktree.
     pub conflicts: Vec<String>,
+    /// The git HEAD the relay took last (its history up to there need not be sent again).
+    pub git_sent: Option<String>,
 }
 
 impl Worktree {
@@ -52,6 +54,7 @@ impl Worktree {
             watching: false,
             last_error: None,
             conflicts: Vec::new(),
+            git_sent: None,
         }
     }
 }
@@ -287,6 +290,7 @@ mod tests {
             watching: true,
             last_error: None,
             conflicts: Vec::new(),
+            git_sent: None,
         };
         worktrees.put(&link).unwrap();
         // A root that is a prefix of another does not see its keys.

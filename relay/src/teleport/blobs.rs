@@ -63,6 +63,13 @@ impl BlobStore {
         Ok(self.org_dir(org)?.join(&hex[..2]).join(hex))
     }
 
+    /// Where temp files that become blobs or bundles are made (on the store's disk),
+    /// created if missing.
+    pub fn temp_dir(&self) -> Result<&Path, BlobStoreError> {
+        std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
+        Ok(&self.root)
+    }
+
     /// Whether `org` has blob `id`.
     pub fn has(&self, org: &str, id: &ContentId) -> Result<bool, BlobStoreError> {
         Ok(self.path(org, id)?.is_file())
@@ -120,23 +127,6 @@ impl BlobStore {
             return Ok(None);
         }
         Ok(Some(bytes))
-    }
-
-    /// Copies blob `id` of `org` into `out` (for materialising a file); false when absent.
-    pub fn copy_into(
-        &self,
-        org: &str,
-        id: &ContentId,
-        out: &mut impl std::io::Write,
-    ) -> Result<bool, BlobStoreError> {
-        match self.get(org, id)? {
-            Some(bytes) => {
-                out.write_all(&bytes)
-                    .map_err(io("copying", &self.path(org, id)?))?;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
     }
 }
 

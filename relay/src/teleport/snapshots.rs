@@ -27,7 +27,7 @@ use cloud_protocol::teleport::{
     MAX_DELTA_CHANGES,
 };
 
-use crate::blobs::{BlobStore, BlobStoreError};
+use super::blobs::{BlobStore, BlobStoreError};
 
 /// Why a snapshot operation failed.
 #[derive(Debug, thiserror::Error)]
