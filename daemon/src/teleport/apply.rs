@@ -24,6 +24,8 @@ pub struct Applied {
     pub touched: Vec<RelPath>,
     /// Paths changed on both sides, each with what was done.
     pub conflicts: Vec<String>,
+    /// The conflict copies written (the session's versions beside local ones).
+    pub copies: Vec<RelPath>,
     /// What could not be done, each with why.
     pub problems: Vec<String>,
 }
@@ -162,9 +164,12 @@ pub fn apply(
         };
         applied.touched.push(copy.clone());
         match put(&writer, &copy, &kind, Expect::Anything, blobs)? {
-            Ok(()) => applied.conflicts.push(format!(
-                "{path}: changed on both sides; the session's version is {copy}"
-            )),
+            Ok(()) => {
+                applied.conflicts.push(format!(
+                    "{path}: changed on both sides; the session's version is {copy}"
+                ));
+                applied.copies.push(copy);
+            }
             Err(e) => applied.problems.push(format!("{copy}: {e}")),
         }
     }

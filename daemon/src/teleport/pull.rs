@@ -165,6 +165,12 @@ impl Teleport {
             Ok(applied)
         })
         .await?;
+        // `teleport status` lists the conflict copies, the ones just written included.
+        let mut copies = scanned.conflicts;
+        copies.extend(applied.copies.iter().map(|copy| copy.to_string()));
+        copies.sort_unstable();
+        copies.dedup();
+        worktree.conflicts = copies;
         pulled.files = applied.changed;
         pulled.conflicts = applied.conflicts;
         pulled.problems = scanned.problems;
