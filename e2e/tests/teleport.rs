@@ -804,3 +804,34 @@ fn a_pull_never_writes_through_a_planted_symlink() {
     let said = report.unwrap_or_else(|error| error);
     assert!(names(&said, "src/new.rs"), "the path is named: {said}");
 }
+
+/// Open bug (found by the test above): a pull that cannot write a session's change (here:
+/// through a symlink) still records it as agreed. The problem says "move it away to let
+/// the change through", but after moving it away a pull brings nothing (the change counts
+/// as deleted here), and the next push deletes it from the session instead.
+#[test]
+fn a_change_a_pull_could_not_write_comes_through_once_the_way_is_clear() {
+    let (home, session) = embedded();
+    let work = temp_dir("tw");
+    let a = work.path();
+    write(&a.join("src/lib.rs"), "pub fn f() {}\n");
+    write(&a.join("README.md"), "readme\n");
+    push(&home, a, &session);
+    std::fs::rename(a.join("src"), a.join("src-moved")).unwrap();
+    let outside = temp_dir("to");
+    std::os::unix::fs::symlink(outside.path(), a.join("src")).unwrap();
+    write(&workspace(&home, &session).join("src/new.rs"), "new\n");
+    let said = pull_report(&home, a, &session).unwrap_or_else(|error| error);
+    assert!(names(&said, "src/new.rs"), "{said}");
+    assert_eq!(entries(outside.path()), Vec::<PathBuf>::new());
+
+    // As the problem advises: the symlink moved away, the directory back, pull again.
+    std::fs::remove_file(a.join("src")).unwrap();
+    std::fs::rename(a.join("src-moved"), a.join("src")).unwrap();
+    let said = pull_report(&home, a, &session).unwrap_or_else(|error| error);
+    assert!(
+        a.join("src/new.rs").exists(),
+        "the session's src/new.rs never arrived (pull said: {said:?})"
+    );
+    assert_eq!(read(&a.join("src/new.rs")), "new\n");
+}
