@@ -24,10 +24,14 @@ pub struct Applied {
     pub touched: Vec<RelPath>,
     /// Paths changed on both sides, each with what was done.
     pub conflicts: Vec<String>,
-    /// The conflict copies written.
+    /// The conflict copies written (the session's versions beside local ones).
     pub copies: Vec<RelPath>,
     /// What could not be done, each with why.
     pub problems: Vec<String>,
+    /// The paths whose change could not be written (a symlink or a file in the way, an IO
+    /// error): they are not agreed on, so the next pull tries them again and a push does
+    /// not take their absence for a local change.
+    pub failed: Vec<RelPath>,
 }
 
 /// What the index says is at `path` now, as the writer's expectation.
@@ -121,7 +125,10 @@ pub fn apply(
                         Err(WriteError::Changed { .. }) => applied.conflicts.push(format!(
                             "{p}: changed here while the session removed it; kept"
                         )),
-                        Err(e) => applied.problems.push(format!("{p}: {e}")),
+                        Err(e) => {
+                            applied.problems.push(format!("{p}: {e}"));
+                            applied.failed.push(p.clone());
+                        }
                     }
                 }
             }
@@ -134,7 +141,10 @@ pub fn apply(
                     Err(WriteError::Changed { .. }) => {
                         beside.push((path.clone(), entry.kind.clone()))
                     }
-                    Err(e) => applied.problems.push(format!("{path}: {e}")),
+                    Err(e) => {
+                        applied.problems.push(format!("{path}: {e}"));
+                        applied.failed.push(path.clone());
+                    }
                 }
             }
         }
@@ -170,7 +180,10 @@ pub fn apply(
                 ));
                 applied.copies.push(copy);
             }
-            Err(e) => applied.problems.push(format!("{copy}: {e}")),
+            Err(e) => {
+                applied.problems.push(format!("{copy}: {e}"));
+                applied.failed.push(path.clone());
+            }
         }
     }
     Ok(applied)
