@@ -188,3 +188,89 @@ pub fn apply(
     }
     Ok(applied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_protocol::teleport::{Delta, Entry};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    /// What a hostile relay could send once paths are checked (`..` and absolute paths do
+    /// not decode at all): a symlink out of the root, then writes through it. Nothing
+    /// lands outside; the writes through the link are reported by name.
+    #[test]
+    fn a_hostile_tree_writes_nothing_outside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let bytes = b"pwned".to_vec();
+        let id = ContentId::of(&bytes);
+        let file = EntryKind::File {
+            executable: true,
+            size: bytes.len() as u64,
+            content: id,
+            chunks: Vec::new(),
+        };
+        let put = |path: &str, kind: EntryKind| {
+            Change::Put(Entry {
+                path: p(path),
+                kind,
+            })
+        };
+        let merge = Merge {
+            apply: Delta {
+                changes: vec![
+                    put(
+                        "evil",
+                        EntryKind::Symlink {
+                            target: outside.path().display().to_string(),
+                        },
+                    ),
+                    put("evil/pwned", file.clone()),
+                    put("evil/deeper/pwned", file.clone()),
+                    Change::Remove(p("evil/victim")),
+                    put("ok.txt", file),
+                ],
+            },
+            conflicts: Vec::new(),
+        };
+        std::fs::write(outside.path().join("victim"), "still here").unwrap();
+        let blobs = HashMap::from([(id, bytes)]);
+        let applied = apply(
+            root.path().to_str().unwrap(),
+            &Index::default(),
+            &merge,
+            2,
+            &blobs,
+        )
+        .unwrap();
+        let outside_now: Vec<_> = std::fs::read_dir(outside.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(outside_now, vec![std::ffi::OsString::from("victim")]);
+        assert_eq!(
+            std::fs::read_to_string(outside.path().join("victim")).unwrap(),
+            "still here"
+        );
+        for name in ["evil/pwned", "evil/deeper/pwned"] {
+            assert!(
+                applied
+                    .problems
+                    .iter()
+                    .any(|problem| problem.starts_with(name)),
+                "{name} is reported: {:?}",
+                applied.problems
+            );
+            assert!(applied.failed.contains(&p(name)));
+        }
+        // The rest went on; the link itself is a link, as the tree says.
+        assert_eq!(std::fs::read(root.path().join("ok.txt")).unwrap(), b"pwned");
+        assert!(std::fs::symlink_metadata(root.path().join("evil"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+}
