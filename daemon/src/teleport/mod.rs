@@ -258,8 +258,7 @@ pub fn canonical_root(path: &str, create: bool) -> Result<String, TeleportError>
         )));
     }
     if create {
-        std::fs::create_dir_all(path)
-            .map_err(|e| TeleportError::Local(format!("cannot create {}: {e}", path.display())))?;
+        create_root(path)?;
     }
     let canonical = std::fs::canonicalize(path)
         .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
@@ -272,4 +271,25 @@ pub fn canonical_root(path: &str, create: bool) -> Result<String, TeleportError>
         .to_str()
         .map(str::to_owned)
         .ok_or_else(|| TeleportError::Local(format!("{} is not UTF-8", canonical.display())))
+}
+
+/// Makes the directory `path` and its missing parents, each 0755 whatever the umask (the
+/// daemon's is 077, and a worktree is the user's, as the directories a pull writes are).
+/// Directories that exist are left as they are.
+fn create_root(path: &Path) -> Result<(), TeleportError> {
+    let cannot = |what: &Path, e: std::io::Error| {
+        TeleportError::Local(format!("cannot create {}: {e}", what.display()))
+    };
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|dir| std::fs::symlink_metadata(dir).is_err())
+        .collect();
+    std::fs::create_dir_all(path).map_err(|e| cannot(path, e))?;
+    #[cfg(unix)]
+    for dir in missing.into_iter().rev() {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| cannot(dir, e))?;
+    }
+    Ok(())
 }

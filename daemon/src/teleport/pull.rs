@@ -14,7 +14,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cloud_protocol::ipc::TeleportOutcome;
-use cloud_protocol::teleport::{merge, ContentId, EntryKind, TeleportReply, TeleportRequest};
+use cloud_protocol::teleport::{
+    merge, Change, ContentId, Delta, EntryKind, Manifest, TeleportReply, TeleportRequest,
+};
 
 use super::worktrees::Worktree;
 use super::{apply, local, Reporter, Teleport, TeleportError};
@@ -86,7 +88,13 @@ impl Teleport {
         let reply = self
             .request(TeleportRequest::Changes {
                 session: worktree.session.clone(),
-                since: worktree.version,
+                // After changes that could not be written, the whole tree: the agreed one
+                // differs from the version's there, so a delta would not bring them again.
+                since: if worktree.unapplied {
+                    0
+                } else {
+                    worktree.version
+                },
             })
             .await?;
         let TeleportReply::Changes { newest, delta } = reply else {
@@ -98,7 +106,7 @@ impl Teleport {
             .validate()
             .map_err(|e| TeleportError::Relay(format!("a malformed delta: {e}")))?;
         worktree.remote_version = worktree.remote_version.max(newest.version);
-        if delta.is_empty() && newest.version <= worktree.version {
+        if delta.is_empty() && newest.version <= worktree.version && !worktree.unapplied {
             // Nothing new: the worktree is not scanned for it.
             return Ok(Pulled {
                 version: worktree.version,
@@ -116,7 +124,11 @@ impl Teleport {
             Ok((base, scanned))
         })
         .await?;
-        let mut remote = base.clone();
+        let mut remote = if worktree.unapplied {
+            Manifest::new()
+        } else {
+            base.clone()
+        };
         remote.apply(&delta);
         let merged = merge(&base, &scanned.manifest, &remote);
         // The blobs the writes need: from the worktree where it has them, else fetched.
@@ -176,15 +188,16 @@ impl Teleport {
             Ok((applied, index))
         })
         .await?;
+        // `teleport status` lists the conflict copies, the ones just written included.
+        let mut copies = scanned.conflicts;
+        copies.extend(applied.copies.iter().map(|copy| copy.to_string()));
+        copies.sort_unstable();
+        copies.dedup();
+        worktree.conflicts = copies;
+        let applied_failed = applied.failed;
+        worktree.unapplied = !applied_failed.is_empty();
         pulled.files = applied.changed;
         pulled.conflicts = applied.conflicts;
-        worktree.conflicts = scanned.conflicts;
-        for copy in applied.copies {
-            let copy = copy.to_string();
-            if !worktree.conflicts.contains(&copy) {
-                worktree.conflicts.push(copy);
-            }
-        }
         pulled.problems = scanned.problems;
         pulled.problems.extend(applied.problems);
         pulled.index = Some(index);
@@ -195,7 +208,19 @@ impl Teleport {
                     .push(format!("the session's git history: {e}"));
             }
         }
-        self.agreed(worktree, &base, &remote, &newest).await?;
+        // Agreed on: the session's tree, but where a change could not be written, what was
+        // agreed before (so the next pull tries it again, and a push does not take the
+        // missing file for a local deletion).
+        let mut agreed = remote;
+        for path in &applied_failed {
+            agreed.apply(&Delta {
+                changes: vec![Change::Remove(path.clone())],
+            });
+            for (under, kind) in base.under(path) {
+                agreed.insert(under.clone(), kind.clone());
+            }
+        }
+        self.agreed(worktree, &base, &agreed, &newest).await?;
         Ok(pulled)
     }
 

@@ -41,6 +41,9 @@ pub struct Worktree {
     pub conflicts: Vec<String>,
     /// The git HEAD the relay took last (its history up to there need not be sent again).
     pub git_sent: Option<String>,
+    /// Whether the last pull could not write some of the session's changes: the agreed
+    /// tree keeps what was agreed before there, and the next pull asks for the whole tree.
+    pub unapplied: bool,
 }
 
 impl Worktree {
@@ -55,6 +58,7 @@ impl Worktree {
             last_error: None,
             conflicts: Vec::new(),
             git_sent: None,
+            unapplied: false,
         }
     }
 }
@@ -291,6 +295,7 @@ mod tests {
             last_error: None,
             conflicts: Vec::new(),
             git_sent: None,
+            unapplied: false,
         };
         worktrees.put(&link).unwrap();
         // A root that is a prefix of another does not see its keys.

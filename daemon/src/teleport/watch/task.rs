@@ -388,7 +388,12 @@ impl Watch {
         let mut worktree = self.teleport.link_to(&self.root, &self.session).await?;
         let pulled = self.teleport.pull_held(&mut worktree, &reporter).await?;
         self.version = worktree.version;
-        self.schedule.pulled();
+        if worktree.unapplied {
+            // Some changes could not be written (a path in the way): tried again later.
+            self.schedule.failed(&Due::Pull, Instant::now());
+        } else {
+            self.schedule.pulled();
+        }
         let Some(index) = pulled.index else {
             // Nothing new.
             return Ok(());
