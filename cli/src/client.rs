@@ -163,13 +163,14 @@ impl Client {
         reply.await
     }
 
-    /// Sends `request` and waits for its reply, whatever it is.
-    async fn call(&mut self, request: Request) -> Result<Response, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let bytes = frame::encode_to_vec(&ClientMessage { id, request })
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.stream.write_all(&bytes).await?;
+    /// Sends `request` and waits for its reply, handing every notification that arrives
+    /// meanwhile to `on_notification` (progress of a long request).
+    pub async fn request_with(
+        &mut self,
+        request: Request,
+        mut on_notification: impl FnMut(&Notification),
+    ) -> Result<Response, ClientError> {
+        let id = self.send(request).await?;
         loop {
             match self.read_message().await? {
                 ServerMessage::Reply {
@@ -184,9 +185,28 @@ impl Client {
                 ServerMessage::Notify(Notification::Closing(closing)) => {
                     return Err(ClientError::Closed(closing))
                 }
-                ServerMessage::Notify(notification) => self.notifications.push_back(notification),
+                ServerMessage::Notify(notification) => on_notification(&notification),
             }
         }
+    }
+
+    /// Writes `request` with a fresh id, and returns the id.
+    async fn send(&mut self, request: Request) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = frame::encode_to_vec(&ClientMessage { id, request })
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.stream.write_all(&bytes).await?;
+        Ok(id)
+    }
+
+    /// Sends `request` and waits for its reply, whatever it is; notifications that arrive
+    /// meanwhile wait for [`Client::next_notification`].
+    async fn call(&mut self, request: Request) -> Result<Response, ClientError> {
+        let mut early = Vec::new();
+        let result = self.request_with(request, |n| early.push(n.clone())).await;
+        self.notifications.extend(early);
+        result
     }
 
     /// The next notification; `Ok(None)` when the daemon closed the connection.

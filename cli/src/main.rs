@@ -15,6 +15,7 @@ use cloudctl::service;
 
 mod session_commands;
 mod table;
+mod teleport_commands;
 
 use cloud_protocol::bridge::PermissionDecision;
 use serde_json::json;
@@ -82,6 +83,11 @@ enum Command {
         /// again: the daemon and the relay take a repeat of a key as the same message.
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
+    },
+    /// Move a worktree to a session and back: push, pull, watch, stop, status.
+    Teleport {
+        #[command(subcommand)]
+        command: teleport_commands::TeleportCommand,
     },
     /// Stream a session's messages and permission prompts.
     Attach {
@@ -301,6 +307,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Session { command } => {
             let mut running = connect(&paths, true).await?;
             session_commands::session(&mut running.client, command, json_output).await
+        }
+        Command::Teleport { command } => {
+            let mut running = connect(&paths, true).await?;
+            teleport_commands::teleport(&mut running.client, command, json_output).await
         }
         Command::Send {
             id,

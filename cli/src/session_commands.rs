@@ -15,6 +15,7 @@ use cloud_protocol::session::{
     Author, CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction,
     SessionEvent, Visibility,
 };
+use cloud_protocol::teleport::VersionAuthor;
 use cloudctl::client::Client;
 use serde_json::{json, Value};
 
@@ -84,6 +85,9 @@ pub struct CreateArgs {
     /// Whether its agent may change the repository.
     #[arg(long, value_enum, default_value_t = RepoArg::Write)]
     repo_access: RepoArg,
+    /// Push this worktree into the new session (as `teleport push` would).
+    #[arg(long, value_name = "PATH")]
+    teleport: Option<std::path::PathBuf>,
 }
 
 /// `--visibility`.
@@ -133,21 +137,25 @@ pub async fn session(
     command: SessionCommand,
     json_output: bool,
 ) -> anyhow::Result<()> {
+    let mut teleport = None;
     let request = match command {
-        SessionCommand::Create(args) => Request::SessionCreate(CreateSession {
-            task: args.task,
-            visibility: args.visibility.into(),
-            network_access: match args.network {
-                NetworkArg::None => NetworkAccess::None,
-                NetworkArg::Limited => NetworkAccess::Limited,
-                NetworkArg::Full => NetworkAccess::Full,
-            },
-            repo_access: match args.repo_access {
-                RepoArg::Read => RepoAccess::Read,
-                RepoArg::Write => RepoAccess::Write,
-            },
-            vm_image: args.image,
-        }),
+        SessionCommand::Create(mut args) => {
+            teleport = args.teleport.take();
+            Request::SessionCreate(CreateSession {
+                task: args.task,
+                visibility: args.visibility.into(),
+                network_access: match args.network {
+                    NetworkArg::None => NetworkAccess::None,
+                    NetworkArg::Limited => NetworkAccess::Limited,
+                    NetworkArg::Full => NetworkAccess::Full,
+                },
+                repo_access: match args.repo_access {
+                    RepoArg::Read => RepoAccess::Read,
+                    RepoArg::Write => RepoAccess::Write,
+                },
+                vm_image: args.image,
+            })
+        }
         SessionCommand::List => Request::SessionList,
         SessionCommand::Show { id } => Request::SessionShow { session: id },
         SessionCommand::Pause { id } => action(id, SessionAction::Pause),
@@ -190,6 +198,10 @@ pub async fn session(
                 println!("{}", json!({"session": session, "stale": stale}));
             } else {
                 print_session(&session, stale);
+            }
+            if let Some(path) = teleport {
+                crate::teleport_commands::push(client, &path, session.id.clone(), json_output)
+                    .await?;
             }
         }
         Response::Pong => {
@@ -250,6 +262,23 @@ fn print_session(session: &Session, stale: bool) {
         ("active", ago(session.last_activity)),
         ("log", format!("{} entries", session.last_seq)),
     ];
+    let snapshot = session.snapshot.as_ref().map(|v| {
+        let git = match &v.git {
+            Some(git) => format!(
+                ", HEAD {}{}",
+                &git.head[..git.head.len().min(12)],
+                git.branch
+                    .as_deref()
+                    .map(|b| format!(" on {b}"))
+                    .unwrap_or_else(|| " (detached)".to_owned())
+            ),
+            None => String::new(),
+        };
+        (
+            "snapshot",
+            format!("v{} ({} files, {} bytes{git})", v.version, v.files, v.bytes),
+        )
+    });
     let note = stale.then(|| {
         (
             "note",
@@ -258,6 +287,7 @@ fn print_session(session: &Session, stale: bool) {
     });
     crate::table::print(
         rows.into_iter()
+            .chain(snapshot)
             .chain(note)
             .map(|(name, value)| [name.to_owned(), value]),
     );
@@ -611,6 +641,16 @@ fn print_entry(session: &str, entry: &LogEntry, json_output: bool) {
             None => format!("session {}", status.as_str()),
         },
         SessionEvent::Message(text) => describe_message(session, text),
+        SessionEvent::Snapshot(version) => {
+            let by = match &version.author {
+                VersionAuthor::Instance(id) => format!("pushed by {id}"),
+                VersionAuthor::Agent => "the agent's edits".to_owned(),
+            };
+            format!(
+                "snapshot v{} ({by}; {} files, {} bytes)",
+                version.version, version.files, version.bytes
+            )
+        }
     };
     println!("[{}] {who}: {text}", entry.seq);
 }

@@ -18,12 +18,12 @@ use crate::bridge::Bridge;
 use crate::config::{Config, ConfigError};
 use crate::credentials;
 use crate::event::{CoreEvent, Signal};
-use crate::inbound::Inbound;
 use crate::ipc::{listener, IpcError};
 use crate::journal::Journal;
 use crate::link::Link;
 use crate::logging::{Logging, LoggingError};
-use crate::replica::Replica;
+use crate::sessions::inbound::Inbound;
+use crate::sessions::replica::Replica;
 use crate::signals;
 use crate::singleton::{InstanceLock, LockError};
 use crate::state::{Shared, Snapshot};
@@ -137,6 +137,10 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         instance_id.clone(),
     );
     let link = Arc::new(link);
+    let teleport = Arc::new(crate::teleport::Teleport::new(
+        crate::teleport::worktrees::Worktrees::open(&db)?,
+        Arc::clone(&link),
+    ));
 
     let (core_tx, mut core_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared::new(
@@ -154,7 +158,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         config.max_clients,
         logging.feed.clone(),
         core_tx.clone(),
-        Arc::clone(&link),
+        (Arc::clone(&link), teleport),
     ));
     let bridge = Bridge::new(
         Arc::clone(&link),
@@ -164,6 +168,13 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         shared.shutdown.clone(),
     );
     let bridge_task = tokio::spawn(bridge.run());
+    // The watches the links record: the daemon's, so they outlive daemon restarts. Each
+    // waits for the relay, then rescans (what changed while no daemon watched) and pulls.
+    match shared.teleport.resume_watches().await {
+        Ok(0) => {}
+        Ok(n_watches) => tracing::info!(n_watches, "teleport watches resumed"),
+        Err(e) => tracing::error!("cannot resume the teleport watches: {e}"),
+    }
     let signal_task = signals::spawn(core_tx).map_err(StartError::Signals)?;
     let listener = match adopted {
         Some(listener) => listener,
@@ -221,6 +232,8 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     let connections_deadline = deadline - Duration::from_secs(1);
     shared.shutdown.cancel();
     tracker.close();
+    // The watches finish their current step (bounded); their links keep `watching`.
+    let _ = tokio::time::timeout_at(connections_deadline, shared.teleport.stop_watches()).await;
     let _ = accept_task.await;
     if tokio::time::timeout_at(connections_deadline, tracker.wait())
         .await

@@ -12,12 +12,14 @@ use std::time::Duration;
 use cloud_protocol::bridge::RelayRequest;
 use cloud_protocol::ipc::{BridgeState, Notification, RelayMode, RelayStatus};
 use cloud_protocol::session::Session;
+use cloud_protocol::teleport::{TeleportReply, TeleportRequest};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::inbound::Inbound;
 use crate::journal::Journal;
-use crate::replica::Replica;
+use crate::sessions::inbound::Inbound;
+use crate::sessions::replica::Replica;
 use crate::store::{Meta, Refusals};
+use crate::teleport::transfer::BlobEndpoint;
 
 /// How many refusal reasons are remembered for `Delivery` requests that come late.
 const REMEMBERED_REFUSALS: usize = 1024;
@@ -54,7 +56,21 @@ pub enum BridgeCommand {
     },
     /// The credentials changed: reconnect now (also after a permanent refusal).
     Reconnect,
+    /// A teleport request, answered on `reply` (an error when unreachable).
+    Teleport {
+        /// The request.
+        request: TeleportRequest,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<TeleportReply, String>>,
+    },
 }
+
+/// How long a teleport request waits for the relay's answer (a commit of a large tree
+/// takes a while to write).
+pub const TELEPORT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// How long a teleport request waits for a bridge that is connecting.
+pub const TELEPORT_CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// The outcome of a journaled event, as the relay reported it.
 pub type Delivery = Result<(), String>;
@@ -89,6 +105,8 @@ pub struct Link {
     /// How many reconnects (credential changes) the bridge has taken up: a status seen
     /// after it grows belongs to an attempt with the new credentials.
     epoch: std::sync::atomic::AtomicU64,
+    /// Where the relay's blob socket is, while the bridge is connected.
+    blob_endpoint: Mutex<Option<BlobEndpoint>>,
 }
 
 /// The idempotency keys of the events the journal still holds, so a client that retries
@@ -171,9 +189,64 @@ impl Link {
                 session_feed,
                 sessions_feed,
                 epoch: std::sync::atomic::AtomicU64::new(0),
+                blob_endpoint: Mutex::new(None),
             },
             commands_rx,
         )
+    }
+
+    /// Sets (connected) or clears (disconnected) where the relay's blob socket is.
+    pub fn set_blob_endpoint(&self, endpoint: Option<BlobEndpoint>) {
+        *self
+            .blob_endpoint
+            .lock()
+            .expect("blob endpoint lock poisoned") = endpoint;
+    }
+
+    /// Where the relay's blob socket is, if the bridge is connected.
+    pub fn blob_endpoint(&self) -> Option<BlobEndpoint> {
+        self.blob_endpoint
+            .lock()
+            .expect("blob endpoint lock poisoned")
+            .clone()
+    }
+
+    /// Asks the relay a teleport question through the bridge, waiting (bounded) for a
+    /// bridge that is connecting.
+    pub async fn teleport_request(
+        &self,
+        request: TeleportRequest,
+    ) -> Result<TeleportReply, String> {
+        let mut watch = self.watch_status();
+        let _ = tokio::time::timeout(
+            TELEPORT_CONNECT_WAIT,
+            watch.wait_for(|s| matches!(s.state, BridgeState::Connected | BridgeState::Refused)),
+        )
+        .await;
+        drop(watch);
+        let status = self.status();
+        if status.state != BridgeState::Connected {
+            return Err(format!(
+                "{} is not connected ({}); try again when `cloudctl status` shows it connected",
+                status.describe(),
+                status.reason.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send_timeout(
+                BridgeCommand::Teleport { request, reply },
+                TELEPORT_CONNECT_WAIT,
+            )
+            .await
+            .map_err(|_| "the bridge is too busy to take the request; try again".to_owned())?;
+        match tokio::time::timeout(TELEPORT_DEADLINE, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the bridge dropped the request (the connection ended)".to_owned()),
+            Err(_) => Err(format!(
+                "the relay did not answer within {TELEPORT_DEADLINE:?}"
+            )),
+        }
     }
 
     /// The relay connection now.

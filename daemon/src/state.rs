@@ -54,6 +54,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// The journal, the stores the bridge fills, and the way to the bridge.
     pub link: Arc<Link>,
+    /// Linked worktrees: push, pull, watch.
+    pub teleport: Arc<crate::teleport::Teleport>,
 }
 
 /// The changing part of the state.
@@ -90,7 +92,7 @@ impl Shared {
         max_clients: usize,
         log_feed: broadcast::Sender<Arc<Notification>>,
         core: mpsc::Sender<CoreEvent>,
-        link: Arc<Link>,
+        (link, teleport): (Arc<Link>, Arc<crate::teleport::Teleport>),
     ) -> Shared {
         let (state_feed, _) = broadcast::channel(STATE_FEED_CAPACITY);
         let paths_text = [
@@ -113,6 +115,7 @@ impl Shared {
             core,
             shutdown: CancellationToken::new(),
             link,
+            teleport,
         }
     }
 

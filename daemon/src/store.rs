@@ -2,11 +2,11 @@
 //! private to the user like the rest of the state directory (see [`restrict`]).
 //!
 //! The outbound journal is not in it: it has its own databases (see [`crate::journal`]).
-//! Each tree belongs to one module: `inbound` and
-//! `follows` to [`crate::inbound`], `sessions` to [`crate::replica`], `meta` to this module
-//! (the instance id, whose relay and identity the journal's events belong to, how many
-//! events were refused and the latest reason) but for its `journal_acked` key, which is the
-//! journal's. No other module opens a tree.
+//! Each tree belongs to one module: `log` and `follows` to [`crate::sessions::inbound`],
+//! `sessions` to [`crate::sessions::replica`], `meta` to this module (the instance id, whose
+//! relay and identity the journal's events belong to, how many events were refused and the
+//! latest reason) but for its `journal_acked` key, which is the journal's. No other module
+//! opens a tree.
 //!
 //! Architecture invariant: the daemon never uses sled's batches or transactions, in this
 //! store or the journal's. In sled 0.34 they take a lock shared by every database in the

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use cloud_protocol::bridge::Outbound;
 use cloud_protocol::session::{Author, LogEntry, SessionEvent};
-use cloudd::inbound::Inbound;
 use cloudd::journal::Journal;
-use cloudd::replica::Replica;
+use cloudd::sessions::inbound::Inbound;
+use cloudd::sessions::replica::Replica;
 use cloudd::store::{self, StoreError};
 use proptest::collection::vec;
 use proptest::prelude::*;

@@ -19,10 +19,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::session::{CreateSession, LogEntry, Session, SessionAction, Visibility};
+use crate::teleport::{TeleportReply, TeleportRequest};
 
 /// The bridge protocol version, checked when the daemon registers. 2: journaled events
 /// carry an idempotency key, and `RelayRequest::Get` exists.
-pub const BRIDGE_VERSION: u32 = 2;
+pub const BRIDGE_VERSION: u32 = 3;
 
 /// The largest bridge message either side accepts.
 pub const MAX_BRIDGE_MESSAGE: usize = 16 * 1024 * 1024;
@@ -119,6 +120,13 @@ pub enum ToRelay {
         id: u64,
         /// What is asked.
         request: RelayRequest,
+    },
+    /// A teleport request (task channel), answered by [`FromRelay::TeleportReply`].
+    Teleport {
+        /// Chosen by the daemon, echoed in the reply.
+        id: u64,
+        /// What is asked.
+        request: TeleportRequest,
     },
 }
 
@@ -308,6 +316,13 @@ pub enum FromRelay {
         id: u64,
         /// The session after the request (none after a delete), or why it failed.
         result: Result<Option<Session>, String>,
+    },
+    /// The answer to a [`ToRelay::Teleport`].
+    TeleportReply {
+        /// The request's id.
+        id: u64,
+        /// The answer, or why it failed.
+        result: Result<TeleportReply, String>,
     },
 }
 

@@ -249,6 +249,43 @@ requests! {
         /// The session.
         session: String,
     };
+    /// Links the worktree at `path` to `session` (if it is not yet) and pushes its state
+    /// as it is now: a new snapshot version. [`Notification::TeleportProgress`] follows on
+    /// this connection meanwhile. Answered by [`Response::Teleported`].
+    TELEPORT_PUSH = "teleport/push" => TeleportPush {
+        /// The worktree's root, absolute.
+        path: String,
+        /// The session.
+        session: String,
+    };
+    /// Brings the session's newest version into the worktree at `path` (three-way: local
+    /// changes are never overwritten; a change on both sides keeps both). Progress as for
+    /// a push. Answered by [`Response::Teleported`].
+    TELEPORT_PULL = "teleport/pull" => TeleportPull {
+        /// The worktree's root, absolute (created if absent).
+        path: String,
+        /// The session (none: the one `path` is linked to).
+        #[serde(default)]
+        session: Option<String>,
+    };
+    /// Keeps the worktree at `path` and `session` in step, both ways, until stopped: the
+    /// daemon's watch, which outlives this connection and daemon restarts. Pushes first.
+    /// Answered by [`Response::TeleportLinks`] with the link.
+    TELEPORT_WATCH = "teleport/watch" => TeleportWatch {
+        /// The worktree's root, absolute.
+        path: String,
+        /// The session.
+        session: String,
+    };
+    /// Stops watching the worktree at `path` (its link stays, for later pushes and pulls).
+    /// Answered by [`Response::TeleportLinks`] with the link.
+    TELEPORT_STOP = "teleport/stop" => TeleportStop {
+        /// The worktree's root, absolute.
+        path: String,
+    };
+    /// Every linked worktree: its session, versions, pending changes, conflicts and
+    /// watcher health. Answered by [`Response::TeleportLinks`].
+    TELEPORT_STATUS = "teleport/status" => TeleportStatus;
 }
 
 pub use crate::bridge::MAX_IDEMPOTENCY_KEY;
@@ -292,6 +329,8 @@ pub enum Topic {
     Log,
     /// Changes to the session replica, the relay connection, refused events.
     Sessions,
+    /// The daemon's teleport watches: progress, versions pushed and pulled, conflicts.
+    Teleport,
 }
 
 /// A successful answer. Each variant answers the [`Request`] variant of the same name.
@@ -344,6 +383,72 @@ pub enum Response {
     },
     /// Pending permission prompts.
     Prompts(Vec<Prompt>),
+    /// A push or pull is done.
+    Teleported(TeleportOutcome),
+    /// Linked worktrees.
+    TeleportLinks(Vec<TeleportLink>),
+}
+
+/// What a push or a pull did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeleportOutcome {
+    /// The worktree's root.
+    pub root: String,
+    /// The session.
+    pub session: String,
+    /// The version both sides now agree on.
+    pub version: u64,
+    /// Files that changed (sent by a push, written by a pull).
+    pub files: u64,
+    /// Blobs uploaded or downloaded, and their bytes.
+    pub blobs: u64,
+    pub bytes: u64,
+    /// Paths changed on both sides: the local file stayed, the remote version is beside
+    /// it (see [`crate::teleport::RelPath::conflict_name`]).
+    pub conflicts: Vec<String>,
+    /// Paths that could not be read or written, each with why; the rest went on.
+    pub problems: Vec<String>,
+}
+
+/// A linked worktree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeleportLink {
+    /// The worktree's root.
+    pub root: String,
+    /// The session.
+    pub session: String,
+    /// The last version both sides agreed on (0: none yet).
+    pub version: u64,
+    /// The session's newest version the daemon knows of.
+    pub remote_version: u64,
+    /// Whether the daemon keeps it in step.
+    pub watching: bool,
+    /// Local changes not yet pushed (known from the watcher; 0 when not watching).
+    pub pending: u64,
+    /// Conflict copies still in the worktree.
+    pub conflicts: Vec<String>,
+    /// The watcher's health: `ok`, or what is wrong and what to do.
+    pub watcher: String,
+    /// The latest failure, if the latest attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// Progress of a push or pull, pushed to the connection that asked for it (and to
+/// [`Topic::Teleport`] subscribers for the daemon's watches).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeleportProgress {
+    /// The worktree's root.
+    pub root: String,
+    /// The session.
+    pub session: String,
+    /// `scan`, `upload`, `commit`, `download`, `apply`, or `done`.
+    pub phase: String,
+    /// Items (files or blobs) done and in all.
+    pub done: u64,
+    pub total: u64,
+    /// Bytes done and in all.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
 }
 
 /// Who the daemon talks to the relay as.
@@ -535,6 +640,10 @@ pub enum Notification {
         /// Why.
         reason: String,
     },
+    /// Progress of a push or pull (to the connection that asked, and [`Topic::Teleport`]).
+    TeleportProgress(TeleportProgress),
+    /// A watched link pushed or pulled a version ([`Topic::Teleport`]).
+    Teleported(TeleportOutcome),
 }
 
 /// The notification method names of the JSON-RPC encoding.
@@ -555,6 +664,10 @@ pub mod notification {
     pub const RELAY: &str = "relay";
     /// [`super::Notification::EventRefused`]
     pub const EVENT_REFUSED: &str = "event/refused";
+    /// [`super::Notification::TeleportProgress`]
+    pub const TELEPORT_PROGRESS: &str = "teleport/progress";
+    /// [`super::Notification::Teleported`]
+    pub const TELEPORTED: &str = "teleport/done";
 }
 
 /// A lifecycle change.

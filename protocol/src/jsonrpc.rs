@@ -493,6 +493,8 @@ pub fn encode_notification(notification: &Notification, out: &mut Vec<u8>) {
         Notification::SessionRemoved { .. } => notification::SESSION_REMOVED,
         Notification::Relay(_) => notification::RELAY,
         Notification::EventRefused { .. } => notification::EVENT_REFUSED,
+        Notification::TeleportProgress(_) => notification::TELEPORT_PROGRESS,
+        Notification::Teleported(_) => notification::TELEPORTED,
     };
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
     write_json(method_name, out);
@@ -561,6 +563,8 @@ impl Serialize for ResultOut<'_> {
             }
             .serialize(serializer),
             Response::Prompts(prompts) => prompts.serialize(serializer),
+            Response::Teleported(outcome) => outcome.serialize(serializer),
+            Response::TeleportLinks(links) => links.serialize(serializer),
         }
     }
 }
@@ -610,13 +614,15 @@ impl Serialize for NotificationParamsOut<'_> {
                 session,
             }
             .serialize(serializer),
+            Notification::TeleportProgress(progress) => progress.serialize(serializer),
+            Notification::Teleported(outcome) => outcome.serialize(serializer),
         }
     }
 }
 
 /// A session log entry as [`log_entry_value`] shapes it: `seq`, `at`, `author`, and
-/// either the `message` (embedded as JSON when it parses, else as a string) or the
-/// `status` and `reason`. Keys in sorted order, as before.
+/// either the `message` (embedded as JSON when it parses, else as a string), the
+/// `status` and `reason`, or the `snapshot` (a new version of the session's tree). Keys in sorted order, as before.
 struct EntryOut<'a>(&'a LogEntry);
 
 impl Serialize for EntryOut<'_> {
@@ -631,6 +637,7 @@ impl Serialize for EntryOut<'_> {
                 Err(_) => map.serialize_entry("message", text)?,
             },
             SessionEvent::Status { reason, .. } => map.serialize_entry("reason", reason)?,
+            SessionEvent::Snapshot(version) => map.serialize_entry("snapshot", version)?,
         }
         map.serialize_entry("seq", &entry.seq)?;
         if let SessionEvent::Status { status, .. } = &entry.event {
@@ -730,6 +737,8 @@ mod tests {
                     json!({"session": session, "last_seq": last_seq})
                 }
                 Response::Prompts(prompts) => json!(prompts),
+                Response::Teleported(outcome) => json!(outcome),
+                Response::TeleportLinks(links) => json!(links),
             }
         }
 
@@ -744,6 +753,7 @@ mod tests {
                     value["status"] = json!(status);
                     value["reason"] = json!(reason);
                 }
+                SessionEvent::Snapshot(version) => value["snapshot"] = json!(version),
             }
             value
         }
@@ -793,6 +803,10 @@ mod tests {
                     notification::EVENT_REFUSED,
                     json!({"seq": seq, "session": session, "reason": reason}),
                 ),
+                Notification::TeleportProgress(progress) => {
+                    (notification::TELEPORT_PROGRESS, json!(progress))
+                }
+                Notification::Teleported(outcome) => (notification::TELEPORTED, json!(outcome)),
             };
             let line = json!({ "jsonrpc": "2.0", "method": method_name, "params": params });
             let mut out = serde_json::to_vec(&line).unwrap();
@@ -831,6 +845,7 @@ mod tests {
             org: "acme".into(),
             failure: Some("oom".into()),
             last_seq: 42,
+            snapshot: None,
         }
     }
 

@@ -13,14 +13,19 @@
 //! - [`session`]: cloud sessions, their lifecycle and their ordered logs.
 //! - [`bridge`]: the daemon ↔ relay WebSocket envelope and messages.
 //! - [`agent`]: the stream-json lines agents speak on stdio.
+//! - [`blobs`]: the blob socket that carries teleport's file contents beside the bridge.
+//! - [`teleport`]: checked paths, content ids, manifests, deltas, the three-way merge and
+//!   the teleport requests of the bridge.
 
 pub mod agent;
+pub mod blobs;
 pub mod bridge;
 pub mod frame;
 pub mod ipc;
 pub mod jsonrpc;
 pub mod paths;
 pub mod session;
+pub mod teleport;
 
 /// The largest message either encoding accepts: a binary frame body or a JSON line.
 ///

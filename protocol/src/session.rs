@@ -150,6 +150,8 @@ pub struct Session {
     pub failure: Option<String>,
     /// The sequence number of its last log entry (0 when empty).
     pub last_seq: u64,
+    /// Its newest snapshot version (teleport), with the git HEAD and branch it records.
+    pub snapshot: Option<Box<crate::teleport::VersionInfo>>,
 }
 
 /// What creating a session takes. In JSON every field is optional.
@@ -219,6 +221,32 @@ pub struct LogEntry {
     pub event: SessionEvent,
 }
 
+impl LogEntry {
+    /// About how many bytes it takes encoded: its strings, and a bound on the rest
+    /// (sequence, time, tags, lengths). For sizing buffers and chunks, not for limits.
+    pub fn approx_len(&self) -> usize {
+        let author = match &self.author {
+            Author::User(name) => name.len(),
+            Author::Agent | Author::Relay => 0,
+        };
+        let event = match &self.event {
+            SessionEvent::Message(text) => text.len(),
+            SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
+            SessionEvent::Snapshot(version) => {
+                let git = version.git.as_ref().map_or(0, |g| {
+                    g.head.len() + g.branch.as_ref().map_or(0, String::len)
+                });
+                let by = match &version.author {
+                    crate::teleport::VersionAuthor::Instance(id) => id.len(),
+                    crate::teleport::VersionAuthor::Agent => 0,
+                };
+                git + by + 64
+            }
+        };
+        author + event + 32
+    }
+}
+
 /// Who a log entry comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -245,6 +273,8 @@ pub enum SessionEvent {
         /// Why, when there is a reason worth telling (a failure).
         reason: Option<String>,
     },
+    /// A new snapshot version of the session's tree (a push, or the agent's edits).
+    Snapshot(crate::teleport::VersionInfo),
 }
 
 #[cfg(test)]

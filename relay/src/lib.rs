@@ -4,19 +4,27 @@
 //! It runs as its own server (`cloud-relay serve`) or embedded in a daemon ([`start`] on
 //! loopback). The story of a request, module by module:
 //!
-//! - [`http`]: routing, bearer-token authentication ([`tokens`]), REST handlers.
-//! - [`bridge`]: the daemons' WebSocket (postcard envelopes, dedup, cumulative acks).
+//! - [`http`]: the router and the server. `http::auth` turns the bearer token into an
+//!   identity ([`tokens`]); one module per REST resource (`http::sessions`,
+//!   `http::events`, `http::log`, `http::instances`), each turning a request into a
+//!   core command or a read of the published state; `http::error` is the answer when
+//!   that fails.
+//! - `http::bridge`: the daemons' WebSocket (postcard envelopes, dedup, cumulative
+//!   acks): registration, event batches, the daemon's replica and joins, instance
+//!   commands, and encoding, each in a module of its own.
+//! - `http::viewer`: the read-only WebSocket that streams a session's log as JSON.
 //! - [`instances`]: the connected daemon instances, and commands sent to them.
-//! - [`viewer`]: the read-only WebSocket that streams a session's log as JSON.
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
-//!   [`store`] before acknowledging, publishing or telling an agent anything.
-//!   [`error`] is what a request to it can fail with; [`idempotency`] recognises a
-//!   retried event by its key; [`delivery`] says which user messages an agent has not
-//!   finished, and what the log says about those that no agent
-//!   will take and about refused events.
+//!   [`store`] before acknowledging, publishing or telling an agent anything. Its loop is
+//!   in `core` itself; each kind of change in a module of its concern: `core::sessions`
+//!   (lifecycle, starting and stopping agents), `core::events` (user events, dedup,
+//!   refusals, with `core::idempotency`), `core::prompts`, `core::agent_reports`,
+//!   `core::unfinished` (on top of `core::delivery`); `core::shared` is what
+//!   readers see; `core::error` is what a request to it can fail with.
 //! - [`follow`]: reading a session's log after a cursor, then live.
-//! - [`agents`]: agent processes on stream-json stdio; [`shell_agent`] is the built-in one.
+//! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
+//!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).
 //!
 //! Architecture invariants: only [`core`] writes the store; nothing is acknowledged or shown
 //! before it is flushed; tokens are stored hashed and never logged; the core never waits on
@@ -25,18 +33,15 @@
 
 mod access;
 mod agents;
-mod bridge;
 mod core;
-mod delivery;
-mod error;
 mod follow;
 mod http;
-mod idempotency;
 mod instances;
-pub mod shell_agent;
 mod store;
+mod teleport;
 pub mod tokens;
-mod viewer;
+
+pub use crate::agents::shell as shell_agent;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,6 +94,9 @@ pub enum RelayError {
     /// The store could not be opened or loaded.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The snapshot store could not be opened.
+    #[error("cannot open the snapshot store: {0}")]
+    Teleport(String),
 }
 
 /// A running relay. Call [`RunningRelay::shutdown`] to stop it cleanly.
@@ -162,34 +170,12 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     })?;
     let store = open_store(&config.data_dir.join("store")).await?;
     let tokens = TokenCache::open(&config.data_dir);
-    let (shared, commands) = core::shared(tokens, store);
+    let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
+        .map_err(RelayError::Teleport)?;
+    let (shared, commands) = core::shared(tokens, store, Arc::new(teleport));
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
-    let router = http::rest_routes()
-        .route(
-            "/v1/sessions/{id}/subscribe",
-            axum::routing::get(viewer::subscribe),
-        )
-        .route(
-            cloud_protocol::bridge::BRIDGE_PATH,
-            axum::routing::get(bridge::connect),
-        )
-        .fallback(http::not_found)
-        .with_state(shared.clone());
-    let cancel = shared.cancel.clone();
-    let server_task = tokio::spawn(async move {
-        // Bridge and viewer messages are small and latency-bound: without TCP_NODELAY a
-        // second small write waits for the peer's delayed ACK (~40 ms).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "the HTTP server failed");
-        }
-    });
+    let server_task = http::serve(listener, shared.clone());
 
     let token_shared = shared.clone();
     let token_task = tokio::spawn(async move {

@@ -6,9 +6,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_protocol::ipc::{Closing, Notification};
+use cloud_protocol::ipc::{Closing, ErrorBody, Notification, Response, TeleportProgress};
 use cloud_protocol::session::LogEntry;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Requests a client may have waiting for a later answer at once.
+pub const MAX_DEFERRED: usize = 4;
+
+/// A request answered later: its answer, and its progress meanwhile.
+#[derive(Debug)]
+pub struct Deferred {
+    /// The answer, once the work is done.
+    pub answer: oneshot::Receiver<Result<Response, ErrorBody>>,
+    /// Progress steps to notify the client of.
+    pub progress: mpsc::Receiver<TeleportProgress>,
+}
 
 /// The longest a write to a client (and a wait for the journal on its behalf) may take.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
@@ -30,6 +42,14 @@ pub struct ClientState {
     pub sessions_feed: Option<broadcast::Receiver<Arc<Notification>>>,
     /// Session log entries, while attached to at least one session.
     pub session_feed: Option<broadcast::Receiver<Arc<Notification>>>,
+    /// Teleport progress and outcomes of the daemon's watches, when subscribed.
+    pub teleport_feed: Option<broadcast::Receiver<Arc<Notification>>>,
+    /// Set by a handler whose answer comes later (a teleport push or pull): the connection
+    /// takes it right after the handler returns, ignores the handler's own result, and
+    /// writes the answer when it comes, with progress notifications meanwhile.
+    pub deferring: Option<Deferred>,
+    /// Requests of this client answered later and not answered yet.
+    pub deferred: usize,
     /// Attached sessions and the last log seq sent to this client for each.
     pub attached: HashMap<String, u64>,
     /// Stored entries to send after the attach reply, in order.

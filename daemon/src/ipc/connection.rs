@@ -9,12 +9,16 @@
 //! deadline, and the daemon's drain. A client cut off for being slow is named, with the
 //! reason, in the daemon's log whether or not the `closing` reaches it.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use cloud_protocol::frame::{self, FrameError};
 use cloud_protocol::ipc::{
     ClientMessage, Closing, ErrorBody, ErrorCode, Notification, Request, Response, ServerMessage,
+    TeleportProgress,
 };
 use cloud_protocol::{jsonrpc, JSON_FIRST_BYTE};
 use interprocess::local_socket::tokio::Stream;
@@ -23,7 +27,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tracing::Instrument as _;
 
-use super::client::{ClientState, WRITE_DEADLINE};
+use super::client::{ClientState, Deferred, WRITE_DEADLINE};
 use super::handler;
 use crate::journal::{Unavailable, FLUSH_DEADLINE};
 use crate::state::Shared;
@@ -129,6 +133,8 @@ async fn serve_peer(
     let mut out = Vec::new();
     let mut batch = Vec::new();
     let mut answered = Vec::new();
+    // Requests answered later (teleport push and pull), with their progress.
+    let mut pending: Vec<(ReplyTo, Deferred)> = Vec::new();
     // Built once: a fresh `cancelled()` future per loop would register a waiter each time.
     let shutdown = shared.shutdown.clone().cancelled_owned();
     tokio::pin!(shutdown);
@@ -144,6 +150,11 @@ async fn serve_peer(
                     ),
                     Incoming::Invalid(reply_to, error) => (reply_to, Err(error)),
                 };
+                if let Some(deferred) = client.deferring.take() {
+                    pending.push((reply_to, deferred));
+                    client.deferred = pending.len();
+                    continue;
+                }
                 answered.push((reply_to, result, std::mem::take(&mut client.replay)));
                 if client.closing.is_some() {
                     break;
@@ -235,6 +246,31 @@ async fn serve_peer(
             received = recv(&mut client.log_feed) => {
                 queue_notifications(encoding, received, &mut client, Feed::Log, &mut out);
             }
+            received = recv(&mut client.teleport_feed) => {
+                queue_notifications(encoding, received, &mut client, Feed::Teleport, &mut out);
+            }
+            event = next_deferred(&mut pending), if !pending.is_empty() => {
+                let encoding = encoding.unwrap_or(Encoding::Binary);
+                match event {
+                    DeferredEvent::Progress(progress) => push_notification(
+                        encoding,
+                        &Notification::TeleportProgress(progress),
+                        &mut out,
+                    ),
+                    DeferredEvent::Answer(at, result) => {
+                        let (reply_to, mut deferred) = pending.swap_remove(at);
+                        client.deferred = pending.len();
+                        while let Ok(progress) = deferred.progress.try_recv() {
+                            push_notification(
+                                encoding,
+                                &Notification::TeleportProgress(progress),
+                                &mut out,
+                            );
+                        }
+                        push_reply(reply_to, *result, &mut out, &mut client);
+                    }
+                }
+            }
         }
         if encoding.is_none() && !out.is_empty() {
             // A notification or the closing before the client's first byte: nothing to
@@ -257,6 +293,7 @@ enum Feed {
     Log,
     Sessions,
     Session,
+    Teleport,
 }
 
 impl Feed {
@@ -269,8 +306,39 @@ impl Feed {
             Feed::Log => &mut client.log_feed,
             Feed::Sessions => &mut client.sessions_feed,
             Feed::Session => &mut client.session_feed,
+            Feed::Teleport => &mut client.teleport_feed,
         }
     }
+}
+
+/// What a request answered later has for its client.
+enum DeferredEvent {
+    /// A progress step.
+    Progress(TeleportProgress),
+    /// The answer of `pending[at]`.
+    Answer(usize, Box<Result<Response, ErrorBody>>),
+}
+
+/// The next progress step or answer of the requests answered later.
+async fn next_deferred(pending: &mut [(ReplyTo, Deferred)]) -> DeferredEvent {
+    std::future::poll_fn(|cx| {
+        for (at, (_, deferred)) in pending.iter_mut().enumerate() {
+            if let Poll::Ready(Some(progress)) = deferred.progress.poll_recv(cx) {
+                return Poll::Ready(DeferredEvent::Progress(progress));
+            }
+            if let Poll::Ready(answer) = Pin::new(&mut deferred.answer).poll(cx) {
+                let answer = answer.unwrap_or_else(|_| {
+                    Err(ErrorBody::new(
+                        ErrorCode::Internal,
+                        "the operation ended without an answer",
+                    ))
+                });
+                return Poll::Ready(DeferredEvent::Answer(at, Box::new(answer)));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Waits for the next notification of a feed the client may not be subscribed to.

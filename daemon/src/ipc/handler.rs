@@ -1,15 +1,15 @@
-//! Turns one request into one response against the shared state.
+//! Turns one request into one response: refuses everything but `hello` until the client
+//! is greeted, then hands the request to its family's module ([`super::daemon`],
+//! [`super::sessions`], [`super::attach`]). The match is exhaustive, so a new request does
+//! not compile until it is given a family.
 //!
-//! The daemon family (hello, ping, status, shutdown, subscribe) is answered here without
-//! blocking or IO: it reads the shared state, changes this
-//! client's own state (greeting, subscriptions), or asks the core loop to act.
+//! Architecture invariant: this module only routes. It answers nothing itself but the
+//! greeting check, holds no state, and does no IO.
 
-use cloud_protocol::ipc::{
-    version_mismatch, Closing, ErrorBody, ErrorCode, Request, Response, Subscribe, Topic,
-    PROTOCOL_VERSION,
-};
+use cloud_protocol::ipc::{ErrorBody, ErrorCode, Request, Response, PROTOCOL_VERSION};
 
 use super::client::ClientState;
+use super::{attach, daemon, sessions, teleport};
 use crate::state::Shared;
 
 /// Answers `request` from the client whose state is `client`.
@@ -23,60 +23,40 @@ pub async fn handle(
         client = client.client.as_deref().unwrap_or("?"),
         "request"
     );
-    let hello = match request {
-        Request::Hello(hello) => hello,
-        _ if !client.greeted => {
-            return Err(ErrorBody::new(
-                ErrorCode::HelloRequired,
-                format!(
-                    "send hello first: method \"hello\" with params {{\"protocol\": {PROTOCOL_VERSION}, \"client\": NAME, \"client_version\": VERSION}}"
-                ),
-            ))
-        }
-        Request::Ping => return Ok(Response::Pong),
-        Request::Status => return Ok(Response::Status(shared.status())),
-        Request::Shutdown => {
-            let by = format!(
-                "shutdown requested by {} (pid {})",
-                client.client.as_deref().unwrap_or("a client"),
-                client.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
-            );
-            shared.request_shutdown(by);
-            return Ok(Response::ShuttingDown);
-        }
-        Request::Subscribe(subscribe) => {
-            return Ok(Response::Subscribed(self::subscribe(
-                shared, client, subscribe,
-            )))
-        }
-        other => return super::sessions::handle(shared, client, other).await,
-    };
-    if hello.protocol != PROTOCOL_VERSION {
-        let error = version_mismatch(hello.protocol, PROTOCOL_VERSION);
-        tracing::warn!(client = %hello.client, client_version = %hello.client_version, "refusing client: {}", error.message);
-        client.closing = Some(Closing {
-            code: error.code,
-            message: error.message.clone(),
-        });
-        return Err(error);
+    if !client.greeted && !matches!(request, Request::Hello(_)) {
+        return Err(ErrorBody::new(
+            ErrorCode::HelloRequired,
+            format!(
+                "send hello first: method \"hello\" with params {{\"protocol\": {PROTOCOL_VERSION}, \"client\": NAME, \"client_version\": VERSION}}"
+            ),
+        ));
     }
-    client.greeted = true;
-    tracing::debug!(client = %hello.client, client_version = %hello.client_version, pid = ?client.pid, "client greeted");
-    client.client = Some(format!("{} {}", hello.client, hello.client_version));
-    Ok(Response::Hello(shared.hello_reply()))
-}
-
-/// Replaces the client's subscriptions with `subscribe.topics`.
-fn subscribe(shared: &Shared, client: &mut ClientState, subscribe: Subscribe) -> Subscribe {
-    let wants = |topic| subscribe.topics.contains(&topic);
-    client.state_feed = wants(Topic::State).then(|| shared.state_feed.subscribe());
-    client.log_feed = wants(Topic::Log).then(|| shared.log_feed.subscribe());
-    client.sessions_feed = wants(Topic::Sessions).then(|| shared.link.sessions_feed.subscribe());
-    let mut topics = Vec::new();
-    for topic in [Topic::State, Topic::Log, Topic::Sessions] {
-        if wants(topic) {
-            topics.push(topic);
-        }
+    match request {
+        Request::Hello(_)
+        | Request::Ping
+        | Request::Status
+        | Request::Shutdown
+        | Request::Subscribe(_)
+        | Request::Login { .. }
+        | Request::Logout
+        | Request::Whoami => daemon::handle(shared, client, request).await,
+        Request::SessionCreate(_)
+        | Request::SessionList
+        | Request::SessionShow { .. }
+        | Request::SessionAction { .. }
+        | Request::SessionShare { .. }
+        | Request::Send { .. }
+        | Request::Interrupt { .. }
+        | Request::Delivery { .. }
+        | Request::Answer { .. } => sessions::handle(shared, client, request).await,
+        Request::Attach { .. }
+        | Request::Detach { .. }
+        | Request::Unfollow { .. }
+        | Request::Permissions { .. } => attach::handle(shared, client, request).await,
+        Request::TeleportPush { .. }
+        | Request::TeleportPull { .. }
+        | Request::TeleportWatch { .. }
+        | Request::TeleportStop { .. }
+        | Request::TeleportStatus => teleport::handle(shared, client, request).await,
     }
-    Subscribe { topics }
 }

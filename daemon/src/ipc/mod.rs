@@ -1,18 +1,51 @@
-//! The local socket: binding it safely, accepting clients, and serving each one.
+//! The local socket: binding it safely, accepting clients, and serving each one. Reading
+//! the modules in order tells a request's story:
 //!
 //! - [`listener`]: prepares the socket directory (0700), removes a dead predecessor's
 //!   socket, binds (0600), and accepts connections until the drain starts.
 //! - [`connection`]: one client: checks its uid, picks the encoding from its first byte,
 //!   reads messages, writes replies and notifications, and closes with a reason.
 //! - [`client`]: what the daemon knows about one client, and the write deadline.
-//! - [`handler`]: turns one request into one response against the shared state.
-//! - [`sessions`]: the sessions family: login, the replica, journaled events, attach.
+//! - [`handler`]: checks the greeting and hands each request to its family.
+//! - One module per family of requests:
+//!   - [`daemon`]: the daemon and its relay connection: hello, ping, status, shutdown,
+//!     subscribe, login, logout, whoami.
+//!   - [`sessions`]: the sessions and the events sent to them: list, show, create, pause,
+//!     resume, complete, delete, share; send, interrupt, answer (journaled); delivery.
+//!   - [`attach`]: following a session and reading its log: attach, detach, unfollow,
+//!     permissions.
+//!   - [`teleport`]: worktrees and sessions: push, pull, watch, stop, status (push and
+//!     pull are answered later, with progress notifications meanwhile).
+//! - [`relay`]: how a family's handler asks the relay (through the bridge, bounded).
+//!
+//! Architecture invariant: no handler talks to the network or waits without a deadline;
+//! a family reads the daemon's state and the stores, writes the journal, and asks the
+//! bridge through [`crate::link::Link`].
 
+pub mod attach;
 pub mod client;
 pub mod connection;
+pub mod daemon;
 pub mod handler;
 pub mod listener;
+pub mod relay;
 pub mod sessions;
+pub mod teleport;
+
+use cloud_protocol::ipc::{ErrorBody, ErrorCode};
+
+/// An internal error, as a reply: something the client cannot fix (a store that failed).
+fn internal(e: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Internal, format!("internal error: {e}"))
+}
+
+/// The reply for a session this daemon does not know, worded the same by every family.
+fn not_found(session: &str) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::NotFound,
+        format!("no session {session} (see `cloudctl session list`)"),
+    )
+}
 
 /// The local socket could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -164,7 +164,7 @@ impl TestRelay {
 pub fn message(entry: &LogEntry) -> Option<Value> {
     match &entry.event {
         SessionEvent::Message(text) => serde_json::from_str(text).ok(),
-        SessionEvent::Status { .. } => None,
+        SessionEvent::Status { .. } | SessionEvent::Snapshot(_) => None,
     }
 }
 

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::sync::mpsc;
 
-use crate::agents::read_line_limited;
+use super::process::read_line_limited;
 
 /// The longest input line read; longer ones are dropped.
 const MAX_INPUT_LINE: usize = 16 * 1024 * 1024;

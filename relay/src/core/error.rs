@@ -1,5 +1,7 @@
-//! What can go wrong with a request to the core, shared by the core and the modules it
-//! uses (so none of them needs the core itself), and shown to clients as the refusal.
+//! What can go wrong with a request to the core (re-exported as `crate::core::CoreError`
+//! for the HTTP handlers, the bridge and followers), shown to clients as the refusal.
+//!
+//! Only the error type: no IO, no state.
 
 use cloud_protocol::session::TransitionError;
 

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use cloud_protocol::bridge::MAX_IDEMPOTENCY_KEY;
 
-use crate::error::CoreError;
+use super::error::CoreError;
 use crate::store::{Changes, KeyOutcome, KeyRecord, Store, StoreError};
 
 /// How long a key is remembered (milliseconds): a day, far longer than any client retries.

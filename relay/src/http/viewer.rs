@@ -13,9 +13,10 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse as _, Response};
 
+use super::log::After;
+use super::{ApiError, Authenticated};
 use crate::core::Shared;
 use crate::follow::Follower;
-use crate::http::{After, ApiError, Authenticated};
 
 /// Authenticates and checks view access (404 before upgrading), then streams.
 pub async fn subscribe(

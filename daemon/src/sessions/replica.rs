@@ -2,6 +2,8 @@
 //! extension channel, so `session list` and `session show` answer offline (marked stale).
 //!
 //! Architecture invariant: this module is the only one that touches the `sessions` tree.
+//! It is written only from what the relay sent or answered (by the bridge's reader and the
+//! session handlers), never from a guess.
 
 use cloud_protocol::session::Session;
 

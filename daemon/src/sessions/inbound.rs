@@ -2,8 +2,8 @@
 //! `attach --since SEQ` replays what happened while no client watched, and the set of
 //! followed sessions, rejoined after every reconnect from the last sequence stored.
 //!
-//! Entries are taken one at a time ([`Inbound::store`]) and written in chunks: the bridge
-//! calls [`Inbound::commit`] after each burst of messages it reads, which writes each
+//! Entries are taken one at a time ([`Inbound::store`]) and written in chunks: the bridge's
+//! reader calls [`Inbound::commit`] after each burst of messages it reads, which writes each
 //! session's new entries as sled records of about 6 KiB (key: the session, a NUL and the
 //! chunk's last seq, big-endian; value: the postcard-encoded entries) and its last seq under
 //! `follows`.
@@ -13,12 +13,14 @@
 //!
 //! Architecture invariant: this module is the only one that touches the `log` and
 //! `follows` trees (and drops the `inbound` tree of the older one-entry-per-key layout).
-//! Entries are stored in sequence order without duplicates.
+//! Entries are stored in sequence order without duplicates, and the last seq stored never
+//! runs ahead of the stored chunks. It never talks to the network: joining and leaving are
+//! the bridge's, on the handlers' word.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cloud_protocol::session::{Author, LogEntry, SessionEvent};
+use cloud_protocol::session::LogEntry;
 
 use crate::store::StoreError;
 
@@ -66,15 +68,7 @@ const CHUNK_BYTES: usize = 6 * 1024;
 
 /// About how many bytes `entry` takes encoded (its strings and a bound on the rest).
 fn encoded_len(entry: &LogEntry) -> usize {
-    let author = match &entry.author {
-        Author::User(name) => name.len(),
-        Author::Agent | Author::Relay => 0,
-    };
-    let event = match &entry.event {
-        SessionEvent::Message(text) => text.len(),
-        SessionEvent::Status { reason, .. } => reason.as_ref().map_or(0, String::len),
-    };
-    author + event + 32
+    entry.approx_len()
 }
 
 /// A followed session, in memory.

@@ -1,0 +1,247 @@
+//! The local side of a worktree: scanning it through its persisted index (so an unchanged
+//! file is never read again), and reading the blobs a push uploads. Everything here is
+//! blocking and runs on the blocking pool, never on the socket's thread.
+//!
+//! This module must never write a worktree's files (that is `apply`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use cloud_protocol::blobs::{Blob, BATCH_BYTES};
+use cloud_protocol::teleport::{ContentId, Manifest, RelPath};
+use cloud_tree::{
+    BlobLocation, ContentError, Index, Rescan, Root, Scan, ScanOptions, Skipped, Unreadable,
+};
+
+use super::worktrees::Worktrees;
+use super::{Reporter, TeleportError};
+
+/// A scan of a worktree, with what it found wrong.
+#[derive(Debug)]
+pub struct Scanned {
+    pub manifest: Manifest,
+    pub index: Index,
+    /// Paths skipped or unreadable, each with why.
+    pub problems: Vec<String>,
+    /// Conflict copies found in the worktree.
+    pub conflicts: Vec<String>,
+}
+
+/// What a push starts from: the worktree's tree as a scan (full, or a rescan of some
+/// paths on top of the index) found it.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    pub manifest: Manifest,
+    /// Paths skipped or unreadable, each with why.
+    pub problems: Vec<String>,
+    /// Conflict copies in the worktree.
+    pub conflicts: Vec<String>,
+}
+
+impl Scanned {
+    /// The tree found, and the index that vouches for it.
+    pub fn split(self) -> (Found, Index) {
+        (
+            Found {
+                manifest: self.manifest,
+                problems: self.problems,
+                conflicts: self.conflicts,
+            },
+            self.index,
+        )
+    }
+}
+
+/// Hashing threads: two cores are what these machines have, and the socket's thread must
+/// stay free.
+fn options() -> ScanOptions {
+    ScanOptions { threads: 2 }
+}
+
+/// Scans `root` through its stored index, stores the new index, reports progress.
+pub fn scan(
+    worktrees: &Worktrees,
+    root: &str,
+    reporter: &Reporter,
+) -> Result<Scanned, TeleportError> {
+    let previous = worktrees.index(root)?;
+    let plan = cloud_tree::plan(Path::new(root), &previous)
+        .map_err(|e| TeleportError::Local(e.to_string()))?;
+    let (files, bytes) = plan.pending();
+    reporter.report("scan", 0, files, 0, bytes);
+    let scan: Scan = plan.finish(&options());
+    reporter.report("scan", files, files, bytes, bytes);
+    worktrees.set_index(root, &previous, &scan.index)?;
+    Ok(scanned(scan))
+}
+
+fn scanned(scan: Scan) -> Scanned {
+    let problems = problems(&scan.skipped, &scan.unreadable);
+    Scanned {
+        manifest: scan.manifest,
+        index: scan.index,
+        problems,
+        conflicts: scan.conflict_copies.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+/// Re-examines only `paths` (after writing them, or after the watcher saw them change),
+/// updating `index` and the stored one (only the entries that changed are written).
+pub fn rescan(
+    worktrees: &Worktrees,
+    root: &str,
+    paths: &[RelPath],
+    index: &mut Index,
+) -> Result<Rescan, TeleportError> {
+    if paths.is_empty() {
+        return Ok(Rescan {
+            changes: Vec::new(),
+            delta: Default::default(),
+            skipped: Vec::new(),
+            unreadable: Vec::new(),
+            conflict_copies: Vec::new(),
+            stats: Default::default(),
+        });
+    }
+    let rescan = cloud_tree::rescan_paths(Path::new(root), paths, index, &options())
+        .map_err(|e| TeleportError::Local(e.to_string()))?;
+    worktrees.apply_index(root, index, &rescan.changes)?;
+    index.apply(&rescan.changes);
+    Ok(rescan)
+}
+
+/// What a rescan found wrong, worded as a scan's problems.
+pub fn rescan_problems(rescan: &Rescan) -> Vec<String> {
+    problems(&rescan.skipped, &rescan.unreadable)
+}
+
+fn problems(skipped: &[Skipped], unreadable: &[Unreadable]) -> Vec<String> {
+    let mut problems: Vec<String> = skipped
+        .iter()
+        .map(|s| format!("{}: skipped ({:?})", s.path.display(), s.reason))
+        .collect();
+    problems.extend(
+        unreadable
+            .iter()
+            .map(|u| format!("{}: cannot be read ({})", u.path, u.error)),
+    );
+    problems
+}
+
+/// Reads the blobs `ids` from the worktree (where `manifest` says they are) and sends
+/// them in batches of about [`BATCH_BYTES`] on `batches`. A file that changed since the
+/// scan fails with [`TeleportError::ChangedDuringPush`].
+pub fn read_blobs(
+    root: &str,
+    manifest: &Manifest,
+    ids: &[ContentId],
+    batches: tokio::sync::mpsc::Sender<Vec<Blob>>,
+) -> Result<(), TeleportError> {
+    let locations: HashMap<ContentId, BlobLocation> = cloud_tree::blob_locations(manifest);
+    let root = Root::open(Path::new(root)).map_err(|e| TeleportError::Local(e.to_string()))?;
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for id in ids {
+        let Some(at) = locations.get(id) else {
+            return Err(TeleportError::Local(format!(
+                "blob {id} is in no file of the scan"
+            )));
+        };
+        let blob = match cloud_tree::read_blob(&root, &at.path, at.offset, at.len, *id) {
+            Ok(bytes) => bytes,
+            Err(ContentError::Changed { .. }) => {
+                return Err(TeleportError::ChangedDuringPush(at.path.to_string()))
+            }
+            Err(e) => return Err(TeleportError::Local(e.to_string())),
+        };
+        bytes += blob.len();
+        batch.push(Blob {
+            id: *id,
+            bytes: blob,
+        });
+        if bytes >= BATCH_BYTES {
+            bytes = 0;
+            if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = batches.blocking_send(batch);
+    }
+    Ok(())
+}
+
+/// Reads the blobs `ids` of the file at `path` laid out as `layout` (a git bundle) and
+/// sends them in batches, as [`read_blobs`] does for a worktree.
+pub fn read_file_blobs(
+    path: &Path,
+    layout: &cloud_protocol::teleport::BundleRef,
+    ids: &[ContentId],
+    batches: tokio::sync::mpsc::Sender<Vec<Blob>>,
+) -> Result<(), TeleportError> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
+    let mut at = HashMap::new();
+    if layout.chunks.is_empty() {
+        at.insert(layout.content, (0u64, layout.size));
+    } else {
+        let mut offset = 0u64;
+        for chunk in &layout.chunks {
+            at.entry(chunk.id).or_insert((offset, u64::from(chunk.len)));
+            offset += u64::from(chunk.len);
+        }
+    }
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for id in ids {
+        let &(offset, len) = at
+            .get(id)
+            .ok_or_else(|| TeleportError::Local(format!("blob {id} is not in the bundle")))?;
+        let mut data = vec![0; len as usize];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut data))
+            .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
+        if ContentId::of(&data) != *id {
+            return Err(TeleportError::ChangedDuringPush(path.display().to_string()));
+        }
+        bytes += data.len();
+        batch.push(Blob {
+            id: *id,
+            bytes: data,
+        });
+        if bytes >= BATCH_BYTES {
+            bytes = 0;
+            if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = batches.blocking_send(batch);
+    }
+    Ok(())
+}
+
+/// Blobs found in the worktree itself (a pull reuses what it already has rather than
+/// download it): id → bytes, read through the index's manifest, checked.
+pub fn local_blobs(
+    root: &str,
+    manifest: &Manifest,
+    ids: &[ContentId],
+) -> HashMap<ContentId, Vec<u8>> {
+    let locations = cloud_tree::blob_locations(manifest);
+    let mut found = HashMap::new();
+    let Ok(root) = Root::open(Path::new(root)) else {
+        return found;
+    };
+    for id in ids {
+        if let Some(at) = locations.get(id) {
+            if let Ok(bytes) = cloud_tree::read_blob(&root, &at.path, at.offset, at.len, *id) {
+                found.insert(*id, bytes);
+            }
+        }
+    }
+    found
+}

@@ -1,0 +1,240 @@
+//! The blob socket's client: teleport's file contents go to and come from the relay on a
+//! WebSocket of their own (`/v1/blobs`, the bridge's token), never inside the bridge's
+//! ordered task stream, so a large push never delays a message or a permission answer.
+//!
+//! Uploads are pipelined (up to [`IN_FLIGHT`] batches unanswered); downloads ask for up to
+//! [`GET_IDS`] blobs at a time and ask again for any a reply left out.
+//!
+//! This module only moves bytes: it never reads or writes a worktree (its callers hand it
+//! blobs read off the socket's thread) and never decides what to send.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud_protocol::blobs::{
+    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, BLOBS_PATH, MAX_BLOB_MESSAGE,
+};
+use cloud_protocol::teleport::ContentId;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Upload batches sent and not yet answered, at most.
+pub const IN_FLIGHT: usize = 4;
+/// Blob ids asked for in one download request.
+pub const GET_IDS: usize = 64;
+/// How long any one step (connect, a reply) may take before the transfer fails.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where and how to reach the relay's blob socket (what the bridge connected with).
+#[derive(Clone)]
+pub struct BlobEndpoint {
+    /// The relay's base URL (`ws://…` or `wss://…`, no path).
+    pub base: String,
+    /// The bearer token. Never logged: [`std::fmt::Debug`] leaves it out.
+    pub token: String,
+    /// The TLS configuration the bridge uses.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for BlobEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobEndpoint")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("cannot connect to the relay's blob socket at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("the relay's blob socket: {0}")]
+    Socket(String),
+    #[error("the relay refused blobs: {0}")]
+    Refused(String),
+    #[error("the relay does not have blob {0}")]
+    Missing(ContentId),
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One connection to the blob socket.
+#[derive(Debug)]
+pub struct BlobSocket {
+    socket: Socket,
+    next_id: u64,
+}
+
+impl BlobSocket {
+    /// Connects with the bridge's credentials.
+    pub async fn connect(endpoint: &BlobEndpoint) -> Result<BlobSocket, TransferError> {
+        let url = format!("{}{BLOBS_PATH}", endpoint.base.trim_end_matches('/'));
+        let fail = |reason: String| TransferError::Connect {
+            url: url.clone(),
+            reason,
+        };
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| fail(e.to_string()))?;
+        let authorization = format!("Bearer {}", endpoint.token)
+            .parse()
+            .map_err(|_| fail("the token cannot be a header".into()))?;
+        request.headers_mut().insert("authorization", authorization);
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_BLOB_MESSAGE))
+            .max_frame_size(Some(MAX_BLOB_MESSAGE));
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(Arc::clone(
+                &endpoint.tls,
+            ))),
+        );
+        let (socket, _) = tokio::time::timeout(STEP_TIMEOUT, connect)
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(BlobSocket { socket, next_id: 1 })
+    }
+
+    async fn send(&mut self, request: BlobRequest) -> Result<u64, TransferError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = blobs::encode(&BlobMessage { id, request })
+            .map_err(|e| TransferError::Socket(e.to_string()))?;
+        tokio::time::timeout(
+            STEP_TIMEOUT,
+            self.socket.send(Message::Binary(bytes.into())),
+        )
+        .await
+        .map_err(|_| TransferError::Socket("sending timed out".into()))?
+        .map_err(|e| TransferError::Socket(e.to_string()))?;
+        Ok(id)
+    }
+
+    async fn receive(&mut self, id: u64) -> Result<BlobAnswer, TransferError> {
+        loop {
+            let message = tokio::time::timeout(STEP_TIMEOUT, self.socket.next())
+                .await
+                .map_err(|_| TransferError::Socket("no reply in time".into()))?;
+            let bytes = match message {
+                None => return Err(TransferError::Socket("closed by the relay".into())),
+                Some(Err(e)) => return Err(TransferError::Socket(e.to_string())),
+                Some(Ok(Message::Binary(bytes))) => bytes,
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(TransferError::Socket(format!(
+                        "closed by the relay: {}",
+                        frame.map(|f| f.reason.to_string()).unwrap_or_default()
+                    )))
+                }
+                Some(Ok(_)) => continue,
+            };
+            let reply: BlobReply =
+                blobs::decode(&bytes).map_err(|e| TransferError::Socket(e.to_string()))?;
+            if reply.id != id {
+                return Err(TransferError::Socket(format!(
+                    "reply {} while waiting for {id}",
+                    reply.id
+                )));
+            }
+            return reply.result.map_err(TransferError::Refused);
+        }
+    }
+
+    /// Uploads every batch `batches` yields (each at most [`blobs::BATCH_BYTES`] or so),
+    /// keeping up to [`IN_FLIGHT`] unanswered; `uploaded` is told each batch's blob count
+    /// and bytes once the relay stored it.
+    pub async fn put_all(
+        &mut self,
+        session: &str,
+        mut batches: tokio::sync::mpsc::Receiver<Vec<Blob>>,
+        mut uploaded: impl FnMut(u64, u64),
+    ) -> Result<(), TransferError> {
+        let mut waiting: VecDeque<(u64, u64, u64)> = VecDeque::new();
+        loop {
+            while waiting.len() >= IN_FLIGHT {
+                let (id, n, bytes) = waiting.pop_front().expect("waiting is not empty");
+                self.receive(id).await?;
+                uploaded(n, bytes);
+            }
+            let Some(batch) = batches.recv().await else {
+                break;
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let n = batch.len() as u64;
+            let bytes = batch.iter().map(|b| b.bytes.len() as u64).sum();
+            let id = self
+                .send(BlobRequest::Put {
+                    session: session.to_owned(),
+                    blobs: batch,
+                })
+                .await?;
+            waiting.push_back((id, n, bytes));
+        }
+        while let Some((id, n, bytes)) = waiting.pop_front() {
+            self.receive(id).await?;
+            uploaded(n, bytes);
+        }
+        Ok(())
+    }
+
+    /// Downloads `ids` (every one must exist), in any order.
+    pub async fn get_all(
+        &mut self,
+        session: &str,
+        ids: &[ContentId],
+    ) -> Result<Vec<Blob>, TransferError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(GET_IDS) {
+            let mut left: Vec<ContentId> = chunk.to_vec();
+            while !left.is_empty() {
+                let id = self
+                    .send(BlobRequest::Get {
+                        session: session.to_owned(),
+                        ids: left.clone(),
+                    })
+                    .await?;
+                let BlobAnswer::Blobs { blobs, missing } = self.receive(id).await? else {
+                    return Err(TransferError::Socket("an answer that is not blobs".into()));
+                };
+                if let Some(missing) = missing.first() {
+                    return Err(TransferError::Missing(*missing));
+                }
+                if blobs.is_empty() {
+                    return Err(TransferError::Socket("an empty answer".into()));
+                }
+                for blob in blobs {
+                    let Some(at) = left.iter().position(|id| *id == blob.id) else {
+                        return Err(TransferError::Socket(format!(
+                            "blob {} was not asked for",
+                            blob.id
+                        )));
+                    };
+                    if !blob.verify() {
+                        return Err(TransferError::Socket(format!(
+                            "blob {} does not match its id",
+                            blob.id
+                        )));
+                    }
+                    left.swap_remove(at);
+                    out.push(blob);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Closes the socket politely.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.close(None)).await;
+    }
+}

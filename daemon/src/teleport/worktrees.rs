@@ -1,0 +1,334 @@
+//! The linked worktrees, in the store's `teleport` tree: each link (a worktree root and its
+//! session), the tree both sides last agreed on (the base of the next push and pull), and
+//! the scanner's index, so an unchanged file is never read again, also after a restart.
+//!
+//! Keys (a root is an absolute path, which holds no NUL byte):
+//! - `w\0{root}` → the [`Worktree`] (postcard).
+//! - `m\0{root}\0{path}` → the base tree's entry at `path` ([`EntryKind`], postcard).
+//! - `i\0{root}\0{path}` → the index's entry at `path` ([`Indexed::encode`]).
+//! - `s\0{root}` → when the scan that made the index started (ns, i64 BE).
+//!
+//! Updates write only what changed (one key per path), so an edit costs a few keys, not
+//! the whole tree. Nothing here flushes: a base or an index lost to a crash is found again
+//! by the next scan (a file whose index entry is gone is hashed again; a base that is
+//! behind makes the next push send more than needed, never less, and the relay refuses a
+//! stale base). Every call does blocking IO: callers run it off the socket's thread.
+//!
+//! This module must never touch a worktree's files or talk to the relay.
+
+use cloud_protocol::teleport::{EntryKind, Manifest, RelPath};
+use cloud_tree::{Index, IndexChange, Indexed};
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreError;
+
+/// A worktree linked to a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Worktree {
+    /// Its root, absolute and canonical.
+    pub root: String,
+    /// The session it is linked to.
+    pub session: String,
+    /// The version both sides agreed on last (0: none yet): the base tree's version.
+    pub version: u64,
+    /// The session's newest version the daemon has heard of.
+    pub remote_version: u64,
+    /// Whether the daemon keeps it in step (a watch).
+    pub watching: bool,
+    /// The latest failure, if the latest attempt failed.
+    pub last_error: Option<String>,
+    /// Conflict copies the latest scan found in the worktree.
+    pub conflicts: Vec<String>,
+    /// The git HEAD the relay took last (its history up to there need not be sent again).
+    pub git_sent: Option<String>,
+    /// Whether the last pull could not write some of the session's changes: the agreed
+    /// tree keeps what was agreed before there, and the next pull asks for the whole tree.
+    pub unapplied: bool,
+}
+
+impl Worktree {
+    /// A new link of `root` to `session`, with nothing agreed yet.
+    pub fn new(root: &str, session: &str) -> Worktree {
+        Worktree {
+            root: root.to_owned(),
+            session: session.to_owned(),
+            version: 0,
+            remote_version: 0,
+            watching: false,
+            last_error: None,
+            conflicts: Vec::new(),
+            git_sent: None,
+            unapplied: false,
+        }
+    }
+}
+
+/// The store's `teleport` tree.
+#[derive(Debug, Clone)]
+pub struct Worktrees {
+    tree: sled::Tree,
+}
+
+fn key(prefix: u8, root: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(root.len() + 2);
+    key.push(prefix);
+    key.push(0);
+    key.extend_from_slice(root.as_bytes());
+    key
+}
+
+fn path_prefix(prefix: u8, root: &str) -> Vec<u8> {
+    let mut key = key(prefix, root);
+    key.push(0);
+    key
+}
+
+fn path_key(prefix: u8, root: &str, path: &RelPath) -> Vec<u8> {
+    let mut key = path_prefix(prefix, root);
+    key.extend_from_slice(path.as_str().as_bytes());
+    key
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        what: "reading teleport state",
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}")),
+    }
+}
+
+/// The paths under `prefix`, decoded.
+fn paths<'a>(
+    tree: &'a sled::Tree,
+    prefix: Vec<u8>,
+) -> impl Iterator<Item = Result<(RelPath, sled::IVec), StoreError>> + 'a {
+    let skip = prefix.len();
+    tree.scan_prefix(prefix).map(move |item| {
+        let (key, value) = item.map_err(StoreError::sled("teleport"))?;
+        let path = std::str::from_utf8(&key[skip..]).map_err(|e| corrupt("a path", e))?;
+        let path = RelPath::new(path).map_err(|e| corrupt("a path", e))?;
+        Ok((path, value))
+    })
+}
+
+impl Worktrees {
+    /// The `teleport` tree of `db`.
+    pub fn open(db: &sled::Db) -> Result<Worktrees, StoreError> {
+        Ok(Worktrees {
+            tree: db
+                .open_tree("teleport")
+                .map_err(StoreError::sled("teleport"))?,
+        })
+    }
+
+    /// Every linked worktree, by root.
+    pub fn list(&self) -> Result<Vec<Worktree>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([b'w', 0]) {
+            let (_, value) = item.map_err(StoreError::sled("teleport"))?;
+            out.push(postcard::from_bytes(&value).map_err(|e| corrupt("a worktree", e))?);
+        }
+        Ok(out)
+    }
+
+    /// The worktree at `root`, if linked.
+    pub fn get(&self, root: &str) -> Result<Option<Worktree>, StoreError> {
+        self.tree
+            .get(key(b'w', root))
+            .map_err(StoreError::sled("teleport"))?
+            .map(|v| postcard::from_bytes(&v).map_err(|e| corrupt("a worktree", e)))
+            .transpose()
+    }
+
+    /// Records `worktree`.
+    pub fn put(&self, worktree: &Worktree) -> Result<(), StoreError> {
+        let value = postcard::to_allocvec(worktree).map_err(|e| corrupt("a worktree", e))?;
+        self.tree
+            .insert(key(b'w', &worktree.root), value)
+            .map_err(StoreError::sled("teleport"))?;
+        Ok(())
+    }
+
+    /// The base tree of `root`.
+    pub fn base(&self, root: &str) -> Result<Manifest, StoreError> {
+        let mut base = Manifest::new();
+        for item in paths(&self.tree, path_prefix(b'm', root)) {
+            let (path, value) = item?;
+            let kind: EntryKind =
+                postcard::from_bytes(&value).map_err(|e| corrupt("a base entry", e))?;
+            base.insert(path, kind);
+        }
+        Ok(base)
+    }
+
+    /// Makes `new` the base tree of `root`, where `old` was (writing what differs).
+    pub fn set_base(&self, root: &str, old: &Manifest, new: &Manifest) -> Result<(), StoreError> {
+        for (path, _) in old.iter() {
+            if new.get(path).is_none() {
+                self.tree
+                    .remove(path_key(b'm', root, path))
+                    .map_err(StoreError::sled("teleport"))?;
+            }
+        }
+        for (path, kind) in new.iter() {
+            if old.get(path) != Some(kind) {
+                let value = postcard::to_allocvec(kind).map_err(|e| corrupt("a base entry", e))?;
+                self.tree
+                    .insert(path_key(b'm', root, path), value)
+                    .map_err(StoreError::sled("teleport"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The scanner's index of `root` (empty before the first scan).
+    pub fn index(&self, root: &str) -> Result<Index, StoreError> {
+        let scanned_at = self.index_stamp(root)?;
+        let mut index = Index::new(scanned_at);
+        for item in paths(&self.tree, path_prefix(b'i', root)) {
+            let (path, value) = item?;
+            // An entry that does not decode is dropped: the file is hashed again.
+            if let Ok(indexed) = Indexed::decode(&path, &value) {
+                index.insert(path, indexed);
+            }
+        }
+        Ok(index)
+    }
+
+    /// Makes `new` the index of `root`, where `old` was (writing what differs).
+    pub fn set_index(&self, root: &str, old: &Index, new: &Index) -> Result<(), StoreError> {
+        for (path, _) in old.iter() {
+            if new.get(path).is_none() {
+                self.tree
+                    .remove(path_key(b'i', root, path))
+                    .map_err(StoreError::sled("teleport"))?;
+            }
+        }
+        for (path, indexed) in new.iter() {
+            if old.get(path) != Some(indexed) {
+                self.tree
+                    .insert(path_key(b'i', root, path), indexed.encode())
+                    .map_err(StoreError::sled("teleport"))?;
+            }
+        }
+        if old.scanned_at_ns() != new.scanned_at_ns() {
+            self.tree
+                .insert(key(b's', root), &new.scanned_at_ns().to_be_bytes())
+                .map_err(StoreError::sled("teleport"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a rescan's `changes` to the stored index of `root`, whose entries are
+    /// `index` before them (a removal takes what `index` holds under its path).
+    pub fn apply_index(
+        &self,
+        root: &str,
+        index: &Index,
+        changes: &[IndexChange],
+    ) -> Result<(), StoreError> {
+        for change in changes {
+            match change {
+                IndexChange::Put(path, indexed) => {
+                    self.tree
+                        .insert(path_key(b'i', root, path), indexed.encode())
+                        .map_err(StoreError::sled("teleport"))?;
+                }
+                IndexChange::Remove(path) => {
+                    for (under, _) in index.under(path) {
+                        self.tree
+                            .remove(path_key(b'i', root, under))
+                            .map_err(StoreError::sled("teleport"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// When the full scan that made the stored index of `root` started (0: none yet).
+    /// A watcher that holds the index in memory compares it to notice that another
+    /// operation scanned meanwhile.
+    pub fn index_stamp(&self, root: &str) -> Result<i64, StoreError> {
+        Ok(self
+            .tree
+            .get(key(b's', root))
+            .map_err(StoreError::sled("teleport"))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, i64::from_be_bytes))
+    }
+
+    /// Forgets `root` entirely.
+    pub fn remove(&self, root: &str) -> Result<(), StoreError> {
+        for prefix in [path_prefix(b'm', root), path_prefix(b'i', root)] {
+            for item in self.tree.scan_prefix(prefix) {
+                let (k, _) = item.map_err(StoreError::sled("teleport"))?;
+                self.tree.remove(k).map_err(StoreError::sled("teleport"))?;
+            }
+        }
+        for k in [key(b'w', root), key(b's', root)] {
+            self.tree.remove(k).map_err(StoreError::sled("teleport"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_protocol::teleport::ContentId;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn links_bases_and_indexes_persist_per_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let worktrees = Worktrees::open(&db).unwrap();
+        let link = Worktree {
+            root: "/home/me/repo".into(),
+            session: "s-1".into(),
+            version: 3,
+            remote_version: 4,
+            watching: true,
+            last_error: None,
+            conflicts: Vec::new(),
+            git_sent: None,
+            unapplied: false,
+        };
+        worktrees.put(&link).unwrap();
+        // A root that is a prefix of another does not see its keys.
+        let other = Worktree {
+            root: "/home/me/repo2".into(),
+            ..link.clone()
+        };
+        worktrees.put(&other).unwrap();
+        assert_eq!(worktrees.get("/home/me/repo").unwrap(), Some(link.clone()));
+        assert_eq!(worktrees.list().unwrap().len(), 2);
+
+        let file = |b: u8| EntryKind::File {
+            executable: false,
+            size: 1,
+            content: ContentId::of(&[b]),
+            chunks: Vec::new(),
+        };
+        let mut one = Manifest::new();
+        one.insert(p("a"), EntryKind::Dir);
+        one.insert(p("a/x"), file(1));
+        worktrees
+            .set_base(&link.root, &Manifest::new(), &one)
+            .unwrap();
+        let mut two = one.clone();
+        two.insert(p("a/x"), file(2));
+        two.insert(p("b"), file(3));
+        worktrees.set_base(&link.root, &one, &two).unwrap();
+        assert_eq!(worktrees.base(&link.root).unwrap(), two);
+        assert!(worktrees.base(&other.root).unwrap().is_empty());
+
+        worktrees.remove(&link.root).unwrap();
+        assert_eq!(worktrees.get(&link.root).unwrap(), None);
+        assert!(worktrees.base(&link.root).unwrap().is_empty());
+        assert!(worktrees.get(&other.root).unwrap().is_some());
+    }
+}

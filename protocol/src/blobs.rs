@@ -1,0 +1,138 @@
+//! The blob socket: a WebSocket of its own (at [`BLOBS_PATH`], with the bridge's bearer
+//! token) that carries teleport's file contents beside the bridge, never inside its
+//! ordered task stream, so a large push never delays a message or a permission answer.
+//!
+//! Every binary message is one postcard-encoded [`BlobMessage`] (requests from the daemon,
+//! [`BlobReply`] from the relay), at most [`MAX_BLOB_MESSAGE`] bytes. Requests carry ids
+//! and may be pipelined; replies echo the id, in request order. The relay checks every
+//! blob against its id (blake3) before it stores it, and stores blobs per org.
+
+use serde::{Deserialize, Serialize};
+
+use crate::teleport::ContentId;
+
+/// Where the relay serves the blob socket.
+pub const BLOBS_PATH: &str = "/v1/blobs";
+
+/// The largest blob socket message, either way.
+pub const MAX_BLOB_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// A batch is sent once it holds this many bytes of blobs (or the last blob is in).
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// The largest blob: a whole file up to [`crate::teleport::WHOLE_FILE_MAX`], or a chunk.
+pub const MAX_BLOB: usize = crate::teleport::WHOLE_FILE_MAX as usize;
+
+/// One blob and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    pub id: ContentId,
+    pub bytes: Vec<u8>,
+}
+
+/// A request on the blob socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMessage {
+    pub id: u64,
+    pub request: BlobRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobRequest {
+    /// Store these blobs for `session`'s org.
+    Put { session: String, blobs: Vec<Blob> },
+    /// Send these blobs of `session`'s org (as many as fit one reply; ask again for the
+    /// rest).
+    Get {
+        session: String,
+        ids: Vec<ContentId>,
+    },
+}
+
+/// The relay's answer to a [`BlobMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobReply {
+    pub id: u64,
+    pub result: Result<BlobAnswer, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobAnswer {
+    /// How many of the blobs were new.
+    Stored { new: u32 },
+    /// The blobs asked for, in order, as many as fit; `missing` lists any the relay does
+    /// not have.
+    Blobs {
+        blobs: Vec<Blob>,
+        missing: Vec<ContentId>,
+    },
+}
+
+/// Why a blob socket message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob message of {len} bytes exceeds the {MAX_BLOB_MESSAGE}-byte limit")]
+    TooLarge { len: usize },
+    #[error("malformed blob message: {0}")]
+    Malformed(String),
+}
+
+/// Decodes one blob socket message, refusing oversized ones before reading them.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, BlobError> {
+    if bytes.len() > MAX_BLOB_MESSAGE {
+        return Err(BlobError::TooLarge { len: bytes.len() });
+    }
+    postcard::from_bytes(bytes).map_err(|e| BlobError::Malformed(e.to_string()))
+}
+
+/// Encodes one blob socket message.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, BlobError> {
+    let bytes = postcard::to_allocvec(message).map_err(|e| BlobError::Malformed(e.to_string()))?;
+    if bytes.len() > MAX_BLOB_MESSAGE {
+        return Err(BlobError::TooLarge { len: bytes.len() });
+    }
+    Ok(bytes)
+}
+
+impl Blob {
+    /// Whether the bytes are what the id says.
+    pub fn verify(&self) -> bool {
+        self.bytes.len() <= MAX_BLOB && ContentId::of(&self.bytes) == self.id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_blobs_verify() {
+        let blob = Blob {
+            id: ContentId::of(b"hello"),
+            bytes: b"hello".to_vec(),
+        };
+        assert!(blob.verify());
+        let message = BlobMessage {
+            id: 3,
+            request: BlobRequest::Put {
+                session: "s-1".into(),
+                blobs: vec![blob.clone()],
+            },
+        };
+        assert_eq!(
+            decode::<BlobMessage>(&encode(&message).unwrap()).unwrap(),
+            message
+        );
+        let forged = Blob {
+            id: ContentId::of(b"other"),
+            bytes: b"hello".to_vec(),
+        };
+        assert!(!forged.verify());
+        assert_eq!(
+            decode::<BlobMessage>(&vec![0; MAX_BLOB_MESSAGE + 1]),
+            Err(BlobError::TooLarge {
+                len: MAX_BLOB_MESSAGE + 1
+            })
+        );
+    }
+}

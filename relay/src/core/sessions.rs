@@ -1,0 +1,297 @@
+//! Session lifecycle as the core drives it: create (a workspace, a first status entry, an
+//! agent), status actions (pause, resume, complete; each transition checked), share,
+//! delete (its agent stopped, its workspace and every key of it removed), and starting
+//! and stopping a session's agent, with the status and log entries that go with them.
+//!
+//! Everything here runs inside a core round: writes go into the round's changes, never
+//! straight to the store, and nothing here waits (an agent is stopped, and a deleted
+//! workspace removed, by a task of the core's tracker).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cloud_protocol::session::{
+    Author, CreateSession, NetworkAccess, Session, SessionAction, SessionEvent, SessionStatus,
+    Visibility,
+};
+
+use super::delivery::Unfinished;
+use super::{now, Core, CoreError, Round, SessionRuntime};
+use crate::access::Identity;
+use crate::agents::process::{self, AgentHandle};
+use crate::store::Changes;
+
+impl Core {
+    /// Creates a session owned by the user, in a new workspace, and starts its agent.
+    pub(super) fn create(
+        &mut self,
+        identity: &Identity,
+        request: CreateSession,
+        round: &mut Round,
+    ) -> Result<Session, CoreError> {
+        let id = new_session_id()?;
+        let workspace = self.workspaces.join(&id);
+        std::fs::create_dir_all(&workspace).map_err(|e| {
+            tracing::error!(path = %workspace.display(), error = %e, "cannot create a workspace");
+            CoreError::Invalid(format!("cannot create the session's workspace: {e}"))
+        })?;
+        let at = now();
+        let session = Session {
+            id: id.clone(),
+            status: SessionStatus::Starting,
+            created_at: at,
+            last_activity: at,
+            task: request.task,
+            visibility: request.visibility,
+            repo_access: request.repo_access,
+            network_access: request.network_access,
+            vm_image: request.vm_image,
+            owner: identity.user.clone(),
+            org: identity.org.clone(),
+            failure: None,
+            last_seq: 0,
+            snapshot: None,
+        };
+        self.sessions.insert(
+            id.clone(),
+            SessionRuntime {
+                session,
+                prompts: HashMap::new(),
+                agent: None,
+                unfinished: Unfinished::default(),
+            },
+        );
+        let mut changes = Changes::default();
+        // Nothing is unfinished yet; the key also tells a restart this relay wrote it.
+        changes.put_finished(&id, 0);
+        self.append(
+            &id,
+            Author::Relay,
+            SessionEvent::Status {
+                status: SessionStatus::Starting,
+                reason: None,
+            },
+            round,
+        );
+        self.start_agent(&id, &mut changes, round);
+        self.commit(changes, round);
+        tracing::info!(session = %id, owner = %identity.user, "session created");
+        Ok(self.sessions[&id].session.clone())
+    }
+
+    /// Applies a status action (a checked transition) or deletes the session; returns the
+    /// session afterwards (none after a delete).
+    pub(super) fn action(
+        &mut self,
+        identity: &Identity,
+        id: &str,
+        action: SessionAction,
+        round: &mut Round,
+    ) -> Result<Option<Session>, CoreError> {
+        let runtime = self.writable(identity, id, "viewers cannot change a session")?;
+        let Some(target) = action.target() else {
+            self.delete(id, round);
+            return Ok(None);
+        };
+        let from = runtime.session.status;
+        from.check_transition(target)?;
+        let mut changes = Changes::default();
+        match target {
+            SessionStatus::Running => {
+                self.sessions.get_mut(id).unwrap().session.status = SessionStatus::Starting;
+                self.start_agent(id, &mut changes, round);
+                // The status passed through starting only in memory: log the move from
+                // the old status to the new one.
+            }
+            status => {
+                // Read before this action writes anything (see `start_agent`).
+                let unfinished = match status {
+                    SessionStatus::Completed => self.unfinished_lines(id, round),
+                    _ => Vec::new(),
+                };
+                self.stop_agent(id, &mut changes, round);
+                self.set_status(id, status, None, &mut changes, round);
+                if status == SessionStatus::Completed {
+                    self.give_up_unfinished(
+                        id,
+                        unfinished,
+                        "the session was completed before an agent finished it",
+                        &mut changes,
+                        round,
+                    );
+                }
+            }
+        }
+        self.commit(changes, round);
+        tracing::info!(session = %id, ?action, by = %identity.user, "session action");
+        Ok(Some(self.sessions[id].session.clone()))
+    }
+
+    /// Deletes a session: stops its agent, removes its workspace (on a task) and every
+    /// store key of it.
+    fn delete(&mut self, id: &str, round: &mut Round) {
+        let Some(mut runtime) = self.sessions.remove(id) else {
+            return;
+        };
+        if !runtime.unfinished.is_empty() {
+            // Its log goes with it, so there is nowhere left to record them.
+            tracing::info!(
+                session = %id,
+                n_messages = runtime.unfinished.len(),
+                "session deleted with messages no agent finished"
+            );
+        }
+        let workspace = self.workspaces.join(id);
+        let stop = runtime.agent.take().map(AgentHandle::stop);
+        let (teleport, session) = (Arc::clone(&self.shared.teleport), id.to_owned());
+        self.agent_tasks.spawn(async move {
+            if let Some(stop) = stop {
+                stop.await;
+            }
+            teleport.delete_session(&session).await;
+            if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %workspace.display(), error = %e, "cannot remove a workspace");
+                }
+            }
+        });
+        let mut changes = Changes::default();
+        self.apply_pending(round);
+        match self.store.session_keys(id) {
+            Ok(keys) => keys.into_iter().for_each(|key| changes.remove(key)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list a deleted session's keys");
+                self.broken = true;
+            }
+        }
+        self.commit(changes, round);
+        round.touched.remove(id);
+        round.removed.push(id.to_owned());
+        tracing::info!(session = %id, "session deleted");
+    }
+
+    /// Changes the session's visibility.
+    pub(super) fn share(
+        &mut self,
+        identity: &Identity,
+        id: &str,
+        visibility: Visibility,
+        round: &mut Round,
+    ) -> Result<Session, CoreError> {
+        self.writable(identity, id, "viewers cannot share a session")?;
+        let runtime = self.sessions.get_mut(id).unwrap();
+        runtime.session.visibility = visibility;
+        runtime.session.last_activity = now();
+        let mut changes = Changes::default();
+        changes.put_session(&runtime.session);
+        let session = runtime.session.clone();
+        self.commit(changes, round);
+        round.touched.insert(id.to_owned());
+        Ok(session)
+    }
+
+    /// Moves a session to `status` (the caller checked the transition), logging it.
+    pub(super) fn set_status(
+        &mut self,
+        id: &str,
+        status: SessionStatus,
+        reason: Option<String>,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) {
+        let runtime = self.sessions.get_mut(id).unwrap();
+        runtime.session.status = status;
+        runtime.session.failure = if status == SessionStatus::Failed {
+            reason.clone()
+        } else {
+            None
+        };
+        self.append(
+            id,
+            Author::Relay,
+            SessionEvent::Status { status, reason },
+            round,
+        );
+        changes.put_session(&self.sessions[id].session);
+    }
+
+    /// Starts the session's agent (its status must be starting, failed or paused) and
+    /// moves it to running, or to failed when the agent cannot start. Its unfinished
+    /// messages are handed to the new agent.
+    pub(super) fn start_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+        // Every unfinished message, in order: those no agent was handed yet and those an
+        // earlier agent did not finish. Read first: reading applies the round's writes so
+        // far, and the caller's writes from here on must share one batch.
+        let unfinished = self.unfinished_lines(id, round);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let workspace = self.workspaces.join(id);
+        let spawned = std::fs::create_dir_all(&workspace)
+            .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display()))
+            .and_then(|()| {
+                process::spawn(
+                    &self.agent_command,
+                    &workspace,
+                    id,
+                    generation,
+                    self.sessions[id].session.network_access == NetworkAccess::None,
+                    self.shared.core.clone(),
+                    &self.agent_tasks,
+                )
+                .map_err(|e| e.to_string())
+            });
+        match spawned {
+            Ok((agent, isolation)) => {
+                // Say in the session's own log whether "no network" holds.
+                let note = match isolation {
+                    process::NetworkIsolation::NotRequested => None,
+                    process::NetworkIsolation::Enforced => Some(serde_json::json!({
+                        "type": "system", "subtype": "network", "network_access": "none", "enforced": true,
+                    })),
+                    process::NetworkIsolation::NotEnforced(reason) => {
+                        tracing::warn!(session = %id, "network_access=none is not enforced: {reason}");
+                        Some(serde_json::json!({
+                            "type": "system", "subtype": "network", "network_access": "none",
+                            "enforced": false, "reason": reason,
+                        }))
+                    }
+                };
+                if let Some(note) = note {
+                    self.append(
+                        id,
+                        Author::Relay,
+                        SessionEvent::Message(note.to_string()),
+                        round,
+                    );
+                }
+                for line in &unfinished {
+                    round.write(&agent, line);
+                }
+                self.sessions.get_mut(id).unwrap().agent = Some(agent);
+                self.set_status(id, SessionStatus::Running, None, changes, round);
+            }
+            Err(reason) => {
+                tracing::warn!(session = %id, %reason, "agent did not start");
+                self.set_status(id, SessionStatus::Failed, Some(reason), changes, round);
+            }
+        }
+    }
+
+    /// Stops the session's agent, if one runs, withdrawing its pending prompts.
+    fn stop_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+        if let Some(agent) = self.sessions.get_mut(id).and_then(|r| r.agent.take()) {
+            self.agent_tasks.spawn(agent.stop());
+        }
+        self.withdraw_prompts(id, changes, round);
+    }
+}
+
+/// A new session id: `s-` and 16 random hex digits.
+fn new_session_id() -> Result<String, CoreError> {
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(|e| {
+        tracing::error!(error = %e, "random source failed");
+        CoreError::Invalid("the relay cannot generate a session id".to_owned())
+    })?;
+    Ok(format!("s-{:016x}", u64::from_be_bytes(random)))
+}

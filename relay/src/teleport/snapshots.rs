@@ -1,0 +1,464 @@
+//! Snapshot versions of each session's tree, with optimistic concurrency: a commit is a
+//! delta on top of a named base version, refused unless that base is the newest.
+//!
+//! The versions live in their own sled database (`DATA/snapshots/`), apart from the core's
+//! store, because a commit can be megabytes (a first push of a large tree) and must not
+//! hold up the core's rounds. Keys (session ids hold no NUL byte):
+//! - `n\0{session}` → the newest [`VersionInfo`] (postcard); absent: version 0, the empty
+//!   tree every session starts with.
+//! - `e\0{session}\0{path}` → the newest tree's entry at `path` ([`EntryKind`], postcard).
+//! - `v\0{session}\0{version: u64 BE}` → that version's [`VersionInfo`] and the delta that
+//!   made it from the version before.
+//!
+//! A commit is one sled batch, flushed before it is answered. Commits to one session are
+//! serialised (a per-session lock); sessions do not wait on each other. Every call does
+//! blocking IO: callers run it on the blocking pool.
+//!
+//! This module must never write a workspace (that is `materialise`), never check who may
+//! commit (the caller does), and never store a delta whose blobs are not all in the blob
+//! store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use cloud_protocol::teleport::{
+    Change, Delta, DeltaError, EntryKind, GitState, Manifest, RelPath, VersionAuthor, VersionInfo,
+    MAX_DELTA_CHANGES,
+};
+
+use super::blobs::{BlobStore, BlobStoreError};
+
+/// Why a snapshot operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the snapshot store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("a corrupt snapshot record: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Delta(#[from] DeltaError),
+    #[error("{0}")]
+    Blobs(#[from] BlobStoreError),
+    #[error("the commit needs {missing} blob(s) the relay does not have (first: {first})")]
+    MissingBlobs { missing: usize, first: String },
+    #[error("version {since} is newer than the session's newest, {newest}")]
+    Future { since: u64, newest: u64 },
+}
+
+/// What became of a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// A new version (or the newest unchanged, for an empty delta on the newest base).
+    Committed(VersionInfo),
+    /// The base was not the newest version.
+    Stale { current: u64 },
+}
+
+/// The snapshot store.
+#[derive(Debug)]
+pub struct Snapshots {
+    db: sled::Db,
+    tree: sled::Tree,
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+fn key(prefix: u8, session: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(session.len() + 3);
+    key.push(prefix);
+    key.push(0);
+    key.extend_from_slice(session.as_bytes());
+    key
+}
+
+fn entry_key(session: &str, path: &RelPath) -> Vec<u8> {
+    let mut key = key(b'e', session);
+    key.push(0);
+    key.extend_from_slice(path.as_str().as_bytes());
+    key
+}
+
+fn version_key(session: &str, version: u64) -> Vec<u8> {
+    let mut key = key(b'v', session);
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
+    postcard::from_bytes(bytes).map_err(|e| SnapshotError::Corrupt(e.to_string()))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, SnapshotError> {
+    postcard::to_allocvec(value).map_err(|e| SnapshotError::Corrupt(e.to_string()))
+}
+
+/// The empty tree's version.
+fn version_zero() -> VersionInfo {
+    VersionInfo {
+        version: 0,
+        base: 0,
+        author: VersionAuthor::Agent,
+        git: None,
+        at: 0,
+        files: 0,
+        bytes: 0,
+    }
+}
+
+impl Snapshots {
+    /// Opens (creating) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Snapshots, SnapshotError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(8 * 1024 * 1024)
+            .open()?;
+        let tree = db.open_tree("snapshots")?;
+        Ok(Snapshots {
+            db,
+            tree,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self, session: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().expect("snapshot locks poisoned");
+        Arc::clone(locks.entry(session.to_owned()).or_default())
+    }
+
+    /// The session's newest version (0 before any commit).
+    pub fn newest(&self, session: &str) -> Result<VersionInfo, SnapshotError> {
+        match self.tree.get(key(b'n', session))? {
+            Some(bytes) => decode(&bytes),
+            None => Ok(version_zero()),
+        }
+    }
+
+    /// The session's newest tree.
+    pub fn manifest(&self, session: &str) -> Result<Manifest, SnapshotError> {
+        let mut prefix = key(b'e', session);
+        prefix.push(0);
+        let mut manifest = Manifest::new();
+        for item in self.tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let path = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+            let path = RelPath::new(path).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+            manifest.insert(path, decode(&v)?);
+        }
+        Ok(manifest)
+    }
+
+    /// Commits `delta` on `base` for `session` (see the module docs). Every blob the delta
+    /// needs must be in `blobs` for `org`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit(
+        &self,
+        session: &str,
+        org: &str,
+        blobs: &BlobStore,
+        base: u64,
+        delta: &Delta,
+        git: Option<GitState>,
+        author: VersionAuthor,
+        now: u64,
+    ) -> Result<Commit, SnapshotError> {
+        delta.validate()?;
+        let lock = self.lock(session);
+        let _serialised = lock.lock().expect("a session's snapshot lock poisoned");
+        let newest = self.newest(session)?;
+        if base != newest.version {
+            return Ok(Commit::Stale {
+                current: newest.version,
+            });
+        }
+        if delta.is_empty() && git == newest.git {
+            return Ok(Commit::Committed(newest));
+        }
+        let needed = delta.blobs();
+        let missing = blobs.lacks(org, &needed)?;
+        if let Some(first) = missing.first() {
+            return Err(SnapshotError::MissingBlobs {
+                missing: missing.len(),
+                first: first.to_hex(),
+            });
+        }
+        let mut manifest = self.manifest(session)?;
+        let before = manifest.clone();
+        manifest.apply(delta);
+        manifest.check_well_formed()?;
+        let (files, bytes) = manifest.totals();
+        let info = VersionInfo {
+            version: newest.version + 1,
+            base,
+            author,
+            git,
+            at: now,
+            files,
+            bytes,
+        };
+        // What changed in the entries, written as key puts and removals.
+        let mut batch = sled::Batch::default();
+        for change in before.diff(&manifest).changes {
+            match change {
+                Change::Remove(path) => {
+                    for (gone, _) in before.under(&path) {
+                        if manifest.get(gone).is_none() {
+                            batch.remove(entry_key(session, gone));
+                        }
+                    }
+                }
+                Change::Put(entry) => {
+                    batch.insert(entry_key(session, &entry.path), encode(&entry.kind)?);
+                }
+            }
+        }
+        batch.insert(version_key(session, info.version), encode(&(&info, delta))?);
+        batch.insert(key(b'n', session), encode(&info)?);
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(Commit::Committed(info))
+    }
+
+    /// The newest version and the changes from version `since` to it. From version 0 that
+    /// is the whole tree.
+    pub fn changes(
+        &self,
+        session: &str,
+        since: u64,
+    ) -> Result<(VersionInfo, Delta), SnapshotError> {
+        let newest = self.newest(session)?;
+        if since > newest.version {
+            return Err(SnapshotError::Future {
+                since,
+                newest: newest.version,
+            });
+        }
+        if since == 0 {
+            return Ok((newest, Manifest::new().diff(&self.manifest(session)?)));
+        }
+        if since == newest.version {
+            return Ok((newest, Delta::default()));
+        }
+        // The deltas since then, composed: per path, whether it was removed (with all
+        // under it) and what was put there last; a removal drops earlier changes under it.
+        let mut composed: BTreeMap<RelPath, (bool, Option<EntryKind>)> = BTreeMap::new();
+        let from = version_key(session, since + 1);
+        let to = version_key(session, newest.version);
+        for item in self.tree.range(from..=to) {
+            let (_, value) = item?;
+            let (_, delta): (VersionInfo, Delta) = decode(&value)?;
+            for change in delta.changes {
+                match change {
+                    Change::Remove(path) => {
+                        let under: Vec<RelPath> = composed
+                            .range(path.clone()..)
+                            .take_while(|(p, _)| p.as_str().starts_with(path.as_str()))
+                            .filter(|(p, _)| p.starts_with(&path))
+                            .map(|(p, _)| p.clone())
+                            .collect();
+                        for p in under {
+                            composed.remove(&p);
+                        }
+                        composed.insert(path, (true, None));
+                    }
+                    Change::Put(entry) => {
+                        composed.entry(entry.path).or_insert((false, None)).1 = Some(entry.kind);
+                    }
+                }
+            }
+            if composed.len() > MAX_DELTA_CHANGES {
+                break;
+            }
+        }
+        if composed.len() > MAX_DELTA_CHANGES {
+            // More than one answer may carry: the caller starts again from version 0.
+            return Err(SnapshotError::Delta(DeltaError::TooLarge(composed.len())));
+        }
+        let mut changes: Vec<Change> = composed
+            .iter()
+            .filter(|(_, (removed, _))| *removed)
+            .map(|(path, _)| Change::Remove(path.clone()))
+            .collect();
+        changes.extend(composed.into_iter().filter_map(|(path, (_, kind))| {
+            kind.map(|kind| Change::Put(cloud_protocol::teleport::Entry { path, kind }))
+        }));
+        Ok((newest, Delta { changes }))
+    }
+
+    /// Forgets a deleted session's versions.
+    pub fn delete_session(&self, session: &str) -> Result<(), SnapshotError> {
+        let lock = self.lock(session);
+        let _serialised = lock.lock().expect("a session's snapshot lock poisoned");
+        let mut batch = sled::Batch::default();
+        for prefix in [b'e', b'v'] {
+            let mut prefix = key(prefix, session);
+            prefix.push(0);
+            for item in self.tree.scan_prefix(&prefix) {
+                batch.remove(item?.0);
+            }
+        }
+        batch.remove(key(b'n', session));
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        self.locks
+            .lock()
+            .expect("snapshot locks poisoned")
+            .remove(session);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_protocol::blobs::Blob;
+    use cloud_protocol::teleport::{ContentId, Entry};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn file(blobs: &BlobStore, text: &str) -> EntryKind {
+        let blob = Blob {
+            id: ContentId::of(text.as_bytes()),
+            bytes: text.as_bytes().to_vec(),
+        };
+        blobs.put("acme", &blob).unwrap();
+        EntryKind::File {
+            executable: false,
+            size: text.len() as u64,
+            content: blob.id,
+            chunks: Vec::new(),
+        }
+    }
+
+    fn tree(entries: &[(&str, EntryKind)]) -> Manifest {
+        entries
+            .iter()
+            .map(|(path, kind)| Entry {
+                path: p(path),
+                kind: kind.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn commits_need_the_newest_base_and_their_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::new(dir.path().join("blobs"));
+        let snapshots = Snapshots::open(&dir.path().join("snapshots")).unwrap();
+        let me = || VersionAuthor::Instance("i-1".into());
+        let v1 = tree(&[("src", EntryKind::Dir), ("src/a", file(&blobs, "a1"))]);
+        let delta = Manifest::new().diff(&v1);
+        let Commit::Committed(info) = snapshots
+            .commit("s-1", "acme", &blobs, 0, &delta, None, me(), 1)
+            .unwrap()
+        else {
+            panic!("not committed")
+        };
+        assert_eq!((info.version, info.files, info.bytes), (1, 1, 2));
+        // A stale base is refused.
+        let v2 = tree(&[("src", EntryKind::Dir), ("src/a", file(&blobs, "a2"))]);
+        assert_eq!(
+            snapshots
+                .commit("s-1", "acme", &blobs, 0, &v1.diff(&v2), None, me(), 2)
+                .unwrap(),
+            Commit::Stale { current: 1 }
+        );
+        // A blob the relay lacks is refused.
+        let unknown = EntryKind::File {
+            executable: false,
+            size: 1,
+            content: ContentId::of(b"never uploaded"),
+            chunks: Vec::new(),
+        };
+        let v2_bad = tree(&[("src", EntryKind::Dir), ("src/a", unknown)]);
+        assert!(matches!(
+            snapshots.commit("s-1", "acme", &blobs, 1, &v1.diff(&v2_bad), None, me(), 2),
+            Err(SnapshotError::MissingBlobs { missing: 1, .. })
+        ));
+        // A tree without a file's parent is refused.
+        let orphan = Delta {
+            changes: vec![Change::Put(Entry {
+                path: p("nowhere/x"),
+                kind: file(&blobs, "x"),
+            })],
+        };
+        assert!(snapshots
+            .commit("s-1", "acme", &blobs, 1, &orphan, None, me(), 2)
+            .is_err());
+        assert_eq!(snapshots.newest("s-1").unwrap().version, 1);
+        snapshots
+            .commit(
+                "s-1",
+                "acme",
+                &blobs,
+                1,
+                &v1.diff(&v2),
+                None,
+                VersionAuthor::Agent,
+                3,
+            )
+            .unwrap();
+        assert_eq!(snapshots.manifest("s-1").unwrap(), v2);
+    }
+
+    #[test]
+    fn changes_since_any_version_bring_the_newest_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::new(dir.path().join("blobs"));
+        let snapshots = Snapshots::open(&dir.path().join("snapshots")).unwrap();
+        let trees = [
+            tree(&[
+                ("a", EntryKind::Dir),
+                ("a/x", file(&blobs, "1")),
+                ("b", file(&blobs, "2")),
+            ]),
+            tree(&[
+                ("a", EntryKind::Dir),
+                ("a/x", file(&blobs, "3")),
+                ("a/y", file(&blobs, "4")),
+            ]),
+            tree(&[("a", file(&blobs, "5")), ("c", EntryKind::Dir)]),
+            tree(&[
+                ("a", EntryKind::Dir),
+                ("a/z", file(&blobs, "6")),
+                ("c", EntryKind::Dir),
+            ]),
+        ];
+        let mut previous = Manifest::new();
+        for (n, tree) in trees.iter().enumerate() {
+            snapshots
+                .commit(
+                    "s",
+                    "acme",
+                    &blobs,
+                    n as u64,
+                    &previous.diff(tree),
+                    None,
+                    VersionAuthor::Agent,
+                    0,
+                )
+                .unwrap();
+            previous = tree.clone();
+        }
+        let mut olds = vec![Manifest::new()];
+        olds.extend(trees.iter().cloned());
+        for (since, old) in olds.iter().enumerate() {
+            let (newest, delta) = snapshots.changes("s", since as u64).unwrap();
+            assert_eq!(newest.version, 4);
+            let mut applied = old.clone();
+            applied.apply(&delta);
+            assert_eq!(applied, trees[3], "since {since}");
+        }
+        assert!(snapshots.changes("s", 5).is_err());
+        // Reopened, it is all still there.
+        drop(snapshots);
+        let snapshots = Snapshots::open(&dir.path().join("snapshots")).unwrap();
+        assert_eq!(snapshots.manifest("s").unwrap(), trees[3]);
+        snapshots.delete_session("s").unwrap();
+        assert_eq!(snapshots.newest("s").unwrap().version, 0);
+        assert!(snapshots.manifest("s").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,33 @@
+//! `cloud-tree`: teleport's file-system primitives, shared by the daemon and the relay.
+//!
+//! - [`stat`]: what `lstat` says, reduced to what teleport compares.
+//! - [`content`]: hashing and FastCDC chunking of files; reading a blob back, verified.
+//! - [`index`]: the scanner's memory (path → stat and entry), persisted by the daemon.
+//! - [`mod@scan`]: the ignore-aware scanner (full scans, and rescans of some paths).
+//! - [`root`]: a tree's root held open; every path reached from it without following a
+//!   symlink.
+//! - [`mod@write`]: the safe writer (temp file + rename, re-checked expectations).
+//! - [`git`]: HEAD and branch, and history as `git bundle`s, through the git CLI.
+//!
+//! Architecture invariant: nothing here is async or talks to the network; callers run
+//! scans and writes on a blocking pool. Every path from a peer is a
+//! [`cloud_protocol::teleport::RelPath`] and reaches disk only through [`root::Root`].
+
+pub mod content;
+pub mod git;
+pub mod index;
+pub mod root;
+pub mod scan;
+pub mod stat;
+mod sys;
+pub mod write;
+
+pub use content::{blob_locations, hash_file, read_blob, BlobLocation, ContentError, FileContent};
+pub use index::{Index, IndexChange, IndexError, Indexed};
+pub use root::{Root, RootError};
+pub use scan::{
+    plan, rescan_paths, scan, Plan, Rescan, Scan, ScanError, ScanOptions, ScanStats, SkipReason,
+    Skipped, Unreadable,
+};
+pub use stat::{FileKind, Stat};
+pub use write::{Expect, WriteError};
