@@ -1,6 +1,7 @@
 //! The daemon's decoders of what it stored from the network, fed damaged records up to
 //! 64 KiB on disk: the outbound journal's generations and the older in-store journal it
-//! migrates, the inbound session log chunks and followed sessions, and the session replica.
+//! migrates, the inbound session log chunks and followed sessions, the session replica,
+//! and teleport's links, agreed trees and index entries.
 //! A damaged record is an error naming the store (or, where a record cannot be told from a
 //! valid one, read as what it says), never a panic; what is read stays within what the
 //! daemon relies on (journal seqs between the acknowledged and the last written one, log
@@ -422,4 +423,54 @@ fn damaged_replica_sessions_are_errors_not_panics() {
         }
         Ok(())
     });
+}
+
+/// Damaged teleport records (links, agreed trees, index entries), written straight into
+/// the store's `teleport` tree: reading them back is an error, or drops an index entry
+/// (the file is hashed again), never a panic.
+#[test]
+fn damaged_teleport_records_are_errors_not_panics() {
+    use cloudd::teleport::worktrees::Worktrees;
+    let dir = tempfile::tempdir().unwrap();
+    let db = store::open(&dir.path().join("store")).unwrap();
+    let worktrees = Worktrees::open(&db).unwrap();
+    let tree = db.open_tree("teleport").unwrap();
+    let root = "/home/ann/src/app";
+    let key = |prefix: u8, path: Option<&str>| {
+        let mut key = vec![prefix, 0];
+        key.extend_from_slice(root.as_bytes());
+        if let Some(path) = path {
+            key.push(0);
+            key.extend_from_slice(path.as_bytes());
+        }
+        key
+    };
+    run(
+        64,
+        (
+            bytes(),
+            prop_oneof![Just("a"), Just("src/lib.rs"), Just("../x"), Just("")],
+        ),
+        |(value, path)| {
+            tree.clear().unwrap();
+            tree.insert(key(b'w', None), value.clone()).unwrap();
+            tree.insert(key(b'm', Some(path)), value.clone()).unwrap();
+            tree.insert(key(b'i', Some(path)), value.clone()).unwrap();
+            tree.insert(key(b's', None), value).unwrap();
+            if let Err(e) = worktrees.get(root) {
+                check_error(e)?;
+            }
+            if let Err(e) = worktrees.list() {
+                check_error(e)?;
+            }
+            if let Err(e) = worktrees.base(root) {
+                check_error(e)?;
+            }
+            match worktrees.index(root) {
+                Ok(index) => prop_assert!(index.len() <= 1),
+                Err(e) => check_error(e)?,
+            }
+            Ok(())
+        },
+    );
 }

@@ -90,9 +90,9 @@ fn path_key(prefix: u8, root: &str, path: &RelPath) -> Vec<u8> {
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Io {
-        what: "reading teleport state",
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}")),
+    StoreError::Corrupt {
+        what: "teleport",
+        message: format!("{what}: {e}"),
     }
 }
 
