@@ -337,15 +337,30 @@ async fn wait_for_exit(pid: u32) -> Result<(), LaunchError> {
 }
 
 /// Whether a process with this pid exists and has not exited (a zombie waiting for its
-/// parent to reap it has exited).
+/// parent to reap it has exited). On Linux every thread counts: the main thread is a
+/// zombie as soon as it exits, while the others (a watcher's, say) may still be ending,
+/// and until the last one has, the process's files and their locks (the store's) are
+/// still held.
 pub fn process_exists(pid: u32) -> bool {
     #[cfg(target_os = "linux")]
     if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself hold spaces.
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next());
-        return !matches!(state, Some("Z") | Some("X"));
+        let running = |stat: &str| {
+            // The state follows the parenthesised command name, which may itself hold
+            // spaces.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        };
+        if running(&stat) {
+            return true;
+        }
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        return threads.flatten().any(|thread| {
+            std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| running(&stat))
+        });
     }
     #[cfg(unix)]
     {

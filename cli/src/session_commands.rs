@@ -262,6 +262,23 @@ fn print_session(session: &Session, stale: bool) {
         ("active", ago(session.last_activity)),
         ("log", format!("{} entries", session.last_seq)),
     ];
+    let snapshot = session.snapshot.as_ref().map(|v| {
+        let git = match &v.git {
+            Some(git) => format!(
+                ", HEAD {}{}",
+                &git.head[..git.head.len().min(12)],
+                git.branch
+                    .as_deref()
+                    .map(|b| format!(" on {b}"))
+                    .unwrap_or_else(|| " (detached)".to_owned())
+            ),
+            None => String::new(),
+        };
+        (
+            "snapshot",
+            format!("v{} ({} files, {} bytes{git})", v.version, v.files, v.bytes),
+        )
+    });
     let note = stale.then(|| {
         (
             "note",
@@ -270,6 +287,7 @@ fn print_session(session: &Session, stale: bool) {
     });
     crate::table::print(
         rows.into_iter()
+            .chain(snapshot)
             .chain(note)
             .map(|(name, value)| [name.to_owned(), value]),
     );

@@ -168,6 +168,13 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         shared.shutdown.clone(),
     );
     let bridge_task = tokio::spawn(bridge.run());
+    // The watches the links record: the daemon's, so they outlive daemon restarts. Each
+    // waits for the relay, then rescans (what changed while no daemon watched) and pulls.
+    match shared.teleport.resume_watches().await {
+        Ok(0) => {}
+        Ok(n_watches) => tracing::info!(n_watches, "teleport watches resumed"),
+        Err(e) => tracing::error!("cannot resume the teleport watches: {e}"),
+    }
     let signal_task = signals::spawn(core_tx).map_err(StartError::Signals)?;
     let listener = match adopted {
         Some(listener) => listener,
@@ -225,6 +232,8 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     let connections_deadline = deadline - Duration::from_secs(1);
     shared.shutdown.cancel();
     tracker.close();
+    // The watches finish their current step (bounded); their links keep `watching`.
+    let _ = tokio::time::timeout_at(connections_deadline, shared.teleport.stop_watches()).await;
     let _ = accept_task.await;
     if tokio::time::timeout_at(connections_deadline, tracker.wait())
         .await

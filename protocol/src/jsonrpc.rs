@@ -845,6 +845,7 @@ mod tests {
             org: "acme".into(),
             failure: Some("oom".into()),
             last_seq: 42,
+            snapshot: None,
         }
     }
 

@@ -150,6 +150,8 @@ pub struct Session {
     pub failure: Option<String>,
     /// The sequence number of its last log entry (0 when empty).
     pub last_seq: u64,
+    /// Its newest snapshot version (teleport), with the git HEAD and branch it records.
+    pub snapshot: Option<Box<crate::teleport::VersionInfo>>,
 }
 
 /// What creating a session takes. In JSON every field is optional.

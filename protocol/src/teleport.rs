@@ -639,6 +639,31 @@ pub struct GitState {
     pub head: String,
     /// The branch HEAD is on, `None` when detached.
     pub branch: Option<String>,
+    /// The history the other side lacks, as a `git bundle` stored as blobs (its one ref is
+    /// `HEAD`): on a push, the commits since the last head the relay took; `None` when
+    /// the other side has `head` already.
+    pub bundle: Option<BundleRef>,
+}
+
+/// A `git bundle` file, stored as blobs like a file's contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRef {
+    pub size: u64,
+    /// The blake3 hash of the whole bundle.
+    pub content: ContentId,
+    /// Its chunks when over [`WHOLE_FILE_MAX`]; empty otherwise (one blob, `content`).
+    pub chunks: Vec<Chunk>,
+}
+
+impl BundleRef {
+    /// The blobs it is made of.
+    pub fn blobs(&self) -> Vec<ContentId> {
+        if self.chunks.is_empty() {
+            vec![self.content]
+        } else {
+            self.chunks.iter().map(|c| c.id).collect()
+        }
+    }
 }
 
 /// Who made a snapshot version.
@@ -684,6 +709,13 @@ pub enum TeleportRequest {
     },
     /// The changes from version `since` to the newest.
     Changes { session: String, since: u64 },
+    /// The history of the workspace's repository up to `head` that the daemon lacks (it
+    /// has the commits in `have`), as a bundle stored as blobs (its one ref is `HEAD`).
+    GitBundle {
+        session: String,
+        head: String,
+        have: Vec<String>,
+    },
 }
 
 impl TeleportRequest {
@@ -691,7 +723,8 @@ impl TeleportRequest {
         match self {
             TeleportRequest::Lacks { session, .. }
             | TeleportRequest::Commit { session, .. }
-            | TeleportRequest::Changes { session, .. } => session,
+            | TeleportRequest::Changes { session, .. }
+            | TeleportRequest::GitBundle { session, .. } => session,
         }
     }
 }
@@ -709,6 +742,8 @@ pub enum TeleportReply {
         newest: VersionInfo,
         delta: Delta,
     },
+    /// The bundle asked for (its blobs are stored for the session's org).
+    GitBundle(BundleRef),
 }
 
 #[cfg(test)]

@@ -189,6 +189,7 @@ fn session() -> impl Strategy<Value = Session> {
                 org,
                 failure,
                 last_seq,
+                snapshot: None,
             },
         )
 }

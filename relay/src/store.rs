@@ -836,6 +836,7 @@ mod tests {
             org: "o".to_owned(),
             failure: None,
             last_seq: 0,
+            snapshot: None,
         };
         let mut changes = Changes::default();
         changes.put_session(&session);

@@ -298,6 +298,7 @@ fn session(status: SessionStatus) -> Session {
         org: "acme".to_owned(),
         failure: None,
         last_seq: 0,
+        snapshot: None,
     }
 }
 

@@ -7,12 +7,14 @@
 //! - [`root`]: a tree's root held open; every path reached from it without following a
 //!   symlink.
 //! - [`mod@write`]: the safe writer (temp file + rename, re-checked expectations).
+//! - [`git`]: HEAD and branch, and history as `git bundle`s, through the git CLI.
 //!
 //! Architecture invariant: nothing here is async or talks to the network; callers run
 //! scans and writes on a blocking pool. Every path from a peer is a
 //! [`cloud_protocol::teleport::RelPath`] and reaches disk only through [`root::Root`].
 
 pub mod content;
+pub mod git;
 pub mod index;
 pub mod root;
 pub mod scan;

@@ -24,10 +24,14 @@ pub struct Applied {
     pub touched: Vec<RelPath>,
     /// Paths changed on both sides, each with what was done.
     pub conflicts: Vec<String>,
-    /// The conflict copies written.
+    /// The conflict copies written (the session's versions beside local ones).
     pub copies: Vec<RelPath>,
     /// What could not be done, each with why.
     pub problems: Vec<String>,
+    /// The paths whose change could not be written (a symlink or a file in the way, an IO
+    /// error): they are not agreed on, so the next pull tries them again and a push does
+    /// not take their absence for a local change.
+    pub failed: Vec<RelPath>,
 }
 
 /// What the index says is at `path` now, as the writer's expectation.
@@ -121,7 +125,10 @@ pub fn apply(
                         Err(WriteError::Changed { .. }) => applied.conflicts.push(format!(
                             "{p}: changed here while the session removed it; kept"
                         )),
-                        Err(e) => applied.problems.push(format!("{p}: {e}")),
+                        Err(e) => {
+                            applied.problems.push(format!("{p}: {e}"));
+                            applied.failed.push(p.clone());
+                        }
                     }
                 }
             }
@@ -134,7 +141,10 @@ pub fn apply(
                     Err(WriteError::Changed { .. }) => {
                         beside.push((path.clone(), entry.kind.clone()))
                     }
-                    Err(e) => applied.problems.push(format!("{path}: {e}")),
+                    Err(e) => {
+                        applied.problems.push(format!("{path}: {e}"));
+                        applied.failed.push(path.clone());
+                    }
                 }
             }
         }
@@ -170,8 +180,97 @@ pub fn apply(
                 ));
                 applied.copies.push(copy);
             }
-            Err(e) => applied.problems.push(format!("{copy}: {e}")),
+            Err(e) => {
+                applied.problems.push(format!("{copy}: {e}"));
+                applied.failed.push(path.clone());
+            }
         }
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_protocol::teleport::{Delta, Entry};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    /// What a hostile relay could send once paths are checked (`..` and absolute paths do
+    /// not decode at all): a symlink out of the root, then writes through it. Nothing
+    /// lands outside; the writes through the link are reported by name.
+    #[test]
+    fn a_hostile_tree_writes_nothing_outside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let bytes = b"pwned".to_vec();
+        let id = ContentId::of(&bytes);
+        let file = EntryKind::File {
+            executable: true,
+            size: bytes.len() as u64,
+            content: id,
+            chunks: Vec::new(),
+        };
+        let put = |path: &str, kind: EntryKind| {
+            Change::Put(Entry {
+                path: p(path),
+                kind,
+            })
+        };
+        let merge = Merge {
+            apply: Delta {
+                changes: vec![
+                    put(
+                        "evil",
+                        EntryKind::Symlink {
+                            target: outside.path().display().to_string(),
+                        },
+                    ),
+                    put("evil/pwned", file.clone()),
+                    put("evil/deeper/pwned", file.clone()),
+                    Change::Remove(p("evil/victim")),
+                    put("ok.txt", file),
+                ],
+            },
+            conflicts: Vec::new(),
+        };
+        std::fs::write(outside.path().join("victim"), "still here").unwrap();
+        let blobs = HashMap::from([(id, bytes)]);
+        let applied = apply(
+            root.path().to_str().unwrap(),
+            &Index::default(),
+            &merge,
+            2,
+            &blobs,
+        )
+        .unwrap();
+        let outside_now: Vec<_> = std::fs::read_dir(outside.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(outside_now, vec![std::ffi::OsString::from("victim")]);
+        assert_eq!(
+            std::fs::read_to_string(outside.path().join("victim")).unwrap(),
+            "still here"
+        );
+        for name in ["evil/pwned", "evil/deeper/pwned"] {
+            assert!(
+                applied
+                    .problems
+                    .iter()
+                    .any(|problem| problem.starts_with(name)),
+                "{name} is reported: {:?}",
+                applied.problems
+            );
+            assert!(applied.failed.contains(&p(name)));
+        }
+        // The rest went on; the link itself is a link, as the tree says.
+        assert_eq!(std::fs::read(root.path().join("ok.txt")).unwrap(), b"pwned");
+        assert!(std::fs::symlink_metadata(root.path().join("evil"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use cloud_protocol::blobs::{Blob, BATCH_BYTES};
 use cloud_protocol::teleport::{ContentId, Manifest, RelPath};
-use cloud_tree::{BlobLocation, ContentError, Index, Root, Scan, ScanOptions};
+use cloud_tree::{
+    BlobLocation, ContentError, Index, Rescan, Root, Scan, ScanOptions, Skipped, Unreadable,
+};
 
 use super::worktrees::Worktrees;
 use super::{Reporter, TeleportError};
@@ -23,6 +25,31 @@ pub struct Scanned {
     pub problems: Vec<String>,
     /// Conflict copies found in the worktree.
     pub conflicts: Vec<String>,
+}
+
+/// What a push starts from: the worktree's tree as a scan (full, or a rescan of some
+/// paths on top of the index) found it.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    pub manifest: Manifest,
+    /// Paths skipped or unreadable, each with why.
+    pub problems: Vec<String>,
+    /// Conflict copies in the worktree.
+    pub conflicts: Vec<String>,
+}
+
+impl Scanned {
+    /// The tree found, and the index that vouches for it.
+    pub fn split(self) -> (Found, Index) {
+        (
+            Found {
+                manifest: self.manifest,
+                problems: self.problems,
+                conflicts: self.conflicts,
+            },
+            self.index,
+        )
+    }
 }
 
 /// Hashing threads: two cores are what these machines have, and the socket's thread must
@@ -49,16 +76,7 @@ pub fn scan(
 }
 
 fn scanned(scan: Scan) -> Scanned {
-    let mut problems: Vec<String> = scan
-        .skipped
-        .iter()
-        .map(|s| format!("{}: skipped ({:?})", s.path.display(), s.reason))
-        .collect();
-    problems.extend(
-        scan.unreadable
-            .iter()
-            .map(|u| format!("{}: cannot be read ({})", u.path, u.error)),
-    );
+    let problems = problems(&scan.skipped, &scan.unreadable);
     Scanned {
         manifest: scan.manifest,
         index: scan.index,
@@ -68,22 +86,46 @@ fn scanned(scan: Scan) -> Scanned {
 }
 
 /// Re-examines only `paths` (after writing them, or after the watcher saw them change),
-/// updating the stored index; returns the new manifest.
+/// updating `index` and the stored one (only the entries that changed are written).
 pub fn rescan(
     worktrees: &Worktrees,
     root: &str,
     paths: &[RelPath],
     index: &mut Index,
-) -> Result<Manifest, TeleportError> {
+) -> Result<Rescan, TeleportError> {
     if paths.is_empty() {
-        return Ok(index.manifest());
+        return Ok(Rescan {
+            changes: Vec::new(),
+            delta: Default::default(),
+            skipped: Vec::new(),
+            unreadable: Vec::new(),
+            conflict_copies: Vec::new(),
+            stats: Default::default(),
+        });
     }
     let rescan = cloud_tree::rescan_paths(Path::new(root), paths, index, &options())
         .map_err(|e| TeleportError::Local(e.to_string()))?;
-    let previous = index.clone();
+    worktrees.apply_index(root, index, &rescan.changes)?;
     index.apply(&rescan.changes);
-    worktrees.set_index(root, &previous, index)?;
-    Ok(index.manifest())
+    Ok(rescan)
+}
+
+/// What a rescan found wrong, worded as a scan's problems.
+pub fn rescan_problems(rescan: &Rescan) -> Vec<String> {
+    problems(&rescan.skipped, &rescan.unreadable)
+}
+
+fn problems(skipped: &[Skipped], unreadable: &[Unreadable]) -> Vec<String> {
+    let mut problems: Vec<String> = skipped
+        .iter()
+        .map(|s| format!("{}: skipped ({:?})", s.path.display(), s.reason))
+        .collect();
+    problems.extend(
+        unreadable
+            .iter()
+            .map(|u| format!("{}: cannot be read ({})", u.path, u.error)),
+    );
+    problems
 }
 
 /// Reads the blobs `ids` from the worktree (where `manifest` says they are) and sends
@@ -116,6 +158,58 @@ pub fn read_blobs(
         batch.push(Blob {
             id: *id,
             bytes: blob,
+        });
+        if bytes >= BATCH_BYTES {
+            bytes = 0;
+            if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = batches.blocking_send(batch);
+    }
+    Ok(())
+}
+
+/// Reads the blobs `ids` of the file at `path` laid out as `layout` (a git bundle) and
+/// sends them in batches, as [`read_blobs`] does for a worktree.
+pub fn read_file_blobs(
+    path: &Path,
+    layout: &cloud_protocol::teleport::BundleRef,
+    ids: &[ContentId],
+    batches: tokio::sync::mpsc::Sender<Vec<Blob>>,
+) -> Result<(), TeleportError> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
+    let mut at = HashMap::new();
+    if layout.chunks.is_empty() {
+        at.insert(layout.content, (0u64, layout.size));
+    } else {
+        let mut offset = 0u64;
+        for chunk in &layout.chunks {
+            at.entry(chunk.id).or_insert((offset, u64::from(chunk.len)));
+            offset += u64::from(chunk.len);
+        }
+    }
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    for id in ids {
+        let &(offset, len) = at
+            .get(id)
+            .ok_or_else(|| TeleportError::Local(format!("blob {id} is not in the bundle")))?;
+        let mut data = vec![0; len as usize];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut data))
+            .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
+        if ContentId::of(&data) != *id {
+            return Err(TeleportError::ChangedDuringPush(path.display().to_string()));
+        }
+        bytes += data.len();
+        batch.push(Blob {
+            id: *id,
+            bytes: data,
         });
         if bytes >= BATCH_BYTES {
             bytes = 0;

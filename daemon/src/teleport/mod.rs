@@ -13,7 +13,11 @@
 //!   just before each replace; a change on both sides keeps both).
 //! - [`transfer`]: the blob socket, beside the bridge: file contents never travel in the
 //!   ordered task stream.
-//! - [`git`]: HEAD and branch, recorded with each version.
+//! - `cloud_tree::git`: HEAD and branch, recorded with each version, and the history that
+//!   travels as bundles.
+//! - [`watch`]: the daemon's watches: file-system events (debounced) become incremental
+//!   pushes, the session's new versions become pulls, until stopped; they resume when the
+//!   daemon starts.
 //!
 //! Architecture invariants: scanning, hashing, reading and writing files run on the
 //! blocking pool, never on the socket's thread; one operation per worktree at a time;
@@ -21,7 +25,6 @@
 //! `cloud_tree`, and `RelPath` on every path).
 
 pub mod apply;
-pub mod git;
 pub mod local;
 pub mod pull;
 pub mod push;
@@ -151,6 +154,8 @@ pub struct Teleport {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The teleport topic.
     pub feed: broadcast::Sender<Arc<Notification>>,
+    /// The running watches, by root.
+    watches: watch::Watches,
 }
 
 impl Teleport {
@@ -160,6 +165,7 @@ impl Teleport {
             link,
             locks: Mutex::new(HashMap::new()),
             feed: broadcast::channel(FEED_CAPACITY).0,
+            watches: Mutex::new(HashMap::new()),
         }
     }
 
@@ -201,7 +207,7 @@ impl Teleport {
     pub async fn status(&self) -> Result<Vec<TeleportLink>, TeleportError> {
         let worktrees = self.worktrees.clone();
         let list = Self::blocking(move || Ok(worktrees.list()?)).await?;
-        Ok(list.into_iter().map(|w| link_view(&w)).collect())
+        Ok(list.into_iter().map(|w| self.link_view(&w)).collect())
     }
 
     /// The view of one linked worktree.
@@ -210,7 +216,35 @@ impl Teleport {
         let root = root.to_owned();
         Ok(Self::blocking(move || Ok(worktrees.get(&root)?))
             .await?
-            .map(|w| link_view(&w)))
+            .map(|w| self.link_view(&w)))
+    }
+
+    /// A link as `teleport status` shows it, with its watch's health.
+    fn link_view(&self, worktree: &Worktree) -> TeleportLink {
+        let health = worktree
+            .watching
+            .then(|| self.watch_health(&worktree.root))
+            .flatten();
+        let (watcher, pending) = match (worktree.watching, health) {
+            (false, _) => ("-".to_owned(), 0),
+            (true, Some(health)) => (health.watcher, health.pending),
+            (true, None) => (
+                "not running (it starts with the daemon; `teleport watch` starts it now)"
+                    .to_owned(),
+                0,
+            ),
+        };
+        TeleportLink {
+            root: worktree.root.clone(),
+            session: worktree.session.clone(),
+            version: worktree.version,
+            remote_version: worktree.remote_version,
+            watching: worktree.watching,
+            pending,
+            conflicts: worktree.conflicts.clone(),
+            watcher,
+            last_error: worktree.last_error.clone(),
+        }
     }
 }
 
@@ -224,8 +258,7 @@ pub fn canonical_root(path: &str, create: bool) -> Result<String, TeleportError>
         )));
     }
     if create {
-        std::fs::create_dir_all(path)
-            .map_err(|e| TeleportError::Local(format!("cannot create {}: {e}", path.display())))?;
+        create_root(path)?;
     }
     let canonical = std::fs::canonicalize(path)
         .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
@@ -240,20 +273,23 @@ pub fn canonical_root(path: &str, create: bool) -> Result<String, TeleportError>
         .ok_or_else(|| TeleportError::Local(format!("{} is not UTF-8", canonical.display())))
 }
 
-fn link_view(worktree: &Worktree) -> TeleportLink {
-    TeleportLink {
-        root: worktree.root.clone(),
-        session: worktree.session.clone(),
-        version: worktree.version,
-        remote_version: worktree.remote_version,
-        watching: worktree.watching,
-        pending: 0,
-        conflicts: worktree.conflicts.clone(),
-        watcher: if worktree.watching {
-            "ok".to_owned()
-        } else {
-            "-".to_owned()
-        },
-        last_error: worktree.last_error.clone(),
+/// Makes the directory `path` and its missing parents, each 0755 whatever the umask (the
+/// daemon's is 077, and a worktree is the user's, as the directories a pull writes are).
+/// Directories that exist are left as they are.
+fn create_root(path: &Path) -> Result<(), TeleportError> {
+    let cannot = |what: &Path, e: std::io::Error| {
+        TeleportError::Local(format!("cannot create {}: {e}", what.display()))
+    };
+    let missing: Vec<&Path> = path
+        .ancestors()
+        .take_while(|dir| std::fs::symlink_metadata(dir).is_err())
+        .collect();
+    std::fs::create_dir_all(path).map_err(|e| cannot(path, e))?;
+    #[cfg(unix)]
+    for dir in missing.into_iter().rev() {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| cannot(dir, e))?;
     }
+    Ok(())
 }

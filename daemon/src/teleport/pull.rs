@@ -10,10 +10,13 @@
 //! This module decides nothing about individual writes: `apply` does them.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use cloud_protocol::ipc::TeleportOutcome;
-use cloud_protocol::teleport::{merge, ContentId, EntryKind, TeleportReply, TeleportRequest};
+use cloud_protocol::teleport::{
+    merge, Change, ContentId, Delta, EntryKind, Manifest, TeleportReply, TeleportRequest,
+};
 
 use super::worktrees::Worktree;
 use super::{apply, local, Reporter, Teleport, TeleportError};
@@ -27,6 +30,9 @@ pub struct Pulled {
     pub bytes: u64,
     pub conflicts: Vec<String>,
     pub problems: Vec<String>,
+    /// The worktree's index after the pull, if it scanned (a pull that found nothing new
+    /// does not).
+    pub index: Option<cloud_tree::Index>,
 }
 
 impl Teleport {
@@ -82,7 +88,13 @@ impl Teleport {
         let reply = self
             .request(TeleportRequest::Changes {
                 session: worktree.session.clone(),
-                since: worktree.version,
+                // After changes that could not be written, the whole tree: the agreed one
+                // differs from the version's there, so a delta would not bring them again.
+                since: if worktree.unapplied {
+                    0
+                } else {
+                    worktree.version
+                },
             })
             .await?;
         let TeleportReply::Changes { newest, delta } = reply else {
@@ -94,6 +106,13 @@ impl Teleport {
             .validate()
             .map_err(|e| TeleportError::Relay(format!("a malformed delta: {e}")))?;
         worktree.remote_version = worktree.remote_version.max(newest.version);
+        if delta.is_empty() && newest.version <= worktree.version && !worktree.unapplied {
+            // Nothing new: the worktree is not scanned for it.
+            return Ok(Pulled {
+                version: worktree.version,
+                ..Pulled::default()
+            });
+        }
         let (worktrees, root, scan_reporter) = (
             self.worktrees.clone(),
             worktree.root.clone(),
@@ -105,7 +124,11 @@ impl Teleport {
             Ok((base, scanned))
         })
         .await?;
-        let mut remote = base.clone();
+        let mut remote = if worktree.unapplied {
+            Manifest::new()
+        } else {
+            base.clone()
+        };
         remote.apply(&delta);
         let merged = merge(&base, &scanned.manifest, &remote);
         // The blobs the writes need: from the worktree where it has them, else fetched.
@@ -159,24 +182,113 @@ impl Teleport {
             newest.version,
         );
         let mut index = scanned.index;
-        let applied = Self::blocking(move || {
+        let (applied, index) = Self::blocking(move || {
             let applied = apply::apply(&root, &index, &merged, version, &blobs)?;
             local::rescan(&worktrees, &root, &applied.touched, &mut index)?;
-            Ok(applied)
+            Ok((applied, index))
         })
         .await?;
+        // `teleport status` lists the conflict copies, the ones just written included.
+        let mut copies = scanned.conflicts;
+        copies.extend(applied.copies.iter().map(|copy| copy.to_string()));
+        copies.sort_unstable();
+        copies.dedup();
+        worktree.conflicts = copies;
+        let applied_failed = applied.failed;
+        worktree.unapplied = !applied_failed.is_empty();
         pulled.files = applied.changed;
         pulled.conflicts = applied.conflicts;
-        worktree.conflicts = scanned.conflicts;
-        for copy in applied.copies {
-            let copy = copy.to_string();
-            if !worktree.conflicts.contains(&copy) {
-                worktree.conflicts.push(copy);
-            }
-        }
         pulled.problems = scanned.problems;
         pulled.problems.extend(applied.problems);
-        self.agreed(worktree, &base, &remote, &newest).await?;
+        pulled.index = Some(index);
+        if let Some(git) = &newest.git {
+            if let Err(e) = self.fetch_history(worktree, &git.head).await {
+                pulled
+                    .problems
+                    .push(format!("the session's git history: {e}"));
+            }
+        }
+        // Agreed on: the session's tree, but where a change could not be written, what was
+        // agreed before (so the next pull tries it again, and a push does not take the
+        // missing file for a local deletion).
+        let mut agreed = remote;
+        for path in &applied_failed {
+            agreed.apply(&Delta {
+                changes: vec![Change::Remove(path.clone())],
+            });
+            for (under, kind) in base.under(path) {
+                agreed.insert(under.clone(), kind.clone());
+            }
+        }
+        self.agreed(worktree, &base, &agreed, &newest).await?;
         Ok(pulled)
+    }
+
+    /// Brings the session's commit `head` (the agent's commits) into the worktree's
+    /// repository as `refs/cloudd/<session>`, fetching the history it lacks as a bundle.
+    /// Never moves HEAD or a branch; nothing to do outside a git repository or when HEAD
+    /// is `head` already.
+    async fn fetch_history(&self, worktree: &Worktree, head: &str) -> Result<(), TeleportError> {
+        let root = worktree.root.clone();
+        let name = format!("refs/cloudd/{}", worktree.session);
+        let local = {
+            let (root, head, name) = (root.clone(), head.to_owned(), name.clone());
+            Self::blocking(move || {
+                let root = Path::new(&root);
+                let Some(state) = cloud_tree::git::state(root) else {
+                    return Ok(None);
+                };
+                if state.head == head {
+                    return Ok(None);
+                }
+                if cloud_tree::git::has_commit(root, &head) {
+                    cloud_tree::git::set_ref(root, &name, &head).map_err(TeleportError::Local)?;
+                    return Ok(None);
+                }
+                Ok(Some(state.head))
+            })
+            .await?
+        };
+        let Some(local_head) = local else {
+            return Ok(());
+        };
+        let reply = self
+            .request(TeleportRequest::GitBundle {
+                session: worktree.session.clone(),
+                head: head.to_owned(),
+                have: vec![local_head],
+            })
+            .await?;
+        let TeleportReply::GitBundle(bundle) = reply else {
+            return Err(TeleportError::Relay(
+                "an answer to a bundle request that is not one".into(),
+            ));
+        };
+        let ids = bundle.blobs();
+        let mut socket = self.blob_socket().await?;
+        let fetched = socket.get_all(&worktree.session, &ids).await;
+        socket.close().await;
+        let blobs: HashMap<ContentId, Vec<u8>> =
+            fetched?.into_iter().map(|b| (b.id, b.bytes)).collect();
+        Self::blocking(move || {
+            let mut file = tempfile::NamedTempFile::new()
+                .map_err(|e| TeleportError::Local(format!("cannot make a temp file: {e}")))?;
+            for id in &ids {
+                let bytes = blobs
+                    .get(id)
+                    .ok_or_else(|| TeleportError::Local(format!("blob {id} was not fetched")))?;
+                std::io::Write::write_all(&mut file, bytes)
+                    .map_err(|e| TeleportError::Local(e.to_string()))?;
+            }
+            cloud_tree::git::receive(
+                Path::new(&root),
+                file.path(),
+                "refs/cloudd/export",
+                &name,
+                false,
+            )
+            .map_err(TeleportError::Local)
+        })
+        .await
     }
 }

@@ -12,12 +12,29 @@
 use std::sync::Arc;
 
 use cloud_protocol::ipc::TeleportOutcome;
+use std::collections::HashMap;
+use std::path::Path;
+
+use cloud_protocol::blobs::Blob;
 use cloud_protocol::teleport::{
-    ContentId, Delta, Manifest, TeleportReply, TeleportRequest, VersionInfo, MAX_LACKS_IDS,
+    BundleRef, ContentId, Delta, GitState, Manifest, TeleportReply, TeleportRequest, VersionInfo,
+    MAX_LACKS_IDS,
 };
+use tokio::sync::mpsc;
 
 use super::worktrees::Worktree;
 use super::{local, Reporter, Teleport, TeleportError, MAX_ATTEMPTS};
+
+/// What a push did.
+#[derive(Debug)]
+pub(super) struct Pushed {
+    pub outcome: TeleportOutcome,
+    /// Whether it made a version (a quiet push of an unchanged tree does not).
+    pub committed: bool,
+    /// The index of the last full scan the push made (a retry, a merge), if it made one:
+    /// a watcher that keeps the index in memory takes it up.
+    pub index: Option<cloud_tree::Index>,
+}
 
 /// Below this many bytes of blobs a push uploads them without asking which the relay
 /// lacks first (the relay keeps one copy of each anyway): one round trip less per edit.
@@ -36,7 +53,10 @@ impl Teleport {
     ) -> Result<TeleportOutcome, TeleportError> {
         let root = super::canonical_root(path, false)?;
         let _held = self.hold(&root).await;
-        let result = self.push_held(&root, session, reporter).await;
+        let result = self
+            .push_held(&root, session, reporter, None, false)
+            .await
+            .map(|pushed| pushed.outcome);
         self.record_result(&root, &result).await;
         result
     }
@@ -89,12 +109,20 @@ impl Teleport {
         .await
     }
 
-    async fn push_held(
+    /// Pushes the worktree at `root`, which the caller holds, to `session`. The first
+    /// attempt starts from `found` when given (the watcher's rescan of what changed, on top
+    /// of the index), else from a full scan through the index; later attempts (a file
+    /// changed while it was read, a merge of a newer version) scan in full. `quiet`: a
+    /// tree that has not changed since the agreed version is not committed again (the
+    /// watcher's pushes; an explicit push always makes a version).
+    pub(super) async fn push_held(
         self: &Arc<Self>,
         root: &str,
         session: &str,
         reporter: &Reporter,
-    ) -> Result<TeleportOutcome, TeleportError> {
+        mut found: Option<local::Found>,
+        quiet: bool,
+    ) -> Result<Pushed, TeleportError> {
         let mut worktree = self.link_to(root, session).await?;
         let mut outcome = TeleportOutcome {
             root: root.to_owned(),
@@ -106,21 +134,46 @@ impl Teleport {
             conflicts: Vec::new(),
             problems: Vec::new(),
         };
+        let mut index = None;
         let mut last_failure = String::new();
         for _ in 0..MAX_ATTEMPTS {
             let (worktrees, root_owned, reporter_owned) =
                 (self.worktrees.clone(), root.to_owned(), reporter.clone());
-            let (base, scanned) = Self::blocking(move || {
+            let start = found.take();
+            let (base, found, scanned_index) = Self::blocking(move || {
                 let base = worktrees.base(&root_owned)?;
-                let scanned = local::scan(&worktrees, &root_owned, &reporter_owned)?;
-                Ok((base, scanned))
+                Ok(match start {
+                    Some(found) => (base, found, None),
+                    None => {
+                        let (found, index) =
+                            local::scan(&worktrees, &root_owned, &reporter_owned)?.split();
+                        (base, found, Some(index))
+                    }
+                })
             })
             .await?;
-            outcome.problems = scanned.problems.clone();
-            worktree.conflicts = scanned.conflicts.clone();
-            let delta = base.diff(&scanned.manifest);
+            if scanned_index.is_some() {
+                index = scanned_index;
+            }
+            outcome.problems = found.problems.clone();
+            let conflicts_changed = worktree.conflicts != found.conflicts;
+            worktree.conflicts = found.conflicts.clone();
+            let delta = base.diff(&found.manifest);
+            if quiet && delta.is_empty() && worktree.version > 0 {
+                if conflicts_changed {
+                    // Conflict copies are not content: a removed one changes no version,
+                    // but `teleport status` stops listing it.
+                    let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
+                    Self::blocking(move || Ok(worktrees.put(&record)?)).await?;
+                }
+                return Ok(Pushed {
+                    outcome,
+                    committed: false,
+                    index,
+                });
+            }
             match self
-                .upload(session, root, &scanned.manifest, &delta, reporter)
+                .upload(session, root, &found.manifest, &delta, reporter)
                 .await
             {
                 Ok((blobs, bytes)) => {
@@ -133,11 +186,9 @@ impl Teleport {
                 }
                 Err(e) => return Err(e),
             }
+            let git = self.git_state(session, root, &worktree, reporter).await?;
+            let head = git.as_ref().map(|g| g.head.clone());
             reporter.report("commit", 0, 1, 0, 0);
-            let git = {
-                let root = root.to_owned();
-                Self::blocking(move || Ok(super::git::state(std::path::Path::new(&root)))).await?
-            };
             let changes = delta.changes.len() as u64;
             let reply = self
                 .request(TeleportRequest::Commit {
@@ -149,12 +200,17 @@ impl Teleport {
                 .await?;
             match reply {
                 TeleportReply::Committed(info) => {
-                    self.agreed(&mut worktree, &base, &scanned.manifest, &info)
+                    worktree.git_sent = head.or(worktree.git_sent.take());
+                    self.agreed(&mut worktree, &base, &found.manifest, &info)
                         .await?;
                     outcome.version = info.version;
                     outcome.files += changes;
                     reporter.report("done", 1, 1, 0, 0);
-                    return Ok(outcome);
+                    return Ok(Pushed {
+                        outcome,
+                        committed: true,
+                        index,
+                    });
                 }
                 TeleportReply::Stale { current } => {
                     // The session moved on (the agent's edits, another machine): take its
@@ -163,6 +219,9 @@ impl Teleport {
                     let pulled = self.pull_held(&mut worktree, reporter).await?;
                     outcome.conflicts.extend(pulled.conflicts);
                     outcome.problems.extend(pulled.problems);
+                    if pulled.index.is_some() {
+                        index = pulled.index;
+                    }
                 }
                 other => {
                     return Err(TeleportError::Relay(format!(
@@ -211,16 +270,40 @@ impl Teleport {
         delta: &Delta,
         reporter: &Reporter,
     ) -> Result<(u64, u64), TeleportError> {
-        let mut ids = delta.blobs();
+        let sizes = blob_sizes(manifest);
+        let (root, manifest) = (root.to_owned(), manifest.clone());
+        self.upload_with(
+            session,
+            delta.blobs(),
+            &sizes,
+            reporter,
+            move |ids, batches| local::read_blobs(&root, &manifest, &ids, batches),
+        )
+        .await
+    }
+
+    /// Uploads the blobs among `ids` that the relay lacks (asking first above
+    /// [`ASK_ABOVE_BYTES`]), read by `read` on a blocking thread into batches. Returns
+    /// how many blobs and bytes went up.
+    async fn upload_with(
+        &self,
+        session: &str,
+        mut ids: Vec<ContentId>,
+        sizes: &HashMap<ContentId, u64>,
+        reporter: &Reporter,
+        read: impl FnOnce(Vec<ContentId>, mpsc::Sender<Vec<Blob>>) -> Result<(), TeleportError>
+            + Send
+            + 'static,
+    ) -> Result<(u64, u64), TeleportError> {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        let sizes = blob_sizes(manifest);
-        let total: u64 = ids
-            .iter()
-            .map(|id| sizes.get(id).copied().unwrap_or(0))
-            .sum();
-        if total > ASK_ABOVE_BYTES {
+        let size_of = |ids: &[ContentId]| -> u64 {
+            ids.iter()
+                .map(|id| sizes.get(id).copied().unwrap_or(0))
+                .sum()
+        };
+        if size_of(&ids) > ASK_ABOVE_BYTES {
             let mut lacking = Vec::new();
             for chunk in ids.chunks(MAX_LACKS_IDS) {
                 let reply = self
@@ -241,21 +324,12 @@ impl Teleport {
         if ids.is_empty() {
             return Ok((0, 0));
         }
-        let bytes_total: u64 = ids
-            .iter()
-            .map(|id| sizes.get(id).copied().unwrap_or(0))
-            .sum();
+        let bytes_total = size_of(&ids);
         let n_total = ids.len() as u64;
         reporter.report("upload", 0, n_total, 0, bytes_total);
         let mut socket = self.blob_socket().await?;
-        let (batches_in, batches) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let reading = {
-            let root = root.to_owned();
-            let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || {
-                local::read_blobs(&root, &manifest, &ids, batches_in)
-            })
-        };
+        let (batches_in, batches) = mpsc::channel(READ_AHEAD);
+        let reading = tokio::task::spawn_blocking(move || read(ids, batches_in));
         let (mut n_done, mut bytes_done) = (0u64, 0u64);
         let sent = socket
             .put_all(session, batches, |n, bytes| {
@@ -271,6 +345,68 @@ impl Teleport {
         read?;
         sent?;
         Ok((n_done, bytes_done))
+    }
+
+    /// The git state to record with a push: HEAD and branch, and a bundle of the commits
+    /// the relay has not taken yet (uploaded here). `None` outside a git repository.
+    async fn git_state(
+        &self,
+        session: &str,
+        root: &str,
+        worktree: &Worktree,
+        reporter: &Reporter,
+    ) -> Result<Option<GitState>, TeleportError> {
+        let (root, sent) = (root.to_owned(), worktree.git_sent.clone());
+        let prepared = Self::blocking(move || {
+            let Some(state) = cloud_tree::git::state(Path::new(&root)) else {
+                return Ok(None);
+            };
+            if sent.as_deref() == Some(state.head.as_str()) {
+                return Ok(Some((state, None)));
+            }
+            let file = tempfile::NamedTempFile::new()
+                .map_err(|e| TeleportError::Local(format!("cannot make a temp file: {e}")))?;
+            let have: Vec<String> = sent.into_iter().collect();
+            let made = cloud_tree::git::bundle(Path::new(&root), "HEAD", &have, file.path())
+                .map_err(TeleportError::Local)?;
+            if !made {
+                return Ok(Some((state, None)));
+            }
+            let content = cloud_tree::hash_file(file.path())
+                .map_err(|e| TeleportError::Local(format!("reading the git bundle: {e}")))?;
+            Ok(Some((state, Some((file, content)))))
+        })
+        .await?;
+        let Some((mut state, bundle)) = prepared else {
+            return Ok(None);
+        };
+        if let Some((file, content)) = bundle {
+            let bundle = BundleRef {
+                size: content.size,
+                content: content.content,
+                chunks: content.chunks,
+            };
+            let sizes: HashMap<ContentId, u64> = if bundle.chunks.is_empty() {
+                HashMap::from([(bundle.content, bundle.size)])
+            } else {
+                bundle
+                    .chunks
+                    .iter()
+                    .map(|c| (c.id, u64::from(c.len)))
+                    .collect()
+            };
+            let layout = bundle.clone();
+            self.upload_with(
+                session,
+                bundle.blobs(),
+                &sizes,
+                reporter,
+                move |ids, batches| local::read_file_blobs(file.path(), &layout, &ids, batches),
+            )
+            .await?;
+            state.bundle = Some(bundle);
+        }
+        Ok(Some(state))
     }
 }
 

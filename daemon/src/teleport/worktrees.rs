@@ -17,7 +17,7 @@
 //! This module must never touch a worktree's files or talk to the relay.
 
 use cloud_protocol::teleport::{EntryKind, Manifest, RelPath};
-use cloud_tree::{Index, Indexed};
+use cloud_tree::{Index, IndexChange, Indexed};
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoreError;
@@ -39,6 +39,11 @@ pub struct Worktree {
     pub last_error: Option<String>,
     /// Conflict copies the latest scan found in the worktree.
     pub conflicts: Vec<String>,
+    /// The git HEAD the relay took last (its history up to there need not be sent again).
+    pub git_sent: Option<String>,
+    /// Whether the last pull could not write some of the session's changes: the agreed
+    /// tree keeps what was agreed before there, and the next pull asks for the whole tree.
+    pub unapplied: bool,
 }
 
 impl Worktree {
@@ -52,6 +57,8 @@ impl Worktree {
             watching: false,
             last_error: None,
             conflicts: Vec::new(),
+            git_sent: None,
+            unapplied: false,
         }
     }
 }
@@ -175,12 +182,7 @@ impl Worktrees {
 
     /// The scanner's index of `root` (empty before the first scan).
     pub fn index(&self, root: &str) -> Result<Index, StoreError> {
-        let scanned_at = self
-            .tree
-            .get(key(b's', root))
-            .map_err(StoreError::sled("teleport"))?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .map_or(0, i64::from_be_bytes);
+        let scanned_at = self.index_stamp(root)?;
         let mut index = Index::new(scanned_at);
         for item in paths(&self.tree, path_prefix(b'i', root)) {
             let (path, value) = item?;
@@ -214,6 +216,45 @@ impl Worktrees {
                 .map_err(StoreError::sled("teleport"))?;
         }
         Ok(())
+    }
+
+    /// Writes a rescan's `changes` to the stored index of `root`, whose entries are
+    /// `index` before them (a removal takes what `index` holds under its path).
+    pub fn apply_index(
+        &self,
+        root: &str,
+        index: &Index,
+        changes: &[IndexChange],
+    ) -> Result<(), StoreError> {
+        for change in changes {
+            match change {
+                IndexChange::Put(path, indexed) => {
+                    self.tree
+                        .insert(path_key(b'i', root, path), indexed.encode())
+                        .map_err(StoreError::sled("teleport"))?;
+                }
+                IndexChange::Remove(path) => {
+                    for (under, _) in index.under(path) {
+                        self.tree
+                            .remove(path_key(b'i', root, under))
+                            .map_err(StoreError::sled("teleport"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// When the full scan that made the stored index of `root` started (0: none yet).
+    /// A watcher that holds the index in memory compares it to notice that another
+    /// operation scanned meanwhile.
+    pub fn index_stamp(&self, root: &str) -> Result<i64, StoreError> {
+        Ok(self
+            .tree
+            .get(key(b's', root))
+            .map_err(StoreError::sled("teleport"))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, i64::from_be_bytes))
     }
 
     /// Forgets `root` entirely.
@@ -253,6 +294,8 @@ mod tests {
             watching: true,
             last_error: None,
             conflicts: Vec::new(),
+            git_sent: None,
+            unapplied: false,
         };
         worktrees.put(&link).unwrap();
         // A root that is a prefix of another does not see its keys.

@@ -590,9 +590,19 @@ impl Core {
                 info,
                 reply,
             } => {
-                let result = match self.sessions.contains_key(&session) {
-                    true => Ok(self.append(&session, author, SessionEvent::Snapshot(info), round)),
-                    false => Err(CoreError::NotFound(session)),
+                let result = match self.sessions.get_mut(&session) {
+                    Some(runtime) => {
+                        // Versions are announced in order per session (teleport holds the
+                        // session while it commits and announces).
+                        runtime.session.snapshot = Some(Box::new(info.clone()));
+                        let seq =
+                            self.append(&session, author, SessionEvent::Snapshot(info), round);
+                        let mut changes = Changes::default();
+                        changes.put_session(&self.sessions[&session].session);
+                        self.commit(changes, round);
+                        Ok(seq)
+                    }
+                    None => Err(CoreError::NotFound(session)),
                 };
                 round.reply(reply, result);
             }

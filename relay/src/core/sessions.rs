@@ -50,6 +50,7 @@ impl Core {
             org: identity.org.clone(),
             failure: None,
             last_seq: 0,
+            snapshot: None,
         };
         self.sessions.insert(
             id.clone(),

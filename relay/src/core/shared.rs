@@ -215,6 +215,7 @@ mod tests {
             org: "o".to_owned(),
             failure: None,
             last_seq: 7,
+            snapshot: None,
         };
         let round = (5..=7).map(|seq| entry(seq, seq.to_string())).collect();
         shared.sessions.write().unwrap().insert(

@@ -63,6 +63,13 @@ impl BlobStore {
         Ok(self.org_dir(org)?.join(&hex[..2]).join(hex))
     }
 
+    /// Where temp files that become blobs or bundles are made (on the store's disk),
+    /// created if missing.
+    pub fn temp_dir(&self) -> Result<&Path, BlobStoreError> {
+        std::fs::create_dir_all(&self.root).map_err(io("creating", &self.root))?;
+        Ok(&self.root)
+    }
+
     /// Whether `org` has blob `id`.
     pub fn has(&self, org: &str, id: &ContentId) -> Result<bool, BlobStoreError> {
         Ok(self.path(org, id)?.is_file())

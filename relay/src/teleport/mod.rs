@@ -27,9 +27,10 @@ use std::sync::{Arc, Mutex};
 use cloud_protocol::blobs::Blob;
 use cloud_protocol::session::Author;
 use cloud_protocol::teleport::{
-    TeleportReply, TeleportRequest, VersionAuthor, VersionInfo, MAX_LACKS_IDS,
+    BundleRef, ContentId, GitState, TeleportReply, TeleportRequest, VersionAuthor, VersionInfo,
+    MAX_LACKS_IDS,
 };
-use cloud_tree::{Index, Root, ScanOptions};
+use cloud_tree::{git, Index, Root, ScanOptions};
 
 use crate::access::{Access, Identity};
 use crate::core::{Command, Shared};
@@ -109,27 +110,48 @@ impl Teleport {
                 Ok(TeleportReply::Lacks(lacking))
             }
             TeleportRequest::Commit {
-                base, delta, git, ..
+                base,
+                delta,
+                mut git,
+                ..
             } => {
                 let _held = self.hold(&session.id).await;
                 let (this, id, org) = (Arc::clone(self), session.id.clone(), session.org.clone());
                 let author = VersionAuthor::Instance(instance_id.to_owned());
+                // The history travels beside the version, not in it.
+                let bundle = git.as_mut().and_then(|g| g.bundle.take());
                 let committed = blocking(move || {
+                    if let Some(bundle) = &bundle {
+                        let lacking = this
+                            .blobs
+                            .lacks(&org, &bundle.blobs())
+                            .map_err(|e| e.to_string())?;
+                        if !lacking.is_empty() {
+                            return Err(format!(
+                                "the commit's git bundle needs {} blob(s) the relay does not have",
+                                lacking.len()
+                            ));
+                        }
+                    }
                     let now = crate::now_millis();
                     let outcome = this
                         .snapshots
-                        .commit(&id, &org, &this.blobs, base, &delta, git, author, now)
+                        .commit(&id, &org, &this.blobs, base, &delta, git.clone(), author, now)
                         .map_err(|e| e.to_string())?;
                     if let Commit::Committed(info) = &outcome {
                         if info.version > base {
-                            let problems = materialise::materialise(
-                                &this.workspaces.join(&id),
-                                &delta,
-                                &this.blobs,
-                                &org,
-                            )?;
+                            let workspace = this.workspaces.join(&id);
+                            let problems =
+                                materialise::materialise(&workspace, &delta, &this.blobs, &org)?;
                             for problem in problems {
                                 tracing::warn!(session = %id, "cannot materialise {problem}");
+                            }
+                            if let Some(state) = &git {
+                                if let Err(e) =
+                                    this.follow_head(&workspace, &org, state, bundle.as_ref())
+                                {
+                                    tracing::warn!(session = %id, "the workspace's repository does not follow the push: {e}");
+                                }
                             }
                         }
                     }
@@ -151,6 +173,12 @@ impl Teleport {
                         Ok(TeleportReply::Committed(info))
                     }
                 }
+            }
+            TeleportRequest::GitBundle { head, have, .. } => {
+                let _held = self.hold(&session.id).await;
+                let (this, id, org) = (Arc::clone(self), session.id.clone(), session.org.clone());
+                let bundle = blocking(move || this.export(&id, &org, &head, &have)).await?;
+                Ok(TeleportReply::GitBundle(bundle))
             }
             TeleportRequest::Changes { since, .. } => {
                 // What the agent changed since its last turn is a version too.
@@ -181,6 +209,90 @@ impl Teleport {
         }
     }
 
+    /// Makes the workspace's repository follow a pushed HEAD: the bundle's history
+    /// fetched in (the repository made first if there is none), HEAD and the branch moved
+    /// there, the index reset to it (files untouched).
+    fn follow_head(
+        &self,
+        workspace: &Path,
+        org: &str,
+        state: &GitState,
+        bundle: Option<&BundleRef>,
+    ) -> Result<(), String> {
+        if let Some(bundle) = bundle {
+            let file =
+                tempfile::NamedTempFile::new_in(self.blobs.temp_dir().map_err(|e| e.to_string())?)
+                    .map_err(|e| format!("cannot make a temp file: {e}"))?;
+            self.assemble(org, &bundle.blobs(), file.path())?;
+            git::receive(workspace, file.path(), "HEAD", "refs/cloudd/incoming", true)?;
+        }
+        git::set_head(workspace, &state.head, state.branch.as_deref())
+    }
+
+    /// Writes the blobs `ids` of `org`, in order, to `path`.
+    fn assemble(&self, org: &str, ids: &[ContentId], path: &Path) -> Result<(), String> {
+        let mut out = std::fs::File::create(path).map_err(|e| e.to_string())?;
+        for id in ids {
+            let bytes = self
+                .blobs
+                .get(org, id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("blob {id} is not in the store"))?;
+            std::io::Write::write_all(&mut out, &bytes).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// A bundle of the workspace's history up to `head` without what `have` holds, stored
+    /// as blobs of `org`.
+    fn export(
+        &self,
+        session: &str,
+        org: &str,
+        head: &str,
+        have: &[String],
+    ) -> Result<BundleRef, String> {
+        let workspace = self.workspaces.join(session);
+        if !git::has_commit(&workspace, head) {
+            return Err(format!(
+                "the session's repository does not have commit {head}"
+            ));
+        }
+        git::set_ref(&workspace, "refs/cloudd/export", head)?;
+        let file =
+            tempfile::NamedTempFile::new_in(self.blobs.temp_dir().map_err(|e| e.to_string())?)
+                .map_err(|e| format!("cannot make a temp file: {e}"))?;
+        if !git::bundle(&workspace, "refs/cloudd/export", have, file.path())? {
+            return Err(format!("nothing to send: the daemon has {head} already"));
+        }
+        let content = cloud_tree::hash_file(file.path()).map_err(|e| e.to_string())?;
+        let bundle = BundleRef {
+            size: content.size,
+            content: content.content,
+            chunks: content.chunks,
+        };
+        let bytes = std::fs::read(file.path()).map_err(|e| e.to_string())?;
+        let mut offset = 0usize;
+        for id in bundle.blobs() {
+            let len = if bundle.chunks.is_empty() {
+                bytes.len()
+            } else {
+                bundle
+                    .chunks
+                    .iter()
+                    .find(|c| c.id == id)
+                    .map_or(0, |c| c.len as usize)
+            };
+            let blob = Blob {
+                id,
+                bytes: bytes[offset..offset + len].to_vec(),
+            };
+            offset += len;
+            self.blobs.put(org, &blob).map_err(|e| e.to_string())?;
+        }
+        Ok(bundle)
+    }
+
     fn capture_held(&self, session: &str, org: &str) -> Result<Option<VersionInfo>, String> {
         let workspace = self.workspaces.join(session);
         if !workspace.is_dir() {
@@ -205,7 +317,9 @@ impl Teleport {
             .lock()
             .expect("teleport indexes poisoned")
             .insert(session.to_owned(), scan.index);
-        if delta.is_empty() {
+        // The agent's commits are part of its edits (the workspace's HEAD and branch).
+        let git = git::state(&workspace).or_else(|| newest.git.clone());
+        if delta.is_empty() && git == newest.git {
             return Ok(None);
         }
         // The agent's new contents go to the blob store first.
@@ -234,7 +348,7 @@ impl Teleport {
                 &self.blobs,
                 newest.version,
                 &delta,
-                None,
+                git,
                 VersionAuthor::Agent,
                 crate::now_millis(),
             )
