@@ -17,8 +17,8 @@ use std::path::Path;
 
 use cloud_protocol::blobs::Blob;
 use cloud_protocol::teleport::{
-    BundleRef, ContentId, Delta, GitState, Manifest, TeleportReply, TeleportRequest, VersionInfo,
-    MAX_LACKS_IDS,
+    BundleRef, Change, ContentId, Delta, GitState, Manifest, TeleportReply, TeleportRequest,
+    VersionInfo, MAX_LACKS_IDS,
 };
 use tokio::sync::mpsc;
 
@@ -172,10 +172,7 @@ impl Teleport {
                     index,
                 });
             }
-            match self
-                .upload(session, root, &found.manifest, &delta, reporter)
-                .await
-            {
+            match self.upload(session, root, &delta, reporter).await {
                 Ok((blobs, bytes)) => {
                     outcome.blobs += blobs;
                     outcome.bytes += bytes;
@@ -266,12 +263,21 @@ impl Teleport {
         &self,
         session: &str,
         root: &str,
-        manifest: &Manifest,
         delta: &Delta,
         reporter: &Reporter,
     ) -> Result<(u64, u64), TeleportError> {
-        let sizes = blob_sizes(manifest);
-        let (root, manifest) = (root.to_owned(), manifest.clone());
+        // Every blob the delta needs is in one of the files it puts, where the scan found
+        // it: looking only there keeps an edit's push from costing the whole tree.
+        let manifest: Manifest = delta
+            .changes
+            .iter()
+            .filter_map(|change| match change {
+                Change::Put(entry) => Some(entry.clone()),
+                Change::Remove(_) => None,
+            })
+            .collect();
+        let sizes = blob_sizes(&manifest);
+        let root = root.to_owned();
         self.upload_with(
             session,
             delta.blobs(),
