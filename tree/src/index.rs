@@ -62,6 +62,15 @@ pub enum IndexChange {
     Remove(RelPath),
 }
 
+impl IndexChange {
+    /// The path it changes.
+    pub fn path(&self) -> &RelPath {
+        match self {
+            IndexChange::Put(path, _) | IndexChange::Remove(path) => path,
+        }
+    }
+}
+
 /// Path → [`Indexed`], plus when the full scan that made it started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Index {

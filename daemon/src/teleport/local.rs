@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use cloud_protocol::blobs::{Blob, BATCH_BYTES};
-use cloud_protocol::teleport::{ContentId, Manifest, RelPath};
+use cloud_protocol::teleport::{ContentId, Delta, Manifest, RelPath};
 use cloud_tree::{
     BlobLocation, ContentError, Index, Rescan, Root, Scan, ScanOptions, Skipped, Unreadable,
 };
@@ -36,6 +36,41 @@ pub struct Found {
     pub problems: Vec<String>,
     /// Conflict copies in the worktree.
     pub conflicts: Vec<String>,
+}
+
+/// The changes a push commits: the delta from the agreed tree to the worktree, with what
+/// the scan found wrong.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub delta: Delta,
+    /// Paths skipped or unreadable, each with why.
+    pub problems: Vec<String>,
+    /// Conflict copies in the worktree.
+    pub conflicts: Vec<String>,
+}
+
+/// What a push starts from.
+#[derive(Debug)]
+pub enum Start {
+    /// A full scan through the index.
+    Scan,
+    /// The tree as a scan found it (diffed against the agreed tree off the runtime's
+    /// thread).
+    Found(Found),
+    /// The changes already worked out (a watcher that keeps the agreed tree in memory
+    /// diffs only what changed).
+    Changes(Changes),
+}
+
+impl Found {
+    /// The changes from `base` to this tree.
+    pub fn changes_from(self, base: &Manifest) -> Changes {
+        Changes {
+            delta: base.diff(&self.manifest),
+            problems: self.problems,
+            conflicts: self.conflicts,
+        }
+    }
 }
 
 impl Scanned {

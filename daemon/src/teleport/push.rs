@@ -31,9 +31,21 @@ pub(super) struct Pushed {
     pub outcome: TeleportOutcome,
     /// Whether it made a version (a quiet push of an unchanged tree does not).
     pub committed: bool,
+    /// Whether what it committed (or found unchanged) is what it started from: no file
+    /// changed while it was read and no newer version was merged in, so the agreed tree
+    /// is the old one with the starting changes applied.
+    pub as_started: bool,
     /// The index of the last full scan the push made (a retry, a merge), if it made one:
     /// a watcher that keeps the index in memory takes it up.
     pub index: Option<cloud_tree::Index>,
+}
+
+/// How the agreed tree changes when both sides agree on a new version.
+pub(super) enum Agreed {
+    /// By the delta just committed (a push).
+    Delta(Delta),
+    /// From `old` to `new` (a pull's merge).
+    Tree { old: Manifest, new: Manifest },
 }
 
 /// Below this many bytes of blobs a push uploads them without asking which the relay
@@ -54,9 +66,15 @@ impl Teleport {
         let root = super::canonical_root(path, false)?;
         let _held = self.hold(&root).await;
         let result = self
-            .push_held(&root, session, reporter, None, false)
+            .push_held(&root, session, reporter, local::Start::Scan, false)
             .await
-            .map(|pushed| pushed.outcome);
+            .map(|pushed| {
+                if let Some(index) = pushed.index {
+                    // A whole tree's index: freed off the runtime's thread.
+                    tokio::task::spawn_blocking(move || drop(index));
+                }
+                pushed.outcome
+            });
         self.record_result(&root, &result).await;
         result
     }
@@ -110,17 +128,20 @@ impl Teleport {
     }
 
     /// Pushes the worktree at `root`, which the caller holds, to `session`. The first
-    /// attempt starts from `found` when given (the watcher's rescan of what changed, on top
-    /// of the index), else from a full scan through the index; later attempts (a file
-    /// changed while it was read, a merge of a newer version) scan in full. `quiet`: a
-    /// tree that has not changed since the agreed version is not committed again (the
-    /// watcher's pushes; an explicit push always makes a version).
+    /// attempt starts from `start` (a full scan through the index, the tree a scan found,
+    /// or changes already worked out); later attempts (a file changed while it was read,
+    /// a merge of a newer version) scan in full. `quiet`: a tree that has not changed
+    /// since the agreed version is not committed again (the watcher's pushes; an explicit
+    /// push always makes a version).
+    ///
+    /// Trees are loaded, diffed and dropped on the blocking pool: the runtime's thread
+    /// only sees the changes.
     pub(super) async fn push_held(
         self: &Arc<Self>,
         root: &str,
         session: &str,
         reporter: &Reporter,
-        mut found: Option<local::Found>,
+        start: local::Start,
         quiet: bool,
     ) -> Result<Pushed, TeleportError> {
         let mut worktree = self.link_to(root, session).await?;
@@ -136,18 +157,21 @@ impl Teleport {
         };
         let mut index = None;
         let mut last_failure = String::new();
-        for _ in 0..MAX_ATTEMPTS {
+        let mut start = Some(start);
+        for attempt in 0..MAX_ATTEMPTS {
             let (worktrees, root_owned, reporter_owned) =
                 (self.worktrees.clone(), root.to_owned(), reporter.clone());
-            let start = found.take();
-            let (base, found, scanned_index) = Self::blocking(move || {
-                let base = worktrees.base(&root_owned)?;
-                Ok(match start {
-                    Some(found) => (base, found, None),
-                    None => {
+            let first = start.take().unwrap_or(local::Start::Scan);
+            let (changes, scanned_index) = Self::blocking(move || {
+                Ok(match first {
+                    local::Start::Changes(changes) => (changes, None),
+                    local::Start::Found(found) => {
+                        (found.changes_from(&worktrees.base(&root_owned)?), None)
+                    }
+                    local::Start::Scan => {
                         let (found, index) =
                             local::scan(&worktrees, &root_owned, &reporter_owned)?.split();
-                        (base, found, Some(index))
+                        (found.changes_from(&worktrees.base(&root_owned)?), Some(index))
                     }
                 })
             })
@@ -155,10 +179,14 @@ impl Teleport {
             if scanned_index.is_some() {
                 index = scanned_index;
             }
-            outcome.problems = found.problems.clone();
-            let conflicts_changed = worktree.conflicts != found.conflicts;
-            worktree.conflicts = found.conflicts.clone();
-            let delta = base.diff(&found.manifest);
+            let local::Changes {
+                delta,
+                problems,
+                conflicts,
+            } = changes;
+            outcome.problems = problems;
+            let conflicts_changed = worktree.conflicts != conflicts;
+            worktree.conflicts = conflicts;
             if quiet && delta.is_empty() && worktree.version > 0 {
                 if conflicts_changed {
                     // Conflict copies are not content: a removed one changes no version,
@@ -169,6 +197,7 @@ impl Teleport {
                 return Ok(Pushed {
                     outcome,
                     committed: false,
+                    as_started: attempt == 0,
                     index,
                 });
             }
@@ -191,14 +220,14 @@ impl Teleport {
                 .request(TeleportRequest::Commit {
                     session: session.to_owned(),
                     base: worktree.version,
-                    delta,
+                    delta: delta.clone(),
                     git,
                 })
                 .await?;
             match reply {
                 TeleportReply::Committed(info) => {
                     worktree.git_sent = head.or(worktree.git_sent.take());
-                    self.agreed(&mut worktree, &base, &found.manifest, &info)
+                    self.agreed(&mut worktree, Agreed::Delta(delta), &info)
                         .await?;
                     outcome.version = info.version;
                     outcome.files += changes;
@@ -206,6 +235,7 @@ impl Teleport {
                     return Ok(Pushed {
                         outcome,
                         committed: true,
+                        as_started: attempt == 0,
                         index,
                     });
                 }
@@ -232,25 +262,24 @@ impl Teleport {
         )))
     }
 
-    /// Both sides agree on `tree` at version `info`: the link's base from now on.
+    /// Both sides agree on version `info`: the link's base from now on is the stored base
+    /// changed as `agreed` says (written on the blocking pool, where the trees are also
+    /// dropped).
     pub(super) async fn agreed(
         &self,
         worktree: &mut Worktree,
-        old_base: &Manifest,
-        tree: &Manifest,
+        agreed: Agreed,
         info: &VersionInfo,
     ) -> Result<(), TeleportError> {
         worktree.version = info.version;
         worktree.remote_version = worktree.remote_version.max(info.version);
         worktree.last_error = None;
-        let (worktrees, record, old_base, tree) = (
-            self.worktrees.clone(),
-            worktree.clone(),
-            old_base.clone(),
-            tree.clone(),
-        );
+        let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
         Self::blocking(move || {
-            worktrees.set_base(&record.root, &old_base, &tree)?;
+            match agreed {
+                Agreed::Delta(delta) => worktrees.apply_base(&record.root, &delta)?,
+                Agreed::Tree { old, new } => worktrees.set_base(&record.root, &old, &new)?,
+            }
             worktrees.put(&record)?;
             Ok(())
         })

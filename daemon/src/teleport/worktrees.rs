@@ -16,7 +16,7 @@
 //!
 //! This module must never touch a worktree's files or talk to the relay.
 
-use cloud_protocol::teleport::{EntryKind, Manifest, RelPath};
+use cloud_protocol::teleport::{Change, Delta, EntryKind, Manifest, RelPath};
 use cloud_tree::{Index, IndexChange, Indexed};
 use serde::{Deserialize, Serialize};
 
@@ -180,6 +180,34 @@ impl Worktrees {
         Ok(())
     }
 
+    /// Applies `delta` to the stored base tree of `root` (a removal takes what is under
+    /// its path): only the paths it names are written, so an edit costs a few keys.
+    pub fn apply_base(&self, root: &str, delta: &Delta) -> Result<(), StoreError> {
+        for change in &delta.changes {
+            match change {
+                Change::Remove(path) => {
+                    self.tree
+                        .remove(path_key(b'm', root, path))
+                        .map_err(StoreError::sled("teleport"))?;
+                    let mut under = path_key(b'm', root, path);
+                    under.push(b'/');
+                    for item in self.tree.scan_prefix(under) {
+                        let (k, _) = item.map_err(StoreError::sled("teleport"))?;
+                        self.tree.remove(k).map_err(StoreError::sled("teleport"))?;
+                    }
+                }
+                Change::Put(entry) => {
+                    let value = postcard::to_allocvec(&entry.kind)
+                        .map_err(|e| corrupt("a base entry", e))?;
+                    self.tree
+                        .insert(path_key(b'm', root, &entry.path), value)
+                        .map_err(StoreError::sled("teleport"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The scanner's index of `root` (empty before the first scan).
     pub fn index(&self, root: &str) -> Result<Index, StoreError> {
         let scanned_at = self.index_stamp(root)?;
@@ -330,5 +358,45 @@ mod tests {
         assert_eq!(worktrees.get(&link.root).unwrap(), None);
         assert!(worktrees.base(&link.root).unwrap().is_empty());
         assert!(worktrees.get(&other.root).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_base_changed_by_a_delta_agrees_with_applying_it_to_the_whole_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let worktrees = Worktrees::open(&db).unwrap();
+        let file = |b: u8| EntryKind::File {
+            executable: false,
+            size: 1,
+            content: ContentId::of(&[b]),
+            chunks: Vec::new(),
+        };
+        let mut old = Manifest::new();
+        for (path, kind) in [
+            ("a", EntryKind::Dir),
+            ("a/b", EntryKind::Dir),
+            ("a/b/x", file(1)),
+            ("a/bc", file(2)),
+            ("a/y", file(3)),
+            ("z", file(4)),
+        ] {
+            old.insert(p(path), kind);
+        }
+        worktrees.set_base("/r", &Manifest::new(), &old).unwrap();
+        let mut new = old.clone();
+        // A directory removed (not its sibling that shares a prefix), a file edited, a
+        // file that becomes a directory.
+        new.apply(&Delta {
+            changes: vec![Change::Remove(p("a/b")), Change::Remove(p("z"))],
+        });
+        new.insert(p("a/y"), file(5));
+        new.insert(p("z"), EntryKind::Dir);
+        new.insert(p("z/n"), file(6));
+        let delta = old.diff(&new);
+        worktrees.apply_base("/r", &delta).unwrap();
+        assert_eq!(worktrees.base("/r").unwrap(), new);
+        let mut applied = old.clone();
+        applied.apply(&delta);
+        assert_eq!(applied, new);
     }
 }

@@ -27,6 +27,7 @@ use super::fs::{self, FsEvents, FsSignal};
 use super::tree::WatchedTree;
 use super::Health;
 use crate::link::BridgeCommand;
+use crate::teleport::local::Start;
 use crate::teleport::worktrees::Worktrees;
 use crate::teleport::{Reporter, Teleport, TeleportError};
 
@@ -346,31 +347,51 @@ impl Watch {
     }
 
     /// Pushes: `paths` rescanned on top of the index, or (`None`) a full scan through it.
+    /// After a rescan only what changed is diffed against the agreed tree the watch keeps
+    /// (see [`WatchedTree::changes`]).
     async fn push(&mut self, paths: Option<Vec<RelPath>>) -> Result<(), TeleportError> {
         let reporter = self.reporter();
-        let (root, scan_reporter) = (self.root.clone(), reporter.clone());
-        let found = self
+        let (root, scan_reporter, version) =
+            (self.root.clone(), reporter.clone(), self.version);
+        let start = self
             .with_tree(move |tree, worktrees| {
                 // Another operation (an explicit push or pull) scanned meanwhile: its
                 // index is the newer one.
                 if worktrees.index_stamp(&root)? != tree.index.scanned_at_ns() {
                     tree.adopt(worktrees, worktrees.index(&root)?)?;
                 }
-                match paths {
-                    Some(paths) => tree.rescan(worktrees, &paths),
-                    None => tree.scan(worktrees, &scan_reporter),
-                }
+                Ok(match paths {
+                    Some(paths) => {
+                        let problems = tree.rescan_paths(worktrees, &paths)?;
+                        match tree.changes(worktrees, version, problems.clone())? {
+                            Some(changes) => Start::Changes(changes),
+                            None => Start::Found(tree.found(problems)),
+                        }
+                    }
+                    None => Start::Found(tree.scan(worktrees, &scan_reporter)?),
+                })
             })
             .await?;
+        let delta = match &start {
+            Start::Changes(changes) => Some(changes.delta.clone()),
+            _ => None,
+        };
         let pushed = self
             .teleport
-            .push_held(&self.root, &self.session, &reporter, Some(found), true)
+            .push_held(&self.root, &self.session, &reporter, start, true)
             .await?;
-        if let Some(index) = pushed.index {
-            self.with_tree(move |tree, worktrees| tree.adopt(worktrees, index))
-                .await?;
-        }
-        self.version = pushed.outcome.version;
+        let (index, followed) = (pushed.index, pushed.as_started.then_some(delta).flatten());
+        let version = pushed.outcome.version;
+        self.with_tree(move |tree, worktrees| {
+            tree.pushed(followed.as_ref(), version);
+            match index {
+                // A retry scanned again: the agreed tree is that scan's.
+                Some(index) => tree.adopt_agreed(worktrees, index),
+                None => Ok(()),
+            }
+        })
+        .await?;
+        self.version = version;
         self.schedule.pushed();
         if pushed.committed {
             tracing::debug!(root = %self.root, version = self.version, files = pushed.outcome.files, "the watch pushed");

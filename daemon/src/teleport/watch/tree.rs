@@ -9,17 +9,22 @@
 //! once its watch exists, until no new one turns up: nothing created in a new directory is
 //! missed, however fast it came.
 //!
+//! Edits: the watch also keeps the agreed tree in memory and which paths changed in the
+//! index since the index last matched it, so an edit's push diffs those paths only
+//! ([`WatchedTree::changes`]), not the whole tree: its cost follows the edit, not the
+//! tree's size.
+//!
 //! Blocking (it scans and waits for notify's thread): runs on the blocking pool. This
 //! module must never talk to the relay or write a worktree file.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use cloud_protocol::teleport::RelPath;
+use cloud_protocol::teleport::{Delta, Manifest, RelPath};
 use cloud_tree::Index;
 
 use super::fs::{FsWatch, Handler, WatchProblem};
-use crate::teleport::local::{self, Found};
+use crate::teleport::local::{self, Changes, Found};
 use crate::teleport::worktrees::Worktrees;
 use crate::teleport::{Reporter, TeleportError};
 
@@ -36,6 +41,13 @@ pub struct WatchedTree {
     pub fs: FsWatch,
     /// Conflict copies in the worktree, as far as the scans know.
     conflicts: BTreeSet<String>,
+    /// The agreed tree and its version, once loaded (`None` until then, and after an
+    /// agreement this watch did not follow step by step).
+    base: Option<(u64, Manifest)>,
+    /// The paths whose index entries changed since the index last matched the agreed
+    /// tree: the next push's changes are under them. `None`: not known (another operation
+    /// scanned or pulled), and the next push diffs the whole tree.
+    unpushed: Option<BTreeSet<RelPath>>,
     /// Tests: runs between a rescan's walk and the watches it adds (the race window).
     #[cfg(test)]
     after_walk: Option<tests::Hook>,
@@ -63,6 +75,8 @@ impl WatchedTree {
             index,
             fs,
             conflicts,
+            base: None,
+            unpushed: None,
             #[cfg(test)]
             after_walk: None,
         };
@@ -75,12 +89,24 @@ impl WatchedTree {
         self.fs.problem()
     }
 
-    /// Rescans `paths` (what the watcher saw change) on top of the index.
+    /// Rescans `paths` (what the watcher saw change) on top of the index; the tree as the
+    /// index has it then.
     pub fn rescan(
         &mut self,
         worktrees: &Worktrees,
         paths: &[RelPath],
     ) -> Result<Found, TeleportError> {
+        let problems = self.rescan_paths(worktrees, paths)?;
+        Ok(self.found(problems))
+    }
+
+    /// Rescans `paths` on top of the index (and, until none turns up, the directories
+    /// newly watched), recording the paths that changed. Returns what it found wrong.
+    pub fn rescan_paths(
+        &mut self,
+        worktrees: &Worktrees,
+        paths: &[RelPath],
+    ) -> Result<Vec<String>, TeleportError> {
         let mut problems = Vec::new();
         let mut targets = paths.to_vec();
         for _ in 0..NEW_DIR_ROUNDS {
@@ -91,6 +117,9 @@ impl WatchedTree {
             problems.extend(local::rescan_problems(&rescan));
             self.conflicts
                 .extend(rescan.conflict_copies.iter().map(|p| p.to_string()));
+            if let Some(unpushed) = &mut self.unpushed {
+                unpushed.extend(rescan.changes.iter().map(|c| c.path().clone()));
+            }
             #[cfg(test)]
             if let Some(hook) = &mut self.after_walk {
                 (hook.0)();
@@ -101,7 +130,44 @@ impl WatchedTree {
         let root = Path::new(&self.root);
         self.conflicts
             .retain(|copy| root.join(copy).symlink_metadata().is_ok());
-        Ok(self.found(problems))
+        Ok(problems)
+    }
+
+    /// The changes from the agreed tree at `version` to the index, when which paths
+    /// changed is known: only those are diffed (the agreed tree is loaded once, and again
+    /// only after an agreement this watch did not follow). `None` when not known.
+    pub fn changes(
+        &mut self,
+        worktrees: &Worktrees,
+        version: u64,
+        problems: Vec<String>,
+    ) -> Result<Option<Changes>, TeleportError> {
+        let Some(unpushed) = &self.unpushed else {
+            return Ok(None);
+        };
+        let base = match &self.base {
+            Some((at, base)) if *at == version => base,
+            _ => &self.base.insert((version, worktrees.base(&self.root)?)).1,
+        };
+        Ok(Some(Changes {
+            delta: changes_under(base, &self.index, unpushed),
+            problems,
+            conflicts: self.conflicts.iter().cloned().collect(),
+        }))
+    }
+
+    /// A push agreed on version `version`, where the index matched the agreed tree: by
+    /// `delta` from the version before when given (the agreed tree in memory follows it),
+    /// else in a way this watch did not follow step by step.
+    pub fn pushed(&mut self, delta: Option<&Delta>, version: u64) {
+        self.unpushed = Some(BTreeSet::new());
+        self.base = match (self.base.take(), delta) {
+            (Some((_, mut base)), Some(delta)) => {
+                base.apply(delta);
+                Some((version, base))
+            }
+            _ => None,
+        };
     }
 
     /// Scans the whole worktree through the index (only what changed is read).
@@ -127,6 +193,8 @@ impl WatchedTree {
     /// rescanned.
     pub fn adopt(&mut self, worktrees: &Worktrees, index: Index) -> Result<(), TeleportError> {
         self.index = index;
+        // What differs from the agreed tree is not known any more.
+        self.unpushed = None;
         let added = self.fs.sync(&self.index);
         if !added.is_empty() {
             self.rescan(worktrees, &added)?;
@@ -134,14 +202,41 @@ impl WatchedTree {
         Ok(())
     }
 
+    /// Takes up `index`, the scan a push just agreed on (a retry scanned again): it
+    /// matches the agreed tree, and what turns up in new directories is recorded as
+    /// changed.
+    pub fn adopt_agreed(&mut self, worktrees: &Worktrees, index: Index) -> Result<(), TeleportError> {
+        self.index = index;
+        self.unpushed = Some(BTreeSet::new());
+        let added = self.fs.sync(&self.index);
+        if !added.is_empty() {
+            self.rescan_paths(worktrees, &added)?;
+        }
+        Ok(())
+    }
+
     /// The tree as the index has it.
-    fn found(&self, problems: Vec<String>) -> Found {
+    pub fn found(&self, problems: Vec<String>) -> Found {
         Found {
             manifest: self.index.manifest(),
             problems,
             conflicts: self.conflicts.iter().cloned().collect(),
         }
     }
+}
+
+/// The delta from `base` to `index` under `paths` (everything else is the same on both).
+fn changes_under(base: &Manifest, index: &Index, paths: &BTreeSet<RelPath>) -> Delta {
+    let (mut old, mut new) = (Manifest::new(), Manifest::new());
+    for path in paths {
+        for (under, kind) in base.under(path) {
+            old.insert(under.clone(), kind.clone());
+        }
+        for (under, indexed) in index.under(path) {
+            new.insert(under.clone(), indexed.kind.clone());
+        }
+    }
+    old.diff(&new)
 }
 
 #[cfg(test)]
@@ -426,5 +521,63 @@ mod tests {
         std::fs::write(root.join("src/c.rs"), "c").unwrap();
         std::fs::write(root.join("old-src/d.rs"), "d").unwrap();
         collect_until(&mut events, &["src/c.rs", "old-src/d.rs"]).await;
+    }
+
+    #[test]
+    fn the_changes_of_what_was_rescanned_are_the_whole_trees_diff() {
+        let fixture = fixture();
+        let (root, worktrees) = (&fixture.root, &fixture.worktrees);
+        let root_s = root_str(&fixture);
+        let (handler, _events) = channel(root);
+        let mut tree = WatchedTree::open(worktrees, root_s, handler).unwrap();
+        // Not known before a push agreed on the index.
+        assert!(tree.changes(worktrees, 0, Vec::new()).unwrap().is_none());
+        // The agreed tree: the scan's, at version 1 (as a full push would store it).
+        let agreed = tree.found(Vec::new()).manifest;
+        worktrees
+            .set_base(root_s, &Manifest::new(), &agreed)
+            .unwrap();
+        tree.pushed(None, 1);
+
+        let whole_diff = |tree: &WatchedTree| {
+            worktrees
+                .base(root_s)
+                .unwrap()
+                .diff(&tree.index.manifest())
+        };
+        // An edit, a removal, a directory that becomes a file, a new directory with files.
+        std::fs::write(root.join("src/a.rs"), "fn a() { edited() }\n").unwrap();
+        std::fs::remove_file(root.join("src/b.rs")).unwrap();
+        std::fs::create_dir_all(root.join("lib/deep")).unwrap();
+        std::fs::write(root.join("lib/deep/x.rs"), "x").unwrap();
+        let problems = tree
+            .rescan_paths(worktrees, &[p("src/a.rs"), p("src/b.rs"), p("lib")])
+            .unwrap();
+        let changes = tree.changes(worktrees, 1, problems).unwrap().unwrap();
+        assert_eq!(changes.delta, whole_diff(&tree));
+        assert!(!changes.delta.is_empty());
+
+        // The push failed: the next one still carries these changes, with the new ones.
+        std::fs::remove_dir_all(root.join("src")).unwrap();
+        std::fs::write(root.join("src"), "now a file").unwrap();
+        tree.rescan_paths(worktrees, &[p("src")]).unwrap();
+        let changes = tree.changes(worktrees, 1, Vec::new()).unwrap().unwrap();
+        assert_eq!(changes.delta, whole_diff(&tree));
+
+        // It is agreed (version 2): the agreed tree in memory follows, and nothing is left.
+        worktrees.apply_base(root_s, &changes.delta).unwrap();
+        tree.pushed(Some(&changes.delta), 2);
+        assert_eq!(
+            tree.base.as_ref().map(|(v, m)| (*v, m.clone())),
+            Some((2, worktrees.base(root_s).unwrap()))
+        );
+        let after = tree.changes(worktrees, 2, Vec::new()).unwrap().unwrap();
+        assert!(after.delta.is_empty());
+        assert!(whole_diff(&tree).is_empty());
+
+        // Another operation's index: not known again until a push agrees.
+        let index = worktrees.index(root_s).unwrap();
+        tree.adopt(worktrees, index).unwrap();
+        assert!(tree.changes(worktrees, 2, Vec::new()).unwrap().is_none());
     }
 }
