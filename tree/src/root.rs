@@ -7,6 +7,12 @@
 //! blob ([`crate::content::read_blob`]) and the scanner's hashing open files through
 //! [`Root::open_file`].
 //!
+//! The directories on the way to the last path reached are kept open (one chain), so
+//! reaching the next path in the same directory, or a nearby one, opens only the
+//! components that differ: writing or reading a tree in path order costs about one
+//! `openat` per directory, not one per component per file. A chain lives as long as its
+//! `Root`, which callers open per operation.
+//!
 //! Architecture invariant: no path string is ever handed to the operating system whole;
 //! only single components, relative to a descriptor this module opened without
 //! following a symlink. This module never changes anything on disk except creating
@@ -16,6 +22,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use cloud_protocol::teleport::RelPath;
 
@@ -63,19 +70,22 @@ pub struct Root {
     /// Where the root was opened, for messages; never used to reach a path under it.
     dir: PathBuf,
     fd: Dir,
+    /// The directories opened on the way to the last path reached, outermost first: each
+    /// the component's name and the directory, opened from the one before it.
+    chain: Mutex<Vec<(String, Arc<Dir>)>>,
 }
 
 /// The directory that holds a path's last component, opened safely.
 #[derive(Debug)]
 pub(crate) struct Parent<'a> {
     /// `None` for a path at the top: its parent is the root itself.
-    opened: Option<Dir>,
+    opened: Option<Arc<Dir>>,
     root: &'a Dir,
 }
 
 impl Parent<'_> {
     pub(crate) fn dir(&self) -> &Dir {
-        self.opened.as_ref().unwrap_or(self.root)
+        self.opened.as_deref().unwrap_or(self.root)
     }
 }
 
@@ -100,6 +110,7 @@ impl Root {
         Ok(Root {
             dir: dir.to_path_buf(),
             fd,
+            chain: Mutex::new(Vec::new()),
         })
     }
 
@@ -116,17 +127,25 @@ impl Root {
         create: bool,
     ) -> Result<Option<Parent<'_>>, RootError> {
         let components: Vec<&str> = path.components().collect();
-        let mut opened: Option<Dir> = None;
-        for (i, name) in components[..components.len() - 1].iter().enumerate() {
-            let name = OsStr::new(name);
-            let current = opened.as_ref().unwrap_or(&self.fd);
-            let next = match current.open_dir(name) {
+        let parents = &components[..components.len() - 1];
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
+        // Keep what the last path shares with this one; open the rest from there.
+        let shared = chain
+            .iter()
+            .zip(parents)
+            .take_while(|((open, _), name)| open == *name)
+            .count();
+        chain.truncate(shared);
+        for (i, name) in parents.iter().enumerate().skip(shared) {
+            let os_name = OsStr::new(name);
+            let current: &Dir = chain.last().map_or(&self.fd, |(_, dir)| dir);
+            let next = match current.open_dir(os_name) {
                 Ok(dir) => dir,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     if !create {
                         return Ok(None);
                     }
-                    match current.mkdir(name, 0o755) {
+                    match current.mkdir(os_name, 0o755) {
                         Ok(()) => {}
                         // Made by someone else meanwhile: open what is there now.
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -135,15 +154,15 @@ impl Root {
                         }
                     }
                     current
-                        .open_dir(name)
-                        .map_err(|e| classify(current, name, &prefix(path, i + 1), e))?
+                        .open_dir(os_name)
+                        .map_err(|e| classify(current, os_name, &prefix(path, i + 1), e))?
                 }
-                Err(e) => return Err(classify(current, name, &prefix(path, i + 1), e)),
+                Err(e) => return Err(classify(current, os_name, &prefix(path, i + 1), e)),
             };
-            opened = Some(next);
+            chain.push(((*name).to_owned(), Arc::new(next)));
         }
         Ok(Some(Parent {
-            opened,
+            opened: chain.last().map(|(_, dir)| Arc::clone(dir)),
             root: &self.fd,
         }))
     }
