@@ -116,7 +116,7 @@ end)
 local session, second_session
 
 T.test(':CloudSessions starts the absent daemon and lists sessions, refreshed by notifications', function()
-  T.ok(vim.loop.fs_stat(paths.socket()) == nil, 'the daemon should be down at the start')
+  T.ok((vim.uv or vim.loop).fs_stat(paths.socket()) == nil, 'the daemon should be down at the start')
   vim.cmd('CloudSessions')
   T.wait_for('the plugin to connect', function()
     return state.connection == 'ready'
@@ -208,7 +208,7 @@ T.test(':CloudTeleport push and status, with progress', function()
   local dir = vim.fn.tempname()
   vim.fn.mkdir(dir, 'p')
   vim.fn.writefile({ 'hello from nvim' }, dir .. '/hello.txt')
-  local root = vim.loop.fs_realpath(dir)
+  local root = (vim.uv or vim.loop).fs_realpath(dir)
   vim.cmd('CloudTeleport push ' .. dir)
   T.wait_for('the push to finish', function()
     for _, m in ipairs(state.messages) do

@@ -10,6 +10,11 @@ package.path = here .. '/?.lua;' .. package.path
 vim.cmd('runtime plugin/cloudd.lua')
 
 local runner = require('runner')
+
+-- Messages as comment lines of the report, each on its own line.
+vim.notify = function(message)
+  runner.log('# notify: ' .. tostring(message):gsub('\n', '\n#   '))
+end
 local ok, err = xpcall(function()
   local only = os.getenv('CLOUDD_NVIM_SPECS')
   for _, file in ipairs(vim.fn.sort(vim.fn.glob(here .. '/*_spec.lua', false, true))) do

@@ -54,9 +54,9 @@ function M.run()
   local failed = 0
   M.log('1..' .. #tests)
   for i, t in ipairs(tests) do
-    local started = vim.loop.hrtime()
+    local started = (vim.uv or vim.loop).hrtime()
     local ok, err = xpcall(t.fn, debug.traceback)
-    local ms = math.floor((vim.loop.hrtime() - started) / 1e6)
+    local ms = math.floor(((vim.uv or vim.loop).hrtime() - started) / 1e6)
     if ok then
       M.log(string.format('ok %d - %s (%d ms)', i, t.name, ms))
     else

@@ -74,10 +74,10 @@ local function scratch(name)
   end
   local buf = vim.api.nvim_create_buf(true, true)
   vim.api.nvim_buf_set_name(buf, name)
-  vim.api.nvim_buf_set_option(buf, 'buftype', 'nofile')
-  vim.api.nvim_buf_set_option(buf, 'bufhidden', 'hide')
-  vim.api.nvim_buf_set_option(buf, 'swapfile', false)
-  vim.api.nvim_buf_set_option(buf, 'modifiable', false)
+  vim.bo[buf].buftype = 'nofile'
+  vim.bo[buf].bufhidden = 'hide'
+  vim.bo[buf].swapfile = false
+  vim.bo[buf].modifiable = false
   return buf
 end
 
@@ -85,9 +85,9 @@ local function set_lines(buf, first, last, lines)
   if not (buf and vim.api.nvim_buf_is_valid(buf)) then
     return
   end
-  vim.api.nvim_buf_set_option(buf, 'modifiable', true)
+  vim.bo[buf].modifiable = true
   vim.api.nvim_buf_set_lines(buf, first, last, false, lines)
-  vim.api.nvim_buf_set_option(buf, 'modifiable', false)
+  vim.bo[buf].modifiable = false
 end
 
 local function show(buf)
@@ -674,7 +674,7 @@ function M.interrupt(args)
 end
 
 local function absolute(path)
-  local full = vim.fn.fnamemodify(path ~= nil and path ~= '' and path or vim.loop.cwd(), ':p')
+  local full = vim.fn.fnamemodify(path ~= nil and path ~= '' and path or (vim.uv or vim.loop).cwd(), ':p')
   if #full > 1 then
     full = full:gsub('/+$', '')
   end

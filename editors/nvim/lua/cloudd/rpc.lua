@@ -8,7 +8,8 @@
 -- automatic reconnect: a daemon stopped on purpose stays stopped until the user asks for
 -- something. It knows nothing about sessions and never touches a buffer.
 
-local uv = vim.loop
+-- `vim.uv` from 0.10 on; `vim.loop`, the same library, before.
+local uv = vim.uv or vim.loop
 local lines = require('cloudd.lines')
 local paths = require('cloudd.paths')
 
