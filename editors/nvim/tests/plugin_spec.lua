@@ -88,6 +88,16 @@ local function assert_each_entry_once()
   T.eq(state.follow.skipped, 0, 'entries the daemon sent twice')
 end
 
+--- Whether the plugin told the user something containing `needle`.
+local function message_with(needle)
+  for _, m in ipairs(state.messages) do
+    if has(m, needle) then
+      return true
+    end
+  end
+  return false
+end
+
 local function prompt_line(command)
   return 'Bash {"command":"' .. command .. '"}'
 end
@@ -204,18 +214,14 @@ T.test(':CloudInterrupt stops the running command', function()
   end)
 end)
 
-T.test(':CloudTeleport push and status, with progress', function()
+T.test(':CloudTeleport push (with progress), status, pull, watch and stop', function()
   local dir = vim.fn.tempname()
   vim.fn.mkdir(dir, 'p')
   vim.fn.writefile({ 'hello from nvim' }, dir .. '/hello.txt')
   local root = (vim.uv or vim.loop).fs_realpath(dir)
   vim.cmd('CloudTeleport push ' .. dir)
   T.wait_for('the push to finish', function()
-    for _, m in ipairs(state.messages) do
-      if has(m, 'pushed ' .. root .. ' <-> ' .. session .. ': version 1') then
-        return true
-      end
-    end
+    return message_with('pushed ' .. root .. ' <-> ' .. session .. ': version 1')
   end)
   local progress = vim.tbl_filter(function(p)
     return p.root == root
@@ -226,11 +232,19 @@ T.test(':CloudTeleport push and status, with progress', function()
   end)
   vim.cmd('CloudTeleport status')
   T.wait_for('the link in the status', function()
-    for _, m in ipairs(state.messages) do
-      if has(m, root .. ' -> ' .. session .. ' v1') then
-        return true
-      end
-    end
+    return message_with(root .. ' -> ' .. session .. ' v1 (remote v1, not watching')
+  end)
+  vim.cmd('CloudTeleport pull ' .. dir)
+  T.wait_for('the pull to finish', function()
+    return message_with('pulled ' .. root .. ' <-> ' .. session .. ': version 1, 0 files')
+  end)
+  vim.cmd('CloudTeleport watch ' .. dir)
+  T.wait_for('the watch to start', function()
+    return message_with('watching:\n' .. root .. ' -> ' .. session .. ' v1 (remote v1, watching')
+  end)
+  vim.cmd('CloudTeleport stop ' .. dir)
+  T.wait_for('the watch to stop', function()
+    return message_with('stopped watching:\n' .. root .. ' -> ' .. session .. ' v1 (remote v1, not watching')
   end)
 end)
 
@@ -260,6 +274,13 @@ T.test('the daemon restarts: the plugin reconnects and shows nothing twice or lo
   T.wait_for('the second session in the sessions buffer', function()
     return has(buf_text(state.sessions_buf), second_session)
   end)
+
+  -- :CloudSend with an id goes to that session, not the followed one.
+  vim.cmd('CloudSend ' .. second_session .. ' echo to-the-second')
+  T.wait_for('the message to reach the second session', function()
+    return #cloudctl_json('permissions', second_session) > 0
+  end)
+  T.ok(not has(follow_text(), 'to-the-second'), follow_text())
 
   -- Live again, both ways.
   send_and_wait_prompt('echo after-restart')

@@ -417,7 +417,11 @@ local function on_notification(method, params)
     notify('the relay refused event ' .. tostring(params.seq) .. ' for ' .. tostring(params.session)
       .. ': ' .. tostring(params.reason), vim.log.levels.ERROR)
   elseif method == 'teleport/progress' and type(params) == 'table' then
-    state.teleport_progress[#state.teleport_progress + 1] = params
+    -- The latest few, for whoever wants to look (watches report for as long as they run).
+    table.insert(state.teleport_progress, params)
+    if #state.teleport_progress > 100 then
+      table.remove(state.teleport_progress, 1)
+    end
     vim.api.nvim_echo({ {
       string.format('cloudd teleport %s: %s %d/%d files, %d/%d bytes', tostring(params.root),
         tostring(params.phase), params.done or 0, params.total or 0, params.bytes_done or 0,
