@@ -143,7 +143,8 @@ enum Command {
     /// or write it and one page per subcommand into a directory.
     Man {
         /// Write cloudctl.1 and a cloudctl-SUBCOMMAND.1 page for every subcommand into
-        /// this directory (for example `~/.local/share/man/man1`) instead.
+        /// this directory (created if missing; for example `~/.local/share/man/man1`)
+        /// instead.
         #[arg(long, value_name = "DIR")]
         out_dir: Option<std::path::PathBuf>,
     },
@@ -207,12 +208,14 @@ fn man_page(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     let command = <Args as clap::CommandFactory>::command().disable_help_subcommand(true);
     match out_dir {
         Some(dir) => {
-            clap_mangen::generate_to(command, dir).with_context(|| {
-                format!(
-                    "cannot write the man pages into {}; create the directory first",
-                    dir.display()
-                )
-            })?;
+            std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(command, dir))
+                .with_context(|| {
+                    format!(
+                        "cannot write the man pages into {}; choose a directory you can write",
+                        dir.display()
+                    )
+                })?;
             println!("wrote the man pages into {}", dir.display());
             Ok(())
         }

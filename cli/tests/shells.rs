@@ -148,8 +148,10 @@ fn the_man_page_renders_without_warnings_and_names_every_subcommand() {
 
 #[test]
 fn man_out_dir_writes_a_page_for_every_subcommand_that_the_main_page_names() {
-    let dir = tempfile::tempdir().unwrap();
-    let said = stdout(&["man", "--out-dir", dir.path().to_str().unwrap()]);
+    let top = tempfile::tempdir().unwrap();
+    // Created if missing.
+    let dir = top.path().join("share/man/man1");
+    let said = stdout(&["man", "--out-dir", dir.to_str().unwrap()]);
     assert!(said.contains("wrote the man pages"), "{said}");
     let mut pages = vec!["cloudctl.1".to_owned()];
     for command in subcommands(&[]) {
@@ -161,7 +163,7 @@ fn man_out_dir_writes_a_page_for_every_subcommand_that_the_main_page_names() {
         }
     }
     for page in &pages {
-        let path = dir.path().join(page);
+        let path = dir.join(page);
         assert!(path.exists(), "{page} was not written");
         let text = render(&path);
         let name = page.trim_end_matches(".1");
