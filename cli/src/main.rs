@@ -133,6 +133,21 @@ enum Command {
         #[arg(long, default_value = "denied by the user")]
         message: String,
     },
+    /// Print a shell completion script to stdout (for example:
+    /// `cloudctl completions bash > ~/.local/share/bash-completion/completions/cloudctl`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print cloudctl's man page (roff) to stdout (for example: `cloudctl man | man -l -`),
+    /// or write it and one page per subcommand into a directory.
+    Man {
+        /// Write cloudctl.1 and a cloudctl-SUBCOMMAND.1 page for every subcommand into
+        /// this directory (created if missing; for example `~/.local/share/man/man1`)
+        /// instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +189,46 @@ enum ServiceAction {
 
 const CLIENT_NAME: &str = "cloudctl";
 
+/// Writes the completion script for `shell`, generated from the same clap definitions
+/// that parse the arguments (so it cannot fall behind a new subcommand or flag).
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    let mut command = <Args as clap::CommandFactory>::command();
+    // Into a buffer first: `generate` panics on a write error (a closed pipe).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "cloudctl", &mut script);
+    let mut out = std::io::stdout().lock();
+    std::io::Write::write_all(&mut out, &script)
+        .and_then(|()| std::io::Write::flush(&mut out))
+        .context("cannot write the completion script to stdout")
+}
+
+/// Writes the man page (roff) to stdout, or every page into `out_dir`, generated from the
+/// same clap definitions. The `help` subcommand is left out: it has no page of its own.
+fn man_page(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let command = <Args as clap::CommandFactory>::command().disable_help_subcommand(true);
+    match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(command, dir))
+                .with_context(|| {
+                    format!(
+                        "cannot write the man pages into {}; choose a directory you can write",
+                        dir.display()
+                    )
+                })?;
+            println!("wrote the man pages into {}", dir.display());
+            Ok(())
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(command)
+                .render(&mut out)
+                .and_then(|()| std::io::Write::flush(&mut out))
+                .context("cannot write the man page to stdout")
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let json_output = args.json;
@@ -200,9 +255,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Neither needs the daemon, nor a usable socket location.
+    match args.command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { out_dir } => return man_page(out_dir.as_deref()),
+        _ => {}
+    }
     let paths = Paths::from_env()?;
     let json_output = args.json;
     match args.command {
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
         Command::Up { foreground: true } => run_foreground(&paths).await,
         Command::Up { foreground: false } => {
             let running = connect(&paths, false).await?;

@@ -646,28 +646,44 @@ pub enum Notification {
     Teleported(TeleportOutcome),
 }
 
-/// The notification method names of the JSON-RPC encoding.
-pub mod notification {
-    /// [`super::Notification::State`]
-    pub const STATE: &str = "state";
-    /// [`super::Notification::Log`]
-    pub const LOG: &str = "log";
-    /// [`super::Notification::Closing`]
-    pub const CLOSING: &str = "closing";
-    /// [`super::Notification::SessionLog`]
-    pub const SESSION_LOG: &str = "session/log";
-    /// [`super::Notification::SessionChanged`]
-    pub const SESSION_CHANGED: &str = "session/changed";
-    /// [`super::Notification::SessionRemoved`]
-    pub const SESSION_REMOVED: &str = "session/removed";
-    /// [`super::Notification::Relay`]
-    pub const RELAY: &str = "relay";
-    /// [`super::Notification::EventRefused`]
-    pub const EVENT_REFUSED: &str = "event/refused";
-    /// [`super::Notification::TeleportProgress`]
-    pub const TELEPORT_PROGRESS: &str = "teleport/progress";
-    /// [`super::Notification::Teleported`]
-    pub const TELEPORTED: &str = "teleport/done";
+/// Declares each notification's JSON-RPC method name once, beside its [`Notification`]
+/// variant: the [`notification`] name constants, [`notification::ALL`] and
+/// [`Notification::method`] (an exhaustive match, so a new variant does not compile until
+/// it is given a name here) follow from it.
+macro_rules! notification_methods {
+    ($( $constant:ident = $name:literal => $variant:ident; )*) => {
+        /// The notification method names of the JSON-RPC encoding.
+        pub mod notification {
+            $(
+                #[doc = concat!("[`super::Notification::", stringify!($variant), "`]")]
+                pub const $constant: &str = $name;
+            )*
+            /// Every notification method name, in declaration order.
+            pub const ALL: &[&str] = &[$($name),*];
+        }
+
+        impl Notification {
+            /// The JSON-RPC method name of this notification.
+            pub fn method(&self) -> &'static str {
+                match self {
+                    $( Notification::$variant { .. } => notification::$constant, )*
+                }
+            }
+        }
+    };
+}
+
+notification_methods! {
+    STATE = "state" => State;
+    LOG = "log" => Log;
+    CLOSING = "closing" => Closing;
+    SESSION_LOG = "session/log" => SessionLog;
+    SESSION_CHANGED = "session/changed" => SessionChanged;
+    SESSION_REMOVED = "session/removed" => SessionRemoved;
+    RELAY = "relay" => Relay;
+    EVENT_REFUSED = "event/refused" => EventRefused;
+    TELEPORT_PROGRESS = "teleport/progress" => TeleportProgress;
+    TELEPORTED = "teleport/done" => Teleported;
 }
 
 /// A lifecycle change.
@@ -728,69 +744,67 @@ impl std::fmt::Display for ErrorBody {
     }
 }
 
-/// The kinds of failure, with their JSON-RPC error codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The bytes were not a valid message (JSON-RPC -32700).
-    ParseError,
-    /// The message was valid JSON but not a valid request (-32600).
-    InvalidRequest,
-    /// No such method (-32601).
-    MethodNotFound,
-    /// The method exists but its parameters are wrong (-32602).
-    InvalidParams,
-    /// The daemon failed to carry out a valid request (-32603).
-    Internal,
-    /// The peer speaks another protocol version (-32000).
-    VersionMismatch,
-    /// A request other than hello arrived before the hello (-32001).
-    HelloRequired,
-    /// A message exceeded [`crate::MAX_MESSAGE_LEN`] (-32002).
-    MessageTooLarge,
-    /// The daemon is draining (-32003).
-    ShuttingDown,
-    /// The peer is not allowed to talk to this daemon (-32004).
-    PermissionDenied,
-    /// The client did not keep up with its notifications (-32005).
-    SlowConsumer,
-    /// The daemon serves as many clients as it allows (-32006).
-    Busy,
-    /// The relay is unreachable and the request needs it (-32007).
-    RelayUnavailable,
-    /// The relay refused the request (-32008).
-    Refused,
-    /// No such session, or not visible (-32009).
-    NotFound,
-    /// The prompt was already answered or withdrawn (-32010).
-    AlreadyAnswered,
-    /// A wait ran out (-32011).
-    Timeout,
+/// Declares each kind of failure once with its JSON-RPC error code: the [`ErrorCode`]
+/// enum (variants in this order, which is their binary index), [`ErrorCode::jsonrpc_code`]
+/// and [`ErrorCode::ALL`] follow from it.
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = $code:literal, )*) => {
+        /// The kinds of failure, with their JSON-RPC error codes.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every kind, in declaration (binary index) order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The JSON-RPC 2.0 error code.
+            pub fn jsonrpc_code(self) -> i64 {
+                match self {
+                    $( ErrorCode::$variant => $code, )*
+                }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// The JSON-RPC 2.0 error code.
-    pub fn jsonrpc_code(self) -> i64 {
-        match self {
-            ErrorCode::ParseError => -32700,
-            ErrorCode::InvalidRequest => -32600,
-            ErrorCode::MethodNotFound => -32601,
-            ErrorCode::InvalidParams => -32602,
-            ErrorCode::Internal => -32603,
-            ErrorCode::VersionMismatch => -32000,
-            ErrorCode::HelloRequired => -32001,
-            ErrorCode::MessageTooLarge => -32002,
-            ErrorCode::ShuttingDown => -32003,
-            ErrorCode::PermissionDenied => -32004,
-            ErrorCode::SlowConsumer => -32005,
-            ErrorCode::Busy => -32006,
-            ErrorCode::RelayUnavailable => -32007,
-            ErrorCode::Refused => -32008,
-            ErrorCode::NotFound => -32009,
-            ErrorCode::AlreadyAnswered => -32010,
-            ErrorCode::Timeout => -32011,
-        }
-    }
+error_codes! {
+    /// The bytes were not a valid message (JSON-RPC -32700).
+    ParseError = -32700,
+    /// The message was valid JSON but not a valid request (-32600).
+    InvalidRequest = -32600,
+    /// No such method (-32601).
+    MethodNotFound = -32601,
+    /// The method exists but its parameters are wrong (-32602).
+    InvalidParams = -32602,
+    /// The daemon failed to carry out a valid request (-32603).
+    Internal = -32603,
+    /// The peer speaks another protocol version (-32000).
+    VersionMismatch = -32000,
+    /// A request other than hello arrived before the hello (-32001).
+    HelloRequired = -32001,
+    /// A message exceeded [`crate::MAX_MESSAGE_LEN`] (-32002).
+    MessageTooLarge = -32002,
+    /// The daemon is draining (-32003).
+    ShuttingDown = -32003,
+    /// The peer is not allowed to talk to this daemon (-32004).
+    PermissionDenied = -32004,
+    /// The client did not keep up with its notifications (-32005).
+    SlowConsumer = -32005,
+    /// The daemon serves as many clients as it allows (-32006).
+    Busy = -32006,
+    /// The relay is unreachable and the request needs it (-32007).
+    RelayUnavailable = -32007,
+    /// The relay refused the request (-32008).
+    Refused = -32008,
+    /// No such session, or not visible (-32009).
+    NotFound = -32009,
+    /// The prompt was already answered or withdrawn (-32010).
+    AlreadyAnswered = -32010,
+    /// A wait ran out (-32011).
+    Timeout = -32011,
 }
 
 /// The error a daemon returns to a hello of another protocol version. Both sides use it so

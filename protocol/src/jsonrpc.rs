@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::bridge::PermissionDecision;
-use crate::ipc::{notification, ErrorBody, ErrorCode, Notification, Request, Response};
+use crate::ipc::{ErrorBody, ErrorCode, Notification, Request, Response};
 use crate::session::{LogEntry, Session, SessionEvent};
 use crate::MAX_MESSAGE_LEN;
 
@@ -484,18 +484,7 @@ pub fn error_value(error: &ErrorBody) -> Value {
 
 /// Appends `notification` as one JSON-RPC notification line to `out`.
 pub fn encode_notification(notification: &Notification, out: &mut Vec<u8>) {
-    let method_name = match notification {
-        Notification::State(_) => notification::STATE,
-        Notification::Log(_) => notification::LOG,
-        Notification::Closing(_) => notification::CLOSING,
-        Notification::SessionLog { .. } => notification::SESSION_LOG,
-        Notification::SessionChanged(_) => notification::SESSION_CHANGED,
-        Notification::SessionRemoved { .. } => notification::SESSION_REMOVED,
-        Notification::Relay(_) => notification::RELAY,
-        Notification::EventRefused { .. } => notification::EVENT_REFUSED,
-        Notification::TeleportProgress(_) => notification::TELEPORT_PROGRESS,
-        Notification::Teleported(_) => notification::TELEPORTED,
-    };
+    let method_name = notification.method();
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
     write_json(method_name, out);
     out.extend_from_slice(b",\"params\":");
@@ -705,8 +694,8 @@ fn write_json<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::ipc::{
-        BridgeState, Closing, DaemonState, HelloReply, Identity, LogRecord, Prompt, RelayMode,
-        RelayStatus, StateChange, Status, Subscribe, Supervisor, Topic,
+        notification, BridgeState, Closing, DaemonState, HelloReply, Identity, LogRecord, Prompt,
+        RelayMode, RelayStatus, StateChange, Status, Subscribe, Supervisor, Topic,
     };
     use crate::session::{
         Author, CreateSession, NetworkAccess, RepoAccess, SessionStatus, Visibility,

@@ -1,7 +1,10 @@
 //! Turns one request into one response: refuses everything but `hello` until the client
 //! is greeted, then hands the request to its family's module ([`super::daemon`],
-//! [`super::sessions`], [`super::attach`]). The match is exhaustive, so a new request does
-//! not compile until it is given a family.
+//! [`super::sessions`], [`super::attach`], [`super::teleport`]). The match is exhaustive,
+//! so a new request does not compile until it is given a family. Every request it routes
+//! is declared with its method name by `requests!` in `protocol/src/ipc.rs`
+//! (`method::ALL`), and `protocol/tests/protocol_doc.rs` fails until docs/PROTOCOL.md
+//! documents it.
 //!
 //! Architecture invariant: this module only routes. It answers nothing itself but the
 //! greeting check, holds no state, and does no IO.
