@@ -766,6 +766,27 @@ mod tests {
             json.len()
         );
 
+        let mut framed = Vec::new();
+        for n in 0..3 {
+            push_notification(
+                Encoding::ContentLength,
+                &Notification::Closing(Closing {
+                    code: ErrorCode::SlowConsumer,
+                    message: format!("message {n}"),
+                }),
+                &mut framed,
+            );
+        }
+        let first = content_length::find_message(&framed).unwrap().unwrap().end;
+        assert!(framed.starts_with(b"Content-Length: "));
+        assert_eq!(message_end(Encoding::ContentLength, &framed, 0), 0);
+        assert_eq!(message_end(Encoding::ContentLength, &framed, 3), first);
+        assert_eq!(message_end(Encoding::ContentLength, &framed, first), first);
+        assert_eq!(
+            message_end(Encoding::ContentLength, &framed, first + 1),
+            2 * first
+        );
+
         let mut binary = Vec::new();
         for n in 0..3u64 {
             frame::encode(

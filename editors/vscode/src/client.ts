@@ -218,6 +218,9 @@ export class CloudClient extends EventEmitter {
    */
   async start(): Promise<void> {
     this.closed = false;
+    if (this.connection && this.state === "connected") {
+      return;
+    }
     try {
       await this.connectOnce();
     } catch (e) {

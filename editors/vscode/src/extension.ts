@@ -70,6 +70,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
     vscode.commands.registerCommand("cloudd.teleportStop", async () => teleport(c, "stop")),
   );
   c.on("sessions", (list: Session[]) => trackPrompts(c, list));
+  c.on("state", (state: string) => state === "connected" && trackPrompts(c, c.sessions));
   void start(c);
 }
 
