@@ -87,6 +87,18 @@ export interface TeleportProgress {
   bytes_total: number;
 }
 
+/** What a push or pull did: the version both sides now agree on, what moved. */
+export interface TeleportOutcome {
+  root: string;
+  session: string;
+  version: number;
+  files: number;
+  blobs: number;
+  bytes: number;
+  conflicts: string[];
+  problems: string[];
+}
+
 export type Decision = { behavior: "allow"; updated_input?: unknown } | { behavior: "deny"; message?: string };
 
 export interface CreateSession {
@@ -330,12 +342,12 @@ export class CloudClient extends EventEmitter {
   }
 
   /** Sends the folder's tree to a session; progress comes as `progress` events. */
-  async teleportPush(root: string, session: string): Promise<unknown> {
+  async teleportPush(root: string, session: string): Promise<TeleportOutcome> {
     return this.request("teleport/push", { path: root, session });
   }
 
   /** Brings a session's tree into the folder (its linked session when none is given). */
-  async teleportPull(root: string, session?: string): Promise<unknown> {
+  async teleportPull(root: string, session?: string): Promise<TeleportOutcome> {
     return this.request("teleport/pull", session ? { path: root, session } : { path: root });
   }
 

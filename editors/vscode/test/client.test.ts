@@ -2,9 +2,12 @@
 // on, from the first connect (which starts the daemon) to a daemon restart under it.
 
 import assert from "node:assert/strict";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
 import { after, before, describe, test } from "node:test";
 
-import { CloudClient, DaemonError, Entry, Prompt, Session, describeEntry, socketPath } from "../src/client";
+import { CloudClient, DaemonError, Entry, Prompt, Session, TeleportProgress, describeEntry, socketPath } from "../src/client";
 import { binary, Home, Relay, waitEvent, waitFor } from "./harness";
 
 let relay: Relay;
@@ -149,6 +152,40 @@ describe("the socket client", () => {
     } finally {
       c.close();
       await home.stop();
+    }
+  });
+
+  test("teleport push and pull report their progress", async () => {
+    const home = new Home();
+    const c = client(home);
+    const here = fs.mkdtempSync(path.join(os.tmpdir(), "tpv"));
+    const there = fs.mkdtempSync(path.join(os.tmpdir(), "tpv"));
+    try {
+      await home.login(relay);
+      await c.start();
+      const session = await c.create({ task: "teleported" });
+      fs.writeFileSync(path.join(here, "a.txt"), "alpha\n");
+      fs.mkdirSync(path.join(here, "src"));
+      fs.writeFileSync(path.join(here, "src", "b.txt"), "beta\n".repeat(1000));
+      const steps: TeleportProgress[] = [];
+      c.on("progress", (step: TeleportProgress) => steps.push(step));
+
+      const pushed = await c.teleportPush(here, session.id);
+      assert.equal(pushed.session, session.id);
+      assert.ok(pushed.version >= 1 && pushed.files >= 2, JSON.stringify(pushed));
+      assert.ok(steps.some((s) => s.session === session.id && s.phase === "done"), JSON.stringify(steps));
+
+      steps.length = 0;
+      const pulled = await c.teleportPull(there, session.id);
+      assert.equal(pulled.version, pushed.version);
+      assert.equal(fs.readFileSync(path.join(there, "src", "b.txt"), "utf8"), "beta\n".repeat(1000));
+      assert.equal(fs.readFileSync(path.join(there, "a.txt"), "utf8"), "alpha\n");
+      assert.ok(steps.length > 0, "progress during the pull");
+    } finally {
+      c.close();
+      await home.stop();
+      fs.rmSync(here, { recursive: true, force: true });
+      fs.rmSync(there, { recursive: true, force: true });
     }
   });
 
