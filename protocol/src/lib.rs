@@ -28,7 +28,8 @@ pub mod paths;
 pub mod session;
 pub mod teleport;
 
-/// The largest message either encoding accepts: a binary frame body or a JSON line.
+/// The largest message any encoding accepts: a binary frame body, a JSON line, or the body
+/// of a Content-Length framed message.
 ///
 /// Anything larger is refused before it is buffered, so a client cannot make the daemon
 /// allocate without bound.
