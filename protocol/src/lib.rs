@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod blobs;
 pub mod bridge;
+pub mod content_length;
 pub mod frame;
 pub mod ipc;
 pub mod jsonrpc;
@@ -27,11 +28,14 @@ pub mod paths;
 pub mod session;
 pub mod teleport;
 
-/// The largest message either encoding accepts: a binary frame body or a JSON line.
+/// The largest message any encoding accepts: a binary frame body, a JSON line, or the body
+/// of a Content-Length framed message.
 ///
 /// Anything larger is refused before it is buffered, so a client cannot make the daemon
 /// allocate without bound.
 pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 
-/// The first byte of a JSON-RPC connection. Any other first byte selects binary framing.
+/// The first byte of a newline-delimited JSON-RPC connection. `C`
+/// ([`content_length::FIRST_BYTE`]) selects Content-Length framed JSON-RPC; any other
+/// first byte selects binary framing.
 pub const JSON_FIRST_BYTE: u8 = b'{';

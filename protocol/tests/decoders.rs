@@ -1,5 +1,6 @@
 //! Every decoder of `cloud-protocol` that reads bytes a peer chose, fed inputs up to 64 KiB:
-//! the local socket's binary frames (both directions) and JSON-RPC lines, the bridge
+//! the local socket's binary frames (both directions), JSON-RPC lines and Content-Length
+//! framed JSON-RPC messages, the bridge
 //! envelopes (both directions) and an agent's stream-json lines.
 //!
 //! Two kinds of input: arbitrary bytes, and valid messages with random damage (bytes
@@ -15,6 +16,7 @@ use cloud_protocol::bridge::{
     self, Channel, Envelope, FromRelay, InstanceSnapshot, Outbound, PermissionDecision,
     RelayRequest, ToRelay,
 };
+use cloud_protocol::content_length::{self, HeaderError};
 use cloud_protocol::ipc::{
     method, ClientMessage, ErrorBody, ErrorCode, Hello, Notification, Request, ServerMessage,
 };
@@ -22,7 +24,7 @@ use cloud_protocol::session::{
     Author, CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction,
     SessionEvent, SessionStatus, Visibility,
 };
-use cloud_protocol::{agent, frame, jsonrpc};
+use cloud_protocol::{agent, frame, jsonrpc, MAX_MESSAGE_LEN};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -444,6 +446,50 @@ fn check_jsonrpc(bytes: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Reads `bytes` as Content-Length framed JSON-RPC the way a connection does: each message
+/// found lies within the bytes and decodes to a request or an error with a message; the
+/// reading stops at the first header error, which needs no more than the header limit.
+fn check_content_length(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let mut rest = bytes;
+    loop {
+        match content_length::find_message(rest) {
+            Ok(Some(body)) => {
+                prop_assert!(body.start <= content_length::MAX_HEADER_LEN);
+                prop_assert!(body.end <= rest.len());
+                if let Err(e) = jsonrpc::decode_request(&rest[body.clone()]) {
+                    prop_assert!(!e.error.message.is_empty());
+                }
+                rest = &rest[body.end..];
+            }
+            Ok(None) => {
+                prop_assert!(rest.len() < content_length::MAX_HEADER_LEN + MAX_MESSAGE_LEN);
+                return Ok(());
+            }
+            Err(HeaderError::HeaderTooLong { .. }) => {
+                prop_assert!(rest.len() >= content_length::MAX_HEADER_LEN);
+                return Ok(());
+            }
+            Err(e) => {
+                prop_assert!(e.to_string().contains("Content-Length"), "{}", e);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Request lines framed as an LSP client frames them.
+fn content_length_messages() -> impl Strategy<Value = Vec<u8>> {
+    vec(request_line(), 1..4).prop_map(|lines| {
+        let mut out = Vec::new();
+        for line in lines {
+            let start = out.len();
+            out.extend_from_slice(&line);
+            content_length::frame_line(&mut out, start);
+        }
+        out
+    })
+}
+
 /// What `agent::parse` makes of a line agrees with the line's JSON.
 fn check_agent_line(line: &str) -> Result<(), TestCaseError> {
     let value = serde_json::from_str::<Value>(line).ok();
@@ -618,6 +664,30 @@ proptest! {
     #[test]
     fn jsonrpc_damaged(bytes in damaged(request_line())) {
         check_jsonrpc(&bytes)?;
+    }
+
+    /// Any bytes on a Content-Length connection, read by the daemon.
+    #[test]
+    fn content_length_arbitrary_bytes(bytes in bytes()) {
+        check_content_length(&bytes)?;
+    }
+
+    /// Damaged Content-Length messages, read by the daemon.
+    #[test]
+    fn content_length_damaged(bytes in damaged(content_length_messages())) {
+        check_content_length(&bytes)?;
+    }
+
+    /// Requests framed as a client frames them are read as the same requests.
+    #[test]
+    fn content_length_requests_decode(bytes in content_length_messages()) {
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let body = content_length::find_message(rest).unwrap().unwrap();
+            let request = jsonrpc::decode_request(&rest[body.clone()]);
+            prop_assert!(request.is_ok(), "{:?}", request);
+            rest = &rest[body.end..];
+        }
     }
 
     /// Requests as a client writes them are read as requests, whatever their size.

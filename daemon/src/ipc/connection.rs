@@ -1,7 +1,9 @@
 //! One client connection, from its uid check to its close.
 //!
-//! The first byte picks the encoding: `{` is newline-delimited JSON-RPC, anything else is
-//! binary framing. Requests are handled in order as they arrive; replies to a batch of
+//! The first byte picks the encoding: `{` is newline-delimited JSON-RPC, `C` is JSON-RPC
+//! framed by `Content-Length` headers (as LSP clients write it), anything else is binary
+//! framing. Both JSON-RPC framings share one decoder and one encoder of messages; only the
+//! boundaries differ. Requests are handled in order as they arrive; replies to a batch of
 //! pipelined requests go out in one write. Notifications of subscribed topics are
 //! interleaved between replies. The connection closes, after telling the client why with a
 //! `closing` notification when it still can, on: end of input, lost framing, a protocol
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use cloud_protocol::content_length::{self, HeaderError};
 use cloud_protocol::frame::{self, FrameError};
 use cloud_protocol::ipc::{
     ClientMessage, Closing, ErrorBody, ErrorCode, Notification, Request, Response, ServerMessage,
@@ -54,14 +57,16 @@ enum Encoding {
     Binary,
     /// Newline-delimited JSON-RPC 2.0.
     Json,
+    /// JSON-RPC 2.0 framed by `Content-Length` headers.
+    ContentLength,
 }
 
 impl Encoding {
     fn of_first_byte(byte: u8) -> Encoding {
-        if byte == JSON_FIRST_BYTE {
-            Encoding::Json
-        } else {
-            Encoding::Binary
+        match byte {
+            JSON_FIRST_BYTE => Encoding::Json,
+            content_length::FIRST_BYTE => Encoding::ContentLength,
+            _ => Encoding::Binary,
         }
     }
 }
@@ -188,7 +193,7 @@ async fn serve_peer(
                     },
                     other => other,
                 };
-                push_reply(reply_to, result, &mut out, &mut client);
+                push_reply(encoding, reply_to, result, &mut out, &mut client);
                 for (session, entry) in replay {
                     push_notification(
                         encoding,
@@ -267,7 +272,7 @@ async fn serve_peer(
                                 &mut out,
                             );
                         }
-                        push_reply(reply_to, *result, &mut out, &mut client);
+                        push_reply(encoding, reply_to, *result, &mut out, &mut client);
                     }
                 }
             }
@@ -433,6 +438,7 @@ pub(super) fn not_confirmed(seq: u64) -> ErrorBody {
 
 /// Appends the reply to a request.
 fn push_reply(
+    encoding: Encoding,
     reply_to: ReplyTo,
     result: Result<Response, ErrorBody>,
     out: &mut Vec<u8>,
@@ -448,7 +454,9 @@ fn push_reply(
                 });
             }
         }
-        ReplyTo::Json(Some(id)) => jsonrpc::encode_reply(&id, &result, out),
+        ReplyTo::Json(Some(id)) => push_json(encoding, out, |out| {
+            jsonrpc::encode_reply(&id, &result, out);
+        }),
         ReplyTo::Json(None) => {}
     }
 }
@@ -492,18 +500,8 @@ fn decode(
                 Ok(Some(end)) => {
                     position += end + 1;
                     let line = rest[..end].trim_ascii();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    match jsonrpc::decode_request(line) {
-                        Ok(request) => batch.push(Incoming::Request(
-                            ReplyTo::Json(request.id),
-                            request.request,
-                        )),
-                        Err(error) => {
-                            tracing::debug!(error = %error.error.message, "bad JSON-RPC line");
-                            batch.push(Incoming::Invalid(ReplyTo::Json(error.id), error.error));
-                        }
+                    if !line.is_empty() {
+                        decode_json(line, batch);
                     }
                 }
                 Err(e) => {
@@ -514,9 +512,53 @@ fn decode(
                     });
                 }
             },
+            Encoding::ContentLength => match content_length::find_message(rest) {
+                Ok(None) => break,
+                Ok(Some(body)) => {
+                    position += body.end;
+                    decode_json(&rest[body], batch);
+                }
+                Err(e) => {
+                    let code = match e {
+                        HeaderError::Malformed { .. } => ErrorCode::ParseError,
+                        HeaderError::HeaderTooLong { .. } | HeaderError::TooLarge { .. } => {
+                            ErrorCode::MessageTooLarge
+                        }
+                    };
+                    tracing::warn!("closing client: {e}");
+                    client.closing = Some(Closing {
+                        code,
+                        message: e.to_string(),
+                    });
+                }
+            },
         }
     }
     position
+}
+
+/// Decodes one JSON-RPC message, whichever framing carried it, into `batch`.
+fn decode_json(message: &[u8], batch: &mut Vec<Incoming>) {
+    match jsonrpc::decode_request(message) {
+        Ok(request) => batch.push(Incoming::Request(
+            ReplyTo::Json(request.id),
+            request.request,
+        )),
+        Err(error) => {
+            tracing::debug!(error = %error.error.message, "bad JSON-RPC message");
+            batch.push(Incoming::Invalid(ReplyTo::Json(error.id), error.error));
+        }
+    }
+}
+
+/// Appends one JSON-RPC message, written by `write` as a line, in the connection's
+/// JSON-RPC framing.
+fn push_json(encoding: Encoding, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    write(out);
+    if encoding == Encoding::ContentLength {
+        content_length::frame_line(out, start);
+    }
 }
 
 fn push_notification(encoding: Encoding, notification: &Notification, out: &mut Vec<u8>) {
@@ -526,7 +568,9 @@ fn push_notification(encoding: Encoding, notification: &Notification, out: &mut 
                 tracing::error!(error = %e, "cannot encode notification");
             }
         }
-        Encoding::Json => jsonrpc::encode_notification(notification, out),
+        Encoding::Json | Encoding::ContentLength => push_json(encoding, out, |out| {
+            jsonrpc::encode_notification(notification, out);
+        }),
     }
 }
 
@@ -648,6 +692,18 @@ fn message_end(encoding: Encoding, out: &[u8], written: usize) -> usize {
             }
             end
         }
+        Encoding::ContentLength => {
+            let mut end = 0;
+            while end < written {
+                match content_length::find_message(&out[end..]) {
+                    Ok(Some(body)) => end += body.end,
+                    // Only whole messages are ever queued (one over the size limit cannot
+                    // be walked: all of it goes).
+                    _ => return out.len(),
+                }
+            }
+            end
+        }
     }
 }
 
@@ -708,6 +764,27 @@ mod tests {
         assert_eq!(
             message_end(Encoding::Json, &json, json.len() - 1),
             json.len()
+        );
+
+        let mut framed = Vec::new();
+        for n in 0..3 {
+            push_notification(
+                Encoding::ContentLength,
+                &Notification::Closing(Closing {
+                    code: ErrorCode::SlowConsumer,
+                    message: format!("message {n}"),
+                }),
+                &mut framed,
+            );
+        }
+        let first = content_length::find_message(&framed).unwrap().unwrap().end;
+        assert!(framed.starts_with(b"Content-Length: "));
+        assert_eq!(message_end(Encoding::ContentLength, &framed, 0), 0);
+        assert_eq!(message_end(Encoding::ContentLength, &framed, 3), first);
+        assert_eq!(message_end(Encoding::ContentLength, &framed, first), first);
+        assert_eq!(
+            message_end(Encoding::ContentLength, &framed, first + 1),
+            2 * first
         );
 
         let mut binary = Vec::new();
