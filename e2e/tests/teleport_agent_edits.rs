@@ -31,10 +31,7 @@ fn create_session(home: &Home) -> String {
 }
 
 fn workspace(home: &Home, session: &str) -> PathBuf {
-    home.paths
-        .state_dir
-        .join("relay/workspaces")
-        .join(session)
+    home.paths.state_dir.join("relay/workspaces").join(session)
 }
 
 /// The snapshot lines of the session's log (`snapshot vN (…)`), in order.
@@ -140,9 +137,14 @@ fn an_edit_the_agent_makes_mid_turn_comes_back_before_the_turn_ends() {
     );
     // Every version after the daemon's push is the agent's.
     let versions = snapshots(&home, &session);
-    assert!(versions[0].contains("snapshot v1 (pushed by"), "{versions:?}");
     assert!(
-        versions[1..].iter().all(|v| v.contains("the agent's edits")),
+        versions[0].contains("snapshot v1 (pushed by"),
+        "{versions:?}"
+    );
+    assert!(
+        versions[1..]
+            .iter()
+            .all(|v| v.contains("the agent's edits")),
         "{versions:?}"
     );
 }
@@ -192,13 +194,23 @@ fn a_push_written_into_the_workspace_is_no_version_of_the_agents() {
     std::fs::write(&staged, "made in the session\n").unwrap();
     std::fs::rename(&staged, ws.join("d00/agent.txt")).unwrap();
     let mut versions = Vec::new();
-    wait_for("the workspace edit announced as a version", DEADLINE, || {
-        versions = snapshots(&home, &session);
-        versions.iter().any(|v| v.contains("the agent's edits"))
-    });
+    wait_for(
+        "the workspace edit announced as a version",
+        DEADLINE,
+        || {
+            versions = snapshots(&home, &session);
+            versions.iter().any(|v| v.contains("the agent's edits"))
+        },
+    );
     assert_eq!(versions.len(), 3, "{versions:?}");
-    assert!(versions[0].contains("snapshot v1 (pushed by"), "{versions:?}");
-    assert!(versions[1].contains("snapshot v2 (pushed by"), "{versions:?}");
+    assert!(
+        versions[0].contains("snapshot v1 (pushed by"),
+        "{versions:?}"
+    );
+    assert!(
+        versions[1].contains("snapshot v2 (pushed by"),
+        "{versions:?}"
+    );
     assert!(
         versions[2].starts_with(&format!(
             "agent: snapshot v3 (the agent's edits; {} files",

@@ -106,7 +106,7 @@ impl Schedule {
     /// Whether a capture is due at `now`; if so, it is taken (the caller captures now and
     /// reports with [`Schedule::captured`]).
     pub fn take(&mut self, now: Instant) -> bool {
-        if !self.deadline().is_some_and(|at| at <= now) {
+        if self.deadline().is_none_or(|at| at > now) {
             return false;
         }
         self.dirty = false;
