@@ -1,8 +1,9 @@
 //! The relay watches a teleported workspace while its agent runs, for real (daemon,
 //! embedded relay, cloudctl, the shell agent): an edit the agent makes in the middle of a
 //! long turn is announced as a version and reaches the developer's worktree through the
-//! daemon's watch before the turn ends; a push's own writes into the workspace make no
-//! version of the agent's, while an edit made after them does.
+//! daemon's watch before the turn ends; a push's own writes into the workspace (its files,
+//! its git history and HEAD) make no version of the agent's, while an edit made after
+//! them does.
 
 use std::ffi::CString;
 use std::io::Write as _;
@@ -19,6 +20,18 @@ fn read(path: &Path) -> Option<String> {
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=e2e", "-c", "user.email=e2e@localhost"])
+        .args(args)
+        .output()
+        .expect("run git (it must be installed for these tests)");
+    assert!(output.status.success(), "git {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 fn wait_for_text(what: &str, path: &Path, text: &str) {
@@ -168,6 +181,10 @@ fn a_push_written_into_the_workspace_is_no_version_of_the_agents() {
     for file in &files {
         write(&root.join(file), &format!("{file} one\n"));
     }
+    // A repository too: the relay fetches its history and moves the workspace's HEAD.
+    git(&root, &["init", "-q", "-b", "main"]);
+    git(&root, &["add", "-A"]);
+    git(&root, &["commit", "-q", "-m", "one"]);
     let push = || {
         home.cloudctl_ok(&[
             "teleport",
@@ -183,8 +200,14 @@ fn a_push_written_into_the_workspace_is_no_version_of_the_agents() {
     for file in &files {
         write(&root.join(file), &format!("{file} two\n"));
     }
+    git(&root, &["commit", "-q", "-a", "-m", "two"]);
     push();
     let ws = workspace(&home, &session);
+    assert_eq!(
+        git(&ws, &["rev-parse", "HEAD"]),
+        git(&root, &["rev-parse", "HEAD"]),
+        "the workspace's repository followed the push"
+    );
     let last = &files[FILES - 1];
     assert_eq!(read(&ws.join(last)).unwrap(), format!("{last} two\n"));
 
