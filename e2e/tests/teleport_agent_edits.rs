@@ -242,3 +242,56 @@ fn a_push_written_into_the_workspace_is_no_version_of_the_agents() {
         "{versions:?}"
     );
 }
+
+/// How many inotify instances the process `pid` holds (one per watch: the embedded
+/// relay's workspace watches are the daemon process's).
+#[cfg(target_os = "linux")]
+fn inotify_instances(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_str() == Some("anon_inode:inotify"))
+        .count()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_workspace_is_watched_only_while_its_agent_runs_and_its_session_lives() {
+    let home = Home::new();
+    home.wait_connected();
+    let pid = home.daemon_pid().expect("the daemon runs");
+    let session = create_session(&home);
+    let before = inotify_instances(pid);
+    let instances = |what: &str, n: usize| {
+        wait_for(what, DEADLINE, || inotify_instances(pid) == n);
+    };
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("app");
+    write(&root.join("a.txt"), "a\n");
+    home.cloudctl_ok(&[
+        "teleport",
+        "push",
+        root.to_str().unwrap(),
+        "--session",
+        &session,
+    ]);
+    instances("the workspace watched once it has a version", before + 1);
+
+    home.cloudctl_ok(&["session", "pause", &session]);
+    instances("the watch dropped with the agent", before);
+    home.cloudctl_ok(&["session", "resume", &session]);
+    instances("the workspace watched again with a new agent", before + 1);
+    // And it captures: an edit in the workspace is announced.
+    let ws = workspace(&home, &session);
+    let staged = home.path().join("staged");
+    std::fs::write(&staged, "b\n").unwrap();
+    std::fs::rename(&staged, ws.join("b.txt")).unwrap();
+    wait_for("the edit announced", DEADLINE, || {
+        snapshots(&home, &session)
+            .iter()
+            .any(|v| v.contains("the agent's edits"))
+    });
+
+    home.cloudctl_ok(&["session", "delete", &session]);
+    instances("the watch dropped with the session", before);
+}

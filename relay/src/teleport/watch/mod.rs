@@ -58,7 +58,20 @@ impl Teleport {
         tracing::debug!(%session, "watching the workspace");
         let (this, shared) = (Arc::clone(self), Arc::clone(shared));
         let (session, org) = (session.to_owned(), org.to_owned());
-        tokio::spawn(async move { this.run_watch(&shared, &session, &org, cancel).await });
+        tokio::spawn(async move {
+            Arc::clone(&this)
+                .run_watch(&shared, &session, &org, cancel.clone())
+                .await;
+            if !cancel.is_cancelled() {
+                // Ended on its own (a blocking task panicked): the next agent start or
+                // version may start it again; captures after each turn go on meanwhile.
+                tracing::warn!(%session, "the workspace watch ended");
+                this.watches
+                    .lock()
+                    .expect("teleport watches poisoned")
+                    .remove(&session);
+            }
+        });
     }
 
     /// Stops watching the session's workspace (a capture under way finishes).
