@@ -100,7 +100,12 @@ impl Teleport {
             let root = root.clone();
             tokio::task::spawn_blocking(move || FsWatch::start(&root, handler))
         };
-        let Ok(mut watcher) = start.await else {
+        let Ok(watcher) = start.await else {
+            return;
+        };
+        // Watched before the first capture scans: an edit made after the scan raises an
+        // event, one made before is in the scan.
+        let Some((mut watcher, _)) = self.follow_index(watcher, session).await else {
             return;
         };
         // Without a watcher, its handler is gone and the queue is closed: only periodic
@@ -144,8 +149,9 @@ impl Teleport {
         }
     }
 
-    /// Watches exactly the directories of the session's index (what its last capture
-    /// saw); returns the watcher and the directories newly watched.
+    /// Watches the root and exactly the directories of the session's index (what its last
+    /// capture saw; none before the first); returns the watcher and the directories newly
+    /// watched.
     async fn follow_index(
         self: &Arc<Self>,
         mut watcher: FsWatch,
@@ -156,7 +162,7 @@ impl Teleport {
             let indexes = this.indexes.lock().expect("teleport indexes poisoned");
             let added = match indexes.get(&session) {
                 Some(index) => watcher.sync(index),
-                None => Vec::new(),
+                None => watcher.sync(&cloud_tree::Index::default()),
             };
             drop(indexes);
             (watcher, added)
