@@ -8,8 +8,11 @@
 //!   symlink.
 //! - [`mod@write`]: the safe writer (temp file + rename, re-checked expectations).
 //! - [`git`]: HEAD and branch, and history as `git bundle`s, through the git CLI.
+//! - [`watch`]: the OS watcher (`notify`) of the directories an index holds; its events
+//!   reach an async task on a bounded tokio queue.
 //!
-//! Architecture invariant: nothing here is async or talks to the network; callers run
+//! Architecture invariant: nothing here is async (but [`watch`]'s queue, which an async
+//! task reads) or talks to the network; callers run
 //! scans and writes on a blocking pool. Every path from a peer is a
 //! [`cloud_protocol::teleport::RelPath`] and reaches disk only through [`root::Root`].
 
@@ -20,6 +23,7 @@ pub mod root;
 pub mod scan;
 pub mod stat;
 mod sys;
+pub mod watch;
 pub mod write;
 
 pub use content::{blob_locations, hash_file, read_blob, BlobLocation, ContentError, FileContent};

@@ -65,6 +65,7 @@ impl Core {
                     return;
                 }
                 runtime.agent = None;
+                self.shared.teleport.unwatch(&session);
                 tracing::info!(%session, %reason, "agent exited on its own");
                 let mut changes = Changes::default();
                 self.withdraw_prompts(&session, &mut changes, round);

@@ -404,10 +404,11 @@ impl Core {
     /// Stops every agent (leaving session statuses as they are, so the next start restarts
     /// them) and flushes the store.
     async fn shutdown(&mut self) {
-        for runtime in self.sessions.values_mut() {
+        for (id, runtime) in &mut self.sessions {
             if let Some(agent) = runtime.agent.take() {
                 self.agent_tasks.spawn(agent.stop());
             }
+            self.shared.teleport.unwatch(id);
         }
         self.agent_tasks.close();
         let grace = process::STOP_GRACE + std::time::Duration::from_secs(3);
@@ -595,6 +596,11 @@ impl Core {
                         // Versions are announced in order per session (teleport holds the
                         // session while it commits and announces).
                         runtime.session.snapshot = Some(Box::new(info.clone()));
+                        if runtime.agent.is_some() {
+                            // The workspace is teleported now: watch it (if not yet).
+                            let org = runtime.session.org.clone();
+                            Arc::clone(&self.shared.teleport).watch(&self.shared, &session, &org);
+                        }
                         let seq =
                             self.append(&session, author, SessionEvent::Snapshot(info), round);
                         let mut changes = Changes::default();

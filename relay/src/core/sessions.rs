@@ -141,19 +141,15 @@ impl Core {
                 "session deleted with messages no agent finished"
             );
         }
-        let workspace = self.workspaces.join(id);
         let stop = runtime.agent.take().map(AgentHandle::stop);
         let (teleport, session) = (Arc::clone(&self.shared.teleport), id.to_owned());
+        teleport.unwatch(id);
         self.agent_tasks.spawn(async move {
             if let Some(stop) = stop {
                 stop.await;
             }
+            // Its versions and its workspace.
             teleport.delete_session(&session).await;
-            if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %workspace.display(), error = %e, "cannot remove a workspace");
-                }
-            }
         });
         let mut changes = Changes::default();
         self.apply_pending(round);
@@ -267,7 +263,14 @@ impl Core {
                 for line in &unfinished {
                     round.write(&agent, line);
                 }
-                self.sessions.get_mut(id).unwrap().agent = Some(agent);
+                let runtime = self.sessions.get_mut(id).unwrap();
+                runtime.agent = Some(agent);
+                if runtime.session.snapshot.is_some() {
+                    // A teleported workspace: the agent's edits become versions as it
+                    // makes them.
+                    let org = runtime.session.org.clone();
+                    Arc::clone(&self.shared.teleport).watch(&self.shared, id, &org);
+                }
                 self.set_status(id, SessionStatus::Running, None, changes, round);
             }
             Err(reason) => {
@@ -282,6 +285,7 @@ impl Core {
         if let Some(agent) = self.sessions.get_mut(id).and_then(|r| r.agent.take()) {
             self.agent_tasks.spawn(agent.stop());
         }
+        self.shared.teleport.unwatch(id);
         self.withdraw_prompts(id, changes, round);
     }
 }

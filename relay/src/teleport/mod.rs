@@ -4,13 +4,16 @@
 //! - [`blobs`]: the content-addressed blob store (per org, checked before stored).
 //! - [`snapshots`]: versions per session; a commit only on the newest version.
 //! - [`materialise`]: writing a version's changes into the workspace.
+//! - [`watch`]: watching a workspace while its agent runs, so its edits become versions
+//!   as they are made.
 //!
 //! A daemon's push commits a delta (its blobs uploaded first on the blob socket); the
 //! relay writes it into the workspace and announces the version in the session's log
 //! (`SessionEvent::Snapshot`). The agent's own edits become versions too: after each of
-//! its turns (and before a daemon asks for changes) the workspace is scanned through an
-//! index kept in memory, and what changed since the newest version is committed as the
-//! agent's.
+//! its turns, before a daemon asks for changes, and while its agent runs whenever the
+//! workspace's watch sees it change, the workspace is scanned through an index kept in
+//! memory, and what changed since the newest version is committed as the agent's (one
+//! capture path, [`Teleport::capture`]).
 //!
 //! Architecture invariants: teleport work never runs on the core task (the core only logs
 //! the announcement) nor on a connection's loop (requests run as tasks of their own);
@@ -19,6 +22,7 @@
 pub mod blobs;
 pub mod materialise;
 pub mod snapshots;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +51,8 @@ pub struct Teleport {
     indexes: Mutex<HashMap<String, Index>>,
     /// One commit or capture per session at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The watched workspaces, by session.
+    watches: Mutex<HashMap<String, watch::Running>>,
 }
 
 /// Runs blocking work on the blocking pool.
@@ -69,6 +75,7 @@ impl Teleport {
             workspaces,
             indexes: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
         })
     }
 
@@ -196,16 +203,24 @@ impl Teleport {
     }
 
     /// Records what the agent changed in the workspace since the newest version as a new
-    /// version (the agent's), and announces it. Failures are logged: the next capture
-    /// tries again.
-    pub async fn capture(self: &Arc<Self>, shared: &Arc<Shared>, session: &str, org: &str) {
+    /// version (the agent's), and announces it. The session is held throughout, as a
+    /// commit holds it while it materialises: a capture never sees a push half written,
+    /// and a tree equal to the newest version's (what a push just wrote) makes no version.
+    /// Returns false when it failed (logged; the next capture tries again).
+    pub async fn capture(self: &Arc<Self>, shared: &Arc<Shared>, session: &str, org: &str) -> bool {
         let _held = self.hold(session).await;
         let (this, id, org_owned) = (Arc::clone(self), session.to_owned(), org.to_owned());
         let captured = blocking(move || this.capture_held(&id, &org_owned)).await;
         match captured {
-            Ok(Some(info)) => announce(shared, session, Author::Agent, &info).await,
-            Ok(None) => {}
-            Err(e) => tracing::warn!(%session, "cannot record the agent's edits: {e}"),
+            Ok(Some(info)) => {
+                announce(shared, session, Author::Agent, &info).await;
+                true
+            }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::warn!(%session, "cannot record the agent's edits: {e}");
+                false
+            }
         }
     }
 
@@ -360,8 +375,11 @@ impl Teleport {
         }
     }
 
-    /// Forgets a deleted session's versions.
+    /// Forgets a deleted session's versions and removes its workspace, holding the
+    /// session: a capture that was waiting for it then finds no workspace, and records
+    /// nothing for a session that is gone.
     pub async fn delete_session(self: &Arc<Self>, session: &str) {
+        self.unwatch(session);
         let _held = self.hold(session).await;
         self.indexes
             .lock()
@@ -376,6 +394,12 @@ impl Teleport {
         .await
         {
             tracing::warn!(%session, "cannot forget the session's versions: {e}");
+        }
+        let workspace = self.workspaces.join(session);
+        if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %workspace.display(), error = %e, "cannot remove a workspace");
+            }
         }
     }
 }

@@ -4,8 +4,8 @@
 //! daemon starts.
 //!
 //! The pieces:
-//! - [`fs`]: notify, one non-recursive watch per directory the scanner includes; events
-//!   become worktree paths, and lost events a rescan.
+//! - [`cloud_tree::watch`] (shared with the relay): notify, one non-recursive watch per
+//!   directory the scanner includes; events become worktree paths, and lost events a rescan.
 //! - [`tree`]: the worktree's index in memory and the watches that follow it; a batch of
 //!   changed paths becomes the tree a push starts from (a rescan of just those paths).
 //! - [`debounce`]: when to act: the trailing 15 ms debounce, full rescans (overflow,
@@ -20,7 +20,6 @@
 //! through `push` and `pull`.
 
 pub mod debounce;
-pub mod fs;
 pub mod task;
 pub mod tree;
 

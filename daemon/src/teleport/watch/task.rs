@@ -23,13 +23,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::debounce::{Due, Schedule, PERIODIC_RESCAN};
-use super::fs::{self, FsEvents, FsSignal};
 use super::tree::WatchedTree;
 use super::Health;
 use crate::link::BridgeCommand;
 use crate::teleport::local::Start;
 use crate::teleport::worktrees::Worktrees;
 use crate::teleport::{Reporter, Teleport, TeleportError};
+use cloud_tree::watch::{self as fs, FsEvents, FsSignal};
 
 /// What woke the watch up.
 #[derive(Debug)]

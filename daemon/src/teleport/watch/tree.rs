@@ -23,10 +23,10 @@ use std::path::Path;
 use cloud_protocol::teleport::{Delta, Manifest, RelPath};
 use cloud_tree::Index;
 
-use super::fs::{FsWatch, Handler, WatchProblem};
 use crate::teleport::local::{self, Changes, Found};
 use crate::teleport::worktrees::Worktrees;
 use crate::teleport::{Reporter, TeleportError};
+use cloud_tree::watch::{FsWatch, Handler, WatchProblem};
 
 /// At most this many rounds of "rescan the new directories" per batch (a tree that keeps
 /// growing faster than it is watched is left to the next batch's events).
@@ -248,8 +248,8 @@ mod tests {
     use notify::event::{Event, EventKind, Flag};
 
     use super::super::debounce::{Due, Schedule, DEBOUNCE};
-    use super::super::fs::{channel, FsEvents, FsSignal};
     use super::*;
+    use cloud_tree::watch::{channel, FsEvents, FsSignal};
 
     /// How long a test waits for the kernel's events before it fails.
     const EVENTS_DEADLINE: Duration = Duration::from_secs(20);

@@ -1,19 +1,20 @@
 //! The OS watcher: `notify` (inotify on Linux, FSEvents on macOS, kqueue on the BSDs) with
-//! one NON-recursive watch per directory the scanner includes (the root and every `Dir` of
+//! one NON-recursive watch per directory the scanner includes (the daemon's worktrees, the
+//! relay's session workspaces) (the root and every `Dir` of
 //! the index), so `.git`, `target/`, `node_modules` and every other ignored tree cost no
 //! watch and raise no event. [`FsWatch::sync`] and [`FsWatch::update`] keep the watches in
 //! step with the index: a new directory gets a watch, a gone one loses it, a directory
 //! replaced by another of the same name (a new inode) is watched anew.
 //!
-//! Events arrive on notify's thread; [`Handler`] turns them into worktree paths and hands
-//! them to the watch's task on a bounded queue ([`FsEvents`]). A full queue, the kernel's
+//! Events arrive on notify's thread; [`Handler`] turns them into worktree paths (dropping
+//! teleport's own temp files, [`TEMP_PREFIX`]) and hands them to the watch's task on a bounded queue ([`FsEvents`]). A full queue, the kernel's
 //! overflow (notify's rescan flag) and a watcher error all become one
 //! [`FsSignal::Rescan`]: the task then rescans through the index, nothing is lost.
 //! Hitting the watch limit is a [`WatchProblem`] whose text says how to fix it.
 //!
 //! Blocking: adding a watch waits for notify's thread, so [`FsWatch`] runs on the blocking
 //! pool. This module must never read a file, decide what is content (the index does) or
-//! talk to the relay.
+//! talk to a peer.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,10 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cloud_protocol::teleport::{EntryKind, RelPath};
-use cloud_tree::{Index, IndexChange};
+
+use crate::{Index, IndexChange};
 use notify::event::{AccessKind, AccessMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
+
+use crate::write::TEMP_PREFIX;
 
 /// Event batches that wait for the watch's task; beyond, a rescan replaces them.
 pub const SIGNAL_QUEUE: usize = 1024;
@@ -163,6 +167,15 @@ impl Handler {
             };
             if relative.as_os_str().is_empty() {
                 return FsSignal::Rescan("the worktree's root itself changed".into());
+            }
+            // A temp file of the safe writer comes and goes within one write; the rename
+            // that ends it is an event of the real name.
+            if relative
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(TEMP_PREFIX))
+            {
+                continue;
             }
             if let Some(path) = relative.to_str().and_then(|s| RelPath::new(s).ok()) {
                 paths.push(path);
@@ -415,6 +428,10 @@ mod tests {
         handler.handle(event(
             EventKind::Access(AccessKind::Open(AccessMode::Read)),
             &root.join("src/a.rs"),
+        ));
+        handler.handle(event(
+            EventKind::Create(CreateKind::File),
+            &root.join("src/.cloudd-tmp-00112233deadbeef"),
         ));
         handler.handle(event(
             EventKind::Modify(ModifyKind::Any),
