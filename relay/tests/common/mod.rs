@@ -319,7 +319,8 @@ impl Bridge {
             ToRelay::Register(_)
             | ToRelay::Heartbeat
             | ToRelay::CommandResult { .. }
-            | ToRelay::Request { .. } => Channel::Extension,
+            | ToRelay::Request { .. }
+            | ToRelay::Authenticate { .. } => Channel::Extension,
             _ => Channel::Task,
         };
         let bytes = bridge::encode(&Envelope {
