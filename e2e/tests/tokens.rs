@@ -222,3 +222,35 @@ fn relay_post(relay: &Relay, body: &Value) -> (u16, Value) {
         Some(&body.to_string()),
     )
 }
+
+/// A daemon logged in before access tokens (`token = ...` in `credentials.toml`, the
+/// relay's bearer token then) keeps working: the token is exchanged as an API key and the
+/// file rewritten with the refresh token only.
+#[test]
+fn a_first_format_credentials_file_is_exchanged_and_rewritten() {
+    let relay = short_lived_relay();
+    let home = Home::new();
+    let key = relay.token("alice", "acme");
+    std::fs::create_dir_all(&home.paths.config_dir).unwrap();
+    std::fs::write(
+        home.paths.config_dir.join("credentials.toml"),
+        format!("relay = \"{}\"\ntoken = \"{key}\"\n", relay.url()),
+    )
+    .unwrap();
+    let _daemon = home.spawn_daemon_with(|command| {
+        command.env("CLOUDD_LOG", "debug");
+    });
+    let mut outputs = Outputs::default();
+    let status = outputs.json(&home, &["status"]);
+    let status = if status["relay"]["state"] == "connected" {
+        status
+    } else {
+        home.wait_connected()
+    };
+    assert_eq!(status["relay"]["mode"], "remote", "{status:#}");
+    assert_eq!(status["relay"]["user"], "alice", "{status:#}");
+    let stored = credentials(&home);
+    assert!(stored.get("token").is_none() && stored.get("api_key").is_none(), "{stored:#}");
+    assert!(stored["refresh_token"].as_str().unwrap().starts_with("crf_"));
+    assert_no_tokens(&home, &relay, &outputs, &[&key]);
+}
