@@ -191,19 +191,19 @@ impl Keeper {
                 }
             }
             (None, Some(api_key)) => self.exchange_key(&credentials.relay, api_key).await?,
-            (None, None) => {
-                return Err(AuthError::LoggedOut(
-                    "the credentials file holds no login: run `cloudctl login --relay URL --token KEY`"
-                        .into(),
-                ))
-            }
+            (None, None) => return Err(AuthError::LoggedOut(
+                "the credentials file holds no login: run `cloudctl login --relay URL --token KEY`"
+                    .into(),
+            )),
         };
         let access = Access {
             token: answer.access_token,
             obtained: Instant::now(),
             lifetime: Duration::from_millis(answer.expires_in_ms),
         };
-        let used = credentials.refresh_token.replace(answer.refresh_token.clone());
+        let used = credentials
+            .refresh_token
+            .replace(answer.refresh_token.clone());
         match mode {
             RelayMode::Remote => {
                 // The key is not kept once exchanged: the refresh token is this login now.
@@ -239,7 +239,11 @@ impl Keeper {
     }
 
     /// One `POST /v1/auth/token`.
-    async fn exchange(&self, relay: &str, body: serde_json::Value) -> Result<TokenAnswer, AuthError> {
+    async fn exchange(
+        &self,
+        relay: &str,
+        body: serde_json::Value,
+    ) -> Result<TokenAnswer, AuthError> {
         let endpoint = Endpoint::parse(relay).map_err(AuthError::LoggedOut)?;
         let answer = tokio::time::timeout(
             EXCHANGE_TIMEOUT,
@@ -266,8 +270,9 @@ fn parse_answer(body: &[u8]) -> Result<TokenAnswer, String> {
     if body.len() > MAX_ANSWER {
         return Err("the relay's token answer is too large".into());
     }
-    let answer: TokenAnswer = serde_json::from_slice(body)
-        .map_err(|_| "the relay's token answer is not valid JSON of the expected shape".to_owned())?;
+    let answer: TokenAnswer = serde_json::from_slice(body).map_err(|_| {
+        "the relay's token answer is not valid JSON of the expected shape".to_owned()
+    })?;
     if answer.expires_in_ms == 0 || answer.access_token.is_empty() {
         return Err("the relay's token answer has no usable access token".into());
     }
@@ -337,7 +342,11 @@ async fn post(
                 "cannot connect to {address}: {e}"
             )))
         }
-        Err(e) => return Err(AuthError::Failed(format!("cannot connect to {address}: {e}"))),
+        Err(e) => {
+            return Err(AuthError::Failed(format!(
+                "cannot connect to {address}: {e}"
+            )))
+        }
     };
     let _ = tcp.set_nodelay(true);
     if !endpoint.secure {
@@ -352,12 +361,19 @@ async fn post(
     request(stream, endpoint, body).await
 }
 
-async fn request<S>(stream: S, endpoint: &Endpoint, body: String) -> Result<(u16, Vec<u8>), AuthError>
+async fn request<S>(
+    stream: S,
+    endpoint: &Endpoint,
+    body: String,
+) -> Result<(u16, Vec<u8>), AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let fail = |e: &dyn std::fmt::Display| {
-        AuthError::Failed(format!("the token exchange with {} failed: {e}", endpoint.authority))
+        AuthError::Failed(format!(
+            "the token exchange with {} failed: {e}",
+            endpoint.authority
+        ))
     };
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -400,13 +416,20 @@ mod tests {
     async fn refreshes_are_scheduled_at_80_percent_and_retried_before_expiry() {
         let access = access(Duration::from_secs(2));
         let due = refresh_at(&access);
-        let waited = tokio::time::timeout(Duration::from_millis(1_599), tokio::time::sleep_until(due)).await;
+        let waited =
+            tokio::time::timeout(Duration::from_millis(1_599), tokio::time::sleep_until(due)).await;
         assert!(waited.is_err(), "not due before 80% of the lifetime");
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert!(Instant::now() >= due);
-        assert_eq!(retry_at(&access, Instant::now()) - Instant::now(), Duration::from_millis(200));
+        assert_eq!(
+            retry_at(&access, Instant::now()) - Instant::now(),
+            Duration::from_millis(200)
+        );
         tokio::time::sleep(Duration::from_millis(350)).await;
-        assert_eq!(retry_at(&access, Instant::now()), Instant::now() + MIN_RETRY);
+        assert_eq!(
+            retry_at(&access, Instant::now()),
+            Instant::now() + MIN_RETRY
+        );
         // A 15-minute token: at 12 minutes.
         let long = super::tests::access(Duration::from_secs(900));
         assert_eq!(refresh_at(&long) - long.obtained, Duration::from_secs(720));
@@ -418,7 +441,10 @@ mod tests {
     fn endpoints() {
         let endpoint = Endpoint::parse("https://relay.example/base/").unwrap();
         assert!(endpoint.secure);
-        assert_eq!((endpoint.host.as_str(), endpoint.port), ("relay.example", 443));
+        assert_eq!(
+            (endpoint.host.as_str(), endpoint.port),
+            ("relay.example", 443)
+        );
         assert_eq!(endpoint.path, "/base/v1/auth/token");
         let endpoint = Endpoint::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!((endpoint.secure, endpoint.port), (false, 8080));

@@ -44,7 +44,10 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("relay", &self.relay)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
-            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -186,7 +189,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             load(dir.path()).unwrap(),
-            Some(Credentials::login("http://127.0.0.1:9".into(), "crt_old".into()))
+            Some(Credentials::login(
+                "http://127.0.0.1:9".into(),
+                "crt_old".into()
+            ))
         );
     }
 }

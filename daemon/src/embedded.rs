@@ -135,7 +135,7 @@ fn local_token(data_dir: &Path) -> Result<String, EmbeddedError> {
         data_dir,
         &cloud_relay::tokens::NewKey::new(&user, LOCAL_ORG),
     )
-        .map_err(|e| EmbeddedError::Relay(e.to_string()))?;
+    .map_err(|e| EmbeddedError::Relay(e.to_string()))?;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]

@@ -30,9 +30,9 @@
 //! Architecture invariant: the socket loop never waits on a slow client. Every queue is
 //! bounded, every frame has a size limit and every write a deadline.
 
+pub mod auth;
 pub mod bridge;
 pub mod config;
-pub mod auth;
 pub mod credentials;
 pub mod daemon;
 pub mod embedded;

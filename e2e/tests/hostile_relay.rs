@@ -55,7 +55,9 @@ async fn answer_token_request(mut stream: tokio::net::TcpStream) {
     let mut buffer = [0u8; 4096];
     // The head, then the body's length of bytes after it.
     loop {
-        let Ok(n) = stream.read(&mut buffer).await else { return };
+        let Ok(n) = stream.read(&mut buffer).await else {
+            return;
+        };
         if n == 0 {
             return;
         }
@@ -64,14 +66,19 @@ async fn answer_token_request(mut stream: tokio::net::TcpStream) {
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let length: usize = head
                 .lines()
-                .find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .find_map(|line| {
+                    line.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
                 .unwrap_or(0);
             if body.len() >= length {
                 break;
             }
         }
     }
-    let body = r#"{"access_token":"cat_hostile","expires_in_ms":900000,"refresh_token":"crf_hostile"}"#;
+    let body =
+        r#"{"access_token":"cat_hostile","expires_in_ms":900000,"refresh_token":"crf_hostile"}"#;
     let answer = format!(
         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()

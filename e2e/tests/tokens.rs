@@ -34,8 +34,10 @@ struct Outputs(Vec<String>);
 impl Outputs {
     fn run(&mut self, home: &Home, args: &[&str]) -> Output {
         let output = home.cloudctl(args);
-        self.0.push(String::from_utf8_lossy(&output.stdout).into_owned());
-        self.0.push(String::from_utf8_lossy(&output.stderr).into_owned());
+        self.0
+            .push(String::from_utf8_lossy(&output.stdout).into_owned());
+        self.0
+            .push(String::from_utf8_lossy(&output.stderr).into_owned());
         output
     }
 
@@ -74,9 +76,12 @@ fn assert_no_tokens(home: &Home, relay: &Relay, outputs: &Outputs, secrets: &[&s
     let relay_log = relay.log();
     assert!(daemon_log.contains("DEBUG"), "the daemon logs at debug");
     assert!(relay_log.contains("DEBUG"), "the relay logs at debug");
-    let texts = [("the daemon's log", &daemon_log), ("the relay's log", &relay_log)]
-        .into_iter()
-        .chain(outputs.0.iter().map(|o| ("a cloudctl output", o)));
+    let texts = [
+        ("the daemon's log", &daemon_log),
+        ("the relay's log", &relay_log),
+    ]
+    .into_iter()
+    .chain(outputs.0.iter().map(|o| ("a cloudctl output", o)));
     for (what, text) in texts {
         if let Some(token) = token_in(text) {
             panic!("{what} holds a token ({}…)", &token[..6]);
@@ -102,7 +107,10 @@ mod toml_lite {
         text.lines()
             .filter_map(|line| {
                 let (key, value) = line.split_once('=')?;
-                Some((key.trim().to_owned(), value.trim().trim_matches('"').to_owned()))
+                Some((
+                    key.trim().to_owned(),
+                    value.trim().trim_matches('"').to_owned(),
+                ))
             })
             .collect()
     }
@@ -128,7 +136,10 @@ fn a_two_second_token_over_a_thirty_second_send_loop_refuses_and_loses_nothing()
     let key = login(&home, &relay, &mut outputs);
     home.wait_connected();
     let stored = credentials(&home);
-    assert!(stored.get("api_key").is_none() && stored.get("token").is_none(), "{stored:#}");
+    assert!(
+        stored.get("api_key").is_none() && stored.get("token").is_none(),
+        "{stored:#}"
+    );
     let first_refresh = stored["refresh_token"].as_str().unwrap().to_owned();
     assert!(first_refresh.starts_with("crf_"));
 
@@ -152,11 +163,25 @@ fn a_two_second_token_over_a_thirty_second_send_loop_refuses_and_loses_nothing()
     assert_eq!(status["relay"]["refused_events"], 0, "{status:#}");
     // The token was renewed many times (every 1.6 s) and the refresh token rotated.
     let renewals = relay.log().matches("bridge credential renewed").count();
-    eprintln!("sent {} renewals {renewals} reconnects {}", sent.len(), home.read_daemon_log().matches("connected to the relay").count());
+    eprintln!(
+        "sent {} renewals {renewals} reconnects {}",
+        sent.len(),
+        home.read_daemon_log()
+            .matches("connected to the relay")
+            .count()
+    );
     assert!(renewals >= 10, "{renewals} renewals in 30 s");
-    let last_refresh = credentials(&home)["refresh_token"].as_str().unwrap().to_owned();
+    let last_refresh = credentials(&home)["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_ne!(last_refresh, first_refresh);
-    assert_no_tokens(&home, &relay, &outputs, &[&key, &first_refresh, &last_refresh]);
+    assert_no_tokens(
+        &home,
+        &relay,
+        &outputs,
+        &[&key, &first_refresh, &last_refresh],
+    );
 }
 
 /// A refresh token used twice (here: stolen from the daemon and used first) revokes its
@@ -173,7 +198,10 @@ fn a_reused_refresh_token_revokes_the_login_and_status_says_to_log_in_again() {
     let key = login(&home, &relay, &mut outputs);
     home.wait_connected();
 
-    let stolen = credentials(&home)["refresh_token"].as_str().unwrap().to_owned();
+    let stolen = credentials(&home)["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let (code, answer) = relay_post(
         &relay,
         &json!({"grant_type": "refresh_token", "refresh_token": stolen}),
@@ -191,7 +219,10 @@ fn a_reused_refresh_token_revokes_the_login_and_status_says_to_log_in_again() {
     let reason = status["relay"]["reason"].as_str().unwrap();
     assert!(reason.contains("cloudctl login"), "{reason}");
     let text = outputs.ok(&home, &["status"]);
-    assert!(text.contains("refused") && text.contains("cloudctl login"), "{text}");
+    assert!(
+        text.contains("refused") && text.contains("cloudctl login"),
+        "{text}"
+    );
 
     // The thief's tokens are revoked with the family.
     if let (Some(access), Some(refresh)) = (&thief_access, &thief_refresh) {
@@ -250,7 +281,13 @@ fn a_first_format_credentials_file_is_exchanged_and_rewritten() {
     assert_eq!(status["relay"]["mode"], "remote", "{status:#}");
     assert_eq!(status["relay"]["user"], "alice", "{status:#}");
     let stored = credentials(&home);
-    assert!(stored.get("token").is_none() && stored.get("api_key").is_none(), "{stored:#}");
-    assert!(stored["refresh_token"].as_str().unwrap().starts_with("crf_"));
+    assert!(
+        stored.get("token").is_none() && stored.get("api_key").is_none(),
+        "{stored:#}"
+    );
+    assert!(stored["refresh_token"]
+        .as_str()
+        .unwrap()
+        .starts_with("crf_"));
     assert_no_tokens(&home, &relay, &outputs, &[&key]);
 }

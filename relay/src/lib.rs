@@ -49,9 +49,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::Auth;
 use crate::core::{Command, Core, Shared};
 use crate::store::{Store, StoreError};
-use crate::auth::Auth;
 
 /// The relay's version, sent to daemons when they register.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -214,7 +214,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("invalid duration {text:?}: use e.g. 500ms, 2s, 15m, 12h or 90d")),
+        _ => {
+            return Err(format!(
+                "invalid duration {text:?}: use e.g. 500ms, 2s, 15m, 12h or 90d"
+            ))
+        }
     };
     match number.checked_mul(unit_ms) {
         Some(0) => Err("a duration must be more than zero".into()),

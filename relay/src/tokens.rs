@@ -476,7 +476,10 @@ mod tests {
         assert!(text.contains(&token_hash(&token)));
         let cache = TokenCache::open(dir.path());
         let key = cache.authenticate(&token).unwrap();
-        assert_eq!((key.user.as_str(), key.orgs.as_slice()), ("alice", &["acme".to_owned()][..]));
+        assert_eq!(
+            (key.user.as_str(), key.orgs.as_slice()),
+            ("alice", &["acme".to_owned()][..])
+        );
         assert!(cache.authenticate("crt_nope").is_none());
         assert_eq!(revoke_user(dir.path(), "alice").unwrap(), 1);
         assert!(cache.authenticate(&token).is_none());
@@ -532,7 +535,10 @@ mod tests {
         create(dir.path(), &NewKey::new("bob", "acme")).unwrap();
         assert_eq!(revoke_user(dir.path(), "bob").unwrap(), 1);
         let text = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
-        assert!(text.lines().next().unwrap().contains("\"orgs\":[\"acme\"]"), "{text}");
+        assert!(
+            text.lines().next().unwrap().contains("\"orgs\":[\"acme\"]"),
+            "{text}"
+        );
         assert!(!text.contains("\"org\":"), "{text}");
         assert_eq!(cache.authenticate(old).unwrap().scopes.len(), 2);
     }

@@ -68,8 +68,14 @@ async fn refresh_tokens_rotate_and_a_reused_one_revokes_its_whole_family() {
     let (code, answer) = refresh(&relay, &first).await;
     assert_eq!(code, 401);
     let message = answer["error"].as_str().unwrap();
-    assert!(message.contains("already used") && message.contains("cloudctl login"), "{message}");
-    assert!(!message.contains("crf_") && !message.contains("cat_"), "{message}");
+    assert!(
+        message.contains("already used") && message.contains("cloudctl login"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("crf_") && !message.contains("cat_"),
+        "{message}"
+    );
     assert_eq!(refresh(&relay, &second).await.0, 401);
     assert_eq!(list(&relay, &access).await, 401);
     assert_eq!(list(&relay, &access2).await, 401);
@@ -80,7 +86,12 @@ async fn refresh_tokens_rotate_and_a_reused_one_revokes_its_whole_family() {
     // Revoking the key ends its access tokens and its exchanges.
     cloud_relay::tokens::revoke_user(relay.data(), "alice").unwrap();
     assert_eq!(list(&relay, &access3).await, 401);
-    assert_eq!(post_token(&relay, json!({"grant_type": "api_key", "api_key": key})).await.0, 401);
+    assert_eq!(
+        post_token(&relay, json!({"grant_type": "api_key", "api_key": key}))
+            .await
+            .0,
+        401
+    );
     relay.stop().await;
 }
 
@@ -118,7 +129,10 @@ async fn scopes_limit_what_a_key_and_its_access_tokens_may_do() {
             .await;
         assert_eq!(code, 403, "{answer}");
         assert!(answer["error"].as_str().unwrap().contains("sessions:write"));
-        assert_eq!(websocket(relay.addr, BRIDGE_PATH, token).await.err(), Some(403));
+        assert_eq!(
+            websocket(relay.addr, BRIDGE_PATH, token).await.err(),
+            Some(403)
+        );
     }
     relay.stop().await;
 }
@@ -169,7 +183,12 @@ async fn a_bridge_ends_when_its_access_token_expires_unless_it_renews_it() {
     let other = relay.token("bob", "acme");
     let (bobs, _) = exchange(&relay, &other).await;
     bridge
-        .send(0, ToRelay::Authenticate { token: BearerToken(bobs) })
+        .send(
+            0,
+            ToRelay::Authenticate {
+                token: BearerToken(bobs),
+            },
+        )
         .await;
     let refusal = bridge
         .recv_until("a refusal", |m| match m {
@@ -177,7 +196,10 @@ async fn a_bridge_ends_when_its_access_token_expires_unless_it_renews_it() {
             _ => None,
         })
         .await;
-    assert!(refusal.0.contains("another login") && !refusal.1, "{refusal:?}");
+    assert!(
+        refusal.0.contains("another login") && !refusal.1,
+        "{refusal:?}"
+    );
     relay.stop().await;
 }
 
@@ -195,6 +217,9 @@ async fn a_revoked_family_ends_its_bridge_for_good() {
             _ => None,
         })
         .await;
-    assert!(refusal.1 && refusal.0.contains("cloudctl login"), "{refusal:?}");
+    assert!(
+        refusal.1 && refusal.0.contains("cloudctl login"),
+        "{refusal:?}"
+    );
     relay.stop().await;
 }

@@ -356,7 +356,13 @@ impl Bridge {
         match refreshed {
             Ok(access) => {
                 let token = BearerToken(access.token.clone());
-                send(socket, Channel::Extension, 0, ToRelay::Authenticate { token }).await?;
+                send(
+                    socket,
+                    Channel::Extension,
+                    0,
+                    ToRelay::Authenticate { token },
+                )
+                .await?;
                 let due = crate::auth::refresh_at(&access);
                 self.access = Some((access, due));
                 Ok(())

@@ -114,9 +114,7 @@ impl BlobSocket {
         token: &str,
     ) -> Result<BlobSocket, ConnectError> {
         let fail = ConnectError::Other;
-        let mut request = url
-            .into_client_request()
-            .map_err(|e| fail(e.to_string()))?;
+        let mut request = url.into_client_request().map_err(|e| fail(e.to_string()))?;
         let authorization = format!("Bearer {token}")
             .parse()
             .map_err(|_| fail("the token cannot be a header".into()))?;

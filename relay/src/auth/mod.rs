@@ -158,13 +158,9 @@ impl Auth {
 
     /// Rotates a refresh token: a new access token and the family's next refresh token.
     pub fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
-        let rejected = |what: &str| {
-            AuthError::Rejected(format!(
-                "{what}: log in again with `cloudctl login`"
-            ))
-        };
-        let (grant, refresh_token) = match self.refresh.rotate(refresh_token, crate::now_millis())
-        {
+        let rejected =
+            |what: &str| AuthError::Rejected(format!("{what}: log in again with `cloudctl login`"));
+        let (grant, refresh_token) = match self.refresh.rotate(refresh_token, crate::now_millis()) {
             Ok(rotated) => rotated,
             Err(RefreshError::Reused { .. }) => {
                 // Open connections of the family re-check and end.

@@ -139,14 +139,19 @@ impl RefreshStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        tokens.retain(|_, record| record.expires_at > now && !revoked.contains_key(&record.grant.family));
+        tokens.retain(|_, record| {
+            record.expires_at > now && !revoked.contains_key(&record.grant.family)
+        });
         revoked.retain(|_, expires_at| *expires_at > now);
         // Compact: what is still needed, beside the log, then renamed over it.
         let temporary = data_dir.join(format!("{REFRESH_FILE}.tmp"));
         {
             let mut file = open_private(
                 &temporary,
-                std::fs::OpenOptions::new().write(true).create(true).truncate(true),
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true),
             )?;
             let mut text = Vec::new();
             for record in tokens.values() {
@@ -177,7 +182,11 @@ impl RefreshStore {
     }
 
     /// Starts a new family for `grant` (its `family` is filled in); returns its first token.
-    pub fn start_family(&self, mut grant: Grant, now: u64) -> Result<(Grant, String), RefreshError> {
+    pub fn start_family(
+        &self,
+        mut grant: Grant,
+        now: u64,
+    ) -> Result<(Grant, String), RefreshError> {
         grant.family = random_token("fam_").map_err(|e| RefreshError::Random(e.to_string()))?;
         let mut state = self.state.lock().unwrap();
         let (record, token) = new_token(grant.clone(), now)?;
@@ -294,14 +303,23 @@ mod tests {
         // A restart keeps what was used.
         drop(store);
         let store = RefreshStore::open(dir.path(), 3).unwrap();
-        assert!(matches!(store.rotate(&first, 3), Err(RefreshError::Reused { .. })));
+        assert!(matches!(
+            store.rotate(&first, 3),
+            Err(RefreshError::Reused { .. })
+        ));
         assert!(store.family_revoked(&grant.family));
         // The latest token of the family is revoked too, also after a restart.
-        assert!(matches!(store.rotate(&third, 4), Err(RefreshError::Invalid)));
+        assert!(matches!(
+            store.rotate(&third, 4),
+            Err(RefreshError::Invalid)
+        ));
         drop(store);
         let store = RefreshStore::open(dir.path(), 5).unwrap();
         assert!(store.family_revoked(&grant.family));
-        assert!(matches!(store.rotate(&third, 5), Err(RefreshError::Invalid)));
+        assert!(matches!(
+            store.rotate(&third, 5),
+            Err(RefreshError::Invalid)
+        ));
         // Another family is untouched.
         let (_, other) = store.start_family(super::tests::grant(), 6).unwrap();
         assert!(store.rotate(&other, 7).is_ok());
@@ -313,7 +331,13 @@ mod tests {
         let store = RefreshStore::open(dir.path(), 0).unwrap();
         let (_, token) = store.start_family(grant(), 0).unwrap();
         let later = REFRESH_LIFETIME.as_millis() as u64;
-        assert!(matches!(store.rotate(&token, later), Err(RefreshError::Invalid)));
-        assert!(matches!(store.rotate("crf_nope", 0), Err(RefreshError::Invalid)));
+        assert!(matches!(
+            store.rotate(&token, later),
+            Err(RefreshError::Invalid)
+        ));
+        assert!(matches!(
+            store.rotate("crf_nope", 0),
+            Err(RefreshError::Invalid)
+        ));
     }
 }

@@ -17,9 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use super::{Command, CoreError, COMMAND_QUEUE};
 use crate::access::{Access, Identity};
+use crate::auth::Auth;
 use crate::instances::Instances;
 use crate::store::Store;
-use crate::auth::Auth;
 
 /// The most bytes of entries a published session keeps from its latest round (see
 /// [`Published::recent`]); a round that appended more publishes none, and its followers

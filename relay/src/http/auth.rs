@@ -75,9 +75,10 @@ impl FromRequestParts<Arc<Shared>> for Authenticated {
 pub(super) fn auth_error(error: AuthError) -> ApiError {
     match error {
         AuthError::Rejected(message) => ApiError::new(StatusCode::UNAUTHORIZED, message),
-        AuthError::Unavailable(message) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{message}; try again"))
-        }
+        AuthError::Unavailable(message) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{message}; try again"),
+        ),
     }
 }
 
@@ -126,7 +127,12 @@ pub async fn token(
         TokenRequest::RefreshToken { refresh_token } => shared.auth.refresh(&refresh_token),
     })
     .await
-    .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the token exchange failed; try again"))?
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the token exchange failed; try again",
+        )
+    })?
     .map_err(auth_error)?;
     let Tokens {
         access_token,
