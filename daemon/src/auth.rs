@@ -85,6 +85,10 @@ pub enum AuthError {
     /// Nothing listens at the relay's address.
     #[error("{0}")]
     NothingListening(String),
+    /// The credentials name another relay than the caller's by now (a login or logout):
+    /// start again with them.
+    #[error("the login changed; connecting with the new one")]
+    Changed,
     /// Anything else: worth retrying.
     #[error("{0}")]
     Failed(String),
@@ -155,16 +159,20 @@ impl Keeper {
         }
     }
 
-    /// An access token for the current credentials: the one in use while it is not due for
-    /// a refresh (and is not `refused`, a token the relay just turned down), else a fresh
-    /// one.
-    pub async fn access(&self, refused: Option<&str>) -> Result<Access, AuthError> {
+    /// An access token for `relay` from the current credentials: the one in use while it
+    /// is not due for a refresh (and is not `refused`, a token the relay just turned
+    /// down), else a fresh one. Credentials for another relay by now (a login or logout
+    /// since the caller chose `relay`) fail, to be retried with the new ones.
+    pub async fn access(&self, relay: &str, refused: Option<&str>) -> Result<Access, AuthError> {
         let mut held = self.held.lock().await;
         let Some((mut credentials, mode)) = self.load()? else {
             return Err(AuthError::LoggedOut(
                 "not logged in: run `cloudctl login --relay URL --token KEY`".into(),
             ));
         };
+        if credentials.relay != relay {
+            return Err(AuthError::Changed);
+        }
         if let Some(current) = held.as_ref() {
             let same_login = current.relay == credentials.relay
                 && credentials.refresh_token.as_deref() == Some(current.refresh_token.as_str());

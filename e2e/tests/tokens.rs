@@ -291,3 +291,43 @@ fn a_first_format_credentials_file_is_exchanged_and_rewritten() {
         .starts_with("crf_"));
     assert_no_tokens(&home, &relay, &outputs, &[&key]);
 }
+
+/// A relay restarted without its signing secret turns down every access token it issued:
+/// the daemon's upgrade gets a 401, it refreshes once (its refresh token is still good)
+/// and reconnects, and sends go on.
+#[test]
+fn a_refused_access_token_is_refreshed_once_and_the_bridge_reconnects() {
+    // The default lifetime: the daemon's token is nowhere near due for a refresh.
+    let mut relay =
+        Relay::start_logging(&["--agent-command", "sh", "-c", "cat >/dev/null"], "debug");
+    let home = Home::new();
+    let _daemon = home.spawn_daemon_with(|command| {
+        command.env("CLOUDD_LOG", "debug");
+    });
+    let mut outputs = Outputs::default();
+    let key = login(&home, &relay, &mut outputs);
+    home.wait_connected();
+    let created = outputs.json(&home, &["session", "create", "--task", "secret lost"]);
+    let session = created["session"]["id"].as_str().unwrap().to_owned();
+    let refresh_before = credentials(&home)["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    relay.kill();
+    std::fs::remove_file(relay.data.path().join("auth.secret")).unwrap();
+    relay.restart();
+    let mut status = Value::Null;
+    wait_for("the bridge to reconnect", DEADLINE, || {
+        status = outputs.json(&home, &["status"]);
+        status["relay"]["state"] == "connected"
+            && credentials(&home)["refresh_token"].as_str() != Some(refresh_before.as_str())
+    });
+    // Its token was 15 minutes from due: only the 401 made it refresh (and it did).
+    let sent = outputs.ok(&home, &["send", &session, "after the restart"]);
+    assert!(sent.starts_with("sent (seq "), "{sent}");
+    wait_for("the message in the session log", DEADLINE, || {
+        relay.user_messages(&key, &session) == ["after the restart"]
+    });
+    assert_no_tokens(&home, &relay, &outputs, &[&key, &refresh_before]);
+}

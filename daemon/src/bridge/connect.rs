@@ -52,13 +52,17 @@ impl Bridge {
             s.url = credentials.relay.clone();
             s.mode = mode;
         });
-        let mut access = self.keeper.access(None).await.map_err(auth_ended)?;
+        let mut access = self
+            .keeper
+            .access(&credentials.relay, None)
+            .await
+            .map_err(auth_ended)?;
         let mut socket = match self.open(&url, &access.token).await {
             // Refused by the relay (expired meanwhile, secret changed): refresh once.
             Err(Ended::Unauthorized(_)) => {
                 access = self
                     .keeper
-                    .access(Some(&access.token))
+                    .access(&credentials.relay, Some(&access.token))
                     .await
                     .map_err(auth_ended)?;
                 self.open(&url, &access.token).await.map_err(|e| match e {
@@ -94,10 +98,11 @@ impl Bridge {
         // Teleport's blob socket is beside the bridge, with the same credentials.
         self.link.set_blob_endpoint(Some(BlobEndpoint {
             base: url.trim_end_matches(BRIDGE_PATH).to_owned(),
+            relay: credentials.relay.clone(),
             keeper: Arc::clone(&self.keeper),
             tls: Arc::clone(&self.tls),
         }));
-        self.access = Some((access, refresh_due));
+        self.access = Some((credentials.relay.clone(), access, refresh_due));
         self.link.set_status(|s| {
             s.state = BridgeState::Connected;
             s.reason = None;
@@ -322,6 +327,7 @@ impl Bridge {
 fn auth_ended(error: AuthError) -> Ended {
     match error {
         AuthError::LoggedOut(reason) => Ended::Refused(reason),
+        AuthError::Changed => Ended::Reconnect,
         AuthError::NothingListening(reason) => Ended::NothingListening(reason),
         AuthError::Failed(reason) => Ended::Failed {
             reason,

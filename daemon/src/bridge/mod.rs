@@ -99,9 +99,9 @@ pub struct Bridge {
     tls: Arc<rustls::ClientConfig>,
     /// The access tokens.
     keeper: Arc<Keeper>,
-    /// The access token the current connection was opened (or last renewed) with, and
-    /// when to refresh it.
-    access: Option<(Access, Instant)>,
+    /// The relay of the current connection (as the credentials name it), the access
+    /// token it was opened (or last renewed) with, and when to refresh it.
+    access: Option<(String, Access, Instant)>,
     /// The daemon's drain.
     shutdown: CancellationToken,
 }
@@ -275,7 +275,7 @@ impl Bridge {
         // never aborted (it may be saving a rotated refresh token).
         let mut refreshing: Option<tokio::task::JoinHandle<Result<Access, AuthError>>> = None;
         let ended = loop {
-            let refresh_due = self.access.as_ref().map(|(_, due)| *due);
+            let refresh_due = self.access.as_ref().map(|(_, _, due)| *due);
             // Stream one batch of what is durable and not yet sent, then go back to the
             // select: reads (acks, logs) interleave with a long backlog, so neither side can
             // block the other on full buffers.
@@ -300,7 +300,8 @@ impl Bridge {
                 }
                 _ = sleep_until(refresh_due), if refreshing.is_none() => {
                     let keeper = Arc::clone(&self.keeper);
-                    refreshing = Some(tokio::spawn(async move { keeper.access(None).await }));
+                    let relay = self.access.as_ref().map(|(relay, ..)| relay.clone()).unwrap_or_default();
+                    refreshing = Some(tokio::spawn(async move { keeper.access(&relay, None).await }));
                 }
                 refreshed = async { refreshing.as_mut().expect("guarded").await }, if refreshing.is_some() => {
                     refreshing = None;
@@ -363,14 +364,17 @@ impl Bridge {
                     ToRelay::Authenticate { token },
                 )
                 .await?;
-                let due = crate::auth::refresh_at(&access);
-                self.access = Some((access, due));
+                if let Some((_, held, due)) = self.access.as_mut() {
+                    *due = crate::auth::refresh_at(&access);
+                    *held = access;
+                }
                 Ok(())
             }
             Err(AuthError::LoggedOut(reason)) => Err(Ended::Refused(reason)),
+            Err(AuthError::Changed) => Err(Ended::Reconnect),
             Err(e) => {
                 tracing::info!("refreshing the access token failed ({e}); retrying");
-                if let Some((access, due)) = self.access.as_mut() {
+                if let Some((_, access, due)) = self.access.as_mut() {
                     *due = crate::auth::retry_at(access, Instant::now());
                 }
                 Ok(())

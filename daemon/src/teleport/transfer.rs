@@ -33,6 +33,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct BlobEndpoint {
     /// The relay's base URL (`ws://…` or `wss://…`, no path).
     pub base: String,
+    /// The relay's base URL as the credentials name it.
+    pub relay: String,
     /// The bridge's access tokens.
     pub keeper: Arc<crate::auth::Keeper>,
     /// The TLS configuration the bridge uses.
@@ -88,14 +90,14 @@ impl BlobSocket {
         };
         let access = endpoint
             .keeper
-            .access(None)
+            .access(&endpoint.relay, None)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let mut result = BlobSocket::connect_with(endpoint, &url, &access.token).await;
         if let Err(ConnectError::Unauthorized) = result {
             let access = endpoint
                 .keeper
-                .access(Some(&access.token))
+                .access(&endpoint.relay, Some(&access.token))
                 .await
                 .map_err(|e| fail(e.to_string()))?;
             result = BlobSocket::connect_with(endpoint, &url, &access.token).await;
