@@ -1,29 +1,53 @@
-//! The relay the daemon talks to and the token it uses: `credentials.toml` in the config
-//! directory (0600), written by `cloudctl login`, removed by `cloudctl logout`, and re-read
-//! at every connect so a rotated token is picked up without a restart. Without the file,
+//! The relay the daemon talks to and how it logs in: `credentials.toml` in the config
+//! directory (0600), written by `cloudctl login` (the relay and an API key), rewritten by
+//! [`crate::auth`] once the key is exchanged (the relay and a refresh token: the key is
+//! not kept) and at every refresh, removed by `cloudctl logout`, and re-read at every
+//! connect and refresh so a new login is picked up without a restart. Without the file,
 //! the daemon runs the relay embedded.
 //!
+//! A file of the first format (`token = ...`, the relay's bearer token) reads as an API
+//! key: it is exchanged and the file rewritten at the next connect.
+//!
 //! Tokens never reach a log, a status or an error message: [`Credentials`]'s `Debug` hides
-//! the token.
+//! them.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// A relay and a token.
+/// A relay and how to get access tokens from it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     /// The relay's base URL (`https://host:port`, `wss://...`; plain only on loopback).
     pub relay: String,
-    /// The bearer token.
-    pub token: String,
+    /// An API key still to exchange (`token` in the first format).
+    #[serde(default, alias = "token", skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// The refresh token of this machine's login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+}
+
+impl Credentials {
+    /// A fresh login: `relay` and an API key to exchange.
+    pub fn login(relay: String, api_key: String) -> Credentials {
+        Credentials {
+            relay,
+            api_key: Some(api_key),
+            refresh_token: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
             .field("relay", &self.relay)
-            .field("token", &"<redacted>")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -135,7 +159,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let credentials = Credentials {
             relay: "https://relay.example".into(),
-            token: "secret-token".into(),
+            api_key: Some("secret-key".into()),
+            refresh_token: Some("secret-refresh".into()),
         };
         save(dir.path(), &credentials).unwrap();
         #[cfg(unix)]
@@ -151,5 +176,23 @@ mod tests {
         assert!(!format!("{credentials:?}").contains("secret"));
         remove(dir.path()).unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
+    }
+
+    /// A file written before access tokens (`token = ...`) reads as an API key to exchange.
+    #[test]
+    fn first_format_files_read_as_an_api_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            path(dir.path()),
+            "relay = \"http://127.0.0.1:9\"\ntoken = \"crt_old\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            load(dir.path()).unwrap(),
+            Some(Credentials::login(
+                "http://127.0.0.1:9".into(),
+                "crt_old".into()
+            ))
+        );
     }
 }

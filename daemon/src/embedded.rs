@@ -63,6 +63,7 @@ impl EmbeddedRelay {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             data_dir,
             agent_command: vec![exe.display().to_string(), "shell-agent".into()],
+            access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
         };
         let (address_tx, address_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -99,10 +100,7 @@ impl EmbeddedRelay {
             .map_err(EmbeddedError::Relay)?;
         tracing::info!(%address, "embedded relay listening");
         Ok(EmbeddedRelay {
-            credentials: Credentials {
-                relay: format!("http://{address}"),
-                token,
-            },
+            credentials: Credentials::login(format!("http://{address}"), token),
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -133,8 +131,11 @@ fn local_token(data_dir: &Path) -> Result<String, EmbeddedError> {
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| "me".into());
-    let token = cloud_relay::tokens::create(data_dir, &user, LOCAL_ORG)
-        .map_err(|e| EmbeddedError::Relay(e.to_string()))?;
+    let token = cloud_relay::tokens::create(
+        data_dir,
+        &cloud_relay::tokens::NewKey::new(&user, LOCAL_ORG),
+    )
+    .map_err(|e| EmbeddedError::Relay(e.to_string()))?;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]

@@ -15,7 +15,8 @@
 //! - [`sessions`]: what the relay sent about sessions: followed sessions' logs
 //!   (`sessions::inbound`), the session replica (`sessions::replica`), and the prompts
 //!   still waiting in a log (`sessions::prompts`).
-//! - [`credentials`], [`embedded`]: which relay, and the in-process one when none is set.
+//! - [`credentials`], [`embedded`]: which relay, and the in-process one when none is set;
+//!   [`auth`]: the access tokens for it (exchanged, kept, refreshed).
 //! - [`bridge`]: the WebSocket to the relay: connect (URL, TLS, register, claim the
 //!   journal), writer (the journal, then control messages), reader (dispatching what the
 //!   relay sends), backoff; [`link`]: what it shares with the handlers.
@@ -29,6 +30,7 @@
 //! Architecture invariant: the socket loop never waits on a slow client. Every queue is
 //! bounded, every frame has a size limit and every write a deadline.
 
+pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod credentials;

@@ -333,6 +333,8 @@ pub struct Relay {
     pub child: Option<Child>,
     /// Extra `serve` arguments (an agent command).
     args: Vec<String>,
+    /// Its `RELAY_LOG` filter.
+    log_filter: &'static str,
 }
 
 impl Relay {
@@ -343,6 +345,11 @@ impl Relay {
 
     /// Starts a relay with extra `serve` arguments.
     pub fn start_with(args: &[&str]) -> Relay {
+        Relay::start_logging(args, "info")
+    }
+
+    /// Starts a relay with extra `serve` arguments, logging at `log_filter` (`RELAY_LOG`).
+    pub fn start_logging(args: &[&str], log_filter: &'static str) -> Relay {
         let data = tempfile::Builder::new()
             .prefix("cr")
             .tempdir_in("/tmp")
@@ -356,6 +363,7 @@ impl Relay {
             port,
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
+            log_filter,
         };
         relay.restart();
         relay
@@ -400,7 +408,7 @@ impl Relay {
             .arg("--data")
             .arg(self.data.path())
             .args(&self.args)
-            .env("RELAY_LOG", "info")
+            .env("RELAY_LOG", self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -417,7 +425,7 @@ impl Relay {
         }
     }
 
-    /// `cloud-relay token create`: a new token for `user` in `org`.
+    /// `cloud-relay token create`: a new API key for `user` in `org`.
     pub fn token(&self, user: &str, org: &str) -> String {
         let output = Command::new(binary("cloud-relay"))
             .args(["token", "create", "--user", user, "--org", org, "--data"])

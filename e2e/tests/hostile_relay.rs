@@ -28,6 +28,13 @@ fn hostile_relay(reply: Vec<u8>) -> SocketAddr {
                 };
                 let reply = reply.clone();
                 tokio::spawn(async move {
+                    // The token exchange comes first: answer it like a relay, so the
+                    // daemon goes on to the bridge.
+                    let mut head = [0u8; 4];
+                    if stream.peek(&mut head).await.is_ok() && &head == b"POST" {
+                        answer_token_request(stream).await;
+                        return;
+                    }
                     let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
                         return;
                     };
@@ -39,6 +46,44 @@ fn hostile_relay(reply: Vec<u8>) -> SocketAddr {
         });
     });
     address
+}
+
+/// Reads one HTTP request and answers it with tokens.
+async fn answer_token_request(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 4096];
+    // The head, then the body's length of bytes after it.
+    loop {
+        let Ok(n) = stream.read(&mut buffer).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        request.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&request);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                break;
+            }
+        }
+    }
+    let body =
+        r#"{"access_token":"cat_hostile","expires_in_ms":900000,"refresh_token":"crf_hostile"}"#;
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
 }
 
 fn login_fails_cleanly(reply: Vec<u8>, expected: &str) {

@@ -22,8 +22,10 @@ use crate::session::{CreateSession, LogEntry, Session, SessionAction, Visibility
 use crate::teleport::{TeleportReply, TeleportRequest};
 
 /// The bridge protocol version, checked when the daemon registers. 2: journaled events
-/// carry an idempotency key, and `RelayRequest::Get` exists.
-pub const BRIDGE_VERSION: u32 = 3;
+/// carry an idempotency key, and `RelayRequest::Get` exists. 4: `ToRelay::Authenticate`
+/// (a connection opened with an expiring access token ends when it expires, unless the
+/// daemon sends a fresh one first).
+pub const BRIDGE_VERSION: u32 = 4;
 
 /// The largest bridge message either side accepts.
 pub const MAX_BRIDGE_MESSAGE: usize = 16 * 1024 * 1024;
@@ -128,6 +130,25 @@ pub enum ToRelay {
         /// What is asked.
         request: TeleportRequest,
     },
+    /// Extension channel: a fresh access token for this connection, of the same user, org
+    /// and login, sent before the one it was opened (or last renewed) with expires. Not
+    /// answered; a token the relay does not accept ends the connection with
+    /// `Refused{permanent: false}`.
+    Authenticate {
+        /// The new access token.
+        token: BearerToken,
+    },
+}
+
+/// A bearer token on the wire: its `Debug` never shows it, so no log line can.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BearerToken(pub String);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
 }
 
 /// Who this daemon instance is, sent on every (re)connect.

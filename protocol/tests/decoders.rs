@@ -297,6 +297,9 @@ fn to_relay() -> impl Strategy<Value = ToRelay> {
         word().prop_map(|session| ToRelay::Leave { session }),
         outbound().prop_map(ToRelay::Event),
         (any::<u64>(), relay_request()).prop_map(|(id, request)| ToRelay::Request { id, request }),
+        text(4096).prop_map(|token| ToRelay::Authenticate {
+            token: cloud_protocol::bridge::BearerToken(token)
+        }),
     ]
 }
 

@@ -5,7 +5,7 @@
 //! loopback). The story of a request, module by module:
 //!
 //! - [`http`]: the router and the server. `http::auth` turns the bearer token into an
-//!   identity ([`tokens`]); one module per REST resource (`http::sessions`,
+//!   identity ([`auth`], over the API keys of [`tokens`]) and serves the token exchange; one module per REST resource (`http::sessions`,
 //!   `http::events`, `http::log`, `http::instances`), each turning a request into a
 //!   core command or a read of the published state; `http::error` is the answer when
 //!   that fails.
@@ -31,8 +31,9 @@
 //! a peer, and every queue to a peer is bounded except agent stdin (a slow agent must not
 //! stall the core; its input is bounded by what users send it).
 
-mod access;
+pub mod access;
 mod agents;
+pub mod auth;
 mod core;
 mod follow;
 mod http;
@@ -48,9 +49,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::Auth;
 use crate::core::{Command, Core, Shared};
 use crate::store::{Store, StoreError};
-use crate::tokens::TokenCache;
 
 /// The relay's version, sent to daemons when they register.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -70,6 +71,8 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// The agent command line, run in each session's workspace.
     pub agent_command: Vec<String>,
+    /// How long an access token lives ([`auth::DEFAULT_ACCESS_TOKEN_TTL`] normally).
+    pub access_token_ttl: Duration,
 }
 
 /// The relay could not start.
@@ -94,6 +97,9 @@ pub enum RelayError {
     /// The store could not be opened or loaded.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The signing secret or the refresh tokens could not be read.
+    #[error("{0}")]
+    Auth(String),
     /// The snapshot store could not be opened.
     #[error("cannot open the snapshot store: {0}")]
     Teleport(String),
@@ -169,10 +175,10 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         source,
     })?;
     let store = open_store(&config.data_dir.join("store")).await?;
-    let tokens = TokenCache::open(&config.data_dir);
+    let auth = Auth::open(&config.data_dir, config.access_token_ttl).map_err(RelayError::Auth)?;
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
-    let (shared, commands) = core::shared(tokens, store, Arc::new(teleport));
+    let (shared, commands) = core::shared(auth, store, Arc::new(teleport));
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
     let server_task = http::serve(listener, shared.clone());
@@ -183,7 +189,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         loop {
             tokio::select! {
                 _ = token_shared.cancel.cancelled() => return,
-                _ = interval.tick() => { token_shared.tokens.refresh(); }
+                _ = interval.tick() => { token_shared.auth.keys.refresh(); }
             }
         }
     });

@@ -1,4 +1,5 @@
-//! The `cloud-relay` binary: `serve`, `token create|revoke`, and the hidden `shell-agent`.
+//! The `cloud-relay` binary: `serve`, `token create|revoke` (API keys), and the hidden
+//! `shell-agent`.
 //!
 //! Flags become validated arguments here and nowhere else. `serve` runs on a current-thread
 //! runtime (see DESIGN.md's performance notes: cross-core wake-ups cost more than the work)
@@ -7,9 +8,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use cloud_relay::tokens::NewKey;
 use cloud_relay::{RelayConfig, VERSION};
 
 /// The cloud relay: sessions, their agents, and the routing to daemons and viewers.
@@ -34,8 +37,11 @@ enum Commands {
         /// program's built-in shell agent).
         #[arg(long, num_args = 1.., allow_hyphen_values = true)]
         agent_command: Vec<String>,
+        /// How long an access token lives, e.g. 15m, 30s, 2s.
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        access_token_ttl: Duration,
     },
-    /// Manage bearer tokens (works while a server runs).
+    /// Manage API keys (works while a server runs).
     Token {
         #[command(subcommand)]
         command: TokenCommands,
@@ -47,14 +53,21 @@ enum Commands {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommands {
-    /// Mint a token and print it (only this once).
+    /// Mint a long-lived API key and print it (only this once). Clients exchange it for
+    /// short-lived access tokens (`POST /v1/auth/token`).
     Create {
         /// The user it authenticates.
         #[arg(long)]
         user: String,
-        /// The user's org.
-        #[arg(long)]
-        org: String,
+        /// The user's orgs (repeat for several; the first is the default).
+        #[arg(long, required = true)]
+        org: Vec<String>,
+        /// What it may do (repeat for several): sessions:read, sessions:write, admin.
+        #[arg(long, default_values = ["sessions:read", "sessions:write"])]
+        scope: Vec<cloud_relay::access::Scope>,
+        /// How long it works, e.g. 90d (default: until revoked).
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
         /// The data directory.
         #[arg(long)]
         data: PathBuf,
@@ -77,7 +90,8 @@ fn main() -> ExitCode {
             listen,
             data,
             agent_command,
-        } => serve(listen, data, agent_command),
+            access_token_ttl,
+        } => serve(listen, data, agent_command, access_token_ttl),
         Commands::Token { command } => token(command),
         Commands::ShellAgent => cloud_relay::shell_agent::run().map_err(anyhow::Error::from),
     };
@@ -92,8 +106,25 @@ fn main() -> ExitCode {
 
 fn token(command: TokenCommands) -> anyhow::Result<()> {
     match command {
-        TokenCommands::Create { user, org, data } => {
-            let token = cloud_relay::tokens::create(&data, &user, &org)?;
+        TokenCommands::Create {
+            user,
+            org,
+            scope,
+            expires_in,
+            data,
+        } => {
+            let key = NewKey {
+                user,
+                orgs: org,
+                scopes: scope,
+                expires_at: expires_in.map(|ttl| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    (now + ttl).as_millis() as u64
+                }),
+            };
+            let token = cloud_relay::tokens::create(&data, &key)?;
             println!("{token}");
         }
         TokenCommands::Revoke { user, data } => {
@@ -104,7 +135,12 @@ fn token(command: TokenCommands) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(listen: SocketAddr, data: PathBuf, agent_command: Vec<String>) -> anyhow::Result<()> {
+fn serve(
+    listen: SocketAddr,
+    data: PathBuf,
+    agent_command: Vec<String>,
+    access_token_ttl: Duration,
+) -> anyhow::Result<()> {
     init_logging();
     let agent_command = if agent_command.is_empty() {
         let exe = std::env::current_exe().context("cannot find this program's path")?;
@@ -121,6 +157,7 @@ fn serve(listen: SocketAddr, data: PathBuf, agent_command: Vec<String>) -> anyho
             listen,
             data_dir: data,
             agent_command,
+            access_token_ttl,
         })
         .await?;
         let signal = wait_for_signal().await?;
@@ -160,4 +197,49 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// `500ms`, `2s`, `15m`, `12h`, `90d` → a duration (not zero).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: use e.g. 500ms, 2s, 15m, 12h or 90d"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "invalid duration {text:?}: use e.g. 500ms, 2s, 15m, 12h or 90d"
+            ))
+        }
+    };
+    match number.checked_mul(unit_ms) {
+        Some(0) => Err("a duration must be more than zero".into()),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Err(format!("duration {text:?} is too long")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15m"), Ok(DEFAULT_ACCESS_TOKEN_TTL));
+        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
+        for bad in ["", "2", "s", "0s", "2 s", "-1s", "2w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,7 +1,14 @@
-//! Bearer tokens: minting, revoking, and checking them against `DATA/tokens.jsonl`.
+//! API keys: minting, revoking, and checking them against `DATA/tokens.jsonl`.
 //!
-//! A token is `crt_` followed by 40 random hex digits. Only its blake3 hash is stored, one
-//! JSON record per line, in a file only its owner can read (0600). The command-line tool
+//! An API key is long-lived: a user, the orgs they act in (the first is the default), its
+//! scopes and an optional expiry. Clients exchange it for short-lived access tokens
+//! ([`crate::auth`]); scripts may also send it as a bearer token directly.
+//!
+//! A key is `crt_` followed by 40 random hex digits. Only its blake3 hash is stored, one
+//! JSON record per line, in a file only its owner can read (0600). Records of the first
+//! format (`org` instead of `orgs`, no scopes, no expiry) still load: they become keys for
+//! that one org with `sessions:read` and `sessions:write`, and are rewritten in the
+//! current format the next time the file is rewritten. The command-line tool
 //! writes the file while a server may be running; the server notices by the file's length,
 //! modification time and inode ([`TokenCache`]) and re-reads it, so a revocation takes
 //! effect within one check.
@@ -18,7 +25,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::access::Identity;
+use crate::access::Scope;
 
 /// The token file's name inside the data directory.
 pub const TOKENS_FILE: &str = "tokens.jsonl";
@@ -31,17 +38,112 @@ const TOKEN_PREFIX: &str = "crt_";
 
 /// One line of the token file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "StoredRecord")]
 struct TokenRecord {
-    /// blake3 of the whole token, hex.
+    /// blake3 of the whole key, hex.
     hash: String,
-    /// Who the token authenticates.
+    /// Who the key authenticates.
     user: String,
-    /// Their org.
-    org: String,
+    /// The orgs they act in, the default first; never empty.
+    orgs: Vec<String>,
+    /// What the key may do.
+    scopes: Vec<Scope>,
     /// Milliseconds since the Unix epoch.
     created_at: u64,
-    /// Revoked tokens stay in the file so a revocation is visible and auditable.
+    /// When the key stops working, in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+    /// Revoked keys stay in the file so a revocation is visible and auditable.
     revoked: bool,
+}
+
+/// A record as stored, in either format: the first had one `org` and no scopes.
+#[derive(Deserialize)]
+struct StoredRecord {
+    hash: String,
+    user: String,
+    #[serde(default)]
+    org: Option<String>,
+    #[serde(default)]
+    orgs: Vec<String>,
+    #[serde(default)]
+    scopes: Option<Vec<Scope>>,
+    created_at: u64,
+    #[serde(default)]
+    expires_at: Option<u64>,
+    revoked: bool,
+}
+
+impl TryFrom<StoredRecord> for TokenRecord {
+    type Error = &'static str;
+
+    fn try_from(stored: StoredRecord) -> Result<TokenRecord, &'static str> {
+        let mut orgs = stored.orgs;
+        if orgs.is_empty() {
+            orgs.extend(stored.org);
+        }
+        if orgs.is_empty() {
+            return Err("a key record without an org");
+        }
+        Ok(TokenRecord {
+            hash: stored.hash,
+            user: stored.user,
+            orgs,
+            // What every key of the first format could do.
+            scopes: stored
+                .scopes
+                .unwrap_or_else(|| vec![Scope::SessionsRead, Scope::SessionsWrite]),
+            created_at: stored.created_at,
+            expires_at: stored.expires_at,
+            revoked: stored.revoked,
+        })
+    }
+}
+
+/// What a new API key stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    /// The user it authenticates.
+    pub user: String,
+    /// The orgs they act in, the default first.
+    pub orgs: Vec<String>,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+    /// When it stops working, in milliseconds since the Unix epoch.
+    pub expires_at: Option<u64>,
+}
+
+impl NewKey {
+    /// A key for `user` in `org` that may read and write sessions, without expiry.
+    pub fn new(user: &str, org: &str) -> NewKey {
+        NewKey {
+            user: user.to_owned(),
+            orgs: vec![org.to_owned()],
+            scopes: vec![Scope::SessionsRead, Scope::SessionsWrite],
+            expires_at: None,
+        }
+    }
+}
+
+/// A live API key, as the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ApiKey {
+    /// Its hash.
+    pub hash: String,
+    /// Who it authenticates.
+    pub user: String,
+    /// Their orgs, the default first.
+    pub orgs: Vec<String>,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+    /// When it stops working.
+    pub expires_at: Option<u64>,
+}
+
+impl ApiKey {
+    fn is_expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// A token operation failed. Messages never contain a token.
@@ -55,6 +157,9 @@ pub enum TokenError {
         /// Why.
         source: std::io::Error,
     },
+    /// A key needs at least one org and one scope.
+    #[error("an API key needs at least one --org and one --scope")]
+    Incomplete,
     /// A user or org name is unusable.
     #[error(
         "invalid {what} {value:?}: use 1 to 128 characters without spaces, control characters or `/`"
@@ -75,19 +180,24 @@ pub fn token_hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }
 
-/// Mints a token for `user` in `org`, stores its hash and returns it. The caller shows it
-/// to the user once; it cannot be recovered afterwards.
-pub fn create(data_dir: &Path, user: &str, org: &str) -> Result<String, TokenError> {
-    check_name("user", user)?;
-    check_name("org", org)?;
-    let mut random = [0u8; 20];
-    getrandom::fill(&mut random).map_err(|e| TokenError::Random(e.to_string()))?;
-    let token = format!("{TOKEN_PREFIX}{}", hex(&random));
+/// Mints an API key, stores its hash and returns it. The caller shows it to the user once;
+/// it cannot be recovered afterwards.
+pub fn create(data_dir: &Path, key: &NewKey) -> Result<String, TokenError> {
+    check_name("user", &key.user)?;
+    if key.orgs.is_empty() || key.scopes.is_empty() {
+        return Err(TokenError::Incomplete);
+    }
+    for org in &key.orgs {
+        check_name("org", org)?;
+    }
+    let token = random_token(TOKEN_PREFIX)?;
     let record = TokenRecord {
         hash: token_hash(&token),
-        user: user.to_owned(),
-        org: org.to_owned(),
+        user: key.user.clone(),
+        orgs: key.orgs.clone(),
+        scopes: key.scopes.clone(),
         created_at: crate::now_millis(),
+        expires_at: key.expires_at,
         revoked: false,
     };
     create_dir(data_dir)?;
@@ -160,12 +270,19 @@ fn check_name(what: &'static str, value: &str) -> Result<(), TokenError> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `prefix` and 40 random hex digits.
+pub(crate) fn random_token(prefix: &str) -> Result<String, TokenError> {
+    let mut random = [0u8; 20];
+    getrandom::fill(&mut random).map_err(|e| TokenError::Random(e.to_string()))?;
+    Ok(format!("{prefix}{}", hex(&random)))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates the data directory, private to its owner (0700 on Unix) like the relay makes it.
-fn create_dir(dir: &Path) -> Result<(), TokenError> {
+pub(crate) fn create_dir(dir: &Path) -> Result<(), TokenError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -177,7 +294,7 @@ fn create_dir(dir: &Path) -> Result<(), TokenError> {
 }
 
 /// Opens a file that only its owner may read (0600 on Unix).
-fn open_private(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
+pub(crate) fn open_private(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(options, 0o600);
     options.open(path)
@@ -255,8 +372,8 @@ impl FileStamp {
 pub(crate) struct TokenCache {
     /// `DATA/tokens.jsonl`.
     path: PathBuf,
-    /// The stamp of the file as last read, and its live tokens by hash.
-    state: Mutex<(FileStamp, HashMap<String, Identity>)>,
+    /// The stamp of the file as last read, and its unrevoked keys by hash.
+    state: Mutex<(FileStamp, HashMap<String, ApiKey>)>,
     /// Bumped at every re-read, so open connections re-check their own token.
     generation: tokio::sync::watch::Sender<u64>,
 }
@@ -295,24 +412,31 @@ impl TokenCache {
                 return false;
             }
         };
-        let live: HashMap<String, Identity> = records
+        let live: HashMap<String, ApiKey> = records
             .into_iter()
             .filter(|r| !r.revoked)
             .map(|r| {
                 (
                     r.hash.clone(),
-                    Identity {
+                    ApiKey {
+                        hash: r.hash,
                         user: r.user,
-                        org: r.org,
-                        token_hash: r.hash,
+                        orgs: r.orgs,
+                        scopes: r.scopes,
+                        expires_at: r.expires_at,
                     },
                 )
             })
             .collect();
         tracing::debug!(n_live_tokens = live.len(), "token file re-read");
         *self.state.lock().unwrap() = (stamp, live);
-        self.generation.send_modify(|generation| *generation += 1);
+        self.notify();
         true
+    }
+
+    /// Tells open connections to re-check their credentials.
+    pub(crate) fn notify(&self) {
+        self.generation.send_modify(|generation| *generation += 1);
     }
 
     /// A receiver that changes whenever the file was re-read.
@@ -320,20 +444,21 @@ impl TokenCache {
         self.generation.subscribe()
     }
 
-    /// The identity a bearer token authenticates, if it is live.
-    pub(crate) fn authenticate(&self, token: &str) -> Option<Identity> {
+    /// The key `token` is, if it is live (not revoked, not expired).
+    pub(crate) fn authenticate(&self, token: &str) -> Option<ApiKey> {
         self.refresh();
-        self.state
-            .lock()
-            .unwrap()
-            .1
-            .get(&token_hash(token))
-            .cloned()
+        self.live(&token_hash(token))
     }
 
-    /// Whether the token with this hash is still live (checked by open connections).
-    pub(crate) fn is_live(&self, hash: &str) -> bool {
-        self.state.lock().unwrap().1.contains_key(hash)
+    /// The key with this hash, if it is still live (checked by open connections and for
+    /// every access token, whose key may have been revoked since).
+    pub(crate) fn live(&self, hash: &str) -> Option<ApiKey> {
+        let state = self.state.lock().unwrap();
+        state
+            .1
+            .get(hash)
+            .filter(|key| !key.is_expired(crate::now_millis()))
+            .cloned()
     }
 }
 
@@ -344,13 +469,17 @@ mod tests {
     #[test]
     fn tokens_are_stored_hashed_and_can_be_revoked() {
         let dir = tempfile::tempdir().unwrap();
-        let token = create(dir.path(), "alice", "acme").unwrap();
+        let token = create(dir.path(), &NewKey::new("alice", "acme")).unwrap();
         assert!(token.starts_with("crt_") && token.len() == 44);
         let text = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
         assert!(!text.contains(&token));
         assert!(text.contains(&token_hash(&token)));
         let cache = TokenCache::open(dir.path());
-        assert_eq!(cache.authenticate(&token).unwrap().user, "alice");
+        let key = cache.authenticate(&token).unwrap();
+        assert_eq!(
+            (key.user.as_str(), key.orgs.as_slice()),
+            ("alice", &["acme".to_owned()][..])
+        );
         assert!(cache.authenticate("crt_nope").is_none());
         assert_eq!(revoke_user(dir.path(), "alice").unwrap(), 1);
         assert!(cache.authenticate(&token).is_none());
@@ -369,9 +498,48 @@ mod tests {
     #[test]
     fn bad_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(create(dir.path(), "", "acme").is_err());
-        assert!(create(dir.path(), "a b", "acme").is_err());
+        assert!(create(dir.path(), &NewKey::new("", "acme")).is_err());
+        assert!(create(dir.path(), &NewKey::new("a b", "acme")).is_err());
         // A `/` would let user `a` + instance `b/c` collide with user `a/b` + instance `c`.
-        assert!(create(dir.path(), "a/b", "acme").is_err());
+        assert!(create(dir.path(), &NewKey::new("a/b", "acme")).is_err());
+        let mut no_scope = NewKey::new("alice", "acme");
+        no_scope.scopes.clear();
+        assert!(create(dir.path(), &no_scope).is_err());
+    }
+
+    #[test]
+    fn expired_keys_do_not_authenticate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut key = NewKey::new("alice", "acme");
+        key.expires_at = Some(crate::now_millis() - 1);
+        let token = create(dir.path(), &key).unwrap();
+        assert!(TokenCache::open(dir.path()).authenticate(&token).is_none());
+    }
+
+    /// A key minted before keys had scopes, several orgs and an expiry still works, as a
+    /// read-write key for its one org, and survives the file being rewritten.
+    #[test]
+    fn first_format_records_still_authenticate_and_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "crt_00112233445566778899aabbccddeeff00112233";
+        let line = format!(
+            "{{\"hash\":\"{}\",\"user\":\"alice\",\"org\":\"acme\",\"created_at\":1,\"revoked\":false}}\n",
+            token_hash(old)
+        );
+        std::fs::write(dir.path().join(TOKENS_FILE), line).unwrap();
+        let cache = TokenCache::open(dir.path());
+        let key = cache.authenticate(old).unwrap();
+        assert_eq!(key.orgs, ["acme"]);
+        assert_eq!(key.scopes, [Scope::SessionsRead, Scope::SessionsWrite]);
+        // A rewrite (revoking someone else) writes the current format.
+        create(dir.path(), &NewKey::new("bob", "acme")).unwrap();
+        assert_eq!(revoke_user(dir.path(), "bob").unwrap(), 1);
+        let text = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
+        assert!(
+            text.lines().next().unwrap().contains("\"orgs\":[\"acme\"]"),
+            "{text}"
+        );
+        assert!(!text.contains("\"org\":"), "{text}");
+        assert_eq!(cache.authenticate(old).unwrap().scopes.len(), 2);
     }
 }

@@ -355,12 +355,17 @@ fn write_store(dir: &Path, status: SessionStatus, damaged: &Damaged) {
 /// registration reads the dedup table and the stored refusals). Returns whether it started.
 async fn start_on(damaged: &Damaged, status: SessionStatus) -> Result<bool, TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let token = cloud_relay::tokens::create(dir.path(), "alice", "acme").unwrap();
+    let token = cloud_relay::tokens::create(
+        dir.path(),
+        &cloud_relay::tokens::NewKey::new("alice", "acme"),
+    )
+    .unwrap();
     write_store(&dir.path().join("store"), status, damaged);
     let started = cloud_relay::start(RelayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_owned(),
         agent_command: script_agent("cat >/dev/null"),
+        access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
     })
     .await;
     let relay = match started {

@@ -1,11 +1,12 @@
 //! Getting a connection as far as registered: which relay (the credentials, re-read at
-//! every attempt, or the embedded relay when none are set), its bridge URL, TLS, the
-//! WebSocket upgrade with the bearer token, the registration, and claiming the journal's
-//! events for the relay and identity that registered.
+//! every attempt, or the embedded relay when none are set), its bridge URL, TLS, an
+//! access token ([`crate::auth::Keeper`]), the WebSocket upgrade with it, the
+//! registration, and claiming the journal's events for the relay and identity that
+//! registered. An upgrade refused with 401 is tried once more with a refreshed token.
 //!
 //! Every way an attempt can fail is sorted here into an [`Ended`]: a permanent refusal
-//! (a rejected token, an unusable URL or credentials file), nothing listening, or a
-//! failure worth retrying.
+//! (a login the relay no longer accepts, an unusable URL or credentials file), nothing
+//! listening, or a failure worth retrying.
 //!
 //! Architecture invariant: the token goes only into the upgrade's `Authorization` header,
 //! never into a log, a status or an error, and plain `http`/`ws` is used only on loopback.
@@ -25,6 +26,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::writer::{send, SEND_BATCH};
 use super::{Bridge, Ended, Socket, CONNECT_TIMEOUT};
+use crate::auth::AuthError;
 use crate::credentials::Credentials;
 use crate::embedded::EmbeddedRelay;
 
@@ -50,7 +52,27 @@ impl Bridge {
             s.url = credentials.relay.clone();
             s.mode = mode;
         });
-        let mut socket = self.open(&url, &credentials).await?;
+        let mut access = self
+            .keeper
+            .access(&credentials.relay, None)
+            .await
+            .map_err(auth_ended)?;
+        let mut socket = match self.open(&url, &access.token).await {
+            // Refused by the relay (expired meanwhile, secret changed): refresh once.
+            Err(Ended::Unauthorized(_)) => {
+                access = self
+                    .keeper
+                    .access(&credentials.relay, Some(&access.token))
+                    .await
+                    .map_err(auth_ended)?;
+                self.open(&url, &access.token).await.map_err(|e| match e {
+                    Ended::Unauthorized(reason) => Ended::Refused(reason),
+                    e => e,
+                })?
+            }
+            opened => opened?,
+        };
+        let refresh_due = crate::auth::refresh_at(&access);
 
         // Register with the full snapshot, then wait for the verdict.
         let followed = self.link.inbound.followed().unwrap_or_default();
@@ -76,9 +98,11 @@ impl Bridge {
         // Teleport's blob socket is beside the bridge, with the same credentials.
         self.link.set_blob_endpoint(Some(BlobEndpoint {
             base: url.trim_end_matches(BRIDGE_PATH).to_owned(),
-            token: credentials.token.clone(),
+            relay: credentials.relay.clone(),
+            keeper: Arc::clone(&self.keeper),
             tls: Arc::clone(&self.tls),
         }));
+        self.access = Some((credentials.relay.clone(), access, refresh_due));
         self.link.set_status(|s| {
             s.state = BridgeState::Connected;
             s.reason = None;
@@ -94,6 +118,7 @@ impl Bridge {
         match crate::credentials::load(&self.config_dir) {
             Ok(Some(credentials)) => {
                 if let Some(embedded) = self.embedded.take() {
+                    self.keeper.set_embedded(None);
                     embedded.stop().await;
                 }
                 Ok((credentials, RelayMode::Remote))
@@ -113,10 +138,13 @@ impl Bridge {
                                 Ended::Refused(format!("the embedded relay failed: {e}"))
                             })?;
                     // A relay that failed to start may start next time: retry, do not give up.
-                    self.embedded = Some(started.map_err(|e| Ended::Failed {
+                    let started = started.map_err(|e| Ended::Failed {
                         reason: e.to_string(),
                         registered: false,
-                    })?);
+                    })?;
+                    // Its key is exchanged like a remote login's, but kept in memory only.
+                    self.keeper.set_embedded(Some(started.credentials.clone()));
+                    self.embedded = Some(started);
                 }
                 let embedded = self.embedded.as_ref().expect("just started");
                 Ok((embedded.credentials.clone(), RelayMode::Embedded))
@@ -125,13 +153,13 @@ impl Bridge {
         }
     }
 
-    /// The WebSocket upgrade at `url` with the bearer token, within [`CONNECT_TIMEOUT`].
-    async fn open(&self, url: &str, credentials: &Credentials) -> Result<Socket, Ended> {
+    /// The WebSocket upgrade at `url` with the access token, within [`CONNECT_TIMEOUT`].
+    async fn open(&self, url: &str, token: &str) -> Result<Socket, Ended> {
         let mut request = match url.into_client_request() {
             Ok(request) => request,
             Err(e) => return Err(Ended::Refused(format!("invalid relay URL {url}: {e}"))),
         };
-        let Ok(authorization) = format!("Bearer {}", credentials.token).parse() else {
+        let Ok(authorization) = format!("Bearer {token}").parse() else {
             return Err(Ended::Refused(
                 "the token contains characters a header cannot carry".into(),
             ));
@@ -164,13 +192,17 @@ impl Bridge {
                     "cannot connect to {url}: {e}"
                 )))
             }
-            Ok(Err(tungstenite::Error::Http(response)))
-                if matches!(response.status().as_u16(), 401 | 403) =>
-            {
-                Err(Ended::Refused(format!(
-                    "the relay rejected the token (HTTP {}); log in again with `cloudctl login`",
-                    response.status().as_u16()
-                )))
+            Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 401 => {
+                Err(Ended::Unauthorized(
+                    "the relay rejected a fresh access token (HTTP 401); log in again with `cloudctl login`"
+                        .into(),
+                ))
+            }
+            Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 403 => {
+                Err(Ended::Refused(
+                    "the relay refused this login the bridge (HTTP 403: its API key lacks the sessions:write scope); log in with a key that has it"
+                        .into(),
+                ))
             }
             Ok(Err(e)) => Err(Ended::Failed {
                 reason: format!("cannot connect to {url}: {e}"),
@@ -288,6 +320,19 @@ impl Bridge {
             .set_journal_owner(owner)
             .await
             .map_err(|e| format!("cannot record whose events the journal holds: {e}"))
+    }
+}
+
+/// How a failure to get an access token ends the attempt.
+fn auth_ended(error: AuthError) -> Ended {
+    match error {
+        AuthError::LoggedOut(reason) => Ended::Refused(reason),
+        AuthError::Changed => Ended::Reconnect,
+        AuthError::NothingListening(reason) => Ended::NothingListening(reason),
+        AuthError::Failed(reason) => Ended::Failed {
+            reason,
+            registered: false,
+        },
     }
 }
 

@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_protocol::bridge::{Channel, InstanceSnapshot, ToRelay, BRIDGE_VERSION};
+use cloud_protocol::bridge::{BearerToken, Channel, InstanceSnapshot, ToRelay, BRIDGE_VERSION};
 use cloud_protocol::ipc::BridgeState;
 use cloud_protocol::session::Session;
 use cloud_protocol::teleport::TeleportReply;
@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use self::backoff::{Backoff, Failure};
 pub use self::connect::bridge_url;
 use self::writer::send;
+use crate::auth::{Access, AuthError, Keeper};
 use crate::embedded::EmbeddedRelay;
 use crate::link::{BridgeCommand, Link};
 
@@ -75,6 +76,8 @@ enum Ended {
     NothingListening(String),
     /// The credentials changed while connected.
     Reconnect,
+    /// The relay refused the access token at the upgrade (HTTP 401): worth one refresh.
+    Unauthorized(String),
 }
 
 /// The bridge task's state.
@@ -94,6 +97,11 @@ pub struct Bridge {
     snapshot: InstanceSnapshot,
     /// TLS settings for `wss://`.
     tls: Arc<rustls::ClientConfig>,
+    /// The access tokens.
+    keeper: Arc<Keeper>,
+    /// The relay of the current connection (as the credentials name it), the access
+    /// token it was opened (or last renewed) with, and when to refresh it.
+    access: Option<(String, Access, Instant)>,
     /// The daemon's drain.
     shutdown: CancellationToken,
 }
@@ -107,6 +115,7 @@ impl Bridge {
         instance_id: String,
         shutdown: CancellationToken,
     ) -> Bridge {
+        let tls = Arc::new(connect::tls_config());
         let hostname = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
@@ -124,7 +133,9 @@ impl Bridge {
                 worktrees: Vec::new(),
                 sessions: Vec::new(),
             },
-            tls: Arc::new(connect::tls_config()),
+            keeper: Arc::new(Keeper::new(paths.config_dir.clone(), Arc::clone(&tls))),
+            tls,
+            access: None,
             shutdown,
         }
     }
@@ -156,7 +167,7 @@ impl Bridge {
                     backoff.reset();
                     continue;
                 }
-                Ended::Refused(reason) => {
+                Ended::Refused(reason) | Ended::Unauthorized(reason) => {
                     tracing::warn!("relay refused this daemon for good: {reason}");
                     self.link.set_status(|s| {
                         s.state = BridgeState::Refused;
@@ -260,7 +271,11 @@ impl Bridge {
             tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
         let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
         let mut last_heard = Instant::now();
+        // A refresh runs as a task of its own, so the socket is served meanwhile; it is
+        // never aborted (it may be saving a rotated refresh token).
+        let mut refreshing: Option<tokio::task::JoinHandle<Result<Access, AuthError>>> = None;
         let ended = loop {
+            let refresh_due = self.access.as_ref().map(|(_, _, due)| *due);
             // Stream one batch of what is durable and not yet sent, then go back to the
             // select: reads (acks, logs) interleave with a long backlog, so neither side can
             // block the other on full buffers.
@@ -281,6 +296,17 @@ impl Bridge {
                 changed = durable.changed() => {
                     if changed.is_err() {
                         break Ended::Cancelled;
+                    }
+                }
+                _ = sleep_until(refresh_due), if refreshing.is_none() => {
+                    let keeper = Arc::clone(&self.keeper);
+                    let relay = self.access.as_ref().map(|(relay, ..)| relay.clone()).unwrap_or_default();
+                    refreshing = Some(tokio::spawn(async move { keeper.access(&relay, None).await }));
+                }
+                refreshed = async { refreshing.as_mut().expect("guarded").await }, if refreshing.is_some() => {
+                    refreshing = None;
+                    if let Err(ended) = self.renew(socket, refreshed).await {
+                        break ended;
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -314,6 +340,54 @@ impl Bridge {
         };
         in_flight.fail_all("the relay connection was lost before it answered; try again");
         ended
+    }
+}
+
+impl Bridge {
+    /// Hands a refreshed access token to the relay before the connection's one expires; a
+    /// failed refresh is retried before then (the relay ends the connection at expiry,
+    /// and the next connect gets a token of its own), one the relay refused for good ends
+    /// the connection.
+    async fn renew(
+        &mut self,
+        socket: &mut Socket,
+        refreshed: Result<Result<Access, AuthError>, tokio::task::JoinError>,
+    ) -> Result<(), Ended> {
+        let refreshed = refreshed.unwrap_or_else(|e| Err(AuthError::Failed(e.to_string())));
+        match refreshed {
+            Ok(access) => {
+                let token = BearerToken(access.token.clone());
+                send(
+                    socket,
+                    Channel::Extension,
+                    0,
+                    ToRelay::Authenticate { token },
+                )
+                .await?;
+                if let Some((_, held, due)) = self.access.as_mut() {
+                    *due = crate::auth::refresh_at(&access);
+                    *held = access;
+                }
+                Ok(())
+            }
+            Err(AuthError::LoggedOut(reason)) => Err(Ended::Refused(reason)),
+            Err(AuthError::Changed) => Err(Ended::Reconnect),
+            Err(e) => {
+                tracing::info!("refreshing the access token failed ({e}); retrying");
+                if let Some((_, access, due)) = self.access.as_mut() {
+                    *due = crate::auth::retry_at(access, Instant::now());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -142,10 +142,7 @@ async fn login(
 ) -> Result<Response, ErrorBody> {
     crate::bridge::bridge_url(&relay).map_err(|e| ErrorBody::new(ErrorCode::InvalidParams, e))?;
     let previous = credentials::load(config_dir).ok().flatten();
-    let new = Credentials {
-        relay: relay.clone(),
-        token,
-    };
+    let new = Credentials::login(relay, token);
     credentials::save(config_dir, &new).map_err(internal)?;
     // The bridge may be waiting out a refusal or a backoff: reconnect now.
     let settled = reconnect_and_settle(link).await;

@@ -1,5 +1,5 @@
 //! The blob socket's client: teleport's file contents go to and come from the relay on a
-//! WebSocket of their own (`/v1/blobs`, the bridge's token), never inside the bridge's
+//! WebSocket of their own (`/v1/blobs`, the bridge's access token), never inside the bridge's
 //! ordered task stream, so a large push never delays a message or a permission answer.
 //!
 //! Uploads are pipelined (up to [`IN_FLIGHT`] batches unanswered); downloads ask for up to
@@ -33,8 +33,10 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct BlobEndpoint {
     /// The relay's base URL (`ws://…` or `wss://…`, no path).
     pub base: String,
-    /// The bearer token. Never logged: [`std::fmt::Debug`] leaves it out.
-    pub token: String,
+    /// The relay's base URL as the credentials name it.
+    pub relay: String,
+    /// The bridge's access tokens.
+    pub keeper: Arc<crate::auth::Keeper>,
     /// The TLS configuration the bridge uses.
     pub tls: Arc<rustls::ClientConfig>,
 }
@@ -60,6 +62,14 @@ pub enum TransferError {
     Missing(ContentId),
 }
 
+/// Why one connection attempt failed.
+enum ConnectError {
+    /// The relay refused the access token (HTTP 401).
+    Unauthorized,
+    /// Anything else.
+    Other(String),
+}
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -71,18 +81,43 @@ pub struct BlobSocket {
 }
 
 impl BlobSocket {
-    /// Connects with the bridge's credentials.
+    /// Connects with the bridge's credentials; a refused access token is refreshed once.
     pub async fn connect(endpoint: &BlobEndpoint) -> Result<BlobSocket, TransferError> {
         let url = format!("{}{BLOBS_PATH}", endpoint.base.trim_end_matches('/'));
         let fail = |reason: String| TransferError::Connect {
             url: url.clone(),
             reason,
         };
-        let mut request = url
-            .as_str()
-            .into_client_request()
+        let access = endpoint
+            .keeper
+            .access(&endpoint.relay, None)
+            .await
             .map_err(|e| fail(e.to_string()))?;
-        let authorization = format!("Bearer {}", endpoint.token)
+        let mut result = BlobSocket::connect_with(endpoint, &url, &access.token).await;
+        if let Err(ConnectError::Unauthorized) = result {
+            let access = endpoint
+                .keeper
+                .access(&endpoint.relay, Some(&access.token))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            result = BlobSocket::connect_with(endpoint, &url, &access.token).await;
+        }
+        result.map_err(|e| match e {
+            ConnectError::Unauthorized => {
+                fail("the relay refused a fresh access token; run `cloudctl login` again".into())
+            }
+            ConnectError::Other(reason) => fail(reason),
+        })
+    }
+
+    async fn connect_with(
+        endpoint: &BlobEndpoint,
+        url: &str,
+        token: &str,
+    ) -> Result<BlobSocket, ConnectError> {
+        let fail = ConnectError::Other;
+        let mut request = url.into_client_request().map_err(|e| fail(e.to_string()))?;
+        let authorization = format!("Bearer {token}")
             .parse()
             .map_err(|_| fail("the token cannot be a header".into()))?;
         request.headers_mut().insert("authorization", authorization);
@@ -97,10 +132,16 @@ impl BlobSocket {
                 &endpoint.tls,
             ))),
         );
-        let (socket, _) = tokio::time::timeout(STEP_TIMEOUT, connect)
-            .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?;
+        let (socket, _) = match tokio::time::timeout(STEP_TIMEOUT, connect).await {
+            Err(_) => return Err(fail("timed out".into())),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
+                if response.status().as_u16() == 401 =>
+            {
+                return Err(ConnectError::Unauthorized)
+            }
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Ok(Ok(connected)) => connected,
+        };
         Ok(BlobSocket { socket, next_id: 1 })
     }
 

@@ -17,9 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use super::{Command, CoreError, COMMAND_QUEUE};
 use crate::access::{Access, Identity};
+use crate::auth::Auth;
 use crate::instances::Instances;
 use crate::store::Store;
-use crate::tokens::TokenCache;
 
 /// The most bytes of entries a published session keeps from its latest round (see
 /// [`Published::recent`]); a round that appended more publishes none, and its followers
@@ -54,8 +54,8 @@ pub struct Published {
 /// State shared by every task of a running relay.
 #[derive(Debug)]
 pub struct Shared {
-    /// Live tokens.
-    pub tokens: TokenCache,
+    /// API keys, access and refresh tokens.
+    pub auth: Auth,
     /// The store, for log reads.
     pub store: Store,
     /// Published sessions by id.
@@ -153,13 +153,13 @@ impl Shared {
 
 /// Builds the shared state; the core's receiver is returned for [`Core::start`](super::Core::start).
 pub fn shared(
-    tokens: TokenCache,
+    auth: Auth,
     store: Store,
     teleport: Arc<crate::teleport::Teleport>,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
-        tokens,
+        auth,
         store,
         sessions: RwLock::default(),
         notices: broadcast::channel(NOTICE_QUEUE).0,
@@ -194,7 +194,11 @@ mod tests {
         let store = Store::open(&dir.path().join("store")).unwrap();
         let teleport =
             crate::teleport::Teleport::open(dir.path(), dir.path().join("workspaces")).unwrap();
-        let (shared, _commands) = shared(TokenCache::open(dir.path()), store, Arc::new(teleport));
+        let (shared, _commands) = shared(
+            Auth::open(dir.path(), crate::auth::DEFAULT_ACCESS_TOKEN_TTL).unwrap(),
+            store,
+            Arc::new(teleport),
+        );
         let entry = |seq: u64, text: String| LogEntry {
             seq,
             at: seq,

@@ -1,17 +1,27 @@
-//! Authentication: the `Authorization: Bearer TOKEN` header → the caller's [`Identity`],
-//! looked up in the live tokens; 401 when the token is missing, unknown or revoked.
+//! Authentication: the `Authorization: Bearer TOKEN` header → the caller's [`Identity`]
+//! (an access token, or an API key, see [`crate::auth`]); 401 when the token is missing,
+//! unknown, expired or revoked, 403 when it lacks the scope the request needs
+//! (`sessions:read` for reads, `sessions:write` for changes and the daemons' bridge).
+//!
+//! Also `POST /v1/auth/token`: an API key or a refresh token → an access token and the
+//! next refresh token.
 //!
 //! Every endpoint takes [`Authenticated`], the sockets before they upgrade. This module
-//! never logs a token and never puts one in an answer.
+//! never logs a token and never puts one in an error: a body it cannot parse is refused
+//! without quoting it.
 
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
+use axum::Json;
+use serde::{Deserialize, Serialize};
 
 use super::ApiError;
-use crate::access::Identity;
+use crate::access::{Identity, Scope};
+use crate::auth::{AuthError, Tokens};
 use crate::core::Shared;
 
 /// An authenticated request's user.
@@ -37,15 +47,111 @@ impl FromRequestParts<Arc<Shared>> for Authenticated {
                 "missing bearer token: send `Authorization: Bearer TOKEN`",
             ));
         };
-        shared
-            .tokens
-            .authenticate(token)
-            .map(Authenticated)
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid or revoked token: ask the relay's operator for a new one",
-                )
-            })
+        let identity = shared.auth.authenticate(token).map_err(auth_error)?;
+        // The daemons' bridge and the blob socket change sessions, though they are GETs.
+        let path = parts.uri.path();
+        let writes = parts.method != Method::GET
+            || path == cloud_protocol::bridge::BRIDGE_PATH
+            || path == cloud_protocol::blobs::BLOBS_PATH;
+        let needed = if writes {
+            Scope::SessionsWrite
+        } else {
+            Scope::SessionsRead
+        };
+        if !identity.may(needed) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this token lacks the {} scope: ask the relay's operator for an API key with it",
+                    needed.name()
+                ),
+            ));
+        }
+        Ok(Authenticated(identity))
     }
+}
+
+/// A refused credential: 401, or 503 when the relay could not record a refresh.
+pub(super) fn auth_error(error: AuthError) -> ApiError {
+    match error {
+        AuthError::Rejected(message) => ApiError::new(StatusCode::UNAUTHORIZED, message),
+        AuthError::Unavailable(message) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{message}; try again"),
+        ),
+    }
+}
+
+/// `POST /v1/auth/token`'s body.
+#[derive(Deserialize)]
+#[serde(tag = "grant_type", rename_all = "snake_case", deny_unknown_fields)]
+enum TokenRequest {
+    /// Exchange an API key (starts a new refresh-token family).
+    ApiKey { api_key: String },
+    /// Rotate a refresh token.
+    RefreshToken { refresh_token: String },
+}
+
+/// `POST /v1/auth/token`'s answer.
+#[derive(Serialize)]
+pub struct TokenAnswer {
+    token_type: &'static str,
+    access_token: String,
+    /// Seconds, rounded down (OAuth's unit).
+    expires_in: u64,
+    /// The same lifetime in milliseconds.
+    expires_in_ms: u64,
+    refresh_token: String,
+    user: String,
+    org: String,
+    orgs: Vec<String>,
+    scopes: Vec<Scope>,
+}
+
+/// `POST /v1/auth/token`: `{"grant_type": "api_key", "api_key": K}` or
+/// `{"grant_type": "refresh_token", "refresh_token": R}` → new tokens; 401 when the
+/// credential is not (or no longer) valid.
+pub async fn token(
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<Json<TokenAnswer>, ApiError> {
+    // serde's messages may quote the values, which are secrets: say what is expected.
+    let request: TokenRequest = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::bad_request(
+            "invalid token request: send {\"grant_type\": \"api_key\", \"api_key\": ...} or {\"grant_type\": \"refresh_token\", \"refresh_token\": ...}",
+        )
+    })?;
+    // Both write to disk (the refresh-token log): off the async threads.
+    let tokens = tokio::task::spawn_blocking(move || match request {
+        TokenRequest::ApiKey { api_key } => shared.auth.exchange_key(&api_key),
+        TokenRequest::RefreshToken { refresh_token } => shared.auth.refresh(&refresh_token),
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the token exchange failed; try again",
+        )
+    })?
+    .map_err(auth_error)?;
+    let Tokens {
+        access_token,
+        expires_in,
+        refresh_token,
+        user,
+        org,
+        orgs,
+        scopes,
+    } = tokens;
+    Ok(Json(TokenAnswer {
+        token_type: "Bearer",
+        access_token,
+        expires_in: expires_in.as_secs(),
+        expires_in_ms: expires_in.as_millis() as u64,
+        refresh_token,
+        user,
+        org,
+        orgs,
+        scopes,
+    }))
 }

@@ -2,7 +2,8 @@
 //! handlers share (the error answer, JSON bodies). Each resource has a module of its
 //! own, and so does each WebSocket:
 //!
-//! - [`auth`]: the bearer token → the caller's [`Identity`](crate::access::Identity).
+//! - [`auth`]: the bearer token → the caller's [`Identity`](crate::access::Identity), and
+//!   the token exchange (`POST /v1/auth/token`, the one route without a bearer).
 //! - [`sessions`]: create, list, show, status actions, delete, share.
 //! - [`events`]: messages, permission answers and interrupts, each one user event for the
 //!   core, with an optional `Idempotency-Key` header: a repeat of a key by the same user
@@ -12,7 +13,8 @@
 //! - [`bridge`]: the daemons' WebSocket; [`viewer`]: the viewers' read-only one.
 //! - [`error`]: [`ApiError`], how a refusal becomes a status and `{"error": "..."}`.
 //!
-//! Every route requires `Authorization: Bearer TOKEN` (401 otherwise). Bodies are JSON;
+//! Every other route requires `Authorization: Bearer TOKEN` (401 otherwise, 403 without
+//! the scope it needs). Bodies are JSON;
 //! every error is `{"error": "..."}` with 400, 401, 403, 404, 409, 422, 502, 503 or 504.
 //! A session the user cannot see answers 404, exactly like one that does not exist, and
 //! so does another user's instance, exactly like one that is not connected.
@@ -45,6 +47,7 @@ use error::ApiError;
 /// Every endpoint: the REST resources, the bridge and the viewers' sockets.
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/v1/auth/token", post(auth::token))
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(
             "/v1/sessions/{id}",

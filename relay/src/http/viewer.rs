@@ -3,7 +3,7 @@
 //! then live ones.
 //!
 //! Anything a viewer sends is ignored: this endpoint never changes state. The stream ends
-//! when the session is deleted or stops being visible, when the token is revoked, or when
+//! when the session is deleted or stops being visible, when the credential is revoked, or when
 //! the relay shuts down.
 
 use std::sync::Arc;
@@ -38,23 +38,23 @@ pub async fn subscribe(
     upgrade.on_upgrade(move |socket| async move {
         let _guard = guard;
         tracing::info!(user = %identity.user, session = %follower.session(), "viewer connected");
-        stream(shared, identity.token_hash.clone(), follower, socket).await;
+        stream(shared, &identity, follower, socket).await;
         tracing::info!(user = %identity.user, "viewer disconnected");
     })
 }
 
 async fn stream(
     shared: Arc<Shared>,
-    token_hash: String,
+    identity: &crate::access::Identity,
     mut follower: Follower,
     mut socket: WebSocket,
 ) {
-    let mut token_generation = shared.tokens.subscribe();
+    let mut token_generation = shared.auth.keys.subscribe();
     loop {
         tokio::select! {
             _ = shared.cancel.cancelled() => break,
             changed = token_generation.changed() => {
-                if changed.is_err() || !shared.tokens.is_live(&token_hash) {
+                if changed.is_err() || !shared.auth.is_live(identity) {
                     break;
                 }
             }

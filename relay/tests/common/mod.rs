@@ -38,15 +38,25 @@ pub struct TestRelay {
     pub relay: Option<RunningRelay>,
     pub addr: SocketAddr,
     pub agent_command: Vec<String>,
+    pub access_token_ttl: std::time::Duration,
 }
 
 impl TestRelay {
     pub async fn start(agent_command: Vec<String>) -> TestRelay {
+        TestRelay::start_with_ttl(agent_command, cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL).await
+    }
+
+    /// A relay whose access tokens live `access_token_ttl`.
+    pub async fn start_with_ttl(
+        agent_command: Vec<String>,
+        access_token_ttl: std::time::Duration,
+    ) -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
         let relay = cloud_relay::start(RelayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_owned(),
             agent_command: agent_command.clone(),
+            access_token_ttl,
         })
         .await
         .unwrap();
@@ -55,6 +65,7 @@ impl TestRelay {
             relay: Some(relay),
             dir,
             agent_command,
+            access_token_ttl,
         }
     }
 
@@ -63,7 +74,8 @@ impl TestRelay {
     }
 
     pub fn token(&self, user: &str, org: &str) -> String {
-        cloud_relay::tokens::create(self.data(), user, org).unwrap()
+        cloud_relay::tokens::create(self.data(), &cloud_relay::tokens::NewKey::new(user, org))
+            .unwrap()
     }
 
     pub fn workspace(&self, session: &str) -> PathBuf {
@@ -83,6 +95,7 @@ impl TestRelay {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: self.dir.path().to_owned(),
             agent_command: self.agent_command.clone(),
+            access_token_ttl: self.access_token_ttl,
         })
         .await
         .unwrap();
@@ -306,7 +319,8 @@ impl Bridge {
             ToRelay::Register(_)
             | ToRelay::Heartbeat
             | ToRelay::CommandResult { .. }
-            | ToRelay::Request { .. } => Channel::Extension,
+            | ToRelay::Request { .. }
+            | ToRelay::Authenticate { .. } => Channel::Extension,
             _ => Channel::Task,
         };
         let bytes = bridge::encode(&Envelope {

@@ -25,8 +25,11 @@
 //! costs one write, not one per message.
 //!
 //! A message that does not decode, is too large or is not binary ends the connection with
-//! `Refused{permanent: false}`; nothing else is affected. A revoked token ends it with
-//! `Refused{permanent: true}`. A daemon silent for [`SILENCE_LIMIT`] is dropped. This
+//! `Refused{permanent: false}`; nothing else is affected. A revoked credential (its API
+//! key, or its refresh-token family) ends it with `Refused{permanent: true}`. A connection
+//! opened with an access token ends with `Refused{permanent: false}` when the token
+//! expires, unless the daemon sent a fresh one of the same login first
+//! (`ToRelay::Authenticate`). A daemon silent for [`SILENCE_LIMIT`] is dropped. This
 //! module never logs a token, and only the core changes state: a connection sends it
 //! commands.
 
@@ -269,17 +272,33 @@ impl Connection {
         self.register(socket).await?;
         let mut notices = self.shared.notices.subscribe();
         self.send_sessions(socket).await?;
-        let mut token_generation = self.shared.tokens.subscribe();
+        let mut token_generation = self.shared.auth.keys.subscribe();
         let mut silence_check = tokio::time::interval(Duration::from_secs(5));
         loop {
             // One write for everything this connection queued since it last waited.
             self.flush(socket).await?;
+            // Renewed by `Authenticate`, so read at every turn.
+            let expiry = self.identity.expires_at.map(|at| {
+                let left = at.saturating_sub(crate::now_millis());
+                tokio::time::Instant::now() + Duration::from_millis(left)
+            });
             tokio::select! {
                 _ = self.cancel.cancelled() => return Err(End::Shutdown),
                 changed = token_generation.changed() => {
-                    if changed.is_err() || !self.shared.tokens.is_live(&self.identity.token_hash) {
-                        return Err(self.refuse(socket, "the token was revoked".to_owned(), true).await);
+                    if changed.is_err() || !self.shared.auth.is_live(&self.identity) {
+                        return Err(self.refuse(
+                            socket,
+                            "the credential was revoked: log in again with `cloudctl login`".to_owned(),
+                            true,
+                        ).await);
                     }
+                }
+                _ = sleep_until(expiry) => {
+                    return Err(self.refuse(
+                        socket,
+                        "the access token expired: reconnect with a fresh one".to_owned(),
+                        false,
+                    ).await);
                 }
                 outcome = next_outcome(&mut self.in_flight), if !self.in_flight.is_empty() => {
                     self.in_flight.pop_front();
@@ -325,6 +344,31 @@ impl Connection {
         }
     }
 
+    /// Renews this connection's credential with a fresh access token of the same login.
+    async fn reauthenticate(&mut self, socket: &mut WebSocket, token: &str) -> Result<(), End> {
+        match self.shared.auth.authenticate(token) {
+            Ok(identity)
+                if identity.user == self.identity.user
+                    && identity.org == self.identity.org
+                    && identity.key_hash == self.identity.key_hash
+                    && identity.may(crate::access::Scope::SessionsWrite) =>
+            {
+                tracing::debug!(user = %identity.user, "bridge credential renewed");
+                self.identity = identity;
+                Ok(())
+            }
+            Ok(_) => Err(self
+                .refuse(
+                    socket,
+                    "a token of another login cannot renew this connection: reconnect with it"
+                        .to_owned(),
+                    false,
+                )
+                .await),
+            Err(e) => Err(self.refuse(socket, e.to_string(), false).await),
+        }
+    }
+
     /// Handles one message (journaled events go through [`Connection::handle_ready`]).
     async fn handle(
         &mut self,
@@ -349,6 +393,7 @@ impl Connection {
                 Ok(())
             }
             ToRelay::Event(_) => Ok(()),
+            ToRelay::Authenticate { token } => self.reauthenticate(socket, &token.0).await,
             ToRelay::Teleport { id, request } => {
                 // Off this loop: messages and answers keep flowing during a long commit.
                 let (shared, identity) = (Arc::clone(&self.shared), self.identity.clone());
@@ -377,5 +422,13 @@ impl Connection {
                 .await
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,0 +1,205 @@
+//! Credentials → identities: API keys ([`crate::tokens`]), the access tokens and refresh
+//! tokens they are exchanged for, and whether a credential an open connection was
+//! authenticated with is still good.
+//!
+//! - [`signed`]: access tokens (`cat_…`), signed with the relay's secret and verified
+//!   without a lookup; they live [`RelayConfig::access_token_ttl`](crate::RelayConfig)
+//!   (15 minutes by default).
+//! - [`refresh`]: refresh tokens (`crf_…`), stored hashed, rotated at every use, revoked
+//!   by family when one is used twice.
+//!
+//! An access token is accepted while it has not expired, the API key it descends from is
+//! live, and its family is not revoked. A bearer that is not an access token is looked up
+//! as an API key. Errors here never contain a token.
+
+pub mod refresh;
+pub mod signed;
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::access::{Identity, Scope};
+use crate::tokens::TokenCache;
+use refresh::{Grant, RefreshError, RefreshStore};
+use signed::{Claims, Signer, ACCESS_PREFIX};
+
+/// The default lifetime of an access token.
+pub const DEFAULT_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Why a credential was not accepted. Messages say what to do and never quote it.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Not valid (now): unknown, revoked, expired or forged.
+    #[error("{0}")]
+    Rejected(String),
+    /// The relay could not record a refresh.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What an exchange or a refresh answers.
+#[derive(Debug)]
+pub struct Tokens {
+    /// The new access token.
+    pub access_token: String,
+    /// Its lifetime.
+    pub expires_in: Duration,
+    /// The family's next refresh token.
+    pub refresh_token: String,
+    /// Who it is for.
+    pub user: String,
+    /// The org it acts in.
+    pub org: String,
+    /// Every org of the API key.
+    pub orgs: Vec<String>,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+}
+
+/// The relay's authority.
+#[derive(Debug)]
+pub struct Auth {
+    /// The API keys.
+    pub(crate) keys: TokenCache,
+    signer: Signer,
+    refresh: RefreshStore,
+    access_ttl: Duration,
+}
+
+impl Auth {
+    /// The authority of the relay whose data is in `data_dir`.
+    pub fn open(data_dir: &Path, access_ttl: Duration) -> Result<Auth, String> {
+        let signer = Signer::open(data_dir).map_err(|e| e.to_string())?;
+        let refresh = RefreshStore::open(data_dir, crate::now_millis()).map_err(|e| {
+            format!(
+                "cannot read {}: {e}",
+                data_dir.join(refresh::REFRESH_FILE).display()
+            )
+        })?;
+        Ok(Auth {
+            keys: TokenCache::open(data_dir),
+            signer,
+            refresh,
+            access_ttl,
+        })
+    }
+
+    /// The identity a bearer credential (an access token or an API key) authenticates.
+    pub fn authenticate(&self, bearer: &str) -> Result<Identity, AuthError> {
+        if bearer.starts_with(ACCESS_PREFIX) {
+            let claims = self
+                .signer
+                .verify(bearer, crate::now_millis())
+                .map_err(|e| AuthError::Rejected(format!("{e}: refresh it and try again")))?;
+            self.keys.refresh();
+            if self.keys.live(&claims.key).is_none() || self.refresh.family_revoked(&claims.family)
+            {
+                return Err(AuthError::Rejected(
+                    "revoked access token: log in again with `cloudctl login`".into(),
+                ));
+            }
+            return Ok(Identity {
+                user: claims.user,
+                org: claims.org,
+                scopes: claims.scopes,
+                key_hash: claims.key,
+                family: Some(claims.family),
+                expires_at: Some(claims.exp),
+            });
+        }
+        let key = self.keys.authenticate(bearer).ok_or_else(|| {
+            AuthError::Rejected(
+                "invalid, expired or revoked token: ask the relay's operator for a new API key"
+                    .into(),
+            )
+        })?;
+        Ok(Identity {
+            user: key.user,
+            org: key.orgs[0].clone(),
+            scopes: key.scopes,
+            key_hash: key.hash,
+            family: None,
+            expires_at: key.expires_at,
+        })
+    }
+
+    /// Whether the credential `identity` was authenticated with is still good, apart from
+    /// its expiry (which connections watch themselves): its API key live, its family not
+    /// revoked.
+    pub fn is_live(&self, identity: &Identity) -> bool {
+        self.keys.live(&identity.key_hash).is_some()
+            && !identity
+                .family
+                .as_deref()
+                .is_some_and(|family| self.refresh.family_revoked(family))
+    }
+
+    /// Exchanges an API key for an access token and the first refresh token of a family.
+    pub fn exchange_key(&self, api_key: &str) -> Result<Tokens, AuthError> {
+        let key = self.keys.authenticate(api_key).ok_or_else(|| {
+            AuthError::Rejected(
+                "invalid, expired or revoked API key: ask the relay's operator for a new one"
+                    .into(),
+            )
+        })?;
+        let grant = Grant {
+            user: key.user.clone(),
+            org: key.orgs[0].clone(),
+            scopes: key.scopes.clone(),
+            key: key.hash.clone(),
+            family: String::new(),
+        };
+        let (grant, refresh_token) = self
+            .refresh
+            .start_family(grant, crate::now_millis())
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        Ok(self.tokens(grant, refresh_token, key.orgs))
+    }
+
+    /// Rotates a refresh token: a new access token and the family's next refresh token.
+    pub fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
+        let rejected =
+            |what: &str| AuthError::Rejected(format!("{what}: log in again with `cloudctl login`"));
+        let (grant, refresh_token) = match self.refresh.rotate(refresh_token, crate::now_millis()) {
+            Ok(rotated) => rotated,
+            Err(RefreshError::Reused { .. }) => {
+                // Open connections of the family re-check and end.
+                self.keys.notify();
+                return Err(rejected(
+                    "this refresh token was already used, so every token of its login is now revoked",
+                ));
+            }
+            Err(RefreshError::Invalid) => {
+                return Err(rejected("unknown, expired or revoked refresh token"))
+            }
+            Err(e) => return Err(AuthError::Unavailable(e.to_string())),
+        };
+        self.keys.refresh();
+        let Some(key) = self.keys.live(&grant.key) else {
+            return Err(rejected("the API key this login came from was revoked"));
+        };
+        Ok(self.tokens(grant, refresh_token, key.orgs))
+    }
+
+    fn tokens(&self, grant: Grant, refresh_token: String, orgs: Vec<String>) -> Tokens {
+        let iat = crate::now_millis();
+        let claims = Claims {
+            user: grant.user,
+            org: grant.org,
+            scopes: grant.scopes,
+            key: grant.key,
+            family: grant.family,
+            iat,
+            exp: iat + self.access_ttl.as_millis() as u64,
+        };
+        Tokens {
+            access_token: self.signer.sign(&claims),
+            expires_in: self.access_ttl,
+            refresh_token,
+            user: claims.user,
+            org: claims.org,
+            orgs,
+            scopes: claims.scopes,
+        }
+    }
+}
