@@ -137,8 +137,11 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         instance_id.clone(),
     );
     let link = Arc::new(link);
+    let teleport_db = store::open_teleport(&paths.state_dir.join("teleport"))?;
+    let worktrees = crate::teleport::worktrees::Worktrees::open(&teleport_db)?;
+    worktrees.take_over(&db)?;
     let teleport = Arc::new(crate::teleport::Teleport::new(
-        crate::teleport::worktrees::Worktrees::open(&db)?,
+        worktrees,
         Arc::clone(&link),
     ));
 

@@ -41,6 +41,7 @@ pub mod ipc;
 pub mod journal;
 pub mod link;
 pub mod logging;
+pub mod memory;
 pub mod sessions;
 pub mod signals;
 pub mod singleton;

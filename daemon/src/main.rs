@@ -32,31 +32,6 @@ enum Command {
     ShellAgent,
 }
 
-/// Allocations of this size and up get fresh pages from the kernel (glibc's `mmap`
-/// threshold).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD: libc::c_int = 1024 * 1024;
-
-/// Fixes glibc's `mmap` threshold, which it otherwise raises to the size of every large
-/// block freed. sled gives each database a 6 MiB page table, zeroed (`calloc`), and the
-/// journal opens a database for every 128 KiB of events: once the threshold has risen
-/// past 6 MiB, each table comes from the heap and is cleared with `memset`, which cost the
-/// daemon about a tenth of its CPU under a sustained load of events. Fresh pages are zero
-/// already, and only the few the table touches are ever faulted in. The trim threshold
-/// stays at twice it, as glibc's own adjustment keeps it.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_large_allocations_mapped() {
-    // SAFETY: called before any other thread exists; mallopt only sets allocator
-    // parameters.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_large_allocations_mapped() {}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Command::ShellAgent) = args.command {
@@ -78,7 +53,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    keep_large_allocations_mapped();
+    // Before any thread exists.
+    cloudd::memory::tune_allocator();
     // Before any thread exists: this reads and clears the service manager's variables.
     let handoff = cloudd::supervisor::Handoff::from_env();
     let result = (|| -> anyhow::Result<()> {

@@ -18,6 +18,8 @@ use std::path::Path;
 /// sled's cache, in bytes. Its default is 1 GiB, and its real memory use can run well past
 /// the setting; the daemon's working set is small.
 pub const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// The page cache of teleport's database.
+pub const TELEPORT_CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The store could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,34 @@ pub fn open(dir: &Path) -> Result<sled::Db, StoreError> {
         .mode(sled::Mode::LowSpace)
         .open()
         .map_err(StoreError::sled("opening the store"))?;
+    restrict(dir)?;
+    Ok(db)
+}
+
+/// Opens (creating) teleport's own database in `dir`, which holds large, often rewritten
+/// trees (every linked worktree's index and agreed tree: two keys per file).
+///
+/// Apart from the store, because of its flushing: the store's periodic flusher garbage-
+/// collects its segments whenever nothing is dirty, and with a big worktree's keys in
+/// them that kept the idle daemon busy (about 1% of a CPU, for good). This database has
+/// no flusher; what it holds may be lost to a crash without harm (a lost index entry makes
+/// the file be hashed again, an agreed tree that is behind makes the relay refuse the next
+/// push as stale and the daemon merge), and the links are flushed when they change.
+pub fn open_teleport(dir: &Path) -> Result<sled::Db, StoreError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| StoreError::Io {
+        what: "creating teleport's directory",
+        source,
+    })?;
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(TELEPORT_CACHE_BYTES)
+        .flush_every_ms(None)
+        .open()
+        .map_err(StoreError::sled("opening teleport's database"))?;
     restrict(dir)?;
     Ok(db)
 }

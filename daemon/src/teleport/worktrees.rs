@@ -9,7 +9,8 @@
 //! - `s\0{root}` → when the scan that made the index started (ns, i64 BE).
 //!
 //! Updates write only what changed (one key per path), so an edit costs a few keys, not
-//! the whole tree. Nothing here flushes: a base or an index lost to a crash is found again
+//! the whole tree. Only a link's changes are flushed (its database has no periodic
+//! flusher, see `store::open_teleport`): a base or an index lost to a crash is found again
 //! by the next scan (a file whose index entry is gone is hashed again; a base that is
 //! behind makes the next push send more than needed, never less, and the relay refuses a
 //! stale base). Every call does blocking IO: callers run it off the socket's thread.
@@ -120,6 +121,30 @@ impl Worktrees {
         })
     }
 
+    /// Moves what an older daemon kept in `store`'s `teleport` tree (before teleport had a
+    /// database of its own) into this one, once.
+    pub fn take_over(&self, store: &sled::Db) -> Result<(), StoreError> {
+        if !store
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == b"teleport")
+        {
+            return Ok(());
+        }
+        let old = store
+            .open_tree("teleport")
+            .map_err(StoreError::sled("teleport"))?;
+        for item in old.iter() {
+            let (k, v) = item.map_err(StoreError::sled("teleport"))?;
+            self.tree.insert(k, v).map_err(StoreError::sled("teleport"))?;
+        }
+        self.tree.flush().map_err(StoreError::sled("teleport"))?;
+        store
+            .drop_tree("teleport")
+            .map_err(StoreError::sled("teleport"))?;
+        Ok(())
+    }
+
     /// Every linked worktree, by root.
     pub fn list(&self) -> Result<Vec<Worktree>, StoreError> {
         let mut out = Vec::new();
@@ -139,12 +164,22 @@ impl Worktrees {
             .transpose()
     }
 
-    /// Records `worktree`.
+    /// Records `worktree`, durably when the link itself changed (made, moved to another
+    /// session, watched or not): its version and errors may be lost to a crash without
+    /// harm, the link may not.
     pub fn put(&self, worktree: &Worktree) -> Result<(), StoreError> {
         let value = postcard::to_allocvec(worktree).map_err(|e| corrupt("a worktree", e))?;
-        self.tree
+        let before = self
+            .tree
             .insert(key(b'w', &worktree.root), value)
             .map_err(StoreError::sled("teleport"))?;
+        let before: Option<Worktree> = before.and_then(|v| postcard::from_bytes(&v).ok());
+        let relinked = before.is_none_or(|b| {
+            (b.session.as_str(), b.watching) != (worktree.session.as_str(), worktree.watching)
+        });
+        if relinked {
+            self.tree.flush().map_err(StoreError::sled("teleport"))?;
+        }
         Ok(())
     }
 
@@ -296,6 +331,7 @@ impl Worktrees {
         for k in [key(b'w', root), key(b's', root)] {
             self.tree.remove(k).map_err(StoreError::sled("teleport"))?;
         }
+        self.tree.flush().map_err(StoreError::sled("teleport"))?;
         Ok(())
     }
 }
@@ -398,5 +434,24 @@ mod tests {
         let mut applied = old.clone();
         applied.apply(&delta);
         assert_eq!(applied, new);
+    }
+
+    #[test]
+    fn links_an_older_daemon_kept_in_the_store_are_taken_over_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sled::open(dir.path().join("store")).unwrap();
+        let old = Worktrees::open(&store).unwrap();
+        old.put(&Worktree::new("/home/me/repo", "s-1")).unwrap();
+        let db = sled::open(dir.path().join("teleport")).unwrap();
+        let worktrees = Worktrees::open(&db).unwrap();
+        worktrees.take_over(&store).unwrap();
+        assert_eq!(
+            worktrees.get("/home/me/repo").unwrap(),
+            Some(Worktree::new("/home/me/repo", "s-1"))
+        );
+        assert!(!store.tree_names().iter().any(|n| n.as_ref() == b"teleport"));
+        // Nothing to take over any more.
+        worktrees.take_over(&store).unwrap();
+        assert_eq!(worktrees.list().unwrap().len(), 1);
     }
 }
