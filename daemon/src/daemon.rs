@@ -140,10 +140,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     let teleport_db = store::open_teleport(&paths.state_dir.join("teleport"))?;
     let worktrees = crate::teleport::worktrees::Worktrees::open(&teleport_db)?;
     worktrees.take_over(&db)?;
-    let teleport = Arc::new(crate::teleport::Teleport::new(
-        worktrees,
-        Arc::clone(&link),
-    ));
+    let teleport = Arc::new(crate::teleport::Teleport::new(worktrees, Arc::clone(&link)));
 
     let (core_tx, mut core_rx) = mpsc::channel(64);
     let shared = Arc::new(Shared::new(

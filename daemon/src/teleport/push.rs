@@ -173,7 +173,10 @@ impl Teleport {
                     local::Start::Scan => {
                         let (found, index) =
                             local::scan(&worktrees, &root_owned, &reporter_owned)?.split();
-                        (found.changes_from(&worktrees.base(&root_owned)?), Some(index))
+                        (
+                            found.changes_from(&worktrees.base(&root_owned)?),
+                            Some(index),
+                        )
                     }
                 })
             })

@@ -136,7 +136,9 @@ impl Worktrees {
             .map_err(StoreError::sled("teleport"))?;
         for item in old.iter() {
             let (k, v) = item.map_err(StoreError::sled("teleport"))?;
-            self.tree.insert(k, v).map_err(StoreError::sled("teleport"))?;
+            self.tree
+                .insert(k, v)
+                .map_err(StoreError::sled("teleport"))?;
         }
         self.tree.flush().map_err(StoreError::sled("teleport"))?;
         store

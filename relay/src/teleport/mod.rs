@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex};
 use cloud_protocol::blobs::Blob;
 use cloud_protocol::session::Author;
 use cloud_protocol::teleport::{
-    BundleRef, ContentId, GitState, TeleportReply, TeleportRequest, VersionAuthor, VersionInfo,
-    MAX_LACKS_IDS,
+    BundleRef, ContentId, Delta, GitState, RelPath, TeleportReply, TeleportRequest, VersionAuthor,
+    VersionInfo, MAX_LACKS_IDS,
 };
 use cloud_tree::{git, Index, Root, ScanOptions};
 
@@ -53,7 +53,22 @@ pub struct Teleport {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The watched workspaces, by session.
     watches: Mutex<HashMap<String, watch::Running>>,
+    /// What the relay itself just wrote into each workspace (a push materialised).
+    own_writes: Mutex<HashMap<String, OwnWrites>>,
 }
+
+/// The paths of a push the relay just wrote into a workspace, and until when events on
+/// them are taken for the echo of those writes rather than the agent's edits.
+#[derive(Debug)]
+struct OwnWrites {
+    paths: std::collections::BTreeSet<RelPath>,
+    until: std::time::Instant,
+}
+
+/// How long after a push is written the workspace's events on its paths are its echo.
+/// An agent's edit of one of those very paths within it is found by the capture after the
+/// agent's turn (or any later one) instead.
+const OWN_WRITES_ECHO: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs blocking work on the blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -76,6 +91,7 @@ impl Teleport {
             indexes: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
+            own_writes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -150,6 +166,7 @@ impl Teleport {
                             let workspace = this.workspaces.join(&id);
                             let problems =
                                 materialise::materialise(&workspace, &delta, &this.blobs, &org)?;
+                            this.wrote(&id, &delta);
                             for problem in problems {
                                 tracing::warn!(session = %id, "cannot materialise {problem}");
                             }
@@ -207,6 +224,47 @@ impl Teleport {
     /// commit holds it while it materialises: a capture never sees a push half written,
     /// and a tree equal to the newest version's (what a push just wrote) makes no version.
     /// Returns false when it failed (logged; the next capture tries again).
+    /// Records that a push's `delta` was just written into `session`'s workspace.
+    fn wrote(&self, session: &str, delta: &Delta) {
+        let paths = delta.changes.iter().map(|c| c.path().clone()).collect();
+        self.own_writes
+            .lock()
+            .expect("teleport own writes poisoned")
+            .insert(
+                session.to_owned(),
+                OwnWrites {
+                    paths,
+                    until: std::time::Instant::now() + OWN_WRITES_ECHO,
+                },
+            );
+    }
+
+    /// Whether every one of `paths` (a workspace's events) is at or under a path the
+    /// relay itself wrote there moments ago: the echo of a push, not the agent's edits.
+    pub(crate) fn only_own_writes(&self, session: &str, paths: &[RelPath]) -> bool {
+        let mut own = self
+            .own_writes
+            .lock()
+            .expect("teleport own writes poisoned");
+        let Some(writes) = own.get(session) else {
+            return false;
+        };
+        if std::time::Instant::now() > writes.until {
+            own.remove(session);
+            return false;
+        }
+        paths.iter().all(|path| {
+            let mut at = Some(path.clone());
+            while let Some(p) = at {
+                if writes.paths.contains(&p) {
+                    return true;
+                }
+                at = p.parent();
+            }
+            false
+        })
+    }
+
     pub async fn capture(self: &Arc<Self>, shared: &Arc<Shared>, session: &str, org: &str) -> bool {
         let _held = self.hold(session).await;
         let (this, id, org_owned) = (Arc::clone(self), session.to_owned(), org.to_owned());
@@ -416,5 +474,43 @@ async fn announce(shared: &Arc<Shared>, session: &str, author: Author, info: &Ve
         .await;
     if let Err(e) | Ok(Err(e)) = logged.map(|r| r.map(drop)) {
         tracing::warn!(%session, "cannot announce version {}: {e}", info.version);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_protocol::teleport::Change;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn only_the_echo_of_a_push_just_written_is_taken_for_the_relays_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let teleport = Teleport::open(dir.path(), dir.path().join("workspaces")).unwrap();
+        assert!(!teleport.only_own_writes("s-1", &[p("a")]));
+        teleport.wrote(
+            "s-1",
+            &Delta {
+                changes: vec![Change::Remove(p("gone")), Change::Remove(p("src/x"))],
+            },
+        );
+        // What it wrote, and what is under a path it wrote (a removed tree's files).
+        assert!(teleport.only_own_writes("s-1", &[p("src/x"), p("gone/deep/file")]));
+        // Anything else is the agent's, and so is every event of another session.
+        assert!(!teleport.only_own_writes("s-1", &[p("src/x"), p("src/y")]));
+        assert!(!teleport.only_own_writes("s-1", &[p("src")]));
+        assert!(!teleport.only_own_writes("s-2", &[p("src/x")]));
+        // Not for long.
+        teleport
+            .own_writes
+            .lock()
+            .unwrap()
+            .get_mut("s-1")
+            .unwrap()
+            .until = std::time::Instant::now() - std::time::Duration::from_millis(1);
+        assert!(!teleport.only_own_writes("s-1", &[p("src/x")]));
     }
 }

@@ -351,8 +351,7 @@ impl Watch {
     /// (see [`WatchedTree::changes`]).
     async fn push(&mut self, paths: Option<Vec<RelPath>>) -> Result<(), TeleportError> {
         let reporter = self.reporter();
-        let (root, scan_reporter, version) =
-            (self.root.clone(), reporter.clone(), self.version);
+        let (root, scan_reporter, version) = (self.root.clone(), reporter.clone(), self.version);
         let start = self
             .with_tree(move |tree, worktrees| {
                 // Another operation (an explicit push or pull) scanned meanwhile: its

@@ -205,7 +205,11 @@ impl WatchedTree {
     /// Takes up `index`, the scan a push just agreed on (a retry scanned again): it
     /// matches the agreed tree, and what turns up in new directories is recorded as
     /// changed.
-    pub fn adopt_agreed(&mut self, worktrees: &Worktrees, index: Index) -> Result<(), TeleportError> {
+    pub fn adopt_agreed(
+        &mut self,
+        worktrees: &Worktrees,
+        index: Index,
+    ) -> Result<(), TeleportError> {
         self.index = index;
         self.unpushed = Some(BTreeSet::new());
         let added = self.fs.sync(&self.index);
@@ -539,12 +543,8 @@ mod tests {
             .unwrap();
         tree.pushed(None, 1);
 
-        let whole_diff = |tree: &WatchedTree| {
-            worktrees
-                .base(root_s)
-                .unwrap()
-                .diff(&tree.index.manifest())
-        };
+        let whole_diff =
+            |tree: &WatchedTree| worktrees.base(root_s).unwrap().diff(&tree.index.manifest());
         // An edit, a removal, a directory that becomes a file, a new directory with files.
         std::fs::write(root.join("src/a.rs"), "fn a() { edited() }\n").unwrap();
         std::fs::remove_file(root.join("src/b.rs")).unwrap();

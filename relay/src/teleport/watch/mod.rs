@@ -118,6 +118,8 @@ impl Teleport {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 signal = next_signal(&mut events) => match signal {
+                    // The echo of a push the relay just wrote is not the agent's edit.
+                    Some(FsSignal::Changed(paths)) if self.only_own_writes(session, &paths) => {}
                     Some(FsSignal::Changed(_)) => schedule.changed(Instant::now()),
                     Some(FsSignal::Rescan(why)) => {
                         // Every capture scans the whole workspace: nothing is lost.
