@@ -164,6 +164,9 @@ impl Teleport {
                     if let Commit::Committed(info) = &outcome {
                         if info.version > base {
                             let workspace = this.workspaces.join(&id);
+                            // Before writing (the watch sees the events as they happen)
+                            // and again after (the echo lasts from the end).
+                            this.wrote(&id, &delta);
                             let problems =
                                 materialise::materialise(&workspace, &delta, &this.blobs, &org)?;
                             this.wrote(&id, &delta);
