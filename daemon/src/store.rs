@@ -59,14 +59,7 @@ impl StoreError {
 
 /// Opens (creating) the store in `dir`.
 pub fn open(dir: &Path) -> Result<sled::Db, StoreError> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(|source| StoreError::Io {
-        what: "creating the store's directory",
-        source,
-    })?;
+    create_private_dir(dir, "creating the store's directory")?;
     let db = sled::Config::new()
         .path(dir)
         .cache_capacity(CACHE_BYTES)
@@ -87,14 +80,7 @@ pub fn open(dir: &Path) -> Result<sled::Db, StoreError> {
 /// the file be hashed again, an agreed tree that is behind makes the relay refuse the next
 /// push as stale and the daemon merge), and the links are flushed when they change.
 pub fn open_teleport(dir: &Path) -> Result<sled::Db, StoreError> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(|source| StoreError::Io {
-        what: "creating teleport's directory",
-        source,
-    })?;
+    create_private_dir(dir, "creating teleport's directory")?;
     let db = sled::Config::new()
         .path(dir)
         .cache_capacity(TELEPORT_CACHE_BYTES)
@@ -103,6 +89,17 @@ pub fn open_teleport(dir: &Path) -> Result<sled::Db, StoreError> {
         .map_err(StoreError::sled("opening teleport's database"))?;
     restrict(dir)?;
     Ok(db)
+}
+
+/// Creates `dir` and its missing parents, 0700.
+fn create_private_dir(dir: &Path, what: &'static str) -> Result<(), StoreError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|source| StoreError::Io { what, source })
 }
 
 /// Makes every directory under `dir` (itself included) 0700 and every file 0600.

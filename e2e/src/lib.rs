@@ -117,6 +117,39 @@ impl Home {
             .unwrap_or_else(|e| panic!("bad JSON from cloudctl {args:?}: {e}: {stdout}"))
     }
 
+    /// Waits for the session's permission prompt for the shell agent's `command` (sent
+    /// before) and allows it with `cloudctl allow`.
+    pub fn allow_command(&self, session: &str, command: &str) {
+        let mut request_id = String::new();
+        wait_for("the agent's prompt", DEADLINE, || {
+            let prompts = self.cloudctl_json(&["permissions", session]);
+            let found = prompts.as_array().and_then(|prompts| {
+                prompts
+                    .iter()
+                    .find(|p| p["input"]["command"] == command)
+                    .and_then(|p| p["request_id"].as_str())
+            });
+            if let Some(id) = found {
+                request_id = id.to_owned();
+            }
+            found.is_some()
+        });
+        self.cloudctl_ok(&["allow", session, &request_id]);
+    }
+
+    /// The teleport link of `root` as `cloudctl teleport status --json` shows it.
+    pub fn teleport_link(&self, root: &Path) -> Value {
+        let status = self.cloudctl_json(&["teleport", "status"]);
+        let root = std::fs::canonicalize(root).unwrap();
+        status["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["root"] == root.to_str().unwrap())
+            .cloned()
+            .unwrap_or_else(|| panic!("no link of {} in {status}", root.display()))
+    }
+
     /// `cloudctl status --json` once the daemon's bridge is connected (waits with a
     /// deadline; starts the daemon if needed).
     pub fn wait_connected(&self) -> Value {

@@ -323,21 +323,7 @@ fn log_text(home: &Home, session: &str) -> String {
 /// announced the agent's edits as version `version`.
 fn agent_runs(home: &Home, session: &str, command: &str, version: u64) {
     home.cloudctl_ok(&["send", session, command]);
-    let mut request_id = String::new();
-    wait_for("the agent's prompt", DEADLINE, || {
-        let prompts = home.cloudctl_json(&["permissions", session]);
-        let found = prompts.as_array().and_then(|prompts| {
-            prompts
-                .iter()
-                .find(|p| p["input"]["command"] == command)
-                .and_then(|p| p["request_id"].as_str())
-        });
-        if let Some(id) = found {
-            request_id = id.to_owned();
-        }
-        found.is_some()
-    });
-    home.cloudctl_ok(&["allow", session, &request_id]);
+    home.allow_command(session, command);
     let announced = format!("agent: snapshot v{version} (the agent's edits");
     let mut log = String::new();
     wait_for("the agent's edits announced as a version", DEADLINE, || {

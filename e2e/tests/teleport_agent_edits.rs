@@ -11,7 +11,6 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use cloudd_e2e::{wait_for, Home, DEADLINE};
-use serde_json::Value;
 
 fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
@@ -59,34 +58,7 @@ fn snapshots(home: &Home, session: &str) -> Vec<String> {
 /// Asks the shell agent to run `command` and allows it.
 fn agent_runs(home: &Home, session: &str, command: &str) {
     home.cloudctl_ok(&["send", session, command]);
-    let mut request_id = String::new();
-    wait_for("the agent's prompt", DEADLINE, || {
-        let prompts = home.cloudctl_json(&["permissions", session]);
-        let found = prompts.as_array().and_then(|prompts| {
-            prompts
-                .iter()
-                .find(|p| p["input"]["command"] == command)
-                .and_then(|p| p["request_id"].as_str())
-        });
-        if let Some(id) = found {
-            request_id = id.to_owned();
-        }
-        found.is_some()
-    });
-    home.cloudctl_ok(&["allow", session, &request_id]);
-}
-
-/// The link of `root` as `teleport status --json` shows it.
-fn link(home: &Home, root: &Path) -> Value {
-    let status = home.cloudctl_json(&["teleport", "status"]);
-    let root = std::fs::canonicalize(root).unwrap();
-    status["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["root"] == root.to_str().unwrap())
-        .cloned()
-        .unwrap_or_else(|| panic!("no link of {} in {status}", root.display()))
+    home.allow_command(session, command);
 }
 
 #[test]
@@ -105,7 +77,7 @@ fn an_edit_the_agent_makes_mid_turn_comes_back_before_the_turn_ends() {
         "--detach",
     ]);
     wait_for("the daemon's watch to run", DEADLINE, || {
-        link(&home, &root)["watcher"] == "ok"
+        home.teleport_link(&root)["watcher"] == "ok"
     });
 
     // The agent's turn: an edit, then it waits (without polling) until the test opens the

@@ -8,23 +8,9 @@
 use std::path::Path;
 
 use cloudd_e2e::{wait_for, Home, DEADLINE};
-use serde_json::Value;
 
 fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
-}
-
-/// The link of `root` as `teleport status --json` shows it.
-fn link(home: &Home, root: &Path) -> Value {
-    let status = home.cloudctl_json(&["teleport", "status"]);
-    let root = std::fs::canonicalize(root).unwrap();
-    status["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["root"] == root.to_str().unwrap())
-        .cloned()
-        .unwrap_or_else(|| panic!("no link of {} in {status}", root.display()))
 }
 
 /// Waits until `path` holds `text`.
@@ -72,7 +58,7 @@ fn a_watch_keeps_the_worktree_and_the_session_in_step_both_ways_across_restarts(
     let workspace = home.path().join("state/relay/workspaces").join(&session);
     assert_eq!(read(&workspace.join("src/a.txt")).as_deref(), Some("one\n"));
     wait_for("the watch to run", DEADLINE, || {
-        link(&home, &root)["watcher"] == "ok"
+        home.teleport_link(&root)["watcher"] == "ok"
     });
 
     // Local edits go up: a changed file, a new directory and a file made in it at once.
@@ -98,7 +84,7 @@ fn a_watch_keeps_the_worktree_and_the_session_in_step_both_ways_across_restarts(
         "ignored files stay home"
     );
     wait_for("nothing pending", DEADLINE, || {
-        link(&home, &root)["pending"] == 0
+        home.teleport_link(&root)["pending"] == 0
     });
 
     // The agent's edit comes down by itself: its turn ends, the relay records a
@@ -121,7 +107,7 @@ fn a_watch_keeps_the_worktree_and_the_session_in_step_both_ways_across_restarts(
         &workspace.join("src/offline.txt"),
         "while no daemon ran\n",
     );
-    let resumed = link(&home, &root);
+    let resumed = home.teleport_link(&root);
     assert_eq!(resumed["watching"], true, "{resumed}");
     // And it still watches.
     std::fs::write(root.join("src/a.txt"), "three\n").unwrap();
@@ -132,7 +118,7 @@ fn a_watch_keeps_the_worktree_and_the_session_in_step_both_ways_across_restarts(
     );
 
     home.cloudctl_ok(&["teleport", "stop", root_arg]);
-    let stopped = link(&home, &root);
+    let stopped = home.teleport_link(&root);
     assert_eq!(stopped["watching"], false, "{stopped}");
     assert_eq!(stopped["watcher"], "-", "{stopped}");
 }

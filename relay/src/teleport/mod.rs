@@ -164,12 +164,12 @@ impl Teleport {
                     if let Commit::Committed(info) = &outcome {
                         if info.version > base {
                             let workspace = this.workspaces.join(&id);
-                            // Before writing (the watch sees the events as they happen)
-                            // and again after (the echo lasts from the end).
+                            // Before writing (the watch sees the events as they happen);
+                            // the echo lasts from the end.
                             this.wrote(&id, &delta);
                             let problems =
                                 materialise::materialise(&workspace, &delta, &this.blobs, &org)?;
-                            this.wrote(&id, &delta);
+                            this.echo_from_now(&id);
                             for problem in problems {
                                 tracing::warn!(session = %id, "cannot materialise {problem}");
                             }
@@ -240,6 +240,19 @@ impl Teleport {
                     until: std::time::Instant::now() + OWN_WRITES_ECHO,
                 },
             );
+    }
+
+    /// Makes the echo of the push just written into `session`'s workspace last
+    /// [`OWN_WRITES_ECHO`] from now (the writes took a while).
+    fn echo_from_now(&self, session: &str) {
+        if let Some(writes) = self
+            .own_writes
+            .lock()
+            .expect("teleport own writes poisoned")
+            .get_mut(session)
+        {
+            writes.until = std::time::Instant::now() + OWN_WRITES_ECHO;
+        }
     }
 
     /// Whether every one of `paths` (a workspace's events) is at or under a path the
