@@ -593,6 +593,8 @@ fn a_push_on_a_stale_base_merges_the_agents_edit_and_commits_again() {
 }
 
 /// Counts the blobs (files named by a 64-digit hex id) under `dir`.
+/// How many blobs the relay's store under `dir` holds: the counts in its packs' trailers
+/// (`… | count: u32 LE | "CLDPACK1"`, see the relay's `teleport::blobs::pack`).
 fn stored_blobs(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -600,12 +602,20 @@ fn stored_blobs(dir: &Path) -> usize {
     entries
         .flatten()
         .map(|entry| {
-            let name = entry.file_name();
-            let name = name.to_str().unwrap_or("");
+            let path = entry.path();
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stored_blobs(&entry.path())
+                stored_blobs(&path)
+            } else if path.extension().is_some_and(|e| e == "pack") {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    bytes.ends_with(b"CLDPACK1"),
+                    "{} is not a pack",
+                    path.display()
+                );
+                let count = &bytes[bytes.len() - 12..bytes.len() - 8];
+                u32::from_le_bytes(count.try_into().unwrap()) as usize
             } else {
-                usize::from(name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+                0
             }
         })
         .sum()

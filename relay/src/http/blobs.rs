@@ -103,13 +103,11 @@ async fn answer(
         BlobRequest::Put { session, blobs } => {
             let org = org_of(shared, identity, &session, true)?;
             tokio::task::spawn_blocking(move || {
-                let mut new = 0;
-                for blob in &blobs {
-                    if teleport.blobs.put(&org, blob).map_err(|e| e.to_string())? {
-                        new += 1;
-                    }
-                }
-                Ok(BlobAnswer::Stored { new })
+                let new = teleport
+                    .blobs
+                    .put(&org, &blobs)
+                    .map_err(|e| e.to_string())?;
+                Ok(BlobAnswer::Stored { new: new as _ })
             })
             .await
             .map_err(|e| format!("storing blobs failed: {e}"))?

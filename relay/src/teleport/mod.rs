@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use cloud_protocol::blobs::Blob;
+use cloud_protocol::blobs::{Blob, BATCH_BYTES};
 use cloud_protocol::session::Author;
 use cloud_protocol::teleport::{
     BundleRef, ContentId, Delta, GitState, RelPath, TeleportReply, TeleportRequest, VersionAuthor,
@@ -362,6 +362,7 @@ impl Teleport {
         };
         let bytes = std::fs::read(file.path()).map_err(|e| e.to_string())?;
         let mut offset = 0usize;
+        let mut batch = Vec::new();
         for id in bundle.blobs() {
             let len = if bundle.chunks.is_empty() {
                 bytes.len()
@@ -377,8 +378,9 @@ impl Teleport {
                 bytes: bytes[offset..offset + len].to_vec(),
             };
             offset += len;
-            self.blobs.put(org, &blob).map_err(|e| e.to_string())?;
+            batch.push(blob);
         }
+        self.blobs.put(org, &batch).map_err(|e| e.to_string())?;
         Ok(bundle)
     }
 
@@ -417,6 +419,9 @@ impl Teleport {
         if !lacking.is_empty() {
             let root = Root::open(&workspace).map_err(|e| e.to_string())?;
             let locations = cloud_tree::blob_locations(&scan.manifest);
+            // Stored a batch (one pack) at a time.
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
             for id in lacking {
                 let at = locations
                     .get(&id)
@@ -424,10 +429,15 @@ impl Teleport {
                 // A file the agent is still writing fails its hash: caught next time.
                 let bytes = cloud_tree::read_blob(&root, &at.path, at.offset, at.len, id)
                     .map_err(|e| e.to_string())?;
-                self.blobs
-                    .put(org, &Blob { id, bytes })
-                    .map_err(|e| e.to_string())?;
+                batch_bytes += bytes.len();
+                batch.push(Blob { id, bytes });
+                if batch_bytes >= BATCH_BYTES {
+                    self.blobs.put(org, &batch).map_err(|e| e.to_string())?;
+                    batch.clear();
+                    batch_bytes = 0;
+                }
             }
+            self.blobs.put(org, &batch).map_err(|e| e.to_string())?;
         }
         match self
             .snapshots

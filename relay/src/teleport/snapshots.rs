@@ -462,7 +462,7 @@ mod tests {
             id: ContentId::of(text.as_bytes()),
             bytes: text.as_bytes().to_vec(),
         };
-        blobs.put("acme", &blob).unwrap();
+        blobs.put("acme", std::slice::from_ref(&blob)).unwrap();
         EntryKind::File {
             executable: false,
             size: text.len() as u64,
