@@ -90,6 +90,14 @@ impl Index {
     }
 
     /// When the full scan that made this index started.
+    /// An index of `entries`, made by the scan that started at `scanned_at_ns`.
+    pub fn from_entries(scanned_at_ns: i64, entries: BTreeMap<RelPath, Indexed>) -> Index {
+        Index {
+            scanned_at_ns,
+            entries,
+        }
+    }
+
     pub fn scanned_at_ns(&self) -> i64 {
         self.scanned_at_ns
     }

@@ -348,7 +348,7 @@ fn unreadable_files_are_reported_and_the_scan_goes_on() {
 
     // Every file was written just now, so every one is racy and waits to be read. Between
     // the walk and the reading, three change under the scanner's feet.
-    let planned = plan(root, &first.index).unwrap();
+    let planned = plan(root, &first.index, &options()).unwrap();
     assert_eq!(planned.pending().0, 5);
     std::fs::remove_file(root.join("a/vanishes")).unwrap();
     std::fs::remove_file(root.join("a/becomes-a-fifo")).unwrap();
@@ -408,4 +408,46 @@ fn a_missing_root_fails_the_scan() {
     let dir = tempfile::tempdir().unwrap();
     let error = scan(&dir.path().join("nope"), &Index::default(), &options()).unwrap_err();
     assert!(error.to_string().contains("nope"), "{error}");
+}
+
+#[test]
+fn a_walk_on_several_threads_finds_what_one_thread_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, ".gitignore", b"*.log\nbuild/\n");
+    for d in 0..40 {
+        for f in 0..15 {
+            write(
+                root,
+                &format!("d{d}/sub{}/f{f}.txt", f % 3),
+                format!("{d}/{f}").as_bytes(),
+            );
+        }
+        write(root, &format!("d{d}/x.log"), b"ignored");
+        write(root, &format!("d{d}/build/out"), b"ignored");
+        write(
+            root,
+            &format!("d{d}/n.cloud-conflict-v3.txt"),
+            b"a conflict copy",
+        );
+    }
+    std::fs::create_dir_all(root.join("empty/dir")).unwrap();
+    symlink("d1/sub0/f0.txt", root.join("link")).unwrap();
+    symlink("/etc/passwd", root.join("escaping")).unwrap();
+    mkfifo(&root.join("d7/fifo"));
+
+    let one = scan(root, &Index::default(), &ScanOptions { threads: 1 }).unwrap();
+    for threads in [2, 4] {
+        let many = scan(root, &Index::default(), &ScanOptions { threads }).unwrap();
+        assert_eq!(many.manifest, one.manifest, "{threads} threads");
+        assert_eq!(format!("{:?}", many.skipped), format!("{:?}", one.skipped));
+        assert_eq!(many.conflict_copies, one.conflict_copies);
+        assert_eq!(many.manifest.len(), one.manifest.len());
+    }
+    assert_eq!(one.conflict_copies.len(), 40);
+    assert!(one.manifest.len() > 40 * 15);
+    assert!(
+        !one.skipped.is_empty(),
+        "the fifo and the escaping link are skipped"
+    );
 }

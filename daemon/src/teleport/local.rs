@@ -63,13 +63,22 @@ pub enum Start {
 }
 
 impl Found {
-    /// The changes from `base` to this tree.
-    pub fn changes_from(self, base: &Manifest) -> Changes {
-        Changes {
-            delta: base.diff(&self.manifest),
+    /// The changes from the stored base of `root` to this tree. The base is not read when
+    /// its digest says it is this tree (a no-op push after a restart reads no base).
+    pub fn changes_from_base(
+        self,
+        worktrees: &Worktrees,
+        root: &str,
+    ) -> Result<Changes, TeleportError> {
+        let delta = match worktrees.base_unless(root, &self.manifest)? {
+            Some(base) => base.diff(&self.manifest),
+            None => Delta::default(),
+        };
+        Ok(Changes {
+            delta,
             problems: self.problems,
             conflicts: self.conflicts,
-        }
+        })
     }
 }
 
@@ -100,7 +109,7 @@ pub fn scan(
     reporter: &Reporter,
 ) -> Result<Scanned, TeleportError> {
     let previous = worktrees.index(root)?;
-    let plan = cloud_tree::plan(Path::new(root), &previous)
+    let plan = cloud_tree::plan(Path::new(root), &previous, &options())
         .map_err(|e| TeleportError::Local(e.to_string()))?;
     let (files, bytes) = plan.pending();
     reporter.report("scan", 0, files, 0, bytes);

@@ -168,13 +168,13 @@ impl Teleport {
                 Ok(match first {
                     local::Start::Changes(changes) => (changes, None),
                     local::Start::Found(found) => {
-                        (found.changes_from(&worktrees.base(&root_owned)?), None)
+                        (found.changes_from_base(&worktrees, &root_owned)?, None)
                     }
                     local::Start::Scan => {
                         let (found, index) =
                             local::scan(&worktrees, &root_owned, &reporter_owned)?.split();
                         (
-                            found.changes_from(&worktrees.base(&root_owned)?),
+                            found.changes_from_base(&worktrees, &root_owned)?,
                             Some(index),
                         )
                     }

@@ -23,7 +23,8 @@
 //! temporary files are never content. Only a root that cannot be opened or listed fails
 //! a scan.
 //!
-//! Hashing runs on up to [`ScanOptions::threads`] scoped threads; the API is synchronous,
+//! The walk (ignore's parallel walker: listing, stat, the index's say) and the hashing each
+//! run on up to [`ScanOptions::threads`] threads; the API is synchronous,
 //! so callers run it on a blocking pool, never on a runtime thread.
 //!
 //! Architecture invariant: the scanner only reads. Files are opened through [`crate::Root`]
@@ -51,7 +52,8 @@ pub const CLOUDIGNORE: &str = ".cloudignore";
 /// How a scan runs.
 #[derive(Debug, Clone)]
 pub struct ScanOptions {
-    /// Threads that hash files (1: on the caller's thread).
+    /// Threads that walk the tree, and threads that hash files (1: hashing on the
+    /// caller's thread).
     pub threads: usize,
 }
 
@@ -149,7 +151,7 @@ pub enum ScanError {
 
 /// Scans the tree at `root`, reading only what `previous` cannot vouch for.
 pub fn scan(root: &Path, previous: &Index, options: &ScanOptions) -> Result<Scan, ScanError> {
-    Ok(plan(root, previous)?.finish(options))
+    Ok(plan(root, previous, options)?.finish(options))
 }
 
 /// The first half of a scan: the walk is done (every path stat'ed, the index consulted),
@@ -159,10 +161,15 @@ pub struct Plan<'a> {
     walk: Walk<'a>,
 }
 
-/// Walks the tree at `root` (see [`scan`]); [`Plan::finish`] hashes.
-pub fn plan<'a>(root: &Path, previous: &'a Index) -> Result<Plan<'a>, ScanError> {
+/// Walks the tree at `root` on [`ScanOptions::threads`] threads (see [`scan`]);
+/// [`Plan::finish`] hashes.
+pub fn plan<'a>(
+    root: &Path,
+    previous: &'a Index,
+    options: &ScanOptions,
+) -> Result<Plan<'a>, ScanError> {
     Ok(Plan {
-        walk: Walk::run(root, previous, Scope::All)?,
+        walk: Walk::run(root, previous, Scope::All, options.threads)?,
     })
 }
 
@@ -177,10 +184,7 @@ impl Plan<'_> {
     pub fn finish(self, options: &ScanOptions) -> Scan {
         let mut walk = self.walk;
         walk.hash(options);
-        let mut index = Index::new(walk.started_ns);
-        for (path, indexed) in std::mem::take(&mut walk.found) {
-            index.insert(path, indexed);
-        }
+        let index = Index::from_entries(walk.started_ns, std::mem::take(&mut walk.found));
         let manifest = index.manifest();
         tracing::debug!(root = %walk.root.path().display(), stats = ?walk.stats, "scanned");
         Scan {

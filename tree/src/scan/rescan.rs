@@ -38,7 +38,7 @@ pub fn rescan_paths(
         None => Scope::All,
         Some(targets) => Scope::paths(targets),
     };
-    let mut walk = Walk::run(root, index, scope)?;
+    let mut walk = Walk::run(root, index, scope, options.threads)?;
     walk.hash(options);
 
     // What the answer covers: each target's subtree, widened to the topmost parent that

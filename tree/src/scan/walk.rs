@@ -82,6 +82,21 @@ impl Scope {
 
 /// The path of `path` under `root`, checked.
 fn rel_path(root: &Path, path: &Path) -> Result<RelPath, SkipReason> {
+    // What the walker yields is `root` joined with names: the bytes after `root/` are the
+    // relative path, and `RelPath::new` checks every component (no `.`, `..`, empty).
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt as _;
+        let relative = path
+            .as_os_str()
+            .as_bytes()
+            .strip_prefix(root.as_os_str().as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"/"));
+        if let Some(relative) = relative {
+            let text = std::str::from_utf8(relative).map_err(|_| SkipReason::NotUtf8)?;
+            return RelPath::new(text).map_err(SkipReason::BadPath);
+        }
+    }
     let relative = path.strip_prefix(root).unwrap_or(path);
     let mut text = String::new();
     for component in relative.components() {
@@ -156,11 +171,106 @@ fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
+/// What one path the walker yielded became (worked out on the walker's threads).
+enum Visited {
+    Found(RelPath, Indexed),
+    /// A file the index vouched for.
+    Reused(RelPath, Indexed),
+    /// A file to read, with the stat the walk saw.
+    Pending(RelPath, Stat),
+    Skipped(Skipped),
+    Unreadable(Unreadable),
+    /// The walker's own error (merged on the calling thread, which may fail the walk).
+    Error(ignore::Error),
+}
+
+/// One walker thread's results, handed over when the thread's visitor is dropped.
+struct Collector<'s> {
+    root_dir: &'s Path,
+    previous: &'s Index,
+    local: Vec<Visited>,
+    out: &'s Mutex<Vec<Vec<Visited>>>,
+}
+
+impl Collector<'_> {
+    fn take(&mut self, result: Result<ignore::DirEntry, ignore::Error>) {
+        match result {
+            Ok(entry) if entry.depth() == 0 => {}
+            Ok(entry) => {
+                if let Some(visited) = visit(self.root_dir, self.previous, entry.path()) {
+                    self.local.push(visited);
+                }
+            }
+            Err(error) => self.local.push(Visited::Error(error)),
+        }
+    }
+}
+
+impl Drop for Collector<'_> {
+    fn drop(&mut self) {
+        let local = std::mem::take(&mut self.local);
+        self.out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(local);
+    }
+}
+
+/// One path the walker yielded (already filtered: in scope, a valid path).
+fn visit(root_dir: &Path, previous: &Index, path: &Path) -> Option<Visited> {
+    let rel = rel_path(root_dir, path).ok()?;
+    let skip = |reason| {
+        Visited::Skipped(Skipped {
+            path: path.strip_prefix(root_dir).unwrap_or(path).to_path_buf(),
+            reason,
+        })
+    };
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) => return Some(Visited::Unreadable(Unreadable { path: rel, error })),
+    };
+    let stat = Stat::from_metadata(&metadata);
+    Some(match stat.kind {
+        FileKind::Dir => Visited::Found(
+            rel,
+            Indexed {
+                stat,
+                kind: EntryKind::Dir,
+            },
+        ),
+        FileKind::Symlink => match std::fs::read_link(path) {
+            Err(error) => Visited::Unreadable(Unreadable { path: rel, error }),
+            Ok(target) => match target.into_os_string().into_string() {
+                Err(_) => skip(SkipReason::LinkTargetNotUtf8),
+                Ok(target) => {
+                    let kind = EntryKind::Symlink { target };
+                    match kind.validate() {
+                        Ok(()) => Visited::Found(rel, Indexed { stat, kind }),
+                        Err(reason) => skip(SkipReason::BadLinkTarget(reason)),
+                    }
+                }
+            },
+        },
+        FileKind::File => match previous.reusable(&rel, &stat) {
+            Some(kind) => {
+                let kind = kind.clone();
+                Visited::Reused(rel, Indexed { stat, kind })
+            }
+            None => Visited::Pending(rel, stat),
+        },
+        FileKind::Other => skip(SkipReason::Special(special_kind(&metadata.file_type()))),
+    })
+}
+
 impl<'a> Walk<'a> {
+    /// Walks `root_dir` on `threads` threads (at least one): every path stat'ed, the
+    /// index consulted. The results do not depend on the threads' timing: what is listed
+    /// is sorted by path.
     pub(super) fn run(
         root_dir: &Path,
         previous: &'a Index,
         scope: Scope,
+        threads: usize,
     ) -> Result<Walk<'a>, ScanError> {
         let started_ns = now_ns();
         let root = Root::open(root_dir)?;
@@ -177,79 +287,47 @@ impl<'a> Walk<'a> {
         };
         let scope = Arc::new(scope);
         let filtered = Arc::new(Mutex::new(Filtered::default()));
-        for result in walker(root_dir, Arc::clone(&scope), Arc::clone(&filtered)) {
-            match result {
-                Ok(entry) if entry.depth() == 0 => {}
-                Ok(entry) => walk.visit(root_dir, entry.path()),
-                Err(error) => walk.walk_error(root_dir, &scope, error)?,
+        let out = Mutex::new(Vec::new());
+        walker(root_dir, Arc::clone(&scope), Arc::clone(&filtered), threads).run(|| {
+            let mut collector = Collector {
+                root_dir,
+                previous,
+                local: Vec::new(),
+                out: &out,
+            };
+            Box::new(move |result| {
+                collector.take(result);
+                ignore::WalkState::Continue
+            })
+        });
+        for visited in out
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_iter()
+            .flatten()
+        {
+            match visited {
+                Visited::Found(path, indexed) => {
+                    walk.found.insert(path, indexed);
+                }
+                Visited::Reused(path, indexed) => {
+                    walk.stats.reused_files += 1;
+                    walk.found.insert(path, indexed);
+                }
+                Visited::Pending(path, stat) => walk.pending.push((path, stat)),
+                Visited::Skipped(skipped) => walk.skipped.push(skipped),
+                Visited::Unreadable(unreadable) => walk.unreadable.push(unreadable),
+                Visited::Error(error) => walk.walk_error(root_dir, &scope, error)?,
             }
         }
         let filtered = std::mem::take(&mut *filtered.lock().unwrap_or_else(|e| e.into_inner()));
         walk.skipped.extend(filtered.skipped);
         walk.conflict_copies = filtered.conflict_copies;
+        walk.pending.sort_by(|a, b| a.0.cmp(&b.0));
+        walk.skipped.sort_by(|a, b| a.path.cmp(&b.path));
+        walk.unreadable.sort_by(|a, b| a.path.cmp(&b.path));
+        walk.conflict_copies.sort();
         Ok(walk)
-    }
-
-    /// One path the walker yielded (already filtered: in scope, a valid path).
-    fn visit(&mut self, root_dir: &Path, path: &Path) {
-        let Ok(rel) = rel_path(root_dir, path) else {
-            return;
-        };
-        let metadata = match std::fs::symlink_metadata(path) {
-            Ok(metadata) => metadata,
-            Err(error) => {
-                self.unreadable.push(Unreadable { path: rel, error });
-                return;
-            }
-        };
-        let stat = Stat::from_metadata(&metadata);
-        match stat.kind {
-            FileKind::Dir => {
-                self.found.insert(
-                    rel,
-                    Indexed {
-                        stat,
-                        kind: EntryKind::Dir,
-                    },
-                );
-            }
-            FileKind::Symlink => match std::fs::read_link(path) {
-                Err(error) => self.unreadable.push(Unreadable { path: rel, error }),
-                Ok(target) => match target.into_os_string().into_string() {
-                    Err(_) => self.skip(root_dir, path, SkipReason::LinkTargetNotUtf8),
-                    Ok(target) => {
-                        let kind = EntryKind::Symlink { target };
-                        match kind.validate() {
-                            Ok(()) => {
-                                self.found.insert(rel, Indexed { stat, kind });
-                            }
-                            Err(reason) => {
-                                self.skip(root_dir, path, SkipReason::BadLinkTarget(reason))
-                            }
-                        }
-                    }
-                },
-            },
-            FileKind::File => match self.previous.reusable(&rel, &stat) {
-                Some(kind) => {
-                    self.stats.reused_files += 1;
-                    let kind = kind.clone();
-                    self.found.insert(rel, Indexed { stat, kind });
-                }
-                None => self.pending.push((rel, stat)),
-            },
-            FileKind::Other => {
-                let reason = SkipReason::Special(special_kind(&metadata.file_type()));
-                self.skip(root_dir, path, reason);
-            }
-        }
-    }
-
-    fn skip(&mut self, root_dir: &Path, path: &Path, reason: SkipReason) {
-        self.skipped.push(Skipped {
-            path: path.strip_prefix(root_dir).unwrap_or(path).to_path_buf(),
-            reason,
-        });
     }
 
     /// An error from the walker: a directory that cannot be listed is unreadable (its
@@ -326,8 +404,14 @@ impl<'a> Walk<'a> {
 }
 
 /// The walker: git's ignore rules and `.cloudignore`, hidden files included, links not
-/// followed, `.git` and the writer's temporary files pruned, only `scope` visited.
-fn walker(root: &Path, scope: Arc<Scope>, filtered: Arc<Mutex<Filtered>>) -> ignore::Walk {
+/// followed, `.git` and the writer's temporary files pruned, only `scope` visited, on
+/// `threads` threads.
+fn walker(
+    root: &Path,
+    scope: Arc<Scope>,
+    filtered: Arc<Mutex<Filtered>>,
+    threads: usize,
+) -> ignore::WalkParallel {
     let mut builder = ignore::WalkBuilder::new(root);
     builder
         // No hidden-file filter, no `.ignore` files, no rules from above the root.
@@ -337,7 +421,8 @@ fn walker(root: &Path, scope: Arc<Scope>, filtered: Arc<Mutex<Filtered>>) -> ign
         .git_global(true)
         .require_git(false)
         .add_custom_ignore_filename(CLOUDIGNORE)
-        .follow_links(false);
+        .follow_links(false)
+        .threads(threads.max(1));
     let root = root.to_path_buf();
     builder.filter_entry(move |entry| {
         if never_content(entry.file_name()) {
@@ -376,7 +461,7 @@ fn walker(root: &Path, scope: Arc<Scope>, filtered: Arc<Mutex<Filtered>>) -> ign
             }
         }
     });
-    builder.build()
+    builder.build_parallel()
 }
 
 /// The path an `ignore` error is about, if it says.
