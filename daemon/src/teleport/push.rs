@@ -31,10 +31,6 @@ pub(super) struct Pushed {
     pub outcome: TeleportOutcome,
     /// Whether it made a version (a quiet push of an unchanged tree does not).
     pub committed: bool,
-    /// Whether what it committed (or found unchanged) is what it started from: no file
-    /// changed while it was read and no newer version was merged in, so the agreed tree
-    /// is the old one with the starting changes applied.
-    pub as_started: bool,
     /// The index of the last full scan the push made (a retry, a merge), if it made one:
     /// a watcher that keeps the index in memory takes it up.
     pub index: Option<cloud_tree::Index>,
@@ -160,7 +156,7 @@ impl Teleport {
         let mut index = None;
         let mut last_failure = String::new();
         let mut start = Some(start);
-        for attempt in 0..MAX_ATTEMPTS {
+        for _ in 0..MAX_ATTEMPTS {
             let (worktrees, root_owned, reporter_owned) =
                 (self.worktrees.clone(), root.to_owned(), reporter.clone());
             let first = start.take().unwrap_or(local::Start::Scan);
@@ -202,7 +198,6 @@ impl Teleport {
                 return Ok(Pushed {
                     outcome,
                     committed: false,
-                    as_started: attempt == 0,
                     index,
                 });
             }
@@ -240,7 +235,6 @@ impl Teleport {
                     return Ok(Pushed {
                         outcome,
                         committed: true,
-                        as_started: attempt == 0,
                         index,
                     });
                 }

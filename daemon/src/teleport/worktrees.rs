@@ -232,6 +232,37 @@ impl Worktrees {
         Ok(base)
     }
 
+    /// The base tree's entries at and under `paths` (what a watch diffs an edit against).
+    pub fn base_under<'a>(
+        &self,
+        root: &str,
+        paths: impl IntoIterator<Item = &'a RelPath>,
+    ) -> Result<Manifest, StoreError> {
+        let skip = path_prefix(b'm', root).len();
+        let mut base = Manifest::new();
+        let mut add = |key: &[u8], value: &[u8]| -> Result<(), StoreError> {
+            let path = std::str::from_utf8(&key[skip..]).map_err(|e| corrupt("a path", e))?;
+            let path = RelPath::new(path).map_err(|e| corrupt("a path", e))?;
+            let kind: EntryKind =
+                postcard::from_bytes(value).map_err(|e| corrupt("a base entry", e))?;
+            base.insert(path, kind);
+            Ok(())
+        };
+        for path in paths {
+            let at = path_key(b'm', root, path);
+            if let Some(value) = self.tree.get(&at).map_err(StoreError::sled("teleport"))? {
+                add(&at, &value)?;
+            }
+            let mut under = at;
+            under.push(b'/');
+            for item in self.tree.scan_prefix(&under) {
+                let (key, value) = item.map_err(StoreError::sled("teleport"))?;
+                add(&key, &value)?;
+            }
+        }
+        Ok(base)
+    }
+
     /// The stored digest of `root`'s base tree, if there is one.
     fn base_digest(&self, root: &str) -> Result<Option<Digest>, StoreError> {
         Ok(self

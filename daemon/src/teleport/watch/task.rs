@@ -347,11 +347,11 @@ impl Watch {
     }
 
     /// Pushes: `paths` rescanned on top of the index, or (`None`) a full scan through it.
-    /// After a rescan only what changed is diffed against the agreed tree the watch keeps
-    /// (see [`WatchedTree::changes`]).
+    /// After a rescan only what changed is diffed against the stored agreed tree (see
+    /// [`WatchedTree::changes`]).
     async fn push(&mut self, paths: Option<Vec<RelPath>>) -> Result<(), TeleportError> {
         let reporter = self.reporter();
-        let (root, scan_reporter, version) = (self.root.clone(), reporter.clone(), self.version);
+        let (root, scan_reporter) = (self.root.clone(), reporter.clone());
         let start = self
             .with_tree(move |tree, worktrees| {
                 // Another operation (an explicit push or pull) scanned meanwhile: its
@@ -362,7 +362,7 @@ impl Watch {
                 Ok(match paths {
                     Some(paths) => {
                         let problems = tree.rescan_paths(worktrees, &paths)?;
-                        match tree.changes(worktrees, version, problems.clone())? {
+                        match tree.changes(worktrees, problems.clone())? {
                             Some(changes) => Start::Changes(changes),
                             None => Start::Found(tree.found(problems)),
                         }
@@ -371,18 +371,14 @@ impl Watch {
                 })
             })
             .await?;
-        let delta = match &start {
-            Start::Changes(changes) => Some(changes.delta.clone()),
-            _ => None,
-        };
         let pushed = self
             .teleport
             .push_held(&self.root, &self.session, &reporter, start, true)
             .await?;
-        let (index, followed) = (pushed.index, pushed.as_started.then_some(delta).flatten());
+        let index = pushed.index;
         let version = pushed.outcome.version;
         self.with_tree(move |tree, worktrees| {
-            tree.pushed(followed.as_ref(), version);
+            tree.pushed();
             match index {
                 // A retry scanned again: the agreed tree is that scan's.
                 Some(index) => tree.adopt_agreed(worktrees, index),

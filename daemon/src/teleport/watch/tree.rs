@@ -9,10 +9,11 @@
 //! once its watch exists, until no new one turns up: nothing created in a new directory is
 //! missed, however fast it came.
 //!
-//! Edits: the watch also keeps the agreed tree in memory and which paths changed in the
-//! index since the index last matched it, so an edit's push diffs those paths only
-//! ([`WatchedTree::changes`]), not the whole tree: its cost follows the edit, not the
-//! tree's size.
+//! Edits: the watch also keeps which paths changed in the index since the index last
+//! matched the agreed tree, so an edit's push diffs those paths only
+//! ([`WatchedTree::changes`], reading only their entries of the stored agreed tree), not
+//! the whole tree: its cost follows the edit, not the tree's size, and the agreed tree is
+//! never held in memory.
 //!
 //! Blocking (it scans and waits for notify's thread): runs on the blocking pool. This
 //! module must never talk to the relay or write a worktree file.
@@ -41,9 +42,6 @@ pub struct WatchedTree {
     pub fs: FsWatch,
     /// Conflict copies in the worktree, as far as the scans know.
     conflicts: BTreeSet<String>,
-    /// The agreed tree and its version, once loaded (`None` until then, and after an
-    /// agreement this watch did not follow step by step).
-    base: Option<(u64, Manifest)>,
     /// The paths whose index entries changed since the index last matched the agreed
     /// tree: the next push's changes are under them. `None`: not known (another operation
     /// scanned or pulled), and the next push diffs the whole tree.
@@ -75,7 +73,6 @@ impl WatchedTree {
             index,
             fs,
             conflicts,
-            base: None,
             unpushed: None,
             #[cfg(test)]
             after_walk: None,
@@ -133,41 +130,29 @@ impl WatchedTree {
         Ok(problems)
     }
 
-    /// The changes from the agreed tree at `version` to the index, when which paths
-    /// changed is known: only those are diffed (the agreed tree is loaded once, and again
-    /// only after an agreement this watch did not follow). `None` when not known.
+    /// The changes from the stored agreed tree to the index, when which paths changed is
+    /// known: only those are diffed, and only their entries of the agreed tree are read.
+    /// `None` when not known.
     pub fn changes(
-        &mut self,
+        &self,
         worktrees: &Worktrees,
-        version: u64,
         problems: Vec<String>,
     ) -> Result<Option<Changes>, TeleportError> {
         let Some(unpushed) = &self.unpushed else {
             return Ok(None);
         };
-        let base = match &self.base {
-            Some((at, base)) if *at == version => base,
-            _ => &self.base.insert((version, worktrees.base(&self.root)?)).1,
-        };
+        let base = worktrees.base_under(&self.root, unpushed)?;
         Ok(Some(Changes {
-            delta: changes_under(base, &self.index, unpushed),
+            delta: changes_under(&base, &self.index, unpushed),
             problems,
             conflicts: self.conflicts.iter().cloned().collect(),
         }))
     }
 
-    /// A push agreed on version `version`, where the index matched the agreed tree: by
-    /// `delta` from the version before when given (the agreed tree in memory follows it),
-    /// else in a way this watch did not follow step by step.
-    pub fn pushed(&mut self, delta: Option<&Delta>, version: u64) {
+    /// A push agreed on a version where the index matched the agreed tree: nothing is
+    /// left to push.
+    pub fn pushed(&mut self) {
         self.unpushed = Some(BTreeSet::new());
-        self.base = match (self.base.take(), delta) {
-            (Some((_, mut base)), Some(delta)) => {
-                base.apply(delta);
-                Some((version, base))
-            }
-            _ => None,
-        };
     }
 
     /// Scans the whole worktree through the index (only what changed is read).
@@ -535,13 +520,13 @@ mod tests {
         let (handler, _events) = channel(root);
         let mut tree = WatchedTree::open(worktrees, root_s, handler).unwrap();
         // Not known before a push agreed on the index.
-        assert!(tree.changes(worktrees, 0, Vec::new()).unwrap().is_none());
+        assert!(tree.changes(worktrees, Vec::new()).unwrap().is_none());
         // The agreed tree: the scan's, at version 1 (as a full push would store it).
         let agreed = tree.found(Vec::new()).manifest;
         worktrees
             .set_base(root_s, &Manifest::new(), &agreed)
             .unwrap();
-        tree.pushed(None, 1);
+        tree.pushed();
 
         let whole_diff =
             |tree: &WatchedTree| worktrees.base(root_s).unwrap().diff(&tree.index.manifest());
@@ -553,7 +538,7 @@ mod tests {
         let problems = tree
             .rescan_paths(worktrees, &[p("src/a.rs"), p("src/b.rs"), p("lib")])
             .unwrap();
-        let changes = tree.changes(worktrees, 1, problems).unwrap().unwrap();
+        let changes = tree.changes(worktrees, problems).unwrap().unwrap();
         assert_eq!(changes.delta, whole_diff(&tree));
         assert!(!changes.delta.is_empty());
 
@@ -561,23 +546,19 @@ mod tests {
         std::fs::remove_dir_all(root.join("src")).unwrap();
         std::fs::write(root.join("src"), "now a file").unwrap();
         tree.rescan_paths(worktrees, &[p("src")]).unwrap();
-        let changes = tree.changes(worktrees, 1, Vec::new()).unwrap().unwrap();
+        let changes = tree.changes(worktrees, Vec::new()).unwrap().unwrap();
         assert_eq!(changes.delta, whole_diff(&tree));
 
-        // It is agreed (version 2): the agreed tree in memory follows, and nothing is left.
+        // It is agreed: nothing is left.
         worktrees.apply_base(root_s, &changes.delta).unwrap();
-        tree.pushed(Some(&changes.delta), 2);
-        assert_eq!(
-            tree.base.as_ref().map(|(v, m)| (*v, m.clone())),
-            Some((2, worktrees.base(root_s).unwrap()))
-        );
-        let after = tree.changes(worktrees, 2, Vec::new()).unwrap().unwrap();
+        tree.pushed();
+        let after = tree.changes(worktrees, Vec::new()).unwrap().unwrap();
         assert!(after.delta.is_empty());
         assert!(whole_diff(&tree).is_empty());
 
         // Another operation's index: not known again until a push agrees.
         let index = worktrees.index(root_s).unwrap();
         tree.adopt(worktrees, index).unwrap();
-        assert!(tree.changes(worktrees, 2, Vec::new()).unwrap().is_none());
+        assert!(tree.changes(worktrees, Vec::new()).unwrap().is_none());
     }
 }
