@@ -71,8 +71,9 @@ fn relay_counter(relay: &Relay, admin: &str, name: &str) -> u64 {
 fn a_burst_of_5000_sends_over_the_events_limit_arrives_exactly_once_within_the_limit() {
     let rate = EVENT_RATE.to_string();
     let burst = EVENT_BURST.to_string();
-    let mut args = QUIET_AGENT.to_vec();
-    args.extend(["--events-per-second", &rate, "--event-burst", &burst]);
+    // `--agent-command` takes every argument after it: it goes last.
+    let mut args = vec!["--events-per-second", &rate, "--event-burst", &burst];
+    args.extend(QUIET_AGENT);
     let relay = Relay::start_with(&args);
     let home = Home::new();
     login(&home, &relay, "ann");
@@ -136,8 +137,8 @@ fn a_burst_of_5000_sends_over_the_events_limit_arrives_exactly_once_within_the_l
 
 #[test]
 fn http_over_the_requests_limit_is_answered_429_with_retry_after() {
-    let mut args = QUIET_AGENT.to_vec();
-    args.extend(["--requests-per-second", "1", "--request-burst", "3"]);
+    let mut args = vec!["--requests-per-second", "1", "--request-burst", "3"];
+    args.extend(QUIET_AGENT);
     let relay = Relay::start_with(&args);
     let token = relay.token("ann", "acme");
     let other = relay.token("bob", "acme");
@@ -166,8 +167,8 @@ fn http_over_the_requests_limit_is_answered_429_with_retry_after() {
 
 #[test]
 fn session_commands_over_the_requests_limit_say_so_and_retry() {
-    let mut args = QUIET_AGENT.to_vec();
-    args.extend(["--requests-per-second", "1", "--request-burst", "2"]);
+    let mut args = vec!["--requests-per-second", "1", "--request-burst", "2"];
+    args.extend(QUIET_AGENT);
     let relay = Relay::start_with(&args);
     let home = Home::new();
     login(&home, &relay, "ann");
