@@ -231,7 +231,13 @@ fn histogram(counts: &[u64], sum_ms: u64, max_ms: u64) -> Histogram {
         for (n, bucket) in counts.iter().enumerate() {
             seen += bucket;
             if seen >= rank {
-                return Some(BOUNDS_MS.get(n).copied().unwrap_or(max_ms).min(max_ms.max(1)));
+                return Some(
+                    BOUNDS_MS
+                        .get(n)
+                        .copied()
+                        .unwrap_or(max_ms)
+                        .min(max_ms.max(1)),
+                );
             }
         }
         Some(max_ms)

@@ -307,7 +307,13 @@ pub fn queue_sends(home: &Home, session: &str, texts: &[String]) {
     };
     let hello = read_one(&mut stream);
     assert!(
-        matches!(hello, ServerMessage::Reply { id: 0, result: Ok(_) }),
+        matches!(
+            hello,
+            ServerMessage::Reply {
+                id: 0,
+                result: Ok(_)
+            }
+        ),
         "{hello:?}"
     );
     for (n_batch, batch) in texts.chunks(100).enumerate() {

@@ -110,10 +110,26 @@ fn the_relays_metrics_are_for_its_operator_only() {
     let admin = admin_token(&relay);
     let text = relay_metrics(&relay, &admin);
     assert_eq!(sample(&text, "cloud_relay_sessions"), 1, "{text}");
-    assert_eq!(sample(&text, "cloud_relay_instances_connected"), 1, "{text}");
-    assert_eq!(sample(&text, "cloud_relay_events_accepted_total"), 20, "{text}");
-    assert_eq!(sample(&text, "cloud_relay_events_refused_total"), 0, "{text}");
-    assert_eq!(sample(&text, "cloud_relay_events_rate_limited_total"), 0, "{text}");
+    assert_eq!(
+        sample(&text, "cloud_relay_instances_connected"),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cloud_relay_events_accepted_total"),
+        20,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cloud_relay_events_refused_total"),
+        0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cloud_relay_events_rate_limited_total"),
+        0,
+        "{text}"
+    );
     assert!(sample(&text, "cloud_relay_http_requests_total{class=\"4xx\"}") >= 2);
     assert!(sample(&text, "cloud_relay_http_requests_total{class=\"1xx\"}") >= 1);
     assert!(text.contains("# TYPE cloud_relay_events_accepted_total counter"));
@@ -131,7 +147,11 @@ fn telemetry_leaves_the_machine_only_when_turned_on_and_then_counts_only() {
     queue_sends(&quiet, &session, &texts("q", 10));
     wait_journal_empty(&quiet);
     let text = relay_metrics(&relay, &admin);
-    assert_eq!(sample(&text, "cloud_relay_telemetry_reports_total"), 0, "{text}");
+    assert_eq!(
+        sample(&text, "cloud_relay_telemetry_reports_total"),
+        0,
+        "{text}"
+    );
 
     // On: a report right after registering with the relay, holding counts only.
     let chatty = Home::new();
@@ -139,10 +159,20 @@ fn telemetry_leaves_the_machine_only_when_turned_on_and_then_counts_only() {
     std::fs::write(chatty.paths.config_file(), "telemetry = true\n").unwrap();
     login(&chatty, &relay, "bob");
     wait_for("the opted-in daemon's report", DEADLINE, || {
-        sample(&relay_metrics(&relay, &admin), "cloud_relay_telemetry_reports_total") >= 1
+        sample(
+            &relay_metrics(&relay, &admin),
+            "cloud_relay_telemetry_reports_total",
+        ) >= 1
     });
     let text = relay_metrics(&relay, &admin);
-    assert_eq!(sample(&text, "cloud_relay_telemetry_reports_total"), 1, "{text}");
-    assert!(sample(&text, "cloud_relay_telemetry_reconnects_total") >= 1, "{text}");
+    assert_eq!(
+        sample(&text, "cloud_relay_telemetry_reports_total"),
+        1,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "cloud_relay_telemetry_reconnects_total") >= 1,
+        "{text}"
+    );
     assert_eq!(chatty.cloudctl_json(&["metrics"])["telemetry"], true);
 }

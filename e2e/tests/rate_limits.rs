@@ -83,7 +83,8 @@ fn a_burst_of_5000_sends_over_the_events_limit_arrives_exactly_once_within_the_l
     queue_sends(&home, &session, &texts);
     // While the relay holds the stream back, status says so (and until when).
     wait_for("status to say the daemon is rate limited", DEADLINE, || {
-        home.cloudctl_ok(&["status"]).contains("rate limited until ")
+        home.cloudctl_ok(&["status"])
+            .contains("rate limited until ")
     });
     wait_for("the journal to drain", DEADLINE * 4, || {
         let status = home.cloudctl_json(&["status"]);
@@ -120,7 +121,10 @@ fn a_burst_of_5000_sends_over_the_events_limit_arrives_exactly_once_within_the_l
         "5000 events in {span_ms} ms: faster than {EVENT_RATE}/s"
     );
     let rate = (texts.len() as u64 - EVENT_BURST) as f64 / (span_ms as f64 / 1000.0);
-    eprintln!("accepted {} events in {span_ms} ms: {rate:.0}/s after the burst", texts.len());
+    eprintln!(
+        "accepted {} events in {span_ms} ms: {rate:.0}/s after the burst",
+        texts.len()
+    );
 
     // The daemon counted the slow-downs and the resends; the relay what it dropped.
     let metrics = home.cloudctl_json(&["metrics"]);
@@ -157,12 +161,17 @@ fn http_over_the_requests_limit_is_answered_429_with_retry_after() {
         .map(|(_, value)| value.clone());
     assert_eq!(retry_after.as_deref(), Some("1"), "{headers:?}");
     let message = body["error"].as_str().unwrap();
-    assert!(message.contains("rate limited") && message.contains("retry"), "{message}");
+    assert!(
+        message.contains("rate limited") && message.contains("retry"),
+        "{message}"
+    );
     assert!(!message.contains(&token));
     // Another key has a bucket of its own.
     assert_eq!(get(&other).0, 200);
     // About a second later the key has a token again (a refused request takes none).
-    wait_for("the key's bucket to refill", DEADLINE, || get(&token).0 == 200);
+    wait_for("the key's bucket to refill", DEADLINE, || {
+        get(&token).0 == 200
+    });
 }
 
 #[test]

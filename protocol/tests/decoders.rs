@@ -306,7 +306,11 @@ fn to_relay() -> impl Strategy<Value = ToRelay> {
             vec(any::<u64>(), 0..16)
         )
             .prop_map(
-                |((sends, deliveries, refusals), (retries, reconnects, slow_downs), latency_buckets)| {
+                |(
+                    (sends, deliveries, refusals),
+                    (retries, reconnects, slow_downs),
+                    latency_buckets,
+                )| {
                     ToRelay::Telemetry(cloud_protocol::bridge::TelemetryReport {
                         sends,
                         deliveries,
@@ -343,12 +347,12 @@ fn from_relay() -> impl Strategy<Value = FromRelay> {
         (any::<u64>(), word()).prop_map(|(seq, reason)| FromRelay::EventRefused { seq, reason }),
         (word(), word()).prop_map(|(session, reason)| FromRelay::JoinRefused { session, reason }),
         (any::<u64>(), reply).prop_map(|(id, result)| FromRelay::Reply { id, result }),
-        (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(
-            |(retry_after_ms, request)| FromRelay::SlowDown {
+        (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(retry_after_ms, request)| {
+            FromRelay::SlowDown {
                 retry_after_ms,
-                request
+                request,
             }
-        ),
+        }),
     ]
 }
 

@@ -240,7 +240,10 @@ mod tests {
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         let seconds = Instant::now().duration_since(start).as_secs_f64();
-        assert!(f64::from(admitted) <= 50.0 + 50.0 * seconds + 1.0, "{admitted}");
+        assert!(
+            f64::from(admitted) <= 50.0 + 50.0 * seconds + 1.0,
+            "{admitted}"
+        );
         assert!(admitted >= 540, "{admitted}");
     }
 

@@ -161,7 +161,10 @@ impl RelayMetrics {
             out,
             "# HELP cloud_relay_telemetry_latency_seconds Send-to-delivered latency opted-in daemons reported."
         );
-        let _ = writeln!(out, "# TYPE cloud_relay_telemetry_latency_seconds histogram");
+        let _ = writeln!(
+            out,
+            "# TYPE cloud_relay_telemetry_latency_seconds histogram"
+        );
         for (labels, value) in &labels {
             let _ = writeln!(out, "cloud_relay_telemetry_latency_seconds{labels} {value}");
         }
