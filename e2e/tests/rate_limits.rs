@@ -13,9 +13,10 @@ const QUIET_AGENT: [&str; 4] = ["--agent-command", "sh", "-c", "cat >/dev/null"]
 const EVENT_RATE: u64 = 250;
 const EVENT_BURST: u64 = 250;
 
-fn login(home: &Home, relay: &Relay, user: &str) {
+fn login(home: &Home, relay: &Relay, user: &str) -> String {
     let token = relay.token(user, "acme");
     home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
+    token
 }
 
 fn create_session(home: &Home) -> String {
@@ -180,14 +181,16 @@ fn session_commands_over_the_requests_limit_say_so_and_retry() {
     args.extend(QUIET_AGENT);
     let relay = Relay::start_with(&args);
     let home = Home::new();
-    login(&home, &relay, "ann");
+    let token = login(&home, &relay, "ann");
     home.wait_connected();
+    let mut outputs = String::new();
     // The bridge's upgrade took one token, the first create the other: the next creates
     // are refused by the relay until a token is back, and cloudctl retries them.
     let mut said_rate_limited = 0;
     for _ in 0..3 {
         let output = home.cloudctl(&["--json", "session", "create"]);
         let stderr = String::from_utf8_lossy(&output.stderr);
+        outputs.push_str(&stderr);
         assert!(output.status.success(), "session create failed: {stderr}");
         let created: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert!(created["session"]["id"].is_string(), "{created}");
@@ -198,4 +201,13 @@ fn session_commands_over_the_requests_limit_say_so_and_retry() {
     assert!(said_rate_limited >= 1, "no create was rate limited");
     let metrics = home.cloudctl_json(&["metrics"]);
     assert!(metrics["slow_downs"].as_u64().unwrap() >= 1, "{metrics}");
+    // The limit's messages name no token, in the CLI's output or either log.
+    outputs.push_str(&home.cloudctl_ok(&["status"]));
+    for (what, text) in [
+        ("cloudctl's output", outputs),
+        ("the daemon's log", home.read_daemon_log()),
+        ("the relay's log", relay.log()),
+    ] {
+        assert!(!text.contains(&token), "{what} holds the token");
+    }
 }

@@ -404,8 +404,18 @@ impl Connection {
             ToRelay::Event(_) => Ok(()),
             ToRelay::Authenticate { token } => self.reauthenticate(socket, &token.0).await,
             ToRelay::Telemetry(report) => {
-                // Added to the totals only: who sent it is not kept.
-                self.shared.metrics.telemetry(&report);
+                // Added to the totals only: who sent it is not kept. A report costs a
+                // request token (one over the limit is dropped), so no daemon can flood
+                // the totals.
+                if self
+                    .shared
+                    .limits
+                    .requests
+                    .take(&self.identity.key_hash)
+                    .is_ok()
+                {
+                    self.shared.metrics.telemetry(&report);
+                }
                 Ok(())
             }
             ToRelay::Teleport { id, request } => {
