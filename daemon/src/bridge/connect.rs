@@ -200,13 +200,7 @@ impl Bridge {
                 ))
             }
             Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 429 => {
-                let seconds = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.trim().parse::<u64>().ok())
-                    .unwrap_or(1);
-                Err(Ended::RateLimited(std::time::Duration::from_secs(seconds)))
+                Err(Ended::RateLimited(super::retry_after(response.headers())))
             }
             Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 403 => {
                 Err(Ended::Refused(

@@ -434,6 +434,17 @@ impl Bridge {
     }
 }
 
+/// An HTTP 429's `Retry-After` (whole seconds; 1 s when absent or unreadable), for the
+/// bridge's upgrade and the blob socket's alike.
+pub(crate) fn retry_after(headers: &tokio_tungstenite::tungstenite::http::HeaderMap) -> Duration {
+    let seconds = headers
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds)
+}
+
 /// What `status` says while the relay asks this daemon to slow down.
 fn rate_limited_reason(until: std::time::SystemTime) -> String {
     let secs = until

@@ -120,7 +120,9 @@ impl Connection {
 
     /// Whether journaled event `seq` goes to the core (see the module docs).
     fn admit(&mut self, seq: u64) -> Admit {
-        if seq <= self.handed {
+        // A resend of what this connection handed over, or of what the core holds already
+        // (its ack): deduplicated by the core, free here.
+        if seq <= self.handed.max(self.ack) {
             return Admit::Pass;
         }
         let metrics = &self.shared.metrics;
