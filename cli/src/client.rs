@@ -139,10 +139,49 @@ impl Client {
     /// Sends `request` and waits for its reply. When it needs the relay and has no reply
     /// after [`RELAY_NOTICE_AFTER`], says on stderr that the daemon waits for the relay to
     /// connect, if that is why.
+    ///
+    /// A request the relay refuses with `rate_limited` is sent again once the relay's
+    /// slow-down is over (saying so on stderr), for up to [`RATE_LIMITED_PATIENCE`].
     pub async fn request(&mut self, request: Request) -> Result<Response, ClientError> {
         if !needs_relay(&request) {
             return self.call(request).await;
         }
+        let started = std::time::Instant::now();
+        loop {
+            match self.request_once(request.clone()).await {
+                Err(ClientError::Daemon(error))
+                    if error.code == ErrorCode::RateLimited
+                        && started.elapsed() < RATE_LIMITED_PATIENCE =>
+                {
+                    let delay = self.rate_limit_delay().await;
+                    eprintln!(
+                        "cloudctl: rate limited, retrying in {:.1} s…",
+                        delay.as_secs_f64()
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// How long the relay asks this daemon to wait (the daemon's `metrics` say until
+    /// when), at least a little and at most a minute.
+    async fn rate_limit_delay(&mut self) -> Duration {
+        let until = match self.call(Request::Metrics).await {
+            Ok(Response::Metrics(metrics)) => metrics.rate_limited_until_ms,
+            _ => None,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let delay = until.map_or(1000, |until| until.saturating_sub(now));
+        Duration::from_millis(delay).clamp(Duration::from_millis(50), Duration::from_secs(60))
+    }
+
+    /// [`Client::request`] without the retries.
+    async fn request_once(&mut self, request: Request) -> Result<Response, ClientError> {
         let paths = self.paths.clone();
         let reply = self.call(request);
         tokio::pin!(reply);
@@ -259,6 +298,9 @@ fn socket_name(paths: &Paths) -> std::io::Result<interprocess::local_socket::Nam
 }
 
 /// Whether the daemon serves `request` through the relay (and so may wait for the bridge).
+/// How long a request the relay rate-limits is retried before its error is shown.
+pub const RATE_LIMITED_PATIENCE: Duration = Duration::from_secs(120);
+
 fn needs_relay(request: &Request) -> bool {
     matches!(
         request,

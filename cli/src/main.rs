@@ -13,6 +13,7 @@ use cloudctl::client::{Client, ClientError};
 use cloudctl::launcher::{self, Running};
 use cloudctl::service;
 
+mod metrics_commands;
 mod session_commands;
 mod table;
 mod teleport_commands;
@@ -133,6 +134,8 @@ enum Command {
         #[arg(long, default_value = "denied by the user")]
         message: String,
     },
+    /// Show the daemon's own health figures (they stay on this machine).
+    Metrics,
     /// Print a shell completion script to stdout (for example:
     /// `cloudctl completions bash > ~/.local/share/bash-completion/completions/cloudctl`).
     Completions {
@@ -415,6 +418,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Interrupt { id } => {
             let mut running = connect(&paths, true).await?;
             session_commands::interrupt(&paths, &mut running.client, id, json_output).await
+        }
+        Command::Metrics => {
+            let mut running = connect(&paths, true).await?;
+            metrics_commands::metrics(&mut running.client, json_output).await
         }
         Command::Permissions { id } => {
             let mut running = connect(&paths, true).await?;

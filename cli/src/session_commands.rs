@@ -319,7 +319,8 @@ pub fn relay_line(relay: &RelayStatus) -> String {
     let reason = relay
         .reason
         .as_deref()
-        .filter(|_| relay.state != BridgeState::Connected)
+        // A connected bridge has a reason only while the relay asks it to slow down.
+        .filter(|r| relay.state != BridgeState::Connected || r.starts_with("rate limited"))
         .map(|r| format!(": {r}"))
         .unwrap_or_default();
     // The embedded relay has no URL until it listens.

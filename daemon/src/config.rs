@@ -17,6 +17,9 @@ pub struct Config {
     pub log: Option<String>,
     /// The most clients served at once; further connections are told the daemon is busy.
     pub max_clients: usize,
+    /// Send anonymous aggregates (counts only) to the relay, at most every
+    /// [`crate::bridge::TELEMETRY_INTERVAL`]. Off unless set: nothing leaves the machine.
+    pub telemetry: bool,
 }
 
 impl Default for Config {
@@ -24,6 +27,7 @@ impl Default for Config {
         Config {
             log: None,
             max_clients: 1024,
+            telemetry: false,
         }
     }
 }

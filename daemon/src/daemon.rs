@@ -136,6 +136,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
             .unwrap_or_default(),
         instance_id.clone(),
     );
+    link.metrics.set_telemetry(config.telemetry);
     let link = Arc::new(link);
     let teleport_db = store::open_teleport(&paths.state_dir.join("teleport"))?;
     let worktrees = crate::teleport::worktrees::Worktrees::open(&teleport_db)?;
@@ -301,6 +302,7 @@ fn reload(shared: &Shared, logging: &mut Logging) {
         }
     };
     shared.set_max_clients(config.max_clients);
+    shared.link.metrics.set_telemetry(config.telemetry);
     shared.update("configuration reloaded", |s| {
         s.config_generation += 1;
         s.log_filter = filter;

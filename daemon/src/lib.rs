@@ -21,6 +21,8 @@
 //!   journal), writer (the journal, then control messages), reader (dispatching what the
 //!   relay sends), backoff; [`link`]: what it shares with the handlers.
 //! - [`teleport`]: worktrees linked to sessions: push, pull, the blob socket.
+//! - [`metrics`]: the daemon's health figures (`cloudctl metrics`), and the anonymous
+//!   aggregates sent only with `telemetry = true`.
 //! - [`daemon`]: the core: start-up, the one loop that consumes [`event::CoreEvent`]s
 //!   (signals, shutdown requests), and the bounded drain; [`event`] names those events.
 //! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
@@ -42,6 +44,7 @@ pub mod journal;
 pub mod link;
 pub mod logging;
 pub mod memory;
+pub mod metrics;
 pub mod sessions;
 pub mod signals;
 pub mod singleton;

@@ -107,6 +107,8 @@ pub struct Link {
     epoch: std::sync::atomic::AtomicU64,
     /// Where the relay's blob socket is, while the bridge is connected.
     blob_endpoint: Mutex<Option<BlobEndpoint>>,
+    /// The daemon's health figures (`cloudctl metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The idempotency keys of the events the journal still holds, so a client that retries
@@ -190,6 +192,7 @@ impl Link {
                 sessions_feed,
                 epoch: std::sync::atomic::AtomicU64::new(0),
                 blob_endpoint: Mutex::new(None),
+                metrics: crate::metrics::Metrics::default(),
             },
             commands_rx,
         )
@@ -269,7 +272,10 @@ impl Link {
         queue: impl FnOnce() -> Result<u64, E>,
     ) -> Result<(u64, bool), E> {
         let Some(key) = key else {
-            return queue().map(|seq| (seq, true));
+            return queue().map(|seq| {
+                self.metrics.queued(seq);
+                (seq, true)
+            });
         };
         let mut keys = self.keys.lock().expect("keys lock poisoned");
         // A repeat is the first event, unless the journal refused that one (a full disk):
@@ -281,6 +287,7 @@ impl Link {
             keys.0.remove(key);
         }
         let seq = queue()?;
+        self.metrics.queued(seq);
         keys.0.insert(key.to_owned(), seq);
         keys.1.push_back(key.to_owned());
         while keys.1.len() > REMEMBERED_KEYS {
@@ -294,6 +301,7 @@ impl Link {
     /// Counts a refusal the user has not been told about (`status` shows the tally), and
     /// tells `sessions` subscribers.
     pub fn report_refusal(&self, seq: u64, session: String, reason: String) {
+        self.metrics.refused();
         {
             let mut refusals = self.refusals.lock().expect("refusals lock poisoned");
             refusals.count += 1;
@@ -395,9 +403,11 @@ impl Link {
     /// The relay acknowledged everything up to `seq`: trim the journal and release the
     /// waiters of events it did not refuse.
     pub fn acknowledge(&self, seq: u64) {
-        if seq <= self.journal.acked() {
+        let acked = self.journal.acked();
+        if seq <= acked {
             return;
         }
+        let depth = self.journal.depth();
         let written = self.journal.last_written();
         if seq > written {
             // The relay holds more of this instance than its journal ever wrote (a state
@@ -411,6 +421,16 @@ impl Link {
         }
         if let Err(e) = self.journal.trim(seq) {
             tracing::error!("cannot trim the journal: {e}");
+        }
+        {
+            // What left the journal, less what the relay refused, was delivered.
+            let refused = self.refused.lock().expect("refused lock poisoned");
+            let n_refused = refused.range(acked + 1..=seq).count() as u64;
+            let n_delivered = depth
+                .saturating_sub(self.journal.depth())
+                .saturating_sub(n_refused);
+            self.metrics
+                .acknowledged(seq, n_delivered, |seq| refused.contains_key(&seq));
         }
         let delivered = {
             let mut waiters = self.waiters.lock().expect("waiters lock poisoned");

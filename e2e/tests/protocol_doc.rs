@@ -230,6 +230,7 @@ fn the_documented_exchanges_hold_against_the_real_daemon() {
         "teleport/watch",
         "teleport/status",
         "teleport/stop",
+        "metrics",
         "session/unfollow",
         "session/action",
     ] {

@@ -24,8 +24,9 @@ use crate::teleport::{TeleportReply, TeleportRequest};
 /// The bridge protocol version, checked when the daemon registers. 2: journaled events
 /// carry an idempotency key, and `RelayRequest::Get` exists. 4: `ToRelay::Authenticate`
 /// (a connection opened with an expiring access token ends when it expires, unless the
-/// daemon sends a fresh one first).
-pub const BRIDGE_VERSION: u32 = 4;
+/// daemon sends a fresh one first). 5: `FromRelay::SlowDown` (rate limits) and
+/// `ToRelay::Telemetry` (opt-in anonymous aggregates).
+pub const BRIDGE_VERSION: u32 = 5;
 
 /// The largest bridge message either side accepts.
 pub const MAX_BRIDGE_MESSAGE: usize = 16 * 1024 * 1024;
@@ -138,7 +139,37 @@ pub enum ToRelay {
         /// The new access token.
         token: BearerToken,
     },
+    /// Extension channel, only when the user set `telemetry = true`: the daemon's
+    /// anonymous aggregates since its previous report (counts only: no ids, paths, names
+    /// or tokens). Not answered; the relay adds them to its `/metrics` totals.
+    Telemetry(TelemetryReport),
 }
+
+/// What an opted-in daemon reports, at most every few minutes: counts since its previous
+/// report, nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryReport {
+    /// Events queued by clients.
+    pub sends: u64,
+    /// Events the relay acknowledged.
+    pub deliveries: u64,
+    /// Events the relay refused.
+    pub refusals: u64,
+    /// Events sent again (after a reconnect or a slow-down).
+    pub retries: u64,
+    /// Connections to the relay registered.
+    pub reconnects: u64,
+    /// Slow-downs the relay asked for.
+    pub slow_downs: u64,
+    /// Send→delivered latencies, counted per bucket of
+    /// [`TELEMETRY_LATENCY_BUCKETS_MS`] (the last count is everything above its last bound).
+    pub latency_buckets: Vec<u64>,
+}
+
+/// The upper bounds, in milliseconds, of the latency buckets of a [`TelemetryReport`] (and
+/// of the daemon's own histogram).
+pub const TELEMETRY_LATENCY_BUCKETS_MS: [u64; 12] =
+    [1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000];
 
 /// A bearer token on the wire: its `Debug` never shows it, so no log line can.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,6 +375,18 @@ pub enum FromRelay {
         id: u64,
         /// The answer, or why it failed.
         result: Result<TeleportReply, String>,
+    },
+    /// Extension channel: over this login's rate limit. With `request` set, that
+    /// [`ToRelay::Request`] was not carried out (ask again after the delay). Without it,
+    /// journaled events were dropped, not persisted and not acknowledged, from the first
+    /// one the envelope's `ack` does not cover: the daemon stops streaming its journal for
+    /// `retry_after_ms`, then resends from its last acknowledged seq. The relay drops every
+    /// later event until that resend reaches the first dropped one, so nothing is skipped.
+    SlowDown {
+        /// How long to wait, in milliseconds.
+        retry_after_ms: u64,
+        /// The request refused, if this is about a request rather than events.
+        request: Option<u64>,
     },
 }
 

@@ -286,6 +286,9 @@ requests! {
     /// Every linked worktree: its session, versions, pending changes, conflicts and
     /// watcher health. Answered by [`Response::TeleportLinks`].
     TELEPORT_STATUS = "teleport/status" => TeleportStatus;
+    /// The daemon's own health figures since it started (they never leave the machine
+    /// unless `telemetry = true`). Answered by [`Response::Metrics`].
+    METRICS = "metrics" => Metrics;
 }
 
 pub use crate::bridge::MAX_IDEMPOTENCY_KEY;
@@ -387,6 +390,57 @@ pub enum Response {
     Teleported(TeleportOutcome),
     /// Linked worktrees.
     TeleportLinks(Vec<TeleportLink>),
+    /// The daemon's health figures.
+    Metrics(Metrics),
+}
+
+/// The daemon's health figures since it started, as `cloudctl metrics` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Milliseconds since the daemon started.
+    pub uptime_ms: u64,
+    /// Journaled events queued by clients (sends, interrupts, permission answers).
+    pub sends: u64,
+    /// Journaled events the relay acknowledged (refused ones not included).
+    pub deliveries: u64,
+    /// Journaled events refused (by the relay, or by the daemon for another relay).
+    pub refusals: u64,
+    /// Journaled events sent to the relay again (after a reconnect or a slow-down).
+    pub retries: u64,
+    /// Connections to the relay registered (the first one included).
+    pub reconnects: u64,
+    /// Slow-downs the relay asked for (rate limits).
+    pub slow_downs: u64,
+    /// Journaled events not yet acknowledged.
+    pub journal_depth: u64,
+    /// Clients connected right now, this one included.
+    pub clients: u32,
+    /// Send→delivered latency of the events queued since the daemon started.
+    pub latency: Histogram,
+    /// While the relay asks this daemon to slow down: until when, in milliseconds since
+    /// the Unix epoch.
+    pub rate_limited_until_ms: Option<u64>,
+    /// Whether anonymous aggregates are sent to the relay (`telemetry = true`).
+    pub telemetry: bool,
+}
+
+/// A histogram with fixed buckets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Each bucket's upper bound, in milliseconds.
+    pub bounds_ms: Vec<u64>,
+    /// How many values fell in each bucket (at or below its bound, above the previous
+    /// one); one more count than bounds: the values above the last bound.
+    pub counts: Vec<u64>,
+    /// How many values in all.
+    pub count: u64,
+    /// Their sum, in milliseconds.
+    pub sum_ms: u64,
+    /// The median's bucket bound (none without values; the largest value seen when it
+    /// falls above the last bound).
+    pub p50_ms: Option<u64>,
+    /// The 99th percentile's bucket bound, likewise.
+    pub p99_ms: Option<u64>,
 }
 
 /// What a push or a pull did.
@@ -805,6 +859,9 @@ error_codes! {
     AlreadyAnswered = -32010,
     /// A wait ran out (-32011).
     Timeout = -32011,
+    /// The relay asks this client to slow down: retry after the delay `metrics` shows in
+    /// `rate_limited_until_ms` (-32012).
+    RateLimited = -32012,
 }
 
 /// The error a daemon returns to a hello of another protocol version. Both sides use it so

@@ -554,6 +554,7 @@ impl Serialize for ResultOut<'_> {
             Response::Prompts(prompts) => prompts.serialize(serializer),
             Response::Teleported(outcome) => outcome.serialize(serializer),
             Response::TeleportLinks(links) => links.serialize(serializer),
+            Response::Metrics(metrics) => metrics.serialize(serializer),
         }
     }
 }
@@ -728,6 +729,7 @@ mod tests {
                 Response::Prompts(prompts) => json!(prompts),
                 Response::Teleported(outcome) => json!(outcome),
                 Response::TeleportLinks(links) => json!(links),
+                Response::Metrics(metrics) => json!(metrics),
             }
         }
 

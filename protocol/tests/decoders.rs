@@ -300,6 +300,28 @@ fn to_relay() -> impl Strategy<Value = ToRelay> {
         text(4096).prop_map(|token| ToRelay::Authenticate {
             token: cloud_protocol::bridge::BearerToken(token)
         }),
+        (
+            (any::<u64>(), any::<u64>(), any::<u64>()),
+            (any::<u64>(), any::<u64>(), any::<u64>()),
+            vec(any::<u64>(), 0..16)
+        )
+            .prop_map(
+                |(
+                    (sends, deliveries, refusals),
+                    (retries, reconnects, slow_downs),
+                    latency_buckets,
+                )| {
+                    ToRelay::Telemetry(cloud_protocol::bridge::TelemetryReport {
+                        sends,
+                        deliveries,
+                        refusals,
+                        retries,
+                        reconnects,
+                        slow_downs,
+                        latency_buckets,
+                    })
+                }
+            ),
     ]
 }
 
@@ -325,6 +347,12 @@ fn from_relay() -> impl Strategy<Value = FromRelay> {
         (any::<u64>(), word()).prop_map(|(seq, reason)| FromRelay::EventRefused { seq, reason }),
         (word(), word()).prop_map(|(session, reason)| FromRelay::JoinRefused { session, reason }),
         (any::<u64>(), reply).prop_map(|(id, result)| FromRelay::Reply { id, result }),
+        (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(retry_after_ms, request)| {
+            FromRelay::SlowDown {
+                retry_after_ms,
+                request,
+            }
+        }),
     ]
 }
 

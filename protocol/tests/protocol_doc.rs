@@ -343,6 +343,7 @@ fn response_from(method: &str, result: Value) -> serde_json::Result<Response> {
         (method::TELEPORT_WATCH | method::TELEPORT_STOP | method::TELEPORT_STATUS, _) => {
             Response::TeleportLinks(from_value::<Vec<TeleportLink>>(result)?)
         }
+        (method::METRICS, _) => Response::Metrics(from_value(result)?),
         _ => {
             return Err(serde::de::Error::custom(format!(
                 "this test does not know the reply to {method}"

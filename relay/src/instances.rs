@@ -109,6 +109,11 @@ pub struct Instances {
 }
 
 impl Instances {
+    /// How many instances are connected, of every user.
+    pub fn count(&self) -> usize {
+        self.entries.lock().expect("instances lock poisoned").len()
+    }
+
     /// A new id for a bridge connection, never handed out before.
     pub fn connection_id(&self) -> u64 {
         self.last_connection.fetch_add(1, Ordering::Relaxed) + 1

@@ -14,6 +14,8 @@
 //!   commands, and encoding, each in a module of its own.
 //! - `http::viewer`: the read-only WebSocket that streams a session's log as JSON.
 //! - [`instances`]: the connected daemon instances, and commands sent to them.
+//! - [`limits`]: the rate limits per API key (token buckets); `metrics`: the operator's
+//!   figures at `GET /metrics`.
 //! - [`access`]: who may see and change a session.
 //! - [`core`]: the one task that changes state; group-commits every round to the
 //!   [`store`] before acknowledging, publishing or telling an agent anything. Its loop is
@@ -38,6 +40,8 @@ mod core;
 mod follow;
 mod http;
 mod instances;
+pub mod limits;
+mod metrics;
 mod store;
 mod teleport;
 pub mod tokens;
@@ -73,6 +77,8 @@ pub struct RelayConfig {
     pub agent_command: Vec<String>,
     /// How long an access token lives ([`auth::DEFAULT_ACCESS_TOKEN_TTL`] normally).
     pub access_token_ttl: Duration,
+    /// How fast each API key may call ([`limits::Limits::default`] normally).
+    pub limits: limits::Limits,
 }
 
 /// The relay could not start.
@@ -178,7 +184,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let auth = Auth::open(&config.data_dir, config.access_token_ttl).map_err(RelayError::Auth)?;
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
-    let (shared, commands) = core::shared(auth, store, Arc::new(teleport));
+    let (shared, commands) = core::shared(auth, store, Arc::new(teleport), config.limits);
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
     let server_task = http::serve(listener, shared.clone());

@@ -40,6 +40,19 @@ enum Commands {
         /// How long an access token lives, e.g. 15m, 30s, 2s.
         #[arg(long, value_parser = parse_duration, default_value = "15m")]
         access_token_ttl: Duration,
+        /// HTTP requests (and bridge session requests) per second each API key may make
+        /// (0: no limit).
+        #[arg(long, default_value_t = cloud_relay::limits::DEFAULT_REQUESTS.per_second)]
+        requests_per_second: u32,
+        /// How many requests above that rate an API key may make at once.
+        #[arg(long, default_value_t = cloud_relay::limits::DEFAULT_REQUESTS.burst)]
+        request_burst: u32,
+        /// Journaled bridge events per second each API key may stream (0: no limit).
+        #[arg(long, default_value_t = cloud_relay::limits::DEFAULT_EVENTS.per_second)]
+        events_per_second: u32,
+        /// How many events above that rate an API key may stream at once.
+        #[arg(long, default_value_t = cloud_relay::limits::DEFAULT_EVENTS.burst)]
+        event_burst: u32,
     },
     /// Manage API keys (works while a server runs).
     Token {
@@ -91,7 +104,23 @@ fn main() -> ExitCode {
             data,
             agent_command,
             access_token_ttl,
-        } => serve(listen, data, agent_command, access_token_ttl),
+            requests_per_second,
+            request_burst,
+            events_per_second,
+            event_burst,
+        } => {
+            let rate = |per_second: u32, burst: u32| {
+                (per_second > 0).then_some(cloud_relay::limits::Rate {
+                    per_second,
+                    burst: burst.max(1),
+                })
+            };
+            let limits = cloud_relay::limits::Limits {
+                requests: rate(requests_per_second, request_burst),
+                events: rate(events_per_second, event_burst),
+            };
+            serve(listen, data, agent_command, access_token_ttl, limits)
+        }
         Commands::Token { command } => token(command),
         Commands::ShellAgent => cloud_relay::shell_agent::run().map_err(anyhow::Error::from),
     };
@@ -140,6 +169,7 @@ fn serve(
     data: PathBuf,
     agent_command: Vec<String>,
     access_token_ttl: Duration,
+    limits: cloud_relay::limits::Limits,
 ) -> anyhow::Result<()> {
     init_logging();
     let agent_command = if agent_command.is_empty() {
@@ -158,6 +188,7 @@ fn serve(
             data_dir: data,
             agent_command,
             access_token_ttl,
+            limits,
         })
         .await?;
         let signal = wait_for_signal().await?;

@@ -78,6 +78,19 @@ pub fn http_with_headers(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, Value) {
+    let (status, _, value) = http_answer(addr, method, path, token, body, headers);
+    (status, value)
+}
+
+/// [`http_with_headers`], also returning the answer's headers (lowercase names).
+pub fn http_answer(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, Value) {
     let mut stream = TcpStream::connect(addr).expect("connect to the relay");
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let body = body.unwrap_or("");
@@ -119,7 +132,13 @@ pub fn http_with_headers(
     } else {
         serde_json::from_str(&body).unwrap_or(Value::String(body))
     };
-    (status, value)
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers, value)
 }
 
 /// Reassembles a chunked body.

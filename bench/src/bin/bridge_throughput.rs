@@ -57,7 +57,19 @@ const THROUGHPUT_TARGET: f64 = 0.8;
 const DISK_TARGET: f64 = 1.5;
 
 /// An agent that reads everything and says nothing.
-const QUIET_AGENT: &[&str] = &["--agent-command", "sh", "-c", "cat >/dev/null"];
+/// The relay this measures: no rate limits (they would measure the limiter, not the
+/// bridge), and an agent that reads and ignores what it is sent. `--agent-command` takes
+/// every argument after it, so it goes last.
+const QUIET_AGENT: &[&str] = &[
+    "--requests-per-second",
+    "0",
+    "--events-per-second",
+    "0",
+    "--agent-command",
+    "sh",
+    "-c",
+    "cat >/dev/null",
+];
 
 /// How long setup steps may take.
 const SETUP_DEADLINE: Duration = Duration::from_secs(60);

@@ -147,7 +147,8 @@ fn main() -> anyhow::Result<()> {
     let mut rng = Seeded(args.seed);
     let durations = outages(args.outages, args.min_secs, args.max_secs, &mut rng);
 
-    let mut relay = Relay::start();
+    // No rate limits: a herd of reconnects must measure the relay, not its limiter.
+    let mut relay = Relay::start_with(&["--requests-per-second", "0", "--events-per-second", "0"]);
     let home = Home::new();
     let _daemon = home.spawn_daemon();
     let token = relay.token("bench", "bench");

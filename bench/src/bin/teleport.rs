@@ -56,7 +56,19 @@ use rsync::{RsyncDaemon, RsyncRun};
 use tree::{Seeded, Shape, Tree};
 
 /// An agent that reads everything and says nothing (no agent turns, no captures).
-const QUIET_AGENT: &[&str] = &["--agent-command", "sh", "-c", "cat >/dev/null"];
+/// The relay this measures: no rate limits (they would measure the limiter, not the
+/// bridge), and an agent that reads and ignores what it is sent. `--agent-command` takes
+/// every argument after it, so it goes last.
+const QUIET_AGENT: &[&str] = &[
+    "--requests-per-second",
+    "0",
+    "--events-per-second",
+    "0",
+    "--agent-command",
+    "sh",
+    "-c",
+    "cat >/dev/null",
+];
 /// How long setup steps may take.
 const SETUP_DEADLINE: Duration = Duration::from_secs(120);
 /// The largest file an edit picks (source-file sizes).

@@ -95,6 +95,7 @@ impl Bridge {
             });
         }
         tracing::info!(user = %user, org = %org, url = %url, "connected to the relay");
+        self.link.metrics.reconnected();
         // Teleport's blob socket is beside the bridge, with the same credentials.
         self.link.set_blob_endpoint(Some(BlobEndpoint {
             base: url.trim_end_matches(BRIDGE_PATH).to_owned(),
@@ -197,6 +198,9 @@ impl Bridge {
                     "the relay rejected a fresh access token (HTTP 401); log in again with `cloudctl login`"
                         .into(),
                 ))
+            }
+            Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 429 => {
+                Err(Ended::RateLimited(super::retry_after(response.headers())))
             }
             Ok(Err(tungstenite::Error::Http(response))) if response.status().as_u16() == 403 => {
                 Err(Ended::Refused(

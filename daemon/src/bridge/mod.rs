@@ -10,7 +10,7 @@
 //!   stored, then the journal's durable entries the relay has not acknowledged, in seq
 //!   order, and the control messages (joins, leaves, requests, heartbeats).
 //! - `reader.rs`: what comes in, dispatched: acks, refusals, session logs, replica updates,
-//!   replies, instance commands.
+//!   replies, instance commands, slow-downs.
 //! - [`backoff`]: how long to wait before the next attempt.
 //!
 //! This module owns [`Bridge`] and its two loops: `keep_up`, which reconnects after
@@ -18,7 +18,10 @@
 //! forever, except after a permanent refusal (bad or revoked token, bridge too old), which
 //! waits for new credentials; and `serve`, the registered connection's loop, which turns
 //! between the journal, the handlers' commands, the timers (a heartbeat every 20 s, a ping
-//! every 15 s; a connection silent for 45 s is dead) and the socket. The requests a
+//! every 15 s; a connection silent for 45 s is dead; with `telemetry = true` only, an
+//! anonymous report every [`TELEMETRY_INTERVAL`]) and the socket. A relay's slow-down
+//! pauses the journal's stream for its delay, then streams again from the relay's ack
+//! (the relay dropped what came after, and deduplicates what it had taken). The requests a
 //! connection has in flight wait in [`InFlight`], one table of pending replies per kind of
 //! request; they are failed when the connection ends.
 //!
@@ -36,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_protocol::bridge::{BearerToken, Channel, InstanceSnapshot, ToRelay, BRIDGE_VERSION};
-use cloud_protocol::ipc::BridgeState;
+use cloud_protocol::ipc::{BridgeState, RelayMode};
 use cloud_protocol::session::Session;
 use cloud_protocol::teleport::TeleportReply;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -60,6 +63,12 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEAD_AFTER: Duration = Duration::from_secs(45);
 /// The longest a connect (TCP, TLS, upgrade, registration) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest pause a relay's slow-down (or an upgrade's `Retry-After`) gets: a relay
+/// cannot silence the daemon for longer at a time.
+pub const MAX_SLOW_DOWN: Duration = Duration::from_secs(300);
+/// How often an opted-in daemon (`telemetry = true`) reports its aggregates: the first
+/// report goes right after its first registration, the next ones at this interval.
+pub const TELEMETRY_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -78,6 +87,8 @@ enum Ended {
     Reconnect,
     /// The relay refused the access token at the upgrade (HTTP 401): worth one refresh.
     Unauthorized(String),
+    /// The relay answered the upgrade with 429: try again after its `Retry-After`.
+    RateLimited(Duration),
 }
 
 /// The bridge task's state.
@@ -104,6 +115,13 @@ pub struct Bridge {
     access: Option<(String, Access, Instant)>,
     /// The daemon's drain.
     shutdown: CancellationToken,
+    /// While the relay asks this daemon to slow down: when the journal streams again
+    /// (from the relay's ack: what it dropped meanwhile is sent again).
+    paused_until: Option<Instant>,
+    /// The highest journal seq ever sent, so a resend is counted as a retry.
+    highest_sent: u64,
+    /// When the next telemetry report is due (sent only with `telemetry = true`).
+    telemetry_due: Instant,
 }
 
 impl Bridge {
@@ -137,6 +155,9 @@ impl Bridge {
             tls,
             access: None,
             shutdown,
+            paused_until: None,
+            highest_sent: 0,
+            telemetry_due: Instant::now(),
         }
     }
 
@@ -177,6 +198,13 @@ impl Bridge {
                 }
                 Ended::NothingListening(reason) => {
                     Some(self.retry(&mut backoff, Failure::NothingListening, reason))
+                }
+                Ended::RateLimited(delay) => {
+                    let delay = delay.min(MAX_SLOW_DOWN);
+                    let until = self.link.metrics.slowed_down(delay);
+                    let reason = rate_limited_reason(until);
+                    let backoff_delay = self.retry(&mut backoff, Failure::Failed, reason);
+                    Some(delay.max(backoff_delay))
                 }
                 Ended::Failed { reason, registered } => {
                     if registered {
@@ -271,6 +299,8 @@ impl Bridge {
             tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
         let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
         let mut last_heard = Instant::now();
+        // Telemetry is for a remote relay only: the embedded one is this machine.
+        let remote = self.link.status().mode == RelayMode::Remote;
         // A refresh runs as a task of its own, so the socket is served meanwhile; it is
         // never aborted (it may be saving a rotated refresh token).
         let mut refreshing: Option<tokio::task::JoinHandle<Result<Access, AuthError>>> = None;
@@ -280,13 +310,17 @@ impl Bridge {
             // select: reads (acks, logs) interleave with a long backlog, so neither side can
             // block the other on full buffers.
             let durable_now = *durable.borrow_and_update();
-            if let Err(ended) = self
-                .send_journal(socket, &mut sent_up_to, durable_now)
-                .await
-            {
-                return ended;
+            let paused = self.paused_until.is_some();
+            if !paused {
+                if let Err(ended) = self
+                    .send_journal(socket, &mut sent_up_to, durable_now)
+                    .await
+                {
+                    return ended;
+                }
             }
-            let more_to_send = sent_up_to < durable_now;
+            let more_to_send = !paused && sent_up_to < durable_now;
+            let telemetry = remote && self.link.metrics.telemetry();
             if let Err(ended) = writer::flush(socket).await {
                 break ended;
             }
@@ -296,6 +330,23 @@ impl Bridge {
                 changed = durable.changed() => {
                     if changed.is_err() {
                         break Ended::Cancelled;
+                    }
+                }
+                _ = sleep_until(self.paused_until), if paused => {
+                    // Stream again from what the relay holds: it dropped everything after.
+                    self.paused_until = None;
+                    sent_up_to = self.link.journal.acked();
+                    self.link.set_status(|s| {
+                        if s.reason.as_deref().is_some_and(|r| r.starts_with("rate limited")) {
+                            s.reason = None;
+                        }
+                    });
+                }
+                _ = tokio::time::sleep_until(self.telemetry_due), if telemetry => {
+                    self.telemetry_due = Instant::now() + TELEMETRY_INTERVAL;
+                    let report = self.link.metrics.telemetry_report();
+                    if let Err(ended) = send(socket, Channel::Extension, 0, ToRelay::Telemetry(report)).await {
+                        break ended;
                     }
                 }
                 _ = sleep_until(refresh_due), if refreshing.is_none() => {
@@ -381,6 +432,31 @@ impl Bridge {
             }
         }
     }
+}
+
+/// An HTTP 429's `Retry-After` (whole seconds; 1 s when absent or unreadable), for the
+/// bridge's upgrade and the blob socket's alike.
+pub(crate) fn retry_after(headers: &tokio_tungstenite::tungstenite::http::HeaderMap) -> Duration {
+    let seconds = headers
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds)
+}
+
+/// What `status` says while the relay asks this daemon to slow down.
+fn rate_limited_reason(until: std::time::SystemTime) -> String {
+    let secs = until
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!(
+        "rate limited until {:02}:{:02}:{:02} UTC (the relay asked this daemon to slow down; queued events wait in the journal and nothing is lost)",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Sleeps until `at`, or forever without one.

@@ -1,7 +1,8 @@
 //! What the relay sends on a registered connection, dispatched: acks (trim the journal,
 //! release waiters), refusals of journaled events, session logs (stored, then published to
 //! attached clients), replica updates, refusals to follow a session, replies to requests
-//! in flight, and instance commands (answered at once). A burst of messages already
+//! in flight, instance commands (answered at once), and slow-downs (the journal pauses;
+//! a refused request is answered "rate limited"). A burst of messages already
 //! arrived is handled in one go, then its session log entries are written together.
 //!
 //! Architecture invariant: a refusal reaches its waiters before the ack that covers it,
@@ -9,6 +10,7 @@
 //! ends the connection; nothing the relay sends is trusted to be well formed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cloud_protocol::bridge::{self, Channel, Envelope, FromRelay, ToRelay};
 use cloud_protocol::ipc::Notification;
@@ -188,6 +190,32 @@ impl Bridge {
                 }
             }
             FromRelay::Reply { id, result } => in_flight.sessions.answer(id, result),
+            FromRelay::SlowDown {
+                retry_after_ms,
+                request,
+            } => {
+                let delay = Duration::from_millis(retry_after_ms).min(super::MAX_SLOW_DOWN);
+                let until = link.metrics.slowed_down(delay);
+                match request {
+                    // The request was not carried out: its client is told to retry.
+                    Some(id) => in_flight.sessions.answer(
+                        id,
+                        Err(format!(
+                            "rate limited by the relay for {:.1} s; retry then",
+                            delay.as_secs_f64()
+                        )),
+                    ),
+                    None => {
+                        tracing::info!(
+                            delay_ms = retry_after_ms,
+                            "the relay asks to slow down: pausing the journal"
+                        );
+                        self.paused_until = Some(tokio::time::Instant::now() + delay);
+                        let reason = super::rate_limited_reason(until);
+                        link.set_status(|s| s.reason = Some(reason));
+                    }
+                }
+            }
             FromRelay::TeleportReply { id, result } => in_flight.teleport.answer(id, result),
             FromRelay::Command { id, name } => {
                 let result = match name.as_str() {

@@ -27,7 +27,7 @@ impl Bridge {
     /// `sent_up_to`, below `durable_now`, and moves `sent_up_to` past what it queued. A
     /// failed journal read is logged and retried on the next turn, a little later.
     pub(super) async fn send_journal(
-        &self,
+        &mut self,
         socket: &mut Socket,
         sent_up_to: &mut u64,
         durable_now: u64,
@@ -54,6 +54,16 @@ impl Bridge {
                     *sent_up_to = durable_now;
                 }
                 let bytes = tungstenite::Bytes::from(batch.bytes);
+                if let Some(&(last, _)) = batch.messages.last() {
+                    // Sent before (a reconnect, a slow-down): a retry.
+                    let n_retried = batch
+                        .messages
+                        .iter()
+                        .filter(|(seq, _)| *seq <= self.highest_sent)
+                        .count();
+                    self.link.metrics.retried(n_retried as u64);
+                    self.highest_sent = self.highest_sent.max(last);
+                }
                 for (seq, message) in batch.messages {
                     let message = Message::Binary(bytes.slice(message));
                     if let Err(e) = socket.feed(message).await {

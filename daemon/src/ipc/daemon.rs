@@ -1,5 +1,5 @@
 //! The daemon family of requests: the daemon itself and its relay connection. `hello`,
-//! `ping`, `status`, `shutdown` and `subscribe` are answered at once, without IO: they
+//! `ping`, `status`, `metrics`, `shutdown` and `subscribe` are answered at once, without IO: they
 //! read the shared state, change this client's own state (greeting, subscriptions), or
 //! ask the core loop to act. `login`, `logout` and `whoami` say which relay the daemon
 //! talks to and as whom: a login saves the credentials, has the bridge reconnect and waits
@@ -62,6 +62,14 @@ pub async fn handle(
         Request::Whoami => Ok(Response::Identity(Identity {
             relay: link.status(),
         })),
+        Request::Metrics => {
+            let status = shared.status();
+            Ok(Response::Metrics(link.metrics.snapshot(
+                status.uptime_ms,
+                status.relay.journal_depth,
+                status.clients,
+            )))
+        }
         other => Err(ErrorBody::new(
             ErrorCode::MethodNotFound,
             format!("{} is not a daemon request", other.method()),

@@ -42,7 +42,8 @@ pub async fn handle(
         | Request::Subscribe(_)
         | Request::Login { .. }
         | Request::Logout
-        | Request::Whoami => daemon::handle(shared, client, request).await,
+        | Request::Whoami
+        | Request::Metrics => daemon::handle(shared, client, request).await,
         Request::SessionCreate(_)
         | Request::SessionList
         | Request::SessionShow { .. }

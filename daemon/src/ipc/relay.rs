@@ -84,7 +84,10 @@ async fn wait_connected(link: &Link) -> Result<(), ErrorBody> {
 }
 
 fn relay_error(reason: String) -> ErrorBody {
-    let code = if reason.contains("unreachable") || reason.contains("connection was lost") {
+    // The bridge's words for a relay's slow-down of this request (see `bridge/reader.rs`).
+    let code = if reason.starts_with("rate limited by the relay") {
+        ErrorCode::RateLimited
+    } else if reason.contains("unreachable") || reason.contains("connection was lost") {
         ErrorCode::RelayUnavailable
     } else if reason.starts_with("no session")
         || reason.starts_with("no such session")

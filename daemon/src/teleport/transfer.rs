@@ -62,10 +62,15 @@ pub enum TransferError {
     Missing(ContentId),
 }
 
+/// How long a blob socket waits out the relay's requests limit before giving up.
+const RATE_LIMITED_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Why one connection attempt failed.
 enum ConnectError {
     /// The relay refused the access token (HTTP 401).
     Unauthorized,
+    /// The relay's requests limit (HTTP 429): try again after this long.
+    RateLimited(std::time::Duration),
     /// Anything else.
     Other(String),
 }
@@ -81,33 +86,61 @@ pub struct BlobSocket {
 }
 
 impl BlobSocket {
-    /// Connects with the bridge's credentials; a refused access token is refreshed once.
+    /// Connects with the bridge's credentials; a refused access token is refreshed once,
+    /// and an upgrade over the relay's requests limit is tried again after its
+    /// `Retry-After`, for up to [`RATE_LIMITED_PATIENCE`] in all.
     pub async fn connect(endpoint: &BlobEndpoint) -> Result<BlobSocket, TransferError> {
         let url = format!("{}{BLOBS_PATH}", endpoint.base.trim_end_matches('/'));
-        let fail = |reason: String| TransferError::Connect {
-            url: url.clone(),
-            reason,
-        };
+        let started = tokio::time::Instant::now();
+        loop {
+            match BlobSocket::connect_once(endpoint, &url).await {
+                Err(ConnectError::RateLimited(delay))
+                    if started.elapsed() + delay <= RATE_LIMITED_PATIENCE =>
+                {
+                    tracing::info!(
+                        delay_ms = delay.as_millis() as u64,
+                        "the relay rate-limits the blob socket; trying again after its Retry-After"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                result => {
+                    return result.map_err(|e| TransferError::Connect {
+                        url: url.clone(),
+                        reason: match e {
+                            ConnectError::Unauthorized => {
+                                "the relay refused a fresh access token; run `cloudctl login` again"
+                                    .into()
+                            }
+                            ConnectError::RateLimited(delay) => format!(
+                                "rate limited by the relay (retry in {} s); try again then",
+                                delay.as_secs().max(1)
+                            ),
+                            ConnectError::Other(reason) => reason,
+                        },
+                    })
+                }
+            }
+        }
+    }
+
+    /// One attempt of [`BlobSocket::connect`] (with its one refresh).
+    async fn connect_once(endpoint: &BlobEndpoint, url: &str) -> Result<BlobSocket, ConnectError> {
+        let fail = ConnectError::Other;
         let access = endpoint
             .keeper
             .access(&endpoint.relay, None)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let mut result = BlobSocket::connect_with(endpoint, &url, &access.token).await;
+        let mut result = BlobSocket::connect_with(endpoint, url, &access.token).await;
         if let Err(ConnectError::Unauthorized) = result {
             let access = endpoint
                 .keeper
                 .access(&endpoint.relay, Some(&access.token))
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            result = BlobSocket::connect_with(endpoint, &url, &access.token).await;
+            result = BlobSocket::connect_with(endpoint, url, &access.token).await;
         }
-        result.map_err(|e| match e {
-            ConnectError::Unauthorized => {
-                fail("the relay refused a fresh access token; run `cloudctl login` again".into())
-            }
-            ConnectError::Other(reason) => fail(reason),
-        })
+        result
     }
 
     async fn connect_with(
@@ -138,6 +171,13 @@ impl BlobSocket {
                 if response.status().as_u16() == 401 =>
             {
                 return Err(ConnectError::Unauthorized)
+            }
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
+                if response.status().as_u16() == 429 =>
+            {
+                return Err(ConnectError::RateLimited(crate::bridge::retry_after(
+                    response.headers(),
+                )));
             }
             Ok(Err(e)) => return Err(fail(e.to_string())),
             Ok(Ok(connected)) => connected,

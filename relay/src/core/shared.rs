@@ -72,6 +72,10 @@ pub struct Shared {
     pub instances: Instances,
     /// Snapshot versions, blobs and workspaces.
     pub teleport: Arc<crate::teleport::Teleport>,
+    /// How fast each API key may call.
+    pub limits: crate::limits::Limiters,
+    /// The operator's figures (`GET /metrics`).
+    pub metrics: crate::metrics::RelayMetrics,
 }
 
 impl Shared {
@@ -156,6 +160,7 @@ pub fn shared(
     auth: Auth,
     store: Store,
     teleport: Arc<crate::teleport::Teleport>,
+    limits: crate::limits::Limits,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
@@ -168,6 +173,8 @@ pub fn shared(
         connections: TaskTracker::new(),
         instances: Instances::default(),
         teleport,
+        limits: crate::limits::Limiters::new(limits),
+        metrics: crate::metrics::RelayMetrics::default(),
     };
     (Arc::new(shared), commands)
 }
@@ -198,6 +205,7 @@ mod tests {
             Auth::open(dir.path(), crate::auth::DEFAULT_ACCESS_TOKEN_TTL).unwrap(),
             store,
             Arc::new(teleport),
+            crate::limits::Limits::OFF,
         );
         let entry = |seq: u64, text: String| LogEntry {
             seq,

@@ -1,7 +1,8 @@
 //! Authentication: the `Authorization: Bearer TOKEN` header → the caller's [`Identity`]
 //! (an access token, or an API key, see [`crate::auth`]); 401 when the token is missing,
 //! unknown, expired or revoked, 403 when it lacks the scope the request needs
-//! (`sessions:read` for reads, `sessions:write` for changes and the daemons' bridge).
+//! (`sessions:read` for reads, `sessions:write` for changes and the daemons' bridge), 429
+//! with `Retry-After` when its API key is over the requests limit ([`crate::limits`]).
 //!
 //! Also `POST /v1/auth/token`: an API key or a refresh token → an access token and the
 //! next refresh token.
@@ -66,6 +67,15 @@ impl FromRequestParts<Arc<Shared>> for Authenticated {
                     needed.name()
                 ),
             ));
+        }
+        // Counted once the caller is known and allowed: a request refused for its token or
+        // scope costs its key nothing.
+        if let Err(limited) = shared.limits.requests.take(&identity.key_hash) {
+            shared
+                .metrics
+                .requests_rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ApiError::rate_limited(limited));
         }
         Ok(Authenticated(identity))
     }

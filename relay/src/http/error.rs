@@ -1,6 +1,7 @@
 //! The error answer of every endpoint: an HTTP status and `{"error": message}`, and how
 //! the core's and instance commands' refusals map to statuses (a session the user cannot
-//! see is 404, like one that does not exist). A 401 also says `WWW-Authenticate: Bearer`.
+//! see is 404, like one that does not exist). A 401 also says `WWW-Authenticate: Bearer`,
+//! a 429 `Retry-After` (whole seconds).
 //!
 //! The message is shown to users as it is: it never carries a token.
 
@@ -19,6 +20,8 @@ pub struct ApiError {
     status: StatusCode,
     /// Shown to the user.
     message: String,
+    /// For a 429: whole seconds until a retry can succeed (`Retry-After`).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,6 +29,20 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After`: the caller's API key is over the requests limit.
+    pub(super) fn rate_limited(limited: crate::limits::Limited) -> ApiError {
+        // Whole seconds, rounded up: a client that waits exactly that long finds a token.
+        let seconds = limited.next_token.as_millis().div_ceil(1000).max(1) as u64;
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "rate limited: this API key makes requests faster than the relay allows; retry in {seconds} s (Retry-After)"
+            ),
+            retry_after: Some(seconds),
         }
     }
 
@@ -63,6 +80,11 @@ impl From<CommandError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(json!({"error": self.message}))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

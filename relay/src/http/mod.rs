@@ -12,10 +12,12 @@
 //! - [`instances`]: the user's connected daemon instances, and commands sent to them.
 //! - [`bridge`]: the daemons' WebSocket; [`viewer`]: the viewers' read-only one.
 //! - [`error`]: [`ApiError`], how a refusal becomes a status and `{"error": "..."}`.
+//! - [`metrics`]: `GET /metrics`, the operator's figures (admin scope); every answer is
+//!   counted by status class on its way out.
 //!
 //! Every other route requires `Authorization: Bearer TOKEN` (401 otherwise, 403 without
 //! the scope it needs). Bodies are JSON;
-//! every error is `{"error": "..."}` with 400, 401, 403, 404, 409, 422, 502, 503 or 504.
+//! every error is `{"error": "..."}` with 400, 401, 403, 404, 409, 422, 429, 502, 503 or 504.
 //! A session the user cannot see answers 404, exactly like one that does not exist, and
 //! so does another user's instance, exactly like one that is not connected.
 //!
@@ -30,6 +32,7 @@ mod error;
 mod events;
 mod instances;
 mod log;
+mod metrics;
 mod sessions;
 mod viewer;
 
@@ -72,8 +75,24 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/sessions/{id}/subscribe", get(viewer::subscribe))
         .route(cloud_protocol::bridge::BRIDGE_PATH, get(bridge::connect))
         .route(cloud_protocol::blobs::BLOBS_PATH, get(blobs::connect))
+        .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            count_answers,
+        ))
         .with_state(shared)
+}
+
+/// Counts every answer by its status class, for `GET /metrics`.
+async fn count_answers(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    shared.metrics.http_answer(response.status().as_u16());
+    response
 }
 
 /// Serves every endpoint on `listener` until the relay is cancelled (then lets requests

@@ -39,6 +39,7 @@ pub struct TestRelay {
     pub addr: SocketAddr,
     pub agent_command: Vec<String>,
     pub access_token_ttl: std::time::Duration,
+    pub limits: cloud_relay::limits::Limits,
 }
 
 impl TestRelay {
@@ -51,12 +52,31 @@ impl TestRelay {
         agent_command: Vec<String>,
         access_token_ttl: std::time::Duration,
     ) -> TestRelay {
+        let limits = cloud_relay::limits::Limits::OFF;
+        TestRelay::start_with_config(agent_command, access_token_ttl, limits).await
+    }
+
+    /// A relay with rate limits.
+    pub async fn start_with_limits(
+        agent_command: Vec<String>,
+        limits: cloud_relay::limits::Limits,
+    ) -> TestRelay {
+        let ttl = cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL;
+        TestRelay::start_with_config(agent_command, ttl, limits).await
+    }
+
+    async fn start_with_config(
+        agent_command: Vec<String>,
+        access_token_ttl: std::time::Duration,
+        limits: cloud_relay::limits::Limits,
+    ) -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
         let relay = cloud_relay::start(RelayConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_owned(),
             agent_command: agent_command.clone(),
             access_token_ttl,
+            limits,
         })
         .await
         .unwrap();
@@ -66,6 +86,7 @@ impl TestRelay {
             dir,
             agent_command,
             access_token_ttl,
+            limits,
         }
     }
 
@@ -96,6 +117,7 @@ impl TestRelay {
             data_dir: self.dir.path().to_owned(),
             agent_command: self.agent_command.clone(),
             access_token_ttl: self.access_token_ttl,
+            limits: self.limits,
         })
         .await
         .unwrap();

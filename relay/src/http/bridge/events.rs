@@ -11,8 +11,18 @@
 //!
 //! A refusal is reported before any envelope whose ack covers it is read: after its
 //! batch, and again for a resend of it while the core stores it.
+//!
+//! The events limit ([`crate::limits`]) is applied here, before the core sees an event:
+//! an event over it is dropped (neither persisted nor acknowledged) and the daemon gets a
+//! `SlowDown` with the time until its key's bucket is full again. Every later event is
+//! dropped too until the daemon's resend reaches the first dropped one, so the core never
+//! sees a gap (its dedup would take the gap's events for resends); resends of events
+//! already handed over cost nothing. Nothing is lost: the daemon's journal holds every
+//! event until it is acknowledged.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::extract::ws::WebSocket;
 use cloud_protocol::bridge::{Envelope, FromRelay, Outbound, ToRelay};
@@ -21,6 +31,16 @@ use tokio::sync::oneshot;
 
 use super::{Connection, End};
 use crate::core::{Command, CoreError, EventsOutcome};
+
+/// What becomes of a journaled event under the events limit.
+enum Admit {
+    /// To the core.
+    Pass,
+    /// Dropped: an earlier event was dropped and not resent yet.
+    Drop,
+    /// Dropped as the first over the limit: the daemon is asked to wait this long.
+    SlowDown(Duration),
+}
 
 /// The most journaled events handed to the core at once.
 const MAX_EVENT_BATCH: usize = 1024;
@@ -54,13 +74,18 @@ impl Connection {
     ) -> Result<(), End> {
         let mut events = std::mem::take(&mut self.spare_events);
         let mut next = first;
+        let mut slow_down = None;
         loop {
             match next.take() {
                 Some(Envelope {
                     seq,
                     body: ToRelay::Event(event),
                     ..
-                }) => events.push((seq, event)),
+                }) => match self.admit(seq) {
+                    Admit::Pass => events.push((seq, event)),
+                    Admit::Drop => {}
+                    Admit::SlowDown(delay) => slow_down = Some(delay),
+                },
                 Some(envelope) => {
                     self.apply_events(socket, std::mem::take(&mut events))
                         .await?;
@@ -77,7 +102,47 @@ impl Connection {
                 None => break,
             }
         }
-        self.apply_events(socket, events).await
+        self.apply_events(socket, events).await?;
+        if let Some(delay) = slow_down {
+            let retry_after_ms = super::millis_up(delay);
+            tracing::debug!(user = %self.identity.user, retry_after_ms, "events over the limit: asking the daemon to slow down");
+            self.send(
+                socket,
+                FromRelay::SlowDown {
+                    retry_after_ms,
+                    request: None,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether journaled event `seq` goes to the core (see the module docs).
+    fn admit(&mut self, seq: u64) -> Admit {
+        // A resend of what this connection handed over, or of what the core holds already
+        // (its ack): deduplicated by the core, free here.
+        if seq <= self.handed.max(self.ack) {
+            return Admit::Pass;
+        }
+        let metrics = &self.shared.metrics;
+        if self.dropping_from.is_some_and(|from| seq > from) {
+            metrics.events_rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Admit::Drop;
+        }
+        match self.shared.limits.events.take(&self.identity.key_hash) {
+            Ok(()) => {
+                self.handed = seq;
+                self.dropping_from = None;
+                metrics.events_accepted.fetch_add(1, Ordering::Relaxed);
+                Admit::Pass
+            }
+            Err(limited) => {
+                self.dropping_from = Some(seq);
+                metrics.events_rate_limited.fetch_add(1, Ordering::Relaxed);
+                Admit::SlowDown(limited.full)
+            }
+        }
     }
 
     /// Hands a batch of events to the core without waiting for its outcome, which
@@ -123,6 +188,10 @@ impl Connection {
     ) -> Result<(), End> {
         self.spare_events = outcome.spare;
         self.ack = self.ack.max(outcome.ack);
+        self.shared
+            .metrics
+            .events_refused
+            .fetch_add(outcome.refusals.len() as u64, Ordering::Relaxed);
         for (seq, reason) in outcome.refusals {
             self.send(socket, FromRelay::EventRefused { seq, reason })
                 .await?;

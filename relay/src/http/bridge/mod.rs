@@ -8,7 +8,8 @@
 //!
 //! - [`register`]: the `Register` handshake (the instance's ack, its stored refusals).
 //! - [`events`]: journaled events handed to the core in batches, and their outcomes
-//!   (refusals, then the cumulative ack) reported in batch order.
+//!   (refusals, then the cumulative ack) reported in batch order; the events limit (an
+//!   event over it is dropped, not acknowledged, and the daemon is told to slow down).
 //! - [`sessions`]: the daemon's replica (the visible sessions and their changes), joins
 //!   and leaves (a follower task per joined session), and session requests.
 //! - [`instance`]: this connection in the instance registry: heartbeats, instance
@@ -156,6 +157,12 @@ struct Connection {
     teleport_replies: mpsc::Receiver<(u64, Result<TeleportReply, String>)>,
     /// Teleport requests running, at most [`MAX_TELEPORT_REQUESTS`].
     teleport_running: usize,
+    /// The highest journal seq this connection handed to the core: anything at or below
+    /// it is a resend, which the core deduplicates and the events limit does not count.
+    handed: u64,
+    /// The first event dropped over the events limit, while the daemon has not resent it:
+    /// every later event is dropped too, so the core never sees a gap.
+    dropping_from: Option<u64>,
 }
 
 /// Teleport requests one connection may have running at once; more wait in the socket.
@@ -189,6 +196,8 @@ impl Connection {
             teleport_sender,
             teleport_replies,
             teleport_running: 0,
+            handed: 0,
+            dropping_from: None,
         }
     }
 
@@ -394,6 +403,21 @@ impl Connection {
             }
             ToRelay::Event(_) => Ok(()),
             ToRelay::Authenticate { token } => self.reauthenticate(socket, &token.0).await,
+            ToRelay::Telemetry(report) => {
+                // Added to the totals only: who sent it is not kept. A report costs a
+                // request token (one over the limit is dropped), so no daemon can flood
+                // the totals.
+                if self
+                    .shared
+                    .limits
+                    .requests
+                    .take(&self.identity.key_hash)
+                    .is_ok()
+                {
+                    self.shared.metrics.telemetry(&report);
+                }
+                Ok(())
+            }
             ToRelay::Teleport { id, request } => {
                 // Off this loop: messages and answers keep flowing during a long commit.
                 let (shared, identity) = (Arc::clone(&self.shared), self.identity.clone());
@@ -410,6 +434,21 @@ impl Connection {
                 Ok(())
             }
             ToRelay::Request { id, request } => {
+                if let Err(limited) = self.shared.limits.requests.take(&self.identity.key_hash) {
+                    self.shared
+                        .metrics
+                        .requests_rate_limited
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self
+                        .send(
+                            socket,
+                            FromRelay::SlowDown {
+                                retry_after_ms: millis_up(limited.next_token),
+                                request: Some(id),
+                            },
+                        )
+                        .await;
+                }
                 self.flush(socket).await?;
                 let result = self.request(request).await;
                 self.send(
@@ -423,6 +462,11 @@ impl Connection {
             }
         }
     }
+}
+
+/// A delay in whole milliseconds, rounded up (a daemon that waits that long finds tokens).
+fn millis_up(delay: Duration) -> u64 {
+    delay.as_nanos().div_ceil(1_000_000) as u64
 }
 
 /// Sleeps until `at`, or forever without one.
