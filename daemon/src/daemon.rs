@@ -126,6 +126,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         Inbound::open(&db)?,
         Replica::open(&db)?,
         store::Meta::open(&db)?,
+        crate::account::Account::open(&db)?,
         if remote.is_some() {
             RelayMode::Remote
         } else {

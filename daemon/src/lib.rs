@@ -21,6 +21,8 @@
 //!   journal), writer (the journal, then control messages), reader (dispatching what the
 //!   relay sends), backoff; [`link`]: what it shares with the handlers.
 //! - [`teleport`]: worktrees linked to sessions: push, pull, the blob socket.
+//! - [`account`]: the current org, the user's orgs and the settings copy (with the
+//!   effective value of each setting).
 //! - [`daemon`]: the core: start-up, the one loop that consumes [`event::CoreEvent`]s
 //!   (signals, shutdown requests), and the bounded drain; [`event`] names those events.
 //! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
@@ -30,6 +32,7 @@
 //! Architecture invariant: the socket loop never waits on a slow client. Every queue is
 //! bounded, every frame has a size limit and every write a deadline.
 
+pub mod account;
 pub mod auth;
 pub mod bridge;
 pub mod config;

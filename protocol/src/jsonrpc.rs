@@ -554,6 +554,8 @@ impl Serialize for ResultOut<'_> {
             Response::Prompts(prompts) => prompts.serialize(serializer),
             Response::Teleported(outcome) => outcome.serialize(serializer),
             Response::TeleportLinks(links) => links.serialize(serializer),
+            Response::Orgs(orgs) => orgs.serialize(serializer),
+            Response::Settings(settings) => settings.serialize(serializer),
         }
     }
 }
@@ -698,7 +700,7 @@ mod tests {
         RelayMode, RelayStatus, StateChange, Status, Subscribe, Supervisor, Topic,
     };
     use crate::session::{
-        Author, CreateSession, NetworkAccess, RepoAccess, SessionStatus, Visibility,
+        Author, NetworkAccess, NewSession, RepoAccess, SessionStatus, Visibility,
     };
     use proptest::prelude::*;
 
@@ -728,6 +730,8 @@ mod tests {
                 Response::Prompts(prompts) => json!(prompts),
                 Response::Teleported(outcome) => json!(outcome),
                 Response::TeleportLinks(links) => json!(links),
+                Response::Orgs(orgs) => json!(orgs),
+                Response::Settings(settings) => json!(settings),
             }
         }
 
@@ -1201,7 +1205,7 @@ mod tests {
         let line = br#"{"jsonrpc":"2.0","id":1,"method":"session/create"}"#;
         assert_eq!(
             decode_request(line).unwrap().request,
-            Request::SessionCreate(CreateSession::default())
+            Request::SessionCreate(NewSession::default())
         );
         let line = br#"{"jsonrpc":"2.0","method":"send","params":{"session":"s","text":"a\nb"}}"#;
         assert_eq!(

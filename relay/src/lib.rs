@@ -15,6 +15,8 @@
 //! - `http::viewer`: the read-only WebSocket that streams a session's log as JSON.
 //! - [`instances`]: the connected daemon instances, and commands sent to them.
 //! - [`access`]: who may see and change a session.
+//! - [`orgs`]: who belongs to which org (`DATA/members.jsonl`); [`settings`]: the users'
+//!   and orgs' settings (`DATA/settings.json`), versioned, pushed to daemons.
 //! - [`core`]: the one task that changes state; group-commits every round to the
 //!   [`store`] before acknowledging, publishing or telling an agent anything. Its loop is
 //!   in `core` itself; each kind of change in a module of its concern: `core::sessions`
@@ -38,6 +40,8 @@ mod core;
 mod follow;
 mod http;
 mod instances;
+pub mod orgs;
+pub mod settings;
 mod store;
 mod teleport;
 pub mod tokens;
@@ -178,7 +182,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let auth = Auth::open(&config.data_dir, config.access_token_ttl).map_err(RelayError::Auth)?;
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
-    let (shared, commands) = core::shared(auth, store, Arc::new(teleport));
+    let settings = settings::Settings::open(&config.data_dir).map_err(RelayError::Auth)?;
+    let (shared, commands) = core::shared(auth, store, Arc::new(teleport), settings);
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
     let server_task = http::serve(listener, shared.clone());
@@ -189,7 +194,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         loop {
             tokio::select! {
                 _ = token_shared.cancel.cancelled() => return,
-                _ = interval.tick() => { token_shared.auth.keys.refresh(); }
+                _ = interval.tick() => token_shared.auth.refresh_files(),
             }
         }
     });

@@ -1,6 +1,6 @@
 //! What the relay sends on a registered connection, dispatched: acks (trim the journal,
 //! release waiters), refusals of journaled events, session logs (stored, then published to
-//! attached clients), replica updates, refusals to follow a session, replies to requests
+//! attached clients), replica updates, the settings copy, refusals to follow a session, replies to requests
 //! in flight, and instance commands (answered at once). A burst of messages already
 //! arrived is handled in one go, then its session log entries are written together.
 //!
@@ -189,6 +189,8 @@ impl Bridge {
             }
             FromRelay::Reply { id, result } => in_flight.sessions.answer(id, result),
             FromRelay::TeleportReply { id, result } => in_flight.teleport.answer(id, result),
+            FromRelay::Settings(settings) => link.account.set_settings(settings),
+            FromRelay::SettingsReply { id, result } => in_flight.settings.answer(id, result),
             FromRelay::Command { id, name } => {
                 let result = match name.as_str() {
                     "ping" => Ok("pong".to_owned()),

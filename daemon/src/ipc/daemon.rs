@@ -105,7 +105,7 @@ fn subscribe(shared: &Shared, client: &mut ClientState, subscribe: Subscribe) ->
 /// Sends a reconnect and waits until the bridge's first attempt with the new credentials
 /// has an outcome: connected, refused, or failed (retrying). Statuses of an attempt that
 /// started before the reconnect do not count.
-async fn reconnect_and_settle(link: &Link) -> RelayStatus {
+pub(super) async fn reconnect_and_settle(link: &Link) -> RelayStatus {
     let epoch = link.epoch();
     link.set_status(|s| s.state = BridgeState::Connecting);
     if link

@@ -72,6 +72,8 @@ pub struct Shared {
     pub instances: Instances,
     /// Snapshot versions, blobs and workspaces.
     pub teleport: Arc<crate::teleport::Teleport>,
+    /// The users' and orgs' settings.
+    pub settings: crate::settings::Settings,
 }
 
 impl Shared {
@@ -156,6 +158,7 @@ pub fn shared(
     auth: Auth,
     store: Store,
     teleport: Arc<crate::teleport::Teleport>,
+    settings: crate::settings::Settings,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
@@ -168,6 +171,7 @@ pub fn shared(
         connections: TaskTracker::new(),
         instances: Instances::default(),
         teleport,
+        settings,
     };
     (Arc::new(shared), commands)
 }
@@ -198,6 +202,7 @@ mod tests {
             Auth::open(dir.path(), crate::auth::DEFAULT_ACCESS_TOKEN_TTL).unwrap(),
             store,
             Arc::new(teleport),
+            crate::settings::Settings::open(dir.path()).unwrap(),
         );
         let entry = |seq: u64, text: String| LogEntry {
             seq,

@@ -231,6 +231,7 @@ mod tests {
             Inbound::open(&db).unwrap(),
             Replica::open(&db).unwrap(),
             Meta::open(&db).unwrap(),
+            crate::account::Account::open(&db).unwrap(),
             RelayMode::Embedded,
             String::new(),
             "i-test".into(),
