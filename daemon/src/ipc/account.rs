@@ -105,18 +105,9 @@ fn orgs(link: &Link) -> Orgs {
     }
 }
 
-/// Makes `org` current and reconnects in it; on failure the previous org is put back.
+/// Makes `org` current and reconnects in it; on failure the previous org is put back. The
+/// relay decides membership (the orgs known here may be older than a change).
 async fn switch(link: &Link, org: String) -> Result<Response, ErrorBody> {
-    let known = link.account.orgs();
-    if !known.is_empty() && !known.contains(&org) {
-        return Err(ErrorBody::new(
-            ErrorCode::Refused,
-            format!(
-                "you are not a member of org {org}; your orgs: {} (ask an admin of {org} to add you)",
-                known.join(", ")
-            ),
-        ));
-    }
     let previous = link.account.current_org();
     link.account.set_current_org(Some(org.clone()));
     let settled = reconnect_and_settle(link).await;
@@ -129,9 +120,15 @@ async fn switch(link: &Link, org: String) -> Result<Response, ErrorBody> {
     let reason = settled
         .reason
         .unwrap_or_else(|| "the relay did not accept the switch in time".into());
+    let known = link.account.orgs();
+    let yours = if known.is_empty() {
+        String::new()
+    } else {
+        format!(" (your orgs: {})", known.join(", "))
+    };
     Err(ErrorBody::new(
         ErrorCode::Refused,
-        format!("cannot switch to org {org}: {reason}"),
+        format!("cannot switch to org {org}: {reason}{yours}"),
     ))
 }
 
