@@ -66,7 +66,7 @@ fn sessions_lists_and_team_visibility_follow_the_current_org() {
     let in_acme = create(&alice, "in acme", "private");
     assert_eq!(in_acme["org"], "acme");
     let acme_id = in_acme["id"].as_str().unwrap().to_owned();
-    assert_eq!(listed(&alice), [acme_id.clone()]);
+    assert_eq!(listed(&alice), std::slice::from_ref(&acme_id));
 
     let switched = alice.cloudctl_ok(&["org", "switch", "beta"]);
     assert!(switched.contains("switched to org beta"), "{switched}");
@@ -89,7 +89,7 @@ fn sessions_lists_and_team_visibility_follow_the_current_org() {
 
     // Back in acme: neither beta session is listed, and bob's team session is not visible.
     alice.cloudctl_ok(&["org", "switch", "acme"]);
-    assert_eq!(listed(&alice), [acme_id.clone()]);
+    assert_eq!(listed(&alice), std::slice::from_ref(&acme_id));
     let hidden = alice.cloudctl(&["session", "show", &team_id]);
     assert!(!hidden.status.success());
 

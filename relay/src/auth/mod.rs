@@ -326,3 +326,53 @@ fn not_member(user: &str, org: &str) -> String {
         "user {user} is not a member of org {org}: switch with `cloudctl org switch ORG` (see `cloudctl org list`) or ask an admin to add you"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orgs::{add_member, remove_member};
+    use crate::tokens::{create, NewKey};
+
+    /// An exchange or a refresh may name any org of the user, and nothing else; a refusal
+    /// leaves the refresh token usable; a removal ends the org's access tokens at once and
+    /// moves the login's next tokens to an org the user still belongs to.
+    #[test]
+    fn tokens_act_in_the_orgs_their_user_belongs_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::open(dir.path(), DEFAULT_ACCESS_TOKEN_TTL).unwrap();
+        let key = create(dir.path(), &NewKey::new("alice", "acme")).unwrap();
+        assert!(matches!(
+            auth.exchange_key(&key, Some("beta")),
+            Err(AuthError::NotMember(_))
+        ));
+        add_member(dir.path(), "beta", "alice", Role::Member).unwrap();
+        let tokens = auth.exchange_key(&key, Some("beta")).unwrap();
+        assert_eq!(tokens.org, "beta");
+        assert_eq!(tokens.orgs, ["acme", "beta"]);
+        let identity = auth.authenticate(&tokens.access_token).unwrap();
+        assert_eq!(identity.org, "beta");
+        // Refused before the refresh token is used: it still works afterwards.
+        let refused = auth.refresh(&tokens.refresh_token, Some("gamma"));
+        match refused {
+            Err(AuthError::NotMember(message)) => {
+                assert!(message.contains("cloudctl org switch"), "{message}");
+                assert!(!message.contains("crf_") && !message.contains("cat_"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let next = auth.refresh(&tokens.refresh_token, Some("acme")).unwrap();
+        assert_eq!(next.org, "acme");
+        // Removed from beta: beta's access token stops working, the API key acts in acme.
+        remove_member(dir.path(), "beta", "alice").unwrap();
+        assert!(auth.authenticate(&tokens.access_token).is_err());
+        assert!(!auth.is_member(&identity));
+        assert_eq!(auth.authenticate(&key).unwrap().org, "acme");
+        assert!(matches!(
+            auth.refresh(&next.refresh_token, Some("beta")),
+            Err(AuthError::NotMember(_))
+        ));
+        // Removed from the key's own org too: no org left.
+        remove_member(dir.path(), "acme", "alice").unwrap();
+        assert!(auth.authenticate(&key).is_err());
+    }
+}
