@@ -192,6 +192,19 @@ impl Members {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes as the membership file: read without a panic, and a line that is not
+        /// a record (or is too long) is skipped.
+        #[test]
+        fn arbitrary_membership_files_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..8192)) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(MEMBERS_FILE), &bytes).unwrap();
+            let members = Members::open(dir.path());
+            let _ = members.orgs_of("alice", &["acme".to_owned()]);
+        }
+    }
 
     #[test]
     fn membership_follows_the_last_record_over_the_key() {

@@ -215,6 +215,21 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes as the settings file: opened or refused with a message naming the
+        /// file, never a panic.
+        #[test]
+        fn arbitrary_settings_files_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..8192)) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(SETTINGS_FILE), &bytes).unwrap();
+            match Settings::open(dir.path()) {
+                Ok(settings) => drop(settings.snapshot("alice", "acme")),
+                Err(message) => prop_assert!(message.contains(SETTINGS_FILE)),
+            }
+        }
+    }
 
     fn writer(role: Role) -> Writer<'static> {
         Writer {
