@@ -125,6 +125,12 @@ fn settings_reach_every_machine_and_resolve_by_precedence() {
     assert!(two
         .cloudctl_ok(&["settings", "get", "network"])
         .contains("org (locked)"));
+    // The relay holds the lock too, for a client that does not apply it.
+    let key = relay.token("alice", "acme");
+    let body = serde_json::json!({"task": "rest", "network_access": "full"});
+    let (code, session) = relay.http("POST", "/v1/sessions", &key, Some(&body));
+    assert_eq!(code, 201, "{session}");
+    assert_eq!(session["network_access"], "none", "{session}");
 
     // Offline: the relay stops; machine 2 answers from its copy, also after a restart.
     relay.kill();

@@ -9,8 +9,9 @@
 //! org's. Each change bumps [`Settings::subscribe`], and every bridge connection sends its
 //! daemon the settings of its user and org again when they changed.
 //!
-//! This module does not decide precedence (the daemon resolves the layers) and holds no
-//! token.
+//! This module does not decide precedence (the daemon resolves the layers; the core only
+//! applies an org's locked `visibility` and `network` to every session created or shared
+//! in it, whatever the client sent) and holds no token.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -106,6 +107,13 @@ impl Settings {
             user: records(stored.users.get(user)),
             org: records(stored.orgs.get(org)),
         }
+    }
+
+    /// The value of `org`'s setting `key` if the org locked it.
+    pub fn locked(&self, org: &str, key: &str) -> Option<String> {
+        let stored = self.stored.lock().unwrap();
+        let record = stored.orgs.get(org)?.get(key)?;
+        record.locked.then(|| record.value.clone())
     }
 
     /// Writes a setting for `writer` (blocking: it writes the file).
