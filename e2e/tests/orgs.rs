@@ -130,6 +130,11 @@ fn sessions_lists_and_team_visibility_follow_the_current_org() {
     let orgs = alice.cloudctl_json(&["org", "switch", "acme"]);
     assert_eq!(orgs["orgs"], serde_json::json!(["acme"]), "{orgs}");
     assert_eq!(listed(&alice), [acme_id]);
+    // A new login starts in its own key's default org, not in the org switched to before.
+    login(&alice, &relay, "carol", "delta");
+    let orgs = alice.cloudctl_json(&["org", "list"]);
+    assert_eq!(orgs["current"], "delta", "{orgs}");
+    assert_eq!(alice.cloudctl_json(&["status"])["relay"]["org"], "delta");
     for output in [
         alice.cloudctl_ok(&["org", "list"]),
         alice.cloudctl_ok(&["status"]),
