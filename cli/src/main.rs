@@ -13,6 +13,7 @@ use cloudctl::client::{Client, ClientError};
 use cloudctl::launcher::{self, Running};
 use cloudctl::service;
 
+mod account_commands;
 mod metrics_commands;
 mod session_commands;
 mod table;
@@ -136,6 +137,16 @@ enum Command {
     },
     /// Show the daemon's own health figures (they stay on this machine).
     Metrics,
+    /// List your orgs and switch the current one.
+    Org {
+        #[command(subcommand)]
+        command: account_commands::OrgCommand,
+    },
+    /// Get and set the settings shared across your machines and your org.
+    Settings {
+        #[command(subcommand)]
+        command: account_commands::SettingsCommand,
+    },
     /// Print a shell completion script to stdout (for example:
     /// `cloudctl completions bash > ~/.local/share/bash-completion/completions/cloudctl`).
     Completions {
@@ -376,6 +387,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Teleport { command } => {
             let mut running = connect(&paths, true).await?;
             teleport_commands::teleport(&mut running.client, command, json_output).await
+        }
+        Command::Org { command } => {
+            let mut running = connect(&paths, true).await?;
+            account_commands::org(&mut running.client, command, json_output).await
+        }
+        Command::Settings { command } => {
+            let mut running = connect(&paths, true).await?;
+            account_commands::settings(&mut running.client, command, json_output).await
         }
         Command::Send {
             id,

@@ -12,8 +12,8 @@ use cloud_protocol::ipc::{BridgeState, Notification, Prompt, RelayStatus, Reques
 use cloud_protocol::jsonrpc::log_entry_value;
 use cloud_protocol::paths::Paths;
 use cloud_protocol::session::{
-    Author, CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction,
-    SessionEvent, Visibility,
+    Author, LogEntry, NetworkAccess, NewSession, RepoAccess, Session, SessionAction, SessionEvent,
+    Visibility,
 };
 use cloud_protocol::teleport::VersionAuthor;
 use cloudctl::client::Client;
@@ -73,12 +73,20 @@ pub struct CreateArgs {
     /// What the session is for.
     #[arg(long, default_value = "")]
     task: String,
-    /// Who can see it.
-    #[arg(long, value_enum, default_value_t = VisibilityArg::Private)]
-    visibility: VisibilityArg,
-    /// What network its agent may use.
-    #[arg(long, value_enum, default_value_t = NetworkArg::Limited)]
-    network: NetworkArg,
+    /// Who can see it (default: the `visibility` setting, see `cloudctl settings get`).
+    #[arg(long, value_enum)]
+    visibility: Option<VisibilityArg>,
+    /// What network its agent may use (default: the `network` setting).
+    #[arg(long, value_enum)]
+    network: Option<NetworkArg>,
+    /// The hosts its agent may reach, comma-separated (default: the `allowed_domains`
+    /// setting; recorded, not yet enforced).
+    #[arg(long, value_delimiter = ',')]
+    allowed_domains: Option<Vec<String>>,
+    /// Stop its agent after this many idle minutes, 0 never (default: the
+    /// `auto_stop_minutes` setting; recorded, not yet enforced).
+    #[arg(long)]
+    auto_stop_minutes: Option<u32>,
     /// The image its workspace is made from.
     #[arg(long, default_value = "default")]
     image: String,
@@ -141,19 +149,21 @@ pub async fn session(
     let request = match command {
         SessionCommand::Create(mut args) => {
             teleport = args.teleport.take();
-            Request::SessionCreate(CreateSession {
+            Request::SessionCreate(NewSession {
                 task: args.task,
-                visibility: args.visibility.into(),
-                network_access: match args.network {
+                visibility: args.visibility.map(Into::into),
+                network_access: args.network.map(|network| match network {
                     NetworkArg::None => NetworkAccess::None,
                     NetworkArg::Limited => NetworkAccess::Limited,
                     NetworkArg::Full => NetworkAccess::Full,
-                },
-                repo_access: match args.repo_access {
+                }),
+                repo_access: Some(match args.repo_access {
                     RepoArg::Read => RepoAccess::Read,
                     RepoArg::Write => RepoAccess::Write,
-                },
-                vm_image: args.image,
+                }),
+                vm_image: Some(args.image),
+                allowed_domains: args.allowed_domains,
+                auto_stop_minutes: args.auto_stop_minutes,
             })
         }
         SessionCommand::List => Request::SessionList,

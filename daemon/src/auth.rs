@@ -8,7 +8,9 @@
 //! (a login or logout in between is obeyed) and writes the rotated refresh token back
 //! before handing the access token out. The bridge refreshes at [`refresh_at`] (80% of a
 //! token's lifetime) and, when the relay refuses a token, asks once for a fresh one
-//! ([`Keeper::access`] with the refused token).
+//! ([`Keeper::access`] with the refused token). Every exchange names the daemon's current
+//! org ([`Keeper::set_org`]), so its tokens act in that org, and a token of another org is
+//! never reused.
 //!
 //! Architecture invariant: tokens go only into request bodies and `Authorization`
 //! headers; [`Access`]'s `Debug` hides the token, and no error here contains one.
@@ -45,6 +47,10 @@ pub struct Access {
     pub obtained: Instant,
     /// How long it lives from then.
     pub lifetime: Duration,
+    /// The org it acts in.
+    pub org: String,
+    /// Every org of its user.
+    pub orgs: Vec<String>,
 }
 
 impl std::fmt::Debug for Access {
@@ -100,6 +106,10 @@ struct TokenAnswer {
     access_token: String,
     expires_in_ms: u64,
     refresh_token: String,
+    #[serde(default)]
+    org: String,
+    #[serde(default)]
+    orgs: Vec<String>,
 }
 
 /// The access token in use, and the credentials it came from.
@@ -119,6 +129,8 @@ pub struct Keeper {
     embedded: std::sync::Mutex<Option<Credentials>>,
     /// The token in use; its lock is held for a whole exchange.
     held: tokio::sync::Mutex<Option<Held>>,
+    /// The org tokens are asked for (none: the login's default).
+    org: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Keeper {
@@ -137,7 +149,13 @@ impl Keeper {
             tls,
             embedded: std::sync::Mutex::new(None),
             held: tokio::sync::Mutex::new(None),
+            org: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Sets the org the next tokens act in (a held token of another org is not reused).
+    pub fn set_org(&self, org: Option<String>) {
+        *self.org.lock().unwrap() = org;
     }
 
     /// Sets (or clears) the embedded relay's credentials, used when there is no file.
@@ -173,9 +191,11 @@ impl Keeper {
         if credentials.relay != relay {
             return Err(AuthError::Changed);
         }
+        let org = self.org.lock().unwrap().clone();
         if let Some(current) = held.as_ref() {
             let same_login = current.relay == credentials.relay
-                && credentials.refresh_token.as_deref() == Some(current.refresh_token.as_str());
+                && credentials.refresh_token.as_deref() == Some(current.refresh_token.as_str())
+                && org.as_ref().is_none_or(|org| *org == current.access.org);
             let refused = refused == Some(current.access.token.as_str());
             if same_login && !refused && Instant::now() < refresh_at(&current.access) {
                 return Ok(current.access.clone());
@@ -187,18 +207,22 @@ impl Keeper {
                 let refreshed = self
                     .exchange(
                         &credentials.relay,
-                        serde_json::json!({"grant_type": "refresh_token", "refresh_token": refresh_token}),
+                        serde_json::json!({"grant_type": "refresh_token", "refresh_token": refresh_token, "org": org}),
                     )
                     .await;
                 match (refreshed, api_key) {
                     // The embedded relay's key is always at hand: start a new login.
                     (Err(AuthError::LoggedOut(_)), Some(api_key)) => {
-                        self.exchange_key(&credentials.relay, api_key).await?
+                        self.exchange_key(&credentials.relay, api_key, org.as_deref())
+                            .await?
                     }
                     (refreshed, _) => refreshed?,
                 }
             }
-            (None, Some(api_key)) => self.exchange_key(&credentials.relay, api_key).await?,
+            (None, Some(api_key)) => {
+                self.exchange_key(&credentials.relay, api_key, org.as_deref())
+                    .await?
+            }
             (None, None) => return Err(AuthError::LoggedOut(
                 "the credentials file holds no login: run `cloudctl login --relay URL --token KEY`"
                     .into(),
@@ -208,6 +232,8 @@ impl Keeper {
             token: answer.access_token,
             obtained: Instant::now(),
             lifetime: Duration::from_millis(answer.expires_in_ms),
+            org: answer.org,
+            orgs: answer.orgs,
         };
         let used = credentials
             .refresh_token
@@ -238,10 +264,15 @@ impl Keeper {
         Ok(access)
     }
 
-    async fn exchange_key(&self, relay: &str, api_key: &str) -> Result<TokenAnswer, AuthError> {
+    async fn exchange_key(
+        &self,
+        relay: &str,
+        api_key: &str,
+        org: Option<&str>,
+    ) -> Result<TokenAnswer, AuthError> {
         self.exchange(
             relay,
-            serde_json::json!({"grant_type": "api_key", "api_key": api_key}),
+            serde_json::json!({"grant_type": "api_key", "api_key": api_key, "org": org}),
         )
         .await
     }
@@ -261,7 +292,9 @@ impl Keeper {
         .map_err(|_| AuthError::Failed(format!("the token exchange with {relay} timed out")))??;
         match answer {
             (200, body) => parse_answer(&body).map_err(AuthError::Failed),
-            (401 | 403, body) => Err(AuthError::LoggedOut(format!(
+            // Not a member of the org asked for: the relay says what to do.
+            (403, body) => Err(AuthError::LoggedOut(relay_message(&body))),
+            (401, body) => Err(AuthError::LoggedOut(format!(
                 "the relay refused this machine's login ({}); run `cloudctl login --relay {relay} --token KEY` again",
                 relay_message(&body)
             ))),
@@ -415,6 +448,8 @@ mod tests {
             token: "cat_x".into(),
             obtained: Instant::now(),
             lifetime,
+            org: String::new(),
+            orgs: Vec::new(),
         }
     }
 

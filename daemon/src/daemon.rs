@@ -125,7 +125,7 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
         journal,
         Inbound::open(&db)?,
         Replica::open(&db)?,
-        store::Meta::open(&db)?,
+        (store::Meta::open(&db)?, crate::account::Account::open(&db)?),
         if remote.is_some() {
             RelayMode::Remote
         } else {

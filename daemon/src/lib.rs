@@ -23,6 +23,8 @@
 //! - [`teleport`]: worktrees linked to sessions: push, pull, the blob socket.
 //! - [`metrics`]: the daemon's health figures (`cloudctl metrics`), and the anonymous
 //!   aggregates sent only with `telemetry = true`.
+//! - [`account`]: the current org, the user's orgs and the settings copy (with the
+//!   effective value of each setting).
 //! - [`daemon`]: the core: start-up, the one loop that consumes [`event::CoreEvent`]s
 //!   (signals, shutdown requests), and the bounded drain; [`event`] names those events.
 //! - [`signals`]: turns SIGTERM, SIGINT and SIGHUP into core events.
@@ -32,6 +34,7 @@
 //! Architecture invariant: the socket loop never waits on a slow client. Every queue is
 //! bounded, every frame has a size limit and every write a deadline.
 
+pub mod account;
 pub mod auth;
 pub mod bridge;
 pub mod config;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use cloud_protocol::bridge::RelayRequest;
 use cloud_protocol::ipc::{BridgeState, Notification, RelayMode, RelayStatus};
 use cloud_protocol::session::Session;
+use cloud_protocol::settings::{SettingRecord, SettingRefusal, SettingWrite};
 use cloud_protocol::teleport::{TeleportReply, TeleportRequest};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -63,6 +64,13 @@ pub enum BridgeCommand {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<TeleportReply, String>>,
     },
+    /// A settings write, answered on `reply` (a refusal when unreachable).
+    Settings {
+        /// The write.
+        write: SettingWrite,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<SettingRecord, SettingRefusal>>,
+    },
 }
 
 /// How long a teleport request waits for the relay's answer (a commit of a large tree
@@ -84,6 +92,8 @@ pub struct Link {
     pub inbound: Inbound,
     /// The session replica.
     pub replica: Replica,
+    /// The current org, the user's orgs, the settings copy.
+    pub account: crate::account::Account,
     /// The relay connection, as status shows it.
     status: watch::Sender<RelayStatus>,
     /// Commands to the bridge.
@@ -151,7 +161,7 @@ impl Link {
         journal: Arc<Journal>,
         inbound: Inbound,
         replica: Replica,
-        meta: Meta,
+        (meta, account): (Meta, crate::account::Account),
         mode: RelayMode,
         url: String,
         instance_id: String,
@@ -181,6 +191,7 @@ impl Link {
                 journal,
                 inbound,
                 replica,
+                account,
                 status,
                 commands,
                 waiters: Mutex::new(BTreeMap::new()),
@@ -468,7 +479,10 @@ mod tests {
             journal,
             Inbound::open(&db).unwrap(),
             Replica::open(&db).unwrap(),
-            Meta::open(&db).unwrap(),
+            (
+                Meta::open(&db).unwrap(),
+                crate::account::Account::open(&db).unwrap(),
+            ),
             RelayMode::Embedded,
             String::new(),
             "i-test".into(),
@@ -503,7 +517,10 @@ mod tests {
             Arc::clone(&journal),
             Inbound::open(&db).unwrap(),
             Replica::open(&db).unwrap(),
-            Meta::open(&db).unwrap(),
+            (
+                Meta::open(&db).unwrap(),
+                crate::account::Account::open(&db).unwrap(),
+            ),
             RelayMode::Embedded,
             String::new(),
             "i-test".into(),

@@ -5,8 +5,8 @@
 //! Each tree belongs to one module: `log` and `follows` to [`crate::sessions::inbound`],
 //! `sessions` to [`crate::sessions::replica`], `meta` to this module (the instance id, whose
 //! relay and identity the journal's events belong to, how many events were refused and the
-//! latest reason) but for its `journal_acked` key, which is the journal's. No other module
-//! opens a tree.
+//! latest reason) but for its `journal_acked` key, which is the journal's; `account` to
+//! [`crate::account`]. No other module opens a tree.
 //!
 //! Architecture invariant: the daemon never uses sled's batches or transactions, in this
 //! store or the journal's. In sled 0.34 they take a lock shared by every database in the

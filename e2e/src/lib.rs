@@ -535,6 +535,18 @@ impl Relay {
         assert!(output.status.success(), "{output:?}");
     }
 
+    /// `cloud-relay ARGS --data DATA` (an operator's command, such as `org add-member`),
+    /// asserted to succeed.
+    pub fn admin(&self, args: &[&str]) {
+        let output = Command::new(binary("cloud-relay"))
+            .args(args)
+            .arg("--data")
+            .arg(self.data.path())
+            .output()
+            .expect("cloud-relay");
+        assert!(output.status.success(), "cloud-relay {args:?}: {output:?}");
+    }
+
     /// The user messages the relay holds for a session, in log order (reading every page).
     pub fn user_messages(&self, token: &str, session: &str) -> Vec<String> {
         let mut messages = Vec::new();

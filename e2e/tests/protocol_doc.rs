@@ -236,6 +236,14 @@ fn the_documented_exchanges_hold_against_the_real_daemon() {
     ] {
         c.run("Methods", name, None);
     }
+    // The embedded relay's user belongs to one org: the switch example that succeeds
+    // names another, so only the refused one is replayed.
+    c.run("Methods", "org/list", None);
+    c.run("Methods", "org/switch", Some(&[1]));
+    for name in ["settings/get", "settings/set"] {
+        c.run("Methods", name, None);
+    }
+    c.run("Errors", "conflict", None);
 
     // The errors a request causes and this daemon can be made to give. Not replayed:
     // `internal` (a full disk), `relay_unavailable` (a relay that does not connect),

@@ -19,13 +19,16 @@
 use serde::{Deserialize, Serialize};
 
 use crate::session::{CreateSession, LogEntry, Session, SessionAction, Visibility};
+use crate::settings::{SettingRecord, SettingRefusal, SettingWrite, SettingsSnapshot};
 use crate::teleport::{TeleportReply, TeleportRequest};
 
 /// The bridge protocol version, checked when the daemon registers. 2: journaled events
 /// carry an idempotency key, and `RelayRequest::Get` exists. 4: `ToRelay::Authenticate`
 /// (a connection opened with an expiring access token ends when it expires, unless the
 /// daemon sends a fresh one first). 5: `FromRelay::SlowDown` (rate limits) and
-/// `ToRelay::Telemetry` (opt-in anonymous aggregates).
+/// `ToRelay::Telemetry` (opt-in anonymous aggregates); settings (`ToRelay::Settings`,
+/// `FromRelay::Settings`, `FromRelay::SettingsReply`), and `CreateSession` carries
+/// `allowed_domains` and `auto_stop_minutes`.
 pub const BRIDGE_VERSION: u32 = 5;
 
 /// The largest bridge message either side accepts.
@@ -143,6 +146,14 @@ pub enum ToRelay {
     /// anonymous aggregates since its previous report (counts only: no ids, paths, names
     /// or tokens). Not answered; the relay adds them to its `/metrics` totals.
     Telemetry(TelemetryReport),
+    /// Extension channel: write a setting of this user or of their current org; answered
+    /// by [`FromRelay::SettingsReply`].
+    Settings {
+        /// Chosen by the daemon, echoed in the reply.
+        id: u64,
+        /// The write.
+        write: SettingWrite,
+    },
 }
 
 /// What an opted-in daemon reports, at most every few minutes: counts since its previous
@@ -387,6 +398,16 @@ pub enum FromRelay {
         retry_after_ms: u64,
         /// The request refused, if this is about a request rather than events.
         request: Option<u64>,
+    },
+    /// Extension channel: every setting of this user and of the org the connection acts
+    /// in, sent after registering and whenever one of them changes. The daemon keeps it.
+    Settings(SettingsSnapshot),
+    /// Extension channel: the answer to a [`ToRelay::Settings`].
+    SettingsReply {
+        /// The request's id.
+        id: u64,
+        /// The record written, or why not (with the current record when it was stale).
+        result: Result<SettingRecord, SettingRefusal>,
     },
 }
 

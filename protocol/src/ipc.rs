@@ -10,10 +10,13 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bridge::PermissionDecision;
-use crate::session::{CreateSession, LogEntry, Session, SessionAction, Visibility};
+use crate::session::{LogEntry, NewSession, Session, SessionAction, Visibility};
+use crate::settings::SettingView;
 
 /// The version of the local-socket protocol this build speaks. Both sides send it in the
-/// hello; a mismatch is refused with an error naming both versions.
+/// hello; a mismatch is refused with an error naming both versions. (Version 1 is
+/// pre-release: see docs/PROTOCOL.md, "Compatibility policy", for its changes without a
+/// bump.)
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// A request and the id the client chose for it; the reply echoes the id.
@@ -149,8 +152,9 @@ requests! {
     LOGOUT = "logout" => Logout;
     /// Who the daemon talks to the relay as. Answered by [`Response::Identity`].
     WHOAMI = "whoami" => Whoami;
-    /// Creates a session (needs the relay). Answered by [`Response::Session`].
-    SESSION_CREATE = "session/create" => SessionCreate(CreateSession);
+    /// Creates a session (needs the relay) in the current org; fields left out take the
+    /// effective settings. Answered by [`Response::Session`].
+    SESSION_CREATE = "session/create" => SessionCreate(NewSession);
     /// The sessions visible to this user, from the local replica (works offline, marked
     /// stale). Answered by [`Response::Sessions`].
     SESSION_LIST = "session/list" => SessionList;
@@ -289,6 +293,44 @@ requests! {
     /// The daemon's own health figures since it started (they never leave the machine
     /// unless `telemetry = true`). Answered by [`Response::Metrics`].
     METRICS = "metrics" => Metrics;
+    /// The user's orgs, the current one marked (known from the relay's last token answer,
+    /// so it works offline). Answered by [`Response::Orgs`].
+    ORG_LIST = "org/list" => OrgList;
+    /// Makes `org` the current org: remembered, and the bridge reconnects in its scope.
+    /// Answered by [`Response::Orgs`] once connected in it, or an error (not a member).
+    ORG_SWITCH = "org/switch" => OrgSwitch {
+        /// The org.
+        org: String,
+    };
+    /// The settings in effect and where each comes from (from the daemon's copy, so it
+    /// works offline); with `org`, the current org's records. Answered by
+    /// [`Response::Settings`].
+    SETTINGS_GET = "settings/get" => SettingsGet {
+        /// One key (none: every key).
+        #[serde(default)]
+        key: Option<String>,
+        /// The org's records instead of the values in effect.
+        #[serde(default)]
+        org: bool,
+    };
+    /// Writes a user setting, or (org admins) an org setting, on the relay; a write of a
+    /// stale version is refused with the current value (`conflict`). Answered by
+    /// [`Response::Settings`] with the new record.
+    SETTINGS_SET = "settings/set" => SettingsSet {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// The current org's setting instead of the user's.
+        #[serde(default)]
+        org: bool,
+        /// Lock the org setting: nothing below overrides it.
+        #[serde(default)]
+        lock: bool,
+        /// The version the write replaces (none: the version of the daemon's copy).
+        #[serde(default)]
+        version: Option<u64>,
+    };
 }
 
 pub use crate::bridge::MAX_IDEMPOTENCY_KEY;
@@ -392,6 +434,10 @@ pub enum Response {
     TeleportLinks(Vec<TeleportLink>),
     /// The daemon's health figures.
     Metrics(Metrics),
+    /// The user's orgs.
+    Orgs(Orgs),
+    /// Settings.
+    Settings(Vec<SettingView>),
 }
 
 /// The daemon's health figures since it started, as `cloudctl metrics` shows them.
@@ -441,6 +487,15 @@ pub struct Histogram {
     pub p50_ms: Option<u64>,
     /// The 99th percentile's bucket bound, likewise.
     pub p99_ms: Option<u64>,
+}
+
+/// The user's orgs, as `org list` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orgs {
+    /// The org sessions are created in and listed from.
+    pub current: Option<String>,
+    /// Every org the user belongs to, as the relay last said.
+    pub orgs: Vec<String>,
 }
 
 /// What a push or a pull did.
@@ -862,6 +917,8 @@ error_codes! {
     /// The relay asks this client to slow down: retry after the delay `metrics` shows in
     /// `rate_limited_until_ms` (-32012).
     RateLimited = -32012,
+    /// A write named a version that is no longer the current one (-32013).
+    Conflict = -32013,
 }
 
 /// The error a daemon returns to a hello of another protocol version. Both sides use it so

@@ -555,6 +555,8 @@ impl Serialize for ResultOut<'_> {
             Response::Teleported(outcome) => outcome.serialize(serializer),
             Response::TeleportLinks(links) => links.serialize(serializer),
             Response::Metrics(metrics) => metrics.serialize(serializer),
+            Response::Orgs(orgs) => orgs.serialize(serializer),
+            Response::Settings(settings) => settings.serialize(serializer),
         }
     }
 }
@@ -699,7 +701,7 @@ mod tests {
         RelayMode, RelayStatus, StateChange, Status, Subscribe, Supervisor, Topic,
     };
     use crate::session::{
-        Author, CreateSession, NetworkAccess, RepoAccess, SessionStatus, Visibility,
+        Author, NetworkAccess, NewSession, RepoAccess, SessionStatus, Visibility,
     };
     use proptest::prelude::*;
 
@@ -730,6 +732,8 @@ mod tests {
                 Response::Teleported(outcome) => json!(outcome),
                 Response::TeleportLinks(links) => json!(links),
                 Response::Metrics(metrics) => json!(metrics),
+                Response::Orgs(orgs) => json!(orgs),
+                Response::Settings(settings) => json!(settings),
             }
         }
 
@@ -1203,7 +1207,7 @@ mod tests {
         let line = br#"{"jsonrpc":"2.0","id":1,"method":"session/create"}"#;
         assert_eq!(
             decode_request(line).unwrap().request,
-            Request::SessionCreate(CreateSession::default())
+            Request::SessionCreate(NewSession::default())
         );
         let line = br#"{"jsonrpc":"2.0","method":"send","params":{"session":"s","text":"a\nb"}}"#;
         assert_eq!(

@@ -11,6 +11,7 @@
 //! - [`jsonrpc`]: the newline-delimited JSON-RPC 2.0 encoding of the same messages.
 //! - [`paths`]: the one location rule for the socket, state, config and lock files.
 //! - [`session`]: cloud sessions, their lifecycle and their ordered logs.
+//! - [`settings`]: settings shared across a team's machines, and their precedence.
 //! - [`bridge`]: the daemon ↔ relay WebSocket envelope and messages.
 //! - [`agent`]: the stream-json lines agents speak on stdio.
 //! - [`blobs`]: the blob socket that carries teleport's file contents beside the bridge.
@@ -26,6 +27,7 @@ pub mod ipc;
 pub mod jsonrpc;
 pub mod paths;
 pub mod session;
+pub mod settings;
 pub mod teleport;
 
 /// The largest message any encoding accepts: a binary frame body, a JSON line, or the body

@@ -168,6 +168,11 @@ pub struct CreateSession {
     pub repo_access: RepoAccess,
     /// The image (free-form; `default` when unsure).
     pub vm_image: String,
+    /// The hosts its agent may reach when its network is limited (recorded, not yet
+    /// enforced).
+    pub allowed_domains: Vec<String>,
+    /// Stop its agent after this many idle minutes, 0 never (recorded, not yet enforced).
+    pub auto_stop_minutes: u32,
 }
 
 impl Default for CreateSession {
@@ -178,6 +183,73 @@ impl Default for CreateSession {
             network_access: NetworkAccess::Limited,
             repo_access: RepoAccess::Write,
             vm_image: "default".into(),
+            allowed_domains: Vec::new(),
+            auto_stop_minutes: 0,
+        }
+    }
+}
+
+/// What a client asks the daemon to create: every field optional. A field left out takes
+/// the effective default (see [`crate::settings`]): the local `config.toml`, then the
+/// user's setting, then the org's, then the built-in default; a locked org setting
+/// overrides even a field given here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NewSession {
+    /// What the session is for.
+    pub task: String,
+    /// Who may see it.
+    pub visibility: Option<Visibility>,
+    /// What network the agent may use.
+    pub network_access: Option<NetworkAccess>,
+    /// What the agent may do with the repository (default: write).
+    pub repo_access: Option<RepoAccess>,
+    /// The image (default: `default`).
+    pub vm_image: Option<String>,
+    /// The hosts its agent may reach.
+    pub allowed_domains: Option<Vec<String>>,
+    /// Stop its agent after this many idle minutes, 0 never.
+    pub auto_stop_minutes: Option<u32>,
+}
+
+impl Visibility {
+    /// Its name, as in settings and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Private => "private",
+            Visibility::Team => "team",
+            Visibility::Public => "public",
+        }
+    }
+
+    /// The visibility named `name`.
+    pub fn parse(name: &str) -> Option<Visibility> {
+        match name {
+            "private" => Some(Visibility::Private),
+            "team" => Some(Visibility::Team),
+            "public" => Some(Visibility::Public),
+            _ => None,
+        }
+    }
+}
+
+impl NetworkAccess {
+    /// Its name, as in settings and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkAccess::None => "none",
+            NetworkAccess::Limited => "limited",
+            NetworkAccess::Full => "full",
+        }
+    }
+
+    /// The network access named `name`.
+    pub fn parse(name: &str) -> Option<NetworkAccess> {
+        match name {
+            "none" => Some(NetworkAccess::None),
+            "limited" => Some(NetworkAccess::Limited),
+            "full" => Some(NetworkAccess::Full),
+            _ => None,
         }
     }
 }

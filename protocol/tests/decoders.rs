@@ -24,6 +24,9 @@ use cloud_protocol::session::{
     Author, CreateSession, LogEntry, NetworkAccess, RepoAccess, Session, SessionAction,
     SessionEvent, SessionStatus, Visibility,
 };
+use cloud_protocol::settings::{
+    SettingRecord, SettingRefusal, SettingScope, SettingWrite, SettingsSnapshot,
+};
 use cloud_protocol::{agent, frame, jsonrpc, MAX_MESSAGE_LEN};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -247,16 +250,26 @@ fn relay_request() -> impl Strategy<Value = RelayRequest> {
             visibility(),
             network_access(),
             repo_access(),
-            word()
+            word(),
+            (vec(word(), 0..4), any::<u32>())
         )
             .prop_map(
-                |(task, visibility, network_access, repo_access, vm_image)| {
+                |(
+                    task,
+                    visibility,
+                    network_access,
+                    repo_access,
+                    vm_image,
+                    (allowed_domains, auto_stop_minutes),
+                )| {
                     RelayRequest::Create(CreateSession {
                         task,
                         visibility,
                         network_access,
                         repo_access,
                         vm_image,
+                        allowed_domains,
+                        auto_stop_minutes,
                     })
                 }
             ),
@@ -322,7 +335,50 @@ fn to_relay() -> impl Strategy<Value = ToRelay> {
                     })
                 }
             ),
+        (any::<u64>(), setting_write()).prop_map(|(id, write)| ToRelay::Settings { id, write }),
     ]
+}
+
+fn setting_scope() -> impl Strategy<Value = SettingScope> {
+    prop_oneof![Just(SettingScope::User), Just(SettingScope::Org)]
+}
+
+fn setting_write() -> impl Strategy<Value = SettingWrite> {
+    (
+        setting_scope(),
+        word(),
+        text(256),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(scope, key, value, lock, expected_version)| SettingWrite {
+            scope,
+            key,
+            value,
+            lock,
+            expected_version,
+        })
+}
+
+fn setting_record() -> impl Strategy<Value = SettingRecord> {
+    (
+        word(),
+        text(256),
+        any::<u64>(),
+        any::<bool>(),
+        word(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(key, value, version, locked, updated_by, updated_at)| SettingRecord {
+                key,
+                value,
+                version,
+                locked,
+                updated_by,
+                updated_at,
+            },
+        )
 }
 
 fn from_relay() -> impl Strategy<Value = FromRelay> {
@@ -353,6 +409,27 @@ fn from_relay() -> impl Strategy<Value = FromRelay> {
                 request,
             }
         }),
+        (
+            word(),
+            vec(setting_record(), 0..4),
+            vec(setting_record(), 0..4)
+        )
+            .prop_map(
+                |(org_name, user, org)| FromRelay::Settings(SettingsSnapshot {
+                    org_name,
+                    user,
+                    org
+                })
+            ),
+        (
+            any::<u64>(),
+            prop_oneof![
+                setting_record().prop_map(Ok),
+                (word(), proptest::option::of(setting_record()))
+                    .prop_map(|(reason, current)| Err(SettingRefusal { reason, current }))
+            ]
+        )
+            .prop_map(|(id, result)| FromRelay::SettingsReply { id, result }),
     ]
 }
 

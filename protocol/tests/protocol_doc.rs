@@ -344,6 +344,8 @@ fn response_from(method: &str, result: Value) -> serde_json::Result<Response> {
             Response::TeleportLinks(from_value::<Vec<TeleportLink>>(result)?)
         }
         (method::METRICS, _) => Response::Metrics(from_value(result)?),
+        (method::ORG_LIST | method::ORG_SWITCH, _) => Response::Orgs(from_value(result)?),
+        (method::SETTINGS_GET | method::SETTINGS_SET, _) => Response::Settings(from_value(result)?),
         _ => {
             return Err(serde::de::Error::custom(format!(
                 "this test does not know the reply to {method}"

@@ -17,6 +17,8 @@
 //! - [`limits`]: the rate limits per API key (token buckets); `metrics`: the operator's
 //!   figures at `GET /metrics`.
 //! - [`access`]: who may see and change a session.
+//! - [`orgs`]: who belongs to which org (`DATA/members.jsonl`); [`settings`]: the users'
+//!   and orgs' settings (`DATA/settings.json`), versioned, pushed to daemons.
 //! - [`core`]: the one task that changes state; group-commits every round to the
 //!   [`store`] before acknowledging, publishing or telling an agent anything. Its loop is
 //!   in `core` itself; each kind of change in a module of its concern: `core::sessions`
@@ -42,6 +44,8 @@ mod http;
 mod instances;
 pub mod limits;
 mod metrics;
+pub mod orgs;
+pub mod settings;
 mod store;
 mod teleport;
 pub mod tokens;
@@ -184,7 +188,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let auth = Auth::open(&config.data_dir, config.access_token_ttl).map_err(RelayError::Auth)?;
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
-    let (shared, commands) = core::shared(auth, store, Arc::new(teleport), config.limits);
+    let settings = settings::Settings::open(&config.data_dir).map_err(RelayError::Auth)?;
+    let (shared, commands) = core::shared(auth, store, Arc::new(teleport), config.limits, settings);
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
     let server_task = http::serve(listener, shared.clone());
@@ -195,7 +200,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         loop {
             tokio::select! {
                 _ = token_shared.cancel.cancelled() => return,
-                _ = interval.tick() => { token_shared.auth.keys.refresh(); }
+                _ = interval.tick() => token_shared.auth.refresh_files(),
             }
         }
     });

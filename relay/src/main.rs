@@ -1,5 +1,5 @@
-//! The `cloud-relay` binary: `serve`, `token create|revoke` (API keys), and the hidden
-//! `shell-agent`.
+//! The `cloud-relay` binary: `serve`, `token create|revoke` (API keys), `org
+//! add-member|remove-member` (membership), and the hidden `shell-agent`.
 //!
 //! Flags become validated arguments here and nowhere else. `serve` runs on a current-thread
 //! runtime (see DESIGN.md's performance notes: cross-core wake-ups cost more than the work)
@@ -62,6 +62,39 @@ enum Commands {
     /// The built-in shell agent on stdin/stdout (run by the relay, not by hand).
     #[command(hide = true)]
     ShellAgent,
+    /// Manage org membership (works while a server runs; takes effect at the user's next
+    /// request, and ends their open connections in an org they left).
+    Org {
+        #[command(subcommand)]
+        command: OrgCommands,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OrgCommands {
+    /// Add a user to an org (or change their role in it).
+    AddMember {
+        /// The org.
+        org: String,
+        /// The user.
+        user: String,
+        /// member, or admin (may change and lock the org's settings).
+        #[arg(long, value_enum, default_value = "member")]
+        role: cloud_relay::orgs::Role,
+        /// The data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Remove a user from an org (also one their API key names).
+    RemoveMember {
+        /// The org.
+        org: String,
+        /// The user.
+        user: String,
+        /// The data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,6 +155,7 @@ fn main() -> ExitCode {
             serve(listen, data, agent_command, access_token_ttl, limits)
         }
         Commands::Token { command } => token(command),
+        Commands::Org { command } => org(command),
         Commands::ShellAgent => cloud_relay::shell_agent::run().map_err(anyhow::Error::from),
     };
     match result {
@@ -159,6 +193,31 @@ fn token(command: TokenCommands) -> anyhow::Result<()> {
         TokenCommands::Revoke { user, data } => {
             let n_revoked = cloud_relay::tokens::revoke_user(&data, &user)?;
             eprintln!("revoked {n_revoked} token(s) of {user}");
+        }
+    }
+    Ok(())
+}
+
+fn org(command: OrgCommands) -> anyhow::Result<()> {
+    match command {
+        OrgCommands::AddMember {
+            org,
+            user,
+            role,
+            data,
+        } => {
+            cloud_relay::orgs::add_member(&data, &org, &user, role)?;
+            eprintln!(
+                "{user} is a member of {org} ({})",
+                match role {
+                    cloud_relay::orgs::Role::Admin => "admin",
+                    cloud_relay::orgs::Role::Member => "member",
+                }
+            );
+        }
+        OrgCommands::RemoveMember { org, user, data } => {
+            cloud_relay::orgs::remove_member(&data, &org, &user)?;
+            eprintln!("{user} is no longer a member of {org}");
         }
     }
     Ok(())

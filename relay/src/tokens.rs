@@ -255,7 +255,7 @@ pub fn revoke_user(data_dir: &Path, user: &str) -> Result<usize, TokenError> {
     Ok(n_revoked)
 }
 
-fn check_name(what: &'static str, value: &str) -> Result<(), TokenError> {
+pub(crate) fn check_name(what: &'static str, value: &str) -> Result<(), TokenError> {
     let ok = !value.is_empty()
         && value.len() <= 128
         // `/` separates the user from the instance id in the relay's dedup key.
@@ -322,14 +322,15 @@ fn read_records(path: &Path) -> std::io::Result<Vec<TokenRecord>> {
     Ok(records)
 }
 
-/// The exclusive lock writers hold; released when dropped.
-struct WriterLock {
+/// The exclusive lock writers of the token and membership files hold; released when
+/// dropped.
+pub(crate) struct WriterLock {
     /// Kept open: the lock lives as long as this descriptor.
     _file: File,
 }
 
 impl WriterLock {
-    fn acquire(data_dir: &Path) -> Result<WriterLock, TokenError> {
+    pub(crate) fn acquire(data_dir: &Path) -> Result<WriterLock, TokenError> {
         let path = data_dir.join(LOCK_FILE);
         let io = |source| TokenError::Io {
             path: path.clone(),
@@ -341,9 +342,9 @@ impl WriterLock {
     }
 }
 
-/// What identifies a version of the token file without reading it.
+/// What identifies a version of a file without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct FileStamp {
+pub(crate) struct FileStamp {
     len: u64,
     modified: Option<std::time::SystemTime>,
     inode: u64,
@@ -351,7 +352,15 @@ struct FileStamp {
 }
 
 impl FileStamp {
-    fn of(path: &Path) -> FileStamp {
+    /// A stamp that never matches a real one, so the first check reads the file.
+    pub(crate) fn unread() -> FileStamp {
+        FileStamp {
+            len: u64::MAX,
+            ..FileStamp::default()
+        }
+    }
+
+    pub(crate) fn of(path: &Path) -> FileStamp {
         match std::fs::metadata(path) {
             Ok(metadata) => FileStamp {
                 len: metadata.len(),

@@ -34,7 +34,8 @@ async fn recv_envelope(bridge: &mut Bridge) -> Envelope<FromRelay> {
 }
 
 /// Connects and sends `Register`; returns the client and every envelope the relay sent up
-/// to and including the `Sessions` that ends its answer.
+/// to and including the `Sessions` that ends its answer (the `Settings` that follows it is
+/// read and left out).
 async fn register(
     relay: &TestRelay,
     token: &str,
@@ -47,6 +48,12 @@ async fn register(
         let last = matches!(envelope.body, FromRelay::Sessions(_));
         answer.push(envelope);
         if last {
+            let settings = recv_envelope(&mut bridge).await;
+            assert!(
+                matches!(settings.body, FromRelay::Settings(_)),
+                "{:?}",
+                settings.body
+            );
             return (bridge, answer);
         }
     }

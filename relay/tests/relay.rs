@@ -615,6 +615,7 @@ async fn shell_agent_round_trip_over_the_bridge_with_dedup() {
                     network_access: NetworkAccess::Limited,
                     repo_access: RepoAccess::Write,
                     vm_image: "default".into(),
+                    ..CreateSession::default()
                 }),
             },
         )

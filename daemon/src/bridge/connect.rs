@@ -52,6 +52,8 @@ impl Bridge {
             s.url = credentials.relay.clone();
             s.mode = mode;
         });
+        // The org this connection acts in: the current one (`cloudctl org switch`).
+        self.keeper.set_org(self.link.account.current_org());
         let mut access = self
             .keeper
             .access(&credentials.relay, None)
@@ -73,6 +75,9 @@ impl Bridge {
             opened => opened?,
         };
         let refresh_due = crate::auth::refresh_at(&access);
+        if !access.orgs.is_empty() {
+            self.link.account.set_orgs(access.orgs.clone());
+        }
 
         // Register with the full snapshot, then wait for the verdict.
         let followed = self.link.inbound.followed().unwrap_or_default();

@@ -41,6 +41,7 @@ use std::time::Duration;
 use cloud_protocol::bridge::{BearerToken, Channel, InstanceSnapshot, ToRelay, BRIDGE_VERSION};
 use cloud_protocol::ipc::{BridgeState, RelayMode};
 use cloud_protocol::session::Session;
+use cloud_protocol::settings::{SettingRecord, SettingRefusal};
 use cloud_protocol::teleport::TeleportReply;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
@@ -238,6 +239,9 @@ impl Bridge {
                         }
                         Some(BridgeCommand::Teleport { reply, .. }) => {
                             let _ = reply.send(Err(self.unreachable()));
+                        }
+                        Some(BridgeCommand::Settings { reply, .. }) => {
+                            let _ = reply.send(Err(self.unreachable().into()));
                         }
                         // Followed sessions are rejoined at the next connect (and
                         // unfollowed ones are not).
@@ -479,6 +483,8 @@ struct InFlight {
     sessions: Replies<Option<Session>>,
     /// Teleport requests ([`ToRelay::Teleport`]), answered by `FromRelay::TeleportReply`.
     teleport: Replies<TeleportReply>,
+    /// Settings writes ([`ToRelay::Settings`]), answered by `FromRelay::SettingsReply`.
+    settings: Replies<SettingRecord, SettingRefusal>,
 }
 
 impl InFlight {
@@ -487,6 +493,7 @@ impl InFlight {
             next_id: 1,
             sessions: Replies::default(),
             teleport: Replies::default(),
+            settings: Replies::default(),
         }
     }
 
@@ -501,32 +508,33 @@ impl InFlight {
     fn fail_all(self, reason: &str) {
         self.sessions.fail_all(reason);
         self.teleport.fail_all(reason);
+        self.settings.fail_all(reason);
     }
 }
 
 /// The waiters for one kind of reply, by request id.
 #[derive(Debug)]
-struct Replies<T> {
-    waiting: HashMap<u64, oneshot::Sender<Result<T, String>>>,
+struct Replies<T, E = String> {
+    waiting: HashMap<u64, oneshot::Sender<Result<T, E>>>,
 }
 
-impl<T> Default for Replies<T> {
-    fn default() -> Replies<T> {
+impl<T, E> Default for Replies<T, E> {
+    fn default() -> Replies<T, E> {
         Replies {
             waiting: HashMap::new(),
         }
     }
 }
 
-impl<T> Replies<T> {
+impl<T, E: From<String>> Replies<T, E> {
     /// Remembers who waits for the reply to request `id`.
-    fn insert(&mut self, id: u64, reply: oneshot::Sender<Result<T, String>>) {
+    fn insert(&mut self, id: u64, reply: oneshot::Sender<Result<T, E>>) {
         self.waiting.insert(id, reply);
     }
 
     /// Hands the reply to request `id` to its waiter. A reply nobody waits for (an id
     /// never sent, or answered already) is dropped.
-    fn answer(&mut self, id: u64, result: Result<T, String>) {
+    fn answer(&mut self, id: u64, result: Result<T, E>) {
         if let Some(reply) = self.waiting.remove(&id) {
             let _ = reply.send(result);
         }
@@ -535,7 +543,7 @@ impl<T> Replies<T> {
     /// Tells every waiter `reason` instead of a reply.
     fn fail_all(self, reason: &str) {
         for (_, reply) in self.waiting {
-            let _ = reply.send(Err(reason.to_owned()));
+            let _ = reply.send(Err(reason.to_owned().into()));
         }
     }
 }

@@ -1,8 +1,9 @@
 //! What the relay sends on a registered connection, dispatched: acks (trim the journal,
 //! release waiters), refusals of journaled events, session logs (stored, then published to
-//! attached clients), replica updates, refusals to follow a session, replies to requests
-//! in flight, instance commands (answered at once), and slow-downs (the journal pauses;
-//! a refused request is answered "rate limited"). A burst of messages already
+//! attached clients), replica updates, the settings copy, refusals to follow a session,
+//! replies to requests in flight, instance commands (answered at once), and slow-downs
+//! (the journal pauses; a refused request is answered "rate limited"). A burst of
+//! messages already
 //! arrived is handled in one go, then its session log entries are written together.
 //!
 //! Architecture invariant: a refusal reaches its waiters before the ack that covers it,
@@ -217,6 +218,8 @@ impl Bridge {
                 }
             }
             FromRelay::TeleportReply { id, result } => in_flight.teleport.answer(id, result),
+            FromRelay::Settings(settings) => link.account.set_settings(settings),
+            FromRelay::SettingsReply { id, result } => in_flight.settings.answer(id, result),
             FromRelay::Command { id, name } => {
                 let result = match name.as_str() {
                     "ping" => Ok("pong".to_owned()),

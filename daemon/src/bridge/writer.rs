@@ -120,6 +120,17 @@ impl Bridge {
                 in_flight.teleport.insert(id, reply);
                 send(socket, Channel::Task, 0, ToRelay::Teleport { id, request }).await
             }
+            BridgeCommand::Settings { write, reply } => {
+                let id = in_flight.next_id();
+                in_flight.settings.insert(id, reply);
+                send(
+                    socket,
+                    Channel::Extension,
+                    0,
+                    ToRelay::Settings { id, write },
+                )
+                .await
+            }
         }
     }
 }

@@ -54,6 +54,9 @@ pub async fn handle(
         }
         Request::Logout => {
             credentials::remove(&shared.paths.config_dir).map_err(internal)?;
+            // The orgs were the remote relay's: the embedded relay has its own.
+            link.account.set_current_org(None);
+            link.account.set_orgs(Vec::new());
             reconnect_and_settle(link).await;
             Ok(Response::Identity(Identity {
                 relay: link.status(),
@@ -113,7 +116,7 @@ fn subscribe(shared: &Shared, client: &mut ClientState, subscribe: Subscribe) ->
 /// Sends a reconnect and waits until the bridge's first attempt with the new credentials
 /// has an outcome: connected, refused, or failed (retrying). Statuses of an attempt that
 /// started before the reconnect do not count.
-async fn reconnect_and_settle(link: &Link) -> RelayStatus {
+pub(super) async fn reconnect_and_settle(link: &Link) -> RelayStatus {
     let epoch = link.epoch();
     link.set_status(|s| s.state = BridgeState::Connecting);
     if link
@@ -150,6 +153,11 @@ async fn login(
 ) -> Result<Response, ErrorBody> {
     crate::bridge::bridge_url(&relay).map_err(|e| ErrorBody::new(ErrorCode::InvalidParams, e))?;
     let previous = credentials::load(config_dir).ok().flatten();
+    // A new login starts in its key's default org; the orgs of the last one are kept to be
+    // put back if this one fails.
+    let (previous_org, previous_orgs) = (link.account.current_org(), link.account.orgs());
+    link.account.set_current_org(None);
+    link.account.set_orgs(Vec::new());
     let new = Credentials::login(relay, token);
     credentials::save(config_dir, &new).map_err(internal)?;
     // The bridge may be waiting out a refusal or a backoff: reconnect now.
@@ -161,6 +169,8 @@ async fn login(
         .reason
         .unwrap_or_else(|| "the relay did not accept the login in time".into());
     // Put back what worked before.
+    link.account.set_current_org(previous_org);
+    link.account.set_orgs(previous_orgs);
     match previous {
         Some(previous) => credentials::save(config_dir, &previous).map_err(internal)?,
         None => credentials::remove(config_dir).map_err(internal)?,

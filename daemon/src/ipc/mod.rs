@@ -16,12 +16,14 @@
 //!     permissions.
 //!   - [`teleport`]: worktrees and sessions: push, pull, watch, stop, status (push and
 //!     pull are answered later, with progress notifications meanwhile).
+//!   - [`account`]: orgs (list, switch) and settings (get, set).
 //! - [`relay`]: how a family's handler asks the relay (through the bridge, bounded).
 //!
 //! Architecture invariant: no handler talks to the network or waits without a deadline;
 //! a family reads the daemon's state and the stores, writes the journal, and asks the
 //! bridge through [`crate::link::Link`].
 
+pub mod account;
 pub mod attach;
 pub mod client;
 pub mod connection;

@@ -54,7 +54,7 @@ pub(super) async fn relay_request(
 /// right after the daemon starts (its embedded relay is still starting) or while a relay
 /// restarts, a request that needs the relay is served a moment later instead of refused.
 /// A bridge refused for good fails at once: it will not connect until new credentials.
-async fn wait_connected(link: &Link) -> Result<(), ErrorBody> {
+pub(super) async fn wait_connected(link: &Link) -> Result<(), ErrorBody> {
     let mut watch = link.watch_status();
     let settled = async {
         // The watch's lock is held only to read the state: the message is built after.

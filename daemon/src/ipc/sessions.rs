@@ -1,6 +1,7 @@
 //! The sessions family of requests: the sessions themselves and the events sent to them.
 //! `session list` and `session show` read the replica (marked stale while the bridge is
-//! not connected); `session create`, `session pause|resume|complete|delete` and `session
+//! not connected; the list shows the current org's sessions); `session create` (its
+//! fields left out filled from the settings in effect, see [`crate::account`]), `session pause|resume|complete|delete` and `session
 //! share` are relayed to the relay and its answer stored in the replica; `send`,
 //! `interrupt` and `answer` are journaled once per idempotency key; `delivery` waits for
 //! the relay's verdict on a journaled event.
@@ -37,7 +38,8 @@ pub async fn handle(
 ) -> Result<Response, ErrorBody> {
     let link = &shared.link;
     match request {
-        Request::SessionCreate(create) => {
+        Request::SessionCreate(new) => {
+            let create = with_defaults(shared, new)?;
             let session = relay_request(link, RelayRequest::Create(create))
                 .await?
                 .ok_or_else(|| internal("the relay answered a create without a session"))?;
@@ -48,10 +50,19 @@ pub async fn handle(
                 stale: false,
             })
         }
-        Request::SessionList => Ok(Response::Sessions {
-            sessions: link.replica.list().map_err(internal)?,
-            stale: !link.connected(),
-        }),
+        Request::SessionList => {
+            // The current org's only: the replica may still hold another org's until the
+            // bridge reconnects in the new one.
+            let org = link.account.current_org().or_else(|| link.status().org);
+            let mut sessions = link.replica.list().map_err(internal)?;
+            if let Some(org) = org {
+                sessions.retain(|s| s.org == org);
+            }
+            Ok(Response::Sessions {
+                sessions,
+                stale: !link.connected(),
+            })
+        }
         Request::SessionShow { session } => Ok(Response::Session {
             session: known_session(link, &session)?,
             stale: !link.connected(),
@@ -265,4 +276,57 @@ async fn answer(
         key: key.clone(),
     };
     journaled(link, client, key, true, event).await
+}
+
+/// The request to the relay for `new`: each default the client left out (and each locked by
+/// the org, given or not) from the settings in effect.
+fn with_defaults(
+    shared: &Shared,
+    new: cloud_protocol::session::NewSession,
+) -> Result<cloud_protocol::session::CreateSession, ErrorBody> {
+    use cloud_protocol::session::{CreateSession, NetworkAccess, RepoAccess, Visibility};
+    let config = super::account::local_settings(shared)?;
+    let settings = shared.link.account.settings();
+    let domains = new.allowed_domains.as_ref().map(|d| d.join(","));
+    let auto_stop = new.auto_stop_minutes.map(|m| m.to_string());
+    let value = |key: &str, flag: Option<&str>| -> Result<String, ErrorBody> {
+        let flag = match flag {
+            Some(flag) => Some(
+                cloud_protocol::settings::validate(key, flag)
+                    .map_err(|e| ErrorBody::new(ErrorCode::InvalidParams, e))?,
+            ),
+            None => None,
+        };
+        Ok(
+            crate::account::effective(key, flag.as_deref(), &config, &settings)
+                .map(|view| view.value)
+                .unwrap_or_default(),
+        )
+    };
+    let invalid = |key: &str, value: &str| {
+        internal(format!(
+            "the setting {key} holds {value:?}, which is not valid"
+        ))
+    };
+    let visibility = value("visibility", new.visibility.map(Visibility::as_str))?;
+    let network = value("network", new.network_access.map(NetworkAccess::as_str))?;
+    let allowed_domains = value("allowed_domains", domains.as_deref())?;
+    let auto_stop_minutes = value("auto_stop_minutes", auto_stop.as_deref())?;
+    Ok(CreateSession {
+        task: new.task,
+        visibility: Visibility::parse(&visibility)
+            .ok_or_else(|| invalid("visibility", &visibility))?,
+        network_access: NetworkAccess::parse(&network)
+            .ok_or_else(|| invalid("network", &network))?,
+        repo_access: new.repo_access.unwrap_or(RepoAccess::Write),
+        vm_image: new.vm_image.unwrap_or_else(|| "default".to_owned()),
+        allowed_domains: allowed_domains
+            .split(',')
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        auto_stop_minutes: auto_stop_minutes
+            .parse()
+            .map_err(|_| invalid("auto_stop_minutes", &auto_stop_minutes))?,
+    })
 }

@@ -9,8 +9,11 @@
 //!   by family when one is used twice.
 //!
 //! An access token is accepted while it has not expired, the API key it descends from is
-//! live, and its family is not revoked. A bearer that is not an access token is looked up
-//! as an API key. Errors here never contain a token.
+//! live, its family is not revoked, and its user still belongs to its org
+//! ([`crate::orgs`]). An exchange or a refresh may name the org the new access token acts
+//! in (the org switch); without one it is the login's default org, or the user's first
+//! org once they left that one. A bearer that is not an access token is looked up as an API
+//! key, acting in the user's first org. Errors here never contain a token.
 
 pub mod refresh;
 pub mod signed;
@@ -19,6 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::access::{Identity, Scope};
+use crate::orgs::{Members, Role};
 use crate::tokens::TokenCache;
 use refresh::{Grant, RefreshError, RefreshStore};
 use signed::{Claims, Signer, ACCESS_PREFIX};
@@ -35,6 +39,9 @@ pub enum AuthError {
     /// The relay could not record a refresh.
     #[error("{0}")]
     Unavailable(String),
+    /// The user does not belong to the org asked for.
+    #[error("{0}")]
+    NotMember(String),
 }
 
 /// What an exchange or a refresh answers.
@@ -61,6 +68,8 @@ pub struct Tokens {
 pub struct Auth {
     /// The API keys.
     pub(crate) keys: TokenCache,
+    /// Who belongs to which org.
+    pub(crate) members: Members,
     signer: Signer,
     refresh: RefreshStore,
     access_ttl: Duration,
@@ -78,6 +87,7 @@ impl Auth {
         })?;
         Ok(Auth {
             keys: TokenCache::open(data_dir),
+            members: Members::open(data_dir),
             signer,
             refresh,
             access_ttl,
@@ -92,11 +102,19 @@ impl Auth {
                 .verify(bearer, crate::now_millis())
                 .map_err(|e| AuthError::Rejected(format!("{e}: refresh it and try again")))?;
             self.keys.refresh();
-            if self.keys.live(&claims.key).is_none() || self.refresh.family_revoked(&claims.family)
-            {
+            let key = self.keys.live(&claims.key);
+            let Some(key) = key.filter(|_| !self.refresh.family_revoked(&claims.family)) else {
                 return Err(AuthError::Rejected(
                     "revoked access token: log in again with `cloudctl login`".into(),
                 ));
+            };
+            self.members.refresh();
+            if self
+                .members
+                .role(&claims.user, &claims.org, &key.orgs)
+                .is_none()
+            {
+                return Err(AuthError::Rejected(not_member(&claims.user, &claims.org)));
             }
             return Ok(Identity {
                 user: claims.user,
@@ -113,9 +131,11 @@ impl Auth {
                     .into(),
             )
         })?;
+        self.members.refresh();
+        let org = self.default_org(&key.user, &key.orgs, &key.orgs[0])?;
         Ok(Identity {
             user: key.user,
-            org: key.orgs[0].clone(),
+            org,
             scopes: key.scopes,
             key_hash: key.hash,
             family: None,
@@ -134,14 +154,77 @@ impl Auth {
                 .is_some_and(|family| self.refresh.family_revoked(family))
     }
 
-    /// Exchanges an API key for an access token and the first refresh token of a family.
-    pub fn exchange_key(&self, api_key: &str) -> Result<Tokens, AuthError> {
+    /// Whether the user of `identity` still belongs to its org (open connections check).
+    pub fn is_member(&self, identity: &Identity) -> bool {
+        let Some(key) = self.keys.live(&identity.key_hash) else {
+            return false;
+        };
+        self.members
+            .role(&identity.user, &identity.org, &key.orgs)
+            .is_some()
+    }
+
+    /// The role of `identity`'s user in its org, if they still belong to it.
+    pub fn role(&self, identity: &Identity) -> Option<Role> {
+        let key = self.keys.live(&identity.key_hash)?;
+        self.members.role(&identity.user, &identity.org, &key.orgs)
+    }
+
+    /// Re-reads the token and membership files if they changed; tells open connections to
+    /// re-check their credentials when the membership changed (the token cache tells them
+    /// itself).
+    pub(crate) fn refresh_files(&self) {
+        self.keys.refresh();
+        if self.members.refresh() {
+            self.keys.notify();
+        }
+    }
+
+    /// `preferred` if the user still belongs to it, else their first org.
+    fn default_org(
+        &self,
+        user: &str,
+        key_orgs: &[String],
+        preferred: &str,
+    ) -> Result<String, AuthError> {
+        let orgs = self.members.orgs_of(user, key_orgs);
+        if orgs.iter().any(|(org, _)| org == preferred) {
+            return Ok(preferred.to_owned());
+        }
+        orgs.into_iter().next().map(|(org, _)| org).ok_or_else(|| {
+            AuthError::Rejected(format!(
+                "user {user} belongs to no org: ask the relay's operator to add them (`cloud-relay org add-member ORG {user}`)"
+            ))
+        })
+    }
+
+    /// The org a new access token acts in: `requested` if the user belongs to it (else
+    /// [`AuthError::NotMember`]), without one the login's `preferred` org or their first.
+    fn choose_org(
+        &self,
+        user: &str,
+        key_orgs: &[String],
+        preferred: &str,
+        requested: Option<&str>,
+    ) -> Result<String, AuthError> {
+        self.members.refresh();
+        match requested {
+            Some(org) if self.members.role(user, org, key_orgs).is_some() => Ok(org.to_owned()),
+            Some(org) => Err(AuthError::NotMember(not_member(user, org))),
+            None => self.default_org(user, key_orgs, preferred),
+        }
+    }
+
+    /// Exchanges an API key for an access token (acting in `org`, or the user's default
+    /// org) and the first refresh token of a family.
+    pub fn exchange_key(&self, api_key: &str, org: Option<&str>) -> Result<Tokens, AuthError> {
         let key = self.keys.authenticate(api_key).ok_or_else(|| {
             AuthError::Rejected(
                 "invalid, expired or revoked API key: ask the relay's operator for a new one"
                     .into(),
             )
         })?;
+        let org = self.choose_org(&key.user, &key.orgs, &key.orgs[0], org)?;
         let grant = Grant {
             user: key.user.clone(),
             org: key.orgs[0].clone(),
@@ -153,13 +236,32 @@ impl Auth {
             .refresh
             .start_family(grant, crate::now_millis())
             .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        Ok(self.tokens(grant, refresh_token, key.orgs))
+        let orgs = self.org_names(&key.user, &key.orgs);
+        Ok(self.tokens(grant, org, refresh_token, orgs))
     }
 
-    /// Rotates a refresh token: a new access token and the family's next refresh token.
-    pub fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
+    fn org_names(&self, user: &str, key_orgs: &[String]) -> Vec<String> {
+        self.members
+            .orgs_of(user, key_orgs)
+            .into_iter()
+            .map(|(org, _)| org)
+            .collect()
+    }
+
+    /// Rotates a refresh token: a new access token (acting in `org`, or the login's default
+    /// org) and the family's next refresh token. An org the user does not belong to is
+    /// refused before the token is used, so the login stays good.
+    pub fn refresh(&self, refresh_token: &str, org: Option<&str>) -> Result<Tokens, AuthError> {
         let rejected =
             |what: &str| AuthError::Rejected(format!("{what}: log in again with `cloudctl login`"));
+        if let Some(requested) = org {
+            if let Some(grant) = self.refresh.peek(refresh_token, crate::now_millis()) {
+                self.keys.refresh();
+                if let Some(key) = self.keys.live(&grant.key) {
+                    self.choose_org(&grant.user, &key.orgs, &grant.org, Some(requested))?;
+                }
+            }
+        }
         let (grant, refresh_token) = match self.refresh.rotate(refresh_token, crate::now_millis()) {
             Ok(rotated) => rotated,
             Err(RefreshError::Reused { .. }) => {
@@ -178,14 +280,28 @@ impl Auth {
         let Some(key) = self.keys.live(&grant.key) else {
             return Err(rejected("the API key this login came from was revoked"));
         };
-        Ok(self.tokens(grant, refresh_token, key.orgs))
+        // Checked again after the rotation: a removal may have come in between, and the
+        // new refresh token must not be lost to it (the next refresh names another org).
+        let org = match self.choose_org(&grant.user, &key.orgs, &grant.org, org) {
+            Ok(org) => org,
+            Err(AuthError::NotMember(_)) => self.default_org(&grant.user, &key.orgs, &grant.org)?,
+            Err(e) => return Err(e),
+        };
+        let orgs = self.org_names(&grant.user, &key.orgs);
+        Ok(self.tokens(grant, org, refresh_token, orgs))
     }
 
-    fn tokens(&self, grant: Grant, refresh_token: String, orgs: Vec<String>) -> Tokens {
+    fn tokens(
+        &self,
+        grant: Grant,
+        org: String,
+        refresh_token: String,
+        orgs: Vec<String>,
+    ) -> Tokens {
         let iat = crate::now_millis();
         let claims = Claims {
             user: grant.user,
-            org: grant.org,
+            org,
             scopes: grant.scopes,
             key: grant.key,
             family: grant.family,
@@ -201,5 +317,62 @@ impl Auth {
             orgs,
             scopes: claims.scopes,
         }
+    }
+}
+
+/// Why a user cannot act in `org`, and what to do.
+fn not_member(user: &str, org: &str) -> String {
+    format!(
+        "user {user} is not a member of org {org}: switch with `cloudctl org switch ORG` (see `cloudctl org list`) or ask an admin to add you"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orgs::{add_member, remove_member};
+    use crate::tokens::{create, NewKey};
+
+    /// An exchange or a refresh may name any org of the user, and nothing else; a refusal
+    /// leaves the refresh token usable; a removal ends the org's access tokens at once and
+    /// moves the login's next tokens to an org the user still belongs to.
+    #[test]
+    fn tokens_act_in_the_orgs_their_user_belongs_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::open(dir.path(), DEFAULT_ACCESS_TOKEN_TTL).unwrap();
+        let key = create(dir.path(), &NewKey::new("alice", "acme")).unwrap();
+        assert!(matches!(
+            auth.exchange_key(&key, Some("beta")),
+            Err(AuthError::NotMember(_))
+        ));
+        add_member(dir.path(), "beta", "alice", Role::Member).unwrap();
+        let tokens = auth.exchange_key(&key, Some("beta")).unwrap();
+        assert_eq!(tokens.org, "beta");
+        assert_eq!(tokens.orgs, ["acme", "beta"]);
+        let identity = auth.authenticate(&tokens.access_token).unwrap();
+        assert_eq!(identity.org, "beta");
+        // Refused before the refresh token is used: it still works afterwards.
+        let refused = auth.refresh(&tokens.refresh_token, Some("gamma"));
+        match refused {
+            Err(AuthError::NotMember(message)) => {
+                assert!(message.contains("cloudctl org switch"), "{message}");
+                assert!(!message.contains("crf_") && !message.contains("cat_"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let next = auth.refresh(&tokens.refresh_token, Some("acme")).unwrap();
+        assert_eq!(next.org, "acme");
+        // Removed from beta: beta's access token stops working, the API key acts in acme.
+        remove_member(dir.path(), "beta", "alice").unwrap();
+        assert!(auth.authenticate(&tokens.access_token).is_err());
+        assert!(!auth.is_member(&identity));
+        assert_eq!(auth.authenticate(&key).unwrap().org, "acme");
+        assert!(matches!(
+            auth.refresh(&next.refresh_token, Some("beta")),
+            Err(AuthError::NotMember(_))
+        ));
+        // Removed from the key's own org too: no org left.
+        remove_member(dir.path(), "acme", "alice").unwrap();
+        assert!(auth.authenticate(&key).is_err());
     }
 }

@@ -241,6 +241,17 @@ impl RefreshStore {
         Ok((record.grant, token))
     }
 
+    /// What `token`'s family grants, if it could be rotated now (known, unused, unexpired,
+    /// its family not revoked), without using it.
+    pub fn peek(&self, token: &str, now: u64) -> Option<Grant> {
+        let state = self.state.lock().unwrap();
+        let record = state.tokens.get(&token_hash(token))?;
+        let usable = !record.used
+            && record.expires_at > now
+            && !state.revoked.contains_key(&record.grant.family);
+        usable.then(|| record.grant.clone())
+    }
+
     /// Whether `family` was revoked.
     pub fn family_revoked(&self, family: &str) -> bool {
         self.state.lock().unwrap().revoked.contains_key(family)

@@ -35,6 +35,17 @@ impl Core {
             tracing::error!(path = %workspace.display(), error = %e, "cannot create a workspace");
             CoreError::Invalid(format!("cannot create the session's workspace: {e}"))
         })?;
+        // An org's locked settings hold whatever the client asked (a daemon applies them
+        // itself; a REST client or another build may not).
+        let settings = &self.shared.settings;
+        let visibility = settings
+            .locked(&identity.org, "visibility")
+            .and_then(|v| Visibility::parse(&v))
+            .unwrap_or(request.visibility);
+        let network_access = settings
+            .locked(&identity.org, "network")
+            .and_then(|v| NetworkAccess::parse(&v))
+            .unwrap_or(request.network_access);
         let at = now();
         let session = Session {
             id: id.clone(),
@@ -42,9 +53,9 @@ impl Core {
             created_at: at,
             last_activity: at,
             task: request.task,
-            visibility: request.visibility,
+            visibility,
             repo_access: request.repo_access,
-            network_access: request.network_access,
+            network_access,
             vm_image: request.vm_image,
             owner: identity.user.clone(),
             org: identity.org.clone(),
@@ -175,6 +186,14 @@ impl Core {
         round: &mut Round,
     ) -> Result<Session, CoreError> {
         self.writable(identity, id, "viewers cannot share a session")?;
+        let org = &self.sessions[id].session.org;
+        if let Some(locked) = self.shared.settings.locked(org, "visibility") {
+            if locked != visibility.as_str() {
+                return Err(CoreError::Forbidden(format!(
+                    "org {org} locked visibility to {locked}: ask an admin of {org} to change it"
+                )));
+            }
+        }
         let runtime = self.sessions.get_mut(id).unwrap();
         runtime.session.visibility = visibility;
         runtime.session.last_activity = now();

@@ -76,6 +76,8 @@ pub struct Shared {
     pub limits: crate::limits::Limiters,
     /// The operator's figures (`GET /metrics`).
     pub metrics: crate::metrics::RelayMetrics,
+    /// The users' and orgs' settings.
+    pub settings: crate::settings::Settings,
 }
 
 impl Shared {
@@ -161,6 +163,7 @@ pub fn shared(
     store: Store,
     teleport: Arc<crate::teleport::Teleport>,
     limits: crate::limits::Limits,
+    settings: crate::settings::Settings,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
@@ -175,6 +178,7 @@ pub fn shared(
         teleport,
         limits: crate::limits::Limiters::new(limits),
         metrics: crate::metrics::RelayMetrics::default(),
+        settings,
     };
     (Arc::new(shared), commands)
 }
@@ -206,6 +210,7 @@ mod tests {
             store,
             Arc::new(teleport),
             crate::limits::Limits::OFF,
+            crate::settings::Settings::open(dir.path()).unwrap(),
         );
         let entry = |seq: u64, text: String| LogEntry {
             seq,

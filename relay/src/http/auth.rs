@@ -5,7 +5,7 @@
 //! with `Retry-After` when its API key is over the requests limit ([`crate::limits`]).
 //!
 //! Also `POST /v1/auth/token`: an API key or a refresh token → an access token and the
-//! next refresh token.
+//! next refresh token; with `org`, acting in that org (403 when the user is not a member).
 //!
 //! Every endpoint takes [`Authenticated`], the sockets before they upgrade. This module
 //! never logs a token and never puts one in an error: a body it cannot parse is refused
@@ -89,6 +89,7 @@ pub(super) fn auth_error(error: AuthError) -> ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{message}; try again"),
         ),
+        AuthError::NotMember(message) => ApiError::new(StatusCode::FORBIDDEN, message),
     }
 }
 
@@ -97,9 +98,19 @@ pub(super) fn auth_error(error: AuthError) -> ApiError {
 #[serde(tag = "grant_type", rename_all = "snake_case", deny_unknown_fields)]
 enum TokenRequest {
     /// Exchange an API key (starts a new refresh-token family).
-    ApiKey { api_key: String },
+    ApiKey {
+        api_key: String,
+        /// The org the access token acts in (default: the user's default org).
+        #[serde(default)]
+        org: Option<String>,
+    },
     /// Rotate a refresh token.
-    RefreshToken { refresh_token: String },
+    RefreshToken {
+        refresh_token: String,
+        /// As for `ApiKey`.
+        #[serde(default)]
+        org: Option<String>,
+    },
 }
 
 /// `POST /v1/auth/token`'s answer.
@@ -133,8 +144,10 @@ pub async fn token(
     })?;
     // Both write to disk (the refresh-token log): off the async threads.
     let tokens = tokio::task::spawn_blocking(move || match request {
-        TokenRequest::ApiKey { api_key } => shared.auth.exchange_key(&api_key),
-        TokenRequest::RefreshToken { refresh_token } => shared.auth.refresh(&refresh_token),
+        TokenRequest::ApiKey { api_key, org } => shared.auth.exchange_key(&api_key, org.as_deref()),
+        TokenRequest::RefreshToken { refresh_token, org } => {
+            shared.auth.refresh(&refresh_token, org.as_deref())
+        }
     })
     .await
     .map_err(|_| {

@@ -33,6 +33,10 @@ struct CreateBody {
     repo_access: RepoAccess,
     #[serde(default = "default_vm_image")]
     vm_image: String,
+    #[serde(default)]
+    allowed_domains: Vec<String>,
+    #[serde(default)]
+    auto_stop_minutes: u32,
 }
 
 fn default_visibility() -> Visibility {
@@ -65,6 +69,8 @@ pub(super) async fn create(
         network_access: body.network_access,
         repo_access: body.repo_access,
         vm_image: body.vm_image,
+        allowed_domains: body.allowed_domains,
+        auto_stop_minutes: body.auto_stop_minutes,
     };
     let session = shared
         .call(|reply| Command::Create {

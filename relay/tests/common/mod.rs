@@ -314,9 +314,9 @@ impl Bridge {
         bridge
     }
 
-    /// Connects and registers as `instance`; returns the client after `Registered` and
-    /// the initial `Sessions` (skipping the instance's stored refusals and their `Ack`
-    /// between them).
+    /// Connects and registers as `instance`; returns the client after `Registered`, the
+    /// initial `Sessions` (skipping the instance's stored refusals and their `Ack`
+    /// between them) and the initial `Settings`.
     pub async fn connect(
         addr: SocketAddr,
         token: &str,
@@ -329,7 +329,14 @@ impl Bridge {
         ));
         loop {
             match bridge.recv().await {
-                Some(FromRelay::Sessions(sessions)) => return (bridge, sessions),
+                Some(FromRelay::Sessions(sessions)) => {
+                    let settings = bridge.recv().await;
+                    assert!(
+                        matches!(settings, Some(FromRelay::Settings(_))),
+                        "no settings after the session list: {settings:?}"
+                    );
+                    return (bridge, sessions);
+                }
                 Some(FromRelay::EventRefused { .. } | FromRelay::Ack) => {}
                 other => panic!("no session list: {other:?}"),
             }
@@ -342,7 +349,8 @@ impl Bridge {
             | ToRelay::Heartbeat
             | ToRelay::CommandResult { .. }
             | ToRelay::Request { .. }
-            | ToRelay::Authenticate { .. } => Channel::Extension,
+            | ToRelay::Authenticate { .. }
+            | ToRelay::Settings { .. } => Channel::Extension,
             _ => Channel::Task,
         };
         let bytes = bridge::encode(&Envelope {

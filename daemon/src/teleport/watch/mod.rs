@@ -230,7 +230,10 @@ mod tests {
             journal,
             Inbound::open(&db).unwrap(),
             Replica::open(&db).unwrap(),
-            Meta::open(&db).unwrap(),
+            (
+                Meta::open(&db).unwrap(),
+                crate::account::Account::open(&db).unwrap(),
+            ),
             RelayMode::Embedded,
             String::new(),
             "i-test".into(),

@@ -16,6 +16,8 @@
 //!   commands and their results.
 //! - [`send`]: queueing messages on the socket, stamped with the ack, and encoding log
 //!   entries borrowed into one buffer per page.
+//! - [`settings`](mod@settings): the settings of the connection's user and org, sent when
+//!   they change, and the daemon's writes.
 //!
 //! Outgoing traffic has four sources, all bounded: this task's own answers, session
 //! notices (a broadcast; a connection that falls behind gets the full list again), one
@@ -30,7 +32,8 @@
 //! key, or its refresh-token family) ends it with `Refused{permanent: true}`. A connection
 //! opened with an access token ends with `Refused{permanent: false}` when the token
 //! expires, unless the daemon sent a fresh one of the same login first
-//! (`ToRelay::Authenticate`). A daemon silent for [`SILENCE_LIMIT`] is dropped. This
+//! (`ToRelay::Authenticate`). A user removed from the connection's org ends it with
+//! `Refused{permanent: false}` (the reconnect is refused with what to do). A daemon silent for [`SILENCE_LIMIT`] is dropped. This
 //! module never logs a token, and only the core changes state: a connection sends it
 //! commands.
 
@@ -39,6 +42,7 @@ mod instance;
 mod register;
 mod send;
 mod sessions;
+mod settings;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -163,6 +167,8 @@ struct Connection {
     /// The first event dropped over the events limit, while the daemon has not resent it:
     /// every later event is dropped too, so the core never sees a gap.
     dropping_from: Option<u64>,
+    /// The settings last sent to the daemon.
+    last_settings: Option<cloud_protocol::settings::SettingsSnapshot>,
 }
 
 /// Teleport requests one connection may have running at once; more wait in the socket.
@@ -198,6 +204,7 @@ impl Connection {
             teleport_running: 0,
             handed: 0,
             dropping_from: None,
+            last_settings: None,
         }
     }
 
@@ -281,6 +288,8 @@ impl Connection {
         self.register(socket).await?;
         let mut notices = self.shared.notices.subscribe();
         self.send_sessions(socket).await?;
+        let mut settings_changes = self.shared.settings.subscribe();
+        self.send_settings(socket).await?;
         let mut token_generation = self.shared.auth.keys.subscribe();
         let mut silence_check = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -301,6 +310,22 @@ impl Connection {
                             true,
                         ).await);
                     }
+                    if !self.shared.auth.is_member(&self.identity) {
+                        return Err(self.refuse(
+                            socket,
+                            format!(
+                                "you are no longer a member of org {}: switch with `cloudctl org switch ORG` (see `cloudctl org list`)",
+                                self.identity.org
+                            ),
+                            false,
+                        ).await);
+                    }
+                }
+                changed = settings_changes.changed() => {
+                    if changed.is_err() {
+                        return Err(End::Shutdown);
+                    }
+                    self.send_settings(socket).await?;
                 }
                 _ = sleep_until(expiry) => {
                     return Err(self.refuse(
@@ -418,6 +443,7 @@ impl Connection {
                 }
                 Ok(())
             }
+            ToRelay::Settings { id, write } => self.write_setting(socket, id, write).await,
             ToRelay::Teleport { id, request } => {
                 // Off this loop: messages and answers keep flowing during a long commit.
                 let (shared, identity) = (Arc::clone(&self.shared), self.identity.clone());
