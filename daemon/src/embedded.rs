@@ -64,6 +64,7 @@ impl EmbeddedRelay {
             data_dir,
             agent_command: vec![exe.display().to_string(), "shell-agent".into()],
             access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
+            device: Default::default(),
         };
         let (address_tx, address_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -73,6 +73,8 @@ pub struct RelayConfig {
     pub agent_command: Vec<String>,
     /// How long an access token lives ([`auth::DEFAULT_ACCESS_TOKEN_TTL`] normally).
     pub access_token_ttl: Duration,
+    /// The device-login grant's timing (10 minutes, polls every 5 s, normally).
+    pub device: auth::DeviceConfig,
 }
 
 /// The relay could not start.
@@ -175,7 +177,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         source,
     })?;
     let store = open_store(&config.data_dir.join("store")).await?;
-    let auth = Auth::open(&config.data_dir, config.access_token_ttl).map_err(RelayError::Auth)?;
+    let auth = Auth::open(&config.data_dir, config.access_token_ttl, config.device)
+        .map_err(RelayError::Auth)?;
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
     let (shared, commands) = core::shared(auth, store, Arc::new(teleport));

@@ -1,5 +1,5 @@
-//! The `cloud-relay` binary: `serve`, `token create|revoke` (API keys), and the hidden
-//! `shell-agent`.
+//! The `cloud-relay` binary: `serve`, `token create|revoke` (API keys), `device
+//! approve|deny` (device logins, by the operator), and the hidden `shell-agent`.
 //!
 //! Flags become validated arguments here and nowhere else. `serve` runs on a current-thread
 //! runtime (see DESIGN.md's performance notes: cross-core wake-ups cost more than the work)
@@ -40,11 +40,23 @@ enum Commands {
         /// How long an access token lives, e.g. 15m, 30s, 2s.
         #[arg(long, value_parser = parse_duration, default_value = "15m")]
         access_token_ttl: Duration,
+        /// How long a device login's code waits for approval, e.g. 10m.
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        device_code_ttl: Duration,
+        /// How long a device login waits between polls, e.g. 5s.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        device_poll_interval: Duration,
     },
     /// Manage API keys (works while a server runs).
     Token {
         #[command(subcommand)]
         command: TokenCommands,
+    },
+    /// Approve or deny a device login (`cloudctl login --relay URL` on the new machine
+    /// shows the code); works while a server runs.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommands,
     },
     /// The built-in shell agent on stdin/stdout (run by the relay, not by hand).
     #[command(hide = true)]
@@ -83,6 +95,36 @@ enum TokenCommands {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum DeviceCommands {
+    /// Let the machine showing CODE log in as a user (a new API key is made for that
+    /// login; `token revoke --user` cuts it off with the user's other keys).
+    Approve {
+        /// The code the new machine shows, like BCDF-GHJK.
+        code: String,
+        /// The user it logs in as.
+        #[arg(long)]
+        user: String,
+        /// The user's orgs (repeat for several; the first is the default).
+        #[arg(long, required = true)]
+        org: Vec<String>,
+        /// What it may do (repeat for several): sessions:read, sessions:write, admin.
+        #[arg(long, default_values = ["sessions:read", "sessions:write"])]
+        scope: Vec<cloud_relay::access::Scope>,
+        /// The data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Refuse the machine showing CODE.
+    Deny {
+        /// The code the new machine shows.
+        code: String,
+        /// The data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
@@ -91,8 +133,20 @@ fn main() -> ExitCode {
             data,
             agent_command,
             access_token_ttl,
-        } => serve(listen, data, agent_command, access_token_ttl),
+            device_code_ttl,
+            device_poll_interval,
+        } => serve(
+            listen,
+            data,
+            agent_command,
+            access_token_ttl,
+            cloud_relay::auth::DeviceConfig {
+                code_ttl: device_code_ttl,
+                poll_interval: device_poll_interval,
+            },
+        ),
         Commands::Token { command } => token(command),
+        Commands::Device { command } => device(command),
         Commands::ShellAgent => cloud_relay::shell_agent::run().map_err(anyhow::Error::from),
     };
     match result {
@@ -135,11 +189,69 @@ fn token(command: TokenCommands) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn device(command: DeviceCommands) -> anyhow::Result<()> {
+    use cloud_relay::auth::device::{Approval, DeviceStore};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    // Timing is the server's business: these only decide.
+    let store =
+        |data: &std::path::Path| DeviceStore::for_commands(data, Duration::ZERO, Duration::ZERO);
+    match command {
+        DeviceCommands::Approve {
+            code,
+            user,
+            org,
+            scope,
+            data,
+        } => {
+            let key = NewKey {
+                user: user.clone(),
+                orgs: org.clone(),
+                scopes: scope.clone(),
+                expires_at: None,
+            };
+            // The login descends from a key of its own, never shown: revoking the user's
+            // keys cuts it off like their other machines.
+            let token = cloud_relay::tokens::create(&data, &key)?;
+            let approval = Approval {
+                user: user.clone(),
+                org: org[0].clone(),
+                scopes: scope,
+                key: cloud_relay::tokens::token_hash(&token),
+            };
+            drop(token);
+            let name = store(&data).decide(&code, Some(approval), now)?;
+            eprintln!(
+                "approved: {} logs in as {user} in {}",
+                machine(&name),
+                org[0]
+            );
+        }
+        DeviceCommands::Deny { code, data } => {
+            let name = store(&data).decide(&code, None, now)?;
+            eprintln!("denied: {} will not log in", machine(&name));
+        }
+    }
+    Ok(())
+}
+
+/// How a device login's machine is named in messages.
+fn machine(name: &str) -> String {
+    if name.is_empty() {
+        "the machine".into()
+    } else {
+        format!("the machine {name:?}")
+    }
+}
+
 fn serve(
     listen: SocketAddr,
     data: PathBuf,
     agent_command: Vec<String>,
     access_token_ttl: Duration,
+    device: cloud_relay::auth::DeviceConfig,
 ) -> anyhow::Result<()> {
     init_logging();
     let agent_command = if agent_command.is_empty() {
@@ -158,6 +270,7 @@ fn serve(
             data_dir: data,
             agent_command,
             access_token_ttl,
+            device,
         })
         .await?;
         let signal = wait_for_signal().await?;

@@ -366,6 +366,7 @@ async fn start_on(damaged: &Damaged, status: SessionStatus) -> Result<bool, Test
         data_dir: dir.path().to_owned(),
         agent_command: script_agent("cat >/dev/null"),
         access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
+        device: Default::default(),
     })
     .await;
     let relay = match started {

@@ -3,8 +3,8 @@
 //! unknown, expired or revoked, 403 when it lacks the scope the request needs
 //! (`sessions:read` for reads, `sessions:write` for changes and the daemons' bridge).
 //!
-//! Also `POST /v1/auth/token`: an API key or a refresh token → an access token and the
-//! next refresh token.
+//! Also `POST /v1/auth/token`: an API key, a refresh token or an approved device code
+//! ([`super::device`]) → an access token and the next refresh token.
 //!
 //! Every endpoint takes [`Authenticated`], the sockets before they upgrade. This module
 //! never logs a token and never puts one in an error: a body it cannot parse is refused
@@ -86,10 +86,17 @@ pub(super) fn auth_error(error: AuthError) -> ApiError {
 #[derive(Deserialize)]
 #[serde(tag = "grant_type", rename_all = "snake_case", deny_unknown_fields)]
 enum TokenRequest {
-    /// Exchange an API key (starts a new refresh-token family).
-    ApiKey { api_key: String },
+    /// Exchange an API key (starts a new refresh-token family: the login of the machine
+    /// called `name`).
+    ApiKey {
+        api_key: String,
+        #[serde(default)]
+        name: String,
+    },
     /// Rotate a refresh token.
     RefreshToken { refresh_token: String },
+    /// Poll a device authorization (RFC 8628, 3.4).
+    DeviceCode { device_code: String },
 }
 
 /// `POST /v1/auth/token`'s answer.
@@ -108,23 +115,37 @@ pub struct TokenAnswer {
     scopes: Vec<Scope>,
 }
 
-/// `POST /v1/auth/token`: `{"grant_type": "api_key", "api_key": K}` or
-/// `{"grant_type": "refresh_token", "refresh_token": R}` → new tokens; 401 when the
-/// credential is not (or no longer) valid.
+/// `POST /v1/auth/token`: `{"grant_type": "api_key", "api_key": K}`,
+/// `{"grant_type": "refresh_token", "refresh_token": R}` or
+/// `{"grant_type": "device_code", "device_code": D}` → new tokens; 401 when the
+/// credential is not (or no longer) valid; a device code not (yet) good for tokens is
+/// answered 400 with RFC 8628's `error` (`authorization_pending`, `slow_down`, ...).
 pub async fn token(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<TokenAnswer>, ApiError> {
+) -> Result<Json<TokenAnswer>, axum::response::Response> {
+    use axum::response::IntoResponse as _;
     // serde's messages may quote the values, which are secrets: say what is expected.
     let request: TokenRequest = serde_json::from_slice(&body).map_err(|_| {
         ApiError::bad_request(
-            "invalid token request: send {\"grant_type\": \"api_key\", \"api_key\": ...} or {\"grant_type\": \"refresh_token\", \"refresh_token\": ...}",
+            "invalid token request: send {\"grant_type\": \"api_key\", \"api_key\": ...}, {\"grant_type\": \"refresh_token\", \"refresh_token\": ...} or {\"grant_type\": \"device_code\", \"device_code\": ...}",
         )
+        .into_response()
     })?;
-    // Both write to disk (the refresh-token log): off the async threads.
+    // Each writes to disk (the refresh-token and device logs): off the async threads.
     let tokens = tokio::task::spawn_blocking(move || match request {
-        TokenRequest::ApiKey { api_key } => shared.auth.exchange_key(&api_key),
-        TokenRequest::RefreshToken { refresh_token } => shared.auth.refresh(&refresh_token),
+        TokenRequest::ApiKey { api_key, name } => shared
+            .auth
+            .exchange_key(&api_key, &name)
+            .map_err(|e| auth_error(e).into_response()),
+        TokenRequest::RefreshToken { refresh_token } => shared
+            .auth
+            .refresh(&refresh_token)
+            .map_err(|e| auth_error(e).into_response()),
+        TokenRequest::DeviceCode { device_code } => shared
+            .auth
+            .redeem_device(&device_code)
+            .map_err(super::device::poll_error),
     })
     .await
     .map_err(|_| {
@@ -132,8 +153,8 @@ pub async fn token(
             StatusCode::SERVICE_UNAVAILABLE,
             "the token exchange failed; try again",
         )
-    })?
-    .map_err(auth_error)?;
+        .into_response()
+    })??;
     let Tokens {
         access_token,
         expires_in,

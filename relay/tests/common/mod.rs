@@ -57,6 +57,7 @@ impl TestRelay {
             data_dir: dir.path().to_owned(),
             agent_command: agent_command.clone(),
             access_token_ttl,
+            device: Default::default(),
         })
         .await
         .unwrap();
@@ -96,6 +97,7 @@ impl TestRelay {
             data_dir: self.dir.path().to_owned(),
             agent_command: self.agent_command.clone(),
             access_token_ttl: self.access_token_ttl,
+            device: Default::default(),
         })
         .await
         .unwrap();
