@@ -10,8 +10,13 @@
 //! token's lifetime) and, when the relay refuses a token, asks once for a fresh one
 //! ([`Keeper::access`] with the refused token).
 //!
-//! Architecture invariant: tokens go only into request bodies and `Authorization`
-//! headers; [`Access`]'s `Debug` hides the token, and no error here contains one.
+//! It also makes the daemon's other calls to the relay's HTTP API: a device login's start
+//! and polls ([`Keeper::start_device`], [`Keeper::poll_device`]) and, as the logged-in
+//! user, [`Keeper::api`] (approving device logins, listing and revoking logins).
+//!
+//! Architecture invariant: tokens and device codes go only into request bodies and
+//! `Authorization` headers; [`Access`]'s `Debug` hides the token, and no error here
+//! contains one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +31,9 @@ use crate::credentials::{self, Credentials};
 
 /// The token endpoint's path.
 pub const TOKEN_PATH: &str = "/v1/auth/token";
+
+/// Where a device login starts.
+pub const DEVICE_PATH: &str = "/v1/auth/device";
 
 /// The largest token answer read.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -102,6 +110,51 @@ struct TokenAnswer {
     refresh_token: String,
 }
 
+/// A device login, as the relay started it.
+#[derive(serde::Deserialize)]
+pub struct DeviceStart {
+    /// The secret to poll with (kept by the daemon, never shown).
+    pub device_code: String,
+    /// What the user approves on another machine.
+    pub user_code: String,
+    /// How long to wait between polls.
+    pub interval_ms: u64,
+    /// How long the codes live.
+    pub expires_in_ms: u64,
+}
+
+impl std::fmt::Debug for DeviceStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceStart")
+            .field("user_code", &self.user_code)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one poll of a device login found.
+#[derive(PartialEq, Eq)]
+pub enum DevicePoll {
+    /// Approved: the first refresh token of this machine's login.
+    Approved(String),
+    /// Not decided yet.
+    Pending,
+    /// Polled too soon.
+    SlowDown,
+    /// Denied, expired or unknown: the relay's reason.
+    Refused(String),
+}
+
+impl std::fmt::Debug for DevicePoll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DevicePoll::Approved(_) => f.write_str("Approved(..)"),
+            DevicePoll::Pending => f.write_str("Pending"),
+            DevicePoll::SlowDown => f.write_str("SlowDown"),
+            DevicePoll::Refused(reason) => write!(f, "Refused({reason:?})"),
+        }
+    }
+}
+
 /// The access token in use, and the credentials it came from.
 struct Held {
     relay: String,
@@ -119,6 +172,8 @@ pub struct Keeper {
     embedded: std::sync::Mutex<Option<Credentials>>,
     /// The token in use; its lock is held for a whole exchange.
     held: tokio::sync::Mutex<Option<Held>>,
+    /// This machine's name, given to the relay for the login's name.
+    hostname: String,
 }
 
 impl std::fmt::Debug for Keeper {
@@ -137,6 +192,9 @@ impl Keeper {
             tls,
             embedded: std::sync::Mutex::new(None),
             held: tokio::sync::Mutex::new(None),
+            hostname: hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }
     }
 
@@ -241,9 +299,128 @@ impl Keeper {
     async fn exchange_key(&self, relay: &str, api_key: &str) -> Result<TokenAnswer, AuthError> {
         self.exchange(
             relay,
-            serde_json::json!({"grant_type": "api_key", "api_key": api_key}),
+            serde_json::json!({"grant_type": "api_key", "api_key": api_key, "name": self.hostname}),
         )
         .await
+    }
+
+    /// One request to `relay`'s HTTP API, within [`EXCHANGE_TIMEOUT`]: its status and body.
+    async fn call(
+        &self,
+        relay: &str,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, Vec<u8>), AuthError> {
+        let endpoint = Endpoint::parse(relay).map_err(AuthError::LoggedOut)?;
+        let call = Call {
+            method,
+            path,
+            bearer,
+            body: body.map(|b| b.to_string()).unwrap_or_default(),
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, send(&endpoint, call, &self.tls))
+            .await
+            .map_err(|_| AuthError::Failed(format!("the request to {relay} timed out")))?
+    }
+
+    /// Starts a device login at `relay`, named after this machine.
+    pub async fn start_device(&self, relay: &str) -> Result<DeviceStart, AuthError> {
+        let body = serde_json::json!({"name": self.hostname});
+        match self
+            .call(relay, "POST", DEVICE_PATH, None, Some(body))
+            .await?
+        {
+            (200, body) => {
+                if body.len() > MAX_ANSWER {
+                    return Err(AuthError::Failed("the relay's answer is too large".into()));
+                }
+                let start: DeviceStart = serde_json::from_slice(&body).map_err(|_| {
+                    AuthError::Failed(
+                        "the relay's device login answer is not of the expected shape".into(),
+                    )
+                })?;
+                if start.interval_ms == 0 || start.user_code.is_empty() {
+                    return Err(AuthError::Failed(
+                        "the relay's device login answer has no usable code".into(),
+                    ));
+                }
+                Ok(start)
+            }
+            (404, _) => Err(AuthError::Failed(format!(
+                "the relay at {relay} has no device login: log in with `cloudctl login --relay {relay} --token KEY`"
+            ))),
+            (status, body) => Err(AuthError::Failed(format!(
+                "the relay refused to start a device login (HTTP {status}: {})",
+                relay_message(&body)
+            ))),
+        }
+    }
+
+    /// Polls a device login once.
+    pub async fn poll_device(
+        &self,
+        relay: &str,
+        device_code: &str,
+    ) -> Result<DevicePoll, AuthError> {
+        let body = serde_json::json!({"grant_type": "device_code", "device_code": device_code});
+        match self
+            .call(relay, "POST", TOKEN_PATH, None, Some(body))
+            .await?
+        {
+            (200, body) => Ok(DevicePoll::Approved(
+                parse_answer(&body)
+                    .map_err(AuthError::Failed)?
+                    .refresh_token,
+            )),
+            (400, body) => {
+                let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let description = relay_description(&value);
+                Ok(match value["error"].as_str() {
+                    Some("authorization_pending") => DevicePoll::Pending,
+                    Some("slow_down") => DevicePoll::SlowDown,
+                    _ => DevicePoll::Refused(description),
+                })
+            }
+            (status, body) => Err(AuthError::Failed(format!(
+                "the relay could not answer the device login (HTTP {status}: {}); try again",
+                relay_message(&body)
+            ))),
+        }
+    }
+
+    /// A request to the relay's API as the logged-in user: with the current access token,
+    /// refreshed once if the relay refuses it. Its status and JSON body.
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), AuthError> {
+        let Some((credentials, _)) = self.load()? else {
+            return Err(AuthError::LoggedOut(
+                "not logged in: run `cloudctl login --relay URL` first".into(),
+            ));
+        };
+        let relay = credentials.relay;
+        let mut access = self.access(&relay, None).await?;
+        let mut retried = false;
+        loop {
+            let (status, answer) = self
+                .call(&relay, method, path, Some(&access.token), body.clone())
+                .await?;
+            if status == 401 && !retried {
+                retried = true;
+                access = self.access(&relay, Some(&access.token)).await?;
+                continue;
+            }
+            if answer.len() > MAX_ANSWER {
+                return Err(AuthError::Failed("the relay's answer is too large".into()));
+            }
+            let value = serde_json::from_slice(&answer).unwrap_or_default();
+            return Ok((status, value));
+        }
     }
 
     /// One `POST /v1/auth/token`.
@@ -252,13 +429,15 @@ impl Keeper {
         relay: &str,
         body: serde_json::Value,
     ) -> Result<TokenAnswer, AuthError> {
-        let endpoint = Endpoint::parse(relay).map_err(AuthError::LoggedOut)?;
-        let answer = tokio::time::timeout(
-            EXCHANGE_TIMEOUT,
-            post(&endpoint, body.to_string(), &self.tls),
-        )
-        .await
-        .map_err(|_| AuthError::Failed(format!("the token exchange with {relay} timed out")))??;
+        let answer = self
+            .call(relay, "POST", TOKEN_PATH, None, Some(body))
+            .await
+            .map_err(|e| match e {
+                AuthError::Failed(reason) if reason.ends_with("timed out") => {
+                    AuthError::Failed(format!("the token exchange with {relay} timed out"))
+                }
+                e => e,
+            })?;
         match answer {
             (200, body) => parse_answer(&body).map_err(AuthError::Failed),
             (401 | 403, body) => Err(AuthError::LoggedOut(format!(
@@ -287,6 +466,16 @@ fn parse_answer(body: &[u8]) -> Result<TokenAnswer, String> {
     Ok(answer)
 }
 
+/// A device poll refusal's `error_description`, cut short (it never carries a code).
+fn relay_description(value: &serde_json::Value) -> String {
+    value["error_description"]
+        .as_str()
+        .unwrap_or("the relay refused the device login")
+        .chars()
+        .take(200)
+        .collect()
+}
+
 /// The `error` of a relay's JSON error answer, cut short (a relay never puts a token in
 /// it; a foreign server's page is not shown whole).
 fn relay_message(body: &[u8]) -> String {
@@ -306,8 +495,8 @@ struct Endpoint {
     port: u16,
     /// `host[:port]`, for the `Host` header.
     authority: String,
-    /// The relay's path prefix and [`TOKEN_PATH`].
-    path: String,
+    /// The relay's path prefix (empty, or `/base`).
+    prefix: String,
 }
 
 impl Endpoint {
@@ -330,16 +519,24 @@ impl Endpoint {
                 .to_owned(),
             port: parsed.port_u16().unwrap_or(if secure { 443 } else { 80 }),
             authority: authority.to_owned(),
-            path: format!("{prefix}{TOKEN_PATH}"),
+            prefix: prefix.to_owned(),
         })
     }
 }
 
-/// POSTs `body` as JSON to the endpoint; returns the status and (at most [`MAX_ANSWER`]
-/// bytes of) the body.
-async fn post(
-    endpoint: &Endpoint,
+/// One HTTP request: its method, path under the relay's prefix, bearer and JSON body.
+struct Call<'a> {
+    method: &'a str,
+    path: &'a str,
+    bearer: Option<&'a str>,
     body: String,
+}
+
+/// Sends `call` to the endpoint; returns the status and (at most [`MAX_ANSWER`] bytes of)
+/// the body.
+async fn send(
+    endpoint: &Endpoint,
+    call: Call<'_>,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<(u16, Vec<u8>), AuthError> {
     let address = format!("{}:{}", endpoint.host, endpoint.port);
@@ -358,7 +555,7 @@ async fn post(
     };
     let _ = tcp.set_nodelay(true);
     if !endpoint.secure {
-        return request(tcp, endpoint, body).await;
+        return request(tcp, endpoint, call).await;
     }
     let name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
         .map_err(|e| AuthError::Failed(format!("invalid relay host {}: {e}", endpoint.host)))?;
@@ -366,22 +563,19 @@ async fn post(
         .connect(name, tcp)
         .await
         .map_err(|e| AuthError::Failed(format!("TLS with {address} failed: {e}")))?;
-    request(stream, endpoint, body).await
+    request(stream, endpoint, call).await
 }
 
 async fn request<S>(
     stream: S,
     endpoint: &Endpoint,
-    body: String,
+    call: Call<'_>,
 ) -> Result<(u16, Vec<u8>), AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let fail = |e: &dyn std::fmt::Display| {
-        AuthError::Failed(format!(
-            "the token exchange with {} failed: {e}",
-            endpoint.authority
-        ))
+        AuthError::Failed(format!("the request to {} failed: {e}", endpoint.authority))
     };
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -390,10 +584,18 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let request = hyper::Request::post(endpoint.path.as_str())
+    let mut request = hyper::Request::builder()
+        .method(call.method)
+        .uri(format!("{}{}", endpoint.prefix, call.path))
         .header(hyper::header::HOST, endpoint.authority.as_str())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(bearer) = call.bearer {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {bearer}"));
+    }
+    let request = request
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            call.body,
+        )))
         .map_err(|e| fail(&e))?;
     let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
     let status = response.status().as_u16();
@@ -453,7 +655,7 @@ mod tests {
             (endpoint.host.as_str(), endpoint.port),
             ("relay.example", 443)
         );
-        assert_eq!(endpoint.path, "/base/v1/auth/token");
+        assert_eq!(endpoint.prefix, "/base");
         let endpoint = Endpoint::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!((endpoint.secure, endpoint.port), (false, 8080));
         assert_eq!(endpoint.authority, "127.0.0.1:8080");

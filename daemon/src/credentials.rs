@@ -1,15 +1,23 @@
-//! The relay the daemon talks to and how it logs in: `credentials.toml` in the config
-//! directory (0600), written by `cloudctl login` (the relay and an API key), rewritten by
-//! [`crate::auth`] once the key is exchanged (the relay and a refresh token: the key is
-//! not kept) and at every refresh, removed by `cloudctl logout`, and re-read at every
-//! connect and refresh so a new login is picked up without a restart. Without the file,
-//! the daemon runs the relay embedded.
+//! The relay the daemon talks to and how it logs in: written by `cloudctl login` (the
+//! relay and an API key) or a device login (the relay and a refresh token), rewritten by
+//! [`crate::auth`] once the key is exchanged (the key is not kept) and at every refresh,
+//! removed by `cloudctl logout`, and re-read at every connect and refresh so a new login
+//! is picked up without a restart. Without credentials, the daemon runs the relay
+//! embedded.
+//!
+//! Where the secrets go ([`Store`]): the OS keychain when one is usable (the Secret
+//! Service on Linux, the Keychain on macOS, the Credential Manager on Windows; entry
+//! `cloudd` / the config directory's path), else `credentials.toml` in the config
+//! directory (0600). `CLOUDD_CREDENTIAL_STORE` = `auto` (the default: the keychain if
+//! usable, else the file), `keychain` (fail rather than write the file) or `file`. With
+//! the keychain, `credentials.toml` still exists but holds only the relay and
+//! `store = "keychain"`, so the daemon knows where to look and `whoami` can say.
 //!
 //! A file of the first format (`token = ...`, the relay's bearer token) reads as an API
 //! key: it is exchanged and the file rewritten at the next connect.
 //!
 //! Tokens never reach a log, a status or an error message: [`Credentials`]'s `Debug` hides
-//! them.
+//! them, and keychain errors are reported without the secret.
 
 use std::path::{Path, PathBuf};
 
@@ -52,9 +60,146 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Where a login's secrets are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// No login (the embedded relay).
+    None,
+    /// `credentials.toml`, 0600.
+    File,
+    /// The OS keychain.
+    Keychain,
+}
+
+impl Store {
+    /// Its name, as `whoami` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::None => "none",
+            Store::File => "file",
+            Store::Keychain => "keychain",
+        }
+    }
+}
+
+/// The environment variable that chooses the store.
+pub const STORE_VARIABLE: &str = "CLOUDD_CREDENTIAL_STORE";
+
+/// What `CLOUDD_CREDENTIAL_STORE` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Preference {
+    Auto,
+    File,
+    Keychain,
+}
+
+fn preference() -> Result<Preference, CredentialsError> {
+    match std::env::var(STORE_VARIABLE).as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(Preference::Auto),
+        Ok("file") => Ok(Preference::File),
+        Ok("keychain") => Ok(Preference::Keychain),
+        Ok(other) => Err(CredentialsError::Keychain(format!(
+            "{STORE_VARIABLE}={other:?} is not a credential store: use auto, keychain or file, then restart cloudd"
+        ))),
+    }
+}
+
+/// What `credentials.toml` holds: the relay, and either the secrets or where they are.
+#[derive(Serialize, Deserialize)]
+struct FileRecord {
+    relay: String,
+    #[serde(default, alias = "token", skip_serializing_if = "Option::is_none")]
+    api_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    /// `keychain` when the secrets are in the keychain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
+}
+
+/// The secrets as the keychain entry holds them (JSON).
+#[derive(Serialize, Deserialize)]
+struct Secrets {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+}
+
+/// The keychain entry's service name.
+pub const KEYCHAIN_SERVICE: &str = "cloudd";
+
+/// The keychain entry's account for `config_dir`: its path, so two daemons of one user
+/// (two `CLOUDD_HOME`s) keep two logins.
+fn account(config_dir: &Path) -> String {
+    std::path::absolute(config_dir)
+        .unwrap_or_else(|_| config_dir.to_owned())
+        .display()
+        .to_string()
+}
+
+/// The OS keychain, where this build has one.
+mod keychain {
+    use std::path::Path;
+
+    #[cfg(any(target_os = "linux", target_os = "macos", windows))]
+    fn entry(config_dir: &Path) -> Result<keyring::Entry, String> {
+        keyring::Entry::new(super::KEYCHAIN_SERVICE, &super::account(config_dir))
+            .map_err(|e| e.to_string())
+    }
+
+    /// The secret stored for `config_dir`; `Ok(None)` when there is none.
+    #[cfg(any(target_os = "linux", target_os = "macos", windows))]
+    pub fn get(config_dir: &Path) -> Result<Option<String>, String> {
+        match entry(config_dir)?.get_password() {
+            Ok(secret) => Ok(Some(secret)),
+            Err(keyring::Error::NoEntry) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Stores `secret` for `config_dir`.
+    #[cfg(any(target_os = "linux", target_os = "macos", windows))]
+    pub fn set(config_dir: &Path, secret: &str) -> Result<(), String> {
+        entry(config_dir)?
+            .set_password(secret)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Removes the secret for `config_dir`, if any.
+    #[cfg(any(target_os = "linux", target_os = "macos", windows))]
+    pub fn delete(config_dir: &Path) -> Result<(), String> {
+        match entry(config_dir)?.delete_credential() {
+            Ok(()) | Err(keyring::Error::NoEntry) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+    const NONE: &str = "this build has no keychain support on this platform";
+
+    #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+    pub fn get(_: &Path) -> Result<Option<String>, String> {
+        Err(NONE.into())
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+    pub fn set(_: &Path, _: &str) -> Result<(), String> {
+        Err(NONE.into())
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+    pub fn delete(_: &Path) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// The credentials file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
+    /// The keychain could not be used (the message never holds the secret).
+    #[error("{0}")]
+    Keychain(String),
     /// Reading or writing failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
@@ -94,16 +239,111 @@ pub fn load(config_dir: &Path) -> Result<Option<Credentials>, CredentialsError> 
             })
         }
     };
-    toml::from_str(&text)
-        .map(Some)
-        .map_err(|e| CredentialsError::Invalid {
-            message: e.message().to_string(),
-            path,
-        })
+    let record: FileRecord = toml::from_str(&text).map_err(|e| CredentialsError::Invalid {
+        message: e.message().to_string(),
+        path: path.clone(),
+    })?;
+    if record.store.as_deref() != Some("keychain") {
+        return Ok(Some(Credentials {
+            relay: record.relay,
+            api_key: record.api_key,
+            refresh_token: record.refresh_token,
+        }));
+    }
+    let secret = keychain::get(config_dir)
+        .map_err(|e| {
+            CredentialsError::Keychain(format!(
+                "cannot read the login from the keychain ({e}): unlock the keychain and try again, or run `cloudctl login` again"
+            ))
+        })?
+        .ok_or_else(|| {
+            CredentialsError::Keychain(
+                "the keychain has no login for this daemon (removed?): run `cloudctl login` again"
+                    .into(),
+            )
+        })?;
+    let secrets: Secrets = serde_json::from_str(&secret).map_err(|_| {
+        CredentialsError::Keychain(
+            "the keychain's login for this daemon is damaged: run `cloudctl login` again".into(),
+        )
+    })?;
+    Ok(Some(Credentials {
+        relay: record.relay,
+        api_key: secrets.api_key,
+        refresh_token: secrets.refresh_token,
+    }))
 }
 
-/// Writes the credentials, readable by this user only.
+/// Where the login is kept now, and which file or keychain entry.
+pub fn store_in_use(config_dir: &Path) -> (Store, String) {
+    let path = path(config_dir);
+    let record = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| toml::from_str::<FileRecord>(&text).ok());
+    match record {
+        None => (Store::None, String::new()),
+        Some(record) if record.store.as_deref() == Some("keychain") => (
+            Store::Keychain,
+            format!("{KEYCHAIN_SERVICE} / {}", account(config_dir)),
+        ),
+        Some(_) => (Store::File, path.display().to_string()),
+    }
+}
+
+/// Writes the credentials: into the keychain when one is usable (and the file names it),
+/// else into the file, readable by this user only.
 pub fn save(config_dir: &Path, credentials: &Credentials) -> Result<(), CredentialsError> {
+    save_with(preference()?, config_dir, credentials)
+}
+
+fn save_with(
+    preference: Preference,
+    config_dir: &Path,
+    credentials: &Credentials,
+) -> Result<(), CredentialsError> {
+    if preference != Preference::File {
+        let secrets = serde_json::to_string(&Secrets {
+            api_key: credentials.api_key.clone(),
+            refresh_token: credentials.refresh_token.clone(),
+        })
+        .expect("secrets always serialise");
+        match keychain::set(config_dir, &secrets) {
+            Ok(()) => {
+                return write_file(
+                    config_dir,
+                    &FileRecord {
+                        relay: credentials.relay.clone(),
+                        api_key: None,
+                        refresh_token: None,
+                        store: Some("keychain".into()),
+                    },
+                );
+            }
+            Err(e) if preference == Preference::Keychain => {
+                return Err(CredentialsError::Keychain(format!(
+                    "cannot store the login in the keychain ({e}): unlock the keychain, or set {STORE_VARIABLE}=file and restart cloudd"
+                )))
+            }
+            Err(e) => {
+                tracing::info!("no usable keychain ({e}); keeping the login in the credentials file");
+            }
+        }
+    }
+    write_file(
+        config_dir,
+        &FileRecord {
+            relay: credentials.relay.clone(),
+            api_key: credentials.api_key.clone(),
+            refresh_token: credentials.refresh_token.clone(),
+            store: None,
+        },
+    )?;
+    // A login kept in the keychain before is not left behind there.
+    let _ = keychain::delete(config_dir);
+    Ok(())
+}
+
+fn write_file(config_dir: &Path, record: &FileRecord) -> Result<(), CredentialsError> {
     let path = path(config_dir);
     let io = |action, source| CredentialsError::Io {
         action,
@@ -117,7 +357,7 @@ pub fn save(config_dir: &Path, credentials: &Credentials) -> Result<(), Credenti
     builder
         .create(config_dir)
         .map_err(|e| io("create the directory of", e))?;
-    let text = toml::to_string(credentials).map_err(|e| CredentialsError::Invalid {
+    let text = toml::to_string(record).map_err(|e| CredentialsError::Invalid {
         path: path.clone(),
         message: e.to_string(),
     })?;
@@ -136,18 +376,30 @@ pub fn save(config_dir: &Path, credentials: &Credentials) -> Result<(), Credenti
     std::fs::rename(&temporary, &path).map_err(|e| io("write", e))
 }
 
-/// Removes the credentials (back to the embedded relay).
+/// Removes the credentials, from the keychain too (back to the embedded relay).
 pub fn remove(config_dir: &Path) -> Result<(), CredentialsError> {
+    let (store, _) = store_in_use(config_dir);
     let path = path(config_dir);
     match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(CredentialsError::Io {
-            action: "remove",
-            path,
-            source,
-        }),
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(CredentialsError::Io {
+                action: "remove",
+                path,
+                source,
+            })
+        }
     }
+    if store == Store::Keychain {
+        keychain::delete(config_dir).map_err(|e| {
+            CredentialsError::Keychain(format!(
+                "logged out, but cannot remove the login from the keychain ({e}): remove the entry {KEYCHAIN_SERVICE} / {} by hand",
+                account(config_dir)
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -162,7 +414,8 @@ mod tests {
             api_key: Some("secret-key".into()),
             refresh_token: Some("secret-refresh".into()),
         };
-        save(dir.path(), &credentials).unwrap();
+        // The file store, whatever keychain this machine has.
+        save_with(Preference::File, dir.path(), &credentials).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;

@@ -107,6 +107,9 @@ pub struct Link {
     epoch: std::sync::atomic::AtomicU64,
     /// Where the relay's blob socket is, while the bridge is connected.
     blob_endpoint: Mutex<Option<BlobEndpoint>>,
+    /// The bridge's access tokens, for the requests that call the relay's HTTP API
+    /// (device logins); set once the bridge is made.
+    pub keeper: std::sync::OnceLock<Arc<crate::auth::Keeper>>,
 }
 
 /// The idempotency keys of the events the journal still holds, so a client that retries
@@ -190,6 +193,7 @@ impl Link {
                 sessions_feed,
                 epoch: std::sync::atomic::AtomicU64::new(0),
                 blob_endpoint: Mutex::new(None),
+                keeper: std::sync::OnceLock::new(),
             },
             commands_rx,
         )

@@ -554,6 +554,10 @@ impl Serialize for ResultOut<'_> {
             Response::Prompts(prompts) => prompts.serialize(serializer),
             Response::Teleported(outcome) => outcome.serialize(serializer),
             Response::TeleportLinks(links) => links.serialize(serializer),
+            Response::DeviceLogin(login) => login.serialize(serializer),
+            Response::DeviceDecided(decision) => decision.serialize(serializer),
+            Response::Devices(devices) => devices.serialize(serializer),
+            Response::CredentialStore(store) => store.serialize(serializer),
         }
     }
 }
@@ -728,6 +732,10 @@ mod tests {
                 Response::Prompts(prompts) => json!(prompts),
                 Response::Teleported(outcome) => json!(outcome),
                 Response::TeleportLinks(links) => json!(links),
+                Response::DeviceLogin(login) => json!(login),
+                Response::DeviceDecided(decision) => json!(decision),
+                Response::Devices(devices) => json!(devices),
+                Response::CredentialStore(store) => json!(store),
             }
         }
 

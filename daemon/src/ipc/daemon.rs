@@ -105,7 +105,7 @@ fn subscribe(shared: &Shared, client: &mut ClientState, subscribe: Subscribe) ->
 /// Sends a reconnect and waits until the bridge's first attempt with the new credentials
 /// has an outcome: connected, refused, or failed (retrying). Statuses of an attempt that
 /// started before the reconnect do not count.
-async fn reconnect_and_settle(link: &Link) -> RelayStatus {
+pub(super) async fn reconnect_and_settle(link: &Link) -> RelayStatus {
     let epoch = link.epoch();
     link.set_status(|s| s.state = BridgeState::Connecting);
     if link
@@ -141,8 +141,17 @@ async fn login(
     token: String,
 ) -> Result<Response, ErrorBody> {
     crate::bridge::bridge_url(&relay).map_err(|e| ErrorBody::new(ErrorCode::InvalidParams, e))?;
+    login_with(link, config_dir, Credentials::login(relay, token)).await
+}
+
+/// Saves `new`, has the bridge reconnect with it and waits for the outcome; puts back the
+/// previous credentials when the relay does not accept the new ones.
+pub(super) async fn login_with(
+    link: &Link,
+    config_dir: &std::path::Path,
+    new: Credentials,
+) -> Result<Response, ErrorBody> {
     let previous = credentials::load(config_dir).ok().flatten();
-    let new = Credentials::login(relay, token);
     credentials::save(config_dir, &new).map_err(internal)?;
     // The bridge may be waiting out a refusal or a backoff: reconnect now.
     let settled = reconnect_and_settle(link).await;
