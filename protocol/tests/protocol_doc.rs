@@ -343,6 +343,17 @@ fn response_from(method: &str, result: Value) -> serde_json::Result<Response> {
         (method::TELEPORT_WATCH | method::TELEPORT_STOP | method::TELEPORT_STATUS, _) => {
             Response::TeleportLinks(from_value::<Vec<TeleportLink>>(result)?)
         }
+        (method::LOGIN_DEVICE_POLL, _) if result.get("user_code").is_none() => {
+            Response::Identity(from_value(result)?)
+        }
+        (method::LOGIN_DEVICE | method::LOGIN_DEVICE_POLL, _) => {
+            Response::DeviceLogin(from_value(result)?)
+        }
+        (method::DEVICE_APPROVE | method::DEVICE_DENY, _) => {
+            Response::DeviceDecided(from_value(result)?)
+        }
+        (method::DEVICE_LIST | method::DEVICE_REVOKE, _) => Response::Devices(from_value(result)?),
+        (method::CREDENTIALS, _) => Response::CredentialStore(from_value(result)?),
         _ => {
             return Err(serde::de::Error::custom(format!(
                 "this test does not know the reply to {method}"
