@@ -172,12 +172,13 @@ pub async fn device_login(
         );
         println!("The code expires in {minutes} minute(s). Waiting for approval...");
     }
-    let client = std::cell::RefCell::new(client);
+    // Each poll borrows the client in turn (one at a time: the wait is sequential).
+    let client = tokio::sync::Mutex::new(client);
     let identity: Identity = wait_for_approval(
         Duration::from_millis(login.interval_ms),
         Duration::from_millis(login.expires_in_ms),
         || async {
-            let mut client = client.borrow_mut();
+            let mut client = client.lock().await;
             match client.request(Request::LoginDevicePoll).await? {
                 Response::DeviceLogin(waiting) => Ok(match waiting.state {
                     DeviceLoginState::Pending => Poll::Pending,

@@ -332,22 +332,7 @@ impl Keeper {
             .call(relay, "POST", DEVICE_PATH, None, Some(body))
             .await?
         {
-            (200, body) => {
-                if body.len() > MAX_ANSWER {
-                    return Err(AuthError::Failed("the relay's answer is too large".into()));
-                }
-                let start: DeviceStart = serde_json::from_slice(&body).map_err(|_| {
-                    AuthError::Failed(
-                        "the relay's device login answer is not of the expected shape".into(),
-                    )
-                })?;
-                if start.interval_ms == 0 || start.user_code.is_empty() {
-                    return Err(AuthError::Failed(
-                        "the relay's device login answer has no usable code".into(),
-                    ));
-                }
-                Ok(start)
-            }
+            (200, body) => parse_device_start(&body).map_err(AuthError::Failed),
             (404, _) => Err(AuthError::Failed(format!(
                 "the relay at {relay} has no device login: log in with `cloudctl login --relay {relay} --token KEY`"
             ))),
@@ -365,29 +350,10 @@ impl Keeper {
         device_code: &str,
     ) -> Result<DevicePoll, AuthError> {
         let body = serde_json::json!({"grant_type": "device_code", "device_code": device_code});
-        match self
+        let (status, body) = self
             .call(relay, "POST", TOKEN_PATH, None, Some(body))
-            .await?
-        {
-            (200, body) => Ok(DevicePoll::Approved(
-                parse_answer(&body)
-                    .map_err(AuthError::Failed)?
-                    .refresh_token,
-            )),
-            (400, body) => {
-                let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                let description = relay_description(&value);
-                Ok(match value["error"].as_str() {
-                    Some("authorization_pending") => DevicePoll::Pending,
-                    Some("slow_down") => DevicePoll::SlowDown,
-                    _ => DevicePoll::Refused(description),
-                })
-            }
-            (status, body) => Err(AuthError::Failed(format!(
-                "the relay could not answer the device login (HTTP {status}: {}); try again",
-                relay_message(&body)
-            ))),
-        }
+            .await?;
+        parse_poll(status, &body)
     }
 
     /// A request to the relay's API as the logged-in user: with the current access token,
@@ -464,6 +430,40 @@ fn parse_answer(body: &[u8]) -> Result<TokenAnswer, String> {
         return Err("the relay's token answer has no usable access token".into());
     }
     Ok(answer)
+}
+
+/// A device login's start, from at most [`MAX_ANSWER`] bytes.
+fn parse_device_start(body: &[u8]) -> Result<DeviceStart, String> {
+    if body.len() > MAX_ANSWER {
+        return Err("the relay's answer is too large".into());
+    }
+    let start: DeviceStart = serde_json::from_slice(body)
+        .map_err(|_| "the relay's device login answer is not of the expected shape".to_owned())?;
+    if start.interval_ms == 0 || start.user_code.is_empty() || start.user_code.len() > 64 {
+        return Err("the relay's device login answer has no usable code".into());
+    }
+    Ok(start)
+}
+
+/// A device poll's answer: its HTTP status and (at most [`MAX_ANSWER`] bytes of) body.
+fn parse_poll(status: u16, body: &[u8]) -> Result<DevicePoll, AuthError> {
+    match status {
+        200 => Ok(DevicePoll::Approved(
+            parse_answer(body).map_err(AuthError::Failed)?.refresh_token,
+        )),
+        400 if body.len() <= MAX_ANSWER => {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            Ok(match value["error"].as_str() {
+                Some("authorization_pending") => DevicePoll::Pending,
+                Some("slow_down") => DevicePoll::SlowDown,
+                _ => DevicePoll::Refused(relay_description(&value)),
+            })
+        }
+        status => Err(AuthError::Failed(format!(
+            "the relay could not answer the device login (HTTP {status}: {}); try again",
+            relay_message(body)
+        ))),
+    }
 }
 
 /// A device poll refusal's `error_description`, cut short (it never carries a code).
@@ -671,6 +671,37 @@ mod tests {
                 prop_assert!(!message.contains("crf_") && !message.contains("cat_"));
             }
             let _ = relay_message(&bytes);
+            if let Err(message) = parse_device_start(&bytes) {
+                prop_assert!(!message.contains("cdc_"));
+            }
+            for status in [200, 400, 503] {
+                match parse_poll(status, &bytes) {
+                    Ok(DevicePoll::Refused(message)) | Err(AuthError::Failed(message)) => {
+                        prop_assert!(message.chars().count() <= 300);
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        /// The relay's refusals of a poll map to RFC 8628's outcomes.
+        #[test]
+        fn poll_answers_map_to_their_outcomes(description in "[a-z ]{0,40}") {
+            let body = |error: &str| {
+                serde_json::json!({"error": error, "error_description": description}).to_string()
+            };
+            prop_assert_eq!(
+                parse_poll(400, body("authorization_pending").as_bytes()).unwrap(),
+                DevicePoll::Pending
+            );
+            prop_assert_eq!(
+                parse_poll(400, body("slow_down").as_bytes()).unwrap(),
+                DevicePoll::SlowDown
+            );
+            prop_assert_eq!(
+                parse_poll(400, body("access_denied").as_bytes()).unwrap(),
+                DevicePoll::Refused(description.clone())
+            );
         }
     }
 }

@@ -262,16 +262,28 @@ pub fn load(config_dir: &Path) -> Result<Option<Credentials>, CredentialsError> 
                     .into(),
             )
         })?;
-    let secrets: Secrets = serde_json::from_str(&secret).map_err(|_| {
-        CredentialsError::Keychain(
-            "the keychain's login for this daemon is damaged: run `cloudctl login` again".into(),
-        )
-    })?;
+    let secrets = parse_secrets(&secret)?;
     Ok(Some(Credentials {
         relay: record.relay,
         api_key: secrets.api_key,
         refresh_token: secrets.refresh_token,
     }))
+}
+
+/// The longest keychain secret read: the login is two tokens.
+const MAX_SECRET: usize = 64 * 1024;
+
+/// The keychain entry's text, as the secrets (never quoted in the error).
+fn parse_secrets(secret: &str) -> Result<Secrets, CredentialsError> {
+    let damaged = || {
+        CredentialsError::Keychain(
+            "the keychain's login for this daemon is damaged: run `cloudctl login` again".into(),
+        )
+    };
+    if secret.len() > MAX_SECRET {
+        return Err(damaged());
+    }
+    serde_json::from_str(secret).map_err(|_| damaged())
 }
 
 /// Where the login is kept now, and which file or keychain entry.
@@ -429,6 +441,17 @@ mod tests {
         assert!(!format!("{credentials:?}").contains("secret"));
         remove(dir.path()).unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
+    }
+
+    proptest::proptest! {
+        /// Any text as the keychain's entry: the secrets or an error that quotes none of it.
+        #[test]
+        fn an_arbitrary_keychain_entry_never_panics(text in ".{0,512}") {
+            if let Err(e) = parse_secrets(&text) {
+                let message = e.to_string();
+                proptest::prop_assert!(text.len() < 8 || !message.contains(text.as_str()));
+            }
+        }
     }
 
     /// A file written before access tokens (`token = ...`) reads as an API key to exchange.

@@ -617,6 +617,30 @@ mod tests {
         drop(store);
     }
 
+    proptest::proptest! {
+        /// Any bytes as the log (damage, a torn line, an overlong one): the store opens,
+        /// starts and answers polls, and never panics.
+        #[test]
+        fn an_arbitrary_log_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            long in proptest::prelude::any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = bytes;
+            if long {
+                bytes.extend(std::iter::repeat_n(b'x', MAX_LINE + 1));
+            }
+            std::fs::write(dir.path().join(DEVICE_FILE), &bytes).unwrap();
+            let store = DeviceStore::open(dir.path(), TTL, INTERVAL, 0).unwrap();
+            let started = store.start("m", 0).unwrap();
+            proptest::prop_assert_eq!(
+                store.poll(&started.device_code, 10_000),
+                Err(PollError::Pending)
+            );
+            let _ = store.decide(&String::from_utf8_lossy(&bytes), None, 0);
+        }
+    }
+
     #[test]
     fn user_codes_use_the_alphabet_only() {
         for _ in 0..100 {

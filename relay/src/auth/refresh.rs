@@ -409,6 +409,64 @@ mod tests {
         assert!(store.rotate(&other, 7).is_ok());
     }
 
+    /// A user's logins are listed with their names and last use, and one revoked by its
+    /// id's prefix is gone from the list and cannot refresh; another user's are neither
+    /// listed nor revocable.
+    #[test]
+    fn families_are_listed_and_revoked_by_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RefreshStore::open(dir.path(), 0).unwrap();
+        let (desk, first) = store.start_family(grant(), 1_000).unwrap();
+        let (laptop, other) = store
+            .start_family(
+                Grant {
+                    name: "desk".into(),
+                    ..grant()
+                },
+                2_000,
+            )
+            .unwrap();
+        let (_, _) = store
+            .start_family(
+                Grant {
+                    user: "bob".into(),
+                    ..grant()
+                },
+                3_000,
+            )
+            .unwrap();
+        store.rotate(&first, 5_000).unwrap();
+        let families = store.families("alice");
+        assert_eq!(families.len(), 2);
+        assert_eq!(families[0].id, desk.family);
+        assert_eq!(
+            (families[0].created_at, families[0].last_used_at),
+            (1_000, 5_000)
+        );
+        assert_eq!(families[1].name, "desk");
+        assert!(store
+            .revoke_family("bob", &laptop.family)
+            .unwrap()
+            .is_none());
+        // "fam_" alone is a prefix of both: not one login.
+        assert!(store.revoke_family("alice", "fam_").unwrap().is_none());
+        let revoked = store
+            .revoke_family("alice", &laptop.family[..12])
+            .unwrap()
+            .unwrap();
+        assert_eq!(revoked.id, laptop.family);
+        assert!(matches!(
+            store.rotate(&other, 6_000),
+            Err(RefreshError::Invalid)
+        ));
+        assert_eq!(store.families("alice").len(), 1);
+        // Kept across a restart.
+        drop(store);
+        let store = RefreshStore::open(dir.path(), 7_000).unwrap();
+        assert_eq!(store.families("alice").len(), 1);
+        assert!(store.family_revoked(&laptop.family));
+    }
+
     #[test]
     fn expired_and_unknown_tokens_are_invalid() {
         let dir = tempfile::tempdir().unwrap();

@@ -134,18 +134,15 @@ pub async fn token(
     })?;
     // Each writes to disk (the refresh-token and device logs): off the async threads.
     let tokens = tokio::task::spawn_blocking(move || match request {
-        TokenRequest::ApiKey { api_key, name } => shared
-            .auth
-            .exchange_key(&api_key, &name)
-            .map_err(|e| auth_error(e).into_response()),
-        TokenRequest::RefreshToken { refresh_token } => shared
-            .auth
-            .refresh(&refresh_token)
-            .map_err(|e| auth_error(e).into_response()),
-        TokenRequest::DeviceCode { device_code } => shared
-            .auth
-            .redeem_device(&device_code)
-            .map_err(super::device::poll_error),
+        TokenRequest::ApiKey { api_key, name } => {
+            shared.auth.exchange_key(&api_key, &name).map_err(Ok)
+        }
+        TokenRequest::RefreshToken { refresh_token } => {
+            shared.auth.refresh(&refresh_token).map_err(Ok)
+        }
+        TokenRequest::DeviceCode { device_code } => {
+            shared.auth.redeem_device(&device_code).map_err(Err)
+        }
     })
     .await
     .map_err(|_| {
@@ -154,7 +151,12 @@ pub async fn token(
             "the token exchange failed; try again",
         )
         .into_response()
-    })??;
+    })?
+    // A refused credential (`Ok`), or a device code not good for tokens (`Err`).
+    .map_err(|refusal| match refusal {
+        Ok(auth) => auth_error(auth).into_response(),
+        Err(poll) => super::device::poll_error(poll),
+    })?;
     let Tokens {
         access_token,
         expires_in,
