@@ -142,11 +142,15 @@ fn the_login_is_kept_in_the_secret_service_when_there_is_one() {
     outputs.ok(&home, &["login", "--relay", &relay.url(), "--token", &key]);
     home.wait_connected();
 
+    // (The file is not printed on failure: it may hold a token.)
     let file = credentials_file(&home);
-    assert!(file.contains("store = \"keychain\""), "{file}");
+    assert!(
+        file.contains("store = \"keychain\""),
+        "the file names no keychain"
+    );
     assert!(
         !file.contains("refresh_token") && !file.contains("crf_"),
-        "{file}"
+        "the file holds the refresh token"
     );
     let whoami = outputs.ok(&home, &["whoami"]);
     assert!(
