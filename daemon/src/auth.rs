@@ -364,9 +364,11 @@ impl Keeper {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<(u16, serde_json::Value), AuthError> {
-        let Some((credentials, _)) = self.load()? else {
+        // The embedded relay has no other users or machines: these calls are for a
+        // remote one.
+        let Some((credentials, RelayMode::Remote)) = self.load()? else {
             return Err(AuthError::LoggedOut(
-                "not logged in: run `cloudctl login --relay URL` first".into(),
+                "this machine is not logged in to a relay (it uses the embedded one): run `cloudctl login --relay URL` first".into(),
             ));
         };
         let relay = credentials.relay;

@@ -202,6 +202,14 @@ fn a_denied_login_fails_and_the_operator_can_approve_one() {
 
     let login = DeviceLogin::start(&two, &relay);
     let code = login.code.clone();
+    // A machine not logged in cannot approve (nor is it asked to pretend).
+    let outsider = outputs.run(&two, &["device", "approve", &code]);
+    assert!(!outsider.status.success());
+    assert!(
+        String::from_utf8_lossy(&outsider.stderr)
+            .contains("run `cloudctl login --relay URL` first"),
+        "{outsider:?}"
+    );
     let denied = outputs.ok(&one, &["device", "deny", &code]);
     assert!(denied.starts_with("denied: the machine"), "{denied}");
     let (ok, _, stderr) = login.finish(&mut outputs);
