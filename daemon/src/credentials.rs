@@ -138,41 +138,73 @@ fn account(config_dir: &Path) -> String {
         .to_string()
 }
 
-/// The OS keychain, where this build has one.
+/// The OS keychain, where this build has one. Every call is bounded by [`DEADLINE`]: a
+/// keychain that waits for a person (an unlock prompt nobody answers) must not hold the
+/// daemon up for longer; past it the call fails (and `auto` falls back to the file).
 mod keychain {
     use std::path::Path;
+    use std::time::Duration;
+
+    /// The longest a keychain call may take.
+    pub const DEADLINE: Duration = Duration::from_secs(5);
+
+    /// Runs `call` on a thread of its own and waits for it up to [`DEADLINE`] (a call
+    /// still running then is left to finish on its own).
+    #[cfg(any(target_os = "linux", target_os = "macos", windows))]
+    fn bounded<T: Send + 'static>(
+        call: impl FnOnce() -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("keychain".into())
+            .spawn(move || {
+                let _ = answer.send(call());
+            })
+            .map_err(|e| format!("cannot start a thread for the keychain: {e}"))?;
+        answered.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+            Err(format!(
+                "the keychain did not answer within {}s (locked, waiting for a password?)",
+                DEADLINE.as_secs()
+            ))
+        })
+    }
 
     #[cfg(any(target_os = "linux", target_os = "macos", windows))]
-    fn entry(config_dir: &Path) -> Result<keyring::Entry, String> {
-        keyring::Entry::new(super::KEYCHAIN_SERVICE, &super::account(config_dir))
-            .map_err(|e| e.to_string())
+    fn entry(account: &str) -> Result<keyring::Entry, String> {
+        keyring::Entry::new(super::KEYCHAIN_SERVICE, account).map_err(|e| e.to_string())
     }
 
     /// The secret stored for `config_dir`; `Ok(None)` when there is none.
     #[cfg(any(target_os = "linux", target_os = "macos", windows))]
     pub fn get(config_dir: &Path) -> Result<Option<String>, String> {
-        match entry(config_dir)?.get_password() {
+        let account = super::account(config_dir);
+        bounded(move || match entry(&account)?.get_password() {
             Ok(secret) => Ok(Some(secret)),
             Err(keyring::Error::NoEntry) => Ok(None),
             Err(e) => Err(e.to_string()),
-        }
+        })
     }
 
     /// Stores `secret` for `config_dir`.
     #[cfg(any(target_os = "linux", target_os = "macos", windows))]
     pub fn set(config_dir: &Path, secret: &str) -> Result<(), String> {
-        entry(config_dir)?
-            .set_password(secret)
-            .map_err(|e| e.to_string())
+        let account = super::account(config_dir);
+        let secret = secret.to_owned();
+        bounded(move || {
+            entry(&account)?
+                .set_password(&secret)
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// Removes the secret for `config_dir`, if any.
     #[cfg(any(target_os = "linux", target_os = "macos", windows))]
     pub fn delete(config_dir: &Path) -> Result<(), String> {
-        match entry(config_dir)?.delete_credential() {
+        let account = super::account(config_dir);
+        bounded(move || match entry(&account)?.delete_credential() {
             Ok(()) | Err(keyring::Error::NoEntry) => Ok(()),
             Err(e) => Err(e.to_string()),
-        }
+        })
     }
 
     #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
@@ -313,6 +345,7 @@ fn save_with(
     config_dir: &Path,
     credentials: &Credentials,
 ) -> Result<(), CredentialsError> {
+    let (before, _) = store_in_use(config_dir);
     if preference != Preference::File {
         let secrets = serde_json::to_string(&Secrets {
             api_key: credentials.api_key.clone(),
@@ -351,7 +384,11 @@ fn save_with(
         },
     )?;
     // A login kept in the keychain before is not left behind there.
-    let _ = keychain::delete(config_dir);
+    if before == Store::Keychain {
+        if let Err(e) = keychain::delete(config_dir) {
+            tracing::warn!("cannot remove the previous login from the keychain ({e}); remove the entry {KEYCHAIN_SERVICE} / {} by hand", account(config_dir));
+        }
+    }
     Ok(())
 }
 
