@@ -23,16 +23,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// A relay and how to get access tokens from it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A relay and how to get access tokens from it (as stored: `FileRecord` and the
+/// keychain's `Secrets`).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The relay's base URL (`https://host:port`, `wss://...`; plain only on loopback).
     pub relay: String,
     /// An API key still to exchange (`token` in the first format).
-    #[serde(default, alias = "token", skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
     /// The refresh token of this machine's login.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
 }
 
