@@ -225,7 +225,7 @@ impl Keeper {
         let mut held = self.held.lock().await;
         let Some((mut credentials, mode)) = self.load()? else {
             return Err(AuthError::LoggedOut(
-                "not logged in: run `cloudctl login --relay URL --token KEY`".into(),
+                "not logged in: run `cloudctl login --relay URL`".into(),
             ));
         };
         if credentials.relay != relay {
@@ -258,7 +258,7 @@ impl Keeper {
             }
             (None, Some(api_key)) => self.exchange_key(&credentials.relay, api_key).await?,
             (None, None) => return Err(AuthError::LoggedOut(
-                "the credentials file holds no login: run `cloudctl login --relay URL --token KEY`"
+                "the credentials file holds no login: run `cloudctl login --relay URL`"
                     .into(),
             )),
         };
@@ -409,7 +409,7 @@ impl Keeper {
         match answer {
             (200, body) => parse_answer(&body).map_err(AuthError::Failed),
             (401 | 403, body) => Err(AuthError::LoggedOut(format!(
-                "the relay refused this machine's login ({}); run `cloudctl login --relay {relay} --token KEY` again",
+                "the relay refused this machine's login ({}); run `cloudctl login --relay {relay}` again",
                 relay_message(&body)
             ))),
             (status, body) => Err(AuthError::Failed(format!(
