@@ -257,10 +257,11 @@ impl Keeper {
                 }
             }
             (None, Some(api_key)) => self.exchange_key(&credentials.relay, api_key).await?,
-            (None, None) => return Err(AuthError::LoggedOut(
-                "the credentials file holds no login: run `cloudctl login --relay URL`"
-                    .into(),
-            )),
+            (None, None) => {
+                return Err(AuthError::LoggedOut(
+                    "the credentials file holds no login: run `cloudctl login --relay URL`".into(),
+                ))
+            }
         };
         let access = Access {
             token: answer.access_token,
