@@ -7,11 +7,13 @@
 //! - [`launcher`]: starts the daemon detached, waits until it answers,
 //!   stops it, and restarts one of another version.
 //! - [`service`]: running cloudd at login under systemd or launchd.
+//! - [`device`]: waiting for a device login's approval (the polling of RFC 8628).
 //!
 //! Architecture invariant: the CLI talks to the daemon only through the socket. It never
 //! opens the daemon's stores.
 
 pub mod client;
+pub mod device;
 pub mod launcher;
 pub mod service;
 

@@ -14,6 +14,7 @@ use cloudctl::launcher::{self, Running};
 use cloudctl::service;
 
 mod account_commands;
+mod device_commands;
 mod metrics_commands;
 mod session_commands;
 mod table;
@@ -56,19 +57,28 @@ enum Command {
         #[command(subcommand)]
         action: ServiceAction,
     },
-    /// Use a remote relay (the token is stored 0600 in the config directory).
+    /// Use a remote relay: with an API key (`--token`), or without one by approval from
+    /// a machine already logged in (a code is shown to approve with `cloudctl device
+    /// approve CODE`). The login is kept in the OS keychain when there is one, else in a
+    /// 0600 file in the config directory.
     Login {
         /// The relay, like https://relay.example.com.
         #[arg(long)]
         relay: String,
-        /// The bearer token (`cloud-relay token create` prints one); `-` reads it from stdin.
+        /// An API key (`cloud-relay token create` prints one); `-` reads it from stdin.
+        /// Without it, log in by approval from another machine.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
     },
     /// Forget the remote relay and use the embedded one.
     Logout,
-    /// Which relay, as whom, and whether it is connected.
+    /// Which relay, as whom, whether it is connected, and where the login is kept.
     Whoami,
+    /// Approve or deny another machine's login; list and revoke your machines' logins.
+    Device {
+        #[command(subcommand)]
+        command: device_commands::DeviceCommand,
+    },
     /// Create, list, show and manage cloud sessions.
     Session {
         #[command(subcommand)]
@@ -333,7 +343,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ping(&mut running.client, count, json_output).await
         }
         Command::Service { action } => service(&paths, action, json_output).await,
-        Command::Login { relay, token } => {
+        Command::Login { relay, token: None } => {
+            let mut running = connect(&paths, true).await?;
+            device_commands::device_login(&mut running.client, relay, json_output).await
+        }
+        Command::Device { command } => {
+            let mut running = connect(&paths, true).await?;
+            device_commands::device(&mut running.client, command, json_output).await
+        }
+        Command::Login {
+            relay,
+            token: Some(token),
+        } => {
             let token = if token == "-" {
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line)?;
@@ -370,13 +391,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let Response::Identity(identity) = running.client.request(request).await? else {
                 bail!("unexpected reply");
             };
+            let store = if logout {
+                None
+            } else {
+                Some(device_commands::credential_store(&mut running.client).await?)
+            };
             if json_output {
-                println!("{}", serde_json::to_string(&identity)?);
+                let mut value = json!(identity);
+                if let Some(store) = &store {
+                    value["credentials"] = json!(store);
+                }
+                println!("{value}");
             } else {
                 if logout {
                     println!("logged out; using the embedded relay");
                 }
                 println!("{}", session_commands::relay_line(&identity.relay));
+                if let Some(store) = store {
+                    match store.store.as_str() {
+                        "none" => println!("credentials: none (the embedded relay needs none)"),
+                        kind => println!("credentials: {kind} ({})", store.location),
+                    }
+                }
             }
             Ok(())
         }

@@ -12,8 +12,13 @@
 //! org ([`Keeper::set_org`]), so its tokens act in that org, and a token of another org is
 //! never reused.
 //!
-//! Architecture invariant: tokens go only into request bodies and `Authorization`
-//! headers; [`Access`]'s `Debug` hides the token, and no error here contains one.
+//! It also makes the daemon's other calls to the relay's HTTP API: a device login's start
+//! and polls ([`Keeper::start_device`], [`Keeper::poll_device`]) and, as the logged-in
+//! user, [`Keeper::api`] (approving device logins, listing and revoking logins).
+//!
+//! Architecture invariant: tokens and device codes go only into request bodies and
+//! `Authorization` headers; [`Access`]'s `Debug` hides the token, and no error here
+//! contains one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +33,9 @@ use crate::credentials::{self, Credentials};
 
 /// The token endpoint's path.
 pub const TOKEN_PATH: &str = "/v1/auth/token";
+
+/// Where a device login starts.
+pub const DEVICE_PATH: &str = "/v1/auth/device";
 
 /// The largest token answer read.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -112,6 +120,51 @@ struct TokenAnswer {
     orgs: Vec<String>,
 }
 
+/// A device login, as the relay started it.
+#[derive(serde::Deserialize)]
+pub struct DeviceStart {
+    /// The secret to poll with (kept by the daemon, never shown).
+    pub device_code: String,
+    /// What the user approves on another machine.
+    pub user_code: String,
+    /// How long to wait between polls.
+    pub interval_ms: u64,
+    /// How long the codes live.
+    pub expires_in_ms: u64,
+}
+
+impl std::fmt::Debug for DeviceStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceStart")
+            .field("user_code", &self.user_code)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one poll of a device login found.
+#[derive(PartialEq, Eq)]
+pub enum DevicePoll {
+    /// Approved: the first refresh token of this machine's login.
+    Approved(String),
+    /// Not decided yet.
+    Pending,
+    /// Polled too soon.
+    SlowDown,
+    /// Denied, expired or unknown: the relay's reason.
+    Refused(String),
+}
+
+impl std::fmt::Debug for DevicePoll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DevicePoll::Approved(_) => f.write_str("Approved(..)"),
+            DevicePoll::Pending => f.write_str("Pending"),
+            DevicePoll::SlowDown => f.write_str("SlowDown"),
+            DevicePoll::Refused(reason) => write!(f, "Refused({reason:?})"),
+        }
+    }
+}
+
 /// The access token in use, and the credentials it came from.
 struct Held {
     relay: String,
@@ -131,6 +184,8 @@ pub struct Keeper {
     held: tokio::sync::Mutex<Option<Held>>,
     /// The org tokens are asked for (none: the login's default).
     org: std::sync::Mutex<Option<String>>,
+    /// This machine's name, given to the relay for the login's name.
+    hostname: String,
 }
 
 impl std::fmt::Debug for Keeper {
@@ -150,6 +205,9 @@ impl Keeper {
             embedded: std::sync::Mutex::new(None),
             held: tokio::sync::Mutex::new(None),
             org: std::sync::Mutex::new(None),
+            hostname: hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }
     }
 
@@ -185,7 +243,7 @@ impl Keeper {
         let mut held = self.held.lock().await;
         let Some((mut credentials, mode)) = self.load()? else {
             return Err(AuthError::LoggedOut(
-                "not logged in: run `cloudctl login --relay URL --token KEY`".into(),
+                "not logged in: run `cloudctl login --relay URL`".into(),
             ));
         };
         if credentials.relay != relay {
@@ -223,10 +281,11 @@ impl Keeper {
                 self.exchange_key(&credentials.relay, api_key, org.as_deref())
                     .await?
             }
-            (None, None) => return Err(AuthError::LoggedOut(
-                "the credentials file holds no login: run `cloudctl login --relay URL --token KEY`"
-                    .into(),
-            )),
+            (None, None) => {
+                return Err(AuthError::LoggedOut(
+                    "the credentials file holds no login: run `cloudctl login --relay URL`".into(),
+                ))
+            }
         };
         let access = Access {
             token: answer.access_token,
@@ -272,9 +331,96 @@ impl Keeper {
     ) -> Result<TokenAnswer, AuthError> {
         self.exchange(
             relay,
-            serde_json::json!({"grant_type": "api_key", "api_key": api_key, "org": org}),
+            serde_json::json!({"grant_type": "api_key", "api_key": api_key, "name": self.hostname, "org": org}),
         )
         .await
+    }
+
+    /// One request to `relay`'s HTTP API, within [`EXCHANGE_TIMEOUT`]: its status and body.
+    async fn call(
+        &self,
+        relay: &str,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, Vec<u8>), AuthError> {
+        let endpoint = Endpoint::parse(relay).map_err(AuthError::LoggedOut)?;
+        let call = Call {
+            method,
+            path,
+            bearer,
+            body: body.map(|b| b.to_string()).unwrap_or_default(),
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, send(&endpoint, call, &self.tls))
+            .await
+            .map_err(|_| AuthError::Failed(format!("the request to {relay} timed out")))?
+    }
+
+    /// Starts a device login at `relay`, named after this machine.
+    pub async fn start_device(&self, relay: &str) -> Result<DeviceStart, AuthError> {
+        let body = serde_json::json!({"name": self.hostname});
+        match self
+            .call(relay, "POST", DEVICE_PATH, None, Some(body))
+            .await?
+        {
+            (200, body) => parse_device_start(&body).map_err(AuthError::Failed),
+            (404, _) => Err(AuthError::Failed(format!(
+                "the relay at {relay} has no device login: log in with `cloudctl login --relay {relay} --token KEY`"
+            ))),
+            (status, body) => Err(AuthError::Failed(format!(
+                "the relay refused to start a device login (HTTP {status}: {})",
+                relay_message(&body)
+            ))),
+        }
+    }
+
+    /// Polls a device login once.
+    pub async fn poll_device(
+        &self,
+        relay: &str,
+        device_code: &str,
+    ) -> Result<DevicePoll, AuthError> {
+        let body = serde_json::json!({"grant_type": "device_code", "device_code": device_code});
+        let (status, body) = self
+            .call(relay, "POST", TOKEN_PATH, None, Some(body))
+            .await?;
+        parse_poll(status, &body)
+    }
+
+    /// A request to the relay's API as the logged-in user: with the current access token,
+    /// refreshed once if the relay refuses it. Its status and JSON body.
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), AuthError> {
+        // The embedded relay has no other users or machines: these calls are for a
+        // remote one.
+        let Some((credentials, RelayMode::Remote)) = self.load()? else {
+            return Err(AuthError::LoggedOut(
+                "this machine is not logged in to a relay (it uses the embedded one): run `cloudctl login --relay URL` first".into(),
+            ));
+        };
+        let relay = credentials.relay;
+        let mut access = self.access(&relay, None).await?;
+        let mut retried = false;
+        loop {
+            let (status, answer) = self
+                .call(&relay, method, path, Some(&access.token), body.clone())
+                .await?;
+            if status == 401 && !retried {
+                retried = true;
+                access = self.access(&relay, Some(&access.token)).await?;
+                continue;
+            }
+            if answer.len() > MAX_ANSWER {
+                return Err(AuthError::Failed("the relay's answer is too large".into()));
+            }
+            let value = serde_json::from_slice(&answer).unwrap_or_default();
+            return Ok((status, value));
+        }
     }
 
     /// One `POST /v1/auth/token`.
@@ -283,19 +429,21 @@ impl Keeper {
         relay: &str,
         body: serde_json::Value,
     ) -> Result<TokenAnswer, AuthError> {
-        let endpoint = Endpoint::parse(relay).map_err(AuthError::LoggedOut)?;
-        let answer = tokio::time::timeout(
-            EXCHANGE_TIMEOUT,
-            post(&endpoint, body.to_string(), &self.tls),
-        )
-        .await
-        .map_err(|_| AuthError::Failed(format!("the token exchange with {relay} timed out")))??;
+        let answer = self
+            .call(relay, "POST", TOKEN_PATH, None, Some(body))
+            .await
+            .map_err(|e| match e {
+                AuthError::Failed(reason) if reason.ends_with("timed out") => {
+                    AuthError::Failed(format!("the token exchange with {relay} timed out"))
+                }
+                e => e,
+            })?;
         match answer {
             (200, body) => parse_answer(&body).map_err(AuthError::Failed),
             // Not a member of the org asked for: the relay says what to do.
             (403, body) => Err(AuthError::LoggedOut(relay_message(&body))),
             (401, body) => Err(AuthError::LoggedOut(format!(
-                "the relay refused this machine's login ({}); run `cloudctl login --relay {relay} --token KEY` again",
+                "the relay refused this machine's login ({}); run `cloudctl login --relay {relay}` again",
                 relay_message(&body)
             ))),
             (status, body) => Err(AuthError::Failed(format!(
@@ -320,6 +468,50 @@ fn parse_answer(body: &[u8]) -> Result<TokenAnswer, String> {
     Ok(answer)
 }
 
+/// A device login's start, from at most [`MAX_ANSWER`] bytes.
+fn parse_device_start(body: &[u8]) -> Result<DeviceStart, String> {
+    if body.len() > MAX_ANSWER {
+        return Err("the relay's answer is too large".into());
+    }
+    let start: DeviceStart = serde_json::from_slice(body)
+        .map_err(|_| "the relay's device login answer is not of the expected shape".to_owned())?;
+    if start.interval_ms == 0 || start.user_code.is_empty() || start.user_code.len() > 64 {
+        return Err("the relay's device login answer has no usable code".into());
+    }
+    Ok(start)
+}
+
+/// A device poll's answer: its HTTP status and (at most [`MAX_ANSWER`] bytes of) body.
+fn parse_poll(status: u16, body: &[u8]) -> Result<DevicePoll, AuthError> {
+    match status {
+        200 => Ok(DevicePoll::Approved(
+            parse_answer(body).map_err(AuthError::Failed)?.refresh_token,
+        )),
+        400 if body.len() <= MAX_ANSWER => {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            Ok(match value["error"].as_str() {
+                Some("authorization_pending") => DevicePoll::Pending,
+                Some("slow_down") => DevicePoll::SlowDown,
+                _ => DevicePoll::Refused(relay_description(&value)),
+            })
+        }
+        status => Err(AuthError::Failed(format!(
+            "the relay could not answer the device login (HTTP {status}: {}); try again",
+            relay_message(body)
+        ))),
+    }
+}
+
+/// A device poll refusal's `error_description`, cut short (it never carries a code).
+fn relay_description(value: &serde_json::Value) -> String {
+    value["error_description"]
+        .as_str()
+        .unwrap_or("the relay refused the device login")
+        .chars()
+        .take(200)
+        .collect()
+}
+
 /// The `error` of a relay's JSON error answer, cut short (a relay never puts a token in
 /// it; a foreign server's page is not shown whole).
 fn relay_message(body: &[u8]) -> String {
@@ -339,8 +531,8 @@ struct Endpoint {
     port: u16,
     /// `host[:port]`, for the `Host` header.
     authority: String,
-    /// The relay's path prefix and [`TOKEN_PATH`].
-    path: String,
+    /// The relay's path prefix (empty, or `/base`).
+    prefix: String,
 }
 
 impl Endpoint {
@@ -363,16 +555,24 @@ impl Endpoint {
                 .to_owned(),
             port: parsed.port_u16().unwrap_or(if secure { 443 } else { 80 }),
             authority: authority.to_owned(),
-            path: format!("{prefix}{TOKEN_PATH}"),
+            prefix: prefix.to_owned(),
         })
     }
 }
 
-/// POSTs `body` as JSON to the endpoint; returns the status and (at most [`MAX_ANSWER`]
-/// bytes of) the body.
-async fn post(
-    endpoint: &Endpoint,
+/// One HTTP request: its method, path under the relay's prefix, bearer and JSON body.
+struct Call<'a> {
+    method: &'a str,
+    path: &'a str,
+    bearer: Option<&'a str>,
     body: String,
+}
+
+/// Sends `call` to the endpoint; returns the status and (at most [`MAX_ANSWER`] bytes of)
+/// the body.
+async fn send(
+    endpoint: &Endpoint,
+    call: Call<'_>,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<(u16, Vec<u8>), AuthError> {
     let address = format!("{}:{}", endpoint.host, endpoint.port);
@@ -391,7 +591,7 @@ async fn post(
     };
     let _ = tcp.set_nodelay(true);
     if !endpoint.secure {
-        return request(tcp, endpoint, body).await;
+        return request(tcp, endpoint, call).await;
     }
     let name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
         .map_err(|e| AuthError::Failed(format!("invalid relay host {}: {e}", endpoint.host)))?;
@@ -399,22 +599,19 @@ async fn post(
         .connect(name, tcp)
         .await
         .map_err(|e| AuthError::Failed(format!("TLS with {address} failed: {e}")))?;
-    request(stream, endpoint, body).await
+    request(stream, endpoint, call).await
 }
 
 async fn request<S>(
     stream: S,
     endpoint: &Endpoint,
-    body: String,
+    call: Call<'_>,
 ) -> Result<(u16, Vec<u8>), AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let fail = |e: &dyn std::fmt::Display| {
-        AuthError::Failed(format!(
-            "the token exchange with {} failed: {e}",
-            endpoint.authority
-        ))
+        AuthError::Failed(format!("the request to {} failed: {e}", endpoint.authority))
     };
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -423,10 +620,18 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let request = hyper::Request::post(endpoint.path.as_str())
+    let mut request = hyper::Request::builder()
+        .method(call.method)
+        .uri(format!("{}{}", endpoint.prefix, call.path))
         .header(hyper::header::HOST, endpoint.authority.as_str())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(bearer) = call.bearer {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {bearer}"));
+    }
+    let request = request
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            call.body,
+        )))
         .map_err(|e| fail(&e))?;
     let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
     let status = response.status().as_u16();
@@ -488,7 +693,7 @@ mod tests {
             (endpoint.host.as_str(), endpoint.port),
             ("relay.example", 443)
         );
-        assert_eq!(endpoint.path, "/base/v1/auth/token");
+        assert_eq!(endpoint.prefix, "/base");
         let endpoint = Endpoint::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!((endpoint.secure, endpoint.port), (false, 8080));
         assert_eq!(endpoint.authority, "127.0.0.1:8080");
@@ -504,6 +709,37 @@ mod tests {
                 prop_assert!(!message.contains("crf_") && !message.contains("cat_"));
             }
             let _ = relay_message(&bytes);
+            if let Err(message) = parse_device_start(&bytes) {
+                prop_assert!(!message.contains("cdc_"));
+            }
+            for status in [200, 400, 503] {
+                match parse_poll(status, &bytes) {
+                    Ok(DevicePoll::Refused(message)) | Err(AuthError::Failed(message)) => {
+                        prop_assert!(message.chars().count() <= 300);
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        /// The relay's refusals of a poll map to RFC 8628's outcomes.
+        #[test]
+        fn poll_answers_map_to_their_outcomes(description in "[a-z ]{0,40}") {
+            let body = |error: &str| {
+                serde_json::json!({"error": error, "error_description": description}).to_string()
+            };
+            prop_assert_eq!(
+                parse_poll(400, body("authorization_pending").as_bytes()).unwrap(),
+                DevicePoll::Pending
+            );
+            prop_assert_eq!(
+                parse_poll(400, body("slow_down").as_bytes()).unwrap(),
+                DevicePoll::SlowDown
+            );
+            prop_assert_eq!(
+                parse_poll(400, body("access_denied").as_bytes()).unwrap(),
+                DevicePoll::Refused(description.clone())
+            );
         }
     }
 }

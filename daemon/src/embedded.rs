@@ -66,6 +66,7 @@ impl EmbeddedRelay {
             access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
             // One user on loopback: nobody to protect the relay from.
             limits: cloud_relay::limits::Limits::OFF,
+            device: Default::default(),
         };
         let (address_tx, address_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -119,6 +119,9 @@ pub struct Link {
     blob_endpoint: Mutex<Option<BlobEndpoint>>,
     /// The daemon's health figures (`cloudctl metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// The bridge's access tokens, for the requests that call the relay's HTTP API
+    /// (device logins); set once the bridge is made.
+    pub keeper: std::sync::OnceLock<Arc<crate::auth::Keeper>>,
 }
 
 /// The idempotency keys of the events the journal still holds, so a client that retries
@@ -204,6 +207,7 @@ impl Link {
                 epoch: std::sync::atomic::AtomicU64::new(0),
                 blob_endpoint: Mutex::new(None),
                 metrics: crate::metrics::Metrics::default(),
+                keeper: std::sync::OnceLock::new(),
             },
             commands_rx,
         )

@@ -4,6 +4,8 @@
 //! Nothing here stands in for a component: the daemon is the real binary, clients are the
 //! real `cloudctl` or raw sockets. Waiting is always on a condition with a deadline.
 
+pub mod secrets;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -82,6 +84,9 @@ impl Home {
             .env("CLOUDD_HOME", self.path())
             .env_remove("CLOUDD_SOCKET")
             .env_remove("CLOUDD_LOG")
+            // Logins in the file: the same on every machine, whatever keychain it has
+            // (e2e/tests/keychain.rs sets its own).
+            .env("CLOUDD_CREDENTIAL_STORE", "file")
             .env("CLOUDD_BIN", binary("cloudd"));
         command
     }
@@ -169,6 +174,7 @@ impl Home {
             .env("CLOUDD_HOME", self.path())
             .env_remove("CLOUDD_SOCKET")
             .env_remove("CLOUDD_LOG")
+            .env("CLOUDD_CREDENTIAL_STORE", "file")
             .stdin(Stdio::null());
         command
     }

@@ -259,6 +259,17 @@ fn the_documented_exchanges_hold_against_the_real_daemon() {
         c.run("Errors", name, None);
     }
 
+    // The device family as a daemon on the embedded relay answers it: each refused
+    // before any relay is asked (the approved, denied and listed examples need a second
+    // machine and a remote relay: e2e/tests/device.rs runs those).
+    c.run("Methods", "login/device", Some(&[1]));
+    c.run("Methods", "login/device/poll", Some(&[3]));
+    c.run("Methods", "device/approve", Some(&[2]));
+    for name in ["device/deny", "device/list", "device/revoke"] {
+        c.run("Methods", name, Some(&[1]));
+    }
+    c.run("Methods", "credentials", None);
+
     c.run("Methods", "logout", None);
     c.run("Methods", "shutdown", None);
     daemon.wait_exit(DEADLINE);

@@ -331,6 +331,41 @@ requests! {
         #[serde(default)]
         version: Option<u64>,
     };
+    /// Starts a device login at `relay` (no token needed): the daemon asks the relay for
+    /// a user code and keeps the device code to itself, for this connection. Answered by
+    /// [`Response::DeviceLogin`] (state `pending`); then poll with
+    /// [`Request::LoginDevicePoll`] every `interval_ms`.
+    LOGIN_DEVICE = "login/device" => LoginDevice {
+        /// `https://host[:port]` (or `wss://`; `http`/`ws` only for loopback).
+        relay: String,
+    };
+    /// Asks the relay once whether this connection's device login was approved. Answered
+    /// by [`Response::DeviceLogin`] while it waits (`pending`, or `slow_down`: add 5 s to
+    /// the interval), by [`Response::Identity`] once approved (the daemon is logged in and
+    /// connected), or by a `refused` error (denied, expired).
+    LOGIN_DEVICE_POLL = "login/device/poll" => LoginDevicePoll;
+    /// Lets the machine showing `code` log in as this daemon's user (its own login, for
+    /// the same user, org and scopes). Answered by [`Response::DeviceDecided`].
+    DEVICE_APPROVE = "device/approve" => DeviceApprove {
+        /// The code the new machine shows, like `BCDF-GHJK` (case and dash optional).
+        code: String,
+    };
+    /// Refuses the machine showing `code`. Answered by [`Response::DeviceDecided`].
+    DEVICE_DENY = "device/deny" => DeviceDeny {
+        /// The code the new machine shows.
+        code: String,
+    };
+    /// This user's logins on the relay, one per machine. Answered by
+    /// [`Response::Devices`].
+    DEVICE_LIST = "device/list" => DeviceList;
+    /// Revokes one of this user's logins: that machine's next refresh or connect fails
+    /// and it must log in again. Answered by [`Response::Devices`] with the revoked login.
+    DEVICE_REVOKE = "device/revoke" => DeviceRevoke {
+        /// Its id (or a prefix only it has), from [`Request::DeviceList`].
+        id: String,
+    };
+    /// Where this daemon keeps its login. Answered by [`Response::CredentialStore`].
+    CREDENTIALS = "credentials" => Credentials;
 }
 
 pub use crate::bridge::MAX_IDEMPOTENCY_KEY;
@@ -438,6 +473,14 @@ pub enum Response {
     Orgs(Orgs),
     /// Settings.
     Settings(Vec<SettingView>),
+    /// A device login waiting for approval.
+    DeviceLogin(DeviceLogin),
+    /// A device login was approved or denied.
+    DeviceDecided(DeviceDecision),
+    /// The user's logins.
+    Devices(Vec<Device>),
+    /// Where the daemon keeps its login.
+    CredentialStore(CredentialStore),
 }
 
 /// The daemon's health figures since it started, as `cloudctl metrics` shows them.
@@ -496,6 +539,66 @@ pub struct Orgs {
     pub current: Option<String>,
     /// Every org the user belongs to, as the relay last said.
     pub orgs: Vec<String>,
+}
+
+/// A device login waiting for approval on another machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLogin {
+    /// The code to approve, like `BCDF-GHJK` (`cloudctl device approve CODE`).
+    pub user_code: String,
+    /// Whether to poll at the interval or slow down.
+    pub state: DeviceLoginState,
+    /// How long to wait before the next poll, in milliseconds.
+    pub interval_ms: u64,
+    /// How long the code lived when it was made, in milliseconds.
+    pub expires_in_ms: u64,
+}
+
+/// Where a device login is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceLoginState {
+    /// Not decided yet: poll again after the interval.
+    Pending,
+    /// Polled too soon: add 5 seconds to the interval.
+    SlowDown,
+}
+
+/// A decision on a device login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDecision {
+    /// The code, as typed.
+    pub code: String,
+    /// The name the new machine gave (its hostname).
+    pub name: String,
+    /// Approved (or denied).
+    pub approved: bool,
+}
+
+/// One of the user's logins on the relay: a machine's refresh-token family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// Its id (what `device/revoke` takes).
+    pub id: String,
+    /// The machine's name (its hostname when it logged in).
+    pub name: String,
+    /// The org it acts in.
+    pub org: String,
+    /// When it logged in, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When it last refreshed its access token.
+    pub last_used_at_ms: u64,
+    /// Whether it is this daemon's login.
+    pub current: bool,
+}
+
+/// Where the daemon keeps its login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialStore {
+    /// `keychain`, `file`, or `none` (not logged in: the embedded relay).
+    pub store: String,
+    /// Which keychain entry or which file.
+    pub location: String,
 }
 
 /// What a push or a pull did.

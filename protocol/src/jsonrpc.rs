@@ -557,6 +557,10 @@ impl Serialize for ResultOut<'_> {
             Response::Metrics(metrics) => metrics.serialize(serializer),
             Response::Orgs(orgs) => orgs.serialize(serializer),
             Response::Settings(settings) => settings.serialize(serializer),
+            Response::DeviceLogin(login) => login.serialize(serializer),
+            Response::DeviceDecided(decision) => decision.serialize(serializer),
+            Response::Devices(devices) => devices.serialize(serializer),
+            Response::CredentialStore(store) => store.serialize(serializer),
         }
     }
 }
@@ -734,6 +738,10 @@ mod tests {
                 Response::Metrics(metrics) => json!(metrics),
                 Response::Orgs(orgs) => json!(orgs),
                 Response::Settings(settings) => json!(settings),
+                Response::DeviceLogin(login) => json!(login),
+                Response::DeviceDecided(decision) => json!(decision),
+                Response::Devices(devices) => json!(devices),
+                Response::CredentialStore(store) => json!(store),
             }
         }
 

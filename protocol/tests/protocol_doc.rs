@@ -346,6 +346,17 @@ fn response_from(method: &str, result: Value) -> serde_json::Result<Response> {
         (method::METRICS, _) => Response::Metrics(from_value(result)?),
         (method::ORG_LIST | method::ORG_SWITCH, _) => Response::Orgs(from_value(result)?),
         (method::SETTINGS_GET | method::SETTINGS_SET, _) => Response::Settings(from_value(result)?),
+        (method::LOGIN_DEVICE_POLL, _) if result.get("user_code").is_none() => {
+            Response::Identity(from_value(result)?)
+        }
+        (method::LOGIN_DEVICE | method::LOGIN_DEVICE_POLL, _) => {
+            Response::DeviceLogin(from_value(result)?)
+        }
+        (method::DEVICE_APPROVE | method::DEVICE_DENY, _) => {
+            Response::DeviceDecided(from_value(result)?)
+        }
+        (method::DEVICE_LIST | method::DEVICE_REVOKE, _) => Response::Devices(from_value(result)?),
+        (method::CREDENTIALS, _) => Response::CredentialStore(from_value(result)?),
         _ => {
             return Err(serde::de::Error::custom(format!(
                 "this test does not know the reply to {method}"

@@ -83,6 +83,8 @@ pub struct RelayConfig {
     pub access_token_ttl: Duration,
     /// How fast each API key may call ([`limits::Limits::default`] normally).
     pub limits: limits::Limits,
+    /// The device-login grant's timing (10 minutes, polls every 5 s, normally).
+    pub device: auth::DeviceConfig,
 }
 
 /// The relay could not start.
@@ -185,7 +187,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         source,
     })?;
     let store = open_store(&config.data_dir.join("store")).await?;
-    let auth = Auth::open(&config.data_dir, config.access_token_ttl).map_err(RelayError::Auth)?;
+    let auth = Auth::open(&config.data_dir, config.access_token_ttl, config.device)
+        .map_err(RelayError::Auth)?;
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
     let settings = settings::Settings::open(&config.data_dir).map_err(RelayError::Auth)?;

@@ -1,5 +1,6 @@
 //! The `cloud-relay` binary: `serve`, `token create|revoke` (API keys), `org
-//! add-member|remove-member` (membership), and the hidden `shell-agent`.
+//! add-member|remove-member` (membership), `device approve|deny` (device logins, by the
+//! operator), and the hidden `shell-agent`.
 //!
 //! Flags become validated arguments here and nowhere else. `serve` runs on a current-thread
 //! runtime (see DESIGN.md's performance notes: cross-core wake-ups cost more than the work)
@@ -53,11 +54,23 @@ enum Commands {
         /// How many events above that rate an API key may stream at once.
         #[arg(long, default_value_t = cloud_relay::limits::DEFAULT_EVENTS.burst)]
         event_burst: u32,
+        /// How long a device login's code waits for approval, e.g. 10m.
+        #[arg(long, value_parser = parse_duration, default_value = "10m")]
+        device_code_ttl: Duration,
+        /// How long a device login waits between polls, e.g. 5s.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        device_poll_interval: Duration,
     },
     /// Manage API keys (works while a server runs).
     Token {
         #[command(subcommand)]
         command: TokenCommands,
+    },
+    /// Approve or deny a device login (`cloudctl login --relay URL` on the new machine
+    /// shows the code); works while a server runs.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommands,
     },
     /// The built-in shell agent on stdin/stdout (run by the relay, not by hand).
     #[command(hide = true)]
@@ -129,6 +142,36 @@ enum TokenCommands {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum DeviceCommands {
+    /// Let the machine showing CODE log in as a user (a new API key is made for that
+    /// login; `token revoke --user` cuts it off with the user's other keys).
+    Approve {
+        /// The code the new machine shows, like BCDF-GHJK.
+        code: String,
+        /// The user it logs in as.
+        #[arg(long)]
+        user: String,
+        /// The user's orgs (repeat for several; the first is the default).
+        #[arg(long, required = true)]
+        org: Vec<String>,
+        /// What it may do (repeat for several): sessions:read, sessions:write, admin.
+        #[arg(long, default_values = ["sessions:read", "sessions:write"])]
+        scope: Vec<cloud_relay::access::Scope>,
+        /// The data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Refuse the machine showing CODE.
+    Deny {
+        /// The code the new machine shows.
+        code: String,
+        /// The data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
@@ -141,6 +184,8 @@ fn main() -> ExitCode {
             request_burst,
             events_per_second,
             event_burst,
+            device_code_ttl,
+            device_poll_interval,
         } => {
             let rate = |per_second: u32, burst: u32| {
                 (per_second > 0).then_some(cloud_relay::limits::Rate {
@@ -152,10 +197,22 @@ fn main() -> ExitCode {
                 requests: rate(requests_per_second, request_burst),
                 events: rate(events_per_second, event_burst),
             };
-            serve(listen, data, agent_command, access_token_ttl, limits)
+            let device = cloud_relay::auth::DeviceConfig {
+                code_ttl: device_code_ttl,
+                poll_interval: device_poll_interval,
+            };
+            serve(
+                listen,
+                data,
+                agent_command,
+                access_token_ttl,
+                limits,
+                device,
+            )
         }
         Commands::Token { command } => token(command),
         Commands::Org { command } => org(command),
+        Commands::Device { command } => device(command),
         Commands::ShellAgent => cloud_relay::shell_agent::run().map_err(anyhow::Error::from),
     };
     match result {
@@ -223,12 +280,70 @@ fn org(command: OrgCommands) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn device(command: DeviceCommands) -> anyhow::Result<()> {
+    use cloud_relay::auth::device::{Approval, DeviceStore};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    // Timing is the server's business: these only decide.
+    let store =
+        |data: &std::path::Path| DeviceStore::for_commands(data, Duration::ZERO, Duration::ZERO);
+    match command {
+        DeviceCommands::Approve {
+            code,
+            user,
+            org,
+            scope,
+            data,
+        } => {
+            let key = NewKey {
+                user: user.clone(),
+                orgs: org.clone(),
+                scopes: scope.clone(),
+                expires_at: None,
+            };
+            // The login descends from a key of its own, never shown: revoking the user's
+            // keys cuts it off like their other machines.
+            let token = cloud_relay::tokens::create(&data, &key)?;
+            let approval = Approval {
+                user: user.clone(),
+                org: org[0].clone(),
+                scopes: scope,
+                key: cloud_relay::tokens::token_hash(&token),
+            };
+            drop(token);
+            let name = store(&data).decide(&code, Some(approval), now)?;
+            eprintln!(
+                "approved: {} logs in as {user} in {}",
+                machine(&name),
+                org[0]
+            );
+        }
+        DeviceCommands::Deny { code, data } => {
+            let name = store(&data).decide(&code, None, now)?;
+            eprintln!("denied: {} will not log in", machine(&name));
+        }
+    }
+    Ok(())
+}
+
+/// How a device login's machine is named in messages.
+fn machine(name: &str) -> String {
+    if name.is_empty() {
+        "the machine".into()
+    } else {
+        format!("the machine {name:?}")
+    }
+}
+
 fn serve(
     listen: SocketAddr,
     data: PathBuf,
     agent_command: Vec<String>,
     access_token_ttl: Duration,
     limits: cloud_relay::limits::Limits,
+    device: cloud_relay::auth::DeviceConfig,
 ) -> anyhow::Result<()> {
     init_logging();
     let agent_command = if agent_command.is_empty() {
@@ -248,6 +363,7 @@ fn serve(
             agent_command,
             access_token_ttl,
             limits,
+            device,
         })
         .await?;
         let signal = wait_for_signal().await?;

@@ -223,3 +223,92 @@ async fn a_revoked_family_ends_its_bridge_for_good() {
     );
     relay.stop().await;
 }
+
+/// The device grant's HTTP surface: the start's answer, a poll sooner than the interval
+/// answered `slow_down` and one still waiting `authorization_pending` (RFC 8628's shape,
+/// never quoting the code), approval only with a bearer, a second decision 409, an
+/// unknown code 404; and the user's logins listed (named) and revoked, another user's
+/// not revocable.
+#[tokio::test]
+async fn device_logins_and_the_users_logins_over_http() {
+    let relay = TestRelay::start(common::shell_agent()).await;
+    let (code, started) = relay
+        .http(
+            "POST",
+            "/v1/auth/device",
+            None,
+            Some(r#"{"name": "laptop"}"#),
+        )
+        .await;
+    assert_eq!(code, 200, "{started}");
+    assert_eq!(started["interval"], 5);
+    assert_eq!(started["expires_in"], 600);
+    let device_code = started["device_code"].as_str().unwrap().to_owned();
+    let user_code = started["user_code"].as_str().unwrap().to_owned();
+    assert!(
+        device_code.starts_with("cdc_") && user_code.len() == 9,
+        "{started}"
+    );
+
+    let poll = json!({"grant_type": "device_code", "device_code": device_code});
+    let (code, answer) = post_token(&relay, poll.clone()).await;
+    assert_eq!((code, answer["error"].as_str()), (400, Some("slow_down")));
+    assert!(!answer.to_string().contains("cdc_"), "{answer}");
+
+    let decide = |path: &'static str, token: Option<String>, code: String| {
+        let relay = &relay;
+        async move {
+            relay
+                .http(
+                    "POST",
+                    path,
+                    token.as_deref(),
+                    Some(&json!({"user_code": code}).to_string()),
+                )
+                .await
+        }
+    };
+    let approve = "/v1/auth/device/approve";
+    assert_eq!(decide(approve, None, user_code.clone()).await.0, 401);
+    let key = relay.token("alice", "acme");
+    let (access, _) = exchange(&relay, &key).await;
+    let (code, answer) = decide(approve, Some(access.clone()), user_code.to_lowercase()).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(
+        (answer["name"].as_str(), answer["approved"].as_bool()),
+        (Some("laptop"), Some(true))
+    );
+    let (code, answer) = decide("/v1/auth/device/deny", Some(access.clone()), user_code).await;
+    assert_eq!(code, 409, "{answer}");
+    let (code, answer) = decide(approve, Some(access.clone()), "BCDF-GHJK".into()).await;
+    assert_eq!(code, 404, "{answer}");
+
+    // A second login of alice's, named; bob's is not hers to revoke.
+    let (code, _) = post_token(
+        &relay,
+        json!({"grant_type": "api_key", "api_key": key, "name": "desk"}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let bob = relay.token("bob", "acme");
+    let (bob_access, _) = exchange(&relay, &bob).await;
+    let (code, devices) = relay.http("GET", "/v1/devices", Some(&access), None).await;
+    assert_eq!(code, 200, "{devices}");
+    let devices = devices["devices"].as_array().unwrap().clone();
+    assert_eq!(devices.len(), 2, "{devices:?}");
+    assert_eq!(devices.iter().filter(|d| d["current"] == true).count(), 1);
+    let desk = devices.iter().find(|d| d["name"] == "desk").unwrap();
+    let id = desk["id"].as_str().unwrap();
+    let path = format!("/v1/devices/{id}");
+    assert_eq!(
+        relay.http("DELETE", &path, Some(&bob_access), None).await.0,
+        404
+    );
+    let (code, revoked) = relay.http("DELETE", &path, Some(&access), None).await;
+    assert_eq!((code, revoked["name"].as_str()), (200, Some("desk")));
+    let (_, devices) = relay.http("GET", "/v1/devices", Some(&access), None).await;
+    assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
+    // The polling machine's code, still pending redemption, waits its interval.
+    let (code, answer) = post_token(&relay, poll).await;
+    assert_eq!((code, answer["error"].as_str()), (400, Some("slow_down")));
+}

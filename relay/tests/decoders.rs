@@ -367,6 +367,7 @@ async fn start_on(damaged: &Damaged, status: SessionStatus) -> Result<bool, Test
         agent_command: script_agent("cat >/dev/null"),
         access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
         limits: cloud_relay::limits::Limits::OFF,
+        device: Default::default(),
     })
     .await;
     let relay = match started {

@@ -138,6 +138,8 @@ impl Bridge {
         let hostname = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
+        let keeper = Arc::new(Keeper::new(paths.config_dir.clone(), Arc::clone(&tls)));
+        let _ = link.keeper.set(Arc::clone(&keeper));
         Bridge {
             link,
             commands,
@@ -152,7 +154,7 @@ impl Bridge {
                 worktrees: Vec::new(),
                 sessions: Vec::new(),
             },
-            keeper: Arc::new(Keeper::new(paths.config_dir.clone(), Arc::clone(&tls))),
+            keeper,
             tls,
             access: None,
             shutdown,

@@ -59,4 +59,7 @@ pub struct ClientState {
     pub needs_durable: u64,
     /// Set when the connection must close once what is queued has been written.
     pub closing: Option<Closing>,
+    /// This connection's device login, while it waits for approval: the relay and what
+    /// it answered (the device code never leaves the daemon).
+    pub device_login: Option<(String, crate::auth::DeviceStart)>,
 }

@@ -152,13 +152,22 @@ async fn login(
     token: String,
 ) -> Result<Response, ErrorBody> {
     crate::bridge::bridge_url(&relay).map_err(|e| ErrorBody::new(ErrorCode::InvalidParams, e))?;
+    login_with(link, config_dir, Credentials::login(relay, token)).await
+}
+
+/// Saves `new`, has the bridge reconnect with it and waits for the outcome; puts back the
+/// previous credentials when the relay does not accept the new ones.
+pub(super) async fn login_with(
+    link: &Link,
+    config_dir: &std::path::Path,
+    new: Credentials,
+) -> Result<Response, ErrorBody> {
     let previous = credentials::load(config_dir).ok().flatten();
     // A new login starts in its key's default org; the orgs of the last one are kept to be
     // put back if this one fails.
     let (previous_org, previous_orgs) = (link.account.current_org(), link.account.orgs());
     link.account.set_current_org(None);
     link.account.set_orgs(Vec::new());
-    let new = Credentials::login(relay, token);
     credentials::save(config_dir, &new).map_err(internal)?;
     // The bridge may be waiting out a refusal or a backoff: reconnect now.
     let settled = reconnect_and_settle(link).await;

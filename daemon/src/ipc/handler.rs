@@ -1,6 +1,7 @@
 //! Turns one request into one response: refuses everything but `hello` until the client
 //! is greeted, then hands the request to its family's module ([`super::daemon`],
-//! [`super::sessions`], [`super::attach`], [`super::teleport`], [`super::account`]). The match is exhaustive,
+//! [`super::sessions`], [`super::attach`], [`super::teleport`], [`super::account`],
+//! [`super::device`]). The match is exhaustive,
 //! so a new request does not compile until it is given a family. Every request it routes
 //! is declared with its method name by `requests!` in `protocol/src/ipc.rs`
 //! (`method::ALL`), and `protocol/tests/protocol_doc.rs` fails until docs/PROTOCOL.md
@@ -12,7 +13,7 @@
 use cloud_protocol::ipc::{ErrorBody, ErrorCode, Request, Response, PROTOCOL_VERSION};
 
 use super::client::ClientState;
-use super::{account, attach, daemon, sessions, teleport};
+use super::{account, attach, daemon, device, sessions, teleport};
 use crate::state::Shared;
 
 /// Answers `request` from the client whose state is `client`.
@@ -66,5 +67,12 @@ pub async fn handle(
         | Request::OrgSwitch { .. }
         | Request::SettingsGet { .. }
         | Request::SettingsSet { .. } => account::handle(shared, request).await,
+        Request::LoginDevice { .. }
+        | Request::LoginDevicePoll
+        | Request::DeviceApprove { .. }
+        | Request::DeviceDeny { .. }
+        | Request::DeviceList
+        | Request::DeviceRevoke { .. }
+        | Request::Credentials => device::handle(shared, client, request).await,
     }
 }

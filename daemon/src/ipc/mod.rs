@@ -17,10 +17,13 @@
 //!   - [`teleport`]: worktrees and sessions: push, pull, watch, stop, status (push and
 //!     pull are answered later, with progress notifications meanwhile).
 //!   - [`account`]: orgs (list, switch) and settings (get, set).
+//!   - [`device`]: device logins (this machine's, by approval elsewhere; approving or
+//!     denying another's), the user's logins (list, revoke), and where the login is kept.
 //! - [`relay`]: how a family's handler asks the relay (through the bridge, bounded).
 //!
-//! Architecture invariant: no handler talks to the network or waits without a deadline;
-//! a family reads the daemon's state and the stores, writes the journal, and asks the
+//! Architecture invariant: no handler talks to the network (except [`device`], through
+//! the bridge's [`crate::auth::Keeper`], whose every call is bounded) or waits without a
+//! deadline; a family reads the daemon's state and the stores, writes the journal, and asks the
 //! bridge through [`crate::link::Link`].
 
 pub mod account;
@@ -28,6 +31,7 @@ pub mod attach;
 pub mod client;
 pub mod connection;
 pub mod daemon;
+pub mod device;
 pub mod handler;
 pub mod listener;
 pub mod relay;

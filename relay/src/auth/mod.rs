@@ -6,7 +6,10 @@
 //!   without a lookup; they live [`RelayConfig::access_token_ttl`](crate::RelayConfig)
 //!   (15 minutes by default).
 //! - [`refresh`]: refresh tokens (`crf_…`), stored hashed, rotated at every use, revoked
-//!   by family when one is used twice.
+//!   by family when one is used twice. A family is one machine's login: its owner lists
+//!   and revokes them ([`Auth::families`], [`Auth::revoke_family`]).
+//! - [`device`]: the device-authorization grant: a machine without credentials gets a
+//!   family of its own once a logged-in user (or the operator) approves its user code.
 //!
 //! An access token is accepted while it has not expired, the API key it descends from is
 //! live, its family is not revoked, and its user still belongs to its org
@@ -15,6 +18,7 @@
 //! org once they left that one. A bearer that is not an access token is looked up as an API
 //! key, acting in the user's first org. Errors here never contain a token.
 
+pub mod device;
 pub mod refresh;
 pub mod signed;
 
@@ -24,11 +28,30 @@ use std::time::Duration;
 use crate::access::{Identity, Scope};
 use crate::orgs::{Members, Role};
 use crate::tokens::TokenCache;
-use refresh::{Grant, RefreshError, RefreshStore};
+use device::{Approval, DecideError, DeviceStore, PollError, Started};
+use refresh::{Family, Grant, RefreshError, RefreshStore};
 use signed::{Claims, Signer, ACCESS_PREFIX};
 
 /// The default lifetime of an access token.
 pub const DEFAULT_ACCESS_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The device-authorization grant's timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// How long a device code waits for a decision.
+    pub code_ttl: Duration,
+    /// How long clients wait between polls.
+    pub poll_interval: Duration,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> DeviceConfig {
+        DeviceConfig {
+            code_ttl: device::DEFAULT_DEVICE_CODE_TTL,
+            poll_interval: device::DEFAULT_POLL_INTERVAL,
+        }
+    }
+}
 
 /// Why a credential was not accepted. Messages say what to do and never quote it.
 #[derive(Debug, thiserror::Error)]
@@ -72,12 +95,17 @@ pub struct Auth {
     pub(crate) members: Members,
     signer: Signer,
     refresh: RefreshStore,
+    devices: DeviceStore,
     access_ttl: Duration,
 }
 
 impl Auth {
     /// The authority of the relay whose data is in `data_dir`.
-    pub fn open(data_dir: &Path, access_ttl: Duration) -> Result<Auth, String> {
+    pub fn open(
+        data_dir: &Path,
+        access_ttl: Duration,
+        device_config: DeviceConfig,
+    ) -> Result<Auth, String> {
         let signer = Signer::open(data_dir).map_err(|e| e.to_string())?;
         let refresh = RefreshStore::open(data_dir, crate::now_millis()).map_err(|e| {
             format!(
@@ -85,11 +113,24 @@ impl Auth {
                 data_dir.join(refresh::REFRESH_FILE).display()
             )
         })?;
+        let devices = DeviceStore::open(
+            data_dir,
+            device_config.code_ttl,
+            device_config.poll_interval,
+            crate::now_millis(),
+        )
+        .map_err(|e| {
+            format!(
+                "cannot read {}: {e}",
+                data_dir.join(device::DEVICE_FILE).display()
+            )
+        })?;
         Ok(Auth {
             keys: TokenCache::open(data_dir),
             members: Members::open(data_dir),
             signer,
             refresh,
+            devices,
             access_ttl,
         })
     }
@@ -216,8 +257,13 @@ impl Auth {
     }
 
     /// Exchanges an API key for an access token (acting in `org`, or the user's default
-    /// org) and the first refresh token of a family.
-    pub fn exchange_key(&self, api_key: &str, org: Option<&str>) -> Result<Tokens, AuthError> {
+    /// org) and the first refresh token of a family (a login of the machine called `name`).
+    pub fn exchange_key(
+        &self,
+        api_key: &str,
+        name: &str,
+        org: Option<&str>,
+    ) -> Result<Tokens, AuthError> {
         let key = self.keys.authenticate(api_key).ok_or_else(|| {
             AuthError::Rejected(
                 "invalid, expired or revoked API key: ask the relay's operator for a new one"
@@ -231,6 +277,8 @@ impl Auth {
             scopes: key.scopes.clone(),
             key: key.hash.clone(),
             family: String::new(),
+            name: name.chars().take(128).collect(),
+            created_at: 0,
         };
         let (grant, refresh_token) = self
             .refresh
@@ -246,6 +294,77 @@ impl Auth {
             .into_iter()
             .map(|(org, _)| org)
             .collect()
+    }
+
+    /// Starts a device authorization for the machine called `name`.
+    pub fn start_device(&self, name: &str) -> Result<Started, AuthError> {
+        self.devices
+            .start(name, crate::now_millis())
+            .map_err(AuthError::Unavailable)
+    }
+
+    /// A device's poll: once its user code is approved, a family of its own for the
+    /// approver's user, org and scopes (the device code is then used up).
+    pub fn redeem_device(&self, device_code: &str) -> Result<Tokens, PollError> {
+        let (approval, name) = self.devices.poll(device_code, crate::now_millis())?;
+        self.keys.refresh();
+        let Some(key) = self.keys.live(&approval.key) else {
+            return Err(PollError::Denied);
+        };
+        self.members.refresh();
+        let org = self
+            .default_org(&approval.user, &key.orgs, &approval.org)
+            .map_err(|e| PollError::Unavailable(e.to_string()))?;
+        let grant = Grant {
+            user: approval.user,
+            org: org.clone(),
+            scopes: approval.scopes,
+            key: approval.key,
+            family: String::new(),
+            name,
+            created_at: 0,
+        };
+        let (grant, refresh_token) = self
+            .refresh
+            .start_family(grant, crate::now_millis())
+            .map_err(|e| PollError::Unavailable(format!("{e}; try again")))?;
+        let orgs = self.org_names(&grant.user, &key.orgs);
+        Ok(self.tokens(grant, org, refresh_token, orgs))
+    }
+
+    /// Approves the device login with user code `user_code` as `approver` (the new
+    /// machine gets its user, org and scopes), or denies it; returns the machine's name.
+    pub fn decide_device(
+        &self,
+        user_code: &str,
+        approver: Option<&Identity>,
+    ) -> Result<String, DecideError> {
+        let approval = approver.map(|identity| Approval {
+            user: identity.user.clone(),
+            org: identity.org.clone(),
+            scopes: identity.scopes.clone(),
+            key: identity.key_hash.clone(),
+        });
+        self.devices
+            .decide(user_code, approval, crate::now_millis())
+    }
+
+    /// The live logins (refresh-token families) of `user`.
+    pub fn families(&self, user: &str) -> Vec<Family> {
+        self.refresh.families(user)
+    }
+
+    /// Revokes the login `id` of `user` (its next refresh or connect fails); open
+    /// connections of it re-check and end.
+    pub fn revoke_family(&self, user: &str, id: &str) -> Result<Option<Family>, AuthError> {
+        let revoked = self
+            .refresh
+            .revoke_family(user, id)
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        if revoked.is_some() {
+            self.keys.notify();
+        }
+        Ok(revoked)
     }
 
     /// Rotates a refresh token: a new access token (acting in `org`, or the login's default
@@ -339,14 +458,19 @@ mod tests {
     #[test]
     fn tokens_act_in_the_orgs_their_user_belongs_to() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::open(dir.path(), DEFAULT_ACCESS_TOKEN_TTL).unwrap();
+        let auth = Auth::open(
+            dir.path(),
+            DEFAULT_ACCESS_TOKEN_TTL,
+            DeviceConfig::default(),
+        )
+        .unwrap();
         let key = create(dir.path(), &NewKey::new("alice", "acme")).unwrap();
         assert!(matches!(
-            auth.exchange_key(&key, Some("beta")),
+            auth.exchange_key(&key, "test", Some("beta")),
             Err(AuthError::NotMember(_))
         ));
         add_member(dir.path(), "beta", "alice", Role::Member).unwrap();
-        let tokens = auth.exchange_key(&key, Some("beta")).unwrap();
+        let tokens = auth.exchange_key(&key, "test", Some("beta")).unwrap();
         assert_eq!(tokens.org, "beta");
         assert_eq!(tokens.orgs, ["acme", "beta"]);
         let identity = auth.authenticate(&tokens.access_token).unwrap();

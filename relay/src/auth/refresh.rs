@@ -47,6 +47,27 @@ pub struct Grant {
     pub key: String,
     /// The family's id.
     pub family: String,
+    /// The machine's name, as it gave it when it logged in (empty when it gave none).
+    #[serde(default)]
+    pub name: String,
+    /// When the login started, milliseconds since the Unix epoch (0: before this was kept).
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+/// A login (a family), as `cloudctl device list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    /// Its id.
+    pub id: String,
+    /// The machine's name.
+    pub name: String,
+    /// The org it acts in.
+    pub org: String,
+    /// When it started.
+    pub created_at: u64,
+    /// When it was last refreshed (or started).
+    pub last_used_at: u64,
 }
 
 /// One refresh token, as stored.
@@ -188,6 +209,7 @@ impl RefreshStore {
         now: u64,
     ) -> Result<(Grant, String), RefreshError> {
         grant.family = random_token("fam_").map_err(|e| RefreshError::Random(e.to_string()))?;
+        grant.created_at = now;
         let mut state = self.state.lock().unwrap();
         let (record, token) = new_token(grant.clone(), now)?;
         let mut text = Vec::new();
@@ -252,6 +274,66 @@ impl RefreshStore {
         usable.then(|| record.grant.clone())
     }
 
+    /// The live logins of `user`, oldest first.
+    pub fn families(&self, user: &str) -> Vec<Family> {
+        let state = self.state.lock().unwrap();
+        let mut families: HashMap<&str, Family> = HashMap::new();
+        for record in state.tokens.values() {
+            let grant = &record.grant;
+            if grant.user != user || state.revoked.contains_key(&grant.family) {
+                continue;
+            }
+            // A token is issued when its family is started or refreshed.
+            let issued = record
+                .expires_at
+                .saturating_sub(REFRESH_LIFETIME.as_millis() as u64);
+            let family = families.entry(&grant.family).or_insert_with(|| Family {
+                id: grant.family.clone(),
+                name: grant.name.clone(),
+                org: grant.org.clone(),
+                created_at: grant.created_at,
+                last_used_at: issued,
+            });
+            family.last_used_at = family.last_used_at.max(issued);
+        }
+        let mut families: Vec<Family> = families.into_values().collect();
+        families.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        families
+    }
+
+    /// Revokes the login of `user` whose id is `id` (or starts with it, when only one
+    /// does); returns it.
+    pub fn revoke_family(&self, user: &str, id: &str) -> Result<Option<Family>, RefreshError> {
+        let matching: Vec<Family> = self
+            .families(user)
+            .into_iter()
+            .filter(|f| !id.is_empty() && f.id.starts_with(id))
+            .collect();
+        let [family] = matching.as_slice() else {
+            return Ok(None);
+        };
+        let mut state = self.state.lock().unwrap();
+        let expires_at = state
+            .tokens
+            .values()
+            .filter(|r| r.grant.family == family.id)
+            .map(|r| r.expires_at)
+            .max()
+            .unwrap_or(0);
+        let mut text = Vec::new();
+        line(
+            &mut text,
+            &Change::FamilyRevoked {
+                family: family.id.clone(),
+                expires_at,
+            },
+        );
+        self.append(&mut state, &text)?;
+        state.revoked.insert(family.id.clone(), expires_at);
+        state.tokens.retain(|_, r| r.grant.family != family.id);
+        Ok(Some(family.clone()))
+    }
+
     /// Whether `family` was revoked.
     pub fn family_revoked(&self, family: &str) -> bool {
         self.state.lock().unwrap().revoked.contains_key(family)
@@ -295,6 +377,8 @@ mod tests {
             scopes: vec![Scope::SessionsRead],
             key: "k".into(),
             family: String::new(),
+            name: "laptop".into(),
+            created_at: 0,
         }
     }
 
@@ -334,6 +418,64 @@ mod tests {
         // Another family is untouched.
         let (_, other) = store.start_family(super::tests::grant(), 6).unwrap();
         assert!(store.rotate(&other, 7).is_ok());
+    }
+
+    /// A user's logins are listed with their names and last use, and one revoked by its
+    /// id's prefix is gone from the list and cannot refresh; another user's are neither
+    /// listed nor revocable.
+    #[test]
+    fn families_are_listed_and_revoked_by_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RefreshStore::open(dir.path(), 0).unwrap();
+        let (desk, first) = store.start_family(grant(), 1_000).unwrap();
+        let (laptop, other) = store
+            .start_family(
+                Grant {
+                    name: "desk".into(),
+                    ..grant()
+                },
+                2_000,
+            )
+            .unwrap();
+        let (_, _) = store
+            .start_family(
+                Grant {
+                    user: "bob".into(),
+                    ..grant()
+                },
+                3_000,
+            )
+            .unwrap();
+        store.rotate(&first, 5_000).unwrap();
+        let families = store.families("alice");
+        assert_eq!(families.len(), 2);
+        assert_eq!(families[0].id, desk.family);
+        assert_eq!(
+            (families[0].created_at, families[0].last_used_at),
+            (1_000, 5_000)
+        );
+        assert_eq!(families[1].name, "desk");
+        assert!(store
+            .revoke_family("bob", &laptop.family)
+            .unwrap()
+            .is_none());
+        // "fam_" alone is a prefix of both: not one login.
+        assert!(store.revoke_family("alice", "fam_").unwrap().is_none());
+        let revoked = store
+            .revoke_family("alice", &laptop.family[..12])
+            .unwrap()
+            .unwrap();
+        assert_eq!(revoked.id, laptop.family);
+        assert!(matches!(
+            store.rotate(&other, 6_000),
+            Err(RefreshError::Invalid)
+        ));
+        assert_eq!(store.families("alice").len(), 1);
+        // Kept across a restart.
+        drop(store);
+        let store = RefreshStore::open(dir.path(), 7_000).unwrap();
+        assert_eq!(store.families("alice").len(), 1);
+        assert!(store.family_revoked(&laptop.family));
     }
 
     #[test]

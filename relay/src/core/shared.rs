@@ -206,7 +206,12 @@ mod tests {
         let teleport =
             crate::teleport::Teleport::open(dir.path(), dir.path().join("workspaces")).unwrap();
         let (shared, _commands) = shared(
-            Auth::open(dir.path(), crate::auth::DEFAULT_ACCESS_TOKEN_TTL).unwrap(),
+            Auth::open(
+                dir.path(),
+                crate::auth::DEFAULT_ACCESS_TOKEN_TTL,
+                Default::default(),
+            )
+            .unwrap(),
             store,
             Arc::new(teleport),
             crate::limits::Limits::OFF,

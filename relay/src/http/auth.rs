@@ -4,8 +4,9 @@
 //! (`sessions:read` for reads, `sessions:write` for changes and the daemons' bridge), 429
 //! with `Retry-After` when its API key is over the requests limit ([`crate::limits`]).
 //!
-//! Also `POST /v1/auth/token`: an API key or a refresh token → an access token and the
-//! next refresh token; with `org`, acting in that org (403 when the user is not a member).
+//! Also `POST /v1/auth/token`: an API key, a refresh token or an approved device code
+//! ([`super::device`]) → an access token and the next refresh token; with `org`, acting in
+//! that org (403 when the user is not a member).
 //!
 //! Every endpoint takes [`Authenticated`], the sockets before they upgrade. This module
 //! never logs a token and never puts one in an error: a body it cannot parse is refused
@@ -97,9 +98,12 @@ pub(super) fn auth_error(error: AuthError) -> ApiError {
 #[derive(Deserialize)]
 #[serde(tag = "grant_type", rename_all = "snake_case", deny_unknown_fields)]
 enum TokenRequest {
-    /// Exchange an API key (starts a new refresh-token family).
+    /// Exchange an API key (starts a new refresh-token family: the login of the machine
+    /// called `name`).
     ApiKey {
         api_key: String,
+        #[serde(default)]
+        name: String,
         /// The org the access token acts in (default: the user's default org).
         #[serde(default)]
         org: Option<String>,
@@ -111,6 +115,8 @@ enum TokenRequest {
         #[serde(default)]
         org: Option<String>,
     },
+    /// Poll a device authorization (RFC 8628, 3.4).
+    DeviceCode { device_code: String },
 }
 
 /// `POST /v1/auth/token`'s answer.
@@ -129,24 +135,35 @@ pub struct TokenAnswer {
     scopes: Vec<Scope>,
 }
 
-/// `POST /v1/auth/token`: `{"grant_type": "api_key", "api_key": K}` or
-/// `{"grant_type": "refresh_token", "refresh_token": R}` → new tokens; 401 when the
-/// credential is not (or no longer) valid.
+/// `POST /v1/auth/token`: `{"grant_type": "api_key", "api_key": K}`,
+/// `{"grant_type": "refresh_token", "refresh_token": R}` or
+/// `{"grant_type": "device_code", "device_code": D}` → new tokens; 401 when the
+/// credential is not (or no longer) valid; a device code not (yet) good for tokens is
+/// answered 400 with RFC 8628's `error` (`authorization_pending`, `slow_down`, ...).
 pub async fn token(
     State(shared): State<Arc<Shared>>,
     body: Bytes,
-) -> Result<Json<TokenAnswer>, ApiError> {
+) -> Result<Json<TokenAnswer>, axum::response::Response> {
+    use axum::response::IntoResponse as _;
     // serde's messages may quote the values, which are secrets: say what is expected.
     let request: TokenRequest = serde_json::from_slice(&body).map_err(|_| {
         ApiError::bad_request(
-            "invalid token request: send {\"grant_type\": \"api_key\", \"api_key\": ...} or {\"grant_type\": \"refresh_token\", \"refresh_token\": ...}",
+            "invalid token request: send {\"grant_type\": \"api_key\", \"api_key\": ...}, {\"grant_type\": \"refresh_token\", \"refresh_token\": ...} or {\"grant_type\": \"device_code\", \"device_code\": ...}",
         )
+        .into_response()
     })?;
-    // Both write to disk (the refresh-token log): off the async threads.
+    // Each writes to disk (the refresh-token and device logs): off the async threads.
     let tokens = tokio::task::spawn_blocking(move || match request {
-        TokenRequest::ApiKey { api_key, org } => shared.auth.exchange_key(&api_key, org.as_deref()),
-        TokenRequest::RefreshToken { refresh_token, org } => {
-            shared.auth.refresh(&refresh_token, org.as_deref())
+        TokenRequest::ApiKey { api_key, name, org } => shared
+            .auth
+            .exchange_key(&api_key, &name, org.as_deref())
+            .map_err(Ok),
+        TokenRequest::RefreshToken { refresh_token, org } => shared
+            .auth
+            .refresh(&refresh_token, org.as_deref())
+            .map_err(Ok),
+        TokenRequest::DeviceCode { device_code } => {
+            shared.auth.redeem_device(&device_code).map_err(Err)
         }
     })
     .await
@@ -155,8 +172,13 @@ pub async fn token(
             StatusCode::SERVICE_UNAVAILABLE,
             "the token exchange failed; try again",
         )
+        .into_response()
     })?
-    .map_err(auth_error)?;
+    // A refused credential (`Ok`), or a device code not good for tokens (`Err`).
+    .map_err(|refusal| match refusal {
+        Ok(auth) => auth_error(auth).into_response(),
+        Err(poll) => super::device::poll_error(poll),
+    })?;
     let Tokens {
         access_token,
         expires_in,

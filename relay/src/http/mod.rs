@@ -4,6 +4,9 @@
 //!
 //! - [`auth`]: the bearer token → the caller's [`Identity`](crate::access::Identity), and
 //!   the token exchange (`POST /v1/auth/token`, the one route without a bearer).
+//! - [`device`]: device login (start, approve, deny; `POST /v1/auth/device` is, with the
+//!   token exchange, the other route without a bearer) and the user's logins (list,
+//!   revoke).
 //! - [`sessions`]: create, list, show, status actions, delete, share.
 //! - [`events`]: messages, permission answers and interrupts, each one user event for the
 //!   core, with an optional `Idempotency-Key` header: a repeat of a key by the same user
@@ -28,6 +31,7 @@
 mod auth;
 mod blobs;
 mod bridge;
+mod device;
 mod error;
 mod events;
 mod instances;
@@ -51,6 +55,11 @@ use error::ApiError;
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/auth/token", post(auth::token))
+        .route("/v1/auth/device", post(device::start))
+        .route("/v1/auth/device/approve", post(device::approve))
+        .route("/v1/auth/device/deny", post(device::deny))
+        .route("/v1/devices", get(device::list))
+        .route("/v1/devices/{id}", axum::routing::delete(device::revoke))
         .route("/v1/sessions", post(sessions::create).get(sessions::list))
         .route(
             "/v1/sessions/{id}",

@@ -77,6 +77,7 @@ impl TestRelay {
             agent_command: agent_command.clone(),
             access_token_ttl,
             limits,
+            device: Default::default(),
         })
         .await
         .unwrap();
@@ -118,6 +119,7 @@ impl TestRelay {
             agent_command: self.agent_command.clone(),
             access_token_ttl: self.access_token_ttl,
             limits: self.limits,
+            device: Default::default(),
         })
         .await
         .unwrap();
