@@ -10,9 +10,10 @@
 //! - `h\0{root}` → the base tree's digest (32 bytes): the XOR of a hash of each entry
 //!   (path and encoded kind), so a delta changes it entry by entry. A full scan whose tree
 //!   has the same digest has nothing to push, and the base (20,000 keys for 20,000 files)
-//!   is not read. A base and its digest are written in one atomic batch, so they never
-//!   disagree; without a digest (an older daemon's store) the base is read and the digest
-//!   written.
+//!   is not read. A base and its digest never disagree: a small change writes both in one
+//!   atomic batch; a large one removes the digest first and writes it last. Without a
+//!   digest (a large write cut short, an older daemon's store) the base is read and the
+//!   digest written.
 //!
 //! Updates write only what changed (one key per path), so an edit costs a few keys, not
 //! the whole tree. Only a link's changes are flushed (its database has no periodic
@@ -107,6 +108,10 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 /// A tree's digest (see the module's keys).
 type Digest = [u8; 32];
+
+/// At most this many base entries are written in one sled batch (see
+/// [`Worktrees::write_base`]).
+const ATOMIC_WRITES: usize = 512;
 
 /// Adds or takes away (the same thing: XOR) the entry `path` → `encoded_kind` to `digest`.
 fn toggle(digest: &mut Digest, path: &str, encoded_kind: &[u8]) {
@@ -291,21 +296,64 @@ impl Worktrees {
     /// Makes `new` the base tree of `root`, where `old` was (writing what differs, and the
     /// digest, in one batch).
     pub fn set_base(&self, root: &str, old: &Manifest, new: &Manifest) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut writes = Vec::new();
         for (path, _) in old.iter() {
             if new.get(path).is_none() {
-                batch.remove(path_key(b'm', root, path));
+                writes.push((path_key(b'm', root, path), None));
             }
         }
         for (path, kind) in new.iter() {
             if old.get(path) != Some(kind) {
-                batch.insert(path_key(b'm', root, path), encode_kind(kind)?);
+                writes.push((path_key(b'm', root, path), Some(encode_kind(kind)?)));
             }
         }
-        batch.insert(key(b'h', root), &digest(new)?);
+        self.write_base(root, writes, Some(digest(new)?))
+    }
+
+    /// Writes base entries (`None`: removed) and the digest they lead to (`None`: none).
+    /// Up to [`ATOMIC_WRITES`] entries go in one batch with the digest. More are written a
+    /// batch at a time with no digest stored meanwhile (a crash leaves none, and the base
+    /// is read next time): sled keeps every node a batch replaced until the batch ends, so
+    /// one batch of a 20,000-file push held about 100 MiB for good.
+    fn write_base(
+        &self,
+        root: &str,
+        writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        digest: Option<Digest>,
+    ) -> Result<(), StoreError> {
+        let batch_of = |writes: &[(Vec<u8>, Option<Vec<u8>>)]| {
+            let mut batch = sled::Batch::default();
+            for (k, v) in writes {
+                match v {
+                    Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                    None => batch.remove(k.as_slice()),
+                }
+            }
+            batch
+        };
+        let sled_error = StoreError::sled("teleport");
+        if writes.len() <= ATOMIC_WRITES {
+            let mut batch = batch_of(&writes);
+            match digest {
+                Some(digest) => batch.insert(key(b'h', root), &digest),
+                None => batch.remove(key(b'h', root)),
+            }
+            return self.tree.apply_batch(batch).map_err(sled_error);
+        }
         self.tree
-            .apply_batch(batch)
-            .map_err(StoreError::sled("teleport"))
+            .remove(key(b'h', root))
+            .map_err(StoreError::sled("teleport"))?;
+        for chunk in writes.chunks(ATOMIC_WRITES) {
+            self.tree
+                .apply_batch(batch_of(chunk))
+                .map_err(StoreError::sled("teleport"))?;
+        }
+        if let Some(digest) = digest {
+            self.tree
+                .insert(key(b'h', root), &digest)
+                .map_err(sled_error)?;
+        }
+        Ok(())
     }
 
     /// Applies `delta` to the stored base tree of `root` (a removal takes what is under
@@ -374,19 +422,7 @@ impl Worktrees {
                 }
             }
         }
-        let mut batch = sled::Batch::default();
-        for (k, v) in written {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        if let Some(digest) = digest {
-            batch.insert(key(b'h', root), &digest);
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(StoreError::sled("teleport"))
+        self.write_base(root, written.into_iter().collect(), digest)
     }
 
     /// The scanner's index of `root` (empty before the first scan).
@@ -630,6 +666,18 @@ mod tests {
             worktrees.base_unless("/r", &new).unwrap(),
             Some(new.clone())
         );
+        assert_eq!(worktrees.base_unless("/r", &new).unwrap(), None);
+
+        // A change larger than one batch: written a batch at a time, the digest last.
+        let mut large = new.clone();
+        for i in 0..(ATOMIC_WRITES * 2 + 7) {
+            large.insert(p(&format!("many-{i}")), file((i % 251) as u8));
+        }
+        worktrees.apply_base("/r", &new.diff(&large)).unwrap();
+        assert_eq!(worktrees.base("/r").unwrap(), large);
+        assert_eq!(worktrees.base_unless("/r", &large).unwrap(), None);
+        worktrees.set_base("/r", &large, &new).unwrap();
+        assert_eq!(worktrees.base("/r").unwrap(), new);
         assert_eq!(worktrees.base_unless("/r", &new).unwrap(), None);
     }
 

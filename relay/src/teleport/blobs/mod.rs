@@ -361,7 +361,7 @@ mod tests {
             store.put("acme", &[hello.clone(), hello.clone()]).unwrap(),
             1
         );
-        assert_eq!(store.put("acme", &[hello.clone()]).unwrap(), 0);
+        assert_eq!(store.put("acme", std::slice::from_ref(&hello)).unwrap(), 0);
         assert!(store.lacks("acme", &[hello.id]).unwrap().is_empty());
         assert_eq!(store.get("acme", &hello.id).unwrap().unwrap(), b"hello");
         // Another org does not see it.
@@ -442,7 +442,7 @@ mod tests {
         let root = dir.path().join("blobs");
         let store = BlobStore::new(root.clone());
         let hello = blob(b"hello");
-        store.put("acme", &[hello.clone()]).unwrap();
+        store.put("acme", std::slice::from_ref(&hello)).unwrap();
         let pack = root.join("acme/packs/00000001.pack");
         let mut bytes = std::fs::read(&pack).unwrap();
         bytes[..5].copy_from_slice(b"jello");
@@ -451,7 +451,7 @@ mod tests {
         assert_eq!(store.get("acme", &hello.id).unwrap(), None);
         assert_eq!(store.lacks("acme", &[hello.id]).unwrap(), vec![hello.id]);
         // Uploaded again, it is served again.
-        assert_eq!(store.put("acme", &[hello.clone()]).unwrap(), 1);
+        assert_eq!(store.put("acme", std::slice::from_ref(&hello)).unwrap(), 1);
         assert_eq!(store.get("acme", &hello.id).unwrap().unwrap(), b"hello");
     }
 }
