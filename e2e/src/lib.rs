@@ -522,8 +522,15 @@ impl Relay {
 
     /// `cloud-relay token create`: a new API key for `user` in `org`.
     pub fn token(&self, user: &str, org: &str) -> String {
+        self.token_with_scopes(user, org, &[])
+    }
+
+    /// `cloud-relay token create` with these `--scope`s (none: the default scopes).
+    pub fn token_with_scopes(&self, user: &str, org: &str, scopes: &[&str]) -> String {
         let output = Command::new(binary("cloud-relay"))
-            .args(["token", "create", "--user", user, "--org", org, "--data"])
+            .args(["token", "create", "--user", user, "--org", org])
+            .args(scopes.iter().flat_map(|scope| ["--scope", scope]))
+            .arg("--data")
             .arg(self.data.path())
             .output()
             .expect("cloud-relay token create");
@@ -555,6 +562,14 @@ impl Relay {
 
     /// The user messages the relay holds for a session, in log order (reading every page).
     pub fn user_messages(&self, token: &str, session: &str) -> Vec<String> {
+        self.user_messages_at(token, session)
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect()
+    }
+
+    /// [`Relay::user_messages`], each with the time the relay logged it (ms).
+    pub fn user_messages_at(&self, token: &str, session: &str) -> Vec<(u64, String)> {
         let mut messages = Vec::new();
         let mut after = 0;
         loop {
@@ -574,10 +589,8 @@ impl Relay {
                 let text = entry["event"]["message"].as_str()?;
                 let value: Value = serde_json::from_str(text).ok()?;
                 (value["type"] == "user").then(|| {
-                    value["message"]["content"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_owned()
+                    let text = value["message"]["content"].as_str().unwrap_or("");
+                    (entry["at"].as_u64().unwrap_or(0), text.to_owned())
                 })
             }));
         }

@@ -29,18 +29,6 @@ fn texts(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
 }
 
-/// An API key with the admin scope.
-fn admin_token(relay: &Relay) -> String {
-    let output = std::process::Command::new(cloudd_e2e::binary("cloud-relay"))
-        .args(["token", "create", "--user", "ops", "--org", "acme"])
-        .args(["--scope", "admin", "--data"])
-        .arg(relay.data.path())
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
-
 /// The relay's `/metrics` text.
 fn relay_metrics(relay: &Relay, admin: &str) -> String {
     let (code, body) = relay.http("GET", "/metrics", admin, None);
@@ -107,7 +95,7 @@ fn the_relays_metrics_are_for_its_operator_only() {
     assert_eq!(code, 403, "{body}");
     assert!(body["error"].as_str().unwrap().contains("admin"), "{body}");
 
-    let admin = admin_token(&relay);
+    let admin = relay.token_with_scopes("ops", "acme", &["admin"]);
     let text = relay_metrics(&relay, &admin);
     assert_eq!(sample(&text, "cloud_relay_sessions"), 1, "{text}");
     assert_eq!(
@@ -138,7 +126,7 @@ fn the_relays_metrics_are_for_its_operator_only() {
 #[test]
 fn telemetry_leaves_the_machine_only_when_turned_on_and_then_counts_only() {
     let relay = Relay::start_with(&QUIET_AGENT);
-    let admin = admin_token(&relay);
+    let admin = relay.token_with_scopes("ops", "acme", &["admin"]);
 
     // Off (the default): connected, sending, drained, and the relay got no report.
     let quiet = Home::new();

@@ -24,40 +24,6 @@ fn create_session(home: &Home) -> String {
     created["session"]["id"].as_str().unwrap().to_owned()
 }
 
-/// The user messages of a session's log with the time the relay logged each (ms).
-fn user_messages_with_times(relay: &Relay, token: &str, session: &str) -> Vec<(u64, String)> {
-    let mut messages = Vec::new();
-    let mut after = 0;
-    loop {
-        let path = format!("/v1/sessions/{session}/log?after={after}");
-        let (code, log) = relay.http("GET", &path, token, None);
-        assert_eq!(code, 200, "{log}");
-        let entries = log.as_array().unwrap();
-        let Some(last) = entries.last() else {
-            return messages;
-        };
-        after = last["seq"].as_u64().unwrap();
-        messages.extend(entries.iter().filter_map(|entry| {
-            let text = entry["event"]["message"].as_str()?;
-            let value: Value = serde_json::from_str(text).ok()?;
-            let content = value["message"]["content"].as_str()?;
-            (value["type"] == "user").then(|| (entry["at"].as_u64().unwrap(), content.to_owned()))
-        }));
-    }
-}
-
-/// An API key with the admin scope.
-fn admin_token(relay: &Relay) -> String {
-    let output = std::process::Command::new(cloudd_e2e::binary("cloud-relay"))
-        .args(["token", "create", "--user", "ops", "--org", "acme"])
-        .args(["--scope", "admin", "--data"])
-        .arg(relay.data.path())
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
-
 /// A counter's value in the relay's `/metrics`.
 fn relay_counter(relay: &Relay, admin: &str, name: &str) -> u64 {
     let (code, body) = relay.http("GET", "/metrics", admin, None);
@@ -95,7 +61,7 @@ fn a_burst_of_5000_sends_over_the_events_limit_arrives_exactly_once_within_the_l
     // Every message exactly once, in order (read with a key of its own, so the reads do
     // not count against the daemon's key).
     let reader = relay.token("ann", "acme");
-    let held = user_messages_with_times(&relay, &reader, &session);
+    let held = relay.user_messages_at(&reader, &session);
     let texts_held: Vec<&str> = held.iter().map(|(_, text)| text.as_str()).collect();
     assert_eq!(texts_held.len(), texts.len(), "each message exactly once");
     assert!(texts_held.iter().eq(texts.iter()), "in order");
@@ -132,7 +98,7 @@ fn a_burst_of_5000_sends_over_the_events_limit_arrives_exactly_once_within_the_l
     assert!(metrics["slow_downs"].as_u64().unwrap() > 0, "{metrics}");
     assert!(metrics["retries"].as_u64().unwrap() > 0, "{metrics}");
     assert_eq!(metrics["deliveries"], 5_000, "{metrics}");
-    let admin = admin_token(&relay);
+    let admin = relay.token_with_scopes("ops", "acme", &["admin"]);
     assert!(relay_counter(&relay, &admin, "cloud_relay_events_rate_limited_total") > 0);
     assert_eq!(
         relay_counter(&relay, &admin, "cloud_relay_events_accepted_total"),

@@ -42,6 +42,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use cloud_protocol::bridge::{self, Channel, Envelope, Outbound, ToRelay};
 use cloudd_bench::machine::{describe, loadavg};
+use cloudd_bench::QUIET_AGENT;
 use cloudd_e2e::{Daemon, Home, Relay};
 
 use baseline::Flush;
@@ -55,21 +56,6 @@ const THROUGHPUT_TARGET: f64 = 0.8;
 
 /// The disk target: the journal's size on disk after trim ≤ this × live data.
 const DISK_TARGET: f64 = 1.5;
-
-/// An agent that reads everything and says nothing.
-/// The relay this measures: no rate limits (they would measure the limiter, not the
-/// bridge), and an agent that reads and ignores what it is sent. `--agent-command` takes
-/// every argument after it, so it goes last.
-const QUIET_AGENT: &[&str] = &[
-    "--requests-per-second",
-    "0",
-    "--events-per-second",
-    "0",
-    "--agent-command",
-    "sh",
-    "-c",
-    "cat >/dev/null",
-];
 
 /// How long setup steps may take.
 const SETUP_DEADLINE: Duration = Duration::from_secs(60);

@@ -48,6 +48,7 @@ use clap::Parser;
 use cloud_protocol::ipc::TeleportOutcome;
 use cloudd_bench::machine::{describe, loadavg};
 use cloudd_bench::stats::percentile_us;
+use cloudd_bench::QUIET_AGENT;
 use cloudd_e2e::{Daemon, Home, Relay};
 
 use edits::{Edits, Via};
@@ -55,20 +56,6 @@ use probes::{nanos_within, Plan, Probes};
 use rsync::{RsyncDaemon, RsyncRun};
 use tree::{Seeded, Shape, Tree};
 
-/// An agent that reads everything and says nothing (no agent turns, no captures).
-/// The relay this measures: no rate limits (they would measure the limiter, not the
-/// bridge), and an agent that reads and ignores what it is sent. `--agent-command` takes
-/// every argument after it, so it goes last.
-const QUIET_AGENT: &[&str] = &[
-    "--requests-per-second",
-    "0",
-    "--events-per-second",
-    "0",
-    "--agent-command",
-    "sh",
-    "-c",
-    "cat >/dev/null",
-];
 /// How long setup steps may take.
 const SETUP_DEADLINE: Duration = Duration::from_secs(120);
 /// The largest file an edit picks (source-file sizes).
