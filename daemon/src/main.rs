@@ -53,8 +53,6 @@ fn main() -> ExitCode {
     unsafe {
         libc::umask(0o077);
     }
-    // Before any thread exists.
-    cloudd::memory::tune_allocator();
     // Before any thread exists: this reads and clears the service manager's variables.
     let handoff = cloudd::supervisor::Handoff::from_env();
     let result = (|| -> anyhow::Result<()> {

@@ -18,8 +18,10 @@ use std::path::Path;
 /// sled's cache, in bytes. Its default is 1 GiB, and its real memory use can run well past
 /// the setting; the daemon's working set is small.
 pub const CACHE_BYTES: u64 = 8 * 1024 * 1024;
-/// The page cache of teleport's database.
-pub const TELEPORT_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+/// The page cache of teleport's database. Small: what teleport reads of it is either
+/// read in one pass (a push's index and base) or a few keys (an edit's), so a larger cache
+/// only kept a large worktree's entries resident.
+pub const TELEPORT_CACHE_BYTES: u64 = 1024 * 1024;
 
 /// The store could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -75,14 +75,12 @@ impl Teleport {
         result
     }
 
-    /// Records the outcome of an operation on its link (its error, or none), and gives
-    /// the memory the operation freed back to the system.
+    /// Records the outcome of an operation on its link (its error, or none).
     pub(super) async fn record_result<T>(&self, root: &str, result: &Result<T, TeleportError>) {
         let worktrees = self.worktrees.clone();
         let root = root.to_owned();
         let error = result.as_ref().err().map(|e| e.to_string());
         let _ = Self::blocking(move || {
-            crate::memory::give_back();
             if let Some(mut worktree) = worktrees.get(&root)? {
                 if worktree.last_error != error {
                     worktree.last_error = error;

@@ -10,9 +10,9 @@
 //! - `h\0{root}` → the base tree's digest (32 bytes): the XOR of a hash of each entry
 //!   (path and encoded kind), so a delta changes it entry by entry. A full scan whose tree
 //!   has the same digest has nothing to push, and the base (20,000 keys for 20,000 files)
-//!   is not read. A base and its digest never disagree: a small change writes both in one
-//!   atomic batch; a large one removes the digest first and writes it last. Without a
-//!   digest (a large write cut short, an older daemon's store) the base is read and the
+//!   is not read. A base and its digest never disagree: a change removes the digest
+//!   first and writes it last (one key at a time: the daemon uses no sled batch). Without
+//!   a digest (a write cut short, an older daemon's store) the base is read and the
 //!   digest written.
 //!
 //! Updates write only what changed (one key per path), so an edit costs a few keys, not
@@ -108,10 +108,6 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 /// A tree's digest (see the module's keys).
 type Digest = [u8; 32];
-
-/// At most this many base entries are written in one sled batch (see
-/// [`Worktrees::write_base`]).
-const ATOMIC_WRITES: usize = 512;
 
 /// Adds or takes away (the same thing: XOR) the entry `path` → `encoded_kind` to `digest`.
 fn toggle(digest: &mut Digest, path: &str, encoded_kind: &[u8]) {
@@ -293,8 +289,8 @@ impl Worktrees {
         Ok(Some(base))
     }
 
-    /// Makes `new` the base tree of `root`, where `old` was (writing what differs, and the
-    /// digest, in one batch).
+    /// Makes `new` the base tree of `root`, where `old` was (writing what differs, then the
+    /// digest).
     pub fn set_base(&self, root: &str, old: &Manifest, new: &Manifest) -> Result<(), StoreError> {
         let mut writes = Vec::new();
         for (path, _) in old.iter() {
@@ -311,54 +307,35 @@ impl Worktrees {
     }
 
     /// Writes base entries (`None`: removed) and the digest they lead to (`None`: none).
-    /// Up to [`ATOMIC_WRITES`] entries go in one batch with the digest. More are written a
-    /// batch at a time with no digest stored meanwhile (a crash leaves none, and the base
-    /// is read next time): sled keeps every node a batch replaced until the batch ends, so
-    /// one batch of a 20,000-file push held about 100 MiB for good.
+    /// One key at a time, as everywhere in the daemon (no sled batch: see `crate::store`),
+    /// with the digest removed first and written last: a crash in between leaves none,
+    /// and the next push reads the whole base and stores its digest again.
     fn write_base(
         &self,
         root: &str,
         writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
         digest: Option<Digest>,
     ) -> Result<(), StoreError> {
-        let batch_of = |writes: &[(Vec<u8>, Option<Vec<u8>>)]| {
-            let mut batch = sled::Batch::default();
-            for (k, v) in writes {
-                match v {
-                    Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                    None => batch.remove(k.as_slice()),
-                }
+        let sled_error = || StoreError::sled("teleport");
+        self.tree.remove(key(b'h', root)).map_err(sled_error())?;
+        for (k, v) in writes {
+            match v {
+                Some(v) => self.tree.insert(k, v).map(drop),
+                None => self.tree.remove(k).map(drop),
             }
-            batch
-        };
-        let sled_error = StoreError::sled("teleport");
-        if writes.len() <= ATOMIC_WRITES {
-            let mut batch = batch_of(&writes);
-            match digest {
-                Some(digest) => batch.insert(key(b'h', root), &digest),
-                None => batch.remove(key(b'h', root)),
-            }
-            return self.tree.apply_batch(batch).map_err(sled_error);
-        }
-        self.tree
-            .remove(key(b'h', root))
-            .map_err(StoreError::sled("teleport"))?;
-        for chunk in writes.chunks(ATOMIC_WRITES) {
-            self.tree
-                .apply_batch(batch_of(chunk))
-                .map_err(StoreError::sled("teleport"))?;
+            .map_err(sled_error())?;
         }
         if let Some(digest) = digest {
             self.tree
                 .insert(key(b'h', root), &digest)
-                .map_err(sled_error)?;
+                .map_err(sled_error())?;
         }
         Ok(())
     }
 
     /// Applies `delta` to the stored base tree of `root` (a removal takes what is under
     /// its path): only the paths it names are written, with the digest changed entry by
-    /// entry, in one batch, so an edit costs a few keys.
+    /// entry, so an edit costs a few keys.
     pub fn apply_base(&self, root: &str, delta: &Delta) -> Result<(), StoreError> {
         let mut digest = self.base_digest(root)?;
         // What this batch writes, so a path the delta touches twice (a removed directory,
@@ -631,7 +608,7 @@ mod tests {
             Some(new.clone())
         );
 
-        // A delta that removes a directory and puts a path under it again, in one batch.
+        // A delta that removes a directory and puts a path under it again.
         let mut third = new.clone();
         third.apply(&Delta {
             changes: vec![Change::Remove(p("z"))],
@@ -668,9 +645,9 @@ mod tests {
         );
         assert_eq!(worktrees.base_unless("/r", &new).unwrap(), None);
 
-        // A change larger than one batch: written a batch at a time, the digest last.
+        // A large change.
         let mut large = new.clone();
-        for i in 0..(ATOMIC_WRITES * 2 + 7) {
+        for i in 0..1031 {
             large.insert(p(&format!("many-{i}")), file((i % 251) as u8));
         }
         worktrees.apply_base("/r", &new.diff(&large)).unwrap();
