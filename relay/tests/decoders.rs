@@ -368,6 +368,7 @@ async fn start_on(damaged: &Damaged, status: SessionStatus) -> Result<bool, Test
         access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
         limits: cloud_relay::limits::Limits::OFF,
         device: Default::default(),
+        presence: Default::default(),
     })
     .await;
     let relay = match started {

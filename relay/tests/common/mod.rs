@@ -78,6 +78,7 @@ impl TestRelay {
             access_token_ttl,
             limits,
             device: Default::default(),
+            presence: Default::default(),
         })
         .await
         .unwrap();
@@ -120,6 +121,7 @@ impl TestRelay {
             access_token_ttl: self.access_token_ttl,
             limits: self.limits,
             device: Default::default(),
+            presence: Default::default(),
         })
         .await
         .unwrap();
