@@ -263,9 +263,13 @@ mod tests {
         let start = Instant::now();
         let mut rule = IdleRule::new(MINUTE);
         let running = view(SessionStatus::Running, 5, 30);
-        assert!(rule.decide(start, &[running.clone()]).is_empty());
+        assert!(rule
+            .decide(start, std::slice::from_ref(&running))
+            .is_empty());
         let almost = start + 30 * MINUTE - Duration::from_millis(1);
-        assert!(rule.decide(almost, &[running.clone()]).is_empty());
+        assert!(rule
+            .decide(almost, std::slice::from_ref(&running))
+            .is_empty());
         assert_eq!(rule.decide(start + 30 * MINUTE, &[running]), pause());
     }
 
@@ -280,7 +284,7 @@ mod tests {
             .is_empty());
         let running = view(SessionStatus::Running, 6, 30);
         assert!(rule
-            .decide(start + 30 * MINUTE, &[running.clone()])
+            .decide(start + 30 * MINUTE, std::slice::from_ref(&running))
             .is_empty());
         assert_eq!(rule.decide(later + 30 * MINUTE, &[running]), pause());
     }
@@ -291,15 +295,19 @@ mod tests {
         let mut rule = IdleRule::new(MINUTE);
         let mut watched = view(SessionStatus::Running, 5, 30);
         watched.client = Some("viewer of bob".into());
-        assert!(rule.decide(start, &[watched.clone()]).is_empty());
         assert!(rule
-            .decide(start + 60 * MINUTE, &[watched.clone()])
+            .decide(start, std::slice::from_ref(&watched))
+            .is_empty());
+        assert!(rule
+            .decide(start + 60 * MINUTE, std::slice::from_ref(&watched))
             .is_empty());
         // The viewer left ten minutes later and nobody looked since.
         let left = start + 70 * MINUTE;
         let mut alone = view(SessionStatus::Running, 5, 30);
         alone.last_client = Some(left);
-        assert!(rule.decide(left + 29 * MINUTE, &[alone.clone()]).is_empty());
+        assert!(rule
+            .decide(left + 29 * MINUTE, std::slice::from_ref(&alone))
+            .is_empty());
         assert_eq!(rule.decide(left + 30 * MINUTE, &[alone]), pause());
     }
 
@@ -327,12 +335,12 @@ mod tests {
         // Paused (its status entry is activity); still nobody: stays paused.
         let paused = view(SessionStatus::Paused, 6, 1);
         assert!(rule
-            .decide(start + 9 * MINUTE, &[paused.clone()])
+            .decide(start + 9 * MINUTE, std::slice::from_ref(&paused))
             .is_empty());
         let mut attached = paused;
         attached.client = Some("daemon of alice".into());
         assert_eq!(
-            rule.decide(start + 10 * MINUTE, &[attached.clone()]),
+            rule.decide(start + 10 * MINUTE, std::slice::from_ref(&attached)),
             vec![Decision::Resume {
                 session: "s-1".into(),
                 reason: "a client attached (daemon of alice)".into(),
@@ -340,7 +348,7 @@ mod tests {
         );
         // Once only: the core resumes it.
         assert!(rule
-            .decide(start + 10 * MINUTE, &[attached.clone()])
+            .decide(start + 10 * MINUTE, std::slice::from_ref(&attached))
             .is_empty());
         // A user's pause is left alone: the resume above (seen as running) cleared the
         // mark, and a user paused it again.

@@ -299,6 +299,8 @@ fn session(status: SessionStatus) -> Session {
         failure: None,
         last_seq: 0,
         snapshot: None,
+        auto_stop_minutes: 0,
+        clients: Vec::new(),
     }
 }
 
