@@ -16,7 +16,7 @@
 //!   has been silent for three intervals.
 //! - `terminal`: a terminal into the workspace. The terminal's API is the same:
 //!
-//! ```ignore
+//! ```text
 //! let guard = shared.presence.join(&session, ClientKind::Terminal, &identity.user, label);
 //! let mut ping = tokio::time::interval(shared.presence.heartbeat());
 //! loop {
