@@ -28,7 +28,7 @@
 //! // dropping `guard` leaves
 //! ```
 //!
-//! A join wakes the idle watcher ([`crate::idle`]), which resumes a session it paused for
+//! A join wakes the idle watcher (`idle`), which resumes a session it paused for
 //! idleness as soon as a client is live again; every beat and leave moves the session's
 //! last client time ([`Presence::last_seen`]), which the idle rule counts as activity.
 //!

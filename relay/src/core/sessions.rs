@@ -1,5 +1,6 @@
 //! Session lifecycle as the core drives it: create (a workspace, a first status entry, an
-//! agent), status actions (pause, resume, complete; each transition checked), share,
+//! agent), status actions (pause, resume, complete; each transition checked; a user's, or
+//! the relay's own for idle auto-stop with its reason in the log), share,
 //! delete (its agent stopped, its workspace and every key of it removed), and starting
 //! and stopping a session's agent, with the status and log entries that go with them.
 //!

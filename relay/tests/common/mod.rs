@@ -354,7 +354,8 @@ impl Bridge {
             | ToRelay::CommandResult { .. }
             | ToRelay::Request { .. }
             | ToRelay::Authenticate { .. }
-            | ToRelay::Settings { .. } => Channel::Extension,
+            | ToRelay::Settings { .. }
+            | ToRelay::Attached { .. } => Channel::Extension,
             _ => Channel::Task,
         };
         let bytes = bridge::encode(&Envelope {
