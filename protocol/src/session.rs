@@ -391,7 +391,8 @@ pub enum SessionEvent {
     Status {
         /// The new status.
         status: SessionStatus,
-        /// Why, when there is a reason worth telling (a failure).
+        /// Why, when there is a reason worth telling (a failure, or the relay's own pause or
+        /// resume for idleness).
         reason: Option<String>,
     },
     /// A new snapshot version of the session's tree (a push, or the agent's edits).
