@@ -26,7 +26,7 @@ pub enum SessionCommand {
     Create(CreateArgs),
     /// List the sessions you can see (works offline, marked stale).
     List,
-    /// Show one session.
+    /// Show one session, with its connected clients (daemons, viewers, terminals).
     Show {
         /// The session id.
         id: String,
@@ -83,8 +83,9 @@ pub struct CreateArgs {
     /// setting; recorded, not yet enforced).
     #[arg(long, value_delimiter = ',')]
     allowed_domains: Option<Vec<String>>,
-    /// Stop its agent after this many idle minutes, 0 never (default: the
-    /// `auto_stop_minutes` setting; recorded, not yet enforced).
+    /// Pause it after this many minutes with no connected client and no activity, 0 never
+    /// (default: the `auto_stop_minutes` setting, 30 unless set); a client attaching
+    /// resumes it.
     #[arg(long)]
     auto_stop_minutes: Option<u32>,
     /// The image its workspace is made from.
@@ -146,6 +147,8 @@ pub async fn session(
     json_output: bool,
 ) -> anyhow::Result<()> {
     let mut teleport = None;
+    // Only `show`'s answer counts the session's clients.
+    let showing = matches!(command, SessionCommand::Show { .. });
     let request = match command {
         SessionCommand::Create(mut args) => {
             teleport = args.teleport.take();
@@ -207,7 +210,7 @@ pub async fn session(
             if json_output {
                 println!("{}", json!({"session": session, "stale": stale}));
             } else {
-                print_session(&session, stale);
+                print_session(&session, stale, showing);
             }
             if let Some(path) = teleport {
                 crate::teleport_commands::push(client, &path, session.id.clone(), json_output)
@@ -237,7 +240,7 @@ fn action(session: String, action: SessionAction) -> Request {
     Request::SessionAction { session, action }
 }
 
-fn print_session(session: &Session, stale: bool) {
+fn print_session(session: &Session, stale: bool, showing: bool) {
     let rows = [
         ("id", session.id.clone()),
         (
@@ -271,7 +274,41 @@ fn print_session(session: &Session, stale: bool) {
         ("created", ago(session.created_at)),
         ("active", ago(session.last_activity)),
         ("log", format!("{} entries", session.last_seq)),
+        (
+            "auto-stop",
+            match session.auto_stop_minutes {
+                0 => "never".to_owned(),
+                1 => "after 1 idle minute".to_owned(),
+                minutes => format!("after {minutes} idle minutes"),
+            },
+        ),
     ];
+    // Only the relay's answer to `show` lists clients: offline there is nothing to say.
+    let clients = (showing && !stale).then(|| {
+        let value = if session.clients.is_empty() {
+            "none".to_owned()
+        } else {
+            session
+                .clients
+                .iter()
+                .map(|c| {
+                    let who = if c.label.is_empty() {
+                        c.user.clone()
+                    } else {
+                        format!("{} ({})", c.user, c.label)
+                    };
+                    format!(
+                        "{} {who}, connected {}, heard {}",
+                        c.kind.as_str(),
+                        ago(c.connected_at),
+                        ago(c.last_heartbeat)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        ("clients", value)
+    });
     let snapshot = session.snapshot.as_ref().map(|v| {
         let git = match &v.git {
             Some(git) => format!(
@@ -298,6 +335,7 @@ fn print_session(session: &Session, stale: bool) {
     crate::table::print(
         rows.into_iter()
             .chain(snapshot)
+            .chain(clients)
             .chain(note)
             .map(|(name, value)| [name.to_owned(), value]),
     );

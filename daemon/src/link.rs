@@ -122,6 +122,8 @@ pub struct Link {
     /// The bridge's access tokens, for the requests that call the relay's HTTP API
     /// (device logins); set once the bridge is made.
     pub keeper: std::sync::OnceLock<Arc<crate::auth::Keeper>>,
+    /// The sessions local clients are attached to, which the bridge reports to the relay.
+    pub attachments: crate::sessions::attachments::Attachments,
 }
 
 /// The idempotency keys of the events the journal still holds, so a client that retries
@@ -208,6 +210,7 @@ impl Link {
                 blob_endpoint: Mutex::new(None),
                 metrics: crate::metrics::Metrics::default(),
                 keeper: std::sync::OnceLock::new(),
+                attachments: Default::default(),
             },
             commands_rx,
         )

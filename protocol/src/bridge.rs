@@ -28,8 +28,12 @@ use crate::teleport::{TeleportReply, TeleportRequest};
 /// daemon sends a fresh one first). 5: `FromRelay::SlowDown` (rate limits) and
 /// `ToRelay::Telemetry` (opt-in anonymous aggregates); settings (`ToRelay::Settings`,
 /// `FromRelay::Settings`, `FromRelay::SettingsReply`), and `CreateSession` carries
-/// `allowed_domains` and `auto_stop_minutes`.
-pub const BRIDGE_VERSION: u32 = 5;
+/// `allowed_domains` and `auto_stop_minutes`. 6: `ToRelay::Attached` (client presence),
+/// and `Session` carries `auto_stop_minutes` and `clients`.
+pub const BRIDGE_VERSION: u32 = 6;
+
+/// The most sessions a [`ToRelay::Attached`] counts; the relay ignores the rest.
+pub const MAX_ATTACHED: usize = 1024;
 
 /// The largest bridge message either side accepts.
 pub const MAX_BRIDGE_MESSAGE: usize = 16 * 1024 * 1024;
@@ -153,6 +157,15 @@ pub enum ToRelay {
         id: u64,
         /// The write.
         write: SettingWrite,
+    },
+    /// Extension channel: every session this daemon's local clients (editors, `cloudctl
+    /// attach`) are attached to right now, the whole set (at most [`MAX_ATTACHED`]), sent
+    /// after registering and after each change. The relay counts the daemon as a `daemon`
+    /// client of each of them that the user may see, live while the connection answers
+    /// its pings; not answered.
+    Attached {
+        /// The session ids.
+        sessions: Vec<String>,
     },
 }
 

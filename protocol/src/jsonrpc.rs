@@ -849,6 +849,8 @@ mod tests {
             failure: Some("oom".into()),
             last_seq: 42,
             snapshot: None,
+            auto_stop_minutes: 0,
+            clients: Vec::new(),
         }
     }
 

@@ -152,6 +152,54 @@ pub struct Session {
     pub last_seq: u64,
     /// Its newest snapshot version (teleport), with the git HEAD and branch it records.
     pub snapshot: Option<Box<crate::teleport::VersionInfo>>,
+    /// The relay pauses it after this many minutes with no connected client and no log
+    /// activity, 0 never.
+    #[serde(default)]
+    pub auto_stop_minutes: u32,
+    /// Its connected clients as the relay counted them when it answered a read of this one
+    /// session (`session show`, `GET /v1/sessions/{id}`); empty in listings and in the
+    /// copies a daemon is sent as sessions change.
+    #[serde(default)]
+    pub clients: Vec<SessionClient>,
+}
+
+/// What kind of client a [`SessionClient`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientKind {
+    /// A daemon, on behalf of an editor or a `cloudctl attach` attached to the session.
+    Daemon,
+    /// A viewer's WebSocket (`GET /v1/sessions/{id}/subscribe`).
+    Viewer,
+    /// A terminal into the session's workspace.
+    Terminal,
+}
+
+impl ClientKind {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::Daemon => "daemon",
+            ClientKind::Viewer => "viewer",
+            ClientKind::Terminal => "terminal",
+        }
+    }
+}
+
+/// One connected client of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionClient {
+    /// What it is.
+    pub kind: ClientKind,
+    /// The user it authenticated as.
+    pub user: String,
+    /// Which one, in words: a daemon's host name, a viewer's user agent, a terminal's
+    /// label.
+    pub label: String,
+    /// When it connected, milliseconds since the Unix epoch.
+    pub connected_at: u64,
+    /// When it was last heard from, milliseconds since the Unix epoch.
+    pub last_heartbeat: u64,
 }
 
 /// What creating a session takes. In JSON every field is optional.
@@ -171,7 +219,8 @@ pub struct CreateSession {
     /// The hosts its agent may reach when its network is limited (recorded, not yet
     /// enforced).
     pub allowed_domains: Vec<String>,
-    /// Stop its agent after this many idle minutes, 0 never (recorded, not yet enforced).
+    /// Pause it after this many minutes with no connected client and no log activity, 0
+    /// never.
     pub auto_stop_minutes: u32,
 }
 
@@ -184,7 +233,7 @@ impl Default for CreateSession {
             repo_access: RepoAccess::Write,
             vm_image: "default".into(),
             allowed_domains: Vec::new(),
-            auto_stop_minutes: 0,
+            auto_stop_minutes: 30,
         }
     }
 }
@@ -208,7 +257,7 @@ pub struct NewSession {
     pub vm_image: Option<String>,
     /// The hosts its agent may reach.
     pub allowed_domains: Option<Vec<String>>,
-    /// Stop its agent after this many idle minutes, 0 never.
+    /// Pause it after this many idle minutes (no client, no activity), 0 never.
     pub auto_stop_minutes: Option<u32>,
 }
 
@@ -342,7 +391,8 @@ pub enum SessionEvent {
     Status {
         /// The new status.
         status: SessionStatus,
-        /// Why, when there is a reason worth telling (a failure).
+        /// Why, when there is a reason worth telling (a failure, or the relay's own pause or
+        /// resume for idleness).
         reason: Option<String>,
     },
     /// A new snapshot version of the session's tree (a push, or the agent's edits).

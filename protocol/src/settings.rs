@@ -203,7 +203,7 @@ pub fn default_value(key: &str) -> Option<&'static str> {
         // Limited, not none: the built-in agent cannot yet enforce `none`.
         "network" => Some("limited"),
         "allowed_domains" => Some(""),
-        "auto_stop_minutes" => Some("0"),
+        "auto_stop_minutes" => Some("30"),
         _ => None,
     }
 }

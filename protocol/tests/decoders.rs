@@ -174,12 +174,14 @@ fn session() -> impl Strategy<Value = Session> {
         (word(), status(), any::<u64>(), any::<u64>(), text(2048)),
         (visibility(), repo_access(), network_access(), word()),
         (word(), word(), proptest::option::of(word()), any::<u64>()),
+        (any::<u32>(), vec(session_client(), 0..4)),
     )
         .prop_map(
             |(
                 (id, status, created_at, last_activity, task),
                 (visibility, repo_access, network_access, vm_image),
                 (owner, org, failure, last_seq),
+                (auto_stop_minutes, clients),
             )| Session {
                 id,
                 status,
@@ -195,6 +197,29 @@ fn session() -> impl Strategy<Value = Session> {
                 failure,
                 last_seq,
                 snapshot: None,
+                auto_stop_minutes,
+                clients,
+            },
+        )
+}
+
+fn session_client() -> impl Strategy<Value = cloud_protocol::session::SessionClient> {
+    use cloud_protocol::session::{ClientKind, SessionClient};
+    (
+        prop_oneof![
+            Just(ClientKind::Daemon),
+            Just(ClientKind::Viewer),
+            Just(ClientKind::Terminal)
+        ],
+        (word(), word(), any::<u64>(), any::<u64>()),
+    )
+        .prop_map(
+            |(kind, (user, label, connected_at, last_heartbeat))| SessionClient {
+                kind,
+                user,
+                label,
+                connected_at,
+                last_heartbeat,
             },
         )
 }
@@ -336,6 +361,7 @@ fn to_relay() -> impl Strategy<Value = ToRelay> {
                 }
             ),
         (any::<u64>(), setting_write()).prop_map(|(id, write)| ToRelay::Settings { id, write }),
+        vec(word(), 0..8).prop_map(|sessions| ToRelay::Attached { sessions }),
     ]
 }
 

@@ -27,6 +27,10 @@
 //!   `core::unfinished` (on top of `core::delivery`); `core::shared` is what
 //!   readers see; `core::error` is what a request to it can fail with.
 //! - [`follow`]: reading a session's log after a cursor, then live.
+//! - [`presence`]: every session's connected clients (daemons on behalf of attached
+//!   editors, viewers, terminals) and their heartbeats; `idle`: pausing a session with
+//!   no client and no activity for its `auto_stop_minutes`, and resuming it when a client
+//!   attaches.
 //! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
 //!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).
 //!
@@ -41,10 +45,12 @@ pub mod auth;
 mod core;
 mod follow;
 mod http;
+mod idle;
 mod instances;
 pub mod limits;
 mod metrics;
 pub mod orgs;
+pub mod presence;
 pub mod settings;
 mod store;
 mod teleport;
@@ -85,6 +91,9 @@ pub struct RelayConfig {
     pub limits: limits::Limits,
     /// The device-login grant's timing (10 minutes, polls every 5 s, normally).
     pub device: auth::DeviceConfig,
+    /// Client heartbeats and the unit of `auto_stop_minutes` (10 s and a minute,
+    /// normally).
+    pub presence: presence::PresenceConfig,
 }
 
 /// The relay could not start.
@@ -130,6 +139,8 @@ pub struct RunningRelay {
     server_task: tokio::task::JoinHandle<()>,
     /// The token file watcher.
     token_task: tokio::task::JoinHandle<()>,
+    /// The idle auto-stop watcher.
+    idle_task: tokio::task::JoinHandle<()>,
 }
 
 /// The current time in milliseconds since the Unix epoch.
@@ -192,7 +203,14 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
     let settings = settings::Settings::open(&config.data_dir).map_err(RelayError::Auth)?;
-    let (shared, commands) = core::shared(auth, store, Arc::new(teleport), config.limits, settings);
+    let (shared, commands) = core::shared(
+        auth,
+        store,
+        Arc::new(teleport),
+        config.limits,
+        settings,
+        config.presence,
+    );
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
     let server_task = http::serve(listener, shared.clone());
@@ -207,6 +225,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
             }
         }
     });
+    let idle_task = idle::spawn(shared.clone());
     tracing::info!(address = %local_addr, data = %config.data_dir.display(), "relay listening");
     Ok(RunningRelay {
         local_addr,
@@ -214,6 +233,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         core_task,
         server_task,
         token_task,
+        idle_task,
     })
 }
 
@@ -247,6 +267,7 @@ impl RunningRelay {
         let _ = self.shared.call(|reply| Command::Shutdown { reply }).await;
         let _ = self.core_task.await;
         let _ = self.token_task.await;
+        let _ = self.idle_task.await;
         tracing::info!("relay stopped");
     }
 }

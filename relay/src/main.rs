@@ -60,6 +60,14 @@ enum Commands {
         /// How long a device login waits between polls, e.g. 5s.
         #[arg(long, value_parser = parse_duration, default_value = "5s")]
         device_poll_interval: Duration,
+        /// How often clients of a session (daemons, viewers, terminals) are pinged and
+        /// expected to answer; one silent for three intervals no longer counts.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        heartbeat: Duration,
+        /// How long one of a session's `auto_stop_minutes` lasts: a minute (tests shorten
+        /// it).
+        #[arg(long, value_parser = parse_duration, default_value = "1m", hide = true)]
+        auto_stop_unit: Duration,
     },
     /// Manage API keys (works while a server runs).
     Token {
@@ -186,6 +194,8 @@ fn main() -> ExitCode {
             event_burst,
             device_code_ttl,
             device_poll_interval,
+            heartbeat,
+            auto_stop_unit,
         } => {
             let rate = |per_second: u32, burst: u32| {
                 (per_second > 0).then_some(cloud_relay::limits::Rate {
@@ -201,6 +211,10 @@ fn main() -> ExitCode {
                 code_ttl: device_code_ttl,
                 poll_interval: device_poll_interval,
             };
+            let presence = cloud_relay::presence::PresenceConfig {
+                heartbeat,
+                auto_stop_unit,
+            };
             serve(
                 listen,
                 data,
@@ -208,6 +222,7 @@ fn main() -> ExitCode {
                 access_token_ttl,
                 limits,
                 device,
+                presence,
             )
         }
         Commands::Token { command } => token(command),
@@ -344,6 +359,7 @@ fn serve(
     access_token_ttl: Duration,
     limits: cloud_relay::limits::Limits,
     device: cloud_relay::auth::DeviceConfig,
+    presence: cloud_relay::presence::PresenceConfig,
 ) -> anyhow::Result<()> {
     init_logging();
     let agent_command = if agent_command.is_empty() {
@@ -364,6 +380,7 @@ fn serve(
             access_token_ttl,
             limits,
             device,
+            presence,
         })
         .await?;
         let signal = wait_for_signal().await?;

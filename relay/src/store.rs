@@ -837,6 +837,8 @@ mod tests {
             failure: None,
             last_seq: 0,
             snapshot: None,
+            auto_stop_minutes: 0,
+            clients: Vec::new(),
         };
         let mut changes = Changes::default();
         changes.put_session(&session);

@@ -8,7 +8,9 @@
 //!   trimmed to the relay's ack), and claiming the journal for the identity that registered.
 //! - `writer.rs`: what goes out: the rejoin of every followed session after the last seq
 //!   stored, then the journal's durable entries the relay has not acknowledged, in seq
-//!   order, and the control messages (joins, leaves, requests, heartbeats).
+//!   order, and the control messages (joins, leaves, requests, heartbeats, and the
+//!   sessions local clients are attached to, `ToRelay::Attached`, at connect and at each
+//!   change).
 //! - `reader.rs`: what comes in, dispatched: acks, refusals, session logs, replica updates,
 //!   replies, instance commands, slow-downs.
 //! - [`backoff`]: how long to wait before the next attempt.
@@ -305,6 +307,23 @@ impl Bridge {
             tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
         let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
         let mut last_heard = Instant::now();
+        // The relay counts this daemon as a client of the sessions local clients are
+        // attached to: tell it the set now, and whenever it changes.
+        let mut attached = self.link.attachments.subscribe();
+        let sessions = crate::sessions::attachments::sessions(&attached);
+        attached.mark_unchanged();
+        if !sessions.is_empty() {
+            if let Err(ended) = send(
+                socket,
+                Channel::Extension,
+                0,
+                ToRelay::Attached { sessions },
+            )
+            .await
+            {
+                return ended;
+            }
+        }
         // Telemetry is for a remote relay only: the embedded one is this machine.
         let remote = self.link.status().mode == RelayMode::Remote;
         // A refresh runs as a task of its own, so the socket is served meanwhile; it is
@@ -363,6 +382,16 @@ impl Bridge {
                 refreshed = async { refreshing.as_mut().expect("guarded").await }, if refreshing.is_some() => {
                     refreshing = None;
                     if let Err(ended) = self.renew(socket, refreshed).await {
+                        break ended;
+                    }
+                }
+                changed = attached.changed() => {
+                    if changed.is_err() {
+                        break Ended::Cancelled;
+                    }
+                    let sessions = crate::sessions::attachments::sessions(&attached);
+                    attached.mark_unchanged();
+                    if let Err(ended) = send(socket, Channel::Extension, 0, ToRelay::Attached { sessions }).await {
                         break ended;
                     }
                 }

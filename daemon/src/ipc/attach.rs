@@ -2,7 +2,8 @@
 //! replays the stored log after `--since` (or the latest entries) and streams new entries
 //! to this connection; `detach` stops the stream; `session/unfollow` forgets the stored log
 //! and leaves the session on the relay; `permissions` lists the prompts of the log still
-//! waiting for an answer. A session read for the first time (or again after `unfollow`) is
+//! waiting for an answer. While a client is attached, the relay counts this daemon as a
+//! client of the session ([`crate::sessions::attachments`]). A session read for the first time (or again after `unfollow`) is
 //! followed, and the read waits (bounded) for the relay to fill the local copy up to what
 //! it had, so a replay is complete; offline, the local copy is all there is.
 //!
@@ -52,6 +53,10 @@ pub async fn handle(
             client
                 .replay
                 .extend(replay.into_iter().map(|entry| (session.clone(), entry)));
+            client
+                .attach_guards
+                .entry(session.clone())
+                .or_insert_with(|| link.attachments.hold(&session));
             client.attached.insert(session.clone(), delivered);
             Ok(Response::Attached { session, last_seq })
         }
@@ -66,6 +71,7 @@ pub async fn handle(
         }
         Request::Detach { session } => {
             client.attached.remove(&session);
+            client.attach_guards.remove(&session);
             if client.attached.is_empty() {
                 client.session_feed = None;
             }

@@ -52,6 +52,9 @@ pub struct ClientState {
     pub deferred: usize,
     /// Attached sessions and the last log seq sent to this client for each.
     pub attached: HashMap<String, u64>,
+    /// What makes the relay count this daemon as a client of each attached session,
+    /// released by a detach or when the connection closes.
+    pub attach_guards: HashMap<String, crate::sessions::attachments::AttachGuard>,
     /// Stored entries to send after the attach reply, in order.
     pub replay: Vec<(String, LogEntry)>,
     /// The highest journal seq whose flush must complete before the replies now queued

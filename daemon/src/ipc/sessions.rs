@@ -1,6 +1,7 @@
 //! The sessions family of requests: the sessions themselves and the events sent to them.
-//! `session list` and `session show` read the replica (marked stale while the bridge is
-//! not connected; the list shows the current org's sessions); `session create` (its
+//! `session list` reads the replica (marked stale while the bridge is not connected; the
+//! list shows the current org's sessions), and so does `session show` offline (online it
+//! asks the relay, whose answer lists the session's connected clients); `session create` (its
 //! fields left out filled from the settings in effect, see [`crate::account`]), `session pause|resume|complete|delete` and `session
 //! share` are relayed to the relay and its answer stored in the replica; `send`,
 //! `interrupt` and `answer` are journaled once per idempotency key; `delivery` waits for
@@ -63,10 +64,7 @@ pub async fn handle(
                 stale: !link.connected(),
             })
         }
-        Request::SessionShow { session } => Ok(Response::Session {
-            session: known_session(link, &session)?,
-            stale: !link.connected(),
-        }),
+        Request::SessionShow { session } => show(link, session).await,
         Request::SessionAction { session, action } => {
             match relay_request(link, RelayRequest::Action { session: session.clone(), action }).await? {
                 Some(updated) => {
@@ -216,6 +214,30 @@ fn check_sendable(link: &Link, session: &str) -> Result<(), ErrorBody> {
         return Err(not_found(session));
     }
     Ok(())
+}
+
+/// `session show`: the relay's answer while connected (with the session's connected
+/// clients, which the replica never holds), else the replica's copy, marked stale.
+async fn show(link: &Link, session: String) -> Result<Response, ErrorBody> {
+    if link.connected() {
+        let request = RelayRequest::Get {
+            session: session.clone(),
+        };
+        match relay_request(link, request).await {
+            Ok(Some(found)) => {
+                return Ok(Response::Session {
+                    session: found,
+                    stale: false,
+                })
+            }
+            Err(e) if e.code == ErrorCode::NotFound => return Err(not_found(&session)),
+            Ok(None) | Err(_) => {}
+        }
+    }
+    Ok(Response::Session {
+        session: known_session(link, &session)?,
+        stale: true,
+    })
 }
 
 fn known_session(link: &Link, session: &str) -> Result<Session, ErrorBody> {

@@ -1,6 +1,8 @@
 //! What the daemon holds about the relay's sessions, as the relay sent it: the state the
 //! session requests read and the bridge's reader fills.
 //!
+//! - [`attachments`]: which sessions local clients are attached to right now, for the
+//!   relay's count of this daemon as their client.
 //! - [`inbound`]: the followed sessions and a bounded copy of each one's log, stored in
 //!   order without duplicates, so `attach --since SEQ` replays what happened while nobody
 //!   watched and a reconnect resumes after the last entry stored.
@@ -14,6 +16,7 @@
 //! the network or to clients: the bridge writes it, the IPC handlers read it, and the
 //! feeds that tell clients about changes belong to [`crate::link`].
 
+pub mod attachments;
 pub mod inbound;
 pub mod prompts;
 pub mod replica;

@@ -142,6 +142,17 @@ pub enum Command {
         /// The log seq of the announcement.
         reply: oneshot::Sender<Result<u64, CoreError>>,
     },
+    /// A status action the relay decided itself (idle auto-stop), with why for the log.
+    Relay {
+        /// The session.
+        session: String,
+        /// What to do.
+        action: SessionAction,
+        /// Why, logged with the new status.
+        reason: String,
+        /// The session afterwards.
+        reply: oneshot::Sender<Result<Option<Session>, CoreError>>,
+    },
     /// Stop every agent, flush, and end the loop.
     Shutdown {
         /// Answered when done.
@@ -364,7 +375,7 @@ impl Core {
                 if status == SessionStatus::Running {
                     core.sessions.get_mut(id).unwrap().session.status = SessionStatus::Starting;
                 }
-                core.start_agent(id, &mut changes, &mut round);
+                core.start_agent(id, None, &mut changes, &mut round);
                 core.commit(changes, &mut round);
             }
         }
@@ -535,6 +546,7 @@ impl Core {
             match command {
                 Command::Create { reply, .. } => round.reply(reply, Err(CoreError::Store)),
                 Command::Action { reply, .. } => round.reply(reply, Err(CoreError::Store)),
+                Command::Relay { reply, .. } => round.reply(reply, Err(CoreError::Store)),
                 Command::Share { reply, .. } => round.reply(reply, Err(CoreError::Store)),
                 Command::Snapshot { reply, .. } => round.reply(reply, Err(CoreError::Store)),
                 Command::Events { .. }
@@ -560,6 +572,15 @@ impl Core {
                 reply,
             } => {
                 let result = self.action(&identity, &session, action, round);
+                round.reply(reply, result);
+            }
+            Command::Relay {
+                session,
+                action,
+                reason,
+                reply,
+            } => {
+                let result = self.relay_action(&session, action, reason, round);
                 round.reply(reply, result);
             }
             Command::Share {

@@ -1,5 +1,6 @@
 //! Session lifecycle as the core drives it: create (a workspace, a first status entry, an
-//! agent), status actions (pause, resume, complete; each transition checked), share,
+//! agent), status actions (pause, resume, complete; each transition checked; a user's, or
+//! the relay's own for idle auto-stop with its reason in the log), share,
 //! delete (its agent stopped, its workspace and every key of it removed), and starting
 //! and stopping a session's agent, with the status and log entries that go with them.
 //!
@@ -21,6 +22,9 @@ use crate::access::Identity;
 use crate::agents::process::{self, AgentHandle};
 use crate::store::Changes;
 
+/// The longest idle limit a session may have: a week, as the setting allows.
+const MAX_AUTO_STOP_MINUTES: u32 = 7 * 24 * 60;
+
 impl Core {
     /// Creates a session owned by the user, in a new workspace, and starts its agent.
     pub(super) fn create(
@@ -29,6 +33,12 @@ impl Core {
         request: CreateSession,
         round: &mut Round,
     ) -> Result<Session, CoreError> {
+        if request.auto_stop_minutes > MAX_AUTO_STOP_MINUTES {
+            return Err(CoreError::Invalid(format!(
+                "auto_stop_minutes {} is more than a week: use 0 (never) to {MAX_AUTO_STOP_MINUTES}",
+                request.auto_stop_minutes
+            )));
+        }
         let id = new_session_id()?;
         let workspace = self.workspaces.join(&id);
         std::fs::create_dir_all(&workspace).map_err(|e| {
@@ -62,6 +72,8 @@ impl Core {
             failure: None,
             last_seq: 0,
             snapshot: None,
+            auto_stop_minutes: request.auto_stop_minutes,
+            clients: Vec::new(),
         };
         self.sessions.insert(
             id.clone(),
@@ -84,7 +96,7 @@ impl Core {
             },
             round,
         );
-        self.start_agent(&id, &mut changes, round);
+        self.start_agent(&id, None, &mut changes, round);
         self.commit(changes, round);
         tracing::info!(session = %id, owner = %identity.user, "session created");
         Ok(self.sessions[&id].session.clone())
@@ -99,18 +111,47 @@ impl Core {
         action: SessionAction,
         round: &mut Round,
     ) -> Result<Option<Session>, CoreError> {
-        let runtime = self.writable(identity, id, "viewers cannot change a session")?;
+        self.writable(identity, id, "viewers cannot change a session")?;
+        tracing::info!(session = %id, ?action, by = %identity.user, "session action");
+        self.act(id, action, None, round)
+    }
+
+    /// Applies an action the relay decided itself (idle auto-stop), logging `reason` with
+    /// the new status.
+    pub(super) fn relay_action(
+        &mut self,
+        id: &str,
+        action: SessionAction,
+        reason: String,
+        round: &mut Round,
+    ) -> Result<Option<Session>, CoreError> {
+        if !self.sessions.contains_key(id) {
+            return Err(CoreError::NotFound(id.to_owned()));
+        }
+        tracing::info!(session = %id, ?action, %reason, "relay action");
+        self.act(id, action, Some(reason), round)
+    }
+
+    /// Applies a status action (a checked transition), logging `reason` with the new
+    /// status, or deletes the session.
+    fn act(
+        &mut self,
+        id: &str,
+        action: SessionAction,
+        reason: Option<String>,
+        round: &mut Round,
+    ) -> Result<Option<Session>, CoreError> {
         let Some(target) = action.target() else {
             self.delete(id, round);
             return Ok(None);
         };
-        let from = runtime.session.status;
+        let from = self.sessions[id].session.status;
         from.check_transition(target)?;
         let mut changes = Changes::default();
         match target {
             SessionStatus::Running => {
                 self.sessions.get_mut(id).unwrap().session.status = SessionStatus::Starting;
-                self.start_agent(id, &mut changes, round);
+                self.start_agent(id, reason, &mut changes, round);
                 // The status passed through starting only in memory: log the move from
                 // the old status to the new one.
             }
@@ -121,7 +162,7 @@ impl Core {
                     _ => Vec::new(),
                 };
                 self.stop_agent(id, &mut changes, round);
-                self.set_status(id, status, None, &mut changes, round);
+                self.set_status(id, status, reason, &mut changes, round);
                 if status == SessionStatus::Completed {
                     self.give_up_unfinished(
                         id,
@@ -134,7 +175,6 @@ impl Core {
             }
         }
         self.commit(changes, round);
-        tracing::info!(session = %id, ?action, by = %identity.user, "session action");
         Ok(Some(self.sessions[id].session.clone()))
     }
 
@@ -231,9 +271,15 @@ impl Core {
     }
 
     /// Starts the session's agent (its status must be starting, failed or paused) and
-    /// moves it to running, or to failed when the agent cannot start. Its unfinished
-    /// messages are handed to the new agent.
-    pub(super) fn start_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
+    /// moves it to running (logging `reason`), or to failed when the agent cannot start.
+    /// Its unfinished messages are handed to the new agent.
+    pub(super) fn start_agent(
+        &mut self,
+        id: &str,
+        reason: Option<String>,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) {
         // Every unfinished message, in order: those no agent was handed yet and those an
         // earlier agent did not finish. Read first: reading applies the round's writes so
         // far, and the caller's writes from here on must share one batch.
@@ -290,7 +336,7 @@ impl Core {
                     let org = runtime.session.org.clone();
                     Arc::clone(&self.shared.teleport).watch(&self.shared, id, &org);
                 }
-                self.set_status(id, SessionStatus::Running, None, changes, round);
+                self.set_status(id, SessionStatus::Running, reason, changes, round);
             }
             Err(reason) => {
                 tracing::warn!(session = %id, %reason, "agent did not start");

@@ -78,6 +78,8 @@ pub struct Shared {
     pub metrics: crate::metrics::RelayMetrics,
     /// The users' and orgs' settings.
     pub settings: crate::settings::Settings,
+    /// Every session's connected clients.
+    pub presence: Arc<crate::presence::Presence>,
 }
 
 impl Shared {
@@ -164,6 +166,7 @@ pub fn shared(
     teleport: Arc<crate::teleport::Teleport>,
     limits: crate::limits::Limits,
     settings: crate::settings::Settings,
+    presence: crate::presence::PresenceConfig,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
@@ -179,6 +182,7 @@ pub fn shared(
         limits: crate::limits::Limiters::new(limits),
         metrics: crate::metrics::RelayMetrics::default(),
         settings,
+        presence: Arc::new(crate::presence::Presence::new(presence)),
     };
     (Arc::new(shared), commands)
 }
@@ -216,6 +220,7 @@ mod tests {
             Arc::new(teleport),
             crate::limits::Limits::OFF,
             crate::settings::Settings::open(dir.path()).unwrap(),
+            Default::default(),
         );
         let entry = |seq: u64, text: String| LogEntry {
             seq,
@@ -238,6 +243,8 @@ mod tests {
             failure: None,
             last_seq: 7,
             snapshot: None,
+            auto_stop_minutes: 0,
+            clients: Vec::new(),
         };
         let round = (5..=7).map(|seq| entry(seq, seq.to_string())).collect();
         shared.sessions.write().unwrap().insert(

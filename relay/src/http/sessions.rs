@@ -2,7 +2,8 @@
 //! (the caller's listing), `GET` and `DELETE /v1/sessions/{id}`, the status actions
 //! (`POST .../pause`, `.../resume`, `.../complete`) and `POST .../share`.
 //!
-//! Listing and showing read the published sessions; every change is a core command.
+//! Listing and showing read the published sessions (showing one adds its connected
+//! clients, from [`crate::presence`]); every change is a core command.
 
 use std::sync::Arc;
 
@@ -35,8 +36,12 @@ struct CreateBody {
     vm_image: String,
     #[serde(default)]
     allowed_domains: Vec<String>,
-    #[serde(default)]
+    #[serde(default = "default_auto_stop_minutes")]
     auto_stop_minutes: u32,
+}
+
+fn default_auto_stop_minutes() -> u32 {
+    CreateSession::default().auto_stop_minutes
 }
 
 fn default_visibility() -> Visibility {
@@ -94,7 +99,9 @@ pub(super) async fn show(
     Authenticated(identity): Authenticated,
     Path(id): Path<String>,
 ) -> Result<Json<Session>, ApiError> {
-    Ok(Json(shared.session_for(&identity, &id)?.0))
+    let mut session = shared.session_for(&identity, &id)?.0;
+    session.clients = shared.presence.clients(&id);
+    Ok(Json(session))
 }
 
 async fn act(

@@ -78,6 +78,7 @@ impl TestRelay {
             access_token_ttl,
             limits,
             device: Default::default(),
+            presence: Default::default(),
         })
         .await
         .unwrap();
@@ -120,6 +121,7 @@ impl TestRelay {
             access_token_ttl: self.access_token_ttl,
             limits: self.limits,
             device: Default::default(),
+            presence: Default::default(),
         })
         .await
         .unwrap();
@@ -352,7 +354,8 @@ impl Bridge {
             | ToRelay::CommandResult { .. }
             | ToRelay::Request { .. }
             | ToRelay::Authenticate { .. }
-            | ToRelay::Settings { .. } => Channel::Extension,
+            | ToRelay::Settings { .. }
+            | ToRelay::Attached { .. } => Channel::Extension,
             _ => Channel::Task,
         };
         let bytes = bridge::encode(&Envelope {

@@ -18,6 +18,8 @@
 //!   entries borrowed into one buffer per page.
 //! - [`settings`](mod@settings): the settings of the connection's user and org, sent when
 //!   they change, and the daemon's writes.
+//! - [`presence`](mod@presence): the daemon as a `daemon` client of the sessions its local
+//!   clients are attached to, beaten by whatever the daemon sends and kept live by pings.
 //!
 //! Outgoing traffic has four sources, all bounded: this task's own answers, session
 //! notices (a broadcast; a connection that falls behind gets the full list again), one
@@ -39,6 +41,7 @@
 
 mod events;
 mod instance;
+mod presence;
 mod register;
 mod send;
 mod sessions;
@@ -169,6 +172,11 @@ struct Connection {
     dropping_from: Option<u64>,
     /// The settings last sent to the daemon.
     last_settings: Option<cloud_protocol::settings::SettingsSnapshot>,
+    /// The registered instance's host name, naming it as a client of sessions.
+    hostname: String,
+    /// The sessions the daemon's local clients are attached to, each counted while this
+    /// connection holds its guard.
+    presence: HashMap<String, crate::presence::PresenceGuard>,
 }
 
 /// Teleport requests one connection may have running at once; more wait in the socket.
@@ -205,6 +213,8 @@ impl Connection {
             handed: 0,
             dropping_from: None,
             last_settings: None,
+            hostname: String::new(),
+            presence: HashMap::new(),
         }
     }
 
@@ -292,6 +302,7 @@ impl Connection {
         self.send_settings(socket).await?;
         let mut token_generation = self.shared.auth.keys.subscribe();
         let mut silence_check = tokio::time::interval(Duration::from_secs(5));
+        let mut presence_ping = tokio::time::interval(self.shared.presence.heartbeat());
         loop {
             // One write for everything this connection queued since it last waited.
             self.flush(socket).await?;
@@ -347,6 +358,7 @@ impl Connection {
                     // Once per wake-up, not per message: handle_ready reads on without
                     // waiting.
                     self.last_seen = Instant::now();
+                    self.beat_presence();
                     let first = self.decode(socket, message).await?;
                     self.handle_ready(socket, first).await?;
                 }
@@ -369,6 +381,7 @@ impl Connection {
                     Err(broadcast::error::RecvError::Lagged(_)) => self.send_sessions(socket).await?,
                     Err(broadcast::error::RecvError::Closed) => return Err(End::Shutdown),
                 },
+                _ = presence_ping.tick() => self.ping_presence(socket).await?,
                 _ = silence_check.tick() => {
                     if self.last_seen.elapsed() > SILENCE_LIMIT {
                         return Err(End::Refused("silent for too long".to_owned()));
@@ -444,6 +457,10 @@ impl Connection {
                 Ok(())
             }
             ToRelay::Settings { id, write } => self.write_setting(socket, id, write).await,
+            ToRelay::Attached { sessions } => {
+                self.attached(sessions);
+                Ok(())
+            }
             ToRelay::Teleport { id, request } => {
                 // Off this loop: messages and answers keep flowing during a long commit.
                 let (shared, identity) = (Arc::clone(&self.shared), self.identity.clone());

@@ -96,6 +96,7 @@ impl Connection {
                 );
             }
         }
+        self.hostname = snapshot.hostname.clone();
         self.instance_id = Some(snapshot.instance_id);
         // The daemon releases every event up to `Registered`'s ack as delivered, so it
         // must stay below the stored refusals until they have been reported; the `Ack`

@@ -2,7 +2,8 @@
 //! visible to the token's user, then each change: `SessionChanged`, or `SessionRemoved`
 //! when one is deleted or stops being visible), joins and leaves (a follower task per
 //! joined session, handing its log over a page at a time, see [`crate::follow`]), and
-//! session requests (create, status actions, share, get), which become core commands.
+//! session requests (create, status actions, share, get), which become core commands (a
+//! get answers with the session's connected clients too).
 
 use std::sync::Arc;
 
@@ -52,10 +53,11 @@ impl Connection {
                 })
                 .await?
                 .map(Some),
-            RelayRequest::Get { session } => self
-                .shared
-                .session_for(&identity, &session)
-                .map(|(session, _)| Some(session)),
+            RelayRequest::Get { session } => {
+                let (mut found, _) = self.shared.session_for(&identity, &session)?;
+                found.clients = self.shared.presence.clients(&session);
+                Ok(Some(found))
+            }
         }
     }
 
