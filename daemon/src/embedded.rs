@@ -67,6 +67,7 @@ impl EmbeddedRelay {
             // One user on loopback: nobody to protect the relay from.
             limits: cloud_relay::limits::Limits::OFF,
             device: Default::default(),
+            provider: Default::default(),
         };
         let (address_tx, address_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

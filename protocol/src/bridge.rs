@@ -29,7 +29,7 @@ use crate::teleport::{TeleportReply, TeleportRequest};
 /// `ToRelay::Telemetry` (opt-in anonymous aggregates); settings (`ToRelay::Settings`,
 /// `FromRelay::Settings`, `FromRelay::SettingsReply`), and `CreateSession` carries
 /// `allowed_domains` and `auto_stop_minutes`.
-pub const BRIDGE_VERSION: u32 = 5;
+pub const BRIDGE_VERSION: u32 = 6;
 
 /// The largest bridge message either side accepts.
 pub const MAX_BRIDGE_MESSAGE: usize = 16 * 1024 * 1024;

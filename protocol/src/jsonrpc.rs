@@ -849,6 +849,8 @@ mod tests {
             failure: Some("oom".into()),
             last_seq: 42,
             snapshot: None,
+            provider: Default::default(),
+            allowed_domains: Vec::new(),
         }
     }
 

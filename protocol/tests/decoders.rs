@@ -195,6 +195,8 @@ fn session() -> impl Strategy<Value = Session> {
                 failure,
                 last_seq,
                 snapshot: None,
+                provider: Default::default(),
+                allowed_domains: Vec::new(),
             },
         )
 }

@@ -29,6 +29,10 @@
 //! - [`follow`]: reading a session's log after a cursor, then live.
 //! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
 //!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).
+//! - [`providers`]: where sessions run (`local`, `sandbox`): preparing a workspace
+//!   (rebuilt from its snapshot when gone), the command that runs a program inside a
+//!   session's confinement, pausing and resuming an agent, and the filtering proxy of
+//!   `limited` sandboxes.
 //!
 //! Architecture invariants: only [`core`] writes the store; nothing is acknowledged or shown
 //! before it is flushed; tokens are stored hashed and never logged; the core never waits on
@@ -45,6 +49,7 @@ mod instances;
 pub mod limits;
 mod metrics;
 pub mod orgs;
+pub mod providers;
 pub mod settings;
 mod store;
 mod teleport;
@@ -85,6 +90,8 @@ pub struct RelayConfig {
     pub limits: limits::Limits,
     /// The device-login grant's timing (10 minutes, polls every 5 s, normally).
     pub device: auth::DeviceConfig,
+    /// Where sessions run ([`providers::ProviderConfig::default`]: `local`).
+    pub provider: providers::ProviderConfig,
 }
 
 /// The relay could not start.
@@ -192,8 +199,23 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
     let settings = settings::Settings::open(&config.data_dir).map_err(RelayError::Auth)?;
-    let (shared, commands) = core::shared(auth, store, Arc::new(teleport), config.limits, settings);
-    let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
+    // Probes the platform (a process or two): once, before serving.
+    let provider = {
+        let (config, data, workspaces) =
+            (config.provider, config.data_dir.clone(), workspaces.clone());
+        tokio::task::spawn_blocking(move || providers::Provider::new(config, &data, workspaces))
+            .await
+            .map_err(|e| RelayError::Auth(format!("the provider check failed: {e}")))?
+    };
+    let (shared, commands) = core::shared(
+        auth,
+        store,
+        Arc::new(teleport),
+        config.limits,
+        settings,
+        Arc::new(provider),
+    );
+    let core_task = Core::start(shared.clone(), commands, config.agent_command).await?;
 
     let server_task = http::serve(listener, shared.clone());
 

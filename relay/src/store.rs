@@ -837,6 +837,8 @@ mod tests {
             failure: None,
             last_seq: 0,
             snapshot: None,
+            provider: Default::default(),
+            allowed_domains: Vec::new(),
         };
         let mut changes = Changes::default();
         changes.put_session(&session);

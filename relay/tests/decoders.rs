@@ -299,6 +299,8 @@ fn session(status: SessionStatus) -> Session {
         failure: None,
         last_seq: 0,
         snapshot: None,
+        provider: Default::default(),
+        allowed_domains: Vec::new(),
     }
 }
 
@@ -368,6 +370,7 @@ async fn start_on(damaged: &Damaged, status: SessionStatus) -> Result<bool, Test
         access_token_ttl: cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL,
         limits: cloud_relay::limits::Limits::OFF,
         device: Default::default(),
+        provider: Default::default(),
     })
     .await;
     let relay = match started {

@@ -78,6 +78,8 @@ pub struct Shared {
     pub metrics: crate::metrics::RelayMetrics,
     /// The users' and orgs' settings.
     pub settings: crate::settings::Settings,
+    /// Where sessions run: their workspaces, the confinement of their programs.
+    pub provider: Arc<crate::providers::Provider>,
 }
 
 impl Shared {
@@ -164,6 +166,7 @@ pub fn shared(
     teleport: Arc<crate::teleport::Teleport>,
     limits: crate::limits::Limits,
     settings: crate::settings::Settings,
+    provider: Arc<crate::providers::Provider>,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
@@ -179,6 +182,7 @@ pub fn shared(
         limits: crate::limits::Limiters::new(limits),
         metrics: crate::metrics::RelayMetrics::default(),
         settings,
+        provider,
     };
     (Arc::new(shared), commands)
 }
@@ -216,6 +220,11 @@ mod tests {
             Arc::new(teleport),
             crate::limits::Limits::OFF,
             crate::settings::Settings::open(dir.path()).unwrap(),
+            Arc::new(crate::providers::Provider::new(
+                Default::default(),
+                dir.path(),
+                dir.path().join("workspaces"),
+            )),
         );
         let entry = |seq: u64, text: String| LogEntry {
             seq,
@@ -238,6 +247,8 @@ mod tests {
             failure: None,
             last_seq: 7,
             snapshot: None,
+            provider: Default::default(),
+            allowed_domains: Vec::new(),
         };
         let round = (5..=7).map(|seq| entry(seq, seq.to_string())).collect();
         shared.sessions.write().unwrap().insert(
