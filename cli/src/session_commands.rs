@@ -268,6 +268,7 @@ fn print_session(session: &Session, stale: bool) {
                 .to_owned(),
         ),
         ("image", session.vm_image.clone()),
+        ("provider", session.provider.as_str().to_owned()),
         ("created", ago(session.created_at)),
         ("active", ago(session.last_activity)),
         ("log", format!("{} entries", session.last_seq)),
@@ -289,6 +290,10 @@ fn print_session(session: &Session, stale: bool) {
             format!("v{} ({} files, {} bytes{git})", v.version, v.files, v.bytes),
         )
     });
+    // The hosts a limited session may reach (enforced by the sandbox provider).
+    let domains = (session.network_access == cloud_protocol::session::NetworkAccess::Limited
+        && !session.allowed_domains.is_empty())
+    .then(|| ("allowed domains", session.allowed_domains.join(", ")));
     let note = stale.then(|| {
         (
             "note",
@@ -297,6 +302,7 @@ fn print_session(session: &Session, stale: bool) {
     });
     crate::table::print(
         rows.into_iter()
+            .chain(domains)
             .chain(snapshot)
             .chain(note)
             .map(|(name, value)| [name.to_owned(), value]),
