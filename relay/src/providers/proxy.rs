@@ -382,7 +382,7 @@ mod tests {
                     host: "::1".into(),
                     port: 443
                 },
-                41
+                39
             ))
         );
         let (request, used) =
