@@ -478,3 +478,45 @@ async fn a_sandbox_the_platform_cannot_make_is_refused_with_what_to_do() {
         relay.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_paused_session_whose_agent_died_with_the_relay_gets_a_new_agent_on_resume() {
+    let mut relay = TestRelay::start(shell_agent()).await;
+    let token = relay.token("alice", "acme");
+    let id = create_running(&relay, &token, json!({})).await;
+    let (status, _) = relay
+        .http(
+            "POST",
+            &format!("/v1/sessions/{id}/messages"),
+            Some(&token),
+            Some(&json!({"text": "echo AAA"}).to_string()),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let first = relay
+        .wait_for_log(&token, &id, "AAA's prompt", is_prompt)
+        .await;
+    let request_id = message(&first).unwrap()["request_id"].clone();
+    action(&relay, &token, &id, "pause").await;
+    relay.restart().await;
+    let token = relay.token("alice", "acme");
+    // The stopped agent is gone with the old relay: its prompt is withdrawn at start.
+    relay
+        .wait_for_log(&token, &id, "the withdrawal", |e| {
+            message(e).is_some_and(|m| {
+                m["type"] == "control_cancel_request" && m["request_id"] == request_id
+            })
+        })
+        .await;
+    assert_eq!(
+        action(&relay, &token, &id, "resume").await["status"],
+        "running"
+    );
+    // A new agent is handed the unfinished message and asks again.
+    relay
+        .wait_for_log(&token, &id, "AAA's prompt again", |e| {
+            e.seq > first.seq && is_prompt(e)
+        })
+        .await;
+    relay.stop().await;
+}

@@ -372,6 +372,11 @@ impl Core {
                 }
                 core.start_agent(id, &mut changes, &mut round);
                 core.commit(changes, &mut round);
+            } else if status == SessionStatus::Paused {
+                // A paused agent died with the previous relay too: resume starts a new one.
+                let mut changes = Changes::default();
+                core.withdraw_prompts(id, &mut changes, &mut round);
+                core.commit(changes, &mut round);
             }
         }
         core.finish_round(round).await;

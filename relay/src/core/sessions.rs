@@ -130,7 +130,7 @@ impl Core {
         from.check_transition(target)?;
         let mut changes = Changes::default();
         match target {
-            SessionStatus::Running if self.resume_agent(id) => {
+            SessionStatus::Running if self.resume_agent(id, &mut changes, round) => {
                 self.set_status(id, SessionStatus::Running, None, &mut changes, round);
             }
             SessionStatus::Running => {
@@ -331,8 +331,9 @@ impl Core {
 
     /// Continues the session's paused agent (SIGCONT: the same process) when it is there
     /// to continue: alive, and its workspace still in place (an agent whose workspace
-    /// was removed is stopped: the next one starts in the rebuilt workspace).
-    fn resume_agent(&mut self, id: &str) -> bool {
+    /// was removed is stopped, its prompts withdrawn: the next one starts in the rebuilt
+    /// workspace).
+    fn resume_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) -> bool {
         let provider = Arc::clone(&self.shared.provider);
         let runtime = self.sessions.get_mut(id).unwrap();
         let Some(agent) = &runtime.agent else {
@@ -349,6 +350,7 @@ impl Core {
         }
         if let Some(agent) = runtime.agent.take() {
             self.agent_tasks.spawn(provider.stop(agent));
+            self.withdraw_prompts(id, changes, round);
         }
         false
     }
