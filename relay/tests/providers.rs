@@ -520,3 +520,26 @@ async fn a_paused_session_whose_agent_died_with_the_relay_gets_a_new_agent_on_re
         .await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_relay_restarted_with_another_provider_runs_its_sessions_with_it() {
+    bwrap_works();
+    let mut relay = TestRelay::start(shell_agent()).await;
+    let token = relay.token("alice", "acme");
+    let id = create_running(&relay, &token, json!({"network_access": "none"})).await;
+    let secret = relay.data().join("secret.txt");
+    std::fs::write(&secret, "outside").unwrap();
+    let probe = format!(
+        "test -e {} && echo visible || echo invisible",
+        secret.display()
+    );
+    assert_eq!(run_shell(&relay, &token, &id, &probe).await, ["visible"]);
+
+    relay.provider = sandbox();
+    relay.restart().await;
+    let token = relay.token("alice", "acme");
+    let session = relay.wait_for_status(&token, &id, "running").await;
+    assert_eq!(session["provider"], "sandbox", "{session}");
+    assert_eq!(run_shell(&relay, &token, &id, &probe).await, ["invisible"]);
+    relay.stop().await;
+}

@@ -402,6 +402,8 @@ impl Core {
                 }
                 let runtime = self.sessions.get_mut(id).unwrap();
                 runtime.agent = Some(agent);
+                // A relay restarted with another provider runs its sessions with that one.
+                runtime.session.provider = provider.kind();
                 if runtime.session.snapshot.is_some() {
                     // A teleported workspace: the agent's edits become versions as it
                     // makes them.
