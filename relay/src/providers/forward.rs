@@ -62,7 +62,11 @@ pub fn run(socket: PathBuf, port: u16, program: Vec<String>) -> Result<ExitCode,
             tokio::select! {
                 status = child.wait() => break status,
                 accepted = listener.accept() => {
-                    let Ok((mut client, _)) = accepted else { continue };
+                    let Ok((mut client, _)) = accepted else {
+                        // Out of descriptors, most likely: let some close.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    };
                     let socket = socket.clone();
                     tokio::spawn(async move {
                         if let Ok(mut proxy) = UnixStream::connect(&socket).await {
