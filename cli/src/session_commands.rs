@@ -271,6 +271,7 @@ fn print_session(session: &Session, stale: bool, showing: bool) {
                 .to_owned(),
         ),
         ("image", session.vm_image.clone()),
+        ("provider", session.provider.as_str().to_owned()),
         ("created", ago(session.created_at)),
         ("active", ago(session.last_activity)),
         ("log", format!("{} entries", session.last_seq)),
@@ -326,6 +327,10 @@ fn print_session(session: &Session, stale: bool, showing: bool) {
             format!("v{} ({} files, {} bytes{git})", v.version, v.files, v.bytes),
         )
     });
+    // The hosts a limited session may reach (enforced by the sandbox provider).
+    let domains = (session.network_access == cloud_protocol::session::NetworkAccess::Limited
+        && !session.allowed_domains.is_empty())
+    .then(|| ("allowed domains", session.allowed_domains.join(", ")));
     let note = stale.then(|| {
         (
             "note",
@@ -334,6 +339,7 @@ fn print_session(session: &Session, stale: bool, showing: bool) {
     });
     crate::table::print(
         rows.into_iter()
+            .chain(domains)
             .chain(snapshot)
             .chain(clients)
             .chain(note)

@@ -68,6 +68,7 @@ impl EmbeddedRelay {
             limits: cloud_relay::limits::Limits::OFF,
             device: Default::default(),
             presence: Default::default(),
+            provider: Default::default(),
         };
         let (address_tx, address_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

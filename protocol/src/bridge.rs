@@ -29,7 +29,7 @@ use crate::teleport::{TeleportReply, TeleportRequest};
 /// `ToRelay::Telemetry` (opt-in anonymous aggregates); settings (`ToRelay::Settings`,
 /// `FromRelay::Settings`, `FromRelay::SettingsReply`), and `CreateSession` carries
 /// `allowed_domains` and `auto_stop_minutes`. 6: `ToRelay::Attached` (client presence),
-/// and `Session` carries `auto_stop_minutes` and `clients`.
+/// and `Session` carries `auto_stop_minutes`, `clients`, `provider` and `allowed_domains`.
 pub const BRIDGE_VERSION: u32 = 6;
 
 /// The most sessions a [`ToRelay::Attached`] counts; the relay ignores the rest.

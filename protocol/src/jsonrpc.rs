@@ -851,6 +851,8 @@ mod tests {
             snapshot: None,
             auto_stop_minutes: 0,
             clients: Vec::new(),
+            provider: Default::default(),
+            allowed_domains: Vec::new(),
         }
     }
 

@@ -161,6 +161,36 @@ pub struct Session {
     /// copies a daemon is sent as sessions change.
     #[serde(default)]
     pub clients: Vec<SessionClient>,
+    /// Where its workspace and agent run (the relay's `--provider`).
+    #[serde(default)]
+    pub provider: ProviderKind,
+    /// The hosts its agent may reach when its network is `limited` (the sandbox provider
+    /// enforces them through its filtering proxy; the relay's own `--allowed-domain`s are
+    /// allowed besides).
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+}
+
+/// Where a relay runs its sessions' workspaces and agents (`cloud-relay serve --provider`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// A directory on the relay host; the agent runs as a plain process group.
+    #[default]
+    Local,
+    /// A bubblewrap sandbox that sees only its workspace, its own /tmp and a read-only
+    /// system, with its network as the session's `network_access` says.
+    Sandbox,
+}
+
+impl ProviderKind {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Sandbox => "sandbox",
+        }
+    }
 }
 
 /// What kind of client a [`SessionClient`] is.
@@ -216,8 +246,8 @@ pub struct CreateSession {
     pub repo_access: RepoAccess,
     /// The image (free-form; `default` when unsure).
     pub vm_image: String,
-    /// The hosts its agent may reach when its network is limited (recorded, not yet
-    /// enforced).
+    /// The hosts its agent may reach when its network is limited (enforced by the sandbox
+    /// provider; an org's locked `allowed_domains` replaces them).
     pub allowed_domains: Vec<String>,
     /// Pause it after this many minutes with no connected client and no log activity, 0
     /// never.

@@ -199,6 +199,8 @@ fn session() -> impl Strategy<Value = Session> {
                 snapshot: None,
                 auto_stop_minutes,
                 clients,
+                provider: Default::default(),
+                allowed_domains: Vec::new(),
             },
         )
 }

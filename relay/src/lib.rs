@@ -33,6 +33,10 @@
 //!   attaches.
 //! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
 //!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).
+//! - [`providers`]: where sessions run (`local`, `sandbox`): preparing a workspace
+//!   (rebuilt from its snapshot when gone), the command that runs a program inside a
+//!   session's confinement, pausing and resuming an agent, and the filtering proxy of
+//!   `limited` sandboxes.
 //!
 //! Architecture invariants: only [`core`] writes the store; nothing is acknowledged or shown
 //! before it is flushed; tokens are stored hashed and never logged; the core never waits on
@@ -51,6 +55,7 @@ pub mod limits;
 mod metrics;
 pub mod orgs;
 pub mod presence;
+pub mod providers;
 pub mod settings;
 mod store;
 mod teleport;
@@ -94,6 +99,8 @@ pub struct RelayConfig {
     /// Client heartbeats and the unit of `auto_stop_minutes` (10 s and a minute,
     /// normally).
     pub presence: presence::PresenceConfig,
+    /// Where sessions run ([`providers::ProviderConfig::default`]: `local`).
+    pub provider: providers::ProviderConfig,
 }
 
 /// The relay could not start.
@@ -203,6 +210,14 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
     let settings = settings::Settings::open(&config.data_dir).map_err(RelayError::Auth)?;
+    // Probes the platform (a process or two): once, before serving.
+    let provider = {
+        let (config, data, workspaces) =
+            (config.provider, config.data_dir.clone(), workspaces.clone());
+        tokio::task::spawn_blocking(move || providers::Provider::new(config, &data, workspaces))
+            .await
+            .map_err(|e| RelayError::Auth(format!("the provider check failed: {e}")))?
+    };
     let (shared, commands) = core::shared(
         auth,
         store,
@@ -210,8 +225,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         config.limits,
         settings,
         config.presence,
+        Arc::new(provider),
     );
-    let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
+    let core_task = Core::start(shared.clone(), commands, config.agent_command).await?;
 
     let server_task = http::serve(listener, shared.clone());
 

@@ -1,6 +1,7 @@
 //! The `cloud-relay` binary: `serve`, `token create|revoke` (API keys), `org
 //! add-member|remove-member` (membership), `device approve|deny` (device logins, by the
-//! operator), and the hidden `shell-agent`.
+//! operator), and the hidden `shell-agent` and `sandbox-forward` (the forwarder inside a
+//! `limited` sandbox).
 //!
 //! Flags become validated arguments here and nowhere else. `serve` runs on a current-thread
 //! runtime (see DESIGN.md's performance notes: cross-core wake-ups cost more than the work)
@@ -68,6 +69,18 @@ enum Commands {
         /// it).
         #[arg(long, value_parser = parse_duration, default_value = "1m", hide = true)]
         auto_stop_unit: Duration,
+        /// Where sessions run: local (a directory and a process group on this host) or
+        /// sandbox (bubblewrap: only its workspace, its own /tmp and a read-only system;
+        /// network none, limited through the relay's filtering proxy, or full).
+        #[arg(long, value_enum, default_value = "local")]
+        provider: ProviderArg,
+        /// The bubblewrap program of the sandbox provider.
+        #[arg(long, default_value = "bwrap")]
+        bwrap: PathBuf,
+        /// A host every `limited` sandbox may reach besides its session's allowed domains
+        /// (repeat for several; `*.example.org` for the hosts under it).
+        #[arg(long)]
+        allowed_domain: Vec<String>,
     },
     /// Manage API keys (works while a server runs).
     Token {
@@ -83,12 +96,34 @@ enum Commands {
     /// The built-in shell agent on stdin/stdout (run by the relay, not by hand).
     #[command(hide = true)]
     ShellAgent,
+    /// The forwarder inside a `limited` sandbox (run by the relay, not by hand).
+    #[command(hide = true)]
+    SandboxForward {
+        /// The proxy socket, as bound inside the sandbox.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The loopback port to listen on.
+        #[arg(long)]
+        port: u16,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        program: Vec<String>,
+    },
     /// Manage org membership (works while a server runs; takes effect at the user's next
     /// request, and ends their open connections in an org they left).
     Org {
         #[command(subcommand)]
         command: OrgCommands,
     },
+}
+
+/// `--provider`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ProviderArg {
+    /// A directory and a process group on the relay host.
+    Local,
+    /// A bubblewrap sandbox.
+    Sandbox,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +231,9 @@ fn main() -> ExitCode {
             device_poll_interval,
             heartbeat,
             auto_stop_unit,
+            provider,
+            bwrap,
+            allowed_domain,
         } => {
             let rate = |per_second: u32, burst: u32| {
                 (per_second > 0).then_some(cloud_relay::limits::Rate {
@@ -215,20 +253,43 @@ fn main() -> ExitCode {
                 heartbeat,
                 auto_stop_unit,
             };
-            serve(
+            let provider = cloud_relay::providers::ProviderConfig {
+                kind: match provider {
+                    ProviderArg::Local => cloud_protocol::session::ProviderKind::Local,
+                    ProviderArg::Sandbox => cloud_protocol::session::ProviderKind::Sandbox,
+                },
+                bwrap,
+                helper: std::env::current_exe().ok(),
+                allowed_domains: allowed_domain,
+            };
+            serve(RelayConfig {
                 listen,
-                data,
+                data_dir: data,
                 agent_command,
                 access_token_ttl,
                 limits,
                 device,
                 presence,
-            )
+                provider,
+            })
         }
         Commands::Token { command } => token(command),
         Commands::Org { command } => org(command),
         Commands::Device { command } => device(command),
         Commands::ShellAgent => cloud_relay::shell_agent::run().map_err(anyhow::Error::from),
+        Commands::SandboxForward {
+            socket,
+            port,
+            program,
+        } => {
+            return match cloud_relay::providers::forward::run(socket, port, program) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("cloud-relay: error: {e}");
+                    ExitCode::from(127)
+                }
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -352,37 +413,20 @@ fn machine(name: &str) -> String {
     }
 }
 
-fn serve(
-    listen: SocketAddr,
-    data: PathBuf,
-    agent_command: Vec<String>,
-    access_token_ttl: Duration,
-    limits: cloud_relay::limits::Limits,
-    device: cloud_relay::auth::DeviceConfig,
-    presence: cloud_relay::presence::PresenceConfig,
-) -> anyhow::Result<()> {
+/// Serves `config` until SIGTERM or SIGINT (an empty agent command: the built-in shell
+/// agent, this program's `shell-agent`).
+fn serve(mut config: RelayConfig) -> anyhow::Result<()> {
     init_logging();
-    let agent_command = if agent_command.is_empty() {
+    if config.agent_command.is_empty() {
         let exe = std::env::current_exe().context("cannot find this program's path")?;
-        vec![exe.to_string_lossy().into_owned(), "shell-agent".to_owned()]
-    } else {
-        agent_command
-    };
+        config.agent_command = vec![exe.to_string_lossy().into_owned(), "shell-agent".to_owned()];
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
-        let relay = cloud_relay::start(RelayConfig {
-            listen,
-            data_dir: data,
-            agent_command,
-            access_token_ttl,
-            limits,
-            device,
-            presence,
-        })
-        .await?;
+        let relay = cloud_relay::start(config).await?;
         let signal = wait_for_signal().await?;
         tracing::info!(%signal, "stopping");
         relay.shutdown().await;

@@ -839,6 +839,8 @@ mod tests {
             snapshot: None,
             auto_stop_minutes: 0,
             clients: Vec::new(),
+            provider: Default::default(),
+            allowed_domains: Vec::new(),
         };
         let mut changes = Changes::default();
         changes.put_session(&session);

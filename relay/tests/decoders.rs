@@ -301,6 +301,8 @@ fn session(status: SessionStatus) -> Session {
         snapshot: None,
         auto_stop_minutes: 0,
         clients: Vec::new(),
+        provider: Default::default(),
+        allowed_domains: Vec::new(),
     }
 }
 
@@ -371,6 +373,7 @@ async fn start_on(damaged: &Damaged, status: SessionStatus) -> Result<bool, Test
         limits: cloud_relay::limits::Limits::OFF,
         device: Default::default(),
         presence: Default::default(),
+        provider: Default::default(),
     })
     .await;
     let relay = match started {

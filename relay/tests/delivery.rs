@@ -167,8 +167,8 @@ async fn refusal_of(bridge: &mut Bridge, seq: u64) -> String {
 }
 
 #[tokio::test]
-async fn unfinished_messages_reach_the_next_agent_after_a_pause_each_once() {
-    let relay = TestRelay::start(shell_agent()).await;
+async fn unfinished_messages_reach_the_next_agent_after_a_restart_each_once() {
+    let mut relay = TestRelay::start(shell_agent()).await;
     let token = relay.token("alice", "acme");
     let id = relay.create(&token, "{}").await["id"]
         .as_str()
@@ -178,18 +178,8 @@ async fn unfinished_messages_reach_the_next_agent_after_a_pause_each_once() {
     send(&relay, &token, &id, "echo AAA").await;
     send(&relay, &token, &id, "echo BBB").await;
     wait_prompt(&relay, &token, &id, 0, "echo AAA").await;
-    assert_eq!(
-        post(&relay, &token, &format!("/v1/sessions/{id}/pause"))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        post(&relay, &token, &format!("/v1/sessions/{id}/resume"))
-            .await
-            .0,
-        200
-    );
+    // A pause keeps the same agent (it is only stopped): a restarted relay starts a new one.
+    relay.restart().await;
 
     // The new agent gets both, in order: AAA is asked again, then BBB.
     let resumed = last_start(&relay, &token, &id).await;
@@ -210,20 +200,9 @@ async fn unfinished_messages_reach_the_next_agent_after_a_pause_each_once() {
         "each ran exactly once"
     );
 
-    // Finished turns are never handed over again: after another pause and resume, the
-    // first prompt is for the next message.
-    assert_eq!(
-        post(&relay, &token, &format!("/v1/sessions/{id}/pause"))
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        post(&relay, &token, &format!("/v1/sessions/{id}/resume"))
-            .await
-            .0,
-        200
-    );
+    // Finished turns are never handed over again: after another restart, the first prompt
+    // is for the next message.
+    relay.restart().await;
     let resumed = last_start(&relay, &token, &id).await;
     send(&relay, &token, &id, "echo CCC").await;
     wait_prompt(&relay, &token, &id, resumed, "echo CCC").await;
@@ -414,13 +393,20 @@ async fn a_refused_event_is_logged_as_not_delivered_once() {
         .await;
     daemon.send(1, user_message(&id, "echo AAA", None)).await;
     let (request_id, _) = wait_prompt(&relay, &ann, &id, 0, "echo AAA").await;
-    // Pausing withdraws the prompt: the allow queued meanwhile is refused.
-    assert_eq!(
-        post(&relay, &ann, &format!("/v1/sessions/{id}/pause"))
-            .await
-            .0,
-        200
-    );
+    // A restarted relay withdraws the prompt (its agent is gone): the allow sent after it
+    // is refused.
+    drop(daemon);
+    relay.restart().await;
+    let (mut daemon, _) = Bridge::connect(relay.addr, &ann, "i-1").await;
+    daemon
+        .send(
+            0,
+            ToRelay::Join {
+                session: id.clone(),
+                after: 0,
+            },
+        )
+        .await;
     daemon.send(2, allow_event(&id, &request_id, None)).await;
     let reason = refusal_of(&mut daemon, 2).await;
     assert!(reason.contains("withdrawn"), "{reason}");

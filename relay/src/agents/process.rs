@@ -1,5 +1,5 @@
-//! Agent processes: starting one in a session's workspace, feeding its stdin, reading its
-//! stdout and stderr, and stopping it.
+//! Agent processes: starting one from the command its session's provider built, feeding
+//! its stdin, reading its stdout and stderr, signalling its process group, and stopping it.
 //!
 //! Each agent runs in its own process group, so stopping it (SIGTERM to the group, then
 //! SIGKILL after [`STOP_GRACE`]) also reaches whatever it started in that group. Its stdout
@@ -10,7 +10,6 @@
 //! decides. It never blocks the core either: stdin writes go through an unbounded channel
 //! drained by a writer task, because the core must not wait on a slow agent.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,6 +89,16 @@ impl AgentHandle {
         self.stdin.clone()
     }
 
+    /// Its pid, which is also its process group id (none if the platform gave none).
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Whether the process has been reaped.
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow()
+    }
+
     /// Stops the agent: closes its stdin, sends SIGTERM to its process group, and SIGKILL
     /// after [`STOP_GRACE`]. The returned future ends when the process has exited.
     pub fn stop(self) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -103,6 +112,8 @@ impl AgentHandle {
         let already_exited = *exited.borrow();
         if !already_exited {
             signal_group(pid, Signal::Terminate);
+            // A paused (SIGSTOPped) agent acts on SIGTERM only once it runs again.
+            signal_group(pid, Signal::Continue);
         }
         async move {
             let gone = tokio::time::timeout(STOP_GRACE, exited.wait_for(|e| *e))
@@ -116,20 +127,30 @@ impl AgentHandle {
     }
 }
 
+/// A signal for an agent's whole process group.
 #[derive(Debug, Clone, Copy)]
-enum Signal {
+pub enum Signal {
+    /// SIGTERM: exit.
     Terminate,
+    /// SIGKILL.
     Kill,
+    /// SIGSTOP: pause.
+    Stop,
+    /// SIGCONT: go on.
+    Continue,
 }
 
+/// Sends `signal` to the process group `pid` leads (nothing without a pid).
 #[cfg(unix)]
-fn signal_group(pid: Option<u32>, signal: Signal) {
+pub fn signal_group(pid: Option<u32>, signal: Signal) {
     let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
         return;
     };
     let number = match signal {
         Signal::Terminate => libc::SIGTERM,
         Signal::Kill => libc::SIGKILL,
+        Signal::Stop => libc::SIGSTOP,
+        Signal::Continue => libc::SIGCONT,
     };
     // SAFETY: killpg only sends a signal; the group is the agent's own (it was started as
     // a group leader), and a group that no longer exists yields ESRCH, which is harmless.
@@ -138,94 +159,39 @@ fn signal_group(pid: Option<u32>, signal: Signal) {
     }
 }
 
+/// Sends `signal` to the process group `pid` leads (nothing without a pid).
 #[cfg(not(unix))]
-fn signal_group(_pid: Option<u32>, _signal: Signal) {}
+pub fn signal_group(_pid: Option<u32>, _signal: Signal) {}
 
-/// Whether an agent that must have no network got none.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetworkIsolation {
-    /// The session allows network: nothing was done.
-    NotRequested,
-    /// The agent runs in a network namespace of its own, with only a down loopback.
-    Enforced,
-    /// Isolation was asked for but this platform or process cannot provide it (why).
-    NotEnforced(String),
-}
-
-/// Starts an agent for `session` in `workspace` and the tasks that serve it. With
-/// `isolate_network`, the agent gets a new, empty network namespace where the platform
-/// allows (Linux, with CAP_SYS_ADMIN or unprivileged user namespaces); otherwise it runs
-/// without isolation and the returned [`NetworkIsolation`] says why, so the session can
-/// report it honestly.
+/// Starts an agent for `session` from `process` (the program, its arguments, working
+/// directory and confinement, as the session's provider built it; see
+/// [`crate::providers::Provider::command`]) and the tasks that serve it. The agent gets
+/// piped stdio and a process group of its own. `program` names it in errors.
 /// `core` is the core's command channel (any command type an [`AgentReport`] converts
 /// into, so this module needs nothing of the core's).
 pub fn spawn<C>(
-    command: &[String],
-    workspace: &Path,
+    mut process: ProcessCommand,
+    program: &str,
     session: &str,
     generation: u64,
-    isolate_network: bool,
     core: mpsc::Sender<C>,
     tracker: &TaskTracker,
-) -> Result<(AgentHandle, NetworkIsolation), AgentError>
+) -> Result<AgentHandle, AgentError>
 where
     C: From<AgentReport> + Send + 'static,
 {
-    let (program, args) = command.split_first().ok_or(AgentError::NoCommand)?;
-    let build = |isolate: bool| {
-        let mut process = ProcessCommand::new(program);
-        process
-            .args(args)
-            .current_dir(workspace)
-            .env("CLOUD_SESSION_ID", session)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(false);
-        #[cfg(unix)]
-        process.process_group(0);
-        #[cfg(target_os = "linux")]
-        if isolate {
-            // SAFETY: unshare is async-signal-safe and only affects the child being set up.
-            unsafe {
-                process.pre_exec(|| {
-                    if libc::unshare(libc::CLONE_NEWNET) == 0
-                        || libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0
-                    {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
-                    }
-                });
-            }
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = isolate;
-        process
-    };
-    let spawn_error = |source| AgentError::Spawn {
-        program: program.clone(),
+    process
+        .env("CLOUD_SESSION_ID", session)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
+    #[cfg(unix)]
+    process.process_group(0);
+    let mut child = process.spawn().map_err(|source| AgentError::Spawn {
+        program: program.to_owned(),
         source,
-    };
-    let (mut child, isolation) = if !isolate_network {
-        (
-            build(false).spawn().map_err(spawn_error)?,
-            NetworkIsolation::NotRequested,
-        )
-    } else if cfg!(target_os = "linux") {
-        match build(true).spawn() {
-            Ok(child) => (child, NetworkIsolation::Enforced),
-            Err(e) => (
-                build(false).spawn().map_err(spawn_error)?,
-                NetworkIsolation::NotEnforced(format!("cannot create a network namespace: {e}")),
-            ),
-        }
-    } else {
-        (
-            build(false).spawn().map_err(spawn_error)?,
-            NetworkIsolation::NotEnforced("network namespaces exist only on Linux".into()),
-        )
-    };
+    })?;
     let pid = child.id();
     let (stdin_sender, mut stdin_receiver) = mpsc::unbounded_channel::<Vec<u8>>();
     let (exited_sender, exited) = watch::channel(false);
@@ -302,15 +268,12 @@ where
             .await;
     });
 
-    Ok((
-        AgentHandle {
-            generation,
-            stdin: stdin_sender,
-            pid,
-            exited,
-        },
-        isolation,
-    ))
+    Ok(AgentHandle {
+        generation,
+        stdin: stdin_sender,
+        pid,
+        exited,
+    })
 }
 
 /// Reads one line of at most `max` bytes (without its newline). A longer line is cut at

@@ -30,4 +30,7 @@ pub enum CoreError {
     /// The relay is shutting down.
     #[error("the relay is shutting down; retry shortly")]
     ShuttingDown,
+    /// The relay's platform cannot do this (its provider says what to install or enable).
+    #[error("{0}")]
+    Unavailable(String),
 }

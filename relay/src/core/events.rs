@@ -201,7 +201,9 @@ impl Core {
             } => self.answer_prompt(identity, session, request_id, decision, changes, round),
             Outbound::Interrupt { session, .. } => {
                 let runtime = self.writable_mut(identity, session, "viewers cannot interrupt")?;
-                let Some(agent) = &runtime.agent else {
+                // A paused agent (stopped, see `providers`) runs no turn to interrupt.
+                let running = runtime.session.status != SessionStatus::Paused;
+                let Some(agent) = runtime.agent.as_ref().filter(|_| running) else {
                     return Err(CoreError::Conflict(format!(
                         "session {session} is {}: there is nothing to interrupt",
                         runtime.session.status.as_str()

@@ -159,14 +159,15 @@ const FORBIDDEN: u8 = 2;
 const CONFLICT: u8 = 3;
 const INVALID: u8 = 4;
 
-/// A refusal as recorded; `None` for a transient one (the store, a shutdown).
+/// A refusal as recorded; `None` for a transient one (the store, a shutdown, a provider
+/// the platform cannot run yet).
 fn refusal(error: &CoreError) -> Option<KeyOutcome> {
     let (kind, reason) = match error {
         CoreError::NotFound(session) => (NOT_FOUND, session.clone()),
         CoreError::Forbidden(reason) => (FORBIDDEN, reason.clone()),
         CoreError::Transition(_) | CoreError::Conflict(_) => (CONFLICT, error.to_string()),
         CoreError::Invalid(reason) => (INVALID, reason.clone()),
-        CoreError::Store | CoreError::ShuttingDown => return None,
+        CoreError::Store | CoreError::ShuttingDown | CoreError::Unavailable(_) => return None,
     };
     Some(KeyOutcome::Refused { kind, reason })
 }

@@ -44,7 +44,6 @@ mod shared;
 mod unfinished;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use cloud_protocol::bridge::Outbound;
@@ -158,6 +157,14 @@ pub enum Command {
         /// Answered when done.
         reply: oneshot::Sender<()>,
     },
+    /// The provider prepared (or failed to prepare) a session's workspace: start its
+    /// agent, or fail it with the provider's message.
+    Provisioned {
+        /// The session.
+        session: String,
+        /// The provider's message when it failed.
+        result: Result<(), String>,
+    },
 }
 
 /// What became of a batch of events.
@@ -205,6 +212,8 @@ struct SessionRuntime {
     /// Its user messages that no agent has finished (see [`delivery`]): all handed to its
     /// agent while one runs, and to the next one otherwise.
     unfinished: Unfinished,
+    /// Whether its provider is preparing its workspace (it is `starting` meanwhile).
+    provisioning: bool,
 }
 
 /// An answer to a caller, given once the round's writes are on disk.
@@ -269,8 +278,6 @@ pub struct Core {
     shared: Arc<Shared>,
     /// The agent command line.
     agent_command: Vec<String>,
-    /// `DATA/workspaces`.
-    workspaces: PathBuf,
     /// Sessions by id.
     sessions: HashMap<String, SessionRuntime>,
     /// Daemon instance → last journal seq applied.
@@ -311,7 +318,6 @@ impl Core {
         shared: Arc<Shared>,
         commands: mpsc::Receiver<Command>,
         agent_command: Vec<String>,
-        workspaces: PathBuf,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let store = shared.store.clone();
         let mut refusals: HashMap<String, BTreeMap<u64, String>> = HashMap::new();
@@ -322,7 +328,6 @@ impl Core {
             store: store.clone(),
             shared,
             agent_command,
-            workspaces,
             sessions: HashMap::new(),
             dedup: store.load_dedup()?.into_iter().collect(),
             refusals,
@@ -359,6 +364,7 @@ impl Core {
                     prompts: stored.prompts.into_iter().collect(),
                     agent: None,
                     unfinished,
+                    provisioning: false,
                 },
             );
         }
@@ -376,6 +382,11 @@ impl Core {
                     core.sessions.get_mut(id).unwrap().session.status = SessionStatus::Starting;
                 }
                 core.start_agent(id, None, &mut changes, &mut round);
+                core.commit(changes, &mut round);
+            } else if status == SessionStatus::Paused {
+                // A paused agent died with the previous relay too: resume starts a new one.
+                let mut changes = Changes::default();
+                core.withdraw_prompts(id, &mut changes, &mut round);
                 core.commit(changes, &mut round);
             }
         }
@@ -417,10 +428,11 @@ impl Core {
     async fn shutdown(&mut self) {
         for (id, runtime) in &mut self.sessions {
             if let Some(agent) = runtime.agent.take() {
-                self.agent_tasks.spawn(agent.stop());
+                self.agent_tasks.spawn(self.shared.provider.stop(agent));
             }
             self.shared.teleport.unwatch(id);
         }
+        self.shared.provider.shutdown();
         self.agent_tasks.close();
         let grace = process::STOP_GRACE + std::time::Duration::from_secs(3);
         if tokio::time::timeout(grace, self.agent_tasks.wait())
@@ -501,7 +513,10 @@ impl Core {
             }
         }
         drop(sessions);
-        let _ = self.shared.notices.send(Notice::Changed(session.clone()));
+        let _ = self
+            .shared
+            .notices
+            .send(Notice::Changed(Box::new(session.clone())));
     }
 
     /// Applies one unit's writes atomically.
@@ -552,6 +567,7 @@ impl Core {
                 Command::Events { .. }
                 | Command::Register { .. }
                 | Command::Agent(_)
+                | Command::Provisioned { .. }
                 | Command::Shutdown { .. } => {}
             }
             return;
@@ -633,6 +649,7 @@ impl Core {
                 };
                 round.reply(reply, result);
             }
+            Command::Provisioned { session, result } => self.provisioned(&session, result, round),
             Command::Shutdown { .. } => {}
         }
     }

@@ -3,6 +3,10 @@
 //! the relay's own for idle auto-stop with its reason in the log), share,
 //! delete (its agent stopped, its workspace and every key of it removed), and starting
 //! and stopping a session's agent, with the status and log entries that go with them.
+//! The session's provider ([`crate::providers`]) does the work: it prepares the workspace
+//! (rebuilding a gone one from its snapshot on a task, the session `starting`
+//! meanwhile), builds the agent's command, and pauses (SIGSTOP: the same agent stays) and
+//! resumes (SIGCONT) it.
 //!
 //! Everything here runs inside a core round: writes go into the round's changes, never
 //! straight to the store, and nothing here waits (an agent is stopped, and a deleted
@@ -19,7 +23,8 @@ use cloud_protocol::session::{
 use super::delivery::Unfinished;
 use super::{now, Core, CoreError, Round, SessionRuntime};
 use crate::access::Identity;
-use crate::agents::process::{self, AgentHandle};
+use crate::agents::process;
+use crate::providers::AgentState;
 use crate::store::Changes;
 
 /// The longest idle limit a session may have: a week, as the setting allows.
@@ -39,8 +44,13 @@ impl Core {
                 request.auto_stop_minutes
             )));
         }
+        // Refused, never pretended, where the platform cannot run the provider.
+        self.shared
+            .provider
+            .check()
+            .map_err(|e| CoreError::Unavailable(e.to_string()))?;
         let id = new_session_id()?;
-        let workspace = self.workspaces.join(&id);
+        let workspace = self.shared.provider.workspace(&id);
         std::fs::create_dir_all(&workspace).map_err(|e| {
             tracing::error!(path = %workspace.display(), error = %e, "cannot create a workspace");
             CoreError::Invalid(format!("cannot create the session's workspace: {e}"))
@@ -56,6 +66,15 @@ impl Core {
             .locked(&identity.org, "network")
             .and_then(|v| NetworkAccess::parse(&v))
             .unwrap_or(request.network_access);
+        let allowed_domains = settings
+            .locked(&identity.org, "allowed_domains")
+            .map(|v| {
+                v.split(',')
+                    .map(|d| d.trim().to_owned())
+                    .filter(|d| !d.is_empty())
+                    .collect()
+            })
+            .unwrap_or(request.allowed_domains);
         let at = now();
         let session = Session {
             id: id.clone(),
@@ -74,6 +93,8 @@ impl Core {
             snapshot: None,
             auto_stop_minutes: request.auto_stop_minutes,
             clients: Vec::new(),
+            provider: self.shared.provider.kind(),
+            allowed_domains,
         };
         self.sessions.insert(
             id.clone(),
@@ -82,6 +103,7 @@ impl Core {
                 prompts: HashMap::new(),
                 agent: None,
                 unfinished: Unfinished::default(),
+                provisioning: false,
             },
         );
         let mut changes = Changes::default();
@@ -149,11 +171,23 @@ impl Core {
         from.check_transition(target)?;
         let mut changes = Changes::default();
         match target {
+            SessionStatus::Running if self.resume_agent(id, &mut changes, round) => {
+                self.set_status(id, SessionStatus::Running, reason, &mut changes, round);
+            }
             SessionStatus::Running => {
                 self.sessions.get_mut(id).unwrap().session.status = SessionStatus::Starting;
                 self.start_agent(id, reason, &mut changes, round);
                 // The status passed through starting only in memory: log the move from
                 // the old status to the new one.
+            }
+            SessionStatus::Paused => {
+                // The agent stays, stopped with its whole process group: what users send
+                // waits in its stdin, and its prompts stay open.
+                if let Some(agent) = &self.sessions[id].agent {
+                    self.shared.provider.pause(agent);
+                }
+                self.shared.teleport.unwatch(id);
+                self.set_status(id, SessionStatus::Paused, reason, &mut changes, round);
             }
             status => {
                 // Read before this action writes anything (see `start_agent`).
@@ -192,15 +226,16 @@ impl Core {
                 "session deleted with messages no agent finished"
             );
         }
-        let stop = runtime.agent.take().map(AgentHandle::stop);
+        let provider = Arc::clone(&self.shared.provider);
+        let stop = runtime.agent.take().map(|agent| provider.stop(agent));
         let (teleport, session) = (Arc::clone(&self.shared.teleport), id.to_owned());
         teleport.unwatch(id);
         self.agent_tasks.spawn(async move {
             if let Some(stop) = stop {
                 stop.await;
             }
-            // Its versions and its workspace.
-            teleport.delete_session(&session).await;
+            // Its proxy, its versions and its workspace.
+            provider.delete(&teleport, &session).await;
         });
         let mut changes = Changes::default();
         self.apply_pending(round);
@@ -272,8 +307,102 @@ impl Core {
 
     /// Starts the session's agent (its status must be starting, failed or paused) and
     /// moves it to running (logging `reason`), or to failed when the agent cannot start.
-    /// Its unfinished messages are handed to the new agent.
+    /// Its unfinished messages are handed to the new agent. When its workspace must be rebuilt from its
+    /// snapshot first, the provider does that on a task and the session stays `starting`
+    /// until [`Command::Provisioned`](super::Command::Provisioned) comes back.
     pub(super) fn start_agent(
+        &mut self,
+        id: &str,
+        reason: Option<String>,
+        changes: &mut Changes,
+        round: &mut Round,
+    ) {
+        let runtime = self.sessions.get_mut(id).unwrap();
+        if runtime.provisioning {
+            return;
+        }
+        if !self.shared.provider.needs_rebuild(&runtime.session) {
+            self.spawn_agent(id, reason, changes, round);
+            return;
+        }
+        runtime.provisioning = true;
+        let session = runtime.session.clone();
+        let version = session.snapshot.as_ref().map_or(0, |v| v.version);
+        self.set_status(
+            id,
+            SessionStatus::Starting,
+            Some(format!(
+                "rebuilding the workspace from snapshot version {version}"
+            )),
+            changes,
+            round,
+        );
+        let shared = Arc::clone(&self.shared);
+        self.agent_tasks.spawn(async move {
+            let result = shared
+                .provider
+                .create(&shared.teleport, &session)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = shared
+                .core
+                .send(super::Command::Provisioned {
+                    session: session.id,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// The provider finished preparing a session's workspace: starts its agent, unless
+    /// the session moved on meanwhile, or fails it with the provider's message.
+    pub(super) fn provisioned(&mut self, id: &str, result: Result<(), String>, round: &mut Round) {
+        let Some(runtime) = self.sessions.get_mut(id) else {
+            return;
+        };
+        runtime.provisioning = false;
+        if runtime.session.status != SessionStatus::Starting || runtime.agent.is_some() {
+            return;
+        }
+        let mut changes = Changes::default();
+        match result {
+            Ok(()) => self.spawn_agent(id, None, &mut changes, round),
+            Err(reason) => {
+                tracing::warn!(session = %id, %reason, "the provider failed");
+                self.set_status(id, SessionStatus::Failed, Some(reason), &mut changes, round);
+            }
+        }
+        self.commit(changes, round);
+    }
+
+    /// Continues the session's paused agent (SIGCONT: the same process) when it is there
+    /// to continue: alive, and its workspace still in place (an agent whose workspace
+    /// was removed is stopped, its prompts withdrawn: the next one starts in the rebuilt
+    /// workspace).
+    fn resume_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) -> bool {
+        let provider = Arc::clone(&self.shared.provider);
+        let runtime = self.sessions.get_mut(id).unwrap();
+        let Some(agent) = &runtime.agent else {
+            return false;
+        };
+        let alive = provider.status(agent) != AgentState::Exited;
+        if alive && provider.workspace(id).is_dir() {
+            provider.resume(agent);
+            if runtime.session.snapshot.is_some() {
+                let org = runtime.session.org.clone();
+                Arc::clone(&self.shared.teleport).watch(&self.shared, id, &org);
+            }
+            return true;
+        }
+        if let Some(agent) = runtime.agent.take() {
+            self.agent_tasks.spawn(provider.stop(agent));
+            self.withdraw_prompts(id, changes, round);
+        }
+        false
+    }
+
+    /// Spawns the session's agent in its (existing) workspace through the provider.
+    fn spawn_agent(
         &mut self,
         id: &str,
         reason: Option<String>,
@@ -286,38 +415,33 @@ impl Core {
         let unfinished = self.unfinished_lines(id, round);
         let generation = self.next_generation;
         self.next_generation += 1;
-        let workspace = self.workspaces.join(id);
+        let provider = Arc::clone(&self.shared.provider);
+        let session = &self.sessions[id].session;
+        let workspace = provider.workspace(id);
         let spawned = std::fs::create_dir_all(&workspace)
             .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display()))
             .and_then(|()| {
+                let (program, args) = self
+                    .agent_command
+                    .split_first()
+                    .ok_or_else(|| process::AgentError::NoCommand.to_string())?;
+                let command = provider
+                    .command(session, program, args)
+                    .map_err(|e| e.to_string())?;
                 process::spawn(
-                    &self.agent_command,
-                    &workspace,
+                    command,
+                    program,
                     id,
                     generation,
-                    self.sessions[id].session.network_access == NetworkAccess::None,
                     self.shared.core.clone(),
                     &self.agent_tasks,
                 )
                 .map_err(|e| e.to_string())
             });
         match spawned {
-            Ok((agent, isolation)) => {
-                // Say in the session's own log whether "no network" holds.
-                let note = match isolation {
-                    process::NetworkIsolation::NotRequested => None,
-                    process::NetworkIsolation::Enforced => Some(serde_json::json!({
-                        "type": "system", "subtype": "network", "network_access": "none", "enforced": true,
-                    })),
-                    process::NetworkIsolation::NotEnforced(reason) => {
-                        tracing::warn!(session = %id, "network_access=none is not enforced: {reason}");
-                        Some(serde_json::json!({
-                            "type": "system", "subtype": "network", "network_access": "none",
-                            "enforced": false, "reason": reason,
-                        }))
-                    }
-                };
-                if let Some(note) = note {
+            Ok(agent) => {
+                // Say in the session's own log whether its network access holds.
+                if let Some(note) = provider.network_note(session) {
                     self.append(
                         id,
                         Author::Relay,
@@ -330,6 +454,8 @@ impl Core {
                 }
                 let runtime = self.sessions.get_mut(id).unwrap();
                 runtime.agent = Some(agent);
+                // A relay restarted with another provider runs its sessions with that one.
+                runtime.session.provider = provider.kind();
                 if runtime.session.snapshot.is_some() {
                     // A teleported workspace: the agent's edits become versions as it
                     // makes them.
@@ -348,7 +474,7 @@ impl Core {
     /// Stops the session's agent, if one runs, withdrawing its pending prompts.
     fn stop_agent(&mut self, id: &str, changes: &mut Changes, round: &mut Round) {
         if let Some(agent) = self.sessions.get_mut(id).and_then(|r| r.agent.take()) {
-            self.agent_tasks.spawn(agent.stop());
+            self.agent_tasks.spawn(self.shared.provider.stop(agent));
         }
         self.shared.teleport.unwatch(id);
         self.withdraw_prompts(id, changes, round);

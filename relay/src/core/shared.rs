@@ -32,8 +32,8 @@ const NOTICE_QUEUE: usize = 1024;
 /// A change to a session that connections replicate.
 #[derive(Debug, Clone)]
 pub enum Notice {
-    /// Created or changed.
-    Changed(Session),
+    /// Created or changed (boxed: a session is large beside an id).
+    Changed(Box<Session>),
     /// Deleted.
     Removed(String),
 }
@@ -80,6 +80,8 @@ pub struct Shared {
     pub settings: crate::settings::Settings,
     /// Every session's connected clients.
     pub presence: Arc<crate::presence::Presence>,
+    /// Where sessions run: their workspaces, the confinement of their programs.
+    pub provider: Arc<crate::providers::Provider>,
 }
 
 impl Shared {
@@ -167,6 +169,7 @@ pub fn shared(
     limits: crate::limits::Limits,
     settings: crate::settings::Settings,
     presence: crate::presence::PresenceConfig,
+    provider: Arc<crate::providers::Provider>,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
@@ -183,6 +186,7 @@ pub fn shared(
         metrics: crate::metrics::RelayMetrics::default(),
         settings,
         presence: Arc::new(crate::presence::Presence::new(presence)),
+        provider,
     };
     (Arc::new(shared), commands)
 }
@@ -221,6 +225,11 @@ mod tests {
             crate::limits::Limits::OFF,
             crate::settings::Settings::open(dir.path()).unwrap(),
             Default::default(),
+            Arc::new(crate::providers::Provider::new(
+                Default::default(),
+                dir.path(),
+                dir.path().join("workspaces"),
+            )),
         );
         let entry = |seq: u64, text: String| LogEntry {
             seq,
@@ -245,6 +254,8 @@ mod tests {
             snapshot: None,
             auto_stop_minutes: 0,
             clients: Vec::new(),
+            provider: Default::default(),
+            allowed_domains: Vec::new(),
         };
         let round = (5..=7).map(|seq| entry(seq, seq.to_string())).collect();
         shared.sessions.write().unwrap().insert(

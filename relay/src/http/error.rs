@@ -58,7 +58,9 @@ impl From<CoreError> for ApiError {
             CoreError::Forbidden(_) => StatusCode::FORBIDDEN,
             CoreError::Transition(_) | CoreError::Conflict(_) => StatusCode::CONFLICT,
             CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
-            CoreError::Store | CoreError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            CoreError::Store | CoreError::ShuttingDown | CoreError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         ApiError::new(status, error.to_string())
     }

@@ -44,7 +44,7 @@ use snapshots::{Commit, Snapshots};
 /// The teleport service.
 #[derive(Debug)]
 pub struct Teleport {
-    snapshots: Snapshots,
+    pub(crate) snapshots: Snapshots,
     pub blobs: BlobStore,
     workspaces: PathBuf,
     /// Each session's workspace index (what the last capture saw).

@@ -40,6 +40,7 @@ pub struct TestRelay {
     pub agent_command: Vec<String>,
     pub access_token_ttl: std::time::Duration,
     pub limits: cloud_relay::limits::Limits,
+    pub provider: cloud_relay::providers::ProviderConfig,
 }
 
 impl TestRelay {
@@ -65,10 +66,30 @@ impl TestRelay {
         TestRelay::start_with_config(agent_command, ttl, limits).await
     }
 
+    /// A relay whose sessions run with `provider`.
+    pub async fn start_with_provider(
+        agent_command: Vec<String>,
+        provider: cloud_relay::providers::ProviderConfig,
+    ) -> TestRelay {
+        let ttl = cloud_relay::auth::DEFAULT_ACCESS_TOKEN_TTL;
+        let limits = cloud_relay::limits::Limits::OFF;
+        TestRelay::start_with_everything(agent_command, ttl, limits, provider).await
+    }
+
     async fn start_with_config(
         agent_command: Vec<String>,
         access_token_ttl: std::time::Duration,
         limits: cloud_relay::limits::Limits,
+    ) -> TestRelay {
+        let provider = cloud_relay::providers::ProviderConfig::default();
+        TestRelay::start_with_everything(agent_command, access_token_ttl, limits, provider).await
+    }
+
+    async fn start_with_everything(
+        agent_command: Vec<String>,
+        access_token_ttl: std::time::Duration,
+        limits: cloud_relay::limits::Limits,
+        provider: cloud_relay::providers::ProviderConfig,
     ) -> TestRelay {
         let dir = tempfile::tempdir().unwrap();
         let relay = cloud_relay::start(RelayConfig {
@@ -79,6 +100,7 @@ impl TestRelay {
             limits,
             device: Default::default(),
             presence: Default::default(),
+            provider: provider.clone(),
         })
         .await
         .unwrap();
@@ -89,6 +111,7 @@ impl TestRelay {
             agent_command,
             access_token_ttl,
             limits,
+            provider,
         }
     }
 
@@ -122,6 +145,7 @@ impl TestRelay {
             limits: self.limits,
             device: Default::default(),
             presence: Default::default(),
+            provider: self.provider.clone(),
         })
         .await
         .unwrap();

@@ -137,7 +137,7 @@ impl Connection {
             Notice::Changed(session) => {
                 if self.identity.lists(&session) {
                     self.known.insert(session.id.clone());
-                    self.send(socket, FromRelay::SessionChanged(session)).await
+                    self.send(socket, FromRelay::SessionChanged(*session)).await
                 } else if self.known.remove(&session.id) {
                     self.send(
                         socket,
