@@ -27,6 +27,8 @@
 //!   `core::unfinished` (on top of `core::delivery`); `core::shared` is what
 //!   readers see; `core::error` is what a request to it can fail with.
 //! - [`follow`]: reading a session's log after a cursor, then live.
+//! - `terminal`: shells in sessions' workspaces on pseudo-terminals, for `http::terminal`
+//!   (the shell socket).
 //! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
 //!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).
 //!
@@ -48,6 +50,7 @@ pub mod orgs;
 pub mod settings;
 mod store;
 mod teleport;
+mod terminal;
 pub mod tokens;
 
 pub use crate::agents::shell as shell_agent;
@@ -192,7 +195,15 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
     let teleport = teleport::Teleport::open(&config.data_dir, workspaces.clone())
         .map_err(RelayError::Teleport)?;
     let settings = settings::Settings::open(&config.data_dir).map_err(RelayError::Auth)?;
-    let (shared, commands) = core::shared(auth, store, Arc::new(teleport), config.limits, settings);
+    let terminals = terminal::Terminals::new(workspaces.clone());
+    let (shared, commands) = core::shared(
+        auth,
+        store,
+        Arc::new(teleport),
+        config.limits,
+        settings,
+        terminals,
+    );
     let core_task = Core::start(shared.clone(), commands, config.agent_command, workspaces).await?;
 
     let server_task = http::serve(listener, shared.clone());

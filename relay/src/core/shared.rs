@@ -78,6 +78,8 @@ pub struct Shared {
     pub metrics: crate::metrics::RelayMetrics,
     /// The users' and orgs' settings.
     pub settings: crate::settings::Settings,
+    /// Shells in sessions' workspaces (`cloudctl session shell`).
+    pub terminals: crate::terminal::Terminals,
 }
 
 impl Shared {
@@ -164,6 +166,7 @@ pub fn shared(
     teleport: Arc<crate::teleport::Teleport>,
     limits: crate::limits::Limits,
     settings: crate::settings::Settings,
+    terminals: crate::terminal::Terminals,
 ) -> (Arc<Shared>, mpsc::Receiver<Command>) {
     let (core, commands) = mpsc::channel(COMMAND_QUEUE);
     let shared = Shared {
@@ -179,6 +182,7 @@ pub fn shared(
         limits: crate::limits::Limiters::new(limits),
         metrics: crate::metrics::RelayMetrics::default(),
         settings,
+        terminals,
     };
     (Arc::new(shared), commands)
 }
@@ -216,6 +220,7 @@ mod tests {
             Arc::new(teleport),
             crate::limits::Limits::OFF,
             crate::settings::Settings::open(dir.path()).unwrap(),
+            crate::terminal::Terminals::new(dir.path().join("workspaces")),
         );
         let entry = |seq: u64, text: String| LogEntry {
             seq,

@@ -1,0 +1,351 @@
+//! Terminals into sessions: an interactive shell in a session's workspace, on a
+//! pseudo-terminal ([`pty`]) the relay drives for one client (`http::terminal`, the shell
+//! socket).
+//!
+//! [`shell_command`] is the one place that decides what runs and in what confinement: the
+//! same as the session's agent gets (its workspace as working directory, its own network
+//! namespace when the session has no network). [`Shell`] runs it on a terminal and ends
+//! it: the shell leads a session and process group of its own, so hanging up reaches
+//! every process it started there.
+//!
+//! This module never touches the store or a session's status, and never decides who may
+//! open a shell (the HTTP handler checks access before anything is started here).
+
+pub mod pty;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud_protocol::session::NetworkAccess;
+use cloud_protocol::terminal::WindowSize;
+use tokio::process::{Child, Command};
+
+use crate::agents::process::NetworkIsolation;
+
+/// How many shells a relay runs at once, at most; the next one is refused until one ends.
+pub const MAX_SHELLS: usize = 64;
+
+/// How long a hung-up shell gets to exit before its process group is killed.
+pub const HANG_UP_GRACE: Duration = Duration::from_secs(2);
+
+/// The `TERM` of a shell whose client named none.
+pub const DEFAULT_TERM: &str = "xterm-256color";
+
+/// A shell could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum TerminalError {
+    /// The relay runs as many shells as it allows.
+    #[error("the relay runs as many shells as it allows ({MAX_SHELLS}); close one and try again")]
+    TooMany,
+    /// The session's workspace is not on this relay.
+    #[error("the session's workspace is not there; resume the session and try again")]
+    NoWorkspace,
+    /// No pseudo-terminal could be opened.
+    #[error("cannot open a terminal on the relay: {0}")]
+    Pty(std::io::Error),
+    /// The shell could not be started.
+    #[error("cannot start a shell ({program}) on the relay: {source}")]
+    Spawn {
+        /// The shell.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The relay's terminals: where workspaces are, and how many shells run.
+#[derive(Debug)]
+pub struct Terminals {
+    /// `DATA/workspaces`: a session's workspace is the directory named after it.
+    workspaces: PathBuf,
+    /// Shells running now.
+    running: Arc<AtomicUsize>,
+}
+
+impl Terminals {
+    /// The terminals of a relay whose workspaces are under `workspaces`.
+    pub fn new(workspaces: PathBuf) -> Terminals {
+        Terminals {
+            workspaces,
+            running: Arc::default(),
+        }
+    }
+
+    /// Starts a shell for `session` in its workspace, in a terminal of `size`, with
+    /// `TERM=term`.
+    pub fn open(
+        &self,
+        session: &str,
+        network: NetworkAccess,
+        size: WindowSize,
+        term: &str,
+    ) -> Result<(Shell, NetworkIsolation), TerminalError> {
+        let workspace = self.workspaces.join(session);
+        if !workspace.is_dir() {
+            return Err(TerminalError::NoWorkspace);
+        }
+        let slot = Slot::take(&self.running).ok_or(TerminalError::TooMany)?;
+        let spawn = |isolate: bool| -> Result<(Child, pty::Master), TerminalError> {
+            let (master, slave) = pty::open(size).map_err(TerminalError::Pty)?;
+            let mut command = shell_command(&workspace, session, isolate, term);
+            let program = command.as_std().get_program().to_string_lossy().into_owned();
+            let spawn_error = |source| TerminalError::Spawn {
+                program: program.clone(),
+                source,
+            };
+            let stdio = |slave: &std::os::fd::OwnedFd| {
+                slave.try_clone().map(Stdio::from).map_err(spawn_error)
+            };
+            command
+                .stdin(stdio(&slave)?)
+                .stdout(stdio(&slave)?)
+                .stderr(stdio(&slave)?);
+            // SAFETY: `attach` makes only async-signal-safe calls (setsid, ioctl).
+            unsafe {
+                command.pre_exec(pty::attach);
+            }
+            let child = command.spawn().map_err(spawn_error)?;
+            // The relay's copies of the slave go with `command` and `slave` here, so the
+            // terminal hangs up when the shell's side closes.
+            Ok((child, master))
+        };
+        let isolate = network == NetworkAccess::None;
+        let ((child, master), isolation) = if !isolate {
+            (spawn(false)?, NetworkIsolation::NotRequested)
+        } else if cfg!(target_os = "linux") {
+            match spawn(true) {
+                Ok(spawned) => (spawned, NetworkIsolation::Enforced),
+                Err(e) => (
+                    spawn(false)?,
+                    NetworkIsolation::NotEnforced(format!(
+                        "cannot create a network namespace: {e}"
+                    )),
+                ),
+            }
+        } else {
+            (
+                spawn(false)?,
+                NetworkIsolation::NotEnforced("network namespaces exist only on Linux".into()),
+            )
+        };
+        Ok((
+            Shell {
+                master,
+                process: ShellProcess {
+                    pid: child.id(),
+                    child,
+                    _slot: slot,
+                },
+            },
+            isolation,
+        ))
+    }
+}
+
+/// What runs when a user opens a terminal into a session, and in what confinement: the
+/// shell, with the workspace as its working directory, `CLOUD_SESSION_ID`, and (with
+/// `isolate_network`, for a session without network) a network namespace of its own, as
+/// the session's agent gets (`agents::process::spawn`). The caller puts it on a terminal.
+///
+/// This is the one place a provider's confinement (a sandbox around the program) belongs.
+pub fn shell_command(workspace: &Path, session: &str, isolate_network: bool, term: &str) -> Command {
+    let program = ["/bin/bash", "/bin/sh"]
+        .into_iter()
+        .find(|shell| Path::new(shell).exists())
+        .unwrap_or("/bin/sh");
+    let mut command = Command::new(program);
+    command
+        .current_dir(workspace)
+        .env("CLOUD_SESSION_ID", session)
+        .env("PWD", workspace)
+        .env("SHELL", program)
+        .env("TERM", term)
+        .kill_on_drop(false);
+    #[cfg(target_os = "linux")]
+    if isolate_network {
+        // SAFETY: unshare is async-signal-safe and only affects the child being set up.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::unshare(libc::CLONE_NEWNET) == 0
+                    || libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0
+                {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = isolate_network;
+    command
+}
+
+/// A running shell on its terminal.
+#[derive(Debug)]
+pub struct Shell {
+    /// The terminal's master end.
+    pub master: pty::Master,
+    /// The shell's process.
+    pub process: ShellProcess,
+}
+
+impl Shell {
+    /// Hangs the shell up (see [`ShellProcess::hang_up`]).
+    pub async fn hang_up(self) {
+        self.process.hang_up().await;
+    }
+}
+
+/// A shell's process: the leader of its own session and process group.
+#[derive(Debug)]
+pub struct ShellProcess {
+    /// The process.
+    child: Child,
+    /// Its pid, which is also its process group's id.
+    pid: Option<u32>,
+    /// Counts the shell in [`Terminals`] while it lives.
+    _slot: Slot,
+}
+
+impl ShellProcess {
+    /// Waits for the shell to exit: its status (128 + the signal's number when a signal
+    /// ended it). Cancel-safe.
+    pub async fn wait(&mut self) -> i32 {
+        match self.child.wait().await {
+            Ok(status) => exit_code(status),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot wait for a shell");
+                1
+            }
+        }
+    }
+
+    /// Hangs up: SIGHUP to the shell's process group, SIGKILL after [`HANG_UP_GRACE`] if the
+    /// shell is still there. Returns once it has exited.
+    pub async fn hang_up(mut self) {
+        signal_group(self.pid, libc::SIGHUP);
+        // A stopped job would not see the hang-up until continued.
+        signal_group(self.pid, libc::SIGCONT);
+        if tokio::time::timeout(HANG_UP_GRACE, self.child.wait())
+            .await
+            .is_err()
+        {
+            signal_group(self.pid, libc::SIGKILL);
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+/// A process's exit status as a shell reports it: its code, or 128 + the signal's number.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1)
+}
+
+fn signal_group(pid: Option<u32>, signal: libc::c_int) {
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
+    // SAFETY: killpg only sends a signal to the shell's own group (it leads a session of
+    // its own); a group that is gone yields ESRCH, which is harmless.
+    unsafe {
+        libc::killpg(pid, signal);
+    }
+}
+
+/// One of the [`MAX_SHELLS`], held while a shell runs.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(running: &Arc<AtomicUsize>) -> Option<Slot> {
+        running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SHELLS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(Arc::clone(running)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_status_is_the_code_or_128_plus_the_signal() {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(exit_code(std::process::ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(std::process::ExitStatus::from_raw(libc::SIGKILL)), 137);
+    }
+
+    #[test]
+    fn shells_beyond_the_limit_are_refused_until_one_ends() {
+        let running = Arc::new(AtomicUsize::new(0));
+        let slots: Vec<Slot> = (0..MAX_SHELLS).map(|_| Slot::take(&running).unwrap()).collect();
+        assert!(Slot::take(&running).is_none());
+        drop(slots);
+        assert!(Slot::take(&running).is_some());
+    }
+
+    /// A real shell on a real terminal: runs in the workspace, sees the size it was given
+    /// and a resize, and reports its exit status.
+    #[tokio::test]
+    async fn a_shell_runs_in_its_workspace_on_a_terminal() {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("s-1")).unwrap();
+        let terminals = Terminals::new(data.path().to_owned());
+        let (mut shell, isolation) = terminals
+            .open("s-1", NetworkAccess::Full, WindowSize { cols: 90, rows: 30 }, "dumb")
+            .unwrap();
+        assert_eq!(isolation, NetworkIsolation::NotRequested);
+        shell
+            .master
+            .resize(WindowSize { cols: 101, rows: 41 })
+            .unwrap();
+        let script = b"echo \"at=[$PWD] id=[$CLOUD_SESSION_ID]\"; stty size; exit 7\n";
+        let mut written = 0;
+        while written < script.len() {
+            written += shell.master.write(&script[written..]).await.unwrap();
+        }
+        let mut output = Vec::new();
+        let mut buf = [0u8; 4096];
+        let workspace = data.path().join("s-1");
+        let expected = format!("at=[{}] id=[s-1]", workspace.display());
+        while !String::from_utf8_lossy(&output).contains("41 101") {
+            let n = tokio::time::timeout(Duration::from_secs(10), shell.master.read(&mut buf))
+                .await
+                .expect("the shell answers")
+                .unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&output));
+            output.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            String::from_utf8_lossy(&output).contains(&expected),
+            "{}",
+            String::from_utf8_lossy(&output)
+        );
+        assert_eq!(shell.process.wait().await, 7);
+        // Nobody holds the terminal any more: it reads as ended.
+        let mut rest = Vec::new();
+        while let Ok(Some(n)) = shell.master.try_read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&buf[..n]);
+        }
+    }
+}
