@@ -1,0 +1,240 @@
+//! A terminal into a session (issue 11, point 4): `cloudctl session shell ID` under a real
+//! pseudo-terminal, through the real daemon to a real standalone relay, runs a shell in
+//! the session's workspace on the relay's own terminal, follows the client's window size,
+//! and exits with the shell's status. Viewers, users who may not change the session and
+//! read-only credentials are refused.
+
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+
+use cloudd_e2e::{wait_for, Home, Relay, DEADLINE};
+
+fn login(home: &Home, relay: &Relay, user: &str, org: &str) {
+    let token = relay.token(user, org);
+    home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
+}
+
+fn create(home: &Home, visibility: &str) -> String {
+    let created = home.cloudctl_json(&[
+        "session",
+        "create",
+        "--task",
+        "shell",
+        "--visibility",
+        visibility,
+    ]);
+    created["session"]["id"].as_str().unwrap().to_owned()
+}
+
+/// `cloudctl ARGS` on the slave of a pseudo-terminal of `cols`×`rows` (its controlling
+/// terminal, in a session of its own, so it gets SIGWINCH when the size changes), with
+/// what it writes collected from the master.
+struct OnTerminal {
+    child: Child,
+    master: std::fs::File,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl OnTerminal {
+    fn spawn(home: &Home, args: &[&str], cols: u16, rows: u16) -> OnTerminal {
+        let (mut master, mut slave) = (-1, -1);
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty fills in two descriptors; the winsize outlives the call.
+        let opened = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                &size,
+            )
+        };
+        assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and belong to this test alone.
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let mut command = home.cloudctl_command();
+        command
+            .args(args)
+            .env("TERM", "dumb")
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        // SAFETY: setsid and ioctl are async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("spawn cloudctl");
+        drop(command);
+        let master = std::fs::File::from(master);
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = master.try_clone().unwrap();
+        let collected = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once cloudctl (the last holder of the slave) has exited.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                collected.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        OnTerminal {
+            child,
+            master,
+            output,
+        }
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    fn wait_output(&self, what: &str, found: impl Fn(&str) -> bool) {
+        wait_for(what, DEADLINE, || found(&self.output()));
+    }
+
+    fn type_in(&mut self, text: &str) {
+        self.master.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Changes the terminal's size, as a terminal emulator's window does.
+    fn resize(&self, cols: u16, rows: u16) {
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads the winsize given.
+        let result = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        assert_eq!(result, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_for("cloudctl session shell to exit", DEADLINE, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for OnTerminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_shell_runs_in_the_workspace_follows_the_window_and_exits_with_its_status() {
+    let relay = Relay::start();
+    let home = Home::new();
+    home.wait_connected();
+    login(&home, &relay, "ann", "acme");
+    let session = create(&home, "private");
+    let workspace = relay.data.path().join("workspaces").join(&session);
+
+    let mut terminal = OnTerminal::spawn(&home, &["session", "shell", &session], 80, 24);
+    terminal.wait_output("the shell's prompt", |output| !output.is_empty());
+
+    // The relay's terminal has the size the client's had when it opened.
+    terminal.type_in("stty size\r");
+    terminal.wait_output("the first size", |output| output.contains("24 80"));
+
+    // The client's window grows: the shell's terminal follows.
+    terminal.resize(100, 40);
+    terminal.type_in("stty size\r");
+    terminal.wait_output("the new size", |output| output.contains("40 100"));
+
+    // Typed in raw mode, run by the relay's shell in the workspace.
+    terminal.type_in("echo \"pwd=[$PWD] id=[$CLOUD_SESSION_ID]\"; exit 3\r");
+    let expected = format!("pwd=[{}] id=[{session}]", workspace.display());
+    terminal.wait_output("the shell's answer", |output| output.contains(&expected));
+    let status = terminal.wait_exit();
+    assert_eq!(status.code(), Some(3), "{}", terminal.output());
+    assert!(
+        !relay.log().contains("Bearer"),
+        "the relay logged a credential"
+    );
+}
+
+#[test]
+fn viewers_and_users_who_may_not_change_the_session_get_no_shell() {
+    let relay = Relay::start();
+    let ann = Home::new();
+    ann.wait_connected();
+    login(&ann, &relay, "ann", "acme");
+    let public = create(&ann, "public");
+    let private = create(&ann, "private");
+
+    // Someone of another org sees a public session, read-only.
+    let eve = Home::new();
+    eve.wait_connected();
+    login(&eve, &relay, "eve", "globex");
+    let refused = eve.cloudctl(&["session", "shell", &public]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("viewers cannot open a shell"), "{stderr}");
+
+    // Someone of the owner's org may not change (or see) a private session.
+    let bob = Home::new();
+    bob.wait_connected();
+    login(&bob, &relay, "bob", "acme");
+    let refused = bob.cloudctl(&["session", "shell", &private]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no such session"), "{stderr}");
+
+    // A read-only credential of the owner gets none at the relay either.
+    let read_only = relay.token_with_scopes("ann", "acme", &["sessions:read"]);
+    let status = upgrade_status(&relay, &public, &read_only);
+    assert_eq!(status, 403);
+    // While the owner's full credential does.
+    let full = relay.token("ann", "acme");
+    assert_eq!(upgrade_status(&relay, &public, &full), 101);
+}
+
+/// The HTTP status of a WebSocket upgrade at the session's shell socket with `token`.
+fn upgrade_status(relay: &Relay, session: &str, token: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/sessions/{session}/shell?cols=80&rows=24",
+        relay.port
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((mut socket, response)) => {
+                let _ = socket.close(None).await;
+                response.status().as_u16()
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                response.status().as_u16()
+            }
+            Err(e) => panic!("the upgrade failed: {e}"),
+        }
+    })
+}
