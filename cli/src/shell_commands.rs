@@ -7,7 +7,7 @@
 //! `Resize` frame, and `Output` frames are written to stdout as they come. The shell's
 //! `Exit` status becomes this process's exit status; an `Ended` frame is reported as an
 //! error. Without a terminal on stdin (a script piping commands in), the input is sent as
-//! it is and its end as a Ctrl-D.
+//! it is; its end is not (the input ends with `exit`, and the shell ends when it exits).
 //!
 //! This module decides nothing about who may open a shell: the relay does.
 
@@ -119,10 +119,12 @@ pub async fn shell(mut client: Client, session: String) -> anyhow::Result<i32> {
             typed = input.recv() => {
                 let frames = match typed {
                     Some(bytes) => input_frames(&bytes, window_size(), &mut sent),
-                    // The end of piped input: the shell reads it as Ctrl-D.
+                    // The end of piped input is not passed on: a Ctrl-D that reaches the
+                    // shell's terminal before its line editor is ready is lost, so the
+                    // input says `exit` itself, and the shell ends when it exits.
                     None => {
                         input = closed_input();
-                        vec![ToShell::Input(vec![0x04])]
+                        Vec::new()
                     }
                 };
                 for frame in &frames {

@@ -201,6 +201,26 @@ fn viewers_and_users_who_may_not_change_the_session_get_no_shell() {
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no such session"), "{stderr}");
 
+    // The owner may, also with commands piped in rather than typed.
+    let mut piped = ann
+        .cloudctl_command()
+        .args(["session", "shell", &private])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    piped
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo piped-$((6 * 7)); exit 5\n")
+        .unwrap();
+    let output = piped.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(5), "{stdout} {output:?}");
+    assert!(stdout.contains("piped-42"), "{stdout}");
+
     // A read-only credential of the owner gets none at the relay either.
     let read_only = relay.token_with_scopes("ann", "acme", &["sessions:read"]);
     let status = upgrade_status(&relay, &public, &read_only);
