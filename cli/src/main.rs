@@ -1,6 +1,7 @@
 //! The `cloudctl` binary: turns flags into validated arguments in one place, runs the
 //! command against the daemon, and prints the result for people or, with `--json`, for
-//! programs. Exit codes: 0 success, 1 failure, 2 usage error (`session shell`: the shell's own status).
+//! programs. Exit codes: 0 success, 1 failure, 2 usage error (`session shell`: the
+//! shell's own status).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

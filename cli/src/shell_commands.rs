@@ -140,10 +140,7 @@ pub async fn shell(mut client: Client, session: String) -> anyhow::Result<i32> {
             }
         }
         if !out.is_empty() {
-            stream
-                .write_all(&out)
-                .await
-                .context("writing to cloudd")?;
+            stream.write_all(&out).await.context("writing to cloudd")?;
         }
     }
 }
@@ -275,7 +272,10 @@ mod tests {
     #[test]
     fn a_resize_goes_before_the_input_typed_after_it_and_only_once() {
         let mut sent = WindowSize { cols: 80, rows: 24 };
-        let bigger = WindowSize { cols: 100, rows: 40 };
+        let bigger = WindowSize {
+            cols: 100,
+            rows: 40,
+        };
         assert_eq!(
             input_frames(b"ls\r", Some(bigger), &mut sent),
             [ToShell::Resize(bigger), ToShell::Input(b"ls\r".to_vec())]

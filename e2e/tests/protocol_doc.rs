@@ -221,6 +221,12 @@ fn the_documented_exchanges_hold_against_the_real_daemon() {
         c.run("Methods", name, None);
     }
     c.run("Methods", "send", Some(&[1]));
+    // A shell takes its connection over: on a connection of its own, closed after.
+    let mut shell = Replay::connect(&home);
+    shell.substitutions = c.substitutions.clone();
+    shell.run("Methods", "hello", Some(&[1]));
+    shell.run("Methods", "session/shell", None);
+    c.methods.extend(shell.methods);
     for name in [
         "interrupt",
         "delivery",

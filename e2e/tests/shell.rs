@@ -12,6 +12,14 @@ use std::sync::{Arc, Mutex};
 
 use cloudd_e2e::{wait_for, Home, Relay, DEADLINE};
 
+/// A relay whose shells start in a `HOME` of their own (the `.bashrc` of the user running
+/// the tests, which may do anything, slowly, is not theirs to read).
+fn relay(home: &tempfile::TempDir) -> Relay {
+    let mut relay = Relay::start();
+    relay.restart_with_env(&[("HOME", home.path().to_str().unwrap())]);
+    relay
+}
+
 fn login(home: &Home, relay: &Relay, user: &str, org: &str) {
     let token = relay.token(user, org);
     home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
@@ -36,10 +44,13 @@ struct OnTerminal {
     child: Child,
     master: std::fs::File,
     output: Arc<Mutex<Vec<u8>>>,
+    /// The daemon's and the relay's logs, for a failure's message.
+    home_log: std::path::PathBuf,
+    relay_log: std::path::PathBuf,
 }
 
 impl OnTerminal {
-    fn spawn(home: &Home, args: &[&str], cols: u16, rows: u16) -> OnTerminal {
+    fn spawn(home: &Home, relay: &Relay, args: &[&str], cols: u16, rows: u16) -> OnTerminal {
         let (mut master, mut slave) = (-1, -1);
         let size = libc::winsize {
             ws_row: rows,
@@ -59,7 +70,8 @@ impl OnTerminal {
         };
         assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
         // SAFETY: both descriptors were just opened and belong to this test alone.
-        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         let mut command = home.cloudctl_command();
         command
             .args(args)
@@ -96,6 +108,8 @@ impl OnTerminal {
             child,
             master,
             output,
+            home_log: home.paths.log_file(),
+            relay_log: relay.log_path(),
         }
     }
 
@@ -103,8 +117,20 @@ impl OnTerminal {
         String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
     }
 
+    /// Waits until the terminal shows what `found` looks for; on a timeout, fails with what
+    /// it shows and what the daemon and the relay logged.
     fn wait_output(&self, what: &str, found: impl Fn(&str) -> bool) {
-        wait_for(what, DEADLINE, || found(&self.output()));
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(what, DEADLINE, || found(&self.output()))
+        }));
+        if waited.is_err() {
+            panic!(
+                "timed out waiting for {what}; the terminal shows {:?}\ncloudd's log:\n{}\nthe relay's log:\n{}",
+                self.output(),
+                std::fs::read_to_string(self.home_log.as_path()).unwrap_or_default(),
+                std::fs::read_to_string(self.relay_log.as_path()).unwrap_or_default(),
+            );
+        }
     }
 
     fn type_in(&mut self, text: &str) {
@@ -143,14 +169,15 @@ impl Drop for OnTerminal {
 
 #[test]
 fn a_shell_runs_in_the_workspace_follows_the_window_and_exits_with_its_status() {
-    let relay = Relay::start();
+    let shell_home = tempfile::tempdir().unwrap();
+    let relay = relay(&shell_home);
     let home = Home::new();
     home.wait_connected();
     login(&home, &relay, "ann", "acme");
     let session = create(&home, "private");
     let workspace = relay.data.path().join("workspaces").join(&session);
 
-    let mut terminal = OnTerminal::spawn(&home, &["session", "shell", &session], 80, 24);
+    let mut terminal = OnTerminal::spawn(&home, &relay, &["session", "shell", &session], 80, 24);
     terminal.wait_output("the shell's prompt", |output| !output.is_empty());
 
     // The relay's terminal has the size the client's had when it opened.
@@ -176,7 +203,8 @@ fn a_shell_runs_in_the_workspace_follows_the_window_and_exits_with_its_status() 
 
 #[test]
 fn viewers_and_users_who_may_not_change_the_session_get_no_shell() {
-    let relay = Relay::start();
+    let shell_home = tempfile::tempdir().unwrap();
+    let relay = relay(&shell_home);
     let ann = Home::new();
     ann.wait_connected();
     login(&ann, &relay, "ann", "acme");

@@ -174,7 +174,10 @@ mod tests {
     fn frames_round_trip_in_both_framings() {
         let to = [
             ToShell::Input(b"echo $PWD\r".to_vec()),
-            ToShell::Resize(WindowSize { cols: 100, rows: 40 }),
+            ToShell::Resize(WindowSize {
+                cols: 100,
+                rows: 40,
+            }),
         ];
         let from = [
             FromShell::Output(vec![0, 255, 27, b'[']),
@@ -198,21 +201,37 @@ mod tests {
         }
         assert_eq!(position, stream.len());
         for frame in &from {
-            assert_eq!(&decode::<FromShell>(&encode(frame).unwrap()).unwrap(), frame);
+            assert_eq!(
+                &decode::<FromShell>(&encode(frame).unwrap()).unwrap(),
+                frame
+            );
         }
     }
 
     /// The bytes documented in docs/PROTOCOL.md.
     #[test]
     fn the_documented_bytes() {
-        assert_eq!(encode(&ToShell::Input(b"ls\r".to_vec())).unwrap(), [0, 3, b'l', b's', b'\r']);
         assert_eq!(
-            encode(&ToShell::Resize(WindowSize { cols: 200, rows: 50 })).unwrap(),
+            encode(&ToShell::Input(b"ls\r".to_vec())).unwrap(),
+            [0, 3, b'l', b's', b'\r']
+        );
+        assert_eq!(
+            encode(&ToShell::Resize(WindowSize {
+                cols: 200,
+                rows: 50
+            }))
+            .unwrap(),
             [1, 200, 1, 50]
         );
-        assert_eq!(encode(&FromShell::Output(b"hi".to_vec())).unwrap(), [0, 2, b'h', b'i']);
+        assert_eq!(
+            encode(&FromShell::Output(b"hi".to_vec())).unwrap(),
+            [0, 2, b'h', b'i']
+        );
         assert_eq!(encode(&FromShell::Exit { code: 3 }).unwrap(), [1, 6]);
-        assert_eq!(encode(&FromShell::Ended { reason: "x".into() }).unwrap(), [2, 1, b'x']);
+        assert_eq!(
+            encode(&FromShell::Ended { reason: "x".into() }).unwrap(),
+            [2, 1, b'x']
+        );
         let mut framed = Vec::new();
         encode_framed(&FromShell::Exit { code: 3 }, &mut framed).unwrap();
         assert_eq!(framed, [2, 0, 0, 0, 1, 6]);

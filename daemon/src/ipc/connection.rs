@@ -212,8 +212,13 @@ async fn serve_peer(
                 return;
             }
             if let Some(shell) = client.shell.take() {
-                super::shell::pipe(stream, std::mem::take(&mut buf), shell, shared.shutdown.clone())
-                    .await;
+                super::shell::pipe(
+                    stream,
+                    std::mem::take(&mut buf),
+                    shell,
+                    shared.shutdown.clone(),
+                )
+                .await;
                 return;
             }
             if let Some(closing) = &client.closing {

@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_protocol::ipc::{ErrorBody, ErrorCode, Response};
-use cloud_protocol::terminal::{
-    self, FromShell, ToShell, WindowSize, MAX_TERMINAL_FRAME,
-};
+use cloud_protocol::terminal::{self, FromShell, ToShell, WindowSize, MAX_TERMINAL_FRAME};
 use futures_util::{SinkExt as _, StreamExt as _};
 use interprocess::local_socket::tokio::Stream;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -65,17 +65,16 @@ pub async fn shell(
         )
         .into_response();
     }
-    let session = match shared.session_for(&identity, &id) {
-        Ok((_, Access::View)) => {
-            return ApiError::new(
+    let session =
+        match shared.session_for(&identity, &id) {
+            Ok((_, Access::View)) => return ApiError::new(
                 StatusCode::FORBIDDEN,
                 "viewers cannot open a shell in a session: ask its owner to share it with your org",
             )
-            .into_response()
-        }
-        Ok((session, _)) => session,
-        Err(e) => return ApiError::from(e).into_response(),
-    };
+            .into_response(),
+            Ok((session, _)) => session,
+            Err(e) => return ApiError::from(e).into_response(),
+        };
     if session.status == SessionStatus::Completed {
         return ApiError::new(
             StatusCode::CONFLICT,
@@ -92,25 +91,22 @@ pub async fn shell(
         rows: query.rows,
     }
     .or_default();
-    let (shell, isolation) =
-        match shared
-            .terminals
-            .open(&id, session.network_access, size, &term)
-        {
-            Ok(opened) => opened,
-            Err(e @ crate::terminal::TerminalError::TooMany) => {
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                    .into_response()
-            }
-            Err(e @ crate::terminal::TerminalError::NoWorkspace) => {
-                return ApiError::new(StatusCode::CONFLICT, e.to_string()).into_response()
-            }
-            Err(e) => {
-                tracing::error!(session = %id, error = %e, "cannot start a shell");
-                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                    .into_response();
-            }
-        };
+    let (shell, isolation) = match shared
+        .terminals
+        .open(&id, session.network_access, size, &term)
+    {
+        Ok(opened) => opened,
+        Err(e @ crate::terminal::TerminalError::TooMany) => {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        }
+        Err(e @ crate::terminal::TerminalError::NoWorkspace) => {
+            return ApiError::new(StatusCode::CONFLICT, e.to_string()).into_response()
+        }
+        Err(e) => {
+            tracing::error!(session = %id, error = %e, "cannot start a shell");
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        }
+    };
     let guard = shared.connections.token();
     upgrade
         .max_message_size(MAX_TERMINAL_FRAME)
@@ -148,7 +144,10 @@ async fn serve(
     if let NetworkIsolation::NotEnforced(why) = &isolation {
         tracing::warn!(session, reason = %why, "a shell of a session without network has network");
         let notice = format!("cloud-relay: this shell is not cut off from the network: {why}\r\n");
-        if send(&mut socket, &FromShell::Output(notice.into_bytes())).await.is_err() {
+        if send(&mut socket, &FromShell::Output(notice.into_bytes()))
+            .await
+            .is_err()
+        {
             shell.hang_up().await;
             return "client gone";
         }

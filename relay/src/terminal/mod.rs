@@ -91,7 +91,11 @@ impl Terminals {
         let spawn = |isolate: bool| -> Result<(Child, pty::Master), TerminalError> {
             let (master, slave) = pty::open(size).map_err(TerminalError::Pty)?;
             let mut command = shell_command(&workspace, session, isolate, term);
-            let program = command.as_std().get_program().to_string_lossy().into_owned();
+            let program = command
+                .as_std()
+                .get_program()
+                .to_string_lossy()
+                .into_owned();
             let spawn_error = |source| TerminalError::Spawn {
                 program: program.clone(),
                 source,
@@ -151,7 +155,12 @@ impl Terminals {
 /// the session's agent gets (`agents::process::spawn`). The caller puts it on a terminal.
 ///
 /// This is the one place a provider's confinement (a sandbox around the program) belongs.
-pub fn shell_command(workspace: &Path, session: &str, isolate_network: bool, term: &str) -> Command {
+pub fn shell_command(
+    workspace: &Path,
+    session: &str,
+    isolate_network: bool,
+    term: &str,
+) -> Command {
     let program = ["/bin/bash", "/bin/sh"]
         .into_iter()
         .find(|shell| Path::new(shell).exists())
@@ -289,13 +298,18 @@ mod tests {
     fn the_exit_status_is_the_code_or_128_plus_the_signal() {
         use std::os::unix::process::ExitStatusExt as _;
         assert_eq!(exit_code(std::process::ExitStatus::from_raw(3 << 8)), 3);
-        assert_eq!(exit_code(std::process::ExitStatus::from_raw(libc::SIGKILL)), 137);
+        assert_eq!(
+            exit_code(std::process::ExitStatus::from_raw(libc::SIGKILL)),
+            137
+        );
     }
 
     #[test]
     fn shells_beyond_the_limit_are_refused_until_one_ends() {
         let running = Arc::new(AtomicUsize::new(0));
-        let slots: Vec<Slot> = (0..MAX_SHELLS).map(|_| Slot::take(&running).unwrap()).collect();
+        let slots: Vec<Slot> = (0..MAX_SHELLS)
+            .map(|_| Slot::take(&running).unwrap())
+            .collect();
         assert!(Slot::take(&running).is_none());
         drop(slots);
         assert!(Slot::take(&running).is_some());
@@ -309,12 +323,20 @@ mod tests {
         std::fs::create_dir(data.path().join("s-1")).unwrap();
         let terminals = Terminals::new(data.path().to_owned());
         let (mut shell, isolation) = terminals
-            .open("s-1", NetworkAccess::Full, WindowSize { cols: 90, rows: 30 }, "dumb")
+            .open(
+                "s-1",
+                NetworkAccess::Full,
+                WindowSize { cols: 90, rows: 30 },
+                "dumb",
+            )
             .unwrap();
         assert_eq!(isolation, NetworkIsolation::NotRequested);
         shell
             .master
-            .resize(WindowSize { cols: 101, rows: 41 })
+            .resize(WindowSize {
+                cols: 101,
+                rows: 41,
+            })
             .unwrap();
         let script = b"echo \"at=[$PWD] id=[$CLOUD_SESSION_ID]\"; stty size; exit 7\n";
         let mut written = 0;

@@ -94,9 +94,7 @@ impl Master {
             let mut guard = self.fd.writable().await?;
             match guard.try_io(|fd| {
                 // SAFETY: writes from a live slice to a descriptor this struct owns.
-                let n = unsafe {
-                    libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len())
-                };
+                let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
