@@ -33,7 +33,8 @@ pub fn open(size: WindowSize) -> io::Result<(Master, OwnedFd)> {
             &mut slave,
             std::ptr::null_mut(),
             std::ptr::null_mut(),
-            &mut winsize,
+            // A `*mut`, which macOS's signature takes and Linux's `*const` accepts.
+            std::ptr::addr_of_mut!(winsize),
         )
     };
     if opened != 0 {
