@@ -167,7 +167,12 @@ impl Replay {
 #[test]
 fn the_documented_exchanges_hold_against_the_real_daemon() {
     let home = Home::new();
-    let mut daemon = home.spawn_daemon();
+    // The embedded relay's shell (`session/shell`) starts in a HOME of its own: the test
+    // user's startup files are not its to read.
+    let shell_home = tempfile::tempdir().unwrap();
+    let mut daemon = home.spawn_daemon_with(|command| {
+        command.env("HOME", shell_home.path());
+    });
     home.wait_connected();
     let worktree = tempfile::tempdir().unwrap();
     std::fs::write(worktree.path().join("main.py"), "print('hi')\n").unwrap();

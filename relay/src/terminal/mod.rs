@@ -88,33 +88,8 @@ impl Terminals {
             return Err(TerminalError::NoWorkspace);
         }
         let slot = Slot::take(&self.running).ok_or(TerminalError::TooMany)?;
-        let spawn = |isolate: bool| -> Result<(Child, pty::Master), TerminalError> {
-            let (master, slave) = pty::open(size).map_err(TerminalError::Pty)?;
-            let mut command = shell_command(&workspace, session, isolate, term);
-            let program = command
-                .as_std()
-                .get_program()
-                .to_string_lossy()
-                .into_owned();
-            let spawn_error = |source| TerminalError::Spawn {
-                program: program.clone(),
-                source,
-            };
-            let stdio = |slave: &std::os::fd::OwnedFd| {
-                slave.try_clone().map(Stdio::from).map_err(spawn_error)
-            };
-            command
-                .stdin(stdio(&slave)?)
-                .stdout(stdio(&slave)?)
-                .stderr(stdio(&slave)?);
-            // SAFETY: `attach` makes only async-signal-safe calls (setsid, ioctl).
-            unsafe {
-                command.pre_exec(pty::attach);
-            }
-            let child = command.spawn().map_err(spawn_error)?;
-            // The relay's copies of the slave go with `command` and `slave` here, so the
-            // terminal hangs up when the shell's side closes.
-            Ok((child, master))
+        let spawn = |isolate: bool| {
+            start_on_terminal(shell_command(&workspace, session, isolate, term), size)
         };
         let isolate = network == NetworkAccess::None;
         let ((child, master), isolation) = if !isolate {
@@ -147,6 +122,38 @@ impl Terminals {
             isolation,
         ))
     }
+}
+
+/// Starts `command` on a new terminal of `size`, as the leader of a session whose
+/// controlling terminal it is.
+fn start_on_terminal(
+    mut command: Command,
+    size: WindowSize,
+) -> Result<(Child, pty::Master), TerminalError> {
+    let (master, slave) = pty::open(size).map_err(TerminalError::Pty)?;
+    let program = command
+        .as_std()
+        .get_program()
+        .to_string_lossy()
+        .into_owned();
+    let spawn_error = |source| TerminalError::Spawn {
+        program: program.clone(),
+        source,
+    };
+    let stdio =
+        |slave: &std::os::fd::OwnedFd| slave.try_clone().map(Stdio::from).map_err(spawn_error);
+    command
+        .stdin(stdio(&slave)?)
+        .stdout(stdio(&slave)?)
+        .stderr(stdio(&slave)?);
+    // SAFETY: `attach` makes only async-signal-safe calls (setsid, ioctl).
+    unsafe {
+        command.pre_exec(pty::attach);
+    }
+    let child = command.spawn().map_err(spawn_error)?;
+    // The relay's copies of the slave go with `command` and `slave` here, so the terminal
+    // hangs up when the shell's side closes.
+    Ok((child, master))
 }
 
 /// What runs when a user opens a terminal into a session, and in what confinement: the
@@ -316,23 +323,18 @@ mod tests {
     }
 
     /// A real shell on a real terminal: runs in the workspace, sees the size it was given
-    /// and a resize, and reports its exit status.
+    /// and a resize, and reports its exit status. (In a `HOME` of its own: the startup
+    /// files of the user running the tests are not its to read.)
     #[tokio::test]
     async fn a_shell_runs_in_its_workspace_on_a_terminal() {
         let data = tempfile::tempdir().unwrap();
-        std::fs::create_dir(data.path().join("s-1")).unwrap();
-        let terminals = Terminals::new(data.path().to_owned());
-        let (mut shell, isolation) = terminals
-            .open(
-                "s-1",
-                NetworkAccess::Full,
-                WindowSize { cols: 90, rows: 30 },
-                "dumb",
-            )
-            .unwrap();
-        assert_eq!(isolation, NetworkIsolation::NotRequested);
-        shell
-            .master
+        let workspace = data.path().join("s-1");
+        std::fs::create_dir(&workspace).unwrap();
+        let mut command = shell_command(&workspace, "s-1", false, "dumb");
+        command.env("HOME", data.path());
+        let (mut child, master) =
+            start_on_terminal(command, WindowSize { cols: 90, rows: 30 }).unwrap();
+        master
             .resize(WindowSize {
                 cols: 101,
                 rows: 41,
@@ -341,14 +343,13 @@ mod tests {
         let script = b"echo \"at=[$PWD] id=[$CLOUD_SESSION_ID]\"; stty size; exit 7\n";
         let mut written = 0;
         while written < script.len() {
-            written += shell.master.write(&script[written..]).await.unwrap();
+            written += master.write(&script[written..]).await.unwrap();
         }
         let mut output = Vec::new();
         let mut buf = [0u8; 4096];
-        let workspace = data.path().join("s-1");
         let expected = format!("at=[{}] id=[s-1]", workspace.display());
         while !String::from_utf8_lossy(&output).contains("41 101") {
-            let n = tokio::time::timeout(Duration::from_secs(10), shell.master.read(&mut buf))
+            let n = tokio::time::timeout(Duration::from_secs(10), master.read(&mut buf))
                 .await
                 .expect("the shell answers")
                 .unwrap();
@@ -360,14 +361,18 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&output)
         );
-        assert_eq!(shell.process.wait().await, 7);
-        // Nobody holds the terminal any more: it reads as ended.
-        let mut rest = Vec::new();
-        while let Ok(Some(n)) = shell.master.try_read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            rest.extend_from_slice(&buf[..n]);
-        }
+        let status = child.wait().await.unwrap();
+        assert_eq!(exit_code(status), 7);
+    }
+
+    #[test]
+    fn a_session_without_its_workspace_gets_no_shell() {
+        let data = tempfile::tempdir().unwrap();
+        let terminals = Terminals::new(data.path().to_owned());
+        let opened = terminals.open("s-gone", NetworkAccess::Full, WindowSize::DEFAULT, "dumb");
+        assert!(
+            matches!(opened, Err(TerminalError::NoWorkspace)),
+            "{opened:?}"
+        );
     }
 }
