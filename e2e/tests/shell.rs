@@ -286,3 +286,23 @@ fn upgrade_status(relay: &Relay, session: &str, token: &str) -> u16 {
         }
     })
 }
+
+#[test]
+fn deleting_the_session_ends_its_shell_with_the_reason() {
+    let shell_home = tempfile::tempdir().unwrap();
+    let relay = relay(&shell_home);
+    let home = Home::new();
+    home.wait_connected();
+    login(&home, &relay, "ann", "acme");
+    let session = create(&home, "private");
+    let mut terminal = OnTerminal::spawn(&home, &relay, &["session", "shell", &session], 80, 24);
+    terminal.type_in("echo ready-$((40 + 2))\r");
+    terminal.wait_output("the shell to answer", |output| output.contains("ready-42"));
+
+    home.cloudctl_ok(&["session", "delete", &session]);
+    let status = terminal.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", terminal.output());
+    terminal.wait_output("the reason", |output| {
+        output.contains("the shell was ended: the session was deleted")
+    });
+}
