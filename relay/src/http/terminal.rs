@@ -29,11 +29,14 @@ use super::{ApiError, Authenticated};
 use crate::access::{Access, Identity, Scope};
 use crate::agents::process::NetworkIsolation;
 use crate::core::{Notice, Shared};
-use crate::terminal::{Shell, DEFAULT_TERM};
+use crate::terminal::{Shell, DEFAULT_TERM, HANG_UP_GRACE};
 
 /// Input received and not yet taken by the shell, at most; the socket is not read while
 /// this much waits.
 const MAX_PENDING_INPUT: usize = 256 * 1024;
+
+/// How many reads of what is left on the terminal follow the shell's exit, at most.
+const MAX_DRAIN_READS: usize = 64;
 
 /// The shell socket's query.
 #[derive(Debug, Deserialize)]
@@ -215,17 +218,25 @@ async fn serve(
                         break Stop::ClientGone;
                     }
                 }
-                // The terminal hung up: every process on it is gone or let it go.
-                _ => break Stop::Exited(shell.process.wait().await),
+                // The terminal hung up: every process on it is gone or let it go. A shell
+                // that let it go and lives on is hung up below (its status: SIGHUP's).
+                _ => {
+                    let exited = tokio::time::timeout(HANG_UP_GRACE, shell.process.wait()).await;
+                    break Stop::Exited(exited.unwrap_or(128 + libc::SIGHUP));
+                }
             },
             code = shell.process.wait() => break Stop::Exited(code),
         }
     };
     match stop {
         Stop::Exited(code) => {
-            // What the shell wrote before it exited is all in the terminal already.
+            // What the shell wrote before it exited is all in the terminal already (read a
+            // bounded amount: a job it left running may write on).
+            let mut n_reads = 0;
             while let Ok(Some(n)) = shell.master.try_read(&mut output) {
+                n_reads += 1;
                 if n == 0
+                    || n_reads > MAX_DRAIN_READS
                     || send(&mut socket, &FromShell::Output(output[..n].to_vec()))
                         .await
                         .is_err()
