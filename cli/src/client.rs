@@ -129,6 +129,12 @@ impl Client {
         }
     }
 
+    /// The socket and the bytes read from it but not decoded yet, for a connection that
+    /// stops carrying requests (after `session/shell`'s reply, terminal frames).
+    pub fn into_parts(self) -> (Stream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+
     /// The daemon's half of the hello (its pid and version).
     pub fn daemon(&self) -> &HelloReply {
         self.hello
@@ -304,7 +310,10 @@ pub const RATE_LIMITED_PATIENCE: Duration = Duration::from_secs(120);
 fn needs_relay(request: &Request) -> bool {
     matches!(
         request,
-        Request::SessionCreate(_) | Request::SessionAction { .. } | Request::SessionShare { .. }
+        Request::SessionCreate(_)
+            | Request::SessionAction { .. }
+            | Request::SessionShare { .. }
+            | Request::SessionShell { .. }
     )
 }
 

@@ -1,6 +1,7 @@
 //! The `cloudctl` binary: turns flags into validated arguments in one place, runs the
 //! command against the daemon, and prints the result for people or, with `--json`, for
-//! programs. Exit codes: 0 success, 1 failure, 2 usage error.
+//! programs. Exit codes: 0 success, 1 failure, 2 usage error (`session shell`: the
+//! shell's own status).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ mod account_commands;
 mod device_commands;
 mod metrics_commands;
 mod session_commands;
+mod shell_commands;
 mod table;
 mod teleport_commands;
 
@@ -413,6 +415,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         kind => println!("credentials: {kind} ({})", store.location),
                     }
                 }
+            }
+            Ok(())
+        }
+        Command::Session {
+            command: session_commands::SessionCommand::Shell { id },
+        } => {
+            let running = connect(&paths, true).await?;
+            let code = shell_commands::shell(running.client, id).await?;
+            // The shell's status is this command's (the terminal is restored by now).
+            if code != 0 {
+                std::process::exit(code);
             }
             Ok(())
         }

@@ -65,6 +65,12 @@ pub enum SessionCommand {
         #[arg(long, value_enum)]
         visibility: VisibilityArg,
     },
+    /// Open an interactive shell in a session's workspace, on the relay (exits with the
+    /// shell's status; refused for viewers and for users who may not change the session).
+    Shell {
+        /// The session id.
+        id: String,
+    },
 }
 
 /// `session create` flags.
@@ -180,6 +186,9 @@ pub async fn session(
             visibility: visibility.into(),
         },
         SessionCommand::Unfollow { id } => Request::Unfollow { session: id },
+        SessionCommand::Shell { .. } => {
+            unreachable!("main runs `session shell`: it takes the connection over")
+        }
     };
     match client.request(request).await? {
         Response::Sessions { sessions, stale } => {

@@ -430,6 +430,8 @@ pub struct Relay {
     args: Vec<String>,
     /// Its `RELAY_LOG` filter.
     log_filter: &'static str,
+    /// Extra environment variables (a `HOME` of its own).
+    env: Vec<(String, String)>,
 }
 
 impl Relay {
@@ -459,9 +461,21 @@ impl Relay {
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
             log_filter,
+            env: Vec::new(),
         };
         relay.restart();
         relay
+    }
+
+    /// Restarts it with these environment variables added (for the programs it runs: a
+    /// shell reads its startup files from `HOME`).
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill();
+        self.env = env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        self.restart();
     }
 
     /// Its base URL.
@@ -504,6 +518,7 @@ impl Relay {
             .arg(self.data.path())
             .args(&self.args)
             .env("RELAY_LOG", self.log_filter)
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

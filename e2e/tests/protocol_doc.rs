@@ -167,7 +167,12 @@ impl Replay {
 #[test]
 fn the_documented_exchanges_hold_against_the_real_daemon() {
     let home = Home::new();
-    let mut daemon = home.spawn_daemon();
+    // The embedded relay's shell (`session/shell`) starts in a HOME of its own: the test
+    // user's startup files are not its to read.
+    let shell_home = tempfile::tempdir().unwrap();
+    let mut daemon = home.spawn_daemon_with(|command| {
+        command.env("HOME", shell_home.path());
+    });
     home.wait_connected();
     let worktree = tempfile::tempdir().unwrap();
     std::fs::write(worktree.path().join("main.py"), "print('hi')\n").unwrap();
@@ -221,6 +226,12 @@ fn the_documented_exchanges_hold_against_the_real_daemon() {
         c.run("Methods", name, None);
     }
     c.run("Methods", "send", Some(&[1]));
+    // A shell takes its connection over: on a connection of its own, closed after.
+    let mut shell = Replay::connect(&home);
+    shell.substitutions = c.substitutions.clone();
+    shell.run("Methods", "hello", Some(&[1]));
+    shell.run("Methods", "session/shell", None);
+    c.methods.extend(shell.methods);
     for name in [
         "interrupt",
         "delivery",

@@ -366,6 +366,23 @@ requests! {
     };
     /// Where this daemon keeps its login. Answered by [`Response::CredentialStore`].
     CREDENTIALS = "credentials" => Credentials;
+    /// Opens an interactive shell in the session's workspace on the relay, in a terminal
+    /// of `cols`×`rows` (refused for viewers and for users who may not change the
+    /// session). Answered by [`Response::ShellOpened`]; from then on the connection
+    /// carries only terminal frames ([`crate::terminal`]: `ToShell` from the client,
+    /// `FromShell` from the daemon, each a u32 little-endian length and a postcard body),
+    /// until the shell's `Exit`. Send nothing after the request until its reply.
+    SESSION_SHELL = "session/shell" => SessionShell {
+        /// The session.
+        session: String,
+        /// The terminal's columns (0: 80).
+        cols: u16,
+        /// The terminal's rows (0: 24).
+        rows: u16,
+        /// The shell's `TERM` (none: `xterm-256color`).
+        #[serde(default)]
+        term: Option<String>,
+    };
 }
 
 pub use crate::bridge::MAX_IDEMPOTENCY_KEY;
@@ -481,6 +498,11 @@ pub enum Response {
     Devices(Vec<Device>),
     /// Where the daemon keeps its login.
     CredentialStore(CredentialStore),
+    /// The shell is open: terminal frames follow, both ways.
+    ShellOpened {
+        /// The session.
+        session: String,
+    },
 }
 
 /// The daemon's health figures since it started, as `cloudctl metrics` shows them.

@@ -514,6 +514,11 @@ impl Serialize for ResultOut<'_> {
             state: &'static str,
         }
         #[derive(Serialize)]
+        struct ShellOpenedOut<'a> {
+            session: &'a str,
+            state: &'static str,
+        }
+        #[derive(Serialize)]
         struct AttachedOut<'a> {
             last_seq: u64,
             session: &'a str,
@@ -561,6 +566,11 @@ impl Serialize for ResultOut<'_> {
             Response::DeviceDecided(decision) => decision.serialize(serializer),
             Response::Devices(devices) => devices.serialize(serializer),
             Response::CredentialStore(store) => store.serialize(serializer),
+            Response::ShellOpened { session } => ShellOpenedOut {
+                session,
+                state: "open",
+            }
+            .serialize(serializer),
         }
     }
 }
@@ -742,6 +752,7 @@ mod tests {
                 Response::DeviceDecided(decision) => json!(decision),
                 Response::Devices(devices) => json!(devices),
                 Response::CredentialStore(store) => json!(store),
+                Response::ShellOpened { session } => json!({"session": session, "state": "open"}),
             }
         }
 

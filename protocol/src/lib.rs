@@ -17,6 +17,8 @@
 //! - [`blobs`]: the blob socket that carries teleport's file contents beside the bridge.
 //! - [`teleport`]: checked paths, content ids, manifests, deltas, the three-way merge and
 //!   the teleport requests of the bridge.
+//! - [`terminal`]: the frames of a terminal into a session (keystrokes, window size,
+//!   output, exit status).
 
 pub mod agent;
 pub mod blobs;
@@ -29,6 +31,7 @@ pub mod paths;
 pub mod session;
 pub mod settings;
 pub mod teleport;
+pub mod terminal;
 
 /// The largest message any encoding accepts: a binary frame body, a JSON line, or the body
 /// of a Content-Length framed message.

@@ -357,6 +357,12 @@ fn response_from(method: &str, result: Value) -> serde_json::Result<Response> {
         }
         (method::DEVICE_LIST | method::DEVICE_REVOKE, _) => Response::Devices(from_value(result)?),
         (method::CREDENTIALS, _) => Response::CredentialStore(from_value(result)?),
+        (method::SESSION_SHELL, _) => match result["state"].as_str() {
+            Some("open") => Response::ShellOpened {
+                session: from_value(result["session"].clone())?,
+            },
+            _ => return Err(serde::de::Error::custom("state must be open")),
+        },
         _ => {
             return Err(serde::de::Error::custom(format!(
                 "this test does not know the reply to {method}"

@@ -31,6 +31,8 @@
 //!   editors, viewers, terminals) and their heartbeats; `idle`: pausing a session with
 //!   no client and no activity for its `auto_stop_minutes`, and resuming it when a client
 //!   attaches.
+//! - `terminal`: shells in sessions' workspaces on pseudo-terminals, for `http::terminal`
+//!   (the shell socket).
 //! - [`agents`]: [`agents::process`] runs agent processes on stream-json stdio;
 //!   [`agents::shell`] is the built-in agent (public as [`shell_agent`]).
 //! - [`providers`]: where sessions run (`local`, `sandbox`): preparing a workspace
@@ -59,6 +61,7 @@ pub mod providers;
 pub mod settings;
 mod store;
 mod teleport;
+mod terminal;
 pub mod tokens;
 
 pub use crate::agents::shell as shell_agent;

@@ -65,4 +65,7 @@ pub struct ClientState {
     /// This connection's device login, while it waits for approval: the relay and what
     /// it answered (the device code never leaves the daemon).
     pub device_login: Option<(String, crate::auth::DeviceStart)>,
+    /// Set by `session/shell` once the relay opened the shell: after the reply, the
+    /// connection carries only its terminal frames ([`super::shell::pipe`]).
+    pub shell: Option<super::shell::ShellSocket>,
 }

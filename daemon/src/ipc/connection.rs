@@ -9,7 +9,9 @@
 //! `closing` notification when it still can, on: end of input, lost framing, a protocol
 //! version mismatch, a client that falls behind its notifications, a write that misses its
 //! deadline, and the daemon's drain. A client cut off for being slow is named, with the
-//! reason, in the daemon's log whether or not the `closing` reaches it.
+//! reason, in the daemon's log whether or not the `closing` reaches it. After a
+//! `session/shell` reply the connection carries the shell's terminal frames instead
+//! (`super::shell::pipe`) until the shell ends.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -161,7 +163,8 @@ async fn serve_peer(
                     continue;
                 }
                 answered.push((reply_to, result, std::mem::take(&mut client.replay)));
-                if client.closing.is_some() {
+                // A shell takes the connection over: nothing after its request is one.
+                if client.closing.is_some() || client.shell.is_some() {
                     break;
                 }
             }
@@ -206,6 +209,16 @@ async fn serve_peer(
                 push_closing(encoding, &client, &mut out);
             }
             if !out.is_empty() && !flush(&mut stream, &mut out, encoding, &mut client).await {
+                return;
+            }
+            if let Some(shell) = client.shell.take() {
+                super::shell::pipe(
+                    stream,
+                    std::mem::take(&mut buf),
+                    shell,
+                    shared.shutdown.clone(),
+                )
+                .await;
                 return;
             }
             if let Some(closing) = &client.closing {

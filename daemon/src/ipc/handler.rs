@@ -1,7 +1,7 @@
 //! Turns one request into one response: refuses everything but `hello` until the client
 //! is greeted, then hands the request to its family's module ([`super::daemon`],
 //! [`super::sessions`], [`super::attach`], [`super::teleport`], [`super::account`],
-//! [`super::device`]). The match is exhaustive,
+//! [`super::device`], [`super::shell`]). The match is exhaustive,
 //! so a new request does not compile until it is given a family. Every request it routes
 //! is declared with its method name by `requests!` in `protocol/src/ipc.rs`
 //! (`method::ALL`), and `protocol/tests/protocol_doc.rs` fails until docs/PROTOCOL.md
@@ -11,9 +11,10 @@
 //! greeting check, holds no state, and does no IO.
 
 use cloud_protocol::ipc::{ErrorBody, ErrorCode, Request, Response, PROTOCOL_VERSION};
+use cloud_protocol::terminal::WindowSize;
 
 use super::client::ClientState;
-use super::{account, attach, daemon, device, sessions, teleport};
+use super::{account, attach, daemon, device, sessions, shell, teleport};
 use crate::state::Shared;
 
 /// Answers `request` from the client whose state is `client`.
@@ -74,5 +75,11 @@ pub async fn handle(
         | Request::DeviceList
         | Request::DeviceRevoke { .. }
         | Request::Credentials => device::handle(shared, client, request).await,
+        Request::SessionShell {
+            session,
+            cols,
+            rows,
+            term,
+        } => shell::handle(shared, client, session, WindowSize { cols, rows }, term).await,
     }
 }

@@ -19,10 +19,13 @@
 //!   - [`account`]: orgs (list, switch) and settings (get, set).
 //!   - [`device`]: device logins (this machine's, by approval elsewhere; approving or
 //!     denying another's), the user's logins (list, revoke), and where the login is kept.
+//!   - [`shell`]: a shell in a session's workspace (`session/shell`): the relay's shell
+//!     socket, opened for the client, then carried frame by frame on its connection.
 //! - [`relay`]: how a family's handler asks the relay (through the bridge, bounded).
 //!
 //! Architecture invariant: no handler talks to the network (except [`device`], through
-//! the bridge's [`crate::auth::Keeper`], whose every call is bounded) or waits without a
+//! the bridge's [`crate::auth::Keeper`], whose every call is bounded, and [`shell`], whose
+//! socket to the relay is opened with a deadline and whose every frame has one) or waits without a
 //! deadline; a family reads the daemon's state and the stores, writes the journal, and asks the
 //! bridge through [`crate::link::Link`].
 
@@ -36,6 +39,7 @@ pub mod handler;
 pub mod listener;
 pub mod relay;
 pub mod sessions;
+pub mod shell;
 pub mod teleport;
 
 use cloud_protocol::ipc::{ErrorBody, ErrorCode};

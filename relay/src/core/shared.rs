@@ -82,6 +82,8 @@ pub struct Shared {
     pub presence: Arc<crate::presence::Presence>,
     /// Where sessions run: their workspaces, the confinement of their programs.
     pub provider: Arc<crate::providers::Provider>,
+    /// Shells in sessions' workspaces (`cloudctl session shell`).
+    pub terminals: crate::terminal::Terminals,
 }
 
 impl Shared {
@@ -187,6 +189,7 @@ pub fn shared(
         settings,
         presence: Arc::new(crate::presence::Presence::new(presence)),
         provider,
+        terminals: crate::terminal::Terminals::new(),
     };
     (Arc::new(shared), commands)
 }

@@ -13,7 +13,8 @@
 //!   is answered as the first and not applied again.
 //! - [`log`]: reading a session's log.
 //! - [`instances`]: the user's connected daemon instances, and commands sent to them.
-//! - [`bridge`]: the daemons' WebSocket; [`viewer`]: the viewers' read-only one.
+//! - [`bridge`]: the daemons' WebSocket; [`viewer`]: the viewers' read-only one;
+//!   [`terminal`]: the shell socket, one interactive shell in a session's workspace.
 //! - [`error`]: [`ApiError`], how a refusal becomes a status and `{"error": "..."}`.
 //! - [`metrics`]: `GET /metrics`, the operator's figures (admin scope); every answer is
 //!   counted by status class on its way out.
@@ -38,6 +39,7 @@ mod instances;
 mod log;
 mod metrics;
 mod sessions;
+mod terminal;
 mod viewer;
 
 use std::sync::Arc;
@@ -82,6 +84,7 @@ fn router(shared: Arc<Shared>) -> Router {
             post(instances::instance_command),
         )
         .route("/v1/sessions/{id}/subscribe", get(viewer::subscribe))
+        .route("/v1/sessions/{id}/shell", get(terminal::shell))
         .route(cloud_protocol::bridge::BRIDGE_PATH, get(bridge::connect))
         .route(cloud_protocol::blobs::BLOBS_PATH, get(blobs::connect))
         .route("/metrics", get(metrics::metrics))
