@@ -316,3 +316,45 @@ fn deleting_the_session_ends_its_shell_with_the_reason() {
         output.contains("the shell was ended: the session was deleted")
     });
 }
+
+/// Under `--provider sandbox`, the shell is in the session's sandbox, as its agent is: it
+/// sees its workspace but not the relay's data, cannot write outside the workspace, and
+/// has no network when the session has none.
+#[test]
+fn a_shell_of_a_sandboxed_session_is_in_its_sandbox() {
+    let shell_home = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start_with(&["--provider", "sandbox"]);
+    relay.restart_with_env(&[("HOME", shell_home.path().to_str().unwrap())]);
+    let home = Home::new();
+    home.wait_connected();
+    login(&home, &relay, "ann", "acme");
+    let created =
+        home.cloudctl_json(&["session", "create", "--task", "shell", "--network", "none"]);
+    assert_eq!(created["session"]["provider"], "sandbox", "{created}");
+    let session = created["session"]["id"].as_str().unwrap().to_owned();
+    let data = relay.data.path().display().to_string();
+
+    let mut terminal = OnTerminal::spawn(&home, &relay, &["session", "shell", &session], 80, 24);
+    terminal.wait_output("the shell's prompt", |output| !output.is_empty());
+    terminal.type_in(&format!(
+        "test -e {data}/store; echo data=$?; touch /usr/cloudd-x 2>/dev/null; echo usr=$?; \
+         touch here && echo ws=ok; (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; echo net=$?; exit 4\r",
+        port = relay.port
+    ));
+    terminal.wait_output("the shell's answers", |output| output.contains("net="));
+    let output = terminal.output();
+    assert!(
+        output.contains("data=1"),
+        "the relay's data is visible: {output}"
+    );
+    assert!(output.contains("usr=1"), "the system is writable: {output}");
+    assert!(
+        output.contains("ws=ok"),
+        "the workspace is not writable: {output}"
+    );
+    assert!(
+        output.contains("net=1"),
+        "the shell reached the relay's port: {output}"
+    );
+    assert_eq!(terminal.wait_exit().code(), Some(4), "{output}");
+}
