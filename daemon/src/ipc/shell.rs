@@ -12,7 +12,6 @@
 //! connection waits. The relay decides who may open a shell; this module only reports its
 //! refusal.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_protocol::ipc::{ErrorBody, ErrorCode, Response};
@@ -20,13 +19,11 @@ use cloud_protocol::terminal::{self, FromShell, ToShell, WindowSize, MAX_TERMINA
 use futures_util::{SinkExt as _, StreamExt as _};
 use interprocess::local_socket::tokio::Stream;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 use super::client::ClientState;
 use crate::state::Shared;
-use crate::teleport::transfer::BlobEndpoint;
+use crate::teleport::transfer::{BlobEndpoint, OpenError, RelaySocket};
 
 /// How long opening the relay's shell socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -39,8 +36,7 @@ const FRAME_DEADLINE: Duration = Duration::from_secs(60);
 /// How often an idle shell socket is pinged, so that proxies and NATs keep it open.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket = RelaySocket;
 
 /// An open shell socket, waiting for the connection to hand itself over.
 pub struct ShellSocket(Socket);
@@ -72,81 +68,35 @@ pub async fn handle(
         size.or_default(),
         term.as_deref().unwrap_or("xterm-256color"),
     );
-    let url = format!("{}{path}", endpoint.base.trim_end_matches('/'));
-    let socket = connect(&endpoint, &url).await?;
+    let socket = connect(&endpoint, &path).await?;
     tracing::info!(%session, "shell opened");
     client.shell = Some(ShellSocket(socket));
     Ok(Response::ShellOpened { session })
 }
 
-/// Connects with the bridge's access token, refreshed once if the relay refuses it.
-async fn connect(endpoint: &BlobEndpoint, url: &str) -> Result<Socket, ErrorBody> {
-    let unavailable = |e: crate::auth::AuthError| {
-        ErrorBody::new(ErrorCode::RelayUnavailable, format!("no access token: {e}"))
-    };
-    let access = endpoint
-        .keeper
-        .access(&endpoint.relay, None)
+/// Opens the relay's shell socket at `path` ([`BlobEndpoint::open`]: the bridge's access
+/// token, refreshed once if the relay refuses it); a refusal is the client's error.
+async fn connect(endpoint: &BlobEndpoint, path: &str) -> Result<Socket, ErrorBody> {
+    match endpoint
+        .open(path, MAX_TERMINAL_FRAME, CONNECT_TIMEOUT)
         .await
-        .map_err(unavailable)?;
-    match connect_with(endpoint, url, &access.token).await {
-        Err(Refusal::Unauthorized) => {
-            let access = endpoint
-                .keeper
-                .access(&endpoint.relay, Some(&access.token))
-                .await
-                .map_err(unavailable)?;
-            connect_with(endpoint, url, &access.token)
-                .await
-                .map_err(|refusal| match refusal {
-                    Refusal::Unauthorized => ErrorBody::new(
-                        ErrorCode::Refused,
-                        "the relay refused a fresh access token; run `cloudctl login` again",
-                    ),
-                    Refusal::Error(error) => error,
-                })
-        }
-        Err(Refusal::Error(error)) => Err(error),
+    {
         Ok(socket) => Ok(socket),
-    }
-}
-
-enum Refusal {
-    /// HTTP 401: the token, refreshed once.
-    Unauthorized,
-    /// Anything else, as the client's error.
-    Error(ErrorBody),
-}
-
-async fn connect_with(endpoint: &BlobEndpoint, url: &str, token: &str) -> Result<Socket, Refusal> {
-    let internal = |message: String| Refusal::Error(ErrorBody::new(ErrorCode::Internal, message));
-    let mut request = url
-        .into_client_request()
-        .map_err(|e| internal(format!("invalid relay URL: {e}")))?;
-    let authorization = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| internal("the token cannot be a header".into()))?;
-    request.headers_mut().insert("authorization", authorization);
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_TERMINAL_FRAME))
-        .max_frame_size(Some(MAX_TERMINAL_FRAME));
-    let connect = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        Some(config),
-        true,
-        Some(tokio_tungstenite::Connector::Rustls(Arc::clone(
-            &endpoint.tls,
-        ))),
-    );
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Err(_) => Err(Refusal::Error(ErrorBody::new(
+        Err(OpenError::TimedOut) => Err(ErrorBody::new(
             ErrorCode::Timeout,
             format!("the relay did not open the shell within {CONNECT_TIMEOUT:?}; try again"),
-        ))),
-        Ok(Err(tungstenite::Error::Http(response))) => {
+        )),
+        Err(OpenError::Failed(reason)) => Err(ErrorBody::new(
+            ErrorCode::RelayUnavailable,
+            format!("cannot open the relay's shell socket: {reason}"),
+        )),
+        Err(OpenError::Refused(response)) => {
             let status = response.status().as_u16();
             if status == 401 {
-                return Err(Refusal::Unauthorized);
+                return Err(ErrorBody::new(
+                    ErrorCode::Refused,
+                    "the relay refused a fresh access token; run `cloudctl login` again",
+                ));
             }
             // The relay's refusal is `{"error": "..."}`, shown as it is (it never holds a
             // token).
@@ -162,13 +112,8 @@ async fn connect_with(endpoint: &BlobEndpoint, url: &str, token: &str) -> Result
                 503 => ErrorCode::RelayUnavailable,
                 _ => ErrorCode::Refused,
             };
-            Err(Refusal::Error(ErrorBody::new(code, message)))
+            Err(ErrorBody::new(code, message))
         }
-        Ok(Err(e)) => Err(Refusal::Error(ErrorBody::new(
-            ErrorCode::RelayUnavailable,
-            format!("cannot open the relay's shell socket: {e}"),
-        ))),
-        Ok(Ok((socket, _))) => Ok(socket),
     }
 }
 

@@ -65,18 +65,91 @@ pub enum TransferError {
 /// How long a blob socket waits out the relay's requests limit before giving up.
 const RATE_LIMITED_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Why one connection attempt failed.
-enum ConnectError {
-    /// The relay refused the access token (HTTP 401).
-    Unauthorized,
-    /// The relay's requests limit (HTTP 429): try again after this long.
-    RateLimited(std::time::Duration),
-    /// Anything else.
-    Other(String),
+/// How opening one of the relay's sockets failed ([`BlobEndpoint::open`]).
+#[derive(Debug)]
+pub enum OpenError {
+    /// No answer within the time allowed.
+    TimedOut,
+    /// The relay answered the upgrade with an HTTP error (a 401 only after the token was
+    /// refreshed once): its status, headers and body.
+    Refused(tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>),
+    /// No access token, no connection, or a bad URL: why, in words.
+    Failed(String),
 }
 
-type Socket =
+/// A socket to the relay.
+pub type RelaySocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl BlobEndpoint {
+    /// Opens the relay's WebSocket at `path` (under its base URL) with the bridge's access
+    /// token, refreshed once when the relay refuses it (401), its messages at most
+    /// `max_message` bytes, each attempt within `timeout`. The one way the daemon opens a
+    /// relay socket beside the bridge (the blob socket, a session's shell).
+    pub async fn open(
+        &self,
+        path: &str,
+        max_message: usize,
+        timeout: Duration,
+    ) -> Result<RelaySocket, OpenError> {
+        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let access = self
+            .keeper
+            .access(&self.relay, None)
+            .await
+            .map_err(|e| OpenError::Failed(format!("no access token: {e}")))?;
+        match self
+            .open_with(&url, &access.token, max_message, timeout)
+            .await
+        {
+            Err(OpenError::Refused(response)) if response.status().as_u16() == 401 => {
+                let access = self
+                    .keeper
+                    .access(&self.relay, Some(&access.token))
+                    .await
+                    .map_err(|e| OpenError::Failed(format!("no access token: {e}")))?;
+                self.open_with(&url, &access.token, max_message, timeout)
+                    .await
+            }
+            result => result,
+        }
+    }
+
+    async fn open_with(
+        &self,
+        url: &str,
+        token: &str,
+        max_message: usize,
+        timeout: Duration,
+    ) -> Result<RelaySocket, OpenError> {
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| OpenError::Failed(format!("invalid relay URL: {e}")))?;
+        let authorization = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| OpenError::Failed("the token cannot be a header".into()))?;
+        request.headers_mut().insert("authorization", authorization);
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_message));
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            true,
+            Some(tokio_tungstenite::Connector::Rustls(Arc::clone(&self.tls))),
+        );
+        match tokio::time::timeout(timeout, connect).await {
+            Err(_) => Err(OpenError::TimedOut),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
+                Err(OpenError::Refused(*response))
+            }
+            Ok(Err(e)) => Err(OpenError::Failed(e.to_string())),
+            Ok(Ok((socket, _))) => Ok(socket),
+        }
+    }
+}
+
+type Socket = RelaySocket;
 
 /// One connection to the blob socket.
 #[derive(Debug)]
@@ -86,103 +159,46 @@ pub struct BlobSocket {
 }
 
 impl BlobSocket {
-    /// Connects with the bridge's credentials; a refused access token is refreshed once,
-    /// and an upgrade over the relay's requests limit is tried again after its
-    /// `Retry-After`, for up to [`RATE_LIMITED_PATIENCE`] in all.
+    /// Connects with the bridge's credentials ([`BlobEndpoint::open`]: a refused access
+    /// token is refreshed once); an upgrade over the relay's requests limit is tried again
+    /// after its `Retry-After`, for up to [`RATE_LIMITED_PATIENCE`] in all.
     pub async fn connect(endpoint: &BlobEndpoint) -> Result<BlobSocket, TransferError> {
-        let url = format!("{}{BLOBS_PATH}", endpoint.base.trim_end_matches('/'));
         let started = tokio::time::Instant::now();
         loop {
-            match BlobSocket::connect_once(endpoint, &url).await {
-                Err(ConnectError::RateLimited(delay))
-                    if started.elapsed() + delay <= RATE_LIMITED_PATIENCE =>
-                {
-                    tracing::info!(
-                        delay_ms = delay.as_millis() as u64,
-                        "the relay rate-limits the blob socket; trying again after its Retry-After"
-                    );
-                    tokio::time::sleep(delay).await;
-                }
-                result => {
-                    return result.map_err(|e| TransferError::Connect {
-                        url: url.clone(),
-                        reason: match e {
-                            ConnectError::Unauthorized => {
-                                "the relay refused a fresh access token; run `cloudctl login` again"
-                                    .into()
-                            }
-                            ConnectError::RateLimited(delay) => format!(
-                                "rate limited by the relay (retry in {} s); try again then",
-                                delay.as_secs().max(1)
-                            ),
-                            ConnectError::Other(reason) => reason,
-                        },
-                    })
-                }
-            }
-        }
-    }
-
-    /// One attempt of [`BlobSocket::connect`] (with its one refresh).
-    async fn connect_once(endpoint: &BlobEndpoint, url: &str) -> Result<BlobSocket, ConnectError> {
-        let fail = ConnectError::Other;
-        let access = endpoint
-            .keeper
-            .access(&endpoint.relay, None)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let mut result = BlobSocket::connect_with(endpoint, url, &access.token).await;
-        if let Err(ConnectError::Unauthorized) = result {
-            let access = endpoint
-                .keeper
-                .access(&endpoint.relay, Some(&access.token))
+            let reason = match endpoint
+                .open(BLOBS_PATH, MAX_BLOB_MESSAGE, STEP_TIMEOUT)
                 .await
-                .map_err(|e| fail(e.to_string()))?;
-            result = BlobSocket::connect_with(endpoint, url, &access.token).await;
+            {
+                Ok(socket) => return Ok(BlobSocket { socket, next_id: 1 }),
+                Err(OpenError::Refused(response)) if response.status().as_u16() == 429 => {
+                    let delay = crate::bridge::retry_after(response.headers());
+                    if started.elapsed() + delay <= RATE_LIMITED_PATIENCE {
+                        tracing::info!(
+                            delay_ms = delay.as_millis() as u64,
+                            "the relay rate-limits the blob socket; trying again after its Retry-After"
+                        );
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                    format!(
+                        "rate limited by the relay (retry in {} s); try again then",
+                        delay.as_secs().max(1)
+                    )
+                }
+                Err(OpenError::Refused(response)) if response.status().as_u16() == 401 => {
+                    "the relay refused a fresh access token; run `cloudctl login` again".into()
+                }
+                Err(OpenError::Refused(response)) => {
+                    format!("HTTP error: {}", response.status())
+                }
+                Err(OpenError::TimedOut) => "timed out".into(),
+                Err(OpenError::Failed(reason)) => reason,
+            };
+            return Err(TransferError::Connect {
+                url: format!("{}{BLOBS_PATH}", endpoint.base.trim_end_matches('/')),
+                reason,
+            });
         }
-        result
-    }
-
-    async fn connect_with(
-        endpoint: &BlobEndpoint,
-        url: &str,
-        token: &str,
-    ) -> Result<BlobSocket, ConnectError> {
-        let fail = ConnectError::Other;
-        let mut request = url.into_client_request().map_err(|e| fail(e.to_string()))?;
-        let authorization = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| fail("the token cannot be a header".into()))?;
-        request.headers_mut().insert("authorization", authorization);
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_BLOB_MESSAGE))
-            .max_frame_size(Some(MAX_BLOB_MESSAGE));
-        let connect = tokio_tungstenite::connect_async_tls_with_config(
-            request,
-            Some(config),
-            true,
-            Some(tokio_tungstenite::Connector::Rustls(Arc::clone(
-                &endpoint.tls,
-            ))),
-        );
-        let (socket, _) = match tokio::time::timeout(STEP_TIMEOUT, connect).await {
-            Err(_) => return Err(fail("timed out".into())),
-            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
-                if response.status().as_u16() == 401 =>
-            {
-                return Err(ConnectError::Unauthorized)
-            }
-            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
-                if response.status().as_u16() == 429 =>
-            {
-                return Err(ConnectError::RateLimited(crate::bridge::retry_after(
-                    response.headers(),
-                )));
-            }
-            Ok(Err(e)) => return Err(fail(e.to_string())),
-            Ok(Ok(connected)) => connected,
-        };
-        Ok(BlobSocket { socket, next_id: 1 })
     }
 
     async fn send(&mut self, request: BlobRequest) -> Result<u64, TransferError> {
