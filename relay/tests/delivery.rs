@@ -17,20 +17,6 @@ async fn post(relay: &TestRelay, token: &str, path: &str) -> (u16, Value) {
     relay.http("POST", path, Some(token), None).await
 }
 
-/// Sends a message over REST; returns its log seq.
-async fn send(relay: &TestRelay, token: &str, id: &str, text: &str) -> u64 {
-    let (status, sent) = relay
-        .http(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(token),
-            Some(&json!({ "text": text }).to_string()),
-        )
-        .await;
-    assert_eq!(status, 200, "{sent}");
-    sent["seq"].as_u64().unwrap()
-}
-
 /// The request id and command of a shell agent prompt.
 fn prompt(entry: &LogEntry) -> Option<(String, String)> {
     let m = message(entry).filter(|_| is_prompt(entry))?;
@@ -175,8 +161,8 @@ async fn unfinished_messages_reach_the_next_agent_after_a_restart_each_once() {
         .unwrap()
         .to_owned();
     // AAA's prompt stays unanswered; BBB waits behind it in the agent.
-    send(&relay, &token, &id, "echo AAA").await;
-    send(&relay, &token, &id, "echo BBB").await;
+    relay.send_message(&token, &id, "echo AAA").await;
+    relay.send_message(&token, &id, "echo BBB").await;
     wait_prompt(&relay, &token, &id, 0, "echo AAA").await;
     // A pause keeps the same agent (it is only stopped): a restarted relay starts a new one.
     relay.restart().await;
@@ -204,7 +190,7 @@ async fn unfinished_messages_reach_the_next_agent_after_a_restart_each_once() {
     // is for the next message.
     relay.restart().await;
     let resumed = last_start(&relay, &token, &id).await;
-    send(&relay, &token, &id, "echo CCC").await;
+    relay.send_message(&token, &id, "echo CCC").await;
     wait_prompt(&relay, &token, &id, resumed, "echo CCC").await;
     let log = relay.log(&token, &id).await;
     assert_eq!(prompted_after(&log, resumed), ["echo CCC"]);
@@ -219,7 +205,7 @@ async fn a_message_in_progress_reaches_the_next_agent_after_a_relay_restart() {
         .as_str()
         .unwrap()
         .to_owned();
-    send(&relay, &token, &id, "echo AAA").await;
+    relay.send_message(&token, &id, "echo AAA").await;
     wait_prompt(&relay, &token, &id, 0, "echo AAA").await;
 
     relay.restart().await;
@@ -242,7 +228,7 @@ async fn a_message_in_progress_reaches_the_next_agent_after_a_relay_restart() {
     relay.restart().await;
     relay.wait_for_status(&token, &id, "running").await;
     let restarted = last_start(&relay, &token, &id).await;
-    send(&relay, &token, &id, "echo CCC").await;
+    relay.send_message(&token, &id, "echo CCC").await;
     wait_prompt(&relay, &token, &id, restarted, "echo CCC").await;
     let log = relay.log(&token, &id).await;
     assert_eq!(prompted_after(&log, restarted), ["echo CCC"]);
@@ -261,8 +247,8 @@ async fn unfinished_messages_of_a_completed_session_are_logged_as_not_processed(
         .as_str()
         .unwrap()
         .to_owned();
-    let aaa = send(&relay, &token, &id, "echo AAA").await;
-    let bbb = send(&relay, &token, &id, "echo BBB").await;
+    let aaa = relay.send_message(&token, &id, "echo AAA").await;
+    let bbb = relay.send_message(&token, &id, "echo BBB").await;
     wait_prompt(&relay, &token, &id, 0, "echo AAA").await;
     let (status, completed) = post(&relay, &token, &format!("/v1/sessions/{id}/complete")).await;
     assert_eq!(status, 200, "{completed}");
@@ -292,7 +278,7 @@ async fn unfinished_messages_of_a_completed_session_are_logged_as_not_processed(
             .0,
         200
     );
-    send(&relay, &token, &paused, "echo CCC").await;
+    relay.send_message(&token, &paused, "echo CCC").await;
     assert_eq!(
         post(&relay, &token, &format!("/v1/sessions/{paused}/complete"))
             .await
@@ -467,7 +453,7 @@ async fn a_store_written_by_an_earlier_relay_hands_over_only_what_it_had_queued(
             .matches(text)
             .count()
     };
-    send(&relay, &token, &id, "handed").await;
+    relay.send_message(&token, &id, "handed").await;
     let start = std::time::Instant::now();
     while count("handed") == 0 {
         assert!(start.elapsed() < DEADLINE, "the agent got the message");
@@ -479,7 +465,7 @@ async fn a_store_written_by_an_earlier_relay_hands_over_only_what_it_had_queued(
             .0,
         200
     );
-    let queued = send(&relay, &token, &id, "queued").await;
+    let queued = relay.send_message(&token, &id, "queued").await;
 
     // As an earlier relay left it: no `f` key (so "handed", given to an agent, counted as
     // done), and "queued" under a `q` key.

@@ -36,16 +36,7 @@ async fn create_running(relay: &TestRelay, token: &str, body: serde_json::Value)
 /// Sends a shell command, allows it, and returns the agent's output lines once its result
 /// arrives.
 async fn run_shell(relay: &TestRelay, token: &str, id: &str, command: &str) -> Vec<String> {
-    let (status, sent) = relay
-        .http(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(token),
-            Some(&json!({"text": command}).to_string()),
-        )
-        .await;
-    assert_eq!(status, 200, "{sent}");
-    let sent_seq = sent["seq"].as_u64().unwrap();
+    let sent_seq = relay.send_message(token, id, command).await;
     let prompt = relay
         .wait_for_log(token, id, "the command's prompt", |e| {
             e.seq > sent_seq && is_prompt(e)
@@ -159,15 +150,9 @@ async fn pause_stops_the_agent_and_resume_continues_the_same_process() {
     );
     wait_state(pid, 'T', true).await;
     // A message sent while it is paused waits in its stdin.
-    let (status, sent) = relay
-        .http(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(&token),
-            Some(&json!({"text": "echo queued-while-paused"}).to_string()),
-        )
+    relay
+        .send_message(&token, &id, "echo queued-while-paused")
         .await;
-    assert_eq!(status, 200, "{sent}");
     assert_eq!(stat(pid).map(|s| s.0), Some('T'), "still stopped");
 
     assert_eq!(
@@ -484,15 +469,7 @@ async fn a_paused_session_whose_agent_died_with_the_relay_gets_a_new_agent_on_re
     let mut relay = TestRelay::start(shell_agent()).await;
     let token = relay.token("alice", "acme");
     let id = create_running(&relay, &token, json!({})).await;
-    let (status, _) = relay
-        .http(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(&token),
-            Some(&json!({"text": "echo AAA"}).to_string()),
-        )
-        .await;
-    assert_eq!(status, 200);
+    relay.send_message(&token, &id, "echo AAA").await;
     let first = relay
         .wait_for_log(&token, &id, "AAA's prompt", is_prompt)
         .await;

@@ -416,16 +416,7 @@ async fn run_command(
     command: &str,
     answer: serde_json::Value,
 ) -> (String, Vec<cloud_protocol::session::LogEntry>) {
-    let (status, sent) = relay
-        .http(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(token),
-            Some(&json!({"text": command}).to_string()),
-        )
-        .await;
-    assert_eq!(status, 200, "{sent}");
-    let sent_seq = sent["seq"].as_u64().unwrap();
+    let sent_seq = relay.send_message(token, id, command).await;
     let prompt = relay
         .wait_for_log(token, id, "a permission prompt", |e| {
             e.seq > sent_seq && is_prompt(e)
@@ -833,15 +824,7 @@ async fn a_crashed_agent_fails_the_session_and_paused_messages_wait_for_resume()
             None,
         )
         .await;
-    let (status, _) = relay
-        .http(
-            "POST",
-            &format!("/v1/sessions/{id}/messages"),
-            Some(&token),
-            Some(r#"{"text":"while paused"}"#),
-        )
-        .await;
-    assert_eq!(status, 200);
+    relay.send_message(&token, &id, "while paused").await;
     assert!(
         !std::fs::read_to_string(relay.workspace(&id).join("input.txt"))
             .unwrap_or_default()

@@ -169,6 +169,20 @@ impl TestRelay {
         http(self.addr, method, path, token, body).await
     }
 
+    /// Sends a message to session `id` over REST (it must be taken); returns its log seq.
+    pub async fn send_message(&self, token: &str, id: &str, text: &str) -> u64 {
+        let (status, sent) = self
+            .http(
+                "POST",
+                &format!("/v1/sessions/{id}/messages"),
+                Some(token),
+                Some(&serde_json::json!({ "text": text }).to_string()),
+            )
+            .await;
+        assert_eq!(status, 200, "{sent}");
+        sent["seq"].as_u64().unwrap()
+    }
+
     pub async fn create(&self, token: &str, body: &str) -> Value {
         let (status, session) = self
             .http("POST", "/v1/sessions", Some(token), Some(body))
