@@ -1,18 +1,22 @@
-//! The daemon's allocator: jemalloc on Linux, set to hand freed memory back to the
-//! operating system at once.
+//! The daemon's allocator: jemalloc on Linux, with what an operation freed handed back to
+//! the operating system when the operation ends ([`release`]).
 //!
 //! A push or a full scan of a large worktree allocates and frees tens of megabytes (the
 //! index, the trees, blob batches) on the blocking pool's threads. glibc kept what was
 //! freed in its arenas and the threads' caches: a daemon watching a 20,000-file tree sat
 //! at about 53 MiB after twenty pushes (and grew with each), though it used less than
-//! half of that. jemalloc with no decay delay (`dirty_decay_ms:0`, `muzzy_decay_ms:0`)
-//! returns whole free pages as soon as they are free, one arena (`narenas:1`) keeps the
-//! pool's threads from holding an arena each, and no per-thread caches (`tcache:false`)
-//! keeps them from holding freed objects: the same steps end at about 35 MiB. The cost is
-//! a page fault when freed memory is used again, small beside the file system work that
-//! frees it.
+//! half of that. jemalloc with one arena (`narenas:1`) keeps the pool's threads from
+//! holding an arena each, and no per-thread caches (`tcache:false`) keeps them from
+//! holding freed objects.
 //!
-//! Elsewhere the system allocator is used. This module must never allocate.
+//! Freed pages are kept for reuse for a second (`dirty_decay_ms:1000`) while an operation
+//! runs: with no delay at all, a 200 MB push faulted its upload buffers and sled's pages
+//! in again for every batch, and took about twice as long. When an operation ends (the
+//! teleport operations call [`release`]), everything free is returned at once, so an idle
+//! daemon holds what it uses and no more.
+//!
+//! Elsewhere the system allocator is used and [`release`] does nothing. This module must
+//! never allocate.
 
 #[cfg(target_os = "linux")]
 #[global_allocator]
@@ -24,7 +28,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[used]
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: Conf =
-    Conf(c"narenas:1,tcache:false,dirty_decay_ms:0,muzzy_decay_ms:0".as_ptr());
+    Conf(c"narenas:1,tcache:false,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 /// A C string pointer that may live in a static.
 #[cfg(target_os = "linux")]
@@ -34,3 +38,25 @@ struct Conf(*const std::ffi::c_char);
 // SAFETY: the pointer is to a string literal, immutable for the program's life.
 #[cfg(target_os = "linux")]
 unsafe impl Sync for Conf {}
+
+/// Returns every free page of every arena to the operating system (jemalloc's
+/// `arena.<all>.purge`). Called when an operation ends, on the blocking pool: it is a
+/// walk of the free extents and an `madvise` each, a few milliseconds after a large push.
+pub fn release() {
+    #[cfg(target_os = "linux")]
+    {
+        /// `arena.<MALLCTL_ARENAS_ALL>.purge` (4096 is "all arenas").
+        const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
+        // SAFETY: a "void" mallctl takes no old or new value: null pointers, length 0.
+        let status = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                PURGE_ALL.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        debug_assert_eq!(status, 0, "jemalloc's purge failed");
+    }
+}

@@ -61,26 +61,33 @@ impl Teleport {
     ) -> Result<TeleportOutcome, TeleportError> {
         let root = super::canonical_root(path, false)?;
         let _held = self.hold(&root).await;
-        let result = self
+        let result = match self
             .push_held(&root, session, reporter, local::Start::Scan, false)
             .await
-            .map(|pushed| {
+        {
+            Ok(pushed) => {
                 if let Some(index) = pushed.index {
-                    // A whole tree's index: freed off the runtime's thread.
-                    tokio::task::spawn_blocking(move || drop(index));
+                    // A whole tree's index: freed off the runtime's thread, before
+                    // `record_result` hands the memory back.
+                    let _ = tokio::task::spawn_blocking(move || drop(index)).await;
                 }
-                pushed.outcome
-            });
+                Ok(pushed.outcome)
+            }
+            Err(e) => Err(e),
+        };
         self.record_result(&root, &result).await;
         result
     }
 
-    /// Records the outcome of an operation on its link (its error, or none).
+    /// Records the outcome of an operation on its link (its error, or none), and hands the
+    /// memory the operation freed back to the system (`crate::memory::release`): every
+    /// push, pull and watch step ends here.
     pub(super) async fn record_result<T>(&self, root: &str, result: &Result<T, TeleportError>) {
         let worktrees = self.worktrees.clone();
         let root = root.to_owned();
         let error = result.as_ref().err().map(|e| e.to_string());
         let _ = Self::blocking(move || {
+            crate::memory::release();
             if let Some(mut worktree) = worktrees.get(&root)? {
                 if worktree.last_error != error {
                     worktree.last_error = error;
@@ -273,11 +280,13 @@ impl Teleport {
         worktree.last_error = None;
         let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
         Self::blocking(move || {
+            let began = std::time::Instant::now();
             match agreed {
                 Agreed::Delta(delta) => worktrees.apply_base(&record.root, &delta)?,
                 Agreed::Tree { old, new } => worktrees.set_base(&record.root, &old, &new)?,
             }
             worktrees.put(&record)?;
+            tracing::debug!(root = %record.root, version = record.version, "the agreed base written in {:?}", began.elapsed());
             Ok(())
         })
         .await

@@ -157,12 +157,15 @@ impl Teleport {
                         }
                     }
                     let now = crate::now_millis();
+                    let began = std::time::Instant::now();
                     let outcome = this
                         .snapshots
                         .commit(&id, &org, &this.blobs, base, &delta, git.clone(), author, now)
                         .map_err(|e| e.to_string())?;
                     if let Commit::Committed(info) = &outcome {
+                        tracing::debug!(session = %id, version = info.version, changes = delta.changes.len(), "committed in {:?}", began.elapsed());
                         if info.version > base {
+                            let began = std::time::Instant::now();
                             let workspace = this.workspaces.join(&id);
                             // Before writing (the watch sees the events as they happen);
                             // the echo lasts from the end.
@@ -170,6 +173,7 @@ impl Teleport {
                             let problems =
                                 materialise::materialise(&workspace, &delta, &this.blobs, &org)?;
                             this.echo_from_now(&id);
+                            tracing::debug!(session = %id, version = info.version, "materialised in {:?}", began.elapsed());
                             for problem in problems {
                                 tracing::warn!(session = %id, "cannot materialise {problem}");
                             }
@@ -222,11 +226,6 @@ impl Teleport {
         }
     }
 
-    /// Records what the agent changed in the workspace since the newest version as a new
-    /// version (the agent's), and announces it. The session is held throughout, as a
-    /// commit holds it while it materialises: a capture never sees a push half written,
-    /// and a tree equal to the newest version's (what a push just wrote) makes no version.
-    /// Returns false when it failed (logged; the next capture tries again).
     /// Records that a push's `delta` was just written into `session`'s workspace.
     fn wrote(&self, session: &str, delta: &Delta) {
         let paths = delta.changes.iter().map(|c| c.path().clone()).collect();
@@ -281,6 +280,11 @@ impl Teleport {
         })
     }
 
+    /// Records what the agent changed in the workspace since the newest version as a new
+    /// version (the agent's), and announces it. The session is held throughout, as a
+    /// commit holds it while it materialises: a capture never sees a push half written,
+    /// and a tree equal to the newest version's (what a push just wrote) makes no version.
+    /// Returns false when it failed (logged; the next capture tries again).
     pub async fn capture(self: &Arc<Self>, shared: &Arc<Shared>, session: &str, org: &str) -> bool {
         let _held = self.hold(session).await;
         let (this, id, org_owned) = (Arc::clone(self), session.to_owned(), org.to_owned());

@@ -356,7 +356,7 @@ impl Watch {
             .with_tree(move |tree, worktrees| {
                 // Another operation (an explicit push or pull) scanned meanwhile: its
                 // index is the newer one.
-                if worktrees.index_stamp(&root)? != tree.index.scanned_at_ns() {
+                if worktrees.index_stamp(&root)? != tree.stamp() {
                     tree.adopt(worktrees, worktrees.index(&root)?)?;
                 }
                 Ok(match paths {
@@ -364,7 +364,7 @@ impl Watch {
                         let problems = tree.rescan_paths(worktrees, &paths)?;
                         match tree.changes(worktrees, problems.clone())? {
                             Some(changes) => Start::Changes(changes),
-                            None => Start::Found(tree.found(problems)),
+                            None => Start::Found(tree.found(worktrees, problems)?),
                         }
                     }
                     None => Start::Found(tree.scan(worktrees, &scan_reporter)?),

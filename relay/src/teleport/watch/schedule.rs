@@ -40,6 +40,17 @@ pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// The longest wait after failed captures.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// How long a new watch waits before its first capture (of what changed while nobody
+/// watched), unless an event comes first. A watch starts when a version was just written
+/// into the workspace, and every file written less than the index's racy slack
+/// ([`cloud_tree::index::RACY_SLACK_NS`], 2 s) before a scan is hashed by that scan *and*
+/// stays racy for the next: a capture at once hashed the whole freshly written workspace
+/// (200 MB after a first push) twice, the first time while the push was still finishing.
+/// After the slack it is hashed once, and later captures read only what changed.
+pub const FIRST_CAPTURE: Duration = Duration::from_millis(2_500);
+
+const _: () = assert!(FIRST_CAPTURE.as_nanos() > cloud_tree::index::RACY_SLACK_NS as u128);
+
 /// A workspace watch's schedule.
 #[derive(Debug)]
 pub struct Schedule {
@@ -58,13 +69,14 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// A new watch's schedule: a capture is due at once (what changed while nobody
-    /// watched).
+    /// A new watch's schedule: a capture is due after [`FIRST_CAPTURE`] (what changed while
+    /// nobody watched), or [`DEBOUNCE`] after an event if one comes sooner. (The pending
+    /// change counts as beginning then, so [`MAX_DELAY`] does not bring it forward.)
     pub fn new(now: Instant) -> Schedule {
         Schedule {
             dirty: true,
-            quiet_at: Some(now),
-            first_at: Some(now),
+            quiet_at: Some(now + FIRST_CAPTURE),
+            first_at: Some(now + FIRST_CAPTURE),
             not_before: None,
             periodic_at: None,
             retry_delay: RETRY_MIN,
@@ -150,11 +162,31 @@ mod tests {
     /// A schedule past its first capture, and past [`MIN_INTERVAL`] since.
     async fn started() -> Schedule {
         let mut schedule = Schedule::new(Instant::now());
-        assert!(schedule.take(Instant::now()), "a capture at once");
+        let (waited, due) = run_to_deadline(&mut schedule).await;
+        assert_eq!((waited, due), (FIRST_CAPTURE, true), "a first capture");
         schedule.captured(true, Instant::now());
         assert_eq!(schedule.deadline(), None, "then nothing until an event");
         tokio::time::advance(MIN_INTERVAL).await;
         schedule
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_capture_waits_out_the_racy_slack_unless_an_event_comes() {
+        let mut schedule = Schedule::new(Instant::now());
+        tokio::time::advance(FIRST_CAPTURE - Duration::from_millis(1)).await;
+        assert!(!schedule.take(Instant::now()), "not before FIRST_CAPTURE");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(schedule.take(Instant::now()), "due at FIRST_CAPTURE");
+
+        let mut schedule = Schedule::new(Instant::now());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        schedule.changed(Instant::now());
+        let (waited, due) = run_to_deadline(&mut schedule).await;
+        assert_eq!(
+            (waited, due),
+            (DEBOUNCE, true),
+            "an event goes after the debounce"
+        );
     }
 
     #[tokio::test(start_paused = true)]
