@@ -12,8 +12,11 @@
 //! Freed pages are kept for reuse for a second (`dirty_decay_ms:1000`) while an operation
 //! runs: with no delay at all, a 200 MB push faulted its upload buffers and sled's pages
 //! in again for every batch, and took about twice as long. When an operation ends (the
-//! teleport operations call [`release`]), everything free is returned at once, so an idle
-//! daemon holds what it uses and no more.
+//! teleport operations call [`release`]), everything free is returned at once; what other
+//! work frees (the sessions' logs, the socket's clients) jemalloc's background thread
+//! returns within about a second (`background_thread:true`: without it, decay only
+//! advances when something allocates, and an idle daemon kept what it freed last). So an
+//! idle daemon holds what it uses and no more.
 //!
 //! Elsewhere the system allocator is used and [`release`] does nothing. This module must
 //! never allocate.
@@ -28,7 +31,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[used]
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: Conf =
-    Conf(c"narenas:1,tcache:false,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+    Conf(c"narenas:1,tcache:false,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 /// A C string pointer that may live in a static.
 #[cfg(target_os = "linux")]

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_protocol::blobs::{
-    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, BLOBS_PATH, MAX_BLOB_MESSAGE,
+    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, BLOBS_PATH, INLINE_DECODE_BYTES,
+    MAX_BLOB_MESSAGE,
 };
 use cloud_protocol::teleport::ContentId;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -204,8 +205,13 @@ impl BlobSocket {
     async fn send(&mut self, request: BlobRequest) -> Result<u64, TransferError> {
         let id = self.next_id;
         self.next_id += 1;
-        let bytes = blobs::encode(&BlobMessage { id, request })
-            .map_err(|e| TransferError::Socket(e.to_string()))?;
+        // A batch of blobs is megabytes: encoded on the blocking pool, so the runtime's
+        // thread (pings, sends, the bridge) never waits for the copy.
+        let bytes =
+            tokio::task::spawn_blocking(move || blobs::encode(&BlobMessage { id, request }))
+                .await
+                .map_err(|e| TransferError::Socket(e.to_string()))?
+                .map_err(|e| TransferError::Socket(e.to_string()))?;
         tokio::time::timeout(
             STEP_TIMEOUT,
             self.socket.send(Message::Binary(bytes.into())),
@@ -233,8 +239,15 @@ impl BlobSocket {
                 }
                 Some(Ok(_)) => continue,
             };
-            let reply: BlobReply =
-                blobs::decode(&bytes).map_err(|e| TransferError::Socket(e.to_string()))?;
+            // A reply of blobs (a pull) is megabytes: decoded off the runtime's thread.
+            let reply: BlobReply = if bytes.len() > INLINE_DECODE_BYTES {
+                tokio::task::spawn_blocking(move || blobs::decode(&bytes))
+                    .await
+                    .map_err(|e| TransferError::Socket(e.to_string()))?
+            } else {
+                blobs::decode(&bytes)
+            }
+            .map_err(|e| TransferError::Socket(e.to_string()))?;
             if reply.id != id {
                 return Err(TransferError::Socket(format!(
                     "reply {} while waiting for {id}",

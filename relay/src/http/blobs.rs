@@ -14,7 +14,8 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use cloud_protocol::blobs::{
-    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, MAX_BLOB_MESSAGE,
+    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, INLINE_DECODE_BYTES,
+    MAX_BLOB_MESSAGE,
 };
 
 use super::Authenticated;
@@ -56,7 +57,17 @@ async fn serve(shared: Arc<Shared>, identity: Identity, mut socket: WebSocket) {
                 return;
             }
         };
-        let message: BlobMessage = match blobs::decode(&bytes) {
+        // A batch of blobs is megabytes: decoded on the blocking pool, so the runtime's
+        // thread (every session's messages) never waits for the copy.
+        let decoded = if bytes.len() > INLINE_DECODE_BYTES {
+            match tokio::task::spawn_blocking(move || blobs::decode::<BlobMessage>(&bytes)).await {
+                Ok(decoded) => decoded,
+                Err(_) => return,
+            }
+        } else {
+            blobs::decode(&bytes)
+        };
+        let message: BlobMessage = match decoded {
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!("a malformed blob message ({e}); closing the socket");
