@@ -30,8 +30,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[cfg(target_os = "linux")]
 #[used]
 #[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: Conf =
-    Conf(c"narenas:1,tcache:false,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+static MALLOC_CONF: Conf = Conf(
+    c"narenas:1,tcache:false,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr(),
+);
 
 /// A C string pointer that may live in a static.
 #[cfg(target_os = "linux")]

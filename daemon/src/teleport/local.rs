@@ -108,6 +108,19 @@ pub fn scan(
     root: &str,
     reporter: &Reporter,
 ) -> Result<Scanned, TeleportError> {
+    let (scanned, previous) = scan_unstored(worktrees, root, reporter)?;
+    worktrees.set_index(root, &previous, &scanned.index)?;
+    Ok(scanned)
+}
+
+/// [`scan`] without storing the new index: the scan, and the stored index it started
+/// from, for the caller to store (`Worktrees::set_index`) before anything else reads or
+/// writes the index of `root`.
+pub fn scan_unstored(
+    worktrees: &Worktrees,
+    root: &str,
+    reporter: &Reporter,
+) -> Result<(Scanned, Index), TeleportError> {
     let previous = worktrees.index(root)?;
     let plan = cloud_tree::plan(Path::new(root), &previous, &options())
         .map_err(|e| TeleportError::Local(e.to_string()))?;
@@ -115,8 +128,7 @@ pub fn scan(
     reporter.report("scan", 0, files, 0, bytes);
     let scan: Scan = plan.finish(&options());
     reporter.report("scan", files, files, bytes, bytes);
-    worktrees.set_index(root, &previous, &scan.index)?;
-    Ok(scanned(scan))
+    Ok((scanned(scan), previous))
 }
 
 fn scanned(scan: Scan) -> Scanned {
