@@ -75,6 +75,8 @@ impl EmbeddedRelay {
         let thread = std::thread::Builder::new()
             .name("embedded-relay".into())
             .spawn(move || {
+                // This thread runs the relay's runtime (see memory.rs).
+                crate::memory::cache_this_thread();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -57,6 +57,8 @@ fn main() -> ExitCode {
     let handoff = cloudd::supervisor::Handoff::from_env();
     let result = (|| -> anyhow::Result<()> {
         let paths = Paths::from_env()?;
+        // This thread runs the runtime (see memory.rs).
+        cloudd::memory::cache_this_thread();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

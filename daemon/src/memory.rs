@@ -18,7 +18,14 @@
 //! advances when something allocates, and an idle daemon kept what it freed last). So an
 //! idle daemon holds what it uses and no more.
 //!
-//! Elsewhere the system allocator is used and [`release`] does nothing. This module must
+//! Thread caches are off by default (`tcache:false`): on the blocking pool and the
+//! scanner's threads they kept what a large push freed (54 MiB against 34 MiB for the
+//! same steps). The threads that run a runtime — the daemon's and the embedded relay's —
+//! turn theirs on ([`cache_this_thread`]): they make and free the small objects of every
+//! message, and without a cache each one took the arena's lock (the bridge's throughput
+//! fell to 0.77× raw sled inserts with the embedded relay, against 1.04× with it).
+//!
+//! Elsewhere the system allocator is used and these functions do nothing. This module must
 //! never allocate.
 
 #[cfg(target_os = "linux")]
@@ -62,5 +69,26 @@ pub fn release() {
             )
         };
         debug_assert_eq!(status, 0, "jemalloc's purge failed");
+    }
+}
+
+/// Turns on jemalloc's cache for the calling thread (`thread.tcache.enabled`): for the
+/// threads that run a runtime, where small allocations come and go with every message.
+pub fn cache_this_thread() {
+    #[cfg(target_os = "linux")]
+    {
+        const TCACHE_ENABLED: &std::ffi::CStr = c"thread.tcache.enabled";
+        let mut enabled = true;
+        // SAFETY: `thread.tcache.enabled` takes a bool; no old value is read.
+        let status = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                TCACHE_ENABLED.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                (&raw mut enabled).cast(),
+                std::mem::size_of::<bool>(),
+            )
+        };
+        debug_assert_eq!(status, 0, "jemalloc's thread.tcache.enabled failed");
     }
 }
