@@ -30,8 +30,8 @@ pub use content::{blob_locations, hash_file, read_blob, BlobLocation, ContentErr
 pub use index::{Index, IndexChange, IndexError, Indexed};
 pub use root::{Root, RootError};
 pub use scan::{
-    plan, rescan_paths, scan, Plan, Rescan, Scan, ScanError, ScanOptions, ScanStats, SkipReason,
-    Skipped, Unreadable,
+    plan, rescan_paths, rescan_targets, scan, Plan, Rescan, Scan, ScanError, ScanOptions,
+    ScanStats, SkipReason, Skipped, Unreadable,
 };
 pub use stat::{FileKind, Stat};
 pub use write::{Expect, WriteError};

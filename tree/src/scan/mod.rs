@@ -42,7 +42,7 @@ use cloud_protocol::teleport::{Delta, Manifest, PathError, RelPath};
 use crate::index::{Index, IndexChange};
 use crate::root::RootError;
 
-pub use rescan::rescan_paths;
+pub use rescan::{rescan_paths, rescan_targets};
 use walk::{Scope, Walk};
 
 /// The per-directory ignore file of teleport's own, with `.gitignore`'s syntax and a

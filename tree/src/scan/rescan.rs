@@ -13,6 +13,22 @@ use super::walk::{Scope, Walk};
 use super::{Rescan, ScanError, ScanOptions, CLOUDIGNORE};
 use crate::index::{Index, IndexChange, Indexed};
 
+/// What a rescan of `paths` answers for, sorted and without repeats: each path, or the
+/// directory of a changed ignore file (which changes what its whole directory holds).
+/// `None`: the whole tree (an ignore file at the root).
+pub fn rescan_targets(paths: &[RelPath]) -> Option<Vec<RelPath>> {
+    let mut targets: Vec<Option<RelPath>> = paths
+        .iter()
+        .map(|path| match path.file_name() {
+            ".gitignore" | CLOUDIGNORE => path.parent(),
+            _ => Some(path.clone()),
+        })
+        .collect();
+    targets.sort();
+    targets.dedup();
+    targets.into_iter().collect()
+}
+
 /// Re-examines `paths` of the tree at `root` (and their parent directories; everything
 /// under a path that is a directory), against `index`. A path that is gone is removed
 /// with everything under it. `index`'s scan stamp stays: files hashed here stay racy
@@ -23,17 +39,7 @@ pub fn rescan_paths(
     index: &Index,
     options: &ScanOptions,
 ) -> Result<Rescan, ScanError> {
-    // A changed ignore file changes what its whole directory holds.
-    let mut targets: Vec<Option<RelPath>> = paths
-        .iter()
-        .map(|path| match path.file_name() {
-            ".gitignore" | CLOUDIGNORE => path.parent(),
-            _ => Some(path.clone()),
-        })
-        .collect();
-    targets.sort();
-    targets.dedup();
-    let targets: Option<Vec<RelPath>> = targets.into_iter().collect();
+    let targets = rescan_targets(paths);
     let scope = match &targets {
         None => Scope::All,
         Some(targets) => Scope::paths(targets),

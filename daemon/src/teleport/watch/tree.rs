@@ -241,18 +241,8 @@ impl WatchedTree {
         worktrees: &Worktrees,
         targets: &[RelPath],
     ) -> Result<Rescan, TeleportError> {
-        let mut read = Vec::with_capacity(targets.len());
-        let mut whole = false;
-        for target in targets {
-            match target.file_name() {
-                ".gitignore" | cloud_tree::scan::CLOUDIGNORE => match target.parent() {
-                    Some(dir) => read.push(dir),
-                    None => whole = true,
-                },
-                _ => read.push(target.clone()),
-            }
-        }
-        if !whole {
+        // What the rescan answers for (`None`: the whole tree) is what it must read.
+        if let Some(read) = cloud_tree::rescan_targets(targets) {
             let mut index = worktrees.index_of(&self.root, &read, true)?;
             let rescan = local::rescan(worktrees, &self.root, targets, &mut index)?;
             let read_all_of = |path: &RelPath| read.iter().any(|r| path.starts_with(r));
