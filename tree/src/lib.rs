@@ -1,5 +1,6 @@
 //! `cloud-tree`: teleport's file-system primitives, shared by the daemon and the relay.
 //!
+//! - [`bulk`]: the lower-priority pool that bulk file work runs on.
 //! - [`stat`]: what `lstat` says, reduced to what teleport compares.
 //! - [`content`]: hashing and FastCDC chunking of files; reading a blob back, verified.
 //! - [`index`]: the scanner's memory (path → stat and entry), persisted by the daemon.
@@ -13,9 +14,10 @@
 //!
 //! Architecture invariant: nothing here is async (but [`watch`]'s queue, which an async
 //! task reads) or talks to the network; callers run
-//! scans and writes on a blocking pool. Every path from a peer is a
+//! scans and writes on [`bulk`]'s pool. Every path from a peer is a
 //! [`cloud_protocol::teleport::RelPath`] and reaches disk only through [`root::Root`].
 
+pub mod bulk;
 pub mod content;
 pub mod git;
 pub mod index;

@@ -198,7 +198,7 @@ impl Teleport {
     async fn blocking<T: Send + 'static>(
         work: impl FnOnce() -> Result<T, TeleportError> + Send + 'static,
     ) -> Result<T, TeleportError> {
-        tokio::task::spawn_blocking(work)
+        cloud_tree::bulk::spawn(work)
             .await
             .map_err(|e| TeleportError::Local(format!("a teleport task failed: {e}")))?
     }

@@ -87,7 +87,7 @@ impl Teleport {
                 if let Some(index) = pushed.index {
                     // A whole tree's index: freed off the runtime's thread, before
                     // `record_result` hands the memory back.
-                    let _ = tokio::task::spawn_blocking(move || drop(index)).await;
+                    let _ = cloud_tree::bulk::spawn(move || drop(index)).await;
                 }
                 Ok(pushed.outcome)
             }
@@ -233,7 +233,7 @@ impl Teleport {
             .await?;
             if let Some((previous, scanned)) = scanned {
                 let (worktrees, root) = (self.worktrees.clone(), root.to_owned());
-                storing.0 = Some(tokio::task::spawn_blocking(move || {
+                storing.0 = Some(cloud_tree::bulk::spawn(move || {
                     worktrees.set_index(&root, &previous, &scanned)?;
                     Ok(scanned)
                 }));
@@ -425,7 +425,7 @@ impl Teleport {
         reporter.report("upload", 0, n_total, 0, bytes_total);
         let mut socket = self.blob_socket().await?;
         let (batches_in, batches) = mpsc::channel(READ_AHEAD);
-        let reading = tokio::task::spawn_blocking(move || read(ids, batches_in));
+        let reading = cloud_tree::bulk::spawn(move || read(ids, batches_in));
         let (mut n_done, mut bytes_done) = (0u64, 0u64);
         let sent = socket
             .put_all(session, batches, |n, bytes| {

@@ -207,11 +207,10 @@ impl BlobSocket {
         self.next_id += 1;
         // A batch of blobs is megabytes: encoded on the blocking pool, so the runtime's
         // thread (pings, sends, the bridge) never waits for the copy.
-        let bytes =
-            tokio::task::spawn_blocking(move || blobs::encode(&BlobMessage { id, request }))
-                .await
-                .map_err(|e| TransferError::Socket(e.to_string()))?
-                .map_err(|e| TransferError::Socket(e.to_string()))?;
+        let bytes = cloud_tree::bulk::spawn(move || blobs::encode(&BlobMessage { id, request }))
+            .await
+            .map_err(|e| TransferError::Socket(e.to_string()))?
+            .map_err(|e| TransferError::Socket(e.to_string()))?;
         tokio::time::timeout(
             STEP_TIMEOUT,
             self.socket.send(Message::Binary(bytes.into())),
@@ -241,7 +240,7 @@ impl BlobSocket {
             };
             // A reply of blobs (a pull) is megabytes: decoded off the runtime's thread.
             let reply: BlobReply = if bytes.len() > INLINE_DECODE_BYTES {
-                tokio::task::spawn_blocking(move || blobs::decode(&bytes))
+                cloud_tree::bulk::spawn(move || blobs::decode(&bytes))
                     .await
                     .map_err(|e| TransferError::Socket(e.to_string()))?
             } else {

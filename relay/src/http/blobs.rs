@@ -60,7 +60,7 @@ async fn serve(shared: Arc<Shared>, identity: Identity, mut socket: WebSocket) {
         // A batch of blobs is megabytes: decoded on the blocking pool, so the runtime's
         // thread (every session's messages) never waits for the copy.
         let decoded = if bytes.len() > INLINE_DECODE_BYTES {
-            match tokio::task::spawn_blocking(move || blobs::decode::<BlobMessage>(&bytes)).await {
+            match cloud_tree::bulk::spawn(move || blobs::decode::<BlobMessage>(&bytes)).await {
                 Ok(decoded) => decoded,
                 Err(_) => return,
             }
@@ -113,7 +113,7 @@ async fn answer(
     match request {
         BlobRequest::Put { session, blobs } => {
             let org = org_of(shared, identity, &session, true)?;
-            tokio::task::spawn_blocking(move || {
+            cloud_tree::bulk::spawn(move || {
                 let new = teleport
                     .blobs
                     .put(&org, &blobs)
@@ -125,7 +125,7 @@ async fn answer(
         }
         BlobRequest::Get { session, ids } => {
             let org = org_of(shared, identity, &session, false)?;
-            tokio::task::spawn_blocking(move || {
+            cloud_tree::bulk::spawn(move || {
                 let mut found = Vec::new();
                 let mut missing = Vec::new();
                 let mut bytes = 0;

@@ -74,7 +74,7 @@ const OWN_WRITES_ECHO: std::time::Duration = std::time::Duration::from_secs(1);
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
+    cloud_tree::bulk::spawn(work)
         .await
         .map_err(|e| format!("a teleport task failed: {e}"))?
 }
@@ -158,23 +158,36 @@ impl Teleport {
                     }
                     let now = crate::now_millis();
                     let began = std::time::Instant::now();
-                    let outcome = this
+                    let workspace = this.workspaces.join(&id);
+                    // The version's files are written while the version itself is.
+                    let (outcome, materialised) = this
                         .snapshots
-                        .commit(&id, &org, &this.blobs, base, &delta, git.clone(), author, now)
+                        .commit_alongside(
+                            &id,
+                            &org,
+                            &this.blobs,
+                            base,
+                            &delta,
+                            git.clone(),
+                            author,
+                            now,
+                            |info| {
+                                let began = std::time::Instant::now();
+                                // Before writing (the watch sees the events as they
+                                // happen); the echo lasts from the end.
+                                this.wrote(&id, &delta);
+                                let problems =
+                                    materialise::materialise(&workspace, &delta, &this.blobs, &org);
+                                this.echo_from_now(&id);
+                                tracing::debug!(session = %id, version = info.version, "materialised in {:?}", began.elapsed());
+                                problems
+                            },
+                        )
                         .map_err(|e| e.to_string())?;
                     if let Commit::Committed(info) = &outcome {
                         tracing::debug!(session = %id, version = info.version, changes = delta.changes.len(), "committed in {:?}", began.elapsed());
-                        if info.version > base {
-                            let began = std::time::Instant::now();
-                            let workspace = this.workspaces.join(&id);
-                            // Before writing (the watch sees the events as they happen);
-                            // the echo lasts from the end.
-                            this.wrote(&id, &delta);
-                            let problems =
-                                materialise::materialise(&workspace, &delta, &this.blobs, &org)?;
-                            this.echo_from_now(&id);
-                            tracing::debug!(session = %id, version = info.version, "materialised in {:?}", began.elapsed());
-                            for problem in problems {
+                        if let Some(problems) = materialised {
+                            for problem in problems? {
                                 tracing::warn!(session = %id, "cannot materialise {problem}");
                             }
                             if let Some(state) = &git {

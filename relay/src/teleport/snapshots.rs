@@ -292,17 +292,42 @@ impl Snapshots {
         author: VersionAuthor,
         now: u64,
     ) -> Result<Commit, SnapshotError> {
+        self.commit_alongside(session, org, blobs, base, delta, git, author, now, |_| ())
+            .map(|(commit, _)| commit)
+    }
+
+    /// [`Snapshots::commit`], running `alongside` with the new version while it is
+    /// written and flushed, once every check has passed (the relay writes the version's
+    /// files into the workspace meanwhile). It does not run for a stale base, or for a
+    /// delta that changes nothing. If the write then fails, what `alongside` did stays
+    /// done: the error is returned, and its outcome dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit_alongside<R>(
+        &self,
+        session: &str,
+        org: &str,
+        blobs: &BlobStore,
+        base: u64,
+        delta: &Delta,
+        git: Option<GitState>,
+        author: VersionAuthor,
+        now: u64,
+        alongside: impl FnOnce(&VersionInfo) -> R,
+    ) -> Result<(Commit, Option<R>), SnapshotError> {
         delta.validate()?;
         let lock = self.lock(session);
         let _serialised = lock.lock().expect("a session's snapshot lock poisoned");
         let newest = self.newest(session)?;
         if base != newest.version {
-            return Ok(Commit::Stale {
-                current: newest.version,
-            });
+            return Ok((
+                Commit::Stale {
+                    current: newest.version,
+                },
+                None,
+            ));
         }
         if delta.is_empty() && git == newest.git {
-            return Ok(Commit::Committed(newest));
+            return Ok((Commit::Committed(newest), None));
         }
         let needed = delta.blobs();
         let missing = blobs.lacks(org, &needed)?;
@@ -353,9 +378,20 @@ impl Snapshots {
         }
         batch.insert(version_key(session, info.version), encode(&(&info, delta))?);
         batch.insert(key(b'n', session), encode(&info)?);
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
-        Ok(Commit::Committed(info))
+        let (written, done) = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| -> Result<(), SnapshotError> {
+                self.tree.apply_batch(batch)?;
+                self.db.flush()?;
+                Ok(())
+            });
+            let done = alongside(&info);
+            let written = writer.join().unwrap_or_else(|_| {
+                Err(SnapshotError::Corrupt("a version's writer panicked".into()))
+            });
+            (written, done)
+        });
+        written?;
+        Ok((Commit::Committed(info), Some(done)))
     }
 
     /// The newest version and the changes from version `since` to it. From version 0 that
@@ -479,6 +515,34 @@ mod tests {
                 kind: kind.clone(),
             })
             .collect()
+    }
+
+    #[test]
+    fn what_runs_alongside_a_commit_runs_only_for_a_new_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::new(dir.path().join("blobs"));
+        let snapshots = Snapshots::open(&dir.path().join("snapshots")).unwrap();
+        let me = || VersionAuthor::Instance("i-1".into());
+        let v1 = tree(&[("a", file(&blobs, "a1"))]);
+        let delta = Manifest::new().diff(&v1);
+        let commit = |base, delta: &Delta| {
+            snapshots
+                .commit_alongside("s-1", "acme", &blobs, base, delta, None, me(), 1, |info| {
+                    info.version
+                })
+                .unwrap()
+        };
+        let (outcome, ran) = commit(0, &delta);
+        assert!(matches!(outcome, Commit::Committed(ref info) if info.version == 1));
+        assert_eq!(ran, Some(1), "it runs with the version being written");
+        // Stale: not run, nothing written.
+        let (outcome, ran) = commit(0, &delta);
+        assert_eq!(outcome, Commit::Stale { current: 1 });
+        assert_eq!(ran, None);
+        // Nothing to change: not run either.
+        let (_, ran) = commit(1, &Delta::default());
+        assert_eq!(ran, None);
+        assert_eq!(snapshots.newest("s-1").unwrap().version, 1);
     }
 
     #[test]

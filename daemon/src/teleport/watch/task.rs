@@ -336,7 +336,7 @@ impl Watch {
             }
         };
         let worktrees = self.teleport.worktrees.clone();
-        let (tree, result) = tokio::task::spawn_blocking(move || {
+        let (tree, result) = cloud_tree::bulk::spawn(move || {
             let result = work(&mut tree, &worktrees);
             (tree, result)
         })
