@@ -32,6 +32,10 @@ pub const MAX_BLOB: usize = crate::teleport::WHOLE_FILE_MAX as usize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Blob {
     pub id: ContentId,
+    /// As one run of bytes (`serde_bytes`), as postcard lays out any `Vec<u8>`, but copied
+    /// at once rather than read and written a byte at a time through serde's sequence
+    /// visitor (9% of the relay's CPU in a 200 MB push).
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
 
@@ -109,6 +113,27 @@ impl Blob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_blob_is_laid_out_as_a_plain_byte_vector_is() {
+        // Peers built before `serde_bytes` read and write the same bytes.
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Plain {
+            id: ContentId,
+            bytes: Vec<u8>,
+        }
+        let bytes: Vec<u8> = (0..=255).cycle().take(70_000).collect();
+        let blob = Blob {
+            id: ContentId::of(&bytes),
+            bytes: bytes.clone(),
+        };
+        let plain = Plain { id: blob.id, bytes };
+        let encoded = postcard::to_allocvec(&blob).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<Plain>(&encoded).unwrap(), plain);
+        let back: Blob = postcard::from_bytes(&postcard::to_allocvec(&plain).unwrap()).unwrap();
+        assert_eq!(back, blob);
+    }
 
     #[test]
     fn messages_round_trip_and_blobs_verify() {
