@@ -13,8 +13,8 @@
 //!   reach an async task on a bounded tokio queue.
 //!
 //! Architecture invariant: nothing here is async (but [`watch`]'s queue, which an async
-//! task reads) or talks to the network; callers run
-//! scans and writes on [`bulk`]'s pool. Every path from a peer is a
+//! task reads, and [`bulk`]'s handles, which async callers await) or talks to the
+//! network; callers run scans and writes on [`bulk`]'s pool. Every path from a peer is a
 //! [`cloud_protocol::teleport::RelPath`] and reaches disk only through [`root::Root`].
 
 pub mod bulk;
