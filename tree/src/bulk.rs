@@ -10,8 +10,9 @@
 //! lowers its own priority in the same way). A thread's priority cannot be raised back
 //! without privilege, which is why these threads are a pool of their own.
 //!
-//! This module owns the pool and nothing else: it must never run work that a message or
-//! a client's request waits on (a journal flush, a socket's reply).
+//! This module owns the pool and nothing else. The pool must never run work that a
+//! message or the bridge waits on (a journal flush, a socket's reply): only teleport's own
+//! steps, whose callers accept that they yield to messages.
 
 use std::sync::OnceLock;
 

@@ -205,7 +205,7 @@ impl BlobSocket {
     async fn send(&mut self, request: BlobRequest) -> Result<u64, TransferError> {
         let id = self.next_id;
         self.next_id += 1;
-        // A batch of blobs is megabytes: encoded on the blocking pool, so the runtime's
+        // A batch of blobs is megabytes: encoded on the bulk pool, so the runtime's
         // thread (pings, sends, the bridge) never waits for the copy.
         let bytes = cloud_tree::bulk::spawn(move || blobs::encode(&BlobMessage { id, request }))
             .await

@@ -57,7 +57,7 @@ async fn serve(shared: Arc<Shared>, identity: Identity, mut socket: WebSocket) {
                 return;
             }
         };
-        // A batch of blobs is megabytes: decoded on the blocking pool, so the runtime's
+        // A batch of blobs is megabytes: decoded on the bulk pool, so the runtime's
         // thread (every session's messages) never waits for the copy.
         let decoded = if bytes.len() > INLINE_DECODE_BYTES {
             match cloud_tree::bulk::spawn(move || blobs::decode::<BlobMessage>(&bytes)).await {
