@@ -138,8 +138,8 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     );
     link.metrics.set_telemetry(config.telemetry);
     let link = Arc::new(link);
-    let teleport_db = store::open_teleport(&paths.state_dir.join("teleport"))?;
-    let worktrees = crate::teleport::worktrees::Worktrees::open(&teleport_db)?;
+    let teleport_db = crate::teleport::db::TeleportDb::open(&paths.state_dir.join("teleport"))?;
+    let worktrees = crate::teleport::worktrees::Worktrees::new(teleport_db);
     worktrees.take_over(&db)?;
     let teleport = Arc::new(crate::teleport::Teleport::new(worktrees, Arc::clone(&link)));
 

@@ -18,11 +18,6 @@ use std::path::Path;
 /// sled's cache, in bytes. Its default is 1 GiB, and its real memory use can run well past
 /// the setting; the daemon's working set is small.
 pub const CACHE_BYTES: u64 = 8 * 1024 * 1024;
-/// The page cache of teleport's database. Small: what teleport reads of it is either
-/// read in one pass (a push's index and base) or a few keys (an edit's), so a larger cache
-/// only kept a large worktree's entries resident.
-pub const TELEPORT_CACHE_BYTES: u64 = 1024 * 1024;
-
 /// The store could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,29 +67,8 @@ pub fn open(dir: &Path) -> Result<sled::Db, StoreError> {
     Ok(db)
 }
 
-/// Opens (creating) teleport's own database in `dir`, which holds large, often rewritten
-/// trees (every linked worktree's index and agreed tree: two keys per file).
-///
-/// Apart from the store, because of its flushing: the store's periodic flusher garbage-
-/// collects its segments whenever nothing is dirty, and with a big worktree's keys in
-/// them that kept the idle daemon busy (about 1% of a CPU, for good). This database has
-/// no flusher; what it holds may be lost to a crash without harm (a lost index entry makes
-/// the file be hashed again, an agreed tree that is behind makes the relay refuse the next
-/// push as stale and the daemon merge), and the links are flushed when they change.
-pub fn open_teleport(dir: &Path) -> Result<sled::Db, StoreError> {
-    create_private_dir(dir, "creating teleport's directory")?;
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(TELEPORT_CACHE_BYTES)
-        .flush_every_ms(None)
-        .open()
-        .map_err(StoreError::sled("opening teleport's database"))?;
-    restrict(dir)?;
-    Ok(db)
-}
-
 /// Creates `dir` and its missing parents, 0700.
-fn create_private_dir(dir: &Path, what: &'static str) -> Result<(), StoreError> {
+pub(crate) fn create_private_dir(dir: &Path, what: &'static str) -> Result<(), StoreError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]

@@ -432,9 +432,9 @@ fn damaged_replica_sessions_are_errors_not_panics() {
 fn damaged_teleport_records_are_errors_not_panics() {
     use cloudd::teleport::worktrees::Worktrees;
     let dir = tempfile::tempdir().unwrap();
-    let db = store::open(&dir.path().join("store")).unwrap();
-    let worktrees = Worktrees::open(&db).unwrap();
-    let tree = db.open_tree("teleport").unwrap();
+    let teleport = cloudd::teleport::db::TeleportDb::open(&dir.path().join("teleport")).unwrap();
+    let worktrees = Worktrees::new(teleport.clone());
+    let tree = teleport.tree().unwrap();
     let root = "/home/ann/src/app";
     let key = |prefix: u8, path: Option<&str>| {
         let mut key = vec![prefix, 0];

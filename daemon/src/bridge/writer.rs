@@ -186,13 +186,42 @@ async fn send_buffered(
         reason: format!("cannot encode a bridge message: {e}"),
         registered: false,
     })?;
-    socket
-        .feed(Message::Binary(bytes.into()))
-        .await
-        .map_err(|e| Ended::Failed {
-            reason: format!("sending to the relay failed: {e}"),
-            registered: false,
-        })
+    let failed = |e: tungstenite::Error| Ended::Failed {
+        reason: format!("sending to the relay failed: {e}"),
+        registered: false,
+    };
+    let bytes = tungstenite::Bytes::from(bytes);
+    if bytes.len() <= FRAGMENT {
+        return socket.feed(Message::Binary(bytes)).await.map_err(failed);
+    }
+    for frame in fragments(bytes) {
+        socket.feed(Message::Frame(frame)).await.map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// The largest frame the bridge sends: a longer message (a whole tree's teleport commit,
+/// about 1.7 MB for 20,000 files) goes as several frames of one message. tungstenite
+/// writes a frame whole into its send buffer, which keeps the largest frame's size for
+/// the connection's life.
+const FRAGMENT: usize = 64 * 1024;
+
+/// `message` as a binary message's frames of at most [`FRAGMENT`] bytes (slices of it,
+/// not copies); the relay's WebSocket puts them back together.
+fn fragments(
+    message: tungstenite::Bytes,
+) -> impl Iterator<Item = tungstenite::protocol::frame::Frame> {
+    use tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    };
+    let len = message.len();
+    (0..len.div_ceil(FRAGMENT)).map(move |i| {
+        let start = i * FRAGMENT;
+        let end = (start + FRAGMENT).min(len);
+        let opcode = OpCode::Data(if i == 0 { Data::Binary } else { Data::Continue });
+        Frame::message(message.slice(start..end), opcode, end == len)
+    })
 }
 
 /// The body of a [`ToRelay::Event`], borrowed: it encodes exactly as one, so journal
@@ -293,5 +322,55 @@ mod tests {
             .unwrap();
             assert_eq!(&batch.bytes[range.clone()], expected.as_slice());
         }
+    }
+
+    #[tokio::test]
+    async fn a_long_message_goes_as_frames_the_other_end_puts_back_together() {
+        use futures_util::StreamExt as _;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        use tokio_tungstenite::WebSocketStream;
+
+        let (a, b) = tokio::io::duplex(16 * 1024);
+        let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let mut server = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        let message: Vec<u8> = (0..3 * FRAGMENT + 17)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+
+        let frames: Vec<_> = fragments(message.clone().into()).collect();
+        assert_eq!(frames.len(), 4);
+        assert!(frames.iter().all(|f| f.payload().len() <= FRAGMENT));
+        assert_eq!(
+            frames
+                .iter()
+                .map(|f| f.header().is_final)
+                .collect::<Vec<_>>(),
+            [false, false, false, true]
+        );
+        let send = async {
+            for frame in frames {
+                client.feed(Message::Frame(frame)).await.unwrap();
+            }
+            client
+                .feed(Message::Binary(vec![1, 2, 3].into()))
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+        };
+        let receive = async {
+            let first = server.next().await.unwrap().unwrap();
+            let second = server.next().await.unwrap().unwrap();
+            (first, second)
+        };
+        let ((), (first, second)) = tokio::join!(send, receive);
+        assert_eq!(first, Message::Binary(message.into()));
+        assert_eq!(second, Message::Binary(vec![1, 2, 3].into()));
+    }
+
+    #[test]
+    fn a_message_of_exactly_one_fragment_is_one_final_frame() {
+        let frames: Vec<_> = fragments(vec![0u8; FRAGMENT].into()).collect();
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].header().is_final);
     }
 }

@@ -25,6 +25,7 @@
 //! `cloud_tree`, and `RelPath` on every path).
 
 pub mod apply;
+pub mod db;
 pub mod local;
 pub mod pull;
 pub mod push;

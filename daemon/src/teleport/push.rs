@@ -97,22 +97,27 @@ impl Teleport {
         result
     }
 
-    /// Records the outcome of an operation on its link (its error, or none), and hands the
-    /// memory the operation freed back to the system (`crate::memory::release`): every
-    /// push, pull and watch step ends here.
+    /// Records the outcome of an operation on its link (its error, or none), closes
+    /// teleport's database if a whole tree went through it (`Worktrees::settle`), and
+    /// hands the memory the operation freed back to the system (`crate::memory::release`):
+    /// every push, pull and watch step ends here.
     pub(super) async fn record_result<T>(&self, root: &str, result: &Result<T, TeleportError>) {
         let worktrees = self.worktrees.clone();
         let root = root.to_owned();
         let error = result.as_ref().err().map(|e| e.to_string());
         let _ = Self::blocking(move || {
-            crate::memory::release();
-            if let Some(mut worktree) = worktrees.get(&root)? {
-                if worktree.last_error != error {
-                    worktree.last_error = error;
-                    worktrees.put(&worktree)?;
+            let recorded = (|| {
+                if let Some(mut worktree) = worktrees.get(&root)? {
+                    if worktree.last_error != error {
+                        worktree.last_error = error;
+                        worktrees.put(&worktree)?;
+                    }
                 }
-            }
-            Ok(())
+                Ok::<_, TeleportError>(())
+            })();
+            worktrees.settle();
+            crate::memory::release();
+            recorded
         })
         .await;
     }

@@ -1,4 +1,4 @@
-//! The linked worktrees, in the store's `teleport` tree: each link (a worktree root and its
+//! The linked worktrees, in the `teleport` tree of teleport's database ([`super::db`]): each link (a worktree root and its
 //! session), the tree both sides last agreed on (the base of the next push and pull), and
 //! the scanner's index, so an unchanged file is never read again, also after a restart.
 //!
@@ -17,10 +17,12 @@
 //!
 //! Updates write only what changed (one key per path), so an edit costs a few keys, not
 //! the whole tree. Only a link's changes are flushed (its database has no periodic
-//! flusher, see `store::open_teleport`): a base or an index lost to a crash is found again
+//! flusher, see [`super::db`]): a base or an index lost to a crash is found again
 //! by the next scan (a file whose index entry is gone is hashed again; a base that is
 //! behind makes the next push send more than needed, never less, and the relay refuses a
-//! stale base). Every call does blocking IO: callers run it off the socket's thread.
+//! stale base). Every call does blocking IO: callers run it off the socket's thread. A call
+//! that reads or writes a whole tree's keys marks the database so (`WHOLE_KEYS`), and the
+//! operation's end closes it ([`Worktrees::settle`]), which frees what sled cached.
 //!
 //! This module must never touch a worktree's files or talk to the relay.
 
@@ -30,6 +32,7 @@ use cloud_protocol::teleport::{Change, Delta, EntryKind, Manifest, RelPath};
 use cloud_tree::{Index, IndexChange, Indexed};
 use serde::{Deserialize, Serialize};
 
+use super::db::{Held, TeleportDb};
 use crate::store::StoreError;
 
 /// A worktree linked to a session.
@@ -73,10 +76,10 @@ impl Worktree {
     }
 }
 
-/// The store's `teleport` tree.
+/// The links, agreed trees and indexes, in teleport's database.
 #[derive(Debug, Clone)]
 pub struct Worktrees {
-    tree: sled::Tree,
+    db: TeleportDb,
 }
 
 fn key(prefix: u8, root: &str) -> Vec<u8> {
@@ -105,6 +108,11 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
         message: format!("{what}: {e}"),
     }
 }
+
+/// Reading or writing more of a root's keys than this at once counts as a whole tree's
+/// (the database is closed at the end of the operation, see [`super::db`]); an edit's
+/// are a few.
+const WHOLE_KEYS: usize = 1_000;
 
 /// A tree's digest (see the module's keys).
 type Digest = [u8; 32];
@@ -148,18 +156,31 @@ fn paths<'a>(
 }
 
 impl Worktrees {
-    /// The `teleport` tree of `db`.
-    pub fn open(db: &sled::Db) -> Result<Worktrees, StoreError> {
-        Ok(Worktrees {
-            tree: db
-                .open_tree("teleport")
-                .map_err(StoreError::sled("teleport"))?,
-        })
+    /// The worktrees kept in `db`.
+    pub fn new(db: TeleportDb) -> Worktrees {
+        Worktrees { db }
+    }
+
+    /// Closes the database if a whole tree went through it since it was opened and
+    /// nothing else uses it ([`TeleportDb::settle`]): what every push, pull and watch
+    /// step calls when it ends. Blocking.
+    pub fn settle(&self) {
+        self.db.settle();
+    }
+
+    /// The database's tree; `whole`: the caller reads or writes a whole tree's keys.
+    fn tree(&self, whole: bool) -> Result<Held, StoreError> {
+        let tree = self.db.tree()?;
+        if whole {
+            self.db.mark_whole();
+        }
+        Ok(tree)
     }
 
     /// Moves what an older daemon kept in `store`'s `teleport` tree (before teleport had a
     /// database of its own) into this one, once.
     pub fn take_over(&self, store: &sled::Db) -> Result<(), StoreError> {
+        let tree = self.tree(true)?;
         if !store
             .tree_names()
             .iter()
@@ -172,11 +193,9 @@ impl Worktrees {
             .map_err(StoreError::sled("teleport"))?;
         for item in old.iter() {
             let (k, v) = item.map_err(StoreError::sled("teleport"))?;
-            self.tree
-                .insert(k, v)
-                .map_err(StoreError::sled("teleport"))?;
+            tree.insert(k, v).map_err(StoreError::sled("teleport"))?;
         }
-        self.tree.flush().map_err(StoreError::sled("teleport"))?;
+        tree.flush().map_err(StoreError::sled("teleport"))?;
         store
             .drop_tree("teleport")
             .map_err(StoreError::sled("teleport"))?;
@@ -185,8 +204,9 @@ impl Worktrees {
 
     /// Every linked worktree, by root.
     pub fn list(&self) -> Result<Vec<Worktree>, StoreError> {
+        let tree = self.tree(false)?;
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix([b'w', 0]) {
+        for item in tree.scan_prefix([b'w', 0]) {
             let (_, value) = item.map_err(StoreError::sled("teleport"))?;
             out.push(postcard::from_bytes(&value).map_err(|e| corrupt("a worktree", e))?);
         }
@@ -195,8 +215,8 @@ impl Worktrees {
 
     /// The worktree at `root`, if linked.
     pub fn get(&self, root: &str) -> Result<Option<Worktree>, StoreError> {
-        self.tree
-            .get(key(b'w', root))
+        let tree = self.tree(false)?;
+        tree.get(key(b'w', root))
             .map_err(StoreError::sled("teleport"))?
             .map(|v| postcard::from_bytes(&v).map_err(|e| corrupt("a worktree", e)))
             .transpose()
@@ -206,9 +226,9 @@ impl Worktrees {
     /// session, watched or not): its version and errors may be lost to a crash without
     /// harm, the link may not.
     pub fn put(&self, worktree: &Worktree) -> Result<(), StoreError> {
+        let tree = self.tree(false)?;
         let value = postcard::to_allocvec(worktree).map_err(|e| corrupt("a worktree", e))?;
-        let before = self
-            .tree
+        let before = tree
             .insert(key(b'w', &worktree.root), value)
             .map_err(StoreError::sled("teleport"))?;
         let before: Option<Worktree> = before.and_then(|v| postcard::from_bytes(&v).ok());
@@ -216,15 +236,16 @@ impl Worktrees {
             (b.session.as_str(), b.watching) != (worktree.session.as_str(), worktree.watching)
         });
         if relinked {
-            self.tree.flush().map_err(StoreError::sled("teleport"))?;
+            tree.flush().map_err(StoreError::sled("teleport"))?;
         }
         Ok(())
     }
 
     /// The base tree of `root`.
     pub fn base(&self, root: &str) -> Result<Manifest, StoreError> {
+        let tree = self.tree(true)?;
         let mut base = Manifest::new();
-        for item in paths(&self.tree, path_prefix(b'm', root)) {
+        for item in paths(&tree, path_prefix(b'm', root)) {
             let (path, value) = item?;
             let kind: EntryKind =
                 postcard::from_bytes(&value).map_err(|e| corrupt("a base entry", e))?;
@@ -239,6 +260,7 @@ impl Worktrees {
         root: &str,
         paths: impl IntoIterator<Item = &'a RelPath>,
     ) -> Result<Manifest, StoreError> {
+        let tree = self.tree(false)?;
         let skip = path_prefix(b'm', root).len();
         let mut base = Manifest::new();
         let mut add = |key: &[u8], value: &[u8]| -> Result<(), StoreError> {
@@ -251,15 +273,18 @@ impl Worktrees {
         };
         for path in paths {
             let at = path_key(b'm', root, path);
-            if let Some(value) = self.tree.get(&at).map_err(StoreError::sled("teleport"))? {
+            if let Some(value) = tree.get(&at).map_err(StoreError::sled("teleport"))? {
                 add(&at, &value)?;
             }
             let mut under = at;
             under.push(b'/');
-            for item in self.tree.scan_prefix(&under) {
+            for item in tree.scan_prefix(&under) {
                 let (key, value) = item.map_err(StoreError::sled("teleport"))?;
                 add(&key, &value)?;
             }
+        }
+        if base.len() > WHOLE_KEYS {
+            self.db.mark_whole();
         }
         Ok(base)
     }
@@ -267,7 +292,7 @@ impl Worktrees {
     /// The stored digest of `root`'s base tree, if there is one.
     fn base_digest(&self, root: &str) -> Result<Option<Digest>, StoreError> {
         Ok(self
-            .tree
+            .tree(false)?
             .get(key(b'h', root))
             .map_err(StoreError::sled("teleport"))?
             .and_then(|v| Digest::try_from(v.as_ref()).ok()))
@@ -282,7 +307,7 @@ impl Worktrees {
         }
         let base = self.base(root)?;
         if stored.is_none() {
-            self.tree
+            self.tree(false)?
                 .insert(key(b'h', root), &digest(&base)?)
                 .map_err(StoreError::sled("teleport"))?;
         }
@@ -316,18 +341,18 @@ impl Worktrees {
         writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
         digest: Option<Digest>,
     ) -> Result<(), StoreError> {
+        let tree = self.tree(writes.len() > WHOLE_KEYS)?;
         let sled_error = || StoreError::sled("teleport");
-        self.tree.remove(key(b'h', root)).map_err(sled_error())?;
+        tree.remove(key(b'h', root)).map_err(sled_error())?;
         for (k, v) in writes {
             match v {
-                Some(v) => self.tree.insert(k, v).map(drop),
-                None => self.tree.remove(k).map(drop),
+                Some(v) => tree.insert(k, v).map(drop),
+                None => tree.remove(k).map(drop),
             }
             .map_err(sled_error())?;
         }
         if let Some(digest) = digest {
-            self.tree
-                .insert(key(b'h', root), &digest)
+            tree.insert(key(b'h', root), &digest)
                 .map_err(sled_error())?;
         }
         Ok(())
@@ -337,6 +362,7 @@ impl Worktrees {
     /// its path): only the paths it names are written, with the digest changed entry by
     /// entry, so an edit costs a few keys.
     pub fn apply_base(&self, root: &str, delta: &Delta) -> Result<(), StoreError> {
+        let tree = self.tree(false)?;
         let mut digest = self.base_digest(root)?;
         // What this batch writes, so a path the delta touches twice (a removed directory,
         // then a file put under it) is seen as the batch leaves it.
@@ -354,8 +380,7 @@ impl Worktrees {
         let current =
             |key: &[u8], written: &HashMap<Vec<u8>, Option<Vec<u8>>>| match written.get(key) {
                 Some(value) => Ok(value.clone()),
-                None => self
-                    .tree
+                None => tree
                     .get(key)
                     .map(|v| v.map(|v| v.to_vec()))
                     .map_err(StoreError::sled("teleport")),
@@ -369,7 +394,7 @@ impl Worktrees {
                     let mut under = at;
                     under.push(b'/');
                     let mut below = Vec::new();
-                    for item in self.tree.scan_prefix(&under) {
+                    for item in tree.scan_prefix(&under) {
                         let (k, _) = item.map_err(StoreError::sled("teleport"))?;
                         below.push(k.to_vec());
                     }
@@ -408,10 +433,11 @@ impl Worktrees {
 
     /// The scanner's index of `root` (empty before the first scan).
     pub fn index(&self, root: &str) -> Result<Index, StoreError> {
+        let tree = self.tree(true)?;
         let scanned_at = self.index_stamp(root)?;
         // In key order, so the map is built in one pass rather than entry by entry.
         let mut entries = Vec::new();
-        for item in paths(&self.tree, path_prefix(b'i', root)) {
+        for item in paths(&tree, path_prefix(b'i', root)) {
             let (path, value) = item?;
             // An entry that does not decode is dropped: the file is hashed again.
             if let Ok(indexed) = Indexed::decode(&path, &value) {
@@ -435,11 +461,12 @@ impl Worktrees {
         paths: impl IntoIterator<Item = &'a RelPath>,
         ancestors: bool,
     ) -> Result<Index, StoreError> {
+        let tree = self.tree(false)?;
         let mut entries = std::collections::BTreeMap::new();
         let mut get = |path: &RelPath| -> Result<(), StoreError> {
             if !entries.contains_key(path) {
                 let at = path_key(b'i', root, path);
-                if let Some(value) = self.tree.get(&at).map_err(StoreError::sled("teleport"))? {
+                if let Some(value) = tree.get(&at).map_err(StoreError::sled("teleport"))? {
                     // An entry that does not decode is left out: the file is hashed again.
                     if let Ok(indexed) = Indexed::decode(path, &value) {
                         entries.insert(path.clone(), indexed);
@@ -465,7 +492,7 @@ impl Worktrees {
             under.extend_from_slice(path.as_str().as_bytes());
             under.push(b'/');
             let skip = path_prefix(b'i', root).len();
-            for item in self.tree.scan_prefix(&under) {
+            for item in tree.scan_prefix(&under) {
                 let (key, value) = item.map_err(StoreError::sled("teleport"))?;
                 let at = std::str::from_utf8(&key[skip..]).map_err(|e| corrupt("a path", e))?;
                 let at = RelPath::new(at).map_err(|e| corrupt("a path", e))?;
@@ -474,28 +501,29 @@ impl Worktrees {
                 }
             }
         }
+        if entries.len() > WHOLE_KEYS {
+            self.db.mark_whole();
+        }
         Ok(Index::from_entries(self.index_stamp(root)?, entries))
     }
 
     /// Makes `new` the index of `root`, where `old` was (writing what differs).
     pub fn set_index(&self, root: &str, old: &Index, new: &Index) -> Result<(), StoreError> {
+        let tree = self.tree(old.len().max(new.len()) > WHOLE_KEYS)?;
         for (path, _) in old.iter() {
             if new.get(path).is_none() {
-                self.tree
-                    .remove(path_key(b'i', root, path))
+                tree.remove(path_key(b'i', root, path))
                     .map_err(StoreError::sled("teleport"))?;
             }
         }
         for (path, indexed) in new.iter() {
             if old.get(path) != Some(indexed) {
-                self.tree
-                    .insert(path_key(b'i', root, path), indexed.encode())
+                tree.insert(path_key(b'i', root, path), indexed.encode())
                     .map_err(StoreError::sled("teleport"))?;
             }
         }
         if old.scanned_at_ns() != new.scanned_at_ns() {
-            self.tree
-                .insert(key(b's', root), &new.scanned_at_ns().to_be_bytes())
+            tree.insert(key(b's', root), &new.scanned_at_ns().to_be_bytes())
                 .map_err(StoreError::sled("teleport"))?;
         }
         Ok(())
@@ -509,17 +537,16 @@ impl Worktrees {
         index: &Index,
         changes: &[IndexChange],
     ) -> Result<(), StoreError> {
+        let tree = self.tree(changes.len() > WHOLE_KEYS)?;
         for change in changes {
             match change {
                 IndexChange::Put(path, indexed) => {
-                    self.tree
-                        .insert(path_key(b'i', root, path), indexed.encode())
+                    tree.insert(path_key(b'i', root, path), indexed.encode())
                         .map_err(StoreError::sled("teleport"))?;
                 }
                 IndexChange::Remove(path) => {
                     for (under, _) in index.under(path) {
-                        self.tree
-                            .remove(path_key(b'i', root, under))
+                        tree.remove(path_key(b'i', root, under))
                             .map_err(StoreError::sled("teleport"))?;
                     }
                 }
@@ -533,7 +560,7 @@ impl Worktrees {
     /// operation scanned meanwhile.
     pub fn index_stamp(&self, root: &str) -> Result<i64, StoreError> {
         Ok(self
-            .tree
+            .tree(false)?
             .get(key(b's', root))
             .map_err(StoreError::sled("teleport"))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -542,16 +569,17 @@ impl Worktrees {
 
     /// Forgets `root` entirely.
     pub fn remove(&self, root: &str) -> Result<(), StoreError> {
+        let tree = self.tree(true)?;
         for prefix in [path_prefix(b'm', root), path_prefix(b'i', root)] {
-            for item in self.tree.scan_prefix(prefix) {
+            for item in tree.scan_prefix(prefix) {
                 let (k, _) = item.map_err(StoreError::sled("teleport"))?;
-                self.tree.remove(k).map_err(StoreError::sled("teleport"))?;
+                tree.remove(k).map_err(StoreError::sled("teleport"))?;
             }
         }
         for k in [key(b'w', root), key(b's', root), key(b'h', root)] {
-            self.tree.remove(k).map_err(StoreError::sled("teleport"))?;
+            tree.remove(k).map_err(StoreError::sled("teleport"))?;
         }
-        self.tree.flush().map_err(StoreError::sled("teleport"))?;
+        tree.flush().map_err(StoreError::sled("teleport"))?;
         Ok(())
     }
 }
@@ -568,8 +596,7 @@ mod tests {
     #[test]
     fn links_bases_and_indexes_persist_per_root() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let worktrees = Worktrees::open(&db).unwrap();
+        let worktrees = Worktrees::new(TeleportDb::open(dir.path()).unwrap());
         let link = Worktree {
             root: "/home/me/repo".into(),
             session: "s-1".into(),
@@ -619,8 +646,7 @@ mod tests {
     #[test]
     fn a_base_changed_by_a_delta_agrees_with_applying_it_to_the_whole_tree() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let worktrees = Worktrees::open(&db).unwrap();
+        let worktrees = Worktrees::new(TeleportDb::open(dir.path()).unwrap());
         let file = |b: u8| EntryKind::File {
             executable: false,
             size: 1,
@@ -693,7 +719,11 @@ mod tests {
         );
 
         // A store without a digest (an older daemon's) reads the base, then keeps one.
-        worktrees.tree.remove(key(b'h', "/r")).unwrap();
+        worktrees
+            .tree(false)
+            .unwrap()
+            .remove(key(b'h', "/r"))
+            .unwrap();
         worktrees.apply_base("/r", &third.diff(&new)).unwrap();
         assert_eq!(worktrees.base_digest("/r").unwrap(), None);
         assert_eq!(
@@ -719,10 +749,13 @@ mod tests {
     fn links_an_older_daemon_kept_in_the_store_are_taken_over_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = sled::open(dir.path().join("store")).unwrap();
-        let old = Worktrees::open(&store).unwrap();
-        old.put(&Worktree::new("/home/me/repo", "s-1")).unwrap();
-        let db = sled::open(dir.path().join("teleport")).unwrap();
-        let worktrees = Worktrees::open(&db).unwrap();
+        let link = Worktree::new("/home/me/repo", "s-1");
+        store
+            .open_tree("teleport")
+            .unwrap()
+            .insert(key(b'w', &link.root), postcard::to_allocvec(&link).unwrap())
+            .unwrap();
+        let worktrees = Worktrees::new(TeleportDb::open(&dir.path().join("teleport")).unwrap());
         worktrees.take_over(&store).unwrap();
         assert_eq!(
             worktrees.get("/home/me/repo").unwrap(),

@@ -217,6 +217,7 @@ mod tests {
     use crate::sessions::inbound::Inbound;
     use crate::sessions::replica::Replica;
     use crate::store::Meta;
+    use crate::teleport::db::TeleportDb;
     use crate::teleport::worktrees::{Worktree, Worktrees};
 
     const DEADLINE: Duration = Duration::from_secs(20);
@@ -238,7 +239,8 @@ mod tests {
             String::new(),
             "i-test".into(),
         );
-        let teleport = Teleport::new(Worktrees::open(&db).unwrap(), Arc::new(link));
+        let worktrees = Worktrees::new(TeleportDb::open(&dir.join("teleport")).unwrap());
+        let teleport = Teleport::new(worktrees, Arc::new(link));
         (Arc::new(teleport), commands)
     }
 

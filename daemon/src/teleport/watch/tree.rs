@@ -305,7 +305,6 @@ mod tests {
 
     struct Fixture {
         _dir: tempfile::TempDir,
-        _db: sled::Db,
         root: std::path::PathBuf,
         worktrees: Worktrees,
     }
@@ -313,8 +312,9 @@ mod tests {
     /// A worktree with a `.git`, ignored trees (`target/`, `node_modules/`) and sources.
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("store")).unwrap();
-        let worktrees = Worktrees::open(&db).unwrap();
+        let worktrees = Worktrees::new(
+            crate::teleport::db::TeleportDb::open(&dir.path().join("teleport")).unwrap(),
+        );
         let root = dir.path().join("wt");
         for d in [".git/objects", "target/debug", "node_modules/pkg", "src"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
@@ -332,7 +332,6 @@ mod tests {
         let root = std::fs::canonicalize(root).unwrap();
         Fixture {
             _dir: dir,
-            _db: db,
             root,
             worktrees,
         }
