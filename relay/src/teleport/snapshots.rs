@@ -297,7 +297,8 @@ impl Snapshots {
     }
 
     /// [`Snapshots::commit`], running `alongside` with the new version while it is
-    /// written and flushed, once every check has passed (the relay writes the version's
+    /// written and flushed (after the org's new blob packs are synced: [`BlobStore::sync`]),
+    /// once every check has passed (the relay writes the version's
     /// files into the workspace meanwhile). It does not run for a stale base, or for a
     /// delta that changes nothing. If the write then fails, what `alongside` did stays
     /// done: the error is returned, and its outcome dropped.
@@ -380,6 +381,10 @@ impl Snapshots {
         batch.insert(key(b'n', session), encode(&info)?);
         let (written, done) = std::thread::scope(|scope| {
             let writer = scope.spawn(|| -> Result<(), SnapshotError> {
+                // The blobs on disk before a version that needs them is.
+                if !needed.is_empty() {
+                    blobs.sync(org)?;
+                }
                 self.tree.apply_batch(batch)?;
                 self.db.flush()?;
                 Ok(())
@@ -525,6 +530,7 @@ mod tests {
         let me = || VersionAuthor::Instance("i-1".into());
         let v1 = tree(&[("a", file(&blobs, "a1"))]);
         let delta = Manifest::new().diff(&v1);
+        assert_eq!(blobs.unsynced("acme"), 1);
         let commit = |base, delta: &Delta| {
             snapshots
                 .commit_alongside("s-1", "acme", &blobs, base, delta, None, me(), 1, |info| {
@@ -535,6 +541,7 @@ mod tests {
         let (outcome, ran) = commit(0, &delta);
         assert!(matches!(outcome, Commit::Committed(ref info) if info.version == 1));
         assert_eq!(ran, Some(1), "it runs with the version being written");
+        assert_eq!(blobs.unsynced("acme"), 0, "its blobs were synced first");
         // Stale: not run, nothing written.
         let (outcome, ran) = commit(0, &delta);
         assert_eq!(outcome, Commit::Stale { current: 1 });

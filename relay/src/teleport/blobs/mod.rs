@@ -9,7 +9,8 @@
 //!
 //! Every blob is checked against its id (blake3) before it is stored and again when it is
 //! read; a pack is written under a temp name and renamed into place, so a pack with a name
-//! is whole. A blob that fails its check on reading is dropped from the index (it reads as
+//! is whole, and a commit makes the org's new packs durable ([`BlobStore::sync`]) before
+//! it stores a version that needs them. A blob that fails its check on reading is dropped from the index (it reads as
 //! absent, so the daemon uploads it again). Stores of the first format (one file per blob
 //! under `<org>/<two hex digits>/<id>`) are packed once, when the org is first used.
 //!
@@ -68,6 +69,11 @@ struct OrgPacks {
     next: Mutex<u32>,
     /// Packs open for reading.
     open: Mutex<HashMap<u32, Arc<File>>>,
+    /// Packs written since the last [`BlobStore::sync`], not yet known to be on disk.
+    unsynced: Mutex<Vec<u32>>,
+    /// Held for a whole sync, so a sync that finds nothing left to do knows that the
+    /// packs another one took are on disk.
+    syncing: Mutex<()>,
 }
 
 impl BlobStore {
@@ -122,6 +128,21 @@ impl BlobStore {
             .filter(|id| !index.contains_key(id) && seen.insert(**id))
             .copied()
             .collect())
+    }
+
+    /// Makes every pack of `org` written so far durable (`fdatasync` each, then the packs'
+    /// directory, so their names are too). A version that needs blobs is committed only
+    /// after this: a machine that crashes must not leave a stored version whose blobs
+    /// were still in the page cache. Packs are written without waiting for the disk, so a
+    /// push pays once, at its commit.
+    pub fn sync(&self, org: &str) -> Result<(), BlobStoreError> {
+        self.org(org)?.sync()
+    }
+
+    /// How many packs of `org` wait for [`BlobStore::sync`] (tests).
+    #[cfg(test)]
+    pub fn unsynced(&self, org: &str) -> usize {
+        self.org(org).unwrap().unsynced.lock().unwrap().len()
     }
 
     /// Stores `blobs` for `org` after checking every one (none is stored if one fails),
@@ -191,6 +212,8 @@ impl OrgPacks {
             index: RwLock::default(),
             next: Mutex::new(1),
             open: Mutex::default(),
+            unsynced: Mutex::default(),
+            syncing: Mutex::default(),
         };
         let entries = match std::fs::read_dir(&packs.dir) {
             Ok(entries) => entries,
@@ -309,11 +332,42 @@ impl OrgPacks {
         };
         temp.persist(&path)
             .map_err(|e| io("renaming a pack to", &path)(e.error))?;
+        self.unsynced
+            .lock()
+            .expect("blob store poisoned")
+            .push(number);
         let mut index = self.index.write().expect("blob index poisoned");
         for (id, span) in spans {
             index.entry(id).or_insert((number, span));
         }
         Ok(())
+    }
+
+    /// See [`BlobStore::sync`]. A pack that fails stays listed for the next sync.
+    fn sync(&self) -> Result<(), BlobStoreError> {
+        let _syncing = self.syncing.lock().expect("blob store poisoned");
+        let numbers = std::mem::take(&mut *self.unsynced.lock().expect("blob store poisoned"));
+        if numbers.is_empty() {
+            return Ok(());
+        }
+        let synced = numbers.iter().try_for_each(|&number| {
+            let path = self.path(number);
+            File::open(&path)
+                .and_then(|file| file.sync_data())
+                .map_err(io("syncing", &path))
+        });
+        let synced = synced.and_then(|()| {
+            File::open(&self.dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io("syncing", &self.dir))
+        });
+        if synced.is_err() {
+            self.unsynced
+                .lock()
+                .expect("blob store poisoned")
+                .extend(numbers);
+        }
+        synced
     }
 
     /// Pack `number`, open for reading.
@@ -346,6 +400,35 @@ mod tests {
             id: ContentId::of(bytes),
             bytes: bytes.to_vec(),
         }
+    }
+
+    #[test]
+    fn packs_wait_for_a_sync_and_a_failed_sync_keeps_them_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path().join("blobs"));
+        store.put("acme", &[blob(b"one")]).unwrap();
+        store.put("acme", &[blob(b"two")]).unwrap();
+        assert_eq!(store.unsynced("acme"), 2);
+        store.sync("acme").unwrap();
+        assert_eq!(store.unsynced("acme"), 0);
+        store.sync("acme").unwrap();
+
+        // A pack that cannot be synced (gone) fails the sync, which tries it again later.
+        store.put("acme", &[blob(b"three")]).unwrap();
+        let packs = dir.path().join("blobs/acme/packs");
+        let newest = std::fs::read_dir(&packs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        let aside = dir.path().join("aside");
+        std::fs::rename(&newest, &aside).unwrap();
+        let error = store.sync("acme").unwrap_err().to_string();
+        assert!(error.starts_with("syncing "), "{error}");
+        assert_eq!(store.unsynced("acme"), 1);
+        std::fs::rename(&aside, &newest).unwrap();
+        store.sync("acme").unwrap();
+        assert_eq!(store.unsynced("acme"), 0);
     }
 
     #[test]
