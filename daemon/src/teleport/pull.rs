@@ -220,15 +220,7 @@ impl Teleport {
                 agreed.insert(under.clone(), kind.clone());
             }
         }
-        self.agreed(
-            worktree,
-            super::push::Agreed::Tree {
-                old: base,
-                new: agreed,
-            },
-            &newest,
-        )
-        .await?;
+        self.agreed(worktree, base, agreed, &newest).await?;
         Ok(pulled)
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Scan (through the index) → the delta from the tree both sides agreed on → the blobs the
 //! relay lacks, read off the socket's thread and uploaded on the blob socket → a commit on
-//! the agreed version. The relay refuses a stale base: the newer version is then merged in
+//! the agreed version, while the agreed tree is changed by the delta beside an undo
+//! record (`Worktrees::apply_base_ahead`), kept if the relay commits and put back if not. The relay refuses a stale base: the newer version is then merged in
 //! (a pull: local work is kept, a change on both sides keeps both) and the push starts
 //! again, at most [`super::MAX_ATTEMPTS`] times. A file that changes while it is read
 //! makes the push scan again.
@@ -52,14 +53,6 @@ impl StoringIndex {
                 .map(Some),
         }
     }
-}
-
-/// How the agreed tree changes when both sides agree on a new version.
-pub(super) enum Agreed {
-    /// By the delta just committed (a push).
-    Delta(Delta),
-    /// From `old` to `new` (a pull's merge).
-    Tree { old: Manifest, new: Manifest },
 }
 
 /// Below this many bytes of blobs a push uploads them without asking which the relay
@@ -279,19 +272,32 @@ impl Teleport {
             let head = git.as_ref().map(|g| g.head.clone());
             reporter.report("commit", 0, 1, 0, 0);
             let changes = delta.changes.len() as u64;
-            let reply = self
-                .request(TeleportRequest::Commit {
-                    session: session.to_owned(),
-                    base: worktree.version,
-                    delta: delta.clone(),
-                    git,
+            let from = worktree.version;
+            let request = self.request(TeleportRequest::Commit {
+                session: session.to_owned(),
+                base: from,
+                delta: delta.clone(),
+                git,
+            });
+            // The agreed base is written while the relay stores the version, with an undo
+            // record in case it does not (`Worktrees::apply_base_ahead`).
+            let ahead = {
+                let (worktrees, root) = (self.worktrees.clone(), root.to_owned());
+                Self::blocking(move || {
+                    let began = std::time::Instant::now();
+                    worktrees.apply_base_ahead(&root, from, &delta)?;
+                    tracing::debug!(root = %root, "the base written ahead in {:?}", began.elapsed());
+                    Ok(())
                 })
-                .await?;
-            match reply {
-                TeleportReply::Committed(info) => {
+            };
+            let reply = match tokio::join!(ahead, request) {
+                (Ok(()), Ok(TeleportReply::Committed(info))) => {
                     worktree.git_sent = head.or(worktree.git_sent.take());
-                    self.agreed(&mut worktree, Agreed::Delta(delta), &info)
-                        .await?;
+                    worktree.version = info.version;
+                    worktree.remote_version = worktree.remote_version.max(info.version);
+                    worktree.last_error = None;
+                    let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
+                    Self::blocking(move || Ok(worktrees.confirm_base(&record)?)).await?;
                     outcome.version = info.version;
                     outcome.files += changes;
                     reporter.report("done", 1, 1, 0, 0);
@@ -301,6 +307,14 @@ impl Teleport {
                         index,
                     });
                 }
+                (written, reply) => {
+                    let (worktrees, root) = (self.worktrees.clone(), root.to_owned());
+                    Self::blocking(move || Ok(worktrees.undo_base(&root)?)).await?;
+                    written?;
+                    reply?
+                }
+            };
+            match reply {
                 TeleportReply::Stale { current } => {
                     // The session moved on (the agent's edits, another machine): take its
                     // changes in first, then push what is left on top.
@@ -326,13 +340,14 @@ impl Teleport {
         )))
     }
 
-    /// Both sides agree on version `info`: the link's base from now on is the stored base
-    /// changed as `agreed` says (written on the blocking pool, where the trees are also
+    /// Both sides agree on version `info` (a pull's merge): the link's base from now on is
+    /// `new`, where it was `old` (written on the bulk pool, where the trees are also
     /// dropped).
     pub(super) async fn agreed(
         &self,
         worktree: &mut Worktree,
-        agreed: Agreed,
+        old: Manifest,
+        new: Manifest,
         info: &VersionInfo,
     ) -> Result<(), TeleportError> {
         worktree.version = info.version;
@@ -341,10 +356,7 @@ impl Teleport {
         let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
         Self::blocking(move || {
             let began = std::time::Instant::now();
-            match agreed {
-                Agreed::Delta(delta) => worktrees.apply_base(&record.root, &delta)?,
-                Agreed::Tree { old, new } => worktrees.set_base(&record.root, &old, &new)?,
-            }
+            worktrees.set_base(&record.root, &old, &new)?;
             worktrees.put(&record)?;
             tracing::debug!(root = %record.root, version = record.version, "the agreed base written in {:?}", began.elapsed());
             Ok(())
