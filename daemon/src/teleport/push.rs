@@ -55,6 +55,18 @@ impl StoringIndex {
     }
 }
 
+/// What a push's commit step needs (it runs as a task of its own: [`Teleport::committing`]).
+struct CommitStep {
+    session: String,
+    root: String,
+    delta: Delta,
+    git: Option<GitState>,
+    /// The HEAD the commit sends, if any.
+    head: Option<String>,
+    /// The link as it stands before the commit.
+    worktree: Worktree,
+}
+
 /// Below this many bytes of blobs a push uploads them without asking which the relay
 /// lacks first (the relay keeps one copy of each anyway): one round trip less per edit.
 const ASK_ABOVE_BYTES: u64 = 256 * 1024;
@@ -272,32 +284,24 @@ impl Teleport {
             let head = git.as_ref().map(|g| g.head.clone());
             reporter.report("commit", 0, 1, 0, 0);
             let changes = delta.changes.len() as u64;
-            let from = worktree.version;
-            let request = self.request(TeleportRequest::Commit {
+            let step = CommitStep {
                 session: session.to_owned(),
-                base: from,
-                delta: delta.clone(),
+                root: root.to_owned(),
+                delta,
                 git,
-            });
-            // The agreed base is written while the relay stores the version, with an undo
-            // record in case it does not (`Worktrees::apply_base_ahead`).
-            let ahead = {
-                let (worktrees, root) = (self.worktrees.clone(), root.to_owned());
-                Self::blocking(move || {
-                    let began = std::time::Instant::now();
-                    worktrees.apply_base_ahead(&root, from, &delta)?;
-                    tracing::debug!(root = %root, "the base written ahead in {:?}", began.elapsed());
-                    Ok(())
-                })
+                head,
+                worktree: worktree.clone(),
             };
-            let reply = match tokio::join!(ahead, request) {
-                (Ok(()), Ok(TeleportReply::Committed(info))) => {
-                    worktree.git_sent = head.or(worktree.git_sent.take());
-                    worktree.version = info.version;
-                    worktree.remote_version = worktree.remote_version.max(info.version);
-                    worktree.last_error = None;
-                    let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
-                    Self::blocking(move || Ok(worktrees.confirm_base(&record)?)).await?;
+            let committing = self.committing(root).await;
+            let this = Arc::clone(self);
+            let reply = tokio::spawn(async move {
+                let _committing = committing;
+                this.commit(step).await
+            })
+            .await
+            .map_err(|e| TeleportError::Local(format!("a teleport task failed: {e}")))??;
+            let reply = match reply {
+                TeleportReply::Committed(info) => {
                     outcome.version = info.version;
                     outcome.files += changes;
                     reporter.report("done", 1, 1, 0, 0);
@@ -307,12 +311,7 @@ impl Teleport {
                         index,
                     });
                 }
-                (written, reply) => {
-                    let (worktrees, root) = (self.worktrees.clone(), root.to_owned());
-                    Self::blocking(move || Ok(worktrees.undo_base(&root)?)).await?;
-                    written?;
-                    reply?
-                }
+                reply => reply,
             };
             match reply {
                 TeleportReply::Stale { current } => {
@@ -338,6 +337,54 @@ impl Teleport {
         Err(TeleportError::GaveUp(format!(
             "gave up after {MAX_ATTEMPTS} attempts: {last_failure}"
         )))
+    }
+
+    /// Commits `step.delta` on the link's version while its agreed tree is changed by the
+    /// delta (`Worktrees::apply_base_ahead`, with an undo record); then records the new
+    /// version (`confirm_base`) or puts the agreed tree back (`undo_base`). The relay's
+    /// answer, whatever it is: `Committed` only once recorded.
+    async fn commit(self: Arc<Self>, step: CommitStep) -> Result<TeleportReply, TeleportError> {
+        let CommitStep {
+            session,
+            root,
+            delta,
+            git,
+            head,
+            mut worktree,
+        } = step;
+        let from = worktree.version;
+        let request = self.request(TeleportRequest::Commit {
+            session,
+            base: from,
+            delta: delta.clone(),
+            git,
+        });
+        let ahead = {
+            let (worktrees, root) = (self.worktrees.clone(), root.clone());
+            Self::blocking(move || {
+                let began = std::time::Instant::now();
+                worktrees.apply_base_ahead(&root, from, &delta)?;
+                tracing::debug!(root = %root, "the base written ahead in {:?}", began.elapsed());
+                Ok(())
+            })
+        };
+        match tokio::join!(ahead, request) {
+            (Ok(()), Ok(TeleportReply::Committed(info))) => {
+                worktree.git_sent = head.or(worktree.git_sent.take());
+                worktree.version = info.version;
+                worktree.remote_version = worktree.remote_version.max(info.version);
+                worktree.last_error = None;
+                let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
+                Self::blocking(move || Ok(worktrees.confirm_base(&record)?)).await?;
+                Ok(TeleportReply::Committed(info))
+            }
+            (written, reply) => {
+                let worktrees = self.worktrees.clone();
+                Self::blocking(move || Ok(worktrees.undo_base(&root)?)).await?;
+                written?;
+                reply
+            }
+        }
     }
 
     /// Both sides agree on version `info` (a pull's merge): the link's base from now on is
