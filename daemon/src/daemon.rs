@@ -141,12 +141,6 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     let teleport_db = crate::teleport::db::TeleportDb::open(&paths.state_dir.join("teleport"))?;
     let worktrees = crate::teleport::worktrees::Worktrees::new(teleport_db);
     worktrees.take_over(&db)?;
-    let undone = worktrees.recover()?;
-    if undone > 0 {
-        tracing::info!(
-            "teleport: {undone} agreed tree(s) written ahead of a commit whose answer never came were put back"
-        );
-    }
     let teleport = Arc::new(crate::teleport::Teleport::new(worktrees, Arc::clone(&link)));
 
     let (core_tx, mut core_rx) = mpsc::channel(64);

@@ -39,10 +39,8 @@ pub const CACHE_BYTES: u64 = 1024 * 1024;
 /// after the daemon dropped its own.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
-/// The database's main tree.
+/// The name of the one tree in the database.
 const TREE: &str = "teleport";
-/// Its tree of undo records.
-const UNDO: &str = "undo";
 
 /// Teleport's database, opened and closed as it is used. Cloning shares it.
 #[derive(Debug, Clone)]
@@ -59,28 +57,17 @@ struct Shared {
 #[derive(Debug)]
 struct Open {
     tree: sled::Tree,
-    undo: sled::Tree,
     /// One clone per [`Held`]: more than this one means someone is using the tree.
     users: Arc<()>,
     /// A whole tree went through it since it was opened.
     whole: bool,
 }
 
-/// The database's main tree (and its `undo` tree), held open for as long as this lives.
+/// The database's tree, held open for as long as this lives.
 #[derive(Debug)]
 pub struct Held {
     tree: sled::Tree,
-    undo: sled::Tree,
     _user: Arc<()>,
-}
-
-impl Held {
-    /// The `undo` tree: large records apart from the main tree's keys (in one tree, a
-    /// large value beside the keys a push writes made sled rewrite it as those nodes
-    /// grew and split, several times slower).
-    pub fn undo(&self) -> &sled::Tree {
-        &self.undo
-    }
 }
 
 impl std::ops::Deref for Held {
@@ -110,24 +97,22 @@ impl TeleportDb {
         let mut open = self.lock();
         let open = match &mut *open {
             Some(open) => open,
-            slot => {
-                let started = Instant::now();
-                let (tree, undo) = open_trees(&self.shared.dir)?;
-                tracing::debug!(
-                    "teleport's database opened in {:.1} ms",
-                    started.elapsed().as_secs_f64() * 1e3
-                );
-                slot.insert(Open {
-                    tree,
-                    undo,
-                    users: Arc::new(()),
-                    whole: false,
-                })
-            }
+            slot => slot.insert(Open {
+                tree: {
+                    let started = Instant::now();
+                    let tree = open_tree(&self.shared.dir)?;
+                    tracing::debug!(
+                        "teleport's database opened in {:.1} ms",
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                    tree
+                },
+                users: Arc::new(()),
+                whole: false,
+            }),
         };
         Ok(Held {
             tree: open.tree.clone(),
-            undo: open.undo.clone(),
             _user: Arc::clone(&open.users),
         })
     }
@@ -173,9 +158,9 @@ impl TeleportDb {
     }
 }
 
-/// Opens the database in `dir` and its trees, waiting up to [`LOCK_WAIT`] for an instance
+/// Opens the database in `dir` and its tree, waiting up to [`LOCK_WAIT`] for an instance
 /// that is closing to let go of the file.
-fn open_trees(dir: &Path) -> Result<(sled::Tree, sled::Tree), StoreError> {
+fn open_tree(dir: &Path) -> Result<sled::Tree, StoreError> {
     let deadline = Instant::now() + LOCK_WAIT;
     let mut pause = Duration::from_millis(1);
     loop {
@@ -191,8 +176,7 @@ fn open_trees(dir: &Path) -> Result<(sled::Tree, sled::Tree), StoreError> {
             }
             Err(e) => return Err(e),
             Ok(db) => {
-                let open = |name| db.open_tree(name).map_err(StoreError::sled("teleport"));
-                return Ok((open(TREE)?, open(UNDO)?));
+                return db.open_tree(TREE).map_err(StoreError::sled("teleport"));
             }
         }
     }

@@ -153,8 +153,6 @@ pub struct Teleport {
     link: Arc<Link>,
     /// One operation per root at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Held by a push's commit step, a task of its own (see [`Teleport::committing`]).
-    commits: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The teleport topic.
     pub feed: broadcast::Sender<Arc<Notification>>,
     /// The running watches, by root.
@@ -167,34 +165,18 @@ impl Teleport {
             worktrees,
             link,
             locks: Mutex::new(HashMap::new()),
-            commits: Mutex::new(HashMap::new()),
             feed: broadcast::channel(FEED_CAPACITY).0,
             watches: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Holds the worktree at `root` for one operation, once a commit step that an
-    /// earlier operation left running (it was cancelled: a watch stopped) has ended.
+    /// Holds the worktree at `root` for one operation.
     async fn hold(&self, root: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let held = Self::lock_in(&self.locks, root).lock_owned().await;
-        drop(self.committing(root).await);
-        held
-    }
-
-    /// Held for a push's commit step: its agreed tree written ahead, the relay's answer,
-    /// then the confirmation or the undo. The step runs as a task of its own, so an
-    /// operation cancelled meanwhile cannot leave a base written ahead and neither
-    /// confirmed nor undone; [`Teleport::hold`] waits for it.
-    async fn committing(&self, root: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        Self::lock_in(&self.commits, root).lock_owned().await
-    }
-
-    fn lock_in(
-        locks: &Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-        root: &str,
-    ) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = locks.lock().expect("teleport locks poisoned");
-        Arc::clone(locks.entry(root.to_owned()).or_default())
+        let lock = {
+            let mut locks = self.locks.lock().expect("teleport locks poisoned");
+            Arc::clone(locks.entry(root.to_owned()).or_default())
+        };
+        lock.lock_owned().await
     }
 
     /// Asks the relay, through the bridge.

@@ -220,7 +220,15 @@ impl Teleport {
                 agreed.insert(under.clone(), kind.clone());
             }
         }
-        self.agreed(worktree, base, agreed, &newest).await?;
+        self.agreed(
+            worktree,
+            super::push::Agreed::Tree {
+                old: base,
+                new: agreed,
+            },
+            &newest,
+        )
+        .await?;
         Ok(pulled)
     }
 

@@ -2,8 +2,7 @@
 //!
 //! Scan (through the index) → the delta from the tree both sides agreed on → the blobs the
 //! relay lacks, read off the socket's thread and uploaded on the blob socket → a commit on
-//! the agreed version, while the agreed tree is changed by the delta beside an undo
-//! record (`Worktrees::apply_base_ahead`), kept if the relay commits and put back if not. The relay refuses a stale base: the newer version is then merged in
+//! the agreed version. The relay refuses a stale base: the newer version is then merged in
 //! (a pull: local work is kept, a change on both sides keeps both) and the push starts
 //! again, at most [`super::MAX_ATTEMPTS`] times. A file that changes while it is read
 //! makes the push scan again.
@@ -55,16 +54,12 @@ impl StoringIndex {
     }
 }
 
-/// What a push's commit step needs (it runs as a task of its own: [`Teleport::committing`]).
-struct CommitStep {
-    session: String,
-    root: String,
-    delta: Delta,
-    git: Option<GitState>,
-    /// The HEAD the commit sends, if any.
-    head: Option<String>,
-    /// The link as it stands before the commit.
-    worktree: Worktree,
+/// How the agreed tree changes when both sides agree on a new version.
+pub(super) enum Agreed {
+    /// By the delta just committed (a push).
+    Delta(Delta),
+    /// From `old` to `new` (a pull's merge).
+    Tree { old: Manifest, new: Manifest },
 }
 
 /// Below this many bytes of blobs a push uploads them without asking which the relay
@@ -284,24 +279,19 @@ impl Teleport {
             let head = git.as_ref().map(|g| g.head.clone());
             reporter.report("commit", 0, 1, 0, 0);
             let changes = delta.changes.len() as u64;
-            let step = CommitStep {
-                session: session.to_owned(),
-                root: root.to_owned(),
-                delta,
-                git,
-                head,
-                worktree: worktree.clone(),
-            };
-            let committing = self.committing(root).await;
-            let this = Arc::clone(self);
-            let reply = tokio::spawn(async move {
-                let _committing = committing;
-                this.commit(step).await
-            })
-            .await
-            .map_err(|e| TeleportError::Local(format!("a teleport task failed: {e}")))??;
-            let reply = match reply {
+            let reply = self
+                .request(TeleportRequest::Commit {
+                    session: session.to_owned(),
+                    base: worktree.version,
+                    delta: delta.clone(),
+                    git,
+                })
+                .await?;
+            match reply {
                 TeleportReply::Committed(info) => {
+                    worktree.git_sent = head.or(worktree.git_sent.take());
+                    self.agreed(&mut worktree, Agreed::Delta(delta), &info)
+                        .await?;
                     outcome.version = info.version;
                     outcome.files += changes;
                     reporter.report("done", 1, 1, 0, 0);
@@ -311,9 +301,6 @@ impl Teleport {
                         index,
                     });
                 }
-                reply => reply,
-            };
-            match reply {
                 TeleportReply::Stale { current } => {
                     // The session moved on (the agent's edits, another machine): take its
                     // changes in first, then push what is left on top.
@@ -339,62 +326,13 @@ impl Teleport {
         )))
     }
 
-    /// Commits `step.delta` on the link's version while its agreed tree is changed by the
-    /// delta (`Worktrees::apply_base_ahead`, with an undo record); then records the new
-    /// version (`confirm_base`) or puts the agreed tree back (`undo_base`). The relay's
-    /// answer, whatever it is: `Committed` only once recorded.
-    async fn commit(self: Arc<Self>, step: CommitStep) -> Result<TeleportReply, TeleportError> {
-        let CommitStep {
-            session,
-            root,
-            delta,
-            git,
-            head,
-            mut worktree,
-        } = step;
-        let from = worktree.version;
-        let request = self.request(TeleportRequest::Commit {
-            session,
-            base: from,
-            delta: delta.clone(),
-            git,
-        });
-        let ahead = {
-            let (worktrees, root) = (self.worktrees.clone(), root.clone());
-            Self::blocking(move || {
-                let began = std::time::Instant::now();
-                worktrees.apply_base_ahead(&root, from, &delta)?;
-                tracing::debug!(root = %root, "the base written ahead in {:?}", began.elapsed());
-                Ok(())
-            })
-        };
-        match tokio::join!(ahead, request) {
-            (Ok(()), Ok(TeleportReply::Committed(info))) => {
-                worktree.git_sent = head.or(worktree.git_sent.take());
-                worktree.version = info.version;
-                worktree.remote_version = worktree.remote_version.max(info.version);
-                worktree.last_error = None;
-                let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
-                Self::blocking(move || Ok(worktrees.confirm_base(&record)?)).await?;
-                Ok(TeleportReply::Committed(info))
-            }
-            (written, reply) => {
-                let worktrees = self.worktrees.clone();
-                Self::blocking(move || Ok(worktrees.undo_base(&root)?)).await?;
-                written?;
-                reply
-            }
-        }
-    }
-
-    /// Both sides agree on version `info` (a pull's merge): the link's base from now on is
-    /// `new`, where it was `old` (written on the bulk pool, where the trees are also
+    /// Both sides agree on version `info`: the link's base from now on is the stored base
+    /// changed as `agreed` says (written on the blocking pool, where the trees are also
     /// dropped).
     pub(super) async fn agreed(
         &self,
         worktree: &mut Worktree,
-        old: Manifest,
-        new: Manifest,
+        agreed: Agreed,
         info: &VersionInfo,
     ) -> Result<(), TeleportError> {
         worktree.version = info.version;
@@ -403,7 +341,10 @@ impl Teleport {
         let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
         Self::blocking(move || {
             let began = std::time::Instant::now();
-            worktrees.set_base(&record.root, &old, &new)?;
+            match agreed {
+                Agreed::Delta(delta) => worktrees.apply_base(&record.root, &delta)?,
+                Agreed::Tree { old, new } => worktrees.set_base(&record.root, &old, &new)?,
+            }
             worktrees.put(&record)?;
             tracing::debug!(root = %record.root, version = record.version, "the agreed base written in {:?}", began.elapsed());
             Ok(())

@@ -7,9 +7,6 @@
 //! - `m\0{root}\0{path}` → the base tree's entry at `path` ([`EntryKind`], postcard).
 //! - `i\0{root}\0{path}` → the index's entry at `path` ([`Indexed::encode`]).
 //! - `s\0{root}` → when the scan that made the index started (ns, i64 BE).
-//! - `u\0{root}`, in the database's `undo` tree → an [`Undo`] record: the base as it was
-//!   before a push wrote its delta ahead of the relay's answer
-//!   ([`Worktrees::apply_base_ahead`]).
 //! - `h\0{root}` → the base tree's digest (32 bytes): the XOR of a hash of each entry
 //!   (path and encoded kind), so a delta changes it entry by entry. A full scan whose tree
 //!   has the same digest has nothing to push, and the base (20,000 keys for 20,000 files)
@@ -119,17 +116,6 @@ const WHOLE_KEYS: usize = 1_000;
 
 /// A tree's digest (see the module's keys).
 type Digest = [u8; 32];
-
-/// How to put a base back as it was before a delta written ahead of the relay's answer.
-#[derive(Debug, Serialize, Deserialize)]
-struct Undo {
-    /// The link's version the delta was committed on.
-    from: u64,
-    /// The base's digest before.
-    digest: Option<Digest>,
-    /// Every key the delta wrote, and its value before (`None`: absent).
-    entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-}
 
 /// Adds or takes away (the same thing: XOR) the entry `path` → `encoded_kind` to `digest`.
 fn toggle(digest: &mut Digest, path: &str, encoded_kind: &[u8]) {
@@ -374,122 +360,8 @@ impl Worktrees {
 
     /// Applies `delta` to the stored base tree of `root` (a removal takes what is under
     /// its path): only the paths it names are written, with the digest changed entry by
-    /// entry, so an edit costs a few keys. (Pushes write it ahead of the relay's answer:
-    /// [`Worktrees::apply_base_ahead`].)
-    #[cfg(test)]
-    pub(crate) fn apply_base(&self, root: &str, delta: &Delta) -> Result<(), StoreError> {
-        let (writes, digest) = self.base_writes(root, delta)?;
-        self.write_base(root, writes, digest)
-    }
-
-    /// [`Worktrees::apply_base`] before the relay has answered the commit of `delta` on
-    /// version `from`, so the base is written while the relay stores the version: first
-    /// an undo record (the keys' values before, and the digest), then the writes. Then
-    /// exactly one of [`Worktrees::confirm_base`] (committed) and
-    /// [`Worktrees::undo_base`] (anything else); a daemon stopped in between is put right
-    /// by [`Worktrees::recover`] when it starts. sled recovers a prefix of its log, so a
-    /// base write that survives a crash comes with its undo record.
-    pub fn apply_base_ahead(&self, root: &str, from: u64, delta: &Delta) -> Result<(), StoreError> {
-        let digest_before = self.base_digest(root)?;
-        let (writes, digest) = self.base_writes(root, delta)?;
-        let tree = self.tree(writes.len() > WHOLE_KEYS)?;
-        // An empty base (the first push) has nothing to read back.
-        let empty = digest_before == Some([0; 32]);
-        let mut before = Vec::with_capacity(writes.len());
-        for (k, _) in &writes {
-            let old = if empty {
-                None
-            } else {
-                tree.get(k)
-                    .map_err(StoreError::sled("teleport"))?
-                    .map(|v| v.to_vec())
-            };
-            before.push((k.clone(), old));
-        }
-        let undo = Undo {
-            from,
-            digest: digest_before,
-            entries: before,
-        };
-        let encoded = postcard::to_allocvec(&undo).map_err(|e| corrupt("an undo record", e))?;
-        tree.undo()
-            .insert(key(b'u', root), encoded)
-            .map_err(StoreError::sled("teleport"))?;
-        drop(tree);
-        self.write_base(root, writes, digest)
-    }
-
-    /// The relay committed what [`Worktrees::apply_base_ahead`] wrote: records `worktree`
-    /// (its new version), then forgets the undo record.
-    pub fn confirm_base(&self, worktree: &Worktree) -> Result<(), StoreError> {
-        self.put(worktree)?;
-        self.tree(false)?
-            .undo()
-            .remove(key(b'u', &worktree.root))
-            .map_err(StoreError::sled("teleport"))?;
-        Ok(())
-    }
-
-    /// Puts back the base of `root` as it was before [`Worktrees::apply_base_ahead`] (the
-    /// relay refused the commit, or never answered); whether there was anything to undo.
-    pub fn undo_base(&self, root: &str) -> Result<bool, StoreError> {
-        let Some(value) = self
-            .tree(false)?
-            .undo()
-            .get(key(b'u', root))
-            .map_err(StoreError::sled("teleport"))?
-        else {
-            return Ok(false);
-        };
-        let undo: Undo = postcard::from_bytes(&value).map_err(|e| corrupt("an undo record", e))?;
-        drop(value);
-        self.write_base(root, undo.entries, undo.digest)?;
-        self.tree(false)?
-            .undo()
-            .remove(key(b'u', root))
-            .map_err(StoreError::sled("teleport"))?;
-        Ok(true)
-    }
-
-    /// After a restart: every base written ahead of a commit whose answer was never
-    /// recorded is put back (its link still names the version before; if the relay did
-    /// commit, the next push is refused as stale and merges, as for any base that is
-    /// behind), and undo records of recorded commits are dropped. Returns how many bases
-    /// were put back.
-    pub fn recover(&self) -> Result<usize, StoreError> {
-        let mut pending = Vec::new();
-        for item in self.tree(false)?.undo().scan_prefix([b'u', 0]) {
-            let (k, v) = item.map_err(StoreError::sled("teleport"))?;
-            let root = String::from_utf8(k[2..].to_vec()).map_err(|e| corrupt("a root", e))?;
-            let undo: Undo = postcard::from_bytes(&v).map_err(|e| corrupt("an undo record", e))?;
-            pending.push((root, undo.from));
-        }
-        let mut undone = 0;
-        for (root, from) in pending {
-            match self.get(&root)? {
-                Some(link) if link.version == from => {
-                    self.undo_base(&root)?;
-                    undone += 1;
-                }
-                _ => {
-                    self.tree(false)?
-                        .undo()
-                        .remove(key(b'u', &root))
-                        .map_err(StoreError::sled("teleport"))?;
-                }
-            }
-        }
-        Ok(undone)
-    }
-
-    /// The writes that apply `delta` to the stored base of `root`, in key order, and the
-    /// digest they lead to.
-    #[allow(clippy::type_complexity)]
-    fn base_writes(
-        &self,
-        root: &str,
-        delta: &Delta,
-    ) -> Result<(Vec<(Vec<u8>, Option<Vec<u8>>)>, Option<Digest>), StoreError> {
+    /// entry, so an edit costs a few keys.
+    pub fn apply_base(&self, root: &str, delta: &Delta) -> Result<(), StoreError> {
         let tree = self.tree(false)?;
         let mut digest = self.base_digest(root)?;
         // What this batch writes, so a path the delta touches twice (a removed directory,
@@ -556,7 +428,7 @@ impl Worktrees {
         // 0.36 s against 0.45).
         let mut writes: Vec<_> = written.into_iter().collect();
         writes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        Ok((writes, digest))
+        self.write_base(root, writes, digest)
     }
 
     /// The scanner's index of `root` (empty before the first scan).
@@ -707,9 +579,6 @@ impl Worktrees {
         for k in [key(b'w', root), key(b's', root), key(b'h', root)] {
             tree.remove(k).map_err(StoreError::sled("teleport"))?;
         }
-        tree.undo()
-            .remove(key(b'u', root))
-            .map_err(StoreError::sled("teleport"))?;
         tree.flush().map_err(StoreError::sled("teleport"))?;
         Ok(())
     }
@@ -772,75 +641,6 @@ mod tests {
         assert_eq!(worktrees.get(&link.root).unwrap(), None);
         assert!(worktrees.base(&link.root).unwrap().is_empty());
         assert!(worktrees.get(&other.root).unwrap().is_some());
-    }
-
-    #[test]
-    fn a_base_written_ahead_is_confirmed_put_back_or_recovered_after_a_crash() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = |b: u8| EntryKind::File {
-            executable: false,
-            size: 1,
-            content: ContentId::of(&[b]),
-            chunks: Vec::new(),
-        };
-        let tree = |entries: &[(&str, EntryKind)]| -> Manifest {
-            let mut tree = Manifest::new();
-            for (path, kind) in entries {
-                tree.insert(p(path), kind.clone());
-            }
-            tree
-        };
-        let v1 = tree(&[("a", EntryKind::Dir), ("a/x", file(1)), ("y", file(2))]);
-        let v2 = tree(&[("a", EntryKind::Dir), ("a/x", file(3)), ("z", file(4))]);
-        let open = || Worktrees::new(TeleportDb::open(&dir.path().join("teleport")).unwrap());
-        let worktrees = open();
-        let mut link = Worktree::new("/r", "s-1");
-
-        // The first push: an empty base (whose digest the push's diff stored), written
-        // ahead, confirmed.
-        assert_eq!(
-            worktrees.base_unless("/r", &v1).unwrap(),
-            Some(Manifest::new())
-        );
-        worktrees
-            .apply_base_ahead("/r", 0, &Manifest::new().diff(&v1))
-            .unwrap();
-        link.version = 1;
-        worktrees.confirm_base(&link).unwrap();
-        assert_eq!(worktrees.base("/r").unwrap(), v1);
-        assert_eq!(worktrees.recover().unwrap(), 0, "nothing left to undo");
-
-        // Refused (stale): put back as it was, digest and all.
-        worktrees.apply_base_ahead("/r", 1, &v1.diff(&v2)).unwrap();
-        assert_eq!(worktrees.base("/r").unwrap(), v2, "written ahead");
-        assert!(worktrees.undo_base("/r").unwrap());
-        assert_eq!(worktrees.base("/r").unwrap(), v1);
-        assert_eq!(worktrees.base_unless("/r", &v1).unwrap(), None);
-        assert!(!worktrees.undo_base("/r").unwrap(), "once");
-
-        // The daemon stops before the answer: on the next start the base is put back.
-        worktrees.apply_base_ahead("/r", 1, &v1.diff(&v2)).unwrap();
-        drop(worktrees);
-        let worktrees = open();
-        assert_eq!(worktrees.recover().unwrap(), 1);
-        assert_eq!(worktrees.base("/r").unwrap(), v1);
-        assert_eq!(
-            worktrees.base_digest("/r").unwrap(),
-            Some(digest(&v1).unwrap())
-        );
-
-        // It stops after the version was recorded, before the undo record went: kept.
-        worktrees.apply_base_ahead("/r", 1, &v1.diff(&v2)).unwrap();
-        link.version = 2;
-        worktrees.put(&link).unwrap();
-        drop(worktrees);
-        let worktrees = open();
-        assert_eq!(worktrees.recover().unwrap(), 0);
-        assert_eq!(worktrees.base("/r").unwrap(), v2);
-        assert!(
-            !worktrees.undo_base("/r").unwrap(),
-            "the record was dropped"
-        );
     }
 
     #[test]
