@@ -133,7 +133,8 @@ impl TeleportDb {
             .as_ref()
             .is_some_and(|o| o.whole && Arc::strong_count(&o.users) == 1);
         if idle {
-            // Under the lock, so no one opens the file while this instance still has it.
+            // Under the lock, so no one opens the file while this instance is closing (sled's
+            // own threads may still let go of it a moment later: `open_tree` waits).
             let started = Instant::now();
             drop(open.take());
             tracing::debug!(
@@ -144,8 +145,9 @@ impl TeleportDb {
         idle
     }
 
-    /// Whether the database is open now (tests and the benchmark's reasoning).
-    pub fn is_open(&self) -> bool {
+    /// Whether the database is open now.
+    #[cfg(test)]
+    fn is_open(&self) -> bool {
         self.lock().is_some()
     }
 
