@@ -192,14 +192,41 @@ impl Home {
 
     /// Like [`Home::spawn_daemon`], with the command adjusted by `adjust` first.
     pub fn spawn_daemon_with(&self, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let mut command = self.cloudd_command();
+        self.log_daemon(&mut command);
+        adjust(&mut command);
+        self.start_daemon(command)
+    }
+
+    /// Like [`Home::spawn_daemon`], with `cloudd` run by `wrapper` (its program and
+    /// arguments, `cloudd`'s path appended), in the same environment.
+    pub fn spawn_daemon_under(&self, wrapper: &[String]) -> Daemon {
+        let cloudd = self.cloudd_command();
+        let mut command = Command::new(&wrapper[0]);
+        command.args(&wrapper[1..]).arg(cloudd.get_program());
+        for (key, value) in cloudd.get_envs() {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        command.stdin(Stdio::null());
+        self.log_daemon(&mut command);
+        self.start_daemon(command)
+    }
+
+    /// Sends a daemon command's stderr to [`Home::daemon_log`] (stdout to nowhere).
+    fn log_daemon(&self, command: &mut Command) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.daemon_log())
             .expect("daemon log");
-        let mut command = self.cloudd_command();
         command.stdout(Stdio::null()).stderr(log);
-        adjust(&mut command);
+    }
+
+    /// Starts `command` (a daemon) and waits until it answers.
+    fn start_daemon(&self, mut command: Command) -> Daemon {
         let child = command.spawn().expect("spawn cloudd");
         let daemon = Daemon { child };
         let socket = self.paths.socket.clone();

@@ -5,9 +5,9 @@
 //! session's workspace (the periodic rescan): never silently stale.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use cloudd_e2e::{binary, wait_for, Daemon, Home, JsonClient, DEADLINE};
+use cloudd_e2e::{wait_for, Home, DEADLINE};
 
 /// The watches the daemon may hold: fewer than the worktree's 30 directories.
 const LIMIT: usize = 8;
@@ -50,32 +50,13 @@ fn a_worktree_past_the_watch_limit_is_reported_with_its_fix_and_still_kept_in_st
         std::fs::write(dir.join("f.txt"), "one\n").unwrap();
     }
 
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.daemon_log())
-        .unwrap();
-    let mut command = Command::new("unshare");
-    command
-        .args(["-Ur", "sh", "-c"])
-        .arg(format!(
-            "echo {LIMIT} > /proc/sys/user/max_inotify_watches && exec \"$0\""
-        ))
-        .arg(binary("cloudd"))
-        .env("CLOUDD_HOME", home.path())
-        .env_remove("CLOUDD_SOCKET")
-        .env_remove("CLOUDD_LOG")
-        .env("CLOUDD_CREDENTIAL_STORE", "file")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    let _daemon = Daemon {
-        child: command.spawn().unwrap(),
-    };
-    // Not through cloudctl, which would start a daemon of its own if none answered yet.
-    wait_for("cloudd to answer", DEADLINE, || {
-        JsonClient::connect(&home.paths.socket).is_ok_and(|mut c| c.hello().is_ok())
-    });
+    let _daemon = home.spawn_daemon_under(&[
+        "unshare".into(),
+        "-Ur".into(),
+        "sh".into(),
+        "-c".into(),
+        format!("echo {LIMIT} > /proc/sys/user/max_inotify_watches && exec \"$0\""),
+    ]);
 
     let created = home.cloudctl_json(&["session", "create"]);
     let session = created["session"]["id"].as_str().unwrap().to_owned();

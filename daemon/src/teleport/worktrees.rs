@@ -1,6 +1,7 @@
-//! The linked worktrees, in the `teleport` tree of teleport's database ([`super::db`]): each link (a worktree root and its
-//! session), the tree both sides last agreed on (the base of the next push and pull), and
-//! the scanner's index, so an unchanged file is never read again, also after a restart.
+//! The linked worktrees, in the `teleport` tree of teleport's database ([`super::db`]):
+//! each link (a worktree root and its session), the tree both sides last agreed on (the
+//! base of the next push and pull), and the scanner's index, so an unchanged file is never
+//! read again, also after a restart.
 //!
 //! Keys (a root is an absolute path, which holds no NUL byte):
 //! - `w\0{root}` → the [`Worktree`] (postcard).
@@ -180,7 +181,6 @@ impl Worktrees {
     /// Moves what an older daemon kept in `store`'s `teleport` tree (before teleport had a
     /// database of its own) into this one, once.
     pub fn take_over(&self, store: &sled::Db) -> Result<(), StoreError> {
-        let tree = self.tree(true)?;
         if !store
             .tree_names()
             .iter()
@@ -191,6 +191,7 @@ impl Worktrees {
         let old = store
             .open_tree("teleport")
             .map_err(StoreError::sled("teleport"))?;
+        let tree = self.tree(true)?;
         for item in old.iter() {
             let (k, v) = item.map_err(StoreError::sled("teleport"))?;
             tree.insert(k, v).map_err(StoreError::sled("teleport"))?;
