@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         let paths = Paths::from_env()?;
         // This thread runs the runtime (see memory.rs).
         cloudd::memory::cache_this_thread();
+        cloudd::memory::install();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

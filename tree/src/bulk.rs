@@ -10,9 +10,14 @@
 //! lowers its own priority in the same way). A thread's priority cannot be raised back
 //! without privilege, which is why these threads are a pool of their own.
 //!
-//! This module owns the pool and nothing else. The pool must never run work that a
-//! message or the bridge waits on (a journal flush, a socket's reply): only teleport's own
-//! steps, whose callers accept that they yield to messages.
+//! The program can ask for something to be done on each of this crate's worker threads
+//! ([`set_thread_hooks`]): the daemon turns its allocator's thread cache on there, and
+//! empties it after each job, so that the threads do not contend for the allocator's one
+//! arena while a push runs and hold nothing between jobs.
+//!
+//! This module owns the pool and the worker threads' hooks, and nothing else. The pool
+//! must never run work that a message or the bridge waits on (a journal flush, a socket's
+//! reply): only teleport's own steps, whose callers accept that they yield to messages.
 
 use std::sync::OnceLock;
 
@@ -22,12 +27,43 @@ pub const BULK_NICE: i32 = 10;
 /// At most this many bulk threads at once; more work waits in the pool's queue.
 const MAX_THREADS: usize = 16;
 
+/// What the program wants done on this crate's worker threads (the bulk pool's and the
+/// scanner's hashing threads).
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadHooks {
+    /// Run on each worker thread when it starts.
+    pub started: fn(),
+    /// Run on a bulk pool thread after each job (a hashing thread ends with its scan).
+    pub job_done: fn(),
+}
+
+static HOOKS: OnceLock<ThreadHooks> = OnceLock::new();
+
+/// Sets the worker threads' hooks, once, before any work runs (threads started earlier
+/// miss `started`). Returns false if they were set already.
+pub fn set_thread_hooks(hooks: ThreadHooks) -> bool {
+    HOOKS.set(hooks).is_ok()
+}
+
+/// Runs the `started` hook on the calling thread (a worker thread of this crate).
+pub(crate) fn worker_started() {
+    if let Some(hooks) = HOOKS.get() {
+        (hooks.started)();
+    }
+}
+
 /// Runs `work` on the bulk pool; its handle is awaited like
 /// [`tokio::task::spawn_blocking`]'s. Callable from inside or outside a runtime.
 pub fn spawn<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> tokio::task::JoinHandle<T> {
-    pool().spawn_blocking(work)
+    pool().spawn_blocking(move || {
+        let done = work();
+        if let Some(hooks) = HOOKS.get() {
+            (hooks.job_done)();
+        }
+        done
+    })
 }
 
 /// The pool: a runtime that is never driven, used for its blocking threads only.
@@ -37,7 +73,10 @@ fn pool() -> &'static tokio::runtime::Handle {
         tokio::runtime::Builder::new_current_thread()
             .thread_name("bulk")
             .max_blocking_threads(MAX_THREADS)
-            .on_thread_start(lower_this_thread)
+            .on_thread_start(|| {
+                lower_this_thread();
+                worker_started();
+            })
             .build()
             .expect("the bulk pool's runtime cannot be built")
     })

@@ -71,17 +71,31 @@ fn io_error(op: &'static str, path: &RelPath, source: io::Error) -> WriteError {
     WriteError::Root(RootError::io(op, path, source))
 }
 
-/// A fresh temporary name (64 random bits: `O_EXCL` settles the unlikely clash).
+/// A fresh temporary name: a thread's random 64-bit start, then a step of an odd constant
+/// per name (a Weyl sequence: no repeat within 2^64 names), so a name costs no system call
+/// (a materialise makes 20,000). `O_EXCL` settles the unlikely clash.
 fn temp_name() -> OsString {
+    thread_local! {
+        static NEXT: std::cell::Cell<u64> = std::cell::Cell::new(random_start());
+    }
+    let n = NEXT.with(|next| {
+        let n = next.get();
+        next.set(n.wrapping_add(0x9e37_79b9_7f4a_7c15));
+        n
+    });
+    OsString::from(format!("{TEMP_PREFIX}{n:016x}"))
+}
+
+/// 64 random bits (the time and the process id if the system has no randomness).
+fn random_start() -> u64 {
     let mut bytes = [0u8; 8];
     if getrandom::fill(&mut bytes).is_err() {
-        // No randomness: the time still makes a clash unlikely, and O_EXCL catches it.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         bytes = (nanos ^ u64::from(std::process::id())).to_le_bytes();
     }
-    OsString::from(format!("{TEMP_PREFIX}{:016x}", u64::from_le_bytes(bytes)))
+    u64::from_le_bytes(bytes)
 }
 
 /// How many temporary names are tried before giving up (each clash is 2^-64 likely).

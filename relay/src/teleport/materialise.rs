@@ -106,49 +106,136 @@ fn put(
 ) -> Result<(), String> {
     match kind {
         EntryKind::Dir => root.put_dir(path).map_err(|e| e.to_string()),
-        EntryKind::Symlink { target } => {
-            // Whatever is in the way (a file the agent made) is replaced, as the version
-            // says; a directory is removed first.
-            if let Ok(Some(stat)) = root.lstat(path) {
-                if stat.kind == cloud_tree::FileKind::Dir {
-                    root.remove(path, Expect::Anything)
-                        .map_err(|e| e.to_string())?;
-                }
-            }
+        EntryKind::Symlink { target } => replacing_a_dir(root, path, || {
+            // Whatever else is in the way (a file the agent made) is replaced, as the
+            // version says.
             root.put_symlink(path, target, Expect::Anything)
-                .map_err(|e| e.to_string())
-        }
+        }),
         EntryKind::File { executable, .. } => {
-            if let Ok(Some(stat)) = root.lstat(path) {
-                if stat.kind == cloud_tree::FileKind::Dir {
-                    root.remove(path, Expect::Anything)
-                        .map_err(|e| e.to_string())?;
-                }
-            }
             let ids = kind.blobs();
             let mut missing = None;
-            root.put_file(
-                path,
-                *executable,
-                |file| {
-                    for id in &ids {
-                        match blobs.get(org, id) {
-                            Ok(Some(bytes)) => file.write_all(&bytes)?,
-                            Ok(None) => {
-                                missing = Some(*id);
-                                return Err(std::io::Error::other("a blob is missing"));
+            replacing_a_dir(root, path, || {
+                root.put_file(
+                    path,
+                    *executable,
+                    |file| {
+                        for id in &ids {
+                            match blobs.get(org, id) {
+                                Ok(Some(bytes)) => file.write_all(&bytes)?,
+                                Ok(None) => {
+                                    missing = Some(*id);
+                                    return Err(std::io::Error::other("a blob is missing"));
+                                }
+                                Err(e) => return Err(std::io::Error::other(e.to_string())),
                             }
-                            Err(e) => return Err(std::io::Error::other(e.to_string())),
                         }
-                    }
-                    Ok(())
-                },
-                Expect::Anything,
-            )
+                        Ok(())
+                    },
+                    Expect::Anything,
+                )
+            })
             .map_err(|e| match missing {
                 Some(id) => format!("blob {id} is not in the store"),
-                None => e.to_string(),
+                None => e,
             })
         }
+    }
+}
+
+/// Runs `put`; if a directory is where it puts (one the agent made), removes the directory
+/// and runs it again. The writer refuses a directory in the way before it writes anything,
+/// so the common case costs no extra look.
+fn replacing_a_dir(
+    root: &Root,
+    path: &RelPath,
+    mut put: impl FnMut() -> Result<(), cloud_tree::WriteError>,
+) -> Result<(), String> {
+    match put() {
+        Err(cloud_tree::WriteError::Occupied {
+            found: cloud_tree::FileKind::Dir,
+            ..
+        }) => {
+            root.remove(path, Expect::Anything)
+                .map_err(|e| e.to_string())?;
+            put().map_err(|e| e.to_string())
+        }
+        other => other.map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud_protocol::blobs::Blob;
+    use cloud_protocol::teleport::{ContentId, Entry};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn file(path: &str, bytes: &[u8], executable: bool) -> Change {
+        Change::Put(Entry {
+            path: p(path),
+            kind: EntryKind::File {
+                executable,
+                size: bytes.len() as u64,
+                content: ContentId::of(bytes),
+                chunks: Vec::new(),
+            },
+        })
+    }
+
+    #[test]
+    fn a_file_or_symlink_replaces_a_directory_the_agent_left_in_its_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::new(dir.path().join("blobs"));
+        let (a, b) = (b"first".as_slice(), b"#!/bin/sh\n".as_slice());
+        blobs
+            .put(
+                "org",
+                &[a, b]
+                    .iter()
+                    .map(|bytes| Blob {
+                        id: ContentId::of(bytes),
+                        bytes: bytes.to_vec(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let workspace = dir.path().join("ws");
+        for at in ["a/x", "run/y", "link/z"] {
+            std::fs::create_dir_all(workspace.join(at)).unwrap();
+            std::fs::write(workspace.join(at).join("f"), "agent").unwrap();
+        }
+        let delta = Delta {
+            changes: vec![
+                file("a", a, false),
+                file("run", b, true),
+                Change::Put(Entry {
+                    path: p("link"),
+                    kind: EntryKind::Symlink { target: "a".into() },
+                }),
+            ],
+        };
+        let problems = materialise(&workspace, &delta, &blobs, "org").unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(std::fs::read(workspace.join("a")).unwrap(), a);
+        assert_eq!(std::fs::read(workspace.join("run")).unwrap(), b);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |name| {
+                std::fs::metadata(workspace.join(name))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777
+            };
+            assert_eq!((mode("a"), mode("run")), (0o644, 0o755));
+        }
+        assert_eq!(
+            std::fs::read_link(workspace.join("link")).unwrap(),
+            std::path::Path::new("a")
+        );
     }
 }

@@ -116,10 +116,15 @@ struct View<'a> {
     session: &'a str,
     /// Every path the delta touched: as stored, and as it is now.
     changed: BTreeMap<RelPath, (Option<EntryKind>, Option<EntryKind>)>,
+    /// Whether the session's stored tree has no entry (a first push): nothing is read.
+    empty: bool,
 }
 
 impl View<'_> {
     fn stored(&self, path: &RelPath) -> Result<Option<EntryKind>, SnapshotError> {
+        if self.empty {
+            return Ok(None);
+        }
         self.tree
             .get(entry_key(self.session, path))?
             .map(|bytes| decode(&bytes))
@@ -159,7 +164,11 @@ impl View<'_> {
     fn under(&self, path: &RelPath) -> Result<Vec<RelPath>, SnapshotError> {
         let mut found = std::collections::BTreeSet::new();
         let prefix_len = key(b'e', self.session).len() + 1;
-        for item in self.tree.scan_prefix(entry_key(self.session, path)) {
+        let stored = (!self.empty)
+            .then(|| self.tree.scan_prefix(entry_key(self.session, path)))
+            .into_iter()
+            .flatten();
+        for item in stored {
             let (key, _) = item?;
             let stored = std::str::from_utf8(&key[prefix_len..])
                 .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
@@ -339,11 +348,15 @@ impl Snapshots {
             });
         }
         // Only the paths the delta touches are read and checked: a commit costs what it
-        // changes, not the size of the tree.
+        // changes, not the size of the tree (and a first push's, into a tree with no
+        // entry, reads none: 23,000 lookups of absent keys took about 0.1 s).
+        let mut entries = key(b'e', session);
+        entries.push(0);
         let mut view = View {
             tree: &self.tree,
             session,
             changed: BTreeMap::new(),
+            empty: self.tree.scan_prefix(&entries).next().is_none(),
         };
         for change in &delta.changes {
             match change {

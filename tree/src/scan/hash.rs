@@ -34,7 +34,10 @@ pub(super) fn hash_all(root: &Root, pending: &[(RelPath, Stat)], threads: usize)
                 let next = &next;
                 std::thread::Builder::new()
                     .name("cloud-tree-hash".into())
-                    .spawn_scoped(scope, move || take_batches(root, pending, next))
+                    .spawn_scoped(scope, move || {
+                        crate::bulk::worker_started();
+                        take_batches(root, pending, next)
+                    })
             })
             .collect();
         for worker in workers {

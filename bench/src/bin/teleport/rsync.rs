@@ -110,13 +110,22 @@ impl RsyncDaemon {
 
     /// Runs `rsync -a SRC/ URL`, timed.
     pub fn sync(&self, source: &Path) -> anyhow::Result<RsyncRun> {
+        self.sync_to(source, &self.url())
+    }
+
+    /// Runs `rsync -a SRC/ URL/DIR/` (a directory of the module, made by rsync), timed.
+    pub fn sync_into(&self, source: &Path, dir: &str) -> anyhow::Result<RsyncRun> {
+        self.sync_to(source, &format!("{}{dir}/", self.url()))
+    }
+
+    fn sync_to(&self, source: &Path, url: &str) -> anyhow::Result<RsyncRun> {
         let daemon_before = procs::children_cpu(self.pid())?;
         let client_before = procs::children_cpu_of_self();
         let began = Instant::now();
         let output = Command::new("rsync")
             .arg("-a")
             .arg(format!("{}/", source.display()))
-            .arg(self.url())
+            .arg(url)
             .stdin(Stdio::null())
             .output()
             .context("run rsync")?;
