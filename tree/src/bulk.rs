@@ -132,6 +132,44 @@ mod tests {
     }
 
     #[test]
+    fn the_hooks_run_on_a_new_worker_thread_and_after_each_job() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        static DONE: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STARTED_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        fn started() {
+            STARTED.fetch_add(1, Ordering::SeqCst);
+            STARTED_HERE.with(|here| here.set(true));
+        }
+        fn job_done() {
+            DONE.fetch_add(1, Ordering::SeqCst);
+        }
+        // The one test in this binary that sets them (they are the process's).
+        assert!(set_thread_hooks(ThreadHooks { started, job_done }));
+        assert!(!set_thread_hooks(ThreadHooks { started, job_done }));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let before = DONE.load(Ordering::SeqCst);
+        // A scanner's hashing thread runs `started` too.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    worker_started();
+                    assert!(STARTED_HERE.with(|here| here.get()));
+                })
+                .join()
+                .unwrap();
+        });
+        runtime.block_on(spawn(|| ())).unwrap();
+        runtime.block_on(spawn(|| ())).unwrap();
+        assert!(DONE.load(Ordering::SeqCst) >= before + 2);
+        assert!(STARTED.load(Ordering::SeqCst) >= 1);
+    }
+
+    #[test]
     fn work_runs_outside_a_runtime_too() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
