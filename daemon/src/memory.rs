@@ -18,15 +18,15 @@
 //! advances when something allocates, and an idle daemon kept what it freed last). So an
 //! idle daemon holds what it uses and no more.
 //!
-//! Thread caches are off by default (`tcache:false`): on the blocking pool and the
-//! scanner's threads they kept what a large push freed (54 MiB against 34 MiB for the
-//! same steps). The threads that run a runtime — the daemon's and the embedded relay's —
+//! Thread caches are off by default (`tcache:false`): left on and never emptied, the
+//! blocking pool's and the scanner's threads kept what a large push freed (54 MiB against
+//! 34 MiB for the same steps). The threads that run a runtime — the daemon's and the embedded relay's —
 //! turn theirs on ([`cache_this_thread`]): they make and free the small objects of every
 //! message, and without a cache each one took the arena's lock (the bridge's throughput
 //! fell to 0.77× raw sled inserts with the embedded relay, against 1.04× with it).
 //!
-//! The bulk pool's and the scanner's threads (`cloud_tree::bulk`) turn theirs on too, and
-//! the pool's threads empty theirs after each job ([`flush_this_thread`], set up by
+//! The bulk pool's and the scanner's threads (`cloud_tree::bulk`), where a push's work
+//! runs, turn theirs on too, and the pool's threads empty theirs after each job ([`flush_this_thread`], set up by
 //! [`install`]): a 200 MB push spent about 8% of the daemon's CPU waiting for the arena's
 //! lock without them, and emptied caches hold nothing between jobs (a hashing thread's
 //! goes when its scan ends).
