@@ -142,6 +142,19 @@ impl Home {
         self.cloudctl_ok(&["allow", session, &request_id]);
     }
 
+    /// `cloudctl teleport watch ROOT --session SESSION --detach`, asserted to succeed: the
+    /// daemon keeps `root` in step with the session.
+    pub fn teleport_watch_detached(&self, root: &Path, session: &str) {
+        self.cloudctl_ok(&[
+            "teleport",
+            "watch",
+            root.to_str().expect("a UTF-8 root"),
+            "--session",
+            session,
+            "--detach",
+        ]);
+    }
+
     /// The teleport link of `root` as `cloudctl teleport status --json` shows it.
     pub fn teleport_link(&self, root: &Path) -> Value {
         let status = self.cloudctl_json(&["teleport", "status"]);

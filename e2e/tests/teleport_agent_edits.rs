@@ -68,14 +68,7 @@ fn an_edit_the_agent_makes_mid_turn_comes_back_before_the_turn_ends() {
     let root = work.path().join("app");
     write(&root.join("src/a.txt"), "one\n");
     let session = create_session(&home);
-    home.cloudctl_ok(&[
-        "teleport",
-        "watch",
-        root.to_str().unwrap(),
-        "--session",
-        &session,
-        "--detach",
-    ]);
+    home.teleport_watch_detached(&root, &session);
     wait_for("the daemon's watch to run", DEADLINE, || {
         home.teleport_link(&root)["watcher"] == "ok"
     });

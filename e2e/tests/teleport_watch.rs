@@ -47,14 +47,7 @@ fn a_watch_keeps_the_worktree_and_the_session_in_step_both_ways_across_restarts(
     let created = home.cloudctl_json(&["session", "create"]);
     let session = created["session"]["id"].as_str().unwrap().to_owned();
     let root_arg = root.to_str().unwrap();
-    home.cloudctl_ok(&[
-        "teleport",
-        "watch",
-        root_arg,
-        "--session",
-        &session,
-        "--detach",
-    ]);
+    home.teleport_watch_detached(&root, &session);
     let workspace = home.path().join("state/relay/workspaces").join(&session);
     assert_eq!(read(&workspace.join("src/a.txt")).as_deref(), Some("one\n"));
     wait_for("the watch to run", DEADLINE, || {

@@ -60,14 +60,7 @@ fn a_worktree_past_the_watch_limit_is_reported_with_its_fix_and_still_kept_in_st
 
     let created = home.cloudctl_json(&["session", "create"]);
     let session = created["session"]["id"].as_str().unwrap().to_owned();
-    home.cloudctl_ok(&[
-        "teleport",
-        "watch",
-        root.to_str().unwrap(),
-        "--session",
-        &session,
-        "--detach",
-    ]);
+    home.teleport_watch_detached(&root, &session);
     let workspace = home.path().join("state/relay/workspaces").join(&session);
     assert_eq!(read(&workspace.join("d29/f.txt")).as_deref(), Some("one\n"));
 
