@@ -235,6 +235,8 @@ pub async fn run(mut paths: Paths, options: Options) -> Result<(), StartError> {
     tracker.close();
     // The watches finish their current step (bounded); their links keep `watching`.
     let _ = tokio::time::timeout_at(connections_deadline, shared.teleport.stop_watches()).await;
+    // A push answered before its link recorded the version finishes recording it.
+    let _ = tokio::time::timeout_at(connections_deadline, shared.teleport.background_done()).await;
     let _ = accept_task.await;
     if tokio::time::timeout_at(connections_deadline, tracker.wait())
         .await

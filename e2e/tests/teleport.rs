@@ -714,6 +714,69 @@ fn kill_9_of_the_daemon_mid_push_then_a_restart_converges() {
     );
 }
 
+/// `teleport push` is answered once the relay committed the version; the daemon records
+/// it in the link afterwards, holding the worktree. A daemon told to stop right after the
+/// answer finishes that record before it exits (the next push finds nothing to send), and
+/// one killed right after the answer loses nothing: the next push, on a base that may be
+/// behind, is answered `Stale`, and the merge settles what both sides already agree on.
+#[test]
+fn a_push_answered_before_its_link_recorded_it_survives_a_stop_or_a_kill_right_after() {
+    let relay = Relay::start();
+    let home = Home::new();
+    let mut daemon = home.spawn_daemon();
+    let token = relay.token("ann", "acme");
+    home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
+    home.wait_connected();
+    let session = create_session(&home);
+    let work = temp_dir("tw");
+    let src = work.path();
+    let mut rng = Rng(11);
+    for n in 0..2_000 {
+        write(
+            &src.join(format!("d{:02}/f{n:04}.txt", n / 100)),
+            rng.text(200),
+        );
+    }
+
+    let first = push(&home, src, &session);
+    assert_eq!(count(&first, "files"), 2_000 + 20, "{first}");
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(DEADLINE).success());
+    let mut daemon = home.spawn_daemon();
+    home.wait_connected();
+    let again = push(&home, src, &session);
+    assert_eq!(
+        count(&again, "files"),
+        0,
+        "the drain recorded the version: {again}"
+    );
+    assert_eq!(count(&again, "blobs"), 0, "{again}");
+
+    write(&src.join("d03/f0300.txt"), "edited\n");
+    write(&src.join("new.txt"), "new\n");
+    push(&home, src, &session);
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit(DEADLINE);
+    let _daemon = home.spawn_daemon();
+    home.wait_connected();
+    let after = push(&home, src, &session);
+    assert_eq!(
+        after["conflicts"].as_array().map(Vec::len),
+        Some(0),
+        "{after}"
+    );
+    let expected = read_tree(src, &everything);
+    let ws = relay.data.path().join("workspaces").join(&session);
+    assert_same_tree(&expected, &read_tree(&ws, &everything), "the workspace");
+    let fresh = temp_dir("tp");
+    pull(&home, fresh.path(), &session);
+    assert_same_tree(
+        &expected,
+        &read_tree(fresh.path(), &everything),
+        "a fresh pull",
+    );
+}
+
 /// What a pull reported: its outcome's conflicts and problems (`Ok`), or its error.
 fn pull_report(home: &Home, dir: &Path, session: &str) -> Result<String, String> {
     let output = home.cloudctl(&[

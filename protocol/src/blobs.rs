@@ -5,7 +5,8 @@
 //! Every binary message is one postcard-encoded [`BlobMessage`] (requests from the daemon,
 //! [`BlobReply`] from the relay), at most [`MAX_BLOB_MESSAGE`] bytes. Requests carry ids
 //! and may be pipelined; replies echo the id, in request order. The relay checks every
-//! blob against its id (blake3) before it stores it, and stores blobs per org.
+//! blob against its id (blake3) before it stores it ([`BlobAnswer::Mismatched`] when one
+//! fails), and stores blobs per org.
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,11 @@ pub enum BlobRequest {
         session: String,
         ids: Vec<ContentId>,
     },
+    /// As `Put`, for blobs that are each a whole file of a push about to be committed to
+    /// `session`: the relay may also write them beside the session's workspace, so that
+    /// its commit moves them in rather than writing them then (the files arrive while the
+    /// rest of the push is still being read and sent).
+    PutFiles { session: String, blobs: Vec<Blob> },
 }
 
 /// The relay's answer to a [`BlobMessage`].
@@ -75,6 +81,10 @@ pub enum BlobAnswer {
         blobs: Vec<Blob>,
         missing: Vec<ContentId>,
     },
+    /// A blob of a put does not match its id (the daemon read a file that changed after
+    /// it was hashed): nothing of the batch was stored. The daemon scans again; it does not
+    /// hash what it reads for an upload itself, since this check is the relay's.
+    Mismatched { id: ContentId },
 }
 
 /// Why a blob socket message was refused.

@@ -28,7 +28,9 @@ mod sys;
 pub mod watch;
 pub mod write;
 
-pub use content::{blob_locations, hash_file, read_blob, BlobLocation, ContentError, FileContent};
+pub use content::{
+    blob_locations, hash_file, read_blob, read_span, BlobLocation, ContentError, FileContent,
+};
 pub use index::{Index, IndexChange, IndexError, Indexed};
 pub use root::{Root, RootError};
 pub use scan::{
@@ -36,4 +38,4 @@ pub use scan::{
     ScanStats, SkipReason, Skipped, Unreadable,
 };
 pub use stat::{FileKind, Stat};
-pub use write::{Expect, WriteError};
+pub use write::{Expect, Staging, WriteError};

@@ -154,29 +154,40 @@ mod unix {
                 .map(drop)
         }
 
-        /// `renameat(from, to)` inside this directory: replaces `to` (a file or a symlink,
-        /// never followed).
-        pub(crate) fn rename(&self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        /// `renameat(from, to)` from this directory to `to_dir` (the same one, or one on
+        /// the same file system): replaces `to` (a file or a symlink, never followed).
+        pub(crate) fn rename(&self, from: &OsStr, to_dir: &Dir, to: &OsStr) -> io::Result<()> {
             let (from, to) = (c_name(from)?, c_name(to)?);
-            let fd = self.0.as_raw_fd();
             // SAFETY: as in `open_at`.
-            check(unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) }).map(drop)
+            check(unsafe {
+                libc::renameat(
+                    self.0.as_raw_fd(),
+                    from.as_ptr(),
+                    to_dir.0.as_raw_fd(),
+                    to.as_ptr(),
+                )
+            })
+            .map(drop)
         }
 
-        /// Renames `from` to `to` only if `to` does not exist, atomically
+        /// Renames `from` to `to` in `to_dir` only if `to` does not exist, atomically
         /// (`RENAME_NOREPLACE`): `Ok(false)` where the system or file system cannot.
         #[cfg(target_os = "linux")]
-        pub(crate) fn rename_noreplace(&self, from: &OsStr, to: &OsStr) -> io::Result<bool> {
+        pub(crate) fn rename_noreplace(
+            &self,
+            from: &OsStr,
+            to_dir: &Dir,
+            to: &OsStr,
+        ) -> io::Result<bool> {
             let (from, to) = (c_name(from)?, c_name(to)?);
-            let fd = self.0.as_raw_fd();
             // SAFETY: as in `open_at`; renameat2's arguments are two (dirfd, name) pairs
             // and a flag word.
             let result = unsafe {
                 libc::syscall(
                     libc::SYS_renameat2,
-                    fd,
+                    self.0.as_raw_fd(),
                     from.as_ptr(),
-                    fd,
+                    to_dir.0.as_raw_fd(),
                     to.as_ptr(),
                     libc::RENAME_NOREPLACE,
                 )
@@ -192,7 +203,12 @@ mod unix {
         }
 
         #[cfg(not(target_os = "linux"))]
-        pub(crate) fn rename_noreplace(&self, _from: &OsStr, _to: &OsStr) -> io::Result<bool> {
+        pub(crate) fn rename_noreplace(
+            &self,
+            _from: &OsStr,
+            _to_dir: &Dir,
+            _to: &OsStr,
+        ) -> io::Result<bool> {
             Ok(false)
         }
 
@@ -316,11 +332,16 @@ mod other {
             Err(unsupported())
         }
 
-        pub(crate) fn rename(&self, _from: &OsStr, _to: &OsStr) -> io::Result<()> {
+        pub(crate) fn rename(&self, _from: &OsStr, _to_dir: &Dir, _to: &OsStr) -> io::Result<()> {
             Err(unsupported())
         }
 
-        pub(crate) fn rename_noreplace(&self, _from: &OsStr, _to: &OsStr) -> io::Result<bool> {
+        pub(crate) fn rename_noreplace(
+            &self,
+            _from: &OsStr,
+            _to_dir: &Dir,
+            _to: &OsStr,
+        ) -> io::Result<bool> {
             Err(unsupported())
         }
 

@@ -310,33 +310,130 @@ fn set_mode(_file: &File, _executable: bool) -> io::Result<()> {
 /// Renames `temp` over `path` if what is there still matches `expect` (re-checked now,
 /// just before the rename); otherwise removes `temp` and reports the change.
 fn replace(dir: &Dir, temp: &OsStr, path: &RelPath, expect: &Expect) -> Result<(), WriteError> {
-    let name = OsStr::new(path.file_name());
-    let result = (|| {
-        let found = check_before_put(dir, path, expect)?;
-        if *expect == Expect::Absent {
-            // Atomic where the system allows: nothing can appear between the check and
-            // the rename.
-            match dir.rename_noreplace(temp, name) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let found = dir.stat(name).ok().flatten();
-                    return Err(WriteError::Changed {
-                        path: path.clone(),
-                        found,
-                    });
-                }
-                Err(e) => return Err(io_error("rename into place", path, e)),
-            }
-        }
-        debug_assert!(expect.matches(found.as_ref()));
-        dir.rename(temp, name)
-            .map_err(|e| io_error("rename into place", path, e))
-    })();
+    let result = move_over(dir, temp, dir, path, expect);
     if result.is_err() {
         let _ = dir.unlink(temp, false);
     }
     result
+}
+
+/// Renames `from`'s `name` over `path` in `dir` if what is there still matches `expect`
+/// (re-checked now, just before the rename). On failure `name` stays where it was.
+fn move_over(
+    from: &Dir,
+    name: &OsStr,
+    dir: &Dir,
+    path: &RelPath,
+    expect: &Expect,
+) -> Result<(), WriteError> {
+    let target = OsStr::new(path.file_name());
+    let found = check_before_put(dir, path, expect)?;
+    if *expect == Expect::Absent {
+        // Atomic where the system allows: nothing can appear between the check and the
+        // rename.
+        match from.rename_noreplace(name, dir, target) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let found = dir.stat(target).ok().flatten();
+                return Err(WriteError::Changed {
+                    path: path.clone(),
+                    found,
+                });
+            }
+            Err(e) => return Err(io_error("rename into place", path, e)),
+        }
+    }
+    debug_assert!(expect.matches(found.as_ref()));
+    from.rename(name, dir, target)
+        .map_err(|e| io_error("rename into place", path, e))
+}
+
+/// A directory of whole files waiting to be moved into a [`Root`] by
+/// [`Root::put_staged`]: the relay writes a push's files here as they arrive, so its commit
+/// renames them into the workspace instead of writing them then. It must be on the same
+/// file system as the roots its files go to (a rename across file systems fails, and the
+/// caller writes the file instead).
+#[derive(Debug)]
+pub struct Staging {
+    dir: Dir,
+}
+
+impl Staging {
+    /// Opens the directory at `path` (created, 0700, if missing).
+    pub fn open(path: &std::path::Path) -> io::Result<Staging> {
+        std::fs::create_dir_all(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(Staging {
+            dir: crate::sys::open_root(path)?,
+        })
+    }
+
+    /// Writes `bytes` as the new file `name` (one plain name, no `/`), mode 0644. `Ok(false)`
+    /// when a file of that name is already there (it is left as it is); a file cut short
+    /// by an error is removed.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> io::Result<bool> {
+        use std::io::Write as _;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a staged file's name must be one plain component",
+            ));
+        }
+        let name = OsStr::new(name);
+        let mut file = match self.dir.create_new(name, 0o600) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let written = file.write_all(bytes).and_then(|()| set_mode(&file, false));
+        drop(file);
+        if let Err(e) = written {
+            let _ = self.dir.unlink(name, false);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Removes the staged file `name`, if it is there.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match self.dir.unlink(OsStr::new(name), false) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Root {
+    /// Moves the staged file `name` of `staging` to `path` (0644, or 0755 when
+    /// `executable`), replacing what is there if it matches `expect`, as
+    /// [`Root::put_file`] would write it. Missing parents are created. On failure the
+    /// staged file stays in `staging`.
+    pub fn put_staged(
+        &self,
+        path: &RelPath,
+        executable: bool,
+        staging: &Staging,
+        name: &str,
+        expect: Expect,
+    ) -> Result<(), WriteError> {
+        let parent = self.parent_for_put(path)?;
+        let dir = parent.dir();
+        let name = OsStr::new(name);
+        if executable {
+            // Through a descriptor opened without following links.
+            let file = staging
+                .dir
+                .open_read(name)
+                .map_err(|e| io_error("open the staged file for", path, e))?;
+            set_mode(&file, true).map_err(|e| io_error("set the mode of", path, e))?;
+        }
+        move_over(&staging.dir, name, dir, path, &expect)
+    }
 }
 
 /// Removes the directory `name` in `dir` and everything under it, never following a

@@ -10,7 +10,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
 use cloud_protocol::teleport::RelPath;
-use cloud_tree::{Expect, FileKind, Root, RootError, WriteError};
+use cloud_tree::{Expect, FileKind, Root, RootError, Staging, WriteError};
 use common::{p, picture, write};
 use proptest::prelude::*;
 
@@ -490,8 +490,13 @@ fn a_symlink_on_the_way_is_refused_for_every_operation() {
     symlink(outside.path(), dir.path().join("real/link")).unwrap();
     let root = Root::open(dir.path()).unwrap();
     let path = p("real/link/deeper/file");
+    let staged = tempfile::tempdir().unwrap();
+    let staging = Staging::open(staged.path()).unwrap();
+    assert!(staging.write("blob", b"x").unwrap());
     let errors = [
         put_bytes(&root, &path, b"x", false, Expect::Anything).unwrap_err(),
+        root.put_staged(&path, false, &staging, "blob", Expect::Anything)
+            .unwrap_err(),
         root.put_symlink(&path, "/etc/passwd", Expect::Anything)
             .unwrap_err(),
         root.put_dir(&path).unwrap_err(),
@@ -510,6 +515,48 @@ fn a_symlink_on_the_way_is_refused_for_every_operation() {
         Err(RootError::Symlink { .. })
     ));
     assert_eq!(picture(outside.path()), before);
+}
+
+/// A staged file moves in as `put_file` would write it, under the same expectation: a
+/// local edit made since the scan is kept, and the staged file stays where it was for the
+/// caller to write the file another way or remove it.
+#[test]
+fn a_staged_file_moves_in_only_over_what_was_expected_and_stays_staged_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Root::open(dir.path()).unwrap();
+    let staged = tempfile::tempdir().unwrap();
+    let staging = Staging::open(staged.path()).unwrap();
+    assert!(staging.write("one", b"from the session").unwrap());
+    assert!(
+        !staging.write("one", b"again").unwrap(),
+        "an existing name is left"
+    );
+    assert!(staging.write("a/b", b"x").is_err());
+
+    put_bytes(&root, &p("src/kept"), b"local", false, Expect::Absent).unwrap();
+    let error = root
+        .put_staged(&p("src/kept"), false, &staging, "one", Expect::Absent)
+        .unwrap_err();
+    assert!(matches!(error, WriteError::Changed { .. }), "{error}");
+    assert_eq!(
+        std::fs::read(dir.path().join("src/kept")).unwrap(),
+        b"local"
+    );
+    assert_eq!(
+        std::fs::read(staged.path().join("one")).unwrap(),
+        b"from the session"
+    );
+
+    root.put_staged(&p("src/new/run"), true, &staging, "one", Expect::Absent)
+        .unwrap();
+    let moved = dir.path().join("src/new/run");
+    assert_eq!(std::fs::read(&moved).unwrap(), b"from the session");
+    assert_eq!(
+        std::fs::metadata(&moved).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert!(!staged.path().join("one").exists());
+    no_temp_files(dir.path());
 }
 
 #[test]

@@ -62,11 +62,15 @@ pub async fn handle(
         Request::TeleportPush { path, session } => {
             defer(shared, client, move |teleport, reporter| async move {
                 let reporter = reporter.for_link(&path, &session);
-                teleport
-                    .push(&path, &session, &reporter)
+                // Answered once the relay committed the version; the link records it
+                // meanwhile, holding the worktree (the next operation on it waits).
+                let bookkeeping = teleport
+                    .push_committed(&path, &session, &reporter)
                     .await
-                    .map(Response::Teleported)
-                    .map_err(failure)
+                    .map_err(failure)?;
+                let outcome = bookkeeping.outcome().clone();
+                teleport.finish_in_background(bookkeeping);
+                Ok(Response::Teleported(outcome))
             })
         }
         Request::TeleportPull { path, session } => {

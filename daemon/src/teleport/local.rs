@@ -4,15 +4,16 @@
 //!
 //! This module must never write a worktree's files (that is `apply`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use cloud_protocol::blobs::{Blob, BATCH_BYTES};
-use cloud_protocol::teleport::{ContentId, Delta, Manifest, RelPath};
+use cloud_protocol::teleport::{ContentId, Delta, EntryKind, Manifest, RelPath};
 use cloud_tree::{
     BlobLocation, ContentError, Index, Rescan, Root, Scan, ScanOptions, Skipped, Unreadable,
 };
 
+use super::transfer::Batch;
 use super::worktrees::Worktrees;
 use super::{Reporter, TeleportError};
 
@@ -185,45 +186,73 @@ fn problems(skipped: &[Skipped], unreadable: &[Unreadable]) -> Vec<String> {
 }
 
 /// Reads the blobs `ids` from the worktree (where `manifest` says they are) and sends
-/// them in batches of about [`BATCH_BYTES`] on `batches`. A file that changed since the
-/// scan fails with [`TeleportError::ChangedDuringPush`].
+/// them in batches of about [`BATCH_BYTES`] on `batches`. A file that is shorter than at
+/// the scan fails with [`TeleportError::ChangedDuringPush`]; one whose bytes changed is
+/// found by the relay's check ([`super::transfer::TransferError::Mismatched`]).
 pub fn read_blobs(
     root: &str,
     manifest: &Manifest,
     ids: &[ContentId],
-    batches: tokio::sync::mpsc::Sender<Vec<Blob>>,
+    batches: tokio::sync::mpsc::Sender<Batch>,
 ) -> Result<(), TeleportError> {
     let locations: HashMap<ContentId, BlobLocation> = cloud_tree::blob_locations(manifest);
+    // Whole files go first, in batches of their own (the relay stages them for the
+    // commit), then the chunks of large files.
+    let whole: HashSet<ContentId> = manifest
+        .iter()
+        .filter_map(|(_, kind)| match kind {
+            EntryKind::File {
+                content, chunks, ..
+            } if chunks.is_empty() => Some(*content),
+            _ => None,
+        })
+        .collect();
+    let (files, chunks): (Vec<&ContentId>, Vec<&ContentId>) =
+        ids.iter().partition(|id| whole.contains(id));
     let root = Root::open(Path::new(root)).map_err(|e| TeleportError::Local(e.to_string()))?;
-    let mut batch = Vec::new();
-    let mut bytes = 0;
-    for id in ids {
-        let Some(at) = locations.get(id) else {
-            return Err(TeleportError::Local(format!(
-                "blob {id} is in no file of the scan"
-            )));
+    for (ids, files) in [(files, true), (chunks, false)] {
+        let mut batch = Batch {
+            blobs: Vec::new(),
+            files,
         };
-        let blob = match cloud_tree::read_blob(&root, &at.path, at.offset, at.len, *id) {
-            Ok(bytes) => bytes,
-            Err(ContentError::Changed { .. }) => {
-                return Err(TeleportError::ChangedDuringPush(at.path.to_string()))
-            }
-            Err(e) => return Err(TeleportError::Local(e.to_string())),
-        };
-        bytes += blob.len();
-        batch.push(Blob {
-            id: *id,
-            bytes: blob,
-        });
-        if bytes >= BATCH_BYTES {
-            bytes = 0;
-            if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
-                return Ok(());
+        let mut bytes = 0;
+        for id in ids {
+            let Some(at) = locations.get(id) else {
+                return Err(TeleportError::Local(format!(
+                    "blob {id} is in no file of the scan"
+                )));
+            };
+            // Unhashed: the relay checks every blob, and a file changed since the scan
+            // comes back as `TransferError::Mismatched` (then the push scans again).
+            let blob = match cloud_tree::read_span(&root, &at.path, at.offset, at.len) {
+                Ok(bytes) => bytes,
+                Err(ContentError::Changed { .. }) => {
+                    return Err(TeleportError::ChangedDuringPush(at.path.to_string()))
+                }
+                Err(e) => return Err(TeleportError::Local(e.to_string())),
+            };
+            bytes += blob.len();
+            batch.blobs.push(Blob {
+                id: *id,
+                bytes: blob,
+            });
+            if bytes >= BATCH_BYTES {
+                bytes = 0;
+                let full = std::mem::replace(
+                    &mut batch,
+                    Batch {
+                        blobs: Vec::new(),
+                        files,
+                    },
+                );
+                if batches.blocking_send(full).is_err() {
+                    return Ok(());
+                }
             }
         }
-    }
-    if !batch.is_empty() {
-        let _ = batches.blocking_send(batch);
+        if !batch.blobs.is_empty() && batches.blocking_send(batch).is_err() {
+            return Ok(());
+        }
     }
     Ok(())
 }
@@ -234,7 +263,7 @@ pub fn read_file_blobs(
     path: &Path,
     layout: &cloud_protocol::teleport::BundleRef,
     ids: &[ContentId],
-    batches: tokio::sync::mpsc::Sender<Vec<Blob>>,
+    batches: tokio::sync::mpsc::Sender<Batch>,
 ) -> Result<(), TeleportError> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut file = std::fs::File::open(path)
@@ -269,13 +298,22 @@ pub fn read_file_blobs(
         });
         if bytes >= BATCH_BYTES {
             bytes = 0;
-            if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+            if batches
+                .blocking_send(Batch {
+                    blobs: std::mem::take(&mut batch),
+                    files: false,
+                })
+                .is_err()
+            {
                 return Ok(());
             }
         }
     }
     if !batch.is_empty() {
-        let _ = batches.blocking_send(batch);
+        let _ = batches.blocking_send(Batch {
+            blobs: batch,
+            files: false,
+        });
     }
     Ok(())
 }

@@ -157,6 +157,8 @@ pub struct Teleport {
     pub feed: broadcast::Sender<Arc<Notification>>,
     /// The running watches, by root.
     watches: watch::Watches,
+    /// Work left running after its caller was answered (a push's bookkeeping).
+    background: tokio_util::task::TaskTracker,
 }
 
 impl Teleport {
@@ -167,7 +169,16 @@ impl Teleport {
             locks: Mutex::new(HashMap::new()),
             feed: broadcast::channel(FEED_CAPACITY).0,
             watches: Mutex::new(HashMap::new()),
+            background: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Waits until the work left running after its caller was answered is done (the
+    /// drain: a push's version is recorded in its link before the daemon exits).
+    pub async fn background_done(&self) {
+        self.background.close();
+        self.background.wait().await;
+        self.background.reopen();
     }
 
     /// Holds the worktree at `root` for one operation.

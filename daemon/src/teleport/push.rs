@@ -15,13 +15,13 @@ use cloud_protocol::ipc::TeleportOutcome;
 use std::collections::HashMap;
 use std::path::Path;
 
-use cloud_protocol::blobs::Blob;
 use cloud_protocol::teleport::{
     BundleRef, Change, ContentId, Delta, GitState, Manifest, TeleportReply, TeleportRequest,
     VersionInfo, MAX_LACKS_IDS,
 };
 use tokio::sync::mpsc;
 
+use super::transfer::{Batch, TransferError};
 use super::worktrees::Worktree;
 use super::{local, Reporter, Teleport, TeleportError, MAX_ATTEMPTS};
 
@@ -34,6 +34,8 @@ pub(super) struct Pushed {
     /// The index of the last full scan the push made (a retry, a merge), if it made one
     /// (stored already): a watch takes up its directories.
     pub index: Option<cloud_tree::Index>,
+    /// The version committed, to record in the link ([`Teleport::finish_push`]).
+    agreement: Option<Agreement>,
 }
 
 /// A scan's index being stored on the blocking pool while the push goes on.
@@ -55,6 +57,7 @@ impl StoringIndex {
 }
 
 /// How the agreed tree changes when both sides agree on a new version.
+#[derive(Debug)]
 pub(super) enum Agreed {
     /// By the delta just committed (a push).
     Delta(Delta),
@@ -69,32 +72,154 @@ const ASK_ABOVE_BYTES: u64 = 256 * 1024;
 /// How many upload batches wait between the reading thread and the socket.
 const READ_AHEAD: usize = 2;
 
+/// What is left of a push once the relay committed its version: the link's own record of
+/// it (the agreed tree, the version, the scan's index), written with the worktree still
+/// held. [`Teleport::push`] finishes it before it returns; the `teleport push` command
+/// answers first and leaves it to [`Teleport::finish_in_background`].
+pub struct Bookkeeping {
+    teleport: Arc<Teleport>,
+    root: String,
+    held: tokio::sync::OwnedMutexGuard<()>,
+    agreement: Option<Agreement>,
+    storing: StoringIndex,
+    outcome: TeleportOutcome,
+}
+
+/// A version both sides now agree on, not yet recorded in the link.
+#[derive(Debug)]
+pub(super) struct Agreement {
+    worktree: Worktree,
+    agreed: Agreed,
+    info: VersionInfo,
+}
+
+impl std::fmt::Debug for Bookkeeping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bookkeeping")
+            .field("root", &self.root)
+            .field("version", &self.outcome.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bookkeeping {
+    /// What the push did.
+    pub fn outcome(&self) -> &TeleportOutcome {
+        &self.outcome
+    }
+
+    /// Records the agreed version and waits for the index, then the operation's result
+    /// (`record_result`), and lets go of the worktree.
+    pub async fn finish(mut self) -> Result<TeleportOutcome, TeleportError> {
+        let this = Arc::clone(&self.teleport);
+        let result = this
+            .finish_push(self.agreement.take(), &mut self.storing)
+            .await;
+        let result = match result {
+            Ok(index) => {
+                if let Some(index) = index {
+                    // A whole tree's index: freed off the runtime's thread, before
+                    // `record_result` hands the memory back.
+                    let _ = cloud_tree::bulk::spawn(move || drop(index)).await;
+                }
+                Ok(self.outcome)
+            }
+            Err(e) => Err(e),
+        };
+        this.record_result(&self.root, &result).await;
+        drop(self.held);
+        result
+    }
+}
+
 impl Teleport {
-    /// Pushes the worktree at `path` to `session` (linking it, or linking it anew).
+    /// Pushes the worktree at `path` to `session` (linking it, or linking it anew), and
+    /// records the new version in the link before it returns.
     pub async fn push(
         self: &Arc<Self>,
         path: &str,
         session: &str,
         reporter: &Reporter,
     ) -> Result<TeleportOutcome, TeleportError> {
-        let root = super::canonical_root(path, false)?;
-        let _held = self.hold(&root).await;
-        let result = match self
-            .push_held(&root, session, reporter, local::Start::Scan, false)
+        self.push_committed(path, session, reporter)
+            .await?
+            .finish()
             .await
-        {
-            Ok(pushed) => {
-                if let Some(index) = pushed.index {
-                    // A whole tree's index: freed off the runtime's thread, before
-                    // `record_result` hands the memory back.
-                    let _ = cloud_tree::bulk::spawn(move || drop(index)).await;
-                }
-                Ok(pushed.outcome)
+    }
+
+    /// [`Teleport::push`] up to the relay's commit: the outcome is final once this
+    /// returns (the session has the version, written in its workspace); what is left is
+    /// the link's own record of it, with the worktree still held.
+    pub async fn push_committed(
+        self: &Arc<Self>,
+        path: &str,
+        session: &str,
+        reporter: &Reporter,
+    ) -> Result<Bookkeeping, TeleportError> {
+        let root = super::canonical_root(path, false)?;
+        let held = self.hold(&root).await;
+        let mut storing = StoringIndex(None);
+        let result = self
+            .push_attempts(
+                &root,
+                session,
+                reporter,
+                local::Start::Scan,
+                false,
+                &mut storing,
+            )
+            .await;
+        match result {
+            Ok(pushed) => Ok(Bookkeeping {
+                teleport: Arc::clone(self),
+                outcome: pushed.outcome,
+                agreement: pushed.agreement,
+                storing,
+                root,
+                held,
+            }),
+            Err(e) => {
+                // The scan's index is stored whatever the outcome.
+                let _ = storing.join().await;
+                let failed = Err(e);
+                self.record_result(&root, &failed).await;
+                failed
             }
-            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs `bookkeeping` to its end in the background; the drain waits for it
+    /// ([`Teleport::background_done`]). Its failure (the relay has the version, the link
+    /// could not record it) is the link's `last_error`, and the next push or pull makes
+    /// good: a base that is behind makes the relay answer `Stale`, and the merge settles
+    /// what both sides already agree on.
+    pub fn finish_in_background(&self, bookkeeping: Bookkeeping) {
+        self.background.spawn(async move {
+            if let Err(e) = bookkeeping.finish().await {
+                tracing::warn!("a push's version could not be recorded in its link: {e}");
+            }
+        });
+    }
+
+    /// Records `agreement` in its link, then waits for the scan's index to be stored:
+    /// the index, if one was.
+    async fn finish_push(
+        &self,
+        agreement: Option<Agreement>,
+        storing: &mut StoringIndex,
+    ) -> Result<Option<cloud_tree::Index>, TeleportError> {
+        let agreed = match agreement {
+            Some(Agreement {
+                mut worktree,
+                agreed,
+                info,
+            }) => self.agreed(&mut worktree, agreed, &info).await,
+            None => Ok(()),
         };
-        self.record_result(&root, &result).await;
-        result
+        // The scan's index is stored before the push ends, whatever its outcome.
+        let stored = storing.join().await;
+        agreed?;
+        stored
     }
 
     /// Records the outcome of an operation on its link (its error, or none), closes
@@ -174,10 +299,18 @@ impl Teleport {
         let result = self
             .push_attempts(root, session, reporter, start, quiet, &mut storing)
             .await;
-        // The scan's index is stored before the push ends, whatever its outcome.
-        let stored = storing.join().await;
-        let mut pushed = result?;
-        if let Some(index) = stored? {
+        let mut pushed = match result {
+            Ok(pushed) => pushed,
+            Err(e) => {
+                // The scan's index is stored before the push ends, whatever its outcome.
+                let _ = storing.join().await;
+                return Err(e);
+            }
+        };
+        if let Some(index) = self
+            .finish_push(pushed.agreement.take(), &mut storing)
+            .await?
+        {
             pushed.index = Some(index);
         }
         Ok(pushed)
@@ -262,6 +395,7 @@ impl Teleport {
                     outcome,
                     committed: false,
                     index,
+                    agreement: None,
                 });
             }
             match self.upload(session, root, &delta, reporter).await {
@@ -290,8 +424,6 @@ impl Teleport {
             match reply {
                 TeleportReply::Committed(info) => {
                     worktree.git_sent = head.or(worktree.git_sent.take());
-                    self.agreed(&mut worktree, Agreed::Delta(delta), &info)
-                        .await?;
                     outcome.version = info.version;
                     outcome.files += changes;
                     reporter.report("done", 1, 1, 0, 0);
@@ -299,6 +431,11 @@ impl Teleport {
                         outcome,
                         committed: true,
                         index,
+                        agreement: Some(Agreement {
+                            worktree,
+                            agreed: Agreed::Delta(delta),
+                            info,
+                        }),
                     });
                 }
                 TeleportReply::Stale { current } => {
@@ -373,14 +510,22 @@ impl Teleport {
             .collect();
         let sizes = blob_sizes(&manifest);
         let root = root.to_owned();
-        self.upload_with(
-            session,
-            delta.blobs(),
-            &sizes,
-            reporter,
-            move |ids, batches| local::read_blobs(&root, &manifest, &ids, batches),
-        )
-        .await
+        let uploaded = self
+            .upload_with(
+                session,
+                delta.blobs(),
+                &sizes,
+                reporter,
+                move |ids, batches| local::read_blobs(&root, &manifest, &ids, batches),
+            )
+            .await;
+        match uploaded {
+            // A file changed after the scan hashed it: the relay refused its bytes.
+            Err(TeleportError::Transfer(TransferError::Mismatched(id))) => {
+                Err(TeleportError::ChangedDuringPush(path_of(delta, &id)))
+            }
+            other => other,
+        }
     }
 
     /// Uploads the blobs among `ids` that the relay lacks (asking first above
@@ -392,7 +537,7 @@ impl Teleport {
         mut ids: Vec<ContentId>,
         sizes: &HashMap<ContentId, u64>,
         reporter: &Reporter,
-        read: impl FnOnce(Vec<ContentId>, mpsc::Sender<Vec<Blob>>) -> Result<(), TeleportError>
+        read: impl FnOnce(Vec<ContentId>, mpsc::Sender<Batch>) -> Result<(), TeleportError>
             + Send
             + 'static,
     ) -> Result<(u64, u64), TeleportError> {
@@ -509,6 +654,18 @@ impl Teleport {
         }
         Ok(Some(state))
     }
+}
+
+/// The path of the file in `delta` that holds blob `id` (the id itself if none does).
+fn path_of(delta: &Delta, id: &ContentId) -> String {
+    delta
+        .changes
+        .iter()
+        .find_map(|change| match change {
+            Change::Put(entry) if entry.kind.blobs().contains(id) => Some(entry.path.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| format!("blob {id}"))
 }
 
 /// Every blob of `manifest` and its size.

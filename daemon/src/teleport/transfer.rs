@@ -29,6 +29,15 @@ pub const GET_IDS: usize = 64;
 /// How long any one step (connect, a reply) may take before the transfer fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Blobs uploaded in one request.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub blobs: Vec<Blob>,
+    /// Each blob is a whole file of a push about to be committed: the relay may stage it
+    /// for the commit (`PutFiles`).
+    pub files: bool,
+}
+
 /// Where and how to reach the relay's blob socket (what the bridge connected with).
 #[derive(Clone)]
 pub struct BlobEndpoint {
@@ -61,6 +70,8 @@ pub enum TransferError {
     Refused(String),
     #[error("the relay does not have blob {0}")]
     Missing(ContentId),
+    #[error("blob {0} does not match its id (its file changed after it was hashed)")]
+    Mismatched(ContentId),
 }
 
 /// How long a blob socket waits out the relay's requests limit before giving up.
@@ -259,38 +270,41 @@ impl BlobSocket {
 
     /// Uploads every batch `batches` yields (each at most [`blobs::BATCH_BYTES`] or so),
     /// keeping up to [`IN_FLIGHT`] unanswered; `uploaded` is told each batch's blob count
-    /// and bytes once the relay stored it.
+    /// and bytes once the relay stored it. A blob whose bytes do not match its id (read
+    /// from a file that changed after the scan; the relay checks, the caller does not) is
+    /// [`TransferError::Mismatched`].
     pub async fn put_all(
         &mut self,
         session: &str,
-        mut batches: tokio::sync::mpsc::Receiver<Vec<Blob>>,
+        mut batches: tokio::sync::mpsc::Receiver<Batch>,
         mut uploaded: impl FnMut(u64, u64),
     ) -> Result<(), TransferError> {
         let mut waiting: VecDeque<(u64, u64, u64)> = VecDeque::new();
         loop {
             while waiting.len() >= IN_FLIGHT {
                 let (id, n, bytes) = waiting.pop_front().expect("waiting is not empty");
-                self.receive(id).await?;
+                stored(self.receive(id).await?)?;
                 uploaded(n, bytes);
             }
-            let Some(batch) = batches.recv().await else {
+            let Some(Batch { blobs, files }) = batches.recv().await else {
                 break;
             };
-            if batch.is_empty() {
+            if blobs.is_empty() {
                 continue;
             }
-            let n = batch.len() as u64;
-            let bytes = batch.iter().map(|b| b.bytes.len() as u64).sum();
-            let id = self
-                .send(BlobRequest::Put {
-                    session: session.to_owned(),
-                    blobs: batch,
-                })
-                .await?;
+            let n = blobs.len() as u64;
+            let bytes = blobs.iter().map(|b| b.bytes.len() as u64).sum();
+            let session = session.to_owned();
+            let request = if files {
+                BlobRequest::PutFiles { session, blobs }
+            } else {
+                BlobRequest::Put { session, blobs }
+            };
+            let id = self.send(request).await?;
             waiting.push_back((id, n, bytes));
         }
         while let Some((id, n, bytes)) = waiting.pop_front() {
-            self.receive(id).await?;
+            stored(self.receive(id).await?)?;
             uploaded(n, bytes);
         }
         Ok(())
@@ -345,5 +359,16 @@ impl BlobSocket {
     /// Closes the socket politely.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.close(None)).await;
+    }
+}
+
+/// The relay's answer to a put: stored, or why not.
+fn stored(answer: BlobAnswer) -> Result<(), TransferError> {
+    match answer {
+        BlobAnswer::Stored { .. } => Ok(()),
+        BlobAnswer::Mismatched { id } => Err(TransferError::Mismatched(id)),
+        BlobAnswer::Blobs { .. } => Err(TransferError::Socket(
+            "an answer to a put that is not one".into(),
+        )),
     }
 }

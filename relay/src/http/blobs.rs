@@ -21,6 +21,7 @@ use cloud_protocol::blobs::{
 use super::Authenticated;
 use crate::access::{Access, Identity};
 use crate::core::Shared;
+use crate::teleport::blobs::BlobStoreError;
 
 /// A `Get` answer holds at most this many bytes of blobs (the rest is asked again).
 const GET_REPLY_BYTES: usize = 8 * 1024 * 1024;
@@ -104,6 +105,33 @@ fn org_of(
     Ok(session.org)
 }
 
+/// Stores `blobs` for `session`'s org; `files`: each is a whole file of a push about to be
+/// committed, staged for the commit too once stored.
+async fn put(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    session: String,
+    blobs: Vec<Blob>,
+    files: bool,
+) -> Result<BlobAnswer, String> {
+    let org = org_of(shared, identity, &session, true)?;
+    let teleport = Arc::clone(&shared.teleport);
+    cloud_tree::bulk::spawn(move || match teleport.blobs.put(&org, &blobs) {
+        Ok(new) => {
+            if files {
+                // Beside the socket's next batches, not before them.
+                teleport.stages.stage_later(&session, blobs);
+            }
+            Ok(BlobAnswer::Stored { new: new as _ })
+        }
+        // The daemon does not hash what it uploads: this check is the one.
+        Err(BlobStoreError::Mismatch(id)) => Ok(BlobAnswer::Mismatched { id }),
+        Err(e) => Err(e.to_string()),
+    })
+    .await
+    .map_err(|e| format!("storing blobs failed: {e}"))?
+}
+
 async fn answer(
     shared: &Arc<Shared>,
     identity: &Identity,
@@ -111,17 +139,9 @@ async fn answer(
 ) -> Result<BlobAnswer, String> {
     let teleport = Arc::clone(&shared.teleport);
     match request {
-        BlobRequest::Put { session, blobs } => {
-            let org = org_of(shared, identity, &session, true)?;
-            cloud_tree::bulk::spawn(move || {
-                let new = teleport
-                    .blobs
-                    .put(&org, &blobs)
-                    .map_err(|e| e.to_string())?;
-                Ok(BlobAnswer::Stored { new: new as _ })
-            })
-            .await
-            .map_err(|e| format!("storing blobs failed: {e}"))?
+        BlobRequest::Put { session, blobs } => put(shared, identity, session, blobs, false).await,
+        BlobRequest::PutFiles { session, blobs } => {
+            put(shared, identity, session, blobs, true).await
         }
         BlobRequest::Get { session, ids } => {
             let org = org_of(shared, identity, &session, false)?;

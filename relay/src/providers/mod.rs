@@ -198,6 +198,7 @@ impl Provider {
                 &delta,
                 &teleport.blobs,
                 &org,
+                None,
             )?;
             for problem in &problems {
                 tracing::warn!(session = %id, "rebuilding the workspace: cannot write {problem}");

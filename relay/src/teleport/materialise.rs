@@ -13,6 +13,7 @@ use cloud_protocol::teleport::{Change, Delta, EntryKind, RelPath};
 use cloud_tree::{Expect, Root};
 
 use super::blobs::BlobStore;
+use super::staging::SessionStage;
 
 /// Below this many files a delta is written on the calling thread alone.
 const PARALLEL_ABOVE: usize = 256;
@@ -32,6 +33,7 @@ pub fn materialise(
     delta: &Delta,
     blobs: &BlobStore,
     org: &str,
+    staged: Option<&SessionStage>,
 ) -> Result<Vec<String>, String> {
     std::fs::create_dir_all(workspace)
         .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display()))?;
@@ -44,7 +46,7 @@ pub fn materialise(
                 .remove(path, Expect::Anything)
                 .map_err(|e| e.to_string()),
             Change::Put(entry) if entry.kind == EntryKind::Dir => {
-                put(&root, &entry.path, &entry.kind, blobs, org)
+                put(&root, &entry.path, &entry.kind, blobs, org, staged)
             }
             Change::Put(entry) => {
                 leaves.push(entry);
@@ -60,7 +62,7 @@ pub fn materialise(
         .min(MAX_WRITERS);
     if leaves.len() <= PARALLEL_ABOVE || writers == 1 {
         for entry in leaves {
-            if let Err(e) = put(&root, &entry.path, &entry.kind, blobs, org) {
+            if let Err(e) = put(&root, &entry.path, &entry.kind, blobs, org, staged) {
                 problems.push(format!("{}: {e}", entry.path));
             }
         }
@@ -75,7 +77,7 @@ pub fn materialise(
                     let root = Root::open(workspace).map_err(|e| e.to_string())?;
                     let mut problems = Vec::new();
                     for entry in entries {
-                        if let Err(e) = put(&root, &entry.path, &entry.kind, blobs, org) {
+                        if let Err(e) = put(&root, &entry.path, &entry.kind, blobs, org, staged) {
                             problems.push(format!("{}: {e}", entry.path));
                         }
                     }
@@ -103,7 +105,32 @@ fn put(
     kind: &EntryKind,
     blobs: &BlobStore,
     org: &str,
+    staged: Option<&SessionStage>,
 ) -> Result<(), String> {
+    if let (
+        Some(stage),
+        EntryKind::File {
+            executable,
+            content,
+            chunks,
+            ..
+        },
+    ) = (staged, kind)
+    {
+        // A whole file the upload staged: moved in, not written (written from the store
+        // if the move fails).
+        if chunks.is_empty() {
+            if let Some(name) = stage.take(content) {
+                let moved = replacing_a_dir(root, path, || {
+                    root.put_staged(path, *executable, stage.staging(), &name, Expect::Anything)
+                });
+                match moved {
+                    Ok(()) => return Ok(()),
+                    Err(_) => stage.put_back(*content),
+                }
+            }
+        }
+    }
     match kind {
         EntryKind::Dir => root.put_dir(path).map_err(|e| e.to_string()),
         EntryKind::Symlink { target } => replacing_a_dir(root, path, || {
@@ -217,7 +244,7 @@ mod tests {
                 }),
             ],
         };
-        let problems = materialise(&workspace, &delta, &blobs, "org").unwrap();
+        let problems = materialise(&workspace, &delta, &blobs, "org", None).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(std::fs::read(workspace.join("a")).unwrap(), a);
         assert_eq!(std::fs::read(workspace.join("run")).unwrap(), b);

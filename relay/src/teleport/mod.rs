@@ -22,6 +22,7 @@
 pub mod blobs;
 pub mod materialise;
 pub mod snapshots;
+pub mod staging;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -55,6 +56,8 @@ pub struct Teleport {
     watches: Mutex<HashMap<String, watch::Running>>,
     /// What the relay itself just wrote into each workspace (a push materialised).
     own_writes: Mutex<HashMap<String, OwnWrites>>,
+    /// Pushes' files written beside the workspaces while they upload.
+    pub stages: staging::Stages,
 }
 
 /// The paths of a push the relay just wrote into a workspace, and until when events on
@@ -87,11 +90,12 @@ impl Teleport {
         Ok(Teleport {
             snapshots,
             blobs: BlobStore::new(data_dir.join("blobs")),
-            workspaces,
             indexes: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             watches: Mutex::new(HashMap::new()),
             own_writes: Mutex::new(HashMap::new()),
+            stages: staging::Stages::open(&workspaces),
+            workspaces,
         })
     }
 
@@ -176,8 +180,19 @@ impl Teleport {
                                 // Before writing (the watch sees the events as they
                                 // happen); the echo lasts from the end.
                                 this.wrote(&id, &delta);
-                                let problems =
-                                    materialise::materialise(&workspace, &delta, &this.blobs, &org);
+                                let staged = this.stages.get(&id);
+                                if let Some(stage) = &staged {
+                                    stage.settle();
+                                }
+                                let problems = materialise::materialise(
+                                    &workspace,
+                                    &delta,
+                                    &this.blobs,
+                                    &org,
+                                    staged.as_deref(),
+                                );
+                                // What the commit did not take is of no later use.
+                                this.stages.clear(&id);
                                 this.echo_from_now(&id);
                                 tracing::debug!(session = %id, version = info.version, "materialised in {:?}", began.elapsed());
                                 problems
@@ -496,6 +511,12 @@ impl Teleport {
         {
             tracing::warn!(%session, "cannot forget the session's versions: {e}");
         }
+        let (this, id) = (Arc::clone(self), session.to_owned());
+        let _ = blocking(move || {
+            this.stages.forget(&id);
+            Ok(())
+        })
+        .await;
         let workspace = self.workspaces.join(session);
         if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
             if e.kind() != std::io::ErrorKind::NotFound {

@@ -329,6 +329,7 @@ impl Snapshots {
         now: u64,
         alongside: impl FnOnce(&VersionInfo) -> R,
     ) -> Result<(Commit, Option<R>), SnapshotError> {
+        let began = std::time::Instant::now();
         delta.validate()?;
         let lock = self.lock(session);
         let _serialised = lock.lock().expect("a session's snapshot lock poisoned");
@@ -399,14 +400,17 @@ impl Snapshots {
         }
         batch.insert(version_key(session, info.version), encode(&(&info, delta))?);
         batch.insert(key(b'n', session), encode(&info)?);
+        tracing::debug!(%session, "the commit's checks took {:?}", began.elapsed());
         let (written, done) = std::thread::scope(|scope| {
             let writer = scope.spawn(|| -> Result<(), SnapshotError> {
                 // The blobs on disk before a version that needs them is.
                 if !needed.is_empty() {
                     blobs.sync(org)?;
                 }
+                tracing::debug!(%session, "the version's blobs durable after {:?}", began.elapsed());
                 self.tree.apply_batch(batch)?;
                 self.db.flush()?;
+                tracing::debug!(%session, "the version written after {:?}", began.elapsed());
                 Ok(())
             });
             let done = alongside(&info);

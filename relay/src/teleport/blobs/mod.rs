@@ -10,7 +10,8 @@
 //! Every blob is checked against its id (blake3) before it is stored and again when it is
 //! read; a pack is written under a temp name and renamed into place, so a pack with a name
 //! is whole, and a commit makes the org's new packs durable ([`BlobStore::sync`]) before
-//! it stores a version that needs them. A blob that fails its check on reading is dropped from the index (it reads as
+//! it stores a version that needs them (each pack's writeback starts when it is written,
+//! so the commit mostly waits for writes already under way). A blob that fails its check on reading is dropped from the index (it reads as
 //! absent, so the daemon uploads it again). Stores of the first format (one file per blob
 //! under `<org>/<two hex digits>/<id>`) are packed once, when the org is first used.
 //!
@@ -330,6 +331,7 @@ impl OrgPacks {
             std::io::Write::flush(&mut out).map_err(io("writing", &path))?;
             spans
         };
+        start_writeback(temp.as_file());
         temp.persist(&path)
             .map_err(|e| io("renaming a pack to", &path)(e.error))?;
         self.unsynced
@@ -384,6 +386,25 @@ impl OrgPacks {
         open.insert(number, Arc::clone(&file));
         Ok(file)
     }
+}
+
+/// Starts writing `file`'s dirty pages to disk without waiting (Linux's
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`; nothing elsewhere), so the commit's
+/// `fdatasync` ([`BlobStore::sync`]) finds a push's packs mostly written: syncing 200 MB
+/// of packs at the commit took 0.3 to 0.7 s, while the disk had been idle through the
+/// upload. Only a head start: durability is still the commit's sync.
+fn start_writeback(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a valid descriptor; offset 0 and length 0 mean the whole file, and the
+        // flag only starts writeback. A failure is harmless (the commit syncs anyway).
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BlobStoreError {
