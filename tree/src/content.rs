@@ -3,11 +3,11 @@
 //! [`CHUNK_MAX`]) each named by the blake3 of its bytes, so an edit moves only the chunks
 //! it touches. Also the way back: where each blob of a manifest lies on disk
 //! ([`blob_locations`]) and reading one, verified ([`read_blob`]), or unverified for an
-//! upload whose receiver verifies it ([`read_span`]).
+//! upload whose receiver verifies it ([`read_span_into`]).
 //!
 //! Architecture invariant: a file is read once, front to back, with bounded memory (one
 //! whole-file blob or one chunk at a time); a blob is only ever returned after its hash
-//! was checked against the id asked for, except by [`read_span`], whose bytes go only to a
+//! was checked against the id asked for, except by [`read_span_into`], whose bytes go only to a
 //! peer that checks them. This module never writes.
 
 use std::collections::HashMap;
@@ -193,7 +193,11 @@ pub fn read_blob(
     len: u32,
     expected: ContentId,
 ) -> Result<Vec<u8>, ContentError> {
-    let bytes = read_span(root, path, offset, len)?;
+    if len as usize > MAX_BLOB {
+        return Err(ContentError::TooLarge { len });
+    }
+    let mut bytes = vec![0u8; len as usize];
+    read_span_into(root, path, offset, &mut bytes)?;
     if ContentId::of(&bytes) != expected {
         return Err(ContentError::Changed {
             path: path.clone(),
@@ -204,23 +208,24 @@ pub fn read_blob(
     Ok(bytes)
 }
 
-/// Reads `len` bytes at `offset` of the file at `path` under `root` (never through a
-/// symlink), unchecked: for an upload, whose receiver checks every blob against its id
-/// (the relay does; hashing here too cost a tenth of a 200 MB push's reading thread).
+/// Reads `into.len()` bytes at `offset` of the file at `path` under `root` (never through
+/// a symlink) into `into`, unchecked: for an upload, whose receiver checks every blob
+/// against its id (the relay does; hashing here too cost a tenth of a 200 MB push's
+/// reading thread), read straight into the message that carries it.
 /// [`ContentError::Changed`] if the file is now shorter.
-pub fn read_span(
+pub fn read_span_into(
     root: &Root,
     path: &RelPath,
     offset: u64,
-    len: u32,
-) -> Result<Vec<u8>, ContentError> {
-    if len as usize > MAX_BLOB {
+    into: &mut [u8],
+) -> Result<(), ContentError> {
+    let len = u32::try_from(into.len()).unwrap_or(u32::MAX);
+    if into.len() > MAX_BLOB {
         return Err(ContentError::TooLarge { len });
     }
     let file = root.open_file(path)?;
-    let mut bytes = vec![0u8; len as usize];
-    match read_exact_at(&file, &mut bytes, offset) {
-        Ok(()) => Ok(bytes),
+    match read_exact_at(&file, into, offset) {
+        Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(ContentError::Changed {
             path: path.clone(),
             offset,

@@ -29,7 +29,7 @@ pub mod watch;
 pub mod write;
 
 pub use content::{
-    blob_locations, hash_file, read_blob, read_span, BlobLocation, ContentError, FileContent,
+    blob_locations, hash_file, read_blob, read_span_into, BlobLocation, ContentError, FileContent,
 };
 pub use index::{Index, IndexChange, IndexError, Indexed};
 pub use root::{Root, RootError};

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use cloud_protocol::blobs::{Blob, BATCH_BYTES};
+use cloud_protocol::blobs::{PutWriter, BATCH_BYTES};
 use cloud_protocol::teleport::{ContentId, Delta, EntryKind, Manifest, RelPath};
 use cloud_tree::{
     BlobLocation, ContentError, Index, Rescan, Root, Scan, ScanOptions, Skipped, Unreadable,
@@ -192,6 +192,7 @@ fn problems(skipped: &[Skipped], unreadable: &[Unreadable]) -> Vec<String> {
 pub fn read_blobs(
     root: &str,
     manifest: &Manifest,
+    session: &str,
     ids: &[ContentId],
     batches: tokio::sync::mpsc::Sender<Batch>,
 ) -> Result<(), TeleportError> {
@@ -207,54 +208,90 @@ pub fn read_blobs(
             _ => None,
         })
         .collect();
-    let (files, chunks): (Vec<&ContentId>, Vec<&ContentId>) =
-        ids.iter().partition(|id| whole.contains(id));
-    let root = Root::open(Path::new(root)).map_err(|e| TeleportError::Local(e.to_string()))?;
-    for (ids, files) in [(files, true), (chunks, false)] {
-        let mut batch = Batch {
-            blobs: Vec::new(),
-            files,
+    let mut located = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(at) = locations.get(id) else {
+            return Err(TeleportError::Local(format!(
+                "blob {id} is in no file of the scan"
+            )));
         };
-        let mut bytes = 0;
-        for id in ids {
-            let Some(at) = locations.get(id) else {
-                return Err(TeleportError::Local(format!(
-                    "blob {id} is in no file of the scan"
-                )));
-            };
+        located.push((*id, at));
+    }
+    let (files, chunks): (Vec<_>, Vec<_>) =
+        located.into_iter().partition(|(id, _)| whole.contains(id));
+    let root = Root::open(Path::new(root)).map_err(|e| TeleportError::Local(e.to_string()))?;
+    for (blobs, files) in [(files, true), (chunks, false)] {
+        let sent = send_batches(&blobs, files, session, &batches, |at, into| {
             // Unhashed: the relay checks every blob, and a file changed since the scan
             // comes back as `TransferError::Mismatched` (then the push scans again).
-            let blob = match cloud_tree::read_span(&root, &at.path, at.offset, at.len) {
-                Ok(bytes) => bytes,
+            match cloud_tree::read_span_into(&root, &at.path, at.offset, into) {
+                Ok(()) => Ok(()),
                 Err(ContentError::Changed { .. }) => {
-                    return Err(TeleportError::ChangedDuringPush(at.path.to_string()))
+                    Err(TeleportError::ChangedDuringPush(at.path.to_string()))
                 }
-                Err(e) => return Err(TeleportError::Local(e.to_string())),
-            };
-            bytes += blob.len();
-            batch.blobs.push(Blob {
-                id: *id,
-                bytes: blob,
-            });
-            if bytes >= BATCH_BYTES {
-                bytes = 0;
-                let full = std::mem::replace(
-                    &mut batch,
-                    Batch {
-                        blobs: Vec::new(),
-                        files,
-                    },
-                );
-                if batches.blocking_send(full).is_err() {
-                    return Ok(());
-                }
+                Err(e) => Err(TeleportError::Local(e.to_string())),
             }
-        }
-        if !batch.blobs.is_empty() && batches.blocking_send(batch).is_err() {
+        })?;
+        if !sent {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// Sends `blobs` (each with where it is) on `batches` in puts of about [`BATCH_BYTES`],
+/// each blob read by `read` straight into its put. False when the receiver is gone.
+fn send_batches<T>(
+    blobs: &[(ContentId, T)],
+    files: bool,
+    session: &str,
+    batches: &tokio::sync::mpsc::Sender<Batch>,
+    mut read: impl FnMut(&T, &mut [u8]) -> Result<(), TeleportError>,
+) -> Result<bool, TeleportError>
+where
+    T: Located,
+{
+    let mut rest = blobs;
+    while !rest.is_empty() {
+        // As many as make a batch: the put says how many blobs it holds before them.
+        let (mut n, mut bytes) = (0, 0usize);
+        while n < rest.len() && (n == 0 || bytes < BATCH_BYTES) {
+            bytes += rest[n].1.len();
+            n += 1;
+        }
+        let (batch, later) = rest.split_at(n);
+        rest = later;
+        let mut put = PutWriter::new(files, session, n, bytes);
+        for (id, at) in batch {
+            put.push(*id, at.len(), |into| read(at, into))?;
+        }
+        let batch = Batch {
+            put,
+            blobs: n as u64,
+            bytes: bytes as u64,
+        };
+        if batches.blocking_send(batch).is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Where a blob to upload is: its length is all [`send_batches`] needs to plan a put.
+trait Located {
+    fn len(&self) -> usize;
+}
+
+impl Located for &BlobLocation {
+    fn len(&self) -> usize {
+        self.len as usize
+    }
+}
+
+impl Located for (u64, u64) {
+    fn len(&self) -> usize {
+        self.1 as usize
+    }
 }
 
 /// Reads the blobs `ids` of the file at `path` laid out as `layout` (a git bundle) and
@@ -262,6 +299,7 @@ pub fn read_blobs(
 pub fn read_file_blobs(
     path: &Path,
     layout: &cloud_protocol::teleport::BundleRef,
+    session: &str,
     ids: &[ContentId],
     batches: tokio::sync::mpsc::Sender<Batch>,
 ) -> Result<(), TeleportError> {
@@ -278,43 +316,18 @@ pub fn read_file_blobs(
             offset += u64::from(chunk.len);
         }
     }
-    let mut batch = Vec::new();
-    let mut bytes = 0;
+    let mut located = Vec::with_capacity(ids.len());
     for id in ids {
-        let &(offset, len) = at
+        let &place = at
             .get(id)
             .ok_or_else(|| TeleportError::Local(format!("blob {id} is not in the bundle")))?;
-        let mut data = vec![0; len as usize];
+        located.push((*id, place));
+    }
+    send_batches(&located, false, session, &batches, |&(offset, _), into| {
         file.seek(SeekFrom::Start(offset))
-            .and_then(|_| file.read_exact(&mut data))
-            .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
-        if ContentId::of(&data) != *id {
-            return Err(TeleportError::ChangedDuringPush(path.display().to_string()));
-        }
-        bytes += data.len();
-        batch.push(Blob {
-            id: *id,
-            bytes: data,
-        });
-        if bytes >= BATCH_BYTES {
-            bytes = 0;
-            if batches
-                .blocking_send(Batch {
-                    blobs: std::mem::take(&mut batch),
-                    files: false,
-                })
-                .is_err()
-            {
-                return Ok(());
-            }
-        }
-    }
-    if !batch.is_empty() {
-        let _ = batches.blocking_send(Batch {
-            blobs: batch,
-            files: false,
-        });
-    }
+            .and_then(|_| file.read_exact(into))
+            .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))
+    })?;
     Ok(())
 }
 

@@ -509,14 +509,16 @@ impl Teleport {
             })
             .collect();
         let sizes = blob_sizes(&manifest);
-        let root = root.to_owned();
+        let (root, session_owned) = (root.to_owned(), session.to_owned());
         let uploaded = self
             .upload_with(
                 session,
                 delta.blobs(),
                 &sizes,
                 reporter,
-                move |ids, batches| local::read_blobs(&root, &manifest, &ids, batches),
+                move |ids, batches| {
+                    local::read_blobs(&root, &manifest, &session_owned, &ids, batches)
+                },
             )
             .await;
         match uploaded {
@@ -578,7 +580,7 @@ impl Teleport {
         let reading = cloud_tree::bulk::spawn(move || read(ids, batches_in));
         let (mut n_done, mut bytes_done) = (0u64, 0u64);
         let sent = socket
-            .put_all(session, batches, |n, bytes| {
+            .put_all(batches, |n, bytes| {
                 n_done += n;
                 bytes_done += bytes;
                 reporter.report("upload", n_done, n_total, bytes_done, bytes_total);
@@ -641,13 +643,15 @@ impl Teleport {
                     .map(|c| (c.id, u64::from(c.len)))
                     .collect()
             };
-            let layout = bundle.clone();
+            let (layout, session_owned) = (bundle.clone(), session.to_owned());
             self.upload_with(
                 session,
                 bundle.blobs(),
                 &sizes,
                 reporter,
-                move |ids, batches| local::read_file_blobs(file.path(), &layout, &ids, batches),
+                move |ids, batches| {
+                    local::read_file_blobs(file.path(), &layout, &session_owned, &ids, batches)
+                },
             )
             .await?;
             state.bundle = Some(bundle);

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_protocol::blobs::{
-    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, BLOBS_PATH, INLINE_DECODE_BYTES,
-    MAX_BLOB_MESSAGE,
+    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, PutWriter, BLOBS_PATH,
+    INLINE_DECODE_BYTES, MAX_BLOB_MESSAGE,
 };
 use cloud_protocol::teleport::ContentId;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -29,13 +29,15 @@ pub const GET_IDS: usize = 64;
 /// How long any one step (connect, a reply) may take before the transfer fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Blobs uploaded in one request.
-#[derive(Debug, Default)]
+/// Blobs uploaded in one request: the put, encoded as its blobs were read into it
+/// (`Put`, or `PutFiles` for whole files of a push about to be committed, which the relay
+/// may stage for the commit).
+#[derive(Debug)]
 pub struct Batch {
-    pub blobs: Vec<Blob>,
-    /// Each blob is a whole file of a push about to be committed: the relay may stage it
-    /// for the commit (`PutFiles`).
-    pub files: bool,
+    pub put: PutWriter,
+    /// How many blobs and bytes of blobs it holds.
+    pub blobs: u64,
+    pub bytes: u64,
 }
 
 /// Where and how to reach the relay's blob socket (what the bridge connected with).
@@ -216,20 +218,33 @@ impl BlobSocket {
     async fn send(&mut self, request: BlobRequest) -> Result<u64, TransferError> {
         let id = self.next_id;
         self.next_id += 1;
-        // A batch of blobs is megabytes: encoded on the bulk pool, so the runtime's
-        // thread (pings, sends, the bridge) never waits for the copy.
-        let bytes = cloud_tree::bulk::spawn(move || blobs::encode(&BlobMessage { id, request }))
-            .await
-            .map_err(|e| TransferError::Socket(e.to_string()))?
+        let bytes = blobs::encode(&BlobMessage { id, request })
             .map_err(|e| TransferError::Socket(e.to_string()))?;
-        tokio::time::timeout(
-            STEP_TIMEOUT,
-            self.socket.send(Message::Binary(bytes.into())),
-        )
-        .await
-        .map_err(|_| TransferError::Socket("sending timed out".into()))?
-        .map_err(|e| TransferError::Socket(e.to_string()))?;
+        self.send_bytes(bytes.into()).await?;
         Ok(id)
+    }
+
+    /// Sends a put its reader encoded already (no copy here: the id goes in the room the
+    /// writer left for it).
+    async fn send_put(&mut self, put: PutWriter) -> Result<u64, TransferError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (bytes, start) = put
+            .finish(id)
+            .map_err(|e| TransferError::Socket(e.to_string()))?;
+        self.send_bytes(tokio_tungstenite::tungstenite::Bytes::from(bytes).slice(start..))
+            .await?;
+        Ok(id)
+    }
+
+    async fn send_bytes(
+        &mut self,
+        bytes: tokio_tungstenite::tungstenite::Bytes,
+    ) -> Result<(), TransferError> {
+        tokio::time::timeout(STEP_TIMEOUT, self.socket.send(Message::Binary(bytes)))
+            .await
+            .map_err(|_| TransferError::Socket("sending timed out".into()))?
+            .map_err(|e| TransferError::Socket(e.to_string()))
     }
 
     async fn receive(&mut self, id: u64) -> Result<BlobAnswer, TransferError> {
@@ -275,7 +290,6 @@ impl BlobSocket {
     /// [`TransferError::Mismatched`].
     pub async fn put_all(
         &mut self,
-        session: &str,
         mut batches: tokio::sync::mpsc::Receiver<Batch>,
         mut uploaded: impl FnMut(u64, u64),
     ) -> Result<(), TransferError> {
@@ -286,21 +300,18 @@ impl BlobSocket {
                 stored(self.receive(id).await?)?;
                 uploaded(n, bytes);
             }
-            let Some(Batch { blobs, files }) = batches.recv().await else {
+            let Some(Batch {
+                put,
+                blobs: n,
+                bytes,
+            }) = batches.recv().await
+            else {
                 break;
             };
-            if blobs.is_empty() {
+            if n == 0 {
                 continue;
             }
-            let n = blobs.len() as u64;
-            let bytes = blobs.iter().map(|b| b.bytes.len() as u64).sum();
-            let session = session.to_owned();
-            let request = if files {
-                BlobRequest::PutFiles { session, blobs }
-            } else {
-                BlobRequest::Put { session, blobs }
-            };
-            let id = self.send(request).await?;
+            let id = self.send_put(put).await?;
             waiting.push_back((id, n, bytes));
         }
         while let Some((id, n, bytes)) = waiting.pop_front() {
