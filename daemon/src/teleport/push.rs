@@ -22,7 +22,7 @@ use cloud_protocol::teleport::{
 use tokio::sync::mpsc;
 
 use super::transfer::{Batch, TransferError};
-use super::worktrees::Worktree;
+use super::worktrees::{Worktree, Worktrees};
 use super::{local, Reporter, Teleport, TeleportError, MAX_ATTEMPTS};
 
 /// What a push did.
@@ -38,20 +38,38 @@ pub(super) struct Pushed {
     agreement: Option<Agreement>,
 }
 
-/// A scan's index being stored on the blocking pool while the push goes on.
-pub(super) struct StoringIndex(
-    Option<tokio::task::JoinHandle<Result<cloud_tree::Index, TeleportError>>>,
-);
+/// A scan's index, to store once the push no longer needs the machine's cores for its
+/// upload ([`StoringIndex::join`]: at the push's end, or before a retry's scan).
+#[derive(Default)]
+pub(super) enum StoringIndex {
+    #[default]
+    Nothing,
+    /// Scanned, not yet stored: the index before the scan and the scan's.
+    Later {
+        worktrees: Worktrees,
+        root: String,
+        previous: cloud_tree::Index,
+        scanned: cloud_tree::Index,
+    },
+}
 
 impl StoringIndex {
-    /// Waits until the index is stored; the index, if one was being stored.
+    /// Stores the index (on the bulk pool); the index, if there was one to store.
     async fn join(&mut self) -> Result<Option<cloud_tree::Index>, TeleportError> {
-        match self.0.take() {
-            None => Ok(None),
-            Some(task) => task
-                .await
-                .map_err(|e| TeleportError::Local(format!("storing the index failed: {e}")))?
-                .map(Some),
+        match std::mem::take(self) {
+            StoringIndex::Nothing => Ok(None),
+            StoringIndex::Later {
+                worktrees,
+                root,
+                previous,
+                scanned,
+            } => cloud_tree::bulk::spawn(move || {
+                worktrees.set_index(&root, &previous, &scanned)?;
+                Ok(scanned)
+            })
+            .await
+            .map_err(|e| TeleportError::Local(format!("storing the index failed: {e}")))?
+            .map(Some),
         }
     }
 }
@@ -158,7 +176,7 @@ impl Teleport {
     ) -> Result<Bookkeeping, TeleportError> {
         let root = super::canonical_root(path, false)?;
         let held = self.hold(&root).await;
-        let mut storing = StoringIndex(None);
+        let mut storing = StoringIndex::Nothing;
         let result = self
             .push_attempts(
                 &root,
@@ -295,7 +313,7 @@ impl Teleport {
         start: local::Start,
         quiet: bool,
     ) -> Result<Pushed, TeleportError> {
-        let mut storing = StoringIndex(None);
+        let mut storing = StoringIndex::Nothing;
         let result = self
             .push_attempts(root, session, reporter, start, quiet, &mut storing)
             .await;
@@ -316,10 +334,10 @@ impl Teleport {
         Ok(pushed)
     }
 
-    /// [`Teleport::push_held`]'s attempts. A full scan's index is stored while the push
-    /// goes on (`storing`), not before it: writing a 20,000-file index took about a
-    /// quarter of a second, and nothing else reads it until the scan or merge of a retry,
-    /// which wait for it.
+    /// [`Teleport::push_held`]'s attempts. A full scan's index is stored after the push
+    /// (`storing`), not before it nor beside its upload: writing a 20,000-file index took
+    /// about a quarter of a second of a core the upload needed, and nothing else reads it
+    /// until the scan or merge of a retry, which store it first.
     async fn push_attempts(
         self: &Arc<Self>,
         root: &str,
@@ -370,11 +388,12 @@ impl Teleport {
             })
             .await?;
             if let Some((previous, scanned)) = scanned {
-                let (worktrees, root) = (self.worktrees.clone(), root.to_owned());
-                storing.0 = Some(cloud_tree::bulk::spawn(move || {
-                    worktrees.set_index(&root, &previous, &scanned)?;
-                    Ok(scanned)
-                }));
+                *storing = StoringIndex::Later {
+                    worktrees: self.worktrees.clone(),
+                    root: root.to_owned(),
+                    previous,
+                    scanned,
+                };
             }
             let local::Changes {
                 delta,
