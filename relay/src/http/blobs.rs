@@ -3,8 +3,10 @@
 //! bridge's ordered stream.
 //!
 //! One request at a time per socket, answered in order: `Put` stores blobs for the
-//! session's org after checking each against its id; `Get` sends as many of the asked
-//! blobs as fit one message. The session decides the org and who may do what: a `Put`
+//! session's org after checking each against its id (`Mismatched` names one that fails,
+//! and nothing is stored); `PutFiles` does the same, then hands the blobs to the session's
+//! staging (`teleport::staging`, on its own thread); `Get` sends as many of the asked
+//! blobs as fit one message. The session decides the org and who may do what: a put
 //! needs write access to it, a `Get` read access. Store work runs on the blocking pool.
 //! A malformed or oversized message ends this socket only.
 
