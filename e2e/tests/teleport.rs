@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use cloudd_e2e::{wait_for, Home, Relay, DEADLINE};
+use cloudd_e2e::{wait_for, Daemon, Home, Relay, DEADLINE};
 use serde_json::Value;
 
 /// A small deterministic generator (splitmix64): random-looking, incompressible bytes
@@ -295,6 +295,19 @@ fn link_of(home: &Home, dir: &Path) -> Value {
 fn create_session(home: &Home) -> String {
     let created = home.cloudctl_json(&["session", "create", "--task", "teleport"]);
     created["session"]["id"].as_str().unwrap().to_owned()
+}
+
+/// A standalone relay, a home whose daemon (returned, to stop or kill) is logged in to it
+/// and connected, and a session in it.
+fn standalone() -> (Relay, Home, Daemon, String) {
+    let relay = Relay::start();
+    let home = Home::new();
+    let daemon = home.spawn_daemon();
+    let token = relay.token("ann", "acme");
+    home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
+    home.wait_connected();
+    let session = create_session(&home);
+    (relay, home, daemon, session)
 }
 
 /// A home whose daemon runs the embedded relay, connected, and a session in it.
@@ -624,13 +637,7 @@ fn stored_blobs(dir: &Path) -> usize {
 #[test]
 fn kill_9_of_the_daemon_mid_push_then_a_restart_converges() {
     const FILES: usize = 300;
-    let relay = Relay::start();
-    let home = Home::new();
-    let mut daemon = home.spawn_daemon();
-    let token = relay.token("ann", "acme");
-    home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
-    home.wait_connected();
-    let session = create_session(&home);
+    let (relay, home, mut daemon, session) = standalone();
     let work = temp_dir("tw");
     let src = work.path();
     let mut rng = Rng(6);
@@ -721,13 +728,7 @@ fn kill_9_of_the_daemon_mid_push_then_a_restart_converges() {
 /// behind, is answered `Stale`, and the merge settles what both sides already agree on.
 #[test]
 fn a_push_answered_before_its_link_recorded_it_survives_a_stop_or_a_kill_right_after() {
-    let relay = Relay::start();
-    let home = Home::new();
-    let mut daemon = home.spawn_daemon();
-    let token = relay.token("ann", "acme");
-    home.cloudctl_ok(&["login", "--relay", &relay.url(), "--token", &token]);
-    home.wait_connected();
-    let session = create_session(&home);
+    let (relay, home, mut daemon, session) = standalone();
     let work = temp_dir("tw");
     let src = work.path();
     let mut rng = Rng(11);
