@@ -741,6 +741,10 @@ fn a_push_answered_before_its_link_recorded_it_survives_a_stop_or_a_kill_right_a
 
     let first = push(&home, src, &session);
     assert_eq!(count(&first, "files"), 2_000 + 20, "{first}");
+    // Asked at once, the link shows the version the push made, recorded or not yet.
+    let link = link_of(&home, src);
+    assert_eq!(link["version"], 1, "{link}");
+    assert_eq!(link["remote_version"], 1, "{link}");
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(DEADLINE).success());
     let mut daemon = home.spawn_daemon();

@@ -159,6 +159,9 @@ pub struct Teleport {
     watches: watch::Watches,
     /// Work left running after its caller was answered (a push's bookkeeping).
     background: tokio_util::task::TaskTracker,
+    /// Links whose push was answered and whose record is still being written, as they
+    /// will be recorded: `teleport status` shows these.
+    recording: Mutex<HashMap<String, Worktree>>,
 }
 
 impl Teleport {
@@ -170,6 +173,7 @@ impl Teleport {
             feed: broadcast::channel(FEED_CAPACITY).0,
             watches: Mutex::new(HashMap::new()),
             background: tokio_util::task::TaskTracker::new(),
+            recording: Mutex::new(HashMap::new()),
         }
     }
 
@@ -217,18 +221,32 @@ impl Teleport {
 
     /// Every linked worktree, as `teleport status` shows it.
     pub async fn status(&self) -> Result<Vec<TeleportLink>, TeleportError> {
+        // Taken before the records are read: a link recorded meanwhile is read fresh.
+        let recording = self.recording();
         let worktrees = self.worktrees.clone();
         let list = Self::blocking(move || Ok(worktrees.list()?)).await?;
-        Ok(list.into_iter().map(|w| self.link_view(&w)).collect())
+        Ok(list
+            .into_iter()
+            .map(|w| self.link_view(recording.get(&w.root).unwrap_or(&w)))
+            .collect())
     }
 
     /// The view of one linked worktree.
     pub async fn link_of(&self, root: &str) -> Result<Option<TeleportLink>, TeleportError> {
+        let recording = self.recording();
         let worktrees = self.worktrees.clone();
         let root = root.to_owned();
         Ok(Self::blocking(move || Ok(worktrees.get(&root)?))
             .await?
-            .map(|w| self.link_view(&w)))
+            .map(|w| self.link_view(recording.get(&w.root).unwrap_or(&w))))
+    }
+
+    /// The links whose push was answered and whose record is still being written.
+    fn recording(&self) -> HashMap<String, Worktree> {
+        self.recording
+            .lock()
+            .expect("teleport recording poisoned")
+            .clone()
     }
 
     /// A link as `teleport status` shows it, with its watch's health.

@@ -145,6 +145,10 @@ impl Bookkeeping {
             Err(e) => Err(e),
         };
         this.record_result(&self.root, &result).await;
+        this.recording
+            .lock()
+            .expect("teleport recording poisoned")
+            .remove(&self.root);
         drop(self.held);
         result
     }
@@ -188,14 +192,25 @@ impl Teleport {
             )
             .await;
         match result {
-            Ok(pushed) => Ok(Bookkeeping {
-                teleport: Arc::clone(self),
-                outcome: pushed.outcome,
-                agreement: pushed.agreement,
-                storing,
-                root,
-                held,
-            }),
+            Ok(pushed) => {
+                if let Some(agreement) = &pushed.agreement {
+                    // What `teleport status` shows until the link records it.
+                    let mut link = agreement.worktree.clone();
+                    link.agree_on(agreement.info.version);
+                    self.recording
+                        .lock()
+                        .expect("teleport recording poisoned")
+                        .insert(root.clone(), link);
+                }
+                Ok(Bookkeeping {
+                    teleport: Arc::clone(self),
+                    outcome: pushed.outcome,
+                    agreement: pushed.agreement,
+                    storing,
+                    root,
+                    held,
+                })
+            }
             Err(e) => {
                 // The scan's index is stored whatever the outcome.
                 let _ = storing.join().await;
@@ -491,9 +506,7 @@ impl Teleport {
         agreed: Agreed,
         info: &VersionInfo,
     ) -> Result<(), TeleportError> {
-        worktree.version = info.version;
-        worktree.remote_version = worktree.remote_version.max(info.version);
-        worktree.last_error = None;
+        worktree.agree_on(info.version);
         let (worktrees, record) = (self.worktrees.clone(), worktree.clone());
         Self::blocking(move || {
             let began = std::time::Instant::now();

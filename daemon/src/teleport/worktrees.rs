@@ -61,6 +61,13 @@ pub struct Worktree {
 }
 
 impl Worktree {
+    /// Both sides agree on version `version` now.
+    pub fn agree_on(&mut self, version: u64) {
+        self.version = version;
+        self.remote_version = self.remote_version.max(version);
+        self.last_error = None;
+    }
+
     /// A new link of `root` to `session`, with nothing agreed yet.
     pub fn new(root: &str, session: &str) -> Worktree {
         Worktree {
