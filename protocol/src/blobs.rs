@@ -126,6 +126,8 @@ pub struct PutWriter {
     buf: Vec<u8>,
     /// Blobs still to add (wrapped below zero by one too many).
     left: usize,
+    /// Whether a blob's bytes were not as many as it announced.
+    wrong_length: bool,
 }
 
 impl PutWriter {
@@ -138,24 +140,35 @@ impl PutWriter {
         varint(&mut buf, session.len() as u64);
         buf.extend_from_slice(session.as_bytes());
         varint(&mut buf, count as u64);
-        PutWriter { buf, left: count }
+        PutWriter {
+            buf,
+            left: count,
+            wrong_length: false,
+        }
     }
 
-    /// Adds blob `id` of `len` bytes, which `fill` writes into the slice it is given (all
-    /// of it). A blob beyond the count given to [`PutWriter::new`] makes
+    /// Adds blob `id` of `len` bytes, which `fill` appends to the vector it is given
+    /// (whose spare capacity has room for them: a reader that fills spare capacity, as
+    /// `Read::read_to_end` does, never zeroes it first). A blob beyond the count given to
+    /// [`PutWriter::new`], or a `fill` that appends other than `len` bytes, makes
     /// [`PutWriter::finish`] fail.
     pub fn push<E>(
         &mut self,
         id: ContentId,
         len: usize,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
         self.left = self.left.wrapping_sub(1);
         self.buf.extend_from_slice(&id.0);
         varint(&mut self.buf, len as u64);
         let at = self.buf.len();
-        self.buf.resize(at + len, 0);
-        fill(&mut self.buf[at..])
+        self.buf.reserve(len);
+        let filled = fill(&mut self.buf);
+        if self.buf.len() != at + len {
+            self.wrong_length = true;
+            self.buf.resize(at + len, 0);
+        }
+        filled
     }
 
     /// The message, as request `id`: its bytes are `.0[.1..]`.
@@ -163,6 +176,11 @@ impl PutWriter {
         if self.left != 0 {
             return Err(BlobError::Malformed(
                 "not as many blobs as the put announced".into(),
+            ));
+        }
+        if self.wrong_length {
+            return Err(BlobError::Malformed(
+                "a blob not as long as the put announced".into(),
             ));
         }
         let mut head = Vec::with_capacity(ID_ROOM);
@@ -240,7 +258,7 @@ mod tests {
                 for blob in &blobs {
                     writer
                         .push::<BlobError>(blob.id, blob.bytes.len(), |into| {
-                            into.copy_from_slice(&blob.bytes);
+                            into.extend_from_slice(&blob.bytes);
                             Ok(())
                         })
                         .unwrap();
@@ -264,6 +282,17 @@ mod tests {
             .push::<BlobError>(ContentId::of(b""), 0, |_| Ok(()))
             .unwrap();
         assert!(writer.finish(1).is_err());
+        // And so is each blob's length.
+        for appended in [&b"ab"[..], b"abcd"] {
+            let mut writer = PutWriter::new(true, "s", 1, 3);
+            writer
+                .push::<BlobError>(ContentId::of(b"abc"), 3, |into| {
+                    into.extend_from_slice(appended);
+                    Ok(())
+                })
+                .unwrap();
+            assert!(writer.finish(1).is_err(), "{appended:?}");
+        }
     }
 
     #[test]

@@ -170,6 +170,24 @@ mod unix {
             .map(drop)
         }
 
+        /// `linkat(from, to)` from this directory to `to_dir`, never following `from` if it
+        /// is a symlink: `to` is a second name of the same file. Never replaces (`to` there
+        /// already: `AlreadyExists`).
+        pub(crate) fn link(&self, from: &OsStr, to_dir: &Dir, to: &OsStr) -> io::Result<()> {
+            let (from, to) = (c_name(from)?, c_name(to)?);
+            // SAFETY: as in `open_at`.
+            check(unsafe {
+                libc::linkat(
+                    self.0.as_raw_fd(),
+                    from.as_ptr(),
+                    to_dir.0.as_raw_fd(),
+                    to.as_ptr(),
+                    0,
+                )
+            })
+            .map(drop)
+        }
+
         /// Renames `from` to `to` in `to_dir` only if `to` does not exist, atomically
         /// (`RENAME_NOREPLACE`): `Ok(false)` where the system or file system cannot.
         #[cfg(target_os = "linux")]
@@ -333,6 +351,10 @@ mod other {
         }
 
         pub(crate) fn rename(&self, _from: &OsStr, _to_dir: &Dir, _to: &OsStr) -> io::Result<()> {
+            Err(unsupported())
+        }
+
+        pub(crate) fn link(&self, _from: &OsStr, _to_dir: &Dir, _to: &OsStr) -> io::Result<()> {
             Err(unsupported())
         }
 

@@ -519,7 +519,8 @@ fn a_symlink_on_the_way_is_refused_for_every_operation() {
 
 /// A staged file moves in as `put_file` would write it, under the same expectation: a
 /// local edit made since the scan is kept, and the staged file stays where it was for the
-/// caller to write the file another way or remove it.
+/// caller to write the file another way or remove it. Where nothing was, it is linked in
+/// (the staged name stays for the caller to remove); over a file, renamed.
 #[test]
 fn a_staged_file_moves_in_only_over_what_was_expected_and_stays_staged_otherwise() {
     let dir = tempfile::tempdir().unwrap();
@@ -555,7 +556,22 @@ fn a_staged_file_moves_in_only_over_what_was_expected_and_stays_staged_otherwise
         std::fs::metadata(&moved).unwrap().permissions().mode() & 0o777,
         0o755
     );
-    assert!(!staged.path().join("one").exists());
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &std::path::Path| std::fs::metadata(path).unwrap().ino();
+    assert_eq!(inode(&staged.path().join("one")), inode(&moved), "linked");
+    staging.remove("one").unwrap();
+    staging.remove("one").unwrap();
+    assert_eq!(std::fs::read(&moved).unwrap(), b"from the session");
+
+    // Over a file: renamed, the staged name gone.
+    assert!(staging.write("two", b"newer").unwrap());
+    root.put_staged(&p("src/kept"), false, &staging, "two", Expect::Anything)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("src/kept")).unwrap(),
+        b"newer"
+    );
+    assert!(!staged.path().join("two").exists());
     no_temp_files(dir.path());
 }
 

@@ -224,7 +224,7 @@ pub fn read_blobs(
         let sent = send_batches(&blobs, files, session, &batches, |at, into| {
             // Unhashed: the relay checks every blob, and a file changed since the scan
             // comes back as `TransferError::Mismatched` (then the push scans again).
-            match cloud_tree::read_span_into(&root, &at.path, at.offset, into) {
+            match cloud_tree::read_span_into(&root, &at.path, at.offset, at.len as usize, into) {
                 Ok(()) => Ok(()),
                 Err(ContentError::Changed { .. }) => {
                     Err(TeleportError::ChangedDuringPush(at.path.to_string()))
@@ -246,7 +246,7 @@ fn send_batches<T>(
     files: bool,
     session: &str,
     batches: &tokio::sync::mpsc::Sender<Batch>,
-    mut read: impl FnMut(&T, &mut [u8]) -> Result<(), TeleportError>,
+    mut read: impl FnMut(&T, &mut Vec<u8>) -> Result<(), TeleportError>,
 ) -> Result<bool, TeleportError>
 where
     T: Located,
@@ -323,11 +323,27 @@ pub fn read_file_blobs(
             .ok_or_else(|| TeleportError::Local(format!("blob {id} is not in the bundle")))?;
         located.push((*id, place));
     }
-    send_batches(&located, false, session, &batches, |&(offset, _), into| {
-        file.seek(SeekFrom::Start(offset))
-            .and_then(|_| file.read_exact(into))
-            .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))
-    })?;
+    send_batches(
+        &located,
+        false,
+        session,
+        &batches,
+        |&(offset, len), into| {
+            let start = into.len();
+            let read = file
+                .seek(SeekFrom::Start(offset))
+                .and_then(|_| (&mut file).take(len).read_to_end(into))
+                .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
+            if read as u64 != len {
+                into.truncate(start);
+                return Err(TeleportError::Local(format!(
+                    "{}: shorter than its layout",
+                    path.display()
+                )));
+            }
+            Ok(())
+        },
+    )?;
     Ok(())
 }
 

@@ -100,6 +100,8 @@ pub struct Bookkeeping {
     held: tokio::sync::OwnedMutexGuard<()>,
     agreement: Option<Agreement>,
     storing: StoringIndex,
+    /// The index a retry's scan stored ([`Pushed::index`]), freed with the rest.
+    index: Option<cloud_tree::Index>,
     outcome: TeleportOutcome,
 }
 
@@ -133,17 +135,16 @@ impl Bookkeeping {
         let result = this
             .finish_push(self.agreement.take(), &mut self.storing)
             .await;
-        let result = match result {
-            Ok(index) => {
-                if let Some(index) = index {
-                    // A whole tree's index: freed off the runtime's thread, before
-                    // `record_result` hands the memory back.
-                    let _ = cloud_tree::bulk::spawn(move || drop(index)).await;
-                }
-                Ok(self.outcome)
-            }
-            Err(e) => Err(e),
+        let (result, index) = match result {
+            Ok(index) => (Ok(self.outcome), index),
+            Err(e) => (Err(e), None),
         };
+        let retried = self.index.take();
+        if index.is_some() || retried.is_some() {
+            // A whole tree's index: freed off the runtime's thread, before `record_result`
+            // hands the memory back.
+            let _ = cloud_tree::bulk::spawn(move || drop((index, retried))).await;
+        }
         this.record_result(&self.root, &result).await;
         this.recording
             .lock()
@@ -207,6 +208,7 @@ impl Teleport {
                     outcome: pushed.outcome,
                     agreement: pushed.agreement,
                     storing,
+                    index: pushed.index,
                     root,
                     held,
                 })

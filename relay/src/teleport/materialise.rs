@@ -23,11 +23,12 @@ const MAX_WRITERS: usize = 4;
 /// Writes `delta` into the workspace at `workspace` (created if missing). Returns the
 /// paths it could not write, each with why (the rest is written).
 ///
-/// Removals and directories go first, in the delta's order, on the calling thread; then
-/// the files and symlinks, split into runs of neighbouring paths written by up to
+/// Removals go first, in the delta's order, on the calling thread; then the directories,
+/// files and symlinks, split into runs of neighbouring paths written by up to
 /// [`MAX_WRITERS`] threads at once (each its own [`Root`], so each keeps its own open
 /// directories). A well-formed delta never puts a file where another put makes a
-/// directory, so the runs never touch the same path.
+/// directory, so the runs never put the same path; a directory a run needs before the one
+/// that puts it got to it is made on the way (`put_dir` takes one that is there).
 pub fn materialise(
     workspace: &Path,
     delta: &Delta,
@@ -35,42 +36,41 @@ pub fn materialise(
     org: &str,
     staged: Option<&SessionStage>,
 ) -> Result<Vec<String>, String> {
+    let began = std::time::Instant::now();
     std::fs::create_dir_all(workspace)
         .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display()))?;
     let root = Root::open(workspace).map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
-    let mut leaves = Vec::new();
+    let mut puts = Vec::new();
     for change in &delta.changes {
-        let result = match change {
-            Change::Remove(path) => root
-                .remove(path, Expect::Anything)
-                .map_err(|e| e.to_string()),
-            Change::Put(entry) if entry.kind == EntryKind::Dir => {
-                put(&root, &entry.path, &entry.kind, blobs, org, staged)
+        match change {
+            Change::Remove(path) => {
+                if let Err(e) = root.remove(path, Expect::Anything) {
+                    problems.push(format!("{path}: {e}"));
+                }
             }
-            Change::Put(entry) => {
-                leaves.push(entry);
-                continue;
-            }
-        };
-        if let Err(e) = result {
-            problems.push(format!("{}: {e}", change.path()));
+            Change::Put(entry) => puts.push(entry),
         }
     }
+    tracing::debug!(
+        removals = delta.changes.len() - puts.len(),
+        "removed in {:?}",
+        began.elapsed()
+    );
     let writers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(MAX_WRITERS);
-    if leaves.len() <= PARALLEL_ABOVE || writers == 1 {
-        for entry in leaves {
+    if puts.len() <= PARALLEL_ABOVE || writers == 1 {
+        for entry in puts {
             if let Err(e) = put(&root, &entry.path, &entry.kind, blobs, org, staged) {
                 problems.push(format!("{}: {e}", entry.path));
             }
         }
         return Ok(problems);
     }
-    let run = leaves.len().div_ceil(writers);
+    let run = puts.len().div_ceil(writers);
     let found: Vec<Result<Vec<String>, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = leaves
+        let handles: Vec<_> = puts
             .chunks(run)
             .map(|entries| {
                 scope.spawn(move || {

@@ -183,6 +183,7 @@ impl Teleport {
                                 let staged = this.stages.get(&id);
                                 if let Some(stage) = &staged {
                                     stage.settle();
+                                    tracing::debug!(session = %id, "staging settled after {:?}", began.elapsed());
                                 }
                                 let problems = materialise::materialise(
                                     &workspace,
@@ -191,14 +192,19 @@ impl Teleport {
                                     &org,
                                     staged.as_deref(),
                                 );
-                                // What the commit did not take is of no later use.
-                                this.stages.clear(&id);
+                                // What the commit took or did not is of no later use.
+                                let leftovers = this.stages.clear(&id);
                                 this.echo_from_now(&id);
                                 tracing::debug!(session = %id, version = info.version, "materialised in {:?}", began.elapsed());
-                                problems
+                                (problems, leftovers)
                             },
                         )
                         .map_err(|e| e.to_string())?;
+                    let materialised = materialised.map(|(problems, leftovers)| {
+                        // Removed beside the answer, not before it.
+                        drop(cloud_tree::bulk::spawn(move || leftovers.remove()));
+                        problems
+                    });
                     if let Commit::Committed(info) = &outcome {
                         tracing::debug!(session = %id, version = info.version, changes = delta.changes.len(), "committed in {:?}", began.elapsed());
                         if let Some(problems) = materialised {

@@ -6,13 +6,18 @@
 //! hold up the core's rounds. Keys (session ids hold no NUL byte):
 //! - `n\0{session}` → the newest [`VersionInfo`] (postcard); absent: version 0, the empty
 //!   tree every session starts with.
-//! - `e\0{session}\0{path}` → the newest tree's entry at `path` ([`EntryKind`], postcard).
+//! - `t\0{session}\0{dir}` → the newest tree's entries in directory `dir` (the empty
+//!   string at the top): a [`Listing`], name → [`EntryKind`] (postcard). A directory with
+//!   nothing in it has no key. One key per directory, not per path: a first push of 20,000
+//!   files in 3,200 directories wrote 23,000 keys in about 0.2–0.3 s of its commit, and
+//!   writes 3,200 now.
 //! - `v\0{session}\0{version: u64 BE}` → that version's [`VersionInfo`] and the delta that
 //!   made it from the version before.
 //!
-//! A commit reads only the entries its delta touches (and, for a removed directory, the
-//! entries under it), so an edit costs the same in a tree of ten files or of a hundred
-//! thousand. A commit is one sled batch, flushed before it is answered. Commits to one
+//! A commit reads only the listings of the directories its delta touches (and, for a
+//! removed directory, those under it), so an edit costs its directories' sizes, not the
+//! tree's. Stores written before listings (one `e\0{session}\0{path}` key per entry) are
+//! rewritten as listings when opened. A commit is one sled batch, flushed before it is answered. Commits to one
 //! session are serialised (a per-session lock); sessions do not wait on each other. Every
 //! call does blocking IO: callers run it on the blocking pool.
 //!
@@ -20,6 +25,7 @@
 //! commit (the caller does), and never store a delta whose blobs are not all in the blob
 //! store.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -73,17 +79,46 @@ fn key(prefix: u8, session: &str) -> Vec<u8> {
     key
 }
 
-/// What every key of the session's tree entries starts with.
-fn entries_prefix(session: &str) -> Vec<u8> {
-    let mut prefix = key(b'e', session);
+/// A directory's entries: name → kind.
+pub type Listing = BTreeMap<String, EntryKind>;
+
+/// What every key of the session's listings starts with.
+fn listings_prefix(session: &str) -> Vec<u8> {
+    let mut prefix = key(b't', session);
     prefix.push(0);
     prefix
 }
 
-fn entry_key(session: &str, path: &RelPath) -> Vec<u8> {
-    let mut key = entries_prefix(session);
-    key.extend_from_slice(path.as_str().as_bytes());
+/// The key of the listing of `dir` (`""`: the top).
+fn listing_key(session: &str, dir: &str) -> Vec<u8> {
+    let mut key = listings_prefix(session);
+    key.extend_from_slice(dir.as_bytes());
     key
+}
+
+/// The directory `path` is in (`""`: the top).
+fn dir_of(path: &RelPath) -> &str {
+    path.as_str().rsplit_once('/').map_or("", |(dir, _)| dir)
+}
+
+/// `dir/name` (`name` at the top), checked: a stored name is one plain component.
+fn path_in(dir: &str, name: &str) -> Result<RelPath, SnapshotError> {
+    if name.contains('/') {
+        return Err(SnapshotError::Corrupt(format!(
+            "a listed name with a slash: {name:?}"
+        )));
+    }
+    let path = if dir.is_empty() {
+        RelPath::new(name)
+    } else {
+        RelPath::new(format!("{dir}/{name}"))
+    };
+    path.map_err(|e| SnapshotError::Corrupt(e.to_string()))
+}
+
+/// The directory a listing key names, after `prefix`.
+fn dir_of_key<'k>(key: &'k [u8], prefix: &[u8]) -> Result<&'k str, SnapshotError> {
+    std::str::from_utf8(&key[prefix.len()..]).map_err(|e| SnapshotError::Corrupt(e.to_string()))
 }
 
 fn version_key(session: &str, version: u64) -> Vec<u8> {
@@ -114,7 +149,7 @@ fn version_zero() -> VersionInfo {
     }
 }
 
-/// The newest tree as a commit changes it: the stored entries, with every path the delta
+/// The newest tree as a commit changes it: the stored listings, with every path the delta
 /// touches read once and changed in memory. The stored tree is well formed (every entry's
 /// parent a directory), so checking the touched paths checks the whole tree.
 struct View<'a> {
@@ -124,17 +159,35 @@ struct View<'a> {
     changed: BTreeMap<RelPath, (Option<EntryKind>, Option<EntryKind>)>,
     /// Whether the session's stored tree has no entry (a first push): nothing is read.
     empty: bool,
+    /// The stored listings read so far, by directory.
+    listings: RefCell<HashMap<String, Arc<Listing>>>,
 }
 
 impl View<'_> {
+    /// The stored listing of `dir` (empty if it has none).
+    fn listing(&self, dir: &str) -> Result<Arc<Listing>, SnapshotError> {
+        if let Some(listing) = self.listings.borrow().get(dir) {
+            return Ok(Arc::clone(listing));
+        }
+        let listing = match self.empty {
+            true => None,
+            false => self.tree.get(listing_key(self.session, dir))?,
+        };
+        let listing = Arc::new(match listing {
+            Some(bytes) => decode(&bytes)?,
+            None => Listing::new(),
+        });
+        self.listings
+            .borrow_mut()
+            .insert(dir.to_owned(), Arc::clone(&listing));
+        Ok(listing)
+    }
+
     fn stored(&self, path: &RelPath) -> Result<Option<EntryKind>, SnapshotError> {
         if self.empty {
             return Ok(None);
         }
-        self.tree
-            .get(entry_key(self.session, path))?
-            .map(|bytes| decode(&bytes))
-            .transpose()
+        Ok(self.listing(dir_of(path))?.get(path.file_name()).cloned())
     }
 
     fn get(&self, path: &RelPath) -> Result<Option<EntryKind>, SnapshotError> {
@@ -169,18 +222,26 @@ impl View<'_> {
     /// `path` and every entry under it, as the tree is now.
     fn under(&self, path: &RelPath) -> Result<Vec<RelPath>, SnapshotError> {
         let mut found = std::collections::BTreeSet::new();
-        let prefix_len = entries_prefix(self.session).len();
-        let stored = (!self.empty)
-            .then(|| self.tree.scan_prefix(entry_key(self.session, path)))
-            .into_iter()
-            .flatten();
-        for item in stored {
-            let (key, _) = item?;
-            let stored = std::str::from_utf8(&key[prefix_len..])
-                .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
-            let stored = RelPath::new(stored).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
-            if stored.starts_with(path) {
-                found.insert(stored);
+        if !self.empty {
+            if self.stored(path)?.is_some() {
+                found.insert(path.clone());
+            }
+            // The listings of `path` and of the directories under it.
+            let prefix = listings_prefix(self.session);
+            for item in self
+                .tree
+                .scan_prefix(listing_key(self.session, path.as_str()))
+            {
+                let (key, value) = item?;
+                let dir = dir_of_key(&key, &prefix)?;
+                let at = RelPath::new(dir).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+                if !at.starts_with(path) {
+                    continue;
+                }
+                let listing: Listing = decode(&value)?;
+                for name in listing.keys() {
+                    found.insert(path_in(dir, name)?);
+                }
             }
         }
         for (p, now) in self.changed_under(path) {
@@ -191,6 +252,28 @@ impl View<'_> {
             }
         }
         Ok(found.into_iter().collect())
+    }
+
+    /// The listings the touched paths change, as they are now (an empty one: the key is
+    /// removed).
+    fn changed_listings(&self) -> Result<BTreeMap<String, Listing>, SnapshotError> {
+        let mut listings: BTreeMap<String, Listing> = BTreeMap::new();
+        for (path, (before, now)) in &self.changed {
+            if before == now {
+                continue;
+            }
+            let dir = dir_of(path);
+            if !listings.contains_key(dir) {
+                let stored = (*self.listing(dir)?).clone();
+                listings.insert(dir.to_owned(), stored);
+            }
+            let listing = listings.get_mut(dir).expect("inserted above");
+            match now {
+                Some(kind) => listing.insert(path.file_name().to_owned(), kind.clone()),
+                None => listing.remove(path.file_name()),
+            };
+        }
+        Ok(listings)
     }
 
     /// What [`Manifest::check_well_formed`] checks, for the touched paths: each present one
@@ -250,6 +333,42 @@ impl View<'_> {
     }
 }
 
+/// Rewrites the entries of a store written before listings (`e\0{session}\0{path}` →
+/// [`EntryKind`], one key per path) as listings, in one batch.
+fn rewrite_entries_as_listings(tree: &sled::Tree) -> Result<(), SnapshotError> {
+    let corrupt = |what: &str| SnapshotError::Corrupt(format!("an entry key {what}"));
+    let mut listings: BTreeMap<Vec<u8>, Listing> = BTreeMap::new();
+    let mut batch = sled::Batch::default();
+    for item in tree.scan_prefix([b'e', 0]) {
+        let (key, value) = item?;
+        let rest = &key[2..];
+        let split = rest
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or_else(|| corrupt("without a path"))?;
+        let session = std::str::from_utf8(&rest[..split]).map_err(|_| corrupt("not UTF-8"))?;
+        let path = std::str::from_utf8(&rest[split + 1..]).map_err(|_| corrupt("not UTF-8"))?;
+        let path = RelPath::new(path).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+        listings
+            .entry(listing_key(session, dir_of(&path)))
+            .or_default()
+            .insert(path.file_name().to_owned(), decode(&value)?);
+        batch.remove(key);
+    }
+    if listings.is_empty() {
+        return Ok(());
+    }
+    for (key, listing) in &listings {
+        batch.insert(key.as_slice(), encode(listing)?);
+    }
+    tree.apply_batch(batch)?;
+    tracing::info!(
+        directories = listings.len(),
+        "snapshot entries rewritten as listings"
+    );
+    Ok(())
+}
+
 impl Snapshots {
     /// Opens (creating) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Snapshots, SnapshotError> {
@@ -258,6 +377,8 @@ impl Snapshots {
             .cache_capacity(8 * 1024 * 1024)
             .open()?;
         let tree = db.open_tree("snapshots")?;
+        rewrite_entries_as_listings(&tree)?;
+        db.flush()?;
         Ok(Snapshots {
             db,
             tree,
@@ -280,14 +401,15 @@ impl Snapshots {
 
     /// The session's newest tree.
     pub fn manifest(&self, session: &str) -> Result<Manifest, SnapshotError> {
-        let prefix = entries_prefix(session);
+        let prefix = listings_prefix(session);
         let mut manifest = Manifest::new();
         for item in self.tree.scan_prefix(&prefix) {
             let (k, v) = item?;
-            let path = std::str::from_utf8(&k[prefix.len()..])
-                .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
-            let path = RelPath::new(path).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
-            manifest.insert(path, decode(&v)?);
+            let dir = dir_of_key(&k, &prefix)?;
+            let listing: Listing = decode(&v)?;
+            for (name, kind) in listing {
+                manifest.insert(path_in(dir, &name)?, kind);
+            }
         }
         Ok(manifest)
     }
@@ -362,9 +484,10 @@ impl Snapshots {
             changed: BTreeMap::new(),
             empty: self
                 .tree
-                .scan_prefix(entries_prefix(session))
+                .scan_prefix(listings_prefix(session))
                 .next()
                 .is_none(),
+            listings: RefCell::default(),
         };
         for change in &delta.changes {
             match change {
@@ -387,22 +510,24 @@ impl Snapshots {
             files,
             bytes,
         };
-        // What changed in the entries, written as key puts and removals.
-        let mut batch = sled::Batch::default();
-        for (path, (before, after)) in &view.changed {
-            if before == after {
-                continue;
-            }
-            match after {
-                Some(kind) => batch.insert(entry_key(session, path), encode(kind)?),
-                None => batch.remove(entry_key(session, path)),
-            }
-        }
-        batch.insert(version_key(session, info.version), encode(&(&info, delta))?);
-        batch.insert(key(b'n', session), encode(&info)?);
         tracing::debug!(%session, "the commit's checks took {:?}", began.elapsed());
+        let info_ref = &info;
         let (written, done) = std::thread::scope(|scope| {
-            let writer = scope.spawn(|| -> Result<(), SnapshotError> {
+            let writer = scope.spawn(move || -> Result<(), SnapshotError> {
+                // The listings that changed, written whole (an empty one removed): built
+                // here, beside the workspace's writes, every check having passed.
+                let mut batch = sled::Batch::default();
+                for (dir, listing) in view.changed_listings()? {
+                    match listing.is_empty() {
+                        true => batch.remove(listing_key(session, &dir)),
+                        false => batch.insert(listing_key(session, &dir), encode(&listing)?),
+                    }
+                }
+                batch.insert(
+                    version_key(session, info_ref.version),
+                    encode(&(info_ref, delta))?,
+                );
+                batch.insert(key(b'n', session), encode(info_ref)?);
                 // The blobs on disk before a version that needs them is.
                 if !needed.is_empty() {
                     blobs.sync(org)?;
@@ -494,7 +619,7 @@ impl Snapshots {
         let lock = self.lock(session);
         let _serialised = lock.lock().expect("a session's snapshot lock poisoned");
         let mut batch = sled::Batch::default();
-        for prefix in [b'e', b'v'] {
+        for prefix in [b't', b'v', b'e'] {
             let mut prefix = key(prefix, session);
             prefix.push(0);
             for item in self.tree.scan_prefix(&prefix) {
@@ -693,6 +818,67 @@ mod tests {
         snapshots.delete_session("s").unwrap();
         assert_eq!(snapshots.newest("s").unwrap().version, 0);
         assert!(snapshots.manifest("s").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_store_of_entries_per_path_opens_as_the_same_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::new(dir.path().join("blobs"));
+        let path = dir.path().join("snapshots");
+        let trees = [
+            tree(&[
+                ("a", EntryKind::Dir),
+                ("a/b", EntryKind::Dir),
+                ("a/b/c", file(&blobs, "1")),
+                ("a/d", file(&blobs, "2")),
+                ("ab", file(&blobs, "3")),
+                ("e", EntryKind::Dir),
+            ]),
+            tree(&[("x", file(&blobs, "4"))]),
+        ];
+        {
+            // As the relay stored a tree before listings: one key per path.
+            let db = sled::Config::new().path(&path).open().unwrap();
+            let old = db.open_tree("snapshots").unwrap();
+            for (session, tree) in ["s-1", "s-2"].iter().zip(&trees) {
+                for (p, kind) in tree.iter() {
+                    let mut key = key(b'e', session);
+                    key.push(0);
+                    key.extend_from_slice(p.as_str().as_bytes());
+                    old.insert(key, encode(kind).unwrap()).unwrap();
+                }
+                let (files, bytes) = tree.totals();
+                let info = VersionInfo {
+                    version: 1,
+                    files,
+                    bytes,
+                    ..version_zero()
+                };
+                old.insert(super::key(b'n', session), encode(&info).unwrap())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let snapshots = Snapshots::open(&path).unwrap();
+        assert_eq!(snapshots.manifest("s-1").unwrap(), trees[0]);
+        assert_eq!(snapshots.manifest("s-2").unwrap(), trees[1]);
+        assert!(snapshots.tree.scan_prefix([b'e', 0]).next().is_none());
+        // And commits go on from them.
+        let next = tree(&[("a", EntryKind::Dir), ("a/d", file(&blobs, "5"))]);
+        snapshots
+            .commit(
+                "s-1",
+                "acme",
+                &blobs,
+                1,
+                &trees[0].diff(&next),
+                None,
+                VersionAuthor::Agent,
+                2,
+            )
+            .unwrap();
+        assert_eq!(snapshots.manifest("s-1").unwrap(), next);
+        assert_eq!(snapshots.manifest("s-2").unwrap(), trees[1]);
     }
 
     /// Commits read only the paths their delta touches; this checks them against the

@@ -9,8 +9,13 @@
 //! fails, is written from the store as before. A staged file counts only once its id is
 //! in its session's ready set: ids go in after the file is whole, and out when a commit
 //! takes one ([`SessionStage::take`]), so a commit never moves a file still being written.
-//! What a commit leaves is removed after it ([`Stages::clear`]); the whole directory when
-//! the relay starts, and a session's with the session.
+//! A commit links a taken file into the workspace ([`cloud_tree::Root::put_staged`]), so
+//! its staged name stays until [`Stages::clear`] hands it, with what the commit did not
+//! take, to [`Leftovers::remove`], which the commit runs after it answers. The whole
+//! directory goes when the relay starts, and a session's with the session. Nothing ever
+//! writes into a staged name once it exists (a new one is made with `O_EXCL`), so a name
+//! still linked to a workspace file is never given out again: a blob staged anew while its
+//! old name waits for removal is written from the store.
 //!
 //! Blocking: every call does file IO (callers are on the blocking pool). This module must
 //! never decide what a version holds or where a workspace's files go (that is
@@ -39,6 +44,8 @@ pub struct SessionStage {
     staging: Staging,
     /// The ids whose staged file is whole and not yet taken.
     ready: Mutex<HashSet<ContentId>>,
+    /// The ids taken since the last [`Stages::clear`]: their names are to be removed.
+    taken: Mutex<Vec<ContentId>>,
     /// Batches being staged now ([`Stages::stage_later`]).
     pending: Mutex<usize>,
     changed: Condvar,
@@ -89,6 +96,7 @@ impl Stages {
         let stage = Arc::new(SessionStage {
             staging: Staging::open(&self.dir.join(session))?,
             ready: Mutex::default(),
+            taken: Mutex::default(),
             pending: Mutex::new(0),
             changed: Condvar::new(),
         });
@@ -143,22 +151,24 @@ impl Stages {
             .cloned()
     }
 
-    /// Removes what `session`'s commit did not take (blobs of a push that will not be
-    /// committed, or that the store had already).
-    pub fn clear(&self, session: &str) {
+    /// What `session`'s commit leaves in its staging: the names it took (linked into the
+    /// workspace) and what it did not take (blobs of a push that will not be committed, or
+    /// that the store had already). No later commit can take them; the caller removes
+    /// them ([`Leftovers::remove`]) when it has time.
+    pub fn clear(&self, session: &str) -> Leftovers {
         let Some(stage) = self.get(session) else {
-            return;
+            return Leftovers::default();
         };
-        let left: Vec<ContentId> = stage
+        let mut ids: Vec<ContentId> = stage
             .ready
             .lock()
             .expect("stage poisoned")
             .drain()
             .collect();
-        for id in left {
-            if let Err(e) = stage.staging.remove(&id.to_hex()) {
-                tracing::debug!(%session, blob = %id, "cannot remove a staged file: {e}");
-            }
+        ids.append(&mut stage.taken.lock().expect("stage poisoned"));
+        Leftovers {
+            stage: Some(stage),
+            ids,
         }
     }
 
@@ -177,6 +187,26 @@ impl Stages {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %dir.display(), "cannot remove staged files: {e}");
+            }
+        }
+    }
+}
+
+/// Staged names no commit will take ([`Stages::clear`]).
+#[derive(Debug, Default)]
+#[must_use = "left-overs stay on disk until removed"]
+pub struct Leftovers {
+    stage: Option<Arc<SessionStage>>,
+    ids: Vec<ContentId>,
+}
+
+impl Leftovers {
+    /// Removes the names (one put back after a failed move may be listed twice).
+    pub fn remove(self) {
+        let Some(stage) = self.stage else { return };
+        for id in self.ids {
+            if let Err(e) = stage.staging.remove(&id.to_hex()) {
+                tracing::debug!(blob = %id, "cannot remove a staged file: {e}");
             }
         }
     }
@@ -224,13 +254,14 @@ impl SessionStage {
     }
 
     /// Takes the staged file of blob `id`, if one is ready: its name in [`Self::staging`].
-    /// The caller moves it, or puts it back ([`Self::put_back`]) when it could not.
+    /// The caller moves or links it, or puts it back ([`Self::put_back`]) when it could
+    /// not; the name is removed with the commit's left-overs either way.
     pub fn take(&self, id: &ContentId) -> Option<String> {
-        self.ready
-            .lock()
-            .expect("stage poisoned")
-            .remove(id)
-            .then(|| id.to_hex())
+        if !self.ready.lock().expect("stage poisoned").remove(id) {
+            return None;
+        }
+        self.taken.lock().expect("stage poisoned").push(*id);
+        Some(id.to_hex())
     }
 
     /// Puts back a file [`Self::take`] gave out and the caller did not move.
@@ -285,11 +316,15 @@ mod tests {
             assert_eq!(mode, 0o755);
         }
 
-        // What the commit did not take goes; the directory stays for the next push.
-        stages.clear("s-1");
-        assert!(stage.take(&b.id).is_none());
+        // What the commit took and what it did not take go; the directory stays for the
+        // next push, the linked file in the workspace.
         let staged = workspaces.join(".staging/s-1");
+        assert_eq!(std::fs::read_dir(&staged).unwrap().count(), 2);
+        let leftovers = stages.clear("s-1");
+        assert!(stage.take(&b.id).is_none());
+        leftovers.remove();
         assert_eq!(std::fs::read_dir(&staged).unwrap().count(), 0);
+        assert_eq!(std::fs::read(&moved).unwrap(), b"alpha");
 
         // A relay that starts again finds no staged file of an earlier run.
         stages.stage("s-1", std::slice::from_ref(&b));

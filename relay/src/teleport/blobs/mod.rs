@@ -324,13 +324,11 @@ impl OrgPacks {
         let path = self.path(number);
         let mut temp = tempfile::NamedTempFile::new_in(&self.dir)
             .map_err(io("creating a temp file in", &self.dir))?;
-        let spans = {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, temp.as_file_mut());
-            let spans = pack::write(&mut out, blobs.iter().map(|b| (&b.id, b.bytes.as_slice())))
-                .map_err(io("writing", &path))?;
-            std::io::Write::flush(&mut out).map_err(io("writing", &path))?;
-            spans
-        };
+        let spans = pack::write(
+            temp.as_file_mut(),
+            blobs.iter().map(|b| (&b.id, b.bytes.as_slice())),
+        )
+        .map_err(io("writing", &path))?;
         start_writeback(temp.as_file());
         temp.persist(&path)
             .map_err(|e| io("renaming a pack to", &path)(e.error))?;
