@@ -164,6 +164,11 @@ proptest! {
         if let Ok(value) = blobs::decode::<BlobMessage>(&bytes) {
             prop_assert_eq!(blobs::decode::<BlobMessage>(&blobs::encode(&value).unwrap()).unwrap(), value);
         }
+        // Decoded in place, the same message or the same refusal.
+        prop_assert_eq!(
+            blobs::decode_ref(&bytes).map(|m| m.to_owned()).ok(),
+            blobs::decode::<BlobMessage>(&bytes).ok()
+        );
         if let Ok(value) = blobs::decode::<BlobReply>(&bytes) {
             prop_assert_eq!(blobs::decode::<BlobReply>(&blobs::encode(&value).unwrap()).unwrap(), value);
         }
@@ -192,8 +197,18 @@ proptest! {
         }
         let blob = Blob { id: ContentId::of(&data), bytes: data };
         prop_assert!(blob.verify());
-        let message = BlobMessage { id: 1, request: BlobRequest::Put { session: "s".into(), blobs: vec![blob.clone()] } };
-        prop_assert_eq!(blobs::decode::<BlobMessage>(&blobs::encode(&message).unwrap()).unwrap(), message);
+        let messages = [
+            BlobMessage { id: 1, request: BlobRequest::Put { session: "s".into(), blobs: vec![blob.clone()] } },
+            BlobMessage { id: 300, request: BlobRequest::PutFiles { session: "s".into(), blobs: vec![blob.clone(), blob.clone()] } },
+            BlobMessage { id: 2, request: BlobRequest::Get { session: "s".into(), ids: ids.clone() } },
+        ];
+        for message in messages {
+            let bytes = blobs::encode(&message).unwrap();
+            prop_assert_eq!(blobs::decode::<BlobMessage>(&bytes).unwrap(), message.clone());
+            prop_assert_eq!(blobs::decode_ref(&bytes).unwrap().to_owned(), message);
+            let short = &bytes[..cut.index(bytes.len())];
+            prop_assert!(blobs::decode_ref(short).is_err());
+        }
         let reply = BlobReply { id: 1, result: Ok(BlobAnswer::Blobs { blobs: vec![blob], missing: ids }) };
         prop_assert_eq!(blobs::decode::<BlobReply>(&blobs::encode(&reply).unwrap()).unwrap(), reply);
     }

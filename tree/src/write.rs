@@ -438,11 +438,13 @@ impl Root {
                 .map_err(|e| io_error("open the staged file for", path, e))?;
             set_mode(&file, true).map_err(|e| io_error("set the mode of", path, e))?;
         }
-        if check_before_put(dir, path, &expect)?.is_none() {
+        if matches!(expect, Expect::Absent | Expect::Anything) {
+            // Linked without a look first: a link never replaces, so it succeeds only
+            // where nothing is, which both expectations allow.
             let target = OsStr::new(path.file_name());
             match staging.dir.link(name, dir, target) {
                 Ok(()) => return Ok(()),
-                // Something came meanwhile: what `expect` says of it decides, below.
+                // Something is there: what `expect` says of it decides, below.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_error("link into place", path, e)),
             }

@@ -217,6 +217,10 @@ pub fn read_blobs(
         };
         located.push((*id, at));
     }
+    // In path order, not the ids' (random) order: the reader's `Root` keeps the
+    // directories of the last path open, so neighbours cost one `openat` each; in id order
+    // every file reopened its whole chain of directories (95,000 `openat`s for 20,000 files).
+    located.sort_by(|(_, a), (_, b)| (&a.path, a.offset).cmp(&(&b.path, b.offset)));
     let (files, chunks): (Vec<_>, Vec<_>) =
         located.into_iter().partition(|(id, _)| whole.contains(id));
     let root = Root::open(Path::new(root)).map_err(|e| TeleportError::Local(e.to_string()))?;

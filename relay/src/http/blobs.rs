@@ -2,28 +2,31 @@
 //! file contents (`cloud_protocol::blobs`), so they never wait in (or hold up) the
 //! bridge's ordered stream.
 //!
-//! One request at a time per socket, answered in order: `Put` stores blobs for the
-//! session's org after checking each against its id (`Mismatched` names one that fails,
-//! and nothing is stored); `PutFiles` does the same, then hands the blobs to the session's
-//! staging (`teleport::staging`, on its own thread); `Get` sends as many of the asked
-//! blobs as fit one message. The session decides the org and who may do what: a put
-//! needs write access to it, a `Get` read access. Store work runs on the blocking pool.
-//! A malformed or oversized message ends this socket only.
+//! One request at a time per socket, answered in order. A request is decoded in place: a
+//! put's blobs stay slices of the message they came in (`SharedBlob`), never copied out.
+//! `Put` stores blobs for the session's org after checking each against its id
+//! (`Mismatched` names one that fails, and nothing is stored); `PutFiles` does the same,
+//! then hands the blobs to the session's staging (`teleport::staging`, on its own
+//! thread); `Get` sends as many of the asked blobs as fit one message. The session
+//! decides the org and who may do what: a put needs write access to it, a `Get` read
+//! access. Store work runs on the blocking pool. A malformed or oversized message ends
+//! this socket only.
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use cloud_protocol::blobs::{
-    self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, INLINE_DECODE_BYTES,
-    MAX_BLOB_MESSAGE,
+    self, Blob, BlobAnswer, BlobReply, BlobRequestRef, INLINE_DECODE_BYTES, MAX_BLOB_MESSAGE,
 };
+use cloud_protocol::teleport::ContentId;
 
 use super::Authenticated;
 use crate::access::{Access, Identity};
 use crate::core::Shared;
-use crate::teleport::blobs::BlobStoreError;
+use crate::teleport::blobs::{BlobStoreError, SharedBlob};
 
 /// A `Get` answer holds at most this many bytes of blobs (the rest is asked again).
 const GET_REPLY_BYTES: usize = 8 * 1024 * 1024;
@@ -61,33 +64,74 @@ async fn serve(shared: Arc<Shared>, identity: Identity, mut socket: WebSocket) {
             }
         };
         // A batch of blobs is megabytes: decoded on the bulk pool, so the runtime's
-        // thread (every session's messages) never waits for the copy.
+        // thread (every session's messages) never waits for it; its blobs stay where they
+        // arrived, as slices of the message (`SharedBlob`).
         let decoded = if bytes.len() > INLINE_DECODE_BYTES {
-            match cloud_tree::bulk::spawn(move || blobs::decode::<BlobMessage>(&bytes)).await {
+            match cloud_tree::bulk::spawn(move || Request::decode(&bytes)).await {
                 Ok(decoded) => decoded,
                 Err(_) => return,
             }
         } else {
-            blobs::decode(&bytes)
+            Request::decode(&bytes)
         };
-        let message: BlobMessage = match decoded {
+        let (id, request) = match decoded {
             Ok(message) => message,
             Err(e) => {
                 tracing::debug!("a malformed blob message ({e}); closing the socket");
                 return;
             }
         };
-        let result = answer(&shared, &identity, message.request).await;
-        let reply = BlobReply {
-            id: message.id,
-            result,
-        };
+        let result = answer(&shared, &identity, request).await;
+        let reply = BlobReply { id, result };
         let Ok(bytes) = blobs::encode(&reply) else {
             return;
         };
         if socket.send(Message::Binary(bytes.into())).await.is_err() {
             return;
         }
+    }
+}
+
+/// A request as the relay serves it: [`BlobRequest`] with its blobs left in the message.
+enum Request {
+    Put {
+        session: String,
+        blobs: Vec<SharedBlob>,
+        files: bool,
+    },
+    Get {
+        session: String,
+        ids: Vec<ContentId>,
+    },
+}
+
+impl Request {
+    /// Decodes `bytes` (one message) in place: its id and request.
+    fn decode(bytes: &Bytes) -> Result<(u64, Request), blobs::BlobError> {
+        let message = blobs::decode_ref(bytes)?;
+        let shared = |blobs: Vec<blobs::BlobRef<'_>>| {
+            blobs
+                .into_iter()
+                .map(|b| SharedBlob {
+                    id: b.id,
+                    bytes: bytes.slice_ref(b.bytes),
+                })
+                .collect()
+        };
+        let request = match message.request {
+            BlobRequestRef::Put { session, blobs } => Request::Put {
+                session,
+                blobs: shared(blobs),
+                files: false,
+            },
+            BlobRequestRef::PutFiles { session, blobs } => Request::Put {
+                session,
+                blobs: shared(blobs),
+                files: true,
+            },
+            BlobRequestRef::Get { session, ids } => Request::Get { session, ids },
+        };
+        Ok((message.id, request))
     }
 }
 
@@ -113,7 +157,7 @@ async fn put(
     shared: &Arc<Shared>,
     identity: &Identity,
     session: String,
-    blobs: Vec<Blob>,
+    blobs: Vec<SharedBlob>,
     files: bool,
 ) -> Result<BlobAnswer, String> {
     let org = org_of(shared, identity, &session, true)?;
@@ -137,15 +181,16 @@ async fn put(
 async fn answer(
     shared: &Arc<Shared>,
     identity: &Identity,
-    request: BlobRequest,
+    request: Request,
 ) -> Result<BlobAnswer, String> {
     let teleport = Arc::clone(&shared.teleport);
     match request {
-        BlobRequest::Put { session, blobs } => put(shared, identity, session, blobs, false).await,
-        BlobRequest::PutFiles { session, blobs } => {
-            put(shared, identity, session, blobs, true).await
-        }
-        BlobRequest::Get { session, ids } => {
+        Request::Put {
+            session,
+            blobs,
+            files,
+        } => put(shared, identity, session, blobs, files).await,
+        Request::Get { session, ids } => {
             let org = org_of(shared, identity, &session, false)?;
             cloud_tree::bulk::spawn(move || {
                 let mut found = Vec::new();

@@ -52,6 +52,40 @@ pub enum BlobStoreError {
     },
 }
 
+/// A blob as the store and the staging take it: an id and bytes, wherever they are.
+pub trait BlobBytes {
+    fn id(&self) -> ContentId;
+    fn bytes(&self) -> &[u8];
+}
+
+impl BlobBytes for Blob {
+    fn id(&self) -> ContentId {
+        self.id
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A blob whose bytes are a slice of the message it arrived in (shared, not copied:
+/// `cloud_protocol::blobs::decode_ref`).
+#[derive(Debug, Clone)]
+pub struct SharedBlob {
+    pub id: ContentId,
+    pub bytes: axum::body::Bytes,
+}
+
+impl BlobBytes for SharedBlob {
+    fn id(&self) -> ContentId {
+        self.id
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// The blob store of a relay.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -148,25 +182,26 @@ impl BlobStore {
 
     /// Stores `blobs` for `org` after checking every one (none is stored if one fails),
     /// the new ones as one pack; returns how many were new.
-    pub fn put(&self, org: &str, blobs: &[Blob]) -> Result<usize, BlobStoreError> {
+    pub fn put<B: BlobBytes>(&self, org: &str, blobs: &[B]) -> Result<usize, BlobStoreError> {
         for blob in blobs {
-            if blob.bytes.len() > MAX_BLOB {
+            let bytes = blob.bytes();
+            if bytes.len() > MAX_BLOB {
                 return Err(BlobStoreError::TooLarge {
-                    id: blob.id,
-                    len: blob.bytes.len(),
+                    id: blob.id(),
+                    len: bytes.len(),
                 });
             }
-            if !blob.verify() {
-                return Err(BlobStoreError::Mismatch(blob.id));
+            if ContentId::of(bytes) != blob.id() {
+                return Err(BlobStoreError::Mismatch(blob.id()));
             }
         }
         let packs = self.org(org)?;
-        let new: Vec<&Blob> = {
+        let new: Vec<&B> = {
             let index = packs.index.read().expect("blob index poisoned");
             let mut seen = HashSet::new();
             blobs
                 .iter()
-                .filter(|b| !index.contains_key(&b.id) && seen.insert(b.id))
+                .filter(|b| !index.contains_key(&b.id()) && seen.insert(b.id()))
                 .collect()
         };
         if new.is_empty() {
@@ -313,7 +348,7 @@ impl OrgPacks {
     }
 
     /// Writes `blobs` (checked, new) as the next pack and adds them to the index.
-    fn write(&self, blobs: &[&Blob]) -> Result<(), BlobStoreError> {
+    fn write<B: BlobBytes>(&self, blobs: &[&B]) -> Result<(), BlobStoreError> {
         std::fs::create_dir_all(&self.dir).map_err(io("creating", &self.dir))?;
         let number = {
             let mut next = self.next.lock().expect("blob store poisoned");
@@ -326,7 +361,7 @@ impl OrgPacks {
             .map_err(io("creating a temp file in", &self.dir))?;
         let spans = pack::write(
             temp.as_file_mut(),
-            blobs.iter().map(|b| (&b.id, b.bytes.as_slice())),
+            blobs.iter().map(|b| (b.id(), b.bytes())),
         )
         .map_err(io("writing", &path))?;
         start_writeback(temp.as_file());

@@ -56,7 +56,7 @@ const SLICES_PER_WRITE: usize = 1024;
 /// every one first: 200 MB of copies in a 200 MB push).
 pub fn write<'a>(
     out: &mut impl Write,
-    blobs: impl IntoIterator<Item = (&'a ContentId, &'a [u8])>,
+    blobs: impl IntoIterator<Item = (ContentId, &'a [u8])>,
 ) -> std::io::Result<Vec<(ContentId, Span)>> {
     let mut spans = Vec::new();
     let mut offset = 0u64;
@@ -68,7 +68,7 @@ pub fn write<'a>(
             write_all_vectored(out, &mut slices)?;
         }
         slices.push(IoSlice::new(bytes));
-        spans.push((*id, Span { offset, len }));
+        spans.push((id, Span { offset, len }));
         offset += u64::from(len);
     }
     if spans.len() > MAX_ENTRIES {
@@ -153,7 +153,11 @@ mod tests {
         let blobs: Vec<Vec<u8>> = vec![b"hello".to_vec(), Vec::new(), vec![7; 10_000]];
         let ids: Vec<ContentId> = blobs.iter().map(|b| ContentId::of(b)).collect();
         let mut out = Vec::new();
-        let spans = write(&mut out, ids.iter().zip(blobs.iter().map(|b| b.as_slice()))).unwrap();
+        let spans = write(
+            &mut out,
+            ids.iter().copied().zip(blobs.iter().map(|b| b.as_slice())),
+        )
+        .unwrap();
         let read = read_trailer(&mut Cursor::new(&out)).unwrap();
         assert_eq!(read, spans);
         for ((id, span), bytes) in read.iter().zip(&blobs) {
@@ -202,7 +206,11 @@ mod tests {
             .collect();
         let ids: Vec<ContentId> = blobs.iter().map(|b| ContentId::of(b)).collect();
         let mut out = Stingy(Vec::new());
-        let spans = write(&mut out, ids.iter().zip(blobs.iter().map(|b| b.as_slice()))).unwrap();
+        let spans = write(
+            &mut out,
+            ids.iter().copied().zip(blobs.iter().map(|b| b.as_slice())),
+        )
+        .unwrap();
         let out = out.0;
         assert_eq!(read_trailer(&mut Cursor::new(&out)).unwrap(), spans);
         for ((id, span), bytes) in spans.iter().zip(&blobs) {
