@@ -126,8 +126,12 @@ impl Stages {
         };
         {
             let mut pending = stage.pending.lock().expect("stage poisoned");
-            while *pending >= MAX_PENDING {
-                pending = stage.changed.wait(pending).expect("stage poisoned");
+            if *pending >= MAX_PENDING {
+                let began = std::time::Instant::now();
+                while *pending >= MAX_PENDING {
+                    pending = stage.changed.wait(pending).expect("stage poisoned");
+                }
+                tracing::debug!(%session, "a put waited {:?} for the staging", began.elapsed());
             }
             *pending += 1;
         }
@@ -174,6 +178,10 @@ impl Stages {
             .drain()
             .collect();
         ids.append(&mut stage.taken.lock().expect("stage poisoned"));
+        // One put back after a failed move is in both: removed once (a second removal
+        // could take a file staged anew meanwhile).
+        ids.sort_unstable();
+        ids.dedup();
         Leftovers {
             stage: Some(stage),
             ids,
@@ -209,7 +217,7 @@ pub struct Leftovers {
 }
 
 impl Leftovers {
-    /// Removes the names (one put back after a failed move may be listed twice).
+    /// Removes the names.
     pub fn remove(self) {
         let Some(stage) = self.stage else { return };
         for id in self.ids {
