@@ -58,6 +58,19 @@ mod unix {
         )
     }
 
+    /// Whether files created with `mode` get exactly `mode`: the process's umask (read
+    /// once, from `/proc/self/status` on Linux) clears none of its bits. False where the
+    /// umask cannot be read without changing it: the caller then sets the mode itself.
+    pub(crate) fn umask_keeps(mode: libc::mode_t) -> bool {
+        static UMASK: std::sync::OnceLock<Option<libc::mode_t>> = std::sync::OnceLock::new();
+        let umask = UMASK.get_or_init(|| {
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+            libc::mode_t::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        });
+        umask.is_some_and(|umask| umask & mode == 0)
+    }
+
     /// Opens the directory at `path` (following symlinks: the root is the caller's choice).
     pub(crate) fn open_root(path: &Path) -> io::Result<Dir> {
         let file = std::fs::OpenOptions::new()
@@ -110,6 +123,9 @@ mod unix {
             let name = c_name(name)?;
             // SAFETY: as in `open_at`.
             check(unsafe { libc::mkdirat(self.0.as_raw_fd(), name.as_ptr(), mode) })?;
+            if umask_keeps(mode) {
+                return Ok(());
+            }
             // The mode asked for, whatever the process umask (the daemon's is 077 for its
             // own files; a worktree's directories are the user's, like its files). Through
             // a descriptor opened without following links, so a swap cannot redirect it.
@@ -300,6 +316,10 @@ mod other {
     }
 
     pub(crate) fn maybe_symlink(_error: &io::Error) -> bool {
+        false
+    }
+
+    pub(crate) fn umask_keeps(_mode: u32) -> bool {
         false
     }
 
