@@ -334,8 +334,8 @@ impl View<'_> {
 }
 
 /// Rewrites the entries of a store written before listings (`e\0{session}\0{path}` →
-/// [`EntryKind`], one key per path) as listings, in one batch.
-fn rewrite_entries_as_listings(tree: &sled::Tree) -> Result<(), SnapshotError> {
+/// [`EntryKind`], one key per path) as listings, in one batch; whether there were any.
+fn rewrite_entries_as_listings(tree: &sled::Tree) -> Result<bool, SnapshotError> {
     let corrupt = |what: &str| SnapshotError::Corrupt(format!("an entry key {what}"));
     let mut listings: BTreeMap<Vec<u8>, Listing> = BTreeMap::new();
     let mut batch = sled::Batch::default();
@@ -356,7 +356,7 @@ fn rewrite_entries_as_listings(tree: &sled::Tree) -> Result<(), SnapshotError> {
         batch.remove(key);
     }
     if listings.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     for (key, listing) in &listings {
         batch.insert(key.as_slice(), encode(listing)?);
@@ -366,7 +366,7 @@ fn rewrite_entries_as_listings(tree: &sled::Tree) -> Result<(), SnapshotError> {
         directories = listings.len(),
         "snapshot entries rewritten as listings"
     );
-    Ok(())
+    Ok(true)
 }
 
 impl Snapshots {
@@ -377,8 +377,9 @@ impl Snapshots {
             .cache_capacity(8 * 1024 * 1024)
             .open()?;
         let tree = db.open_tree("snapshots")?;
-        rewrite_entries_as_listings(&tree)?;
-        db.flush()?;
+        if rewrite_entries_as_listings(&tree)? {
+            db.flush()?;
+        }
         Ok(Snapshots {
             db,
             tree,
