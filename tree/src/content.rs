@@ -221,32 +221,46 @@ pub fn read_span_into(
     len: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), ContentError> {
-    use std::io::{Read as _, Seek as _};
     let len32 = u32::try_from(len).unwrap_or(u32::MAX);
     if len > MAX_BLOB {
         return Err(ContentError::TooLarge { len: len32 });
     }
     let mut file = root.open_file(path)?;
+    match append_span(&mut file, offset, len, out) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ContentError::Changed {
+            path: path.clone(),
+            offset,
+            len: len32,
+        }),
+        Err(source) => Err(ContentError::Root(RootError::io("read", path, source))),
+    }
+}
+
+/// Appends the `len` bytes at `offset` of `file` to `out`, into its spare capacity (never
+/// zeroed first). False if the file ends before them; on that or an error `out` is as it
+/// was.
+pub fn append_span(
+    file: &mut File,
+    offset: u64,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    use std::io::{Read as _, Seek as _};
     let start = out.len();
     let read = (|| {
-        if offset > 0 {
-            file.seek(io::SeekFrom::Start(offset))?;
-        }
-        (&mut file).take(len as u64).read_to_end(out)
+        file.seek(io::SeekFrom::Start(offset))?;
+        file.take(len as u64).read_to_end(out)
     })();
     match read {
-        Ok(n) if n == len => Ok(()),
+        Ok(n) if n == len => Ok(true),
         Ok(_) => {
             out.truncate(start);
-            Err(ContentError::Changed {
-                path: path.clone(),
-                offset,
-                len: len32,
-            })
+            Ok(false)
         }
-        Err(source) => {
+        Err(e) => {
             out.truncate(start);
-            Err(ContentError::Root(RootError::io("read", path, source)))
+            Err(e)
         }
     }
 }
@@ -254,6 +268,28 @@ pub fn read_span_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_span_is_appended_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = noise(5, 10_000);
+        std::fs::write(&path, &data).unwrap();
+        let mut file = File::open(&path).unwrap();
+        let mut out = b"head".to_vec();
+        assert!(append_span(&mut file, 100, 4_000, &mut out).unwrap());
+        assert!(append_span(&mut file, 0, 10, &mut out).unwrap());
+        let mut want = b"head".to_vec();
+        want.extend_from_slice(&data[100..4_100]);
+        want.extend_from_slice(&data[..10]);
+        assert_eq!(out, want);
+        // Past the end: nothing appended.
+        assert!(!append_span(&mut file, 9_000, 2_000, &mut out).unwrap());
+        assert!(!append_span(&mut file, 20_000, 1, &mut out).unwrap());
+        assert_eq!(out, want);
+        assert!(append_span(&mut file, 10_000, 0, &mut out).unwrap());
+        assert_eq!(out, want);
+    }
 
     /// Deterministic bytes that do not compress or repeat (xorshift).
     fn noise(seed: u64, len: usize) -> Vec<u8> {

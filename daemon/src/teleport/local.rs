@@ -307,7 +307,6 @@ pub fn read_file_blobs(
     ids: &[ContentId],
     batches: tokio::sync::mpsc::Sender<Batch>,
 ) -> Result<(), TeleportError> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
     let mut file = std::fs::File::open(path)
         .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
     let mut at = HashMap::new();
@@ -333,13 +332,9 @@ pub fn read_file_blobs(
         session,
         &batches,
         |&(offset, len), into| {
-            let start = into.len();
-            let read = file
-                .seek(SeekFrom::Start(offset))
-                .and_then(|_| (&mut file).take(len).read_to_end(into))
+            let whole = cloud_tree::content::append_span(&mut file, offset, len as usize, into)
                 .map_err(|e| TeleportError::Local(format!("{}: {e}", path.display())))?;
-            if read as u64 != len {
-                into.truncate(start);
+            if !whole {
                 return Err(TeleportError::Local(format!(
                     "{}: shorter than its layout",
                     path.display()
