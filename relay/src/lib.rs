@@ -151,6 +151,8 @@ pub struct RunningRelay {
     token_task: tokio::task::JoinHandle<()>,
     /// The idle auto-stop watcher.
     idle_task: tokio::task::JoinHandle<()>,
+    /// The sweep of staged files no commit took.
+    staging_task: tokio::task::JoinHandle<()>,
 }
 
 /// The current time in milliseconds since the Unix epoch.
@@ -245,6 +247,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         }
     });
     let idle_task = idle::spawn(shared.clone());
+    let staging_task = Arc::clone(&shared.teleport).sweep_staging(shared.cancel.clone());
     tracing::info!(address = %local_addr, data = %config.data_dir.display(), "relay listening");
     Ok(RunningRelay {
         local_addr,
@@ -253,6 +256,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay, RelayError> {
         server_task,
         token_task,
         idle_task,
+        staging_task,
     })
 }
 
@@ -287,6 +291,7 @@ impl RunningRelay {
         let _ = self.core_task.await;
         let _ = self.token_task.await;
         let _ = self.idle_task.await;
+        let _ = self.staging_task.await;
         tracing::info!("relay stopped");
     }
 }

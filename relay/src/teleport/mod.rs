@@ -73,6 +73,9 @@ struct OwnWrites {
 /// agent's turn (or any later one) instead.
 const OWN_WRITES_ECHO: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often unused staged files are looked for.
+const STAGING_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Runs blocking work on the blocking pool.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
@@ -96,6 +99,32 @@ impl Teleport {
             own_writes: Mutex::new(HashMap::new()),
             stages: staging::Stages::open(&workspaces),
             workspaces,
+        })
+    }
+
+    /// Removes the staged files of pushes that were never committed
+    /// ([`staging::Stages::expire`]), looking every [`STAGING_SWEEP`], until `cancel`.
+    pub fn sweep_staging(
+        self: Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(STAGING_SWEEP);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = interval.tick() => {}
+                }
+                let this = Arc::clone(&self);
+                let swept = cloud_tree::bulk::spawn(move || {
+                    for leftovers in this.stages.expire(staging::STAGED_IDLE) {
+                        tracing::debug!("removing the staged files of a push never committed");
+                        leftovers.remove();
+                    }
+                });
+                let _ = swept.await;
+            }
         })
     }
 

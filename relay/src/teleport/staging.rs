@@ -12,7 +12,9 @@
 //! A commit links a taken file into the workspace ([`cloud_tree::Root::put_staged`]), so
 //! its staged name stays until [`Stages::clear`] hands it, with what the commit did not
 //! take, to [`Leftovers::remove`], which the commit runs after it answers. The whole
-//! directory goes when the relay starts, and a session's with the session. Nothing ever
+//! directory goes when the relay starts, and a session's with the session; the staged
+//! files of a push that is never committed (its daemon went away) go once the session's
+//! staging has been unused for [`STAGED_IDLE`] ([`Stages::expire`]). Nothing ever
 //! writes into a staged name once it exists (a new one is made with `O_EXCL`), so a name
 //! still linked to a workspace file is never given out again: a blob staged anew while its
 //! old name waits for removal is written from the store.
@@ -39,10 +41,16 @@ pub struct Stages {
     sessions: Mutex<HashMap<String, Arc<SessionStage>>>,
 }
 
+/// How long a session's staged files stay unused before they are removed
+/// ([`Stages::expire`]): far longer than any upload takes to reach its commit.
+pub const STAGED_IDLE: Duration = Duration::from_secs(10 * 60);
+
 /// One session's staged files.
 #[derive(Debug)]
 pub struct SessionStage {
     staging: Staging,
+    /// When a put or a commit last used this stage (tokio's clock).
+    used: Mutex<tokio::time::Instant>,
     /// The ids whose staged file is whole and not yet taken.
     ready: Mutex<HashSet<ContentId>>,
     /// The ids taken since the last [`Stages::clear`]: their names are to be removed.
@@ -98,10 +106,12 @@ impl Stages {
         }
         let mut sessions = self.sessions.lock().expect("stages poisoned");
         if let Some(stage) = sessions.get(session) {
+            stage.touch();
             return Ok(Arc::clone(stage));
         }
         let stage = Arc::new(SessionStage {
             staging: Staging::open(&self.dir.join(session))?,
+            used: Mutex::new(tokio::time::Instant::now()),
             ready: Mutex::default(),
             taken: Mutex::default(),
             pending: Mutex::new(0),
@@ -154,13 +164,41 @@ impl Stages {
         }
     }
 
-    /// `session`'s stage, if it has one.
+    /// `session`'s stage, if it has one (a use of it).
     pub fn get(&self, session: &str) -> Option<Arc<SessionStage>> {
-        self.sessions
+        let stage = self
+            .sessions
             .lock()
             .expect("stages poisoned")
             .get(session)
-            .cloned()
+            .cloned();
+        if let Some(stage) = &stage {
+            stage.touch();
+        }
+        stage
+    }
+
+    /// The staged files of every session whose staging no put or commit used for `idle`
+    /// and that has nothing being staged: a push that will not be committed. Cleared as
+    /// a commit clears them; the caller removes them ([`Leftovers::remove`]). A commit
+    /// that comes later anyway writes its files from the store.
+    pub fn expire(&self, idle: Duration) -> Vec<Leftovers> {
+        let quiet: Vec<String> = self
+            .sessions
+            .lock()
+            .expect("stages poisoned")
+            .iter()
+            .filter(|(_, stage)| {
+                stage.used.lock().expect("stage poisoned").elapsed() >= idle
+                    && *stage.pending.lock().expect("stage poisoned") == 0
+            })
+            .map(|(session, _)| session.clone())
+            .collect();
+        quiet
+            .iter()
+            .map(|session| self.clear(session))
+            .filter(|leftovers| !leftovers.ids.is_empty())
+            .collect()
     }
 
     /// What `session`'s commit leaves in its staging: the names it took (linked into the
@@ -229,6 +267,10 @@ impl Leftovers {
 }
 
 impl SessionStage {
+    fn touch(&self) {
+        *self.used.lock().expect("stage poisoned") = tokio::time::Instant::now();
+    }
+
     /// Writes `blobs` as staged files and marks them ready. A blob staged already is
     /// skipped; one that cannot be written is left to the store (logged at debug: its
     /// commit writes it as before).
@@ -346,6 +388,47 @@ mod tests {
         drop(stages);
         let _ = Stages::open(&workspaces);
         assert!(!workspaces.join(".staging").exists());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_staged_files_of_a_push_never_committed_go_after_a_quiet_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let workspaces = dir.path().join("workspaces");
+        let stages = Stages::open(&workspaces);
+        let staged = workspaces.join(".staging/s-1");
+        let (a, b) = (blob(b"alpha"), blob(b"beta"));
+        stages.stage("s-1", std::slice::from_ref(&a));
+        stages.stage("s-2", std::slice::from_ref(&b));
+        let count = |dir: &std::path::Path| std::fs::read_dir(dir).unwrap().count();
+
+        // Just short of the quiet time nothing goes; a use of s-2 starts its wait again.
+        tokio::time::advance(STAGED_IDLE - Duration::from_secs(1)).await;
+        assert!(stages.expire(STAGED_IDLE).is_empty());
+        assert!(stages.get("s-2").is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let expired = stages.expire(STAGED_IDLE);
+        assert_eq!(expired.len(), 1, "s-1 only");
+        for leftovers in expired {
+            leftovers.remove();
+        }
+        assert_eq!(count(&staged), 0);
+        assert_eq!(count(&workspaces.join(".staging/s-2")), 1);
+
+        // A commit that comes later finds nothing staged (it writes from the store), and
+        // the session stages again as before.
+        assert!(stages.get("s-1").unwrap().take(&a.id).is_none());
+        stages.stage("s-1", std::slice::from_ref(&a));
+        assert!(stages.get("s-1").unwrap().take(&a.id).is_some());
+        // Nothing being staged is a condition: a stage with a batch pending stays.
+        *stages.get("s-2").unwrap().pending.lock().unwrap() += 1;
+        tokio::time::advance(STAGED_IDLE).await;
+        let expired = stages.expire(STAGED_IDLE);
+        assert_eq!(expired.len(), 1, "s-1 (taken, not cleared) only");
+        for leftovers in expired {
+            leftovers.remove();
+        }
+        assert_eq!(count(&staged), 0);
+        assert_eq!(count(&workspaces.join(".staging/s-2")), 1);
     }
 
     #[test]
