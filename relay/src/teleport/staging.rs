@@ -400,17 +400,20 @@ mod tests {
         stages.stage("s-1", std::slice::from_ref(&a));
         stages.stage("s-2", std::slice::from_ref(&b));
         let count = |dir: &std::path::Path| std::fs::read_dir(dir).unwrap().count();
+        // Expires what is quiet, removes it, and says how many sessions' files went.
+        let sweep = |stages: &Stages| {
+            let expired = stages.expire(STAGED_IDLE);
+            let n = expired.len();
+            expired.into_iter().for_each(Leftovers::remove);
+            n
+        };
 
         // Just short of the quiet time nothing goes; a use of s-2 starts its wait again.
         tokio::time::advance(STAGED_IDLE - Duration::from_secs(1)).await;
         assert!(stages.expire(STAGED_IDLE).is_empty());
         assert!(stages.get("s-2").is_some());
         tokio::time::advance(Duration::from_secs(1)).await;
-        let expired = stages.expire(STAGED_IDLE);
-        assert_eq!(expired.len(), 1, "s-1 only");
-        for leftovers in expired {
-            leftovers.remove();
-        }
+        assert_eq!(sweep(&stages), 1, "s-1 only");
         assert_eq!(count(&staged), 0);
         assert_eq!(count(&workspaces.join(".staging/s-2")), 1);
 
@@ -422,11 +425,7 @@ mod tests {
         // Nothing being staged is a condition: a stage with a batch pending stays.
         *stages.get("s-2").unwrap().pending.lock().unwrap() += 1;
         tokio::time::advance(STAGED_IDLE).await;
-        let expired = stages.expire(STAGED_IDLE);
-        assert_eq!(expired.len(), 1, "s-1 (taken, not cleared) only");
-        for leftovers in expired {
-            leftovers.remove();
-        }
+        assert_eq!(sweep(&stages), 1, "s-1 (taken, not cleared) only");
         assert_eq!(count(&staged), 0);
         assert_eq!(count(&workspaces.join(".staging/s-2")), 1);
     }
