@@ -11,7 +11,10 @@
 //!   a directory of its own each round) and `cloudctl teleport push SRC` (wall time until
 //!   the reply; the session's workspace is then compared with the tree byte for byte), each
 //!   round after the first with a relay and a daemon of its own (nothing uploaded or
-//!   indexed before); the figure is the median of the rounds' ratios. A file system that
+//!   indexed before; from the second round on, which goes first alternates); every timed
+//!   copy starts with nothing of an earlier one still waiting to be written (`sync(2)`
+//!   first, untimed), so neither inherits the other's writeback; the figure is the median
+//!   of the rounds' ratios. A file system that
 //!   has just deleted many files makes creating files slow for minutes (ext4 without a
 //!   journal skips recently freed inodes), which the figure printed as "creating an empty
 //!   file cost" shows: let a few minutes pass after deleting a previous run's trees;
@@ -121,7 +124,7 @@ struct Args {
     /// each later one with a relay and a daemon of their own (no blob or index of an
     /// earlier copy) and rsync into a directory of its own. The figure is the median of
     /// the rounds' ratios.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     initial_rounds: usize,
     /// Stop after the initial copies (for trying a change quickly).
     #[arg(long)]
@@ -356,6 +359,7 @@ fn main() -> anyhow::Result<()> {
     // The initial copy.
     let create_dir = work.path().join("create-probe");
     results.create_cost.0 = create_cost(&create_dir.join("before"), CREATE_PROBE_FILES)?;
+    settle();
     let run = rsyncd.sync(&tree_a.root)?;
     eprintln!("rsync initial: {:.2} s", run.wall.as_secs_f64());
     results.rsync_initial = Some(run);
@@ -366,6 +370,7 @@ fn main() -> anyhow::Result<()> {
             &rsync_check[..rsync_check.len().min(5)]
         );
     }
+    settle();
     let push = setup.push(&tree_a.root, &s1)?;
     eprintln!(
         "teleport push initial: {:.2} s ({})",
@@ -385,9 +390,21 @@ fn main() -> anyhow::Result<()> {
     // deleting their 200 MB does not slow what is measured next.
     let mut retired = Vec::new();
     for round in 2..=args.initial_rounds {
-        let rsync = rsyncd.sync_into(&tree_a.root, &format!("round{round}"))?;
         let (mut other, session) = Setup::start()?;
-        let push = other.push(&tree_a.root, &session)?;
+        let rsync_into = || {
+            settle();
+            rsyncd.sync_into(&tree_a.root, &format!("round{round}"))
+        };
+        // Even rounds push first, odd ones (as the first) copy with rsync first.
+        let (rsync, push) = if round % 2 == 0 {
+            settle();
+            let push = other.push(&tree_a.root, &session)?;
+            (rsync_into()?, push)
+        } else {
+            let rsync = rsync_into()?;
+            settle();
+            (rsync, other.push(&tree_a.root, &session)?)
+        };
         eprintln!(
             "initial round {round}: rsync {:.2} s, teleport push {:.2} s ({})",
             rsync.wall.as_secs_f64(),
@@ -444,6 +461,8 @@ fn main() -> anyhow::Result<()> {
     };
     let socket = setup.home.paths.socket.clone();
     let idle_plan = plan("idle");
+    // Both phases start with nothing of the earlier work still being written.
+    settle();
     let probes = Probes::start(&socket, &idle_plan)?;
     let idle_from = Instant::now();
     let end = idle_from + SETUP_DEADLINE;
@@ -460,6 +479,7 @@ fn main() -> anyhow::Result<()> {
         results.idle_sends.len()
     );
     let loaded_plan = plan("loaded");
+    settle();
     let probes = Probes::start(&socket, &loaded_plan)?;
     let push_from = Instant::now();
     let push = setup.push(&tree_b.root, &s2)?;
@@ -609,6 +629,13 @@ fn watch(
     Ok(watched)
 }
 
+/// Waits until every file system has written what it holds dirty (`sync(2)`), so that a
+/// timed copy does not pay for the writeback of whatever ran before it.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 /// Empty files created per probe of the file system's create cost.
 const CREATE_PROBE_FILES: usize = 5000;
 
@@ -740,6 +767,8 @@ fn print_report(args: &Args, r: &Results, load_before: &str, load_after: &str, t
             push.phases()
         );
     }
+    println!();
+    println!("each timed copy began after `sync(2)`; rounds 2, 4, … pushed first, the others copied with rsync first");
     if let Some(push) = &r.initial {
         let o = push.outcome();
         println!();

@@ -202,12 +202,28 @@ impl Teleport {
             .map_err(TeleportError::Relay)
     }
 
-    /// A connection to the relay's blob socket.
-    async fn blob_socket(&self) -> Result<transfer::BlobSocket, TeleportError> {
+    /// Runs `work` on a new connection to the relay's blob socket, on the bulk I/O thread
+    /// (`cloud_tree::bulk::spawn_io`): a batch's megabytes are framed, masked and copied
+    /// there, never on the runtime's thread, which carries every message. `work` closes
+    /// the socket. Stopped if the caller stops waiting for it.
+    async fn on_blob_socket<T, Fut>(
+        &self,
+        work: impl FnOnce(transfer::BlobSocket) -> Fut + Send + 'static,
+    ) -> Result<T, TeleportError>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = Result<T, transfer::TransferError>> + Send + 'static,
+    {
         let endpoint = self.link.blob_endpoint().ok_or_else(|| {
             TeleportError::Relay("the relay is not connected; try again once it is".into())
         })?;
-        Ok(transfer::BlobSocket::connect(&endpoint).await?)
+        let task = cloud_tree::bulk::spawn_io(async move {
+            work(transfer::BlobSocket::connect(&endpoint).await?).await
+        });
+        let _stop = AbortOnDrop(task.abort_handle());
+        Ok(task
+            .await
+            .map_err(|e| TeleportError::Local(format!("a blob transfer failed: {e}")))??)
     }
 
     /// Runs blocking work on the blocking pool.
@@ -322,4 +338,13 @@ fn create_root(path: &Path) -> Result<(), TeleportError> {
             .map_err(|e| cannot(dir, e))?;
     }
     Ok(())
+}
+
+/// Stops a task when dropped (a transfer whose caller stopped waiting).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -159,10 +159,8 @@ impl Teleport {
         };
         if !fetch.is_empty() {
             reporter.report("download", 0, fetch.len() as u64, 0, 0);
-            let mut socket = self.blob_socket().await?;
-            let fetched = socket.get_all(&worktree.session, &fetch).await;
-            socket.close().await;
-            for blob in fetched? {
+            let fetched = self.fetch_blobs(&worktree.session, fetch.clone()).await?;
+            for blob in fetched {
                 pulled.blobs += 1;
                 pulled.bytes += blob.bytes.len() as u64;
                 blobs.insert(blob.id, blob.bytes);
@@ -236,6 +234,21 @@ impl Teleport {
     /// repository as `refs/cloudd/<session>`, fetching the history it lacks as a bundle.
     /// Never moves HEAD or a branch; nothing to do outside a git repository or when HEAD
     /// is `head` already.
+    /// Downloads `ids` (every one must exist) from `session`, on the blob socket.
+    async fn fetch_blobs(
+        &self,
+        session: &str,
+        ids: Vec<ContentId>,
+    ) -> Result<Vec<cloud_protocol::blobs::Blob>, TeleportError> {
+        let session = session.to_owned();
+        self.on_blob_socket(move |mut socket| async move {
+            let fetched = socket.get_all(&session, &ids).await;
+            socket.close().await;
+            fetched
+        })
+        .await
+    }
+
     async fn fetch_history(&self, worktree: &Worktree, head: &str) -> Result<(), TeleportError> {
         let root = worktree.root.clone();
         let name = format!("refs/cloudd/{}", worktree.session);
@@ -273,11 +286,9 @@ impl Teleport {
             ));
         };
         let ids = bundle.blobs();
-        let mut socket = self.blob_socket().await?;
-        let fetched = socket.get_all(&worktree.session, &ids).await;
-        socket.close().await;
+        let fetched = self.fetch_blobs(&worktree.session, ids.clone()).await?;
         let blobs: HashMap<ContentId, Vec<u8>> =
-            fetched?.into_iter().map(|b| (b.id, b.bytes)).collect();
+            fetched.into_iter().map(|b| (b.id, b.bytes)).collect();
         Self::blocking(move || {
             let mut file = tempfile::NamedTempFile::new()
                 .map_err(|e| TeleportError::Local(format!("cannot make a temp file: {e}")))?;

@@ -609,24 +609,28 @@ impl Teleport {
         let bytes_total = size_of(&ids);
         let n_total = ids.len() as u64;
         reporter.report("upload", 0, n_total, 0, bytes_total);
-        let mut socket = self.blob_socket().await?;
         let (batches_in, batches) = mpsc::channel(READ_AHEAD);
         let reading = cloud_tree::bulk::spawn(move || read(ids, batches_in));
-        let (mut n_done, mut bytes_done) = (0u64, 0u64);
-        let sent = socket
-            .put_all(batches, |n, bytes| {
-                n_done += n;
-                bytes_done += bytes;
-                reporter.report("upload", n_done, n_total, bytes_done, bytes_total);
+        let reporter = reporter.clone();
+        let sent = self
+            .on_blob_socket(move |mut socket| async move {
+                let (mut n_done, mut bytes_done) = (0u64, 0u64);
+                let sent = socket
+                    .put_all(batches, |n, bytes| {
+                        n_done += n;
+                        bytes_done += bytes;
+                        reporter.report("upload", n_done, n_total, bytes_done, bytes_total);
+                    })
+                    .await;
+                socket.close().await;
+                sent.map(|()| (n_done, bytes_done))
             })
             .await;
-        socket.close().await;
         let read = reading
             .await
             .map_err(|e| TeleportError::Local(format!("reading blobs failed: {e}")))?;
         read?;
-        sent?;
-        Ok((n_done, bytes_done))
+        sent
     }
 
     /// The git state to record with a push: HEAD and branch, and a bundle of the commits

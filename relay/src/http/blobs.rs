@@ -9,8 +9,8 @@
 //! then hands the blobs to the session's staging (`teleport::staging`, on its own
 //! thread); `Get` sends as many of the asked blobs as fit one message. The session
 //! decides the org and who may do what: a put needs write access to it, a `Get` read
-//! access. Store work runs on the blocking pool. A malformed or oversized message ends
-//! this socket only.
+//! access. The socket is served on the bulk I/O thread (`cloud_tree::bulk::spawn_io`),
+//! store work on the bulk pool. A malformed or oversized message ends this socket only.
 
 use std::sync::Arc;
 
@@ -43,7 +43,9 @@ pub async fn connect(
         .max_frame_size(MAX_BLOB_MESSAGE)
         .on_upgrade(move |socket| async move {
             let _guard = guard;
-            serve(shared, identity, socket).await;
+            // Served on the bulk I/O thread: a put's megabytes are read and unmasked there,
+            // never on the runtime's thread, which carries every session's messages.
+            let _ = cloud_tree::bulk::spawn_io(serve(shared, identity, socket)).await;
         })
 }
 
