@@ -487,9 +487,15 @@ impl Relay {
 
     /// Starts a relay with extra `serve` arguments, logging at `log_filter` (`RELAY_LOG`).
     pub fn start_logging(args: &[&str], log_filter: &'static str) -> Relay {
+        Relay::start_in(Path::new("/tmp"), args, log_filter)
+    }
+
+    /// Starts a relay whose data directory is a new temp dir in `parent`, with extra
+    /// `serve` arguments, logging at `log_filter`.
+    pub fn start_in(parent: &Path, args: &[&str], log_filter: &'static str) -> Relay {
         let data = tempfile::Builder::new()
             .prefix("cr")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .expect("temp dir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

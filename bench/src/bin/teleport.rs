@@ -5,7 +5,11 @@
 //! 200 MB, median file 4 KB, plus incompressible files of 2, 4 and 8 MiB), starts a
 //! loopback `rsync --daemon` (its own temp dir and free port), a standalone `cloud-relay
 //! serve` (agent `sh -c 'cat >/dev/null'`) and the real `cloudd` logged in to it (the e2e
-//! harness, a temp `CLOUDD_HOME`), and measures:
+//! harness, a temp `CLOUDD_HOME`), and measures what follows. The remote side's files
+//! (every relay's data, rsync's module; about 3.5 GB with the default rounds) go in
+//! `--remote-dir`, by default `/dev/shm`, a tmpfs standing in for the relay's own machine:
+//! on this one the relay's writes would share the disk the daemon's journal flushes to;
+//! the trees and the daemons' state stay in `/tmp`. It measures:
 //!
 //! - the initial copy, `--initial-rounds` times interleaved: `rsync -a SRC/ rsync://…` (into
 //!   a directory of its own each round) and `cloudctl teleport push SRC` (wall time until
@@ -126,6 +130,12 @@ struct Args {
     /// the rounds' ratios.
     #[arg(long, default_value_t = 5)]
     initial_rounds: usize,
+    /// Where the remote side's files go: every relay's data and rsync's module. By
+    /// default `/dev/shm` (a tmpfs) where there is one, standing in for the relay's own
+    /// machine: on this one, its 400 MB of writes a push would otherwise share the disk
+    /// that the daemon's journal flushes to. A directory on the disk measures that too.
+    #[arg(long)]
+    remote_dir: Option<PathBuf>,
     /// Stop after the initial copies (for trying a change quickly).
     #[arg(long)]
     initial_only: bool,
@@ -206,8 +216,9 @@ impl Setup {
     }
 
     /// A relay and a daemon logged in to it, connected, and a new session.
-    fn start() -> anyhow::Result<(Setup, String)> {
-        let relay = Relay::start_with(QUIET_AGENT);
+    /// A relay with its data in a new temp dir in `remote`, and a daemon logged in to it.
+    fn start(remote: &Path) -> anyhow::Result<(Setup, String)> {
+        let relay = Relay::start_in(remote, QUIET_AGENT, "info");
         let home = Home::new();
         let daemon = home.spawn_daemon();
         let token = relay.token("bench", "bench");
@@ -243,6 +254,8 @@ impl Setup {
 #[derive(Debug, Default)]
 struct Results {
     tree: String,
+    /// Where the remote side's files went, and its file system.
+    remote: String,
     rsync_version: String,
     rsync_initial: Option<RsyncRun>,
     initial: Option<Push>,
@@ -310,6 +323,23 @@ fn main() -> anyhow::Result<()> {
     let work = tempfile::Builder::new()
         .prefix("teleport-bench")
         .tempdir_in("/tmp")?;
+    let remote_parent = args.remote_dir.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            PathBuf::from("/tmp")
+        }
+    });
+    let remote = tempfile::Builder::new()
+        .prefix("teleport-bench-remote")
+        .tempdir_in(&remote_parent)
+        .with_context(|| format!("a temp dir in {}", remote_parent.display()))?;
+    results.remote = format!(
+        "{} ({})",
+        remote_parent.display(),
+        procs::file_system(remote.path())
+    );
     let generated = Instant::now();
     let (tree_a, tree_b) = {
         let (a, b) = (work.path().join("a"), work.path().join("b"));
@@ -345,8 +375,8 @@ fn main() -> anyhow::Result<()> {
     );
     eprintln!("tree: {}", results.tree);
 
-    let rsyncd = RsyncDaemon::start()?;
-    let (mut setup, s1) = Setup::start()?;
+    let rsyncd = RsyncDaemon::start_in(remote.path())?;
+    let (mut setup, s1) = Setup::start(remote.path())?;
     let s2 = setup.create_session("teleport bench, under probes")?;
     eprintln!(
         "rsync daemon pid {} ({}), relay pid {}, cloudd pid {}, sessions {s1}, {s2}",
@@ -357,7 +387,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     // The initial copy.
-    let create_dir = work.path().join("create-probe");
+    let create_dir = remote.path().join("create-probe");
     results.create_cost.0 = create_cost(&create_dir.join("before"), CREATE_PROBE_FILES)?;
     settle();
     let run = rsyncd.sync(&tree_a.root)?;
@@ -390,7 +420,7 @@ fn main() -> anyhow::Result<()> {
     // deleting their 200 MB does not slow what is measured next.
     let mut retired = Vec::new();
     for round in 2..=args.initial_rounds {
-        let (mut other, session) = Setup::start()?;
+        let (mut other, session) = Setup::start(remote.path())?;
         let rsync_into = || {
             settle();
             rsyncd.sync_into(&tree_a.root, &format!("round{round}"))
@@ -733,6 +763,11 @@ fn print_report(args: &Args, r: &Results, load_before: &str, load_after: &str, t
         took.as_secs_f64()
     );
     println!("tree: {}", r.tree);
+    println!(
+        "the remote side (every relay's data, rsync's module) in {}; the trees and the daemons' state in /tmp ({})",
+        r.remote,
+        procs::file_system(Path::new("/tmp"))
+    );
     println!(
         "ours: standalone cloud-relay (agent `sh -c 'cat >/dev/null'`) on loopback, cloudd logged in to it; baseline: {} client → `rsync --daemon` on loopback (use chroot = no)",
         r.rsync_version

@@ -31,6 +31,27 @@ fn seconds(fields: &[u64], a: usize, b: usize) -> f64 {
 }
 
 /// User + system CPU seconds of `pid` (all its threads): fields 14 and 15.
+/// The kind of file system `path` is on, in words (`tmpfs`, `ext4`, or its magic
+/// number).
+pub fn file_system(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return "unknown".into();
+    };
+    // SAFETY: a NUL-terminated path and a zeroed statfs for the kernel to fill in.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return "unknown".into();
+    }
+    match stat.f_type as i64 {
+        0x0102_1994 => "tmpfs".into(),
+        0xEF53 => "ext4".into(),
+        0x9123_683E => "btrfs".into(),
+        0x5846_5342 => "xfs".into(),
+        other => format!("file system {other:#x}"),
+    }
+}
+
 pub fn cpu(pid: u32) -> anyhow::Result<f64> {
     Ok(seconds(&stat_fields(Some(pid))?, 14, 15))
 }

@@ -32,11 +32,11 @@ pub struct RsyncRun {
 }
 
 impl RsyncDaemon {
-    /// Starts the daemon with an empty module `bench`.
-    pub fn start() -> anyhow::Result<RsyncDaemon> {
+    /// Starts the daemon with an empty module `bench`, in a new temp dir in `parent`.
+    pub fn start_in(parent: &Path) -> anyhow::Result<RsyncDaemon> {
         let dir = tempfile::Builder::new()
             .prefix("rsyncd")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .context("temp dir")?;
         let module = dir.path().join("module");
         std::fs::create_dir(&module)?;
