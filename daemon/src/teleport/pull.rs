@@ -230,10 +230,6 @@ impl Teleport {
         Ok(pulled)
     }
 
-    /// Brings the session's commit `head` (the agent's commits) into the worktree's
-    /// repository as `refs/cloudd/<session>`, fetching the history it lacks as a bundle.
-    /// Never moves HEAD or a branch; nothing to do outside a git repository or when HEAD
-    /// is `head` already.
     /// Downloads `ids` (every one must exist) from `session`, on the blob socket.
     async fn fetch_blobs(
         &self,
@@ -249,6 +245,10 @@ impl Teleport {
         .await
     }
 
+    /// Brings the session's commit `head` (the agent's commits) into the worktree's
+    /// repository as `refs/cloudd/<session>`, fetching the history it lacks as a bundle.
+    /// Never moves HEAD or a branch; nothing to do outside a git repository or when HEAD
+    /// is `head` already.
     async fn fetch_history(&self, worktree: &Worktree, head: &str) -> Result<(), TeleportError> {
         let root = worktree.root.clone();
         let name = format!("refs/cloudd/{}", worktree.session);
