@@ -94,6 +94,20 @@ enum Ended {
     RateLimited(Duration),
 }
 
+impl Ended {
+    /// Why the connection ended, in words, where there is more to say than that it did
+    /// (the requests still waiting for an answer are told).
+    fn why(&self) -> Option<&str> {
+        match self {
+            Ended::Refused(why)
+            | Ended::Failed { reason: why, .. }
+            | Ended::NothingListening(why)
+            | Ended::Unauthorized(why) => Some(why),
+            Ended::Cancelled | Ended::Reconnect | Ended::RateLimited(_) => None,
+        }
+    }
+}
+
 /// The bridge task's state.
 #[derive(Debug)]
 pub struct Bridge {
@@ -424,7 +438,12 @@ impl Bridge {
                 }
             }
         };
-        in_flight.fail_all("the relay connection was lost before it answered; try again");
+        in_flight.fail_all(&match ended.why() {
+            Some(why) => {
+                format!("the relay connection was lost before it answered ({why}); try again")
+            }
+            None => "the relay connection was lost before it answered; try again".to_owned(),
+        });
         ended
     }
 }

@@ -76,9 +76,9 @@ impl Bridge {
             Some(Ok(Message::Binary(bytes))) => match bridge::decode::<FromRelay>(&bytes) {
                 Ok(envelope) => self.receive(socket, envelope, in_flight).await,
                 Err(e) => {
-                    tracing::warn!("closing the bridge: the relay sent {e}");
+                    tracing::warn!("closing the bridge: the relay sent a {e}");
                     Some(Ended::Failed {
-                        reason: format!("the relay sent {e}"),
+                        reason: format!("the relay sent a {e}"),
                         registered: true,
                     })
                 }
