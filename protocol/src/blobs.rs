@@ -21,11 +21,6 @@ pub const MAX_BLOB_MESSAGE: usize = 16 * 1024 * 1024;
 /// A batch is sent once it holds this many bytes of blobs (or the last blob is in).
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// A blob socket message larger than this is encoded and decoded on a blocking thread, by
-/// the daemon and the relay alike: a batch is megabytes, and copying it on a runtime's
-/// thread held up every ping, message and bridge frame behind it.
-pub const INLINE_DECODE_BYTES: usize = 64 * 1024;
-
 /// The largest blob: a whole file up to [`crate::teleport::WHOLE_FILE_MAX`], or a chunk.
 pub const MAX_BLOB: usize = crate::teleport::WHOLE_FILE_MAX as usize;
 

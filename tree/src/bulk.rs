@@ -73,6 +73,25 @@ pub fn spawn<T: Send + 'static>(
     })
 }
 
+/// Input of at most this many bytes is worked on where it is ([`sized`]): decoding 64 KiB
+/// takes tens of microseconds.
+pub const INLINE_BYTES: usize = 64 * 1024;
+
+/// Runs `work` over `len` bytes of input (decoding a message): on the calling thread when
+/// they are at most [`INLINE_BYTES`], on the bulk pool otherwise. Only teleport's
+/// messages are that large (a batch of blobs, a commit's delta, a pull's tree), and
+/// decoding megabytes on a runtime's thread held up every ping and message behind it.
+pub async fn sized<T: Send + 'static>(
+    len: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if len <= INLINE_BYTES {
+        Ok(work())
+    } else {
+        spawn(work).await
+    }
+}
+
 /// Runs `future` on the bulk I/O thread (a runtime of one thread at [`BULK_NICE`], with
 /// its own I/O and timers), where sockets that carry megabytes are opened and driven; its
 /// handle is awaited from any runtime. Dropping the handle does not stop the future.
@@ -161,6 +180,17 @@ fn this_thread_nice() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn small_input_is_worked_on_in_place_and_large_input_on_the_pool() {
+        let here = std::thread::current().id();
+        let small = sized(INLINE_BYTES, || std::thread::current().id());
+        assert_eq!(small.await.unwrap(), here);
+        let large = sized(INLINE_BYTES + 1, || {
+            std::thread::current().name().map(str::to_owned)
+        });
+        assert_eq!(large.await.unwrap().as_deref(), Some("bulk"));
+    }
 
     #[tokio::test]
     async fn a_socket_made_on_one_runtime_is_driven_on_the_io_thread_with_its_timers() {

@@ -73,16 +73,28 @@ impl Bridge {
                 reason: format!("reading from the relay failed: {e}"),
                 registered: true,
             }),
-            Some(Ok(Message::Binary(bytes))) => match bridge::decode::<FromRelay>(&bytes) {
-                Ok(envelope) => self.receive(socket, envelope, in_flight).await,
-                Err(e) => {
-                    tracing::warn!("closing the bridge: the relay sent a {e}");
-                    Some(Ended::Failed {
-                        reason: format!("the relay sent a {e}"),
+            // A pull's tree is megabytes: decoded on the bulk pool, while the bridge waits
+            // (its messages stay in order) and the runtime serves the daemon's clients.
+            Some(Ok(Message::Binary(bytes))) => {
+                let decoded = cloud_tree::bulk::sized(bytes.len(), move || {
+                    bridge::decode::<FromRelay>(&bytes)
+                })
+                .await;
+                match decoded {
+                    Ok(Ok(envelope)) => self.receive(socket, envelope, in_flight).await,
+                    Ok(Err(e)) => {
+                        tracing::warn!("closing the bridge: the relay sent a {e}");
+                        Some(Ended::Failed {
+                            reason: format!("the relay sent a {e}"),
+                            registered: true,
+                        })
+                    }
+                    Err(e) => Some(Ended::Failed {
+                        reason: format!("decoding a message from the relay failed: {e}"),
                         registered: true,
-                    })
+                    }),
                 }
-            },
+            }
             Some(Ok(Message::Close(_))) => Some(Ended::Failed {
                 reason: "the relay closed the connection".into(),
                 registered: true,

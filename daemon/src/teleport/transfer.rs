@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use cloud_protocol::blobs::{
     self, Blob, BlobAnswer, BlobMessage, BlobReply, BlobRequest, PutWriter, BLOBS_PATH,
-    INLINE_DECODE_BYTES, MAX_BLOB_MESSAGE,
+    MAX_BLOB_MESSAGE,
 };
 use cloud_protocol::teleport::ContentId;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -264,15 +264,12 @@ impl BlobSocket {
                 }
                 Some(Ok(_)) => continue,
             };
-            // A reply of blobs (a pull) is megabytes: decoded off the runtime's thread.
-            let reply: BlobReply = if bytes.len() > INLINE_DECODE_BYTES {
-                cloud_tree::bulk::spawn(move || blobs::decode(&bytes))
+            // A reply of blobs (a pull) is megabytes: decoded on the bulk pool.
+            let reply: BlobReply =
+                cloud_tree::bulk::sized(bytes.len(), move || blobs::decode(&bytes))
                     .await
                     .map_err(|e| TransferError::Socket(e.to_string()))?
-            } else {
-                blobs::decode(&bytes)
-            }
-            .map_err(|e| TransferError::Socket(e.to_string()))?;
+                    .map_err(|e| TransferError::Socket(e.to_string()))?;
             if reply.id != id {
                 return Err(TransferError::Socket(format!(
                     "reply {} while waiting for {id}",

@@ -18,9 +18,7 @@ use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
-use cloud_protocol::blobs::{
-    self, Blob, BlobAnswer, BlobReply, BlobRequestRef, INLINE_DECODE_BYTES, MAX_BLOB_MESSAGE,
-};
+use cloud_protocol::blobs::{self, Blob, BlobAnswer, BlobReply, BlobRequestRef, MAX_BLOB_MESSAGE};
 use cloud_protocol::teleport::ContentId;
 
 use super::Authenticated;
@@ -68,14 +66,11 @@ async fn serve(shared: Arc<Shared>, identity: Identity, mut socket: WebSocket) {
         // A batch of blobs is megabytes: decoded on the bulk pool, so the runtime's
         // thread (every session's messages) never waits for it; its blobs stay where they
         // arrived, as slices of the message (`SharedBlob`).
-        let decoded = if bytes.len() > INLINE_DECODE_BYTES {
-            match cloud_tree::bulk::spawn(move || Request::decode(&bytes)).await {
+        let decoded =
+            match cloud_tree::bulk::sized(bytes.len(), move || Request::decode(&bytes)).await {
                 Ok(decoded) => decoded,
                 Err(_) => return,
-            }
-        } else {
-            Request::decode(&bytes)
-        };
+            };
         let (id, request) = match decoded {
             Ok(message) => message,
             Err(e) => {

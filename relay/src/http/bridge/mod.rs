@@ -278,10 +278,24 @@ impl Connection {
             Some(Err(e)) => Err(self
                 .refuse(socket, format!("unreadable bridge message: {e}"), false)
                 .await),
-            Some(Ok(Message::Binary(bytes))) => match bridge::decode::<ToRelay>(&bytes) {
-                Ok(envelope) => Ok(Some(envelope)),
-                Err(e) => Err(self.refuse(socket, e.to_string(), false).await),
-            },
+            // A commit's delta is megabytes: decoded on the bulk pool, while this
+            // connection waits (its messages stay in order) and the runtime serves the rest.
+            Some(Ok(Message::Binary(bytes))) => {
+                let decoded =
+                    cloud_tree::bulk::sized(bytes.len(), move || bridge::decode::<ToRelay>(&bytes))
+                        .await;
+                match decoded {
+                    Ok(Ok(envelope)) => Ok(Some(envelope)),
+                    Ok(Err(e)) => Err(self.refuse(socket, e.to_string(), false).await),
+                    Err(e) => Err(self
+                        .refuse(
+                            socket,
+                            format!("decoding a bridge message failed: {e}"),
+                            false,
+                        )
+                        .await),
+                }
+            }
             Some(Ok(Message::Text(_))) => Err(self
                 .refuse(
                     socket,
