@@ -6,6 +6,9 @@
 //! messages already
 //! arrived is handled in one go, then its session log entries are written together.
 //!
+//! A message over 64 KiB (a pull's tree) is decoded on the bulk pool
+//! (`cloud_tree::bulk::sized`) while the bridge waits for it, so the order holds.
+//!
 //! Architecture invariant: a refusal reaches its waiters before the ack that covers it,
 //! and an ack never moves the journal's ack backwards. A malformed or oversized message
 //! ends the connection; nothing the relay sends is trusted to be well formed.

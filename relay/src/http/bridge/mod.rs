@@ -1,6 +1,7 @@
 //! The daemons' endpoint: `GET /v1/bridge`, one WebSocket per daemon instance.
 //!
-//! The pipeline of one connection: a binary WebSocket message → [`bridge::decode`] → a
+//! The pipeline of one connection: a binary WebSocket message → [`bridge::decode`] (on
+//! the bulk pool above 64 KiB, a commit's delta: `cloud_tree::bulk::sized`) → a
 //! [`ToRelay`] → the extension handler (register, heartbeat, requests) or the task handler
 //! (join, leave, journaled events) → the core. This module holds the connection itself:
 //! the upgrade, the state of one connection, its loop, decoding and dispatch, and how it
