@@ -539,12 +539,34 @@ impl Relay {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// (Re)starts the process on the same port and data, and waits until it accepts.
+    /// (Re)starts the process on the same port and data, and waits until it accepts. The
+    /// port is free while no relay holds it, and another test's outgoing connection can
+    /// take it as its own local port for a moment: a relay that exits because the address
+    /// is in use is started again (a relay that exits for any other reason fails the test
+    /// with its log).
     pub fn restart(&mut self) {
+        let mut log_seen = self.log().len();
         self.spawn();
         let port = self.port;
         wait_for("cloud-relay to listen", DEADLINE, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return true;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|child| child.try_wait().ok().flatten().is_some());
+            if exited {
+                let log = self.log();
+                let said = log.get(log_seen..).unwrap_or_default().to_owned();
+                assert!(
+                    said.contains("Address already in use"),
+                    "cloud-relay exited before it listened: {said}"
+                );
+                log_seen = log.len();
+                self.spawn();
+            }
+            false
         });
     }
 
