@@ -24,7 +24,9 @@
 //! This module owns the pool, the blob sockets' thread and the worker threads' hooks, and
 //! nothing else. Neither must ever run work that a message or the bridge waits on (a
 //! journal flush, a socket's reply): only teleport's own steps, whose callers accept that
-//! they yield to messages.
+//! they yield to messages. The one bridge work it takes is decoding a message over
+//! [`INLINE_BYTES`] ([`sized`]), which only teleport's messages are: the connection that
+//! carries it waits for it either way, and the runtime's thread is left to the others.
 
 use std::sync::OnceLock;
 
