@@ -122,6 +122,24 @@ impl Home {
             .unwrap_or_else(|e| panic!("bad JSON from cloudctl {args:?}: {e}: {stdout}"))
     }
 
+    /// `cloudctl --json teleport ARGS`: its outcome (the last line, after the progress
+    /// lines), or, when it fails, what it printed.
+    pub fn teleport_outcome(&self, args: &[&str]) -> Result<Value, String> {
+        let mut all = vec!["--json", "teleport"];
+        all.extend_from_slice(args);
+        let output = self.cloudctl(&all);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            return Err(format!(
+                "{stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        let last = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        Ok(serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("bad JSON from cloudctl {args:?}: {e}: {stdout}")))
+    }
+
     /// Waits for the session's permission prompt for the shell agent's `command` (sent
     /// before) and allows it with `cloudctl allow`.
     pub fn allow_command(&self, session: &str, command: &str) {

@@ -784,20 +784,7 @@ fn a_push_answered_before_its_link_recorded_it_survives_a_stop_or_a_kill_right_a
 
 /// What a pull reported: its outcome's conflicts and problems (`Ok`), or its error.
 fn pull_report(home: &Home, dir: &Path, session: &str) -> Result<String, String> {
-    let output = home.cloudctl(&[
-        "--json",
-        "teleport",
-        "pull",
-        path_str(dir),
-        "--session",
-        session,
-    ]);
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-    let outcome: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let outcome = home.teleport_outcome(&["pull", path_str(dir), "--session", session])?;
     let said: Vec<&str> = ["conflicts", "problems"]
         .iter()
         .flat_map(|key| outcome[key].as_array().into_iter().flatten())

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cloudd_e2e::{Home, Relay};
-use serde_json::Value;
 
 /// Forwards every connection to `target`; what comes back has each `(from, to)` of
 /// `rules` replaced (the same length each, so lengths and frames stay as they were).
@@ -136,24 +135,7 @@ fn pushed(home: &Home, dir: &Path) -> String {
 
 /// `teleport pull` into `dir`: its outcome's problems, or its error.
 fn pull(home: &Home, dir: &Path, session: &str) -> Result<Vec<String>, String> {
-    let output = home.cloudctl(&[
-        "--json",
-        "teleport",
-        "pull",
-        path_str(dir),
-        "--session",
-        session,
-    ]);
-    if !output.status.success() {
-        return Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-    let outcome: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let outcome = home.teleport_outcome(&["pull", path_str(dir), "--session", session])?;
     Ok(outcome["problems"]
         .as_array()
         .into_iter()
