@@ -215,8 +215,8 @@ impl Setup {
         })
     }
 
-    /// A relay and a daemon logged in to it, connected, and a new session.
-    /// A relay with its data in a new temp dir in `remote`, and a daemon logged in to it.
+    /// A relay with its data in a new temp dir in `remote`, a daemon logged in to it and
+    /// connected, and a new session.
     fn start(remote: &Path) -> anyhow::Result<(Setup, String)> {
         let relay = Relay::start_in(remote, QUIET_AGENT, "info");
         let home = Home::new();
