@@ -217,10 +217,10 @@ impl Teleport {
         let endpoint = self.link.blob_endpoint().ok_or_else(|| {
             TeleportError::Relay("the relay is not connected; try again once it is".into())
         })?;
-        let task = cloud_tree::bulk::spawn_io(async move {
-            work(transfer::BlobSocket::connect(&endpoint).await?).await
-        });
-        let _stop = AbortOnDrop(task.abort_handle());
+        let task =
+            tokio_util::task::AbortOnDropHandle::new(cloud_tree::bulk::spawn_io(async move {
+                work(transfer::BlobSocket::connect(&endpoint).await?).await
+            }));
         Ok(task
             .await
             .map_err(|e| TeleportError::Local(format!("a blob transfer failed: {e}")))??)
@@ -338,13 +338,4 @@ fn create_root(path: &Path) -> Result<(), TeleportError> {
             .map_err(|e| cannot(dir, e))?;
     }
     Ok(())
-}
-
-/// Stops a task when dropped (a transfer whose caller stopped waiting).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
